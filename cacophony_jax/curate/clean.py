@@ -1,0 +1,296 @@
+r"""Stage 0 caption cleaning: noisy web metadata -> one sound caption per clip.
+
+    python -m cacophony_jax.curate.clean raw.jsonl manifest.jsonl            # rules
+    CACOPHONY_LLM_BASE_URL=http://localhost:8000/v1 CACOPHONY_LLM_MODEL=MODEL \
+        python -m cacophony_jax.curate.clean raw.jsonl manifest.jsonl --backend=llm
+
+Input, one JSON object a line::
+
+    {"audio": "clips/123.flac", "title": "...", "tags": ["..."] or "a, b",
+     "description": "...", "id": "123"}          # "id" optional (default: audio)
+
+Output, the project's manifest (see `cacophony_jax.data.sources`)::
+
+    {"id": "123", "audio": "clips/123.flac", "captions": ["A dog barks nearby."],
+     "raw": {"title": ..., "tags": ..., "description": ..., <other input keys>}}
+
+Relative audio paths are rewritten to stay correct from the output's folder. Bad rows
+are reported with their line number and skipped; so are clips with nothing audible in
+their metadata. Each output row is flushed as it is written; rerunning the same
+command continues after the rows already there (a cut-off last line is dropped), and
+the LLM backend's cache answers every request made before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from absl import logging
+
+from cacophony_jax.curate import llm, rules
+
+BACKENDS = ("rules", "llm")
+_SHOWN_BAD_ROWS = 50  # warnings beyond this are only counted
+
+
+class CleanError(ValueError):
+    """Bad input/output file or settings (the message says which and how to fix it)."""
+
+
+def _parse_row(text: str, in_dir: str, out_dir: str) -> dict[str, Any]:
+    """One input line -> the output row without its caption; ValueError says what is wrong."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    audio = row.get("audio")
+    if not isinstance(audio, str) or not audio.strip():
+        raise ValueError('"audio" must be a non-empty string (the clip\'s path)')
+    for key in ("title", "description"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise ValueError(f'"{key}" must be a string, got {type(row[key]).__name__}')
+    tags = row.get("tags")
+    if tags is not None and not isinstance(tags, str) and not (
+            isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise ValueError('"tags" must be a list of strings or one comma-separated string')
+    clip_id = row.get("id", audio)
+    if isinstance(clip_id, int) and not isinstance(clip_id, bool):
+        clip_id = str(clip_id)
+    if not isinstance(clip_id, str) or not clip_id.strip():
+        raise ValueError('"id" must be a non-empty string or an integer')
+    has_tags = bool(tags.strip()) if isinstance(tags, str) else bool(tags)
+    if not ((row.get("title") or "").strip() or (row.get("description") or "").strip()
+            or has_tags):
+        raise ValueError("no title, tags or description to caption from")
+    if not os.path.isabs(audio) and os.path.abspath(in_dir) != os.path.abspath(out_dir):
+        audio = os.path.relpath(os.path.join(in_dir, audio), out_dir)
+    raw = {k: v for k, v in row.items() if k not in ("id", "audio")}
+    return {"id": clip_id, "audio": audio, "raw": raw}
+
+
+def _prepare_output(path: str, overwrite: bool) -> set[str]:
+    """Ids already in the output (resume); drops a cut-off last line first."""
+    if overwrite or not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "w").close()
+        return set()
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            logging.warning("%s: dropping a partial last line left by an interrupted run", path)
+            f.truncate(keep)
+            data = data[:keep]
+    done = set()
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CleanError(f"output {path} line {number} is not a manifest row; it was not "
+                             "written by this tool or is damaged: pass --overwrite (or "
+                             "overwrite=True) to start again") from None
+    return done
+
+
+class _Progress:
+    """One self-overwriting status line on stderr, redrawn at most twice a second."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.start = self.last = time.monotonic()
+
+    def show(self, done: int, counts: dict[str, int], final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < 0.5):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        sys.stderr.write(
+            f"\rclean: {done}/{self.total} rows ({100 * done / max(self.total, 1):.0f}%), "
+            f"written {counts['written']}, skipped {counts['skipped']}, cached "
+            f"{counts['cached']}, requested {counts['requested']}, {rate:.1f} rows/s"
+            + ("\n" if final else ""))
+        sys.stderr.flush()
+
+
+def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
+              overwrite: bool = False, progress: bool = True, chunk_size: int = 0,
+              cache_path: str | None = None, **llm_options: Any) -> dict[str, int]:
+    """Cleans a metadata JSONL file into a manifest JSONL file (resumable).
+
+    Args:
+      input_path: JSONL with "audio", "title", "tags", "description", optional "id".
+      output_path: manifest JSONL to write (appended to when it exists: resume).
+      backend: "rules" (deterministic, local) or "llm" (OpenAI-compatible server).
+      overwrite: start the output afresh instead of resuming.
+      progress: draw a progress line on stderr.
+      chunk_size: rows per round of LLM requests (default 8 x workers).
+      cache_path: LLM cache file (default: output_path + ".llm_cache.sqlite").
+      **llm_options: `llm.LLMSettings` fields: base_url, model, api_key, temperature,
+        workers, max_retries, backoff_s, timeout_s, ... (base_url/model/api_key
+        default to the CACOPHONY_LLM_* variables).
+
+    Returns:
+      Counts: read, written, skipped (= invalid + empty + duplicate), invalid, empty
+      (nothing audible), duplicate, resumed (already in the output), cached and
+      requested (LLM clips answered from the cache / sent to the server).
+
+    Raises:
+      CleanError: missing input, unknown backend, damaged output, bad LLM settings.
+      llm.LLMError: the LLM server failed for good (rerun to resume).
+    """
+    if backend not in BACKENDS:
+        raise CleanError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    if backend == "rules" and llm_options:
+        raise CleanError(f"options {sorted(llm_options)} only apply to backend='llm'")
+    if not os.path.isfile(input_path):
+        raise CleanError(f"input file {input_path} does not exist; check the path")
+    if os.path.abspath(input_path) == os.path.abspath(output_path):
+        raise CleanError(f"output {output_path} would overwrite the input; choose another path")
+    settings = None
+    if backend == "llm":
+        try:
+            settings = llm.LLMSettings.resolve(**llm_options)
+        except (llm.LLMConfigError, TypeError) as e:
+            raise CleanError(str(e)) from None
+        chunk_size = chunk_size or 8 * settings.workers
+    chunk_size = max(1, chunk_size or 256)
+    done = _prepare_output(output_path, overwrite)
+    captioner = None
+    if settings is not None:
+        try:
+            captioner = llm.LLMCaptioner(settings, cache_path or output_path + ".llm_cache.sqlite")
+        except llm.LLMConfigError as e:
+            raise CleanError(str(e)) from None
+        logging.info("LLM backend: model %s at %s, %d request(s) in flight", settings.model,
+                     settings.base_url, settings.workers)
+
+    counts = dict.fromkeys(("read", "written", "skipped", "invalid", "empty", "duplicate",
+                            "resumed", "cached", "requested"), 0)
+    seen: dict[str, int] = {}
+    in_dir, out_dir = (os.path.dirname(os.path.abspath(p)) for p in (input_path, output_path))
+    with open(input_path, "rb") as f:
+        total = sum(1 for line in f if line.strip())
+    bar = _Progress(total, progress)
+
+    def skip(kind: str, line: int, why: str) -> None:
+        counts[kind] += 1
+        counts["skipped"] += 1
+        if counts["skipped"] <= _SHOWN_BAD_ROWS:
+            logging.warning("%s line %d: %s; skipped", input_path, line, why)
+
+    def flush(batch: list[tuple[int, dict[str, Any]]], out) -> None:
+        if captioner is None:
+            captions = [rules.compose_caption(r["raw"].get("title") or "",
+                                              r["raw"].get("description") or "",
+                                              r["raw"].get("tags")) for _, r in batch]
+        else:
+            captions = captioner.caption_many([(r["raw"].get("title") or "", r["raw"].get("tags"),
+                                                r["raw"].get("description") or "")
+                                               for _, r in batch])
+            counts["cached"], counts["requested"] = captioner.cached, captioner.requested
+        for (line, row), caption in zip(batch, captions, strict=True):
+            if caption is None:
+                skip("empty", line, "nothing about the sound in title, tags or description")
+                continue
+            out.write(json.dumps({"id": row["id"], "audio": row["audio"], "captions": [caption],
+                                  "raw": row["raw"]}, ensure_ascii=False) + "\n")
+            out.flush()  # a crash loses at most the line being written
+            counts["written"] += 1
+        batch.clear()
+
+    try:
+        with open(input_path, encoding="utf-8", errors="replace") as src, \
+                open(output_path, "a", encoding="utf-8", newline="\n") as out:
+            batch: list[tuple[int, dict[str, Any]]] = []
+            for line, text in enumerate(src, 1):
+                if not text.strip():
+                    continue
+                counts["read"] += 1
+                try:
+                    row = _parse_row(text, in_dir, out_dir)
+                except ValueError as e:
+                    skip("invalid", line, str(e))
+                    continue
+                if row["id"] in seen:
+                    skip("duplicate", line, f"duplicate id {row['id']!r} (first on line "
+                                            f"{seen[row['id']]})")
+                    continue
+                seen[row["id"]] = line
+                if row["id"] in done:
+                    counts["resumed"] += 1
+                    continue
+                batch.append((line, row))
+                if len(batch) >= chunk_size:
+                    flush(batch, out)
+                bar.show(counts["read"], counts)
+            flush(batch, out)
+    finally:
+        if captioner is not None:
+            captioner.close()
+        bar.show(counts["read"], counts, final=True)
+    if counts["skipped"] > _SHOWN_BAD_ROWS:
+        logging.warning("%s: %d rows skipped in all (only the first %d shown)", input_path,
+                        counts["skipped"], _SHOWN_BAD_ROWS)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line for `run_clean`; prints the counts as JSON.
+
+    Args:
+      argv: arguments without the program name.
+
+    Returns:
+      0 on success, 2 on a usage/settings error, 1 when the LLM server failed.
+    """
+    p = argparse.ArgumentParser(prog="python -m cacophony_jax.curate.clean",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="metadata JSONL (audio, title, tags, description, id)")
+    p.add_argument("output", help="manifest JSONL to write; resumed when it exists")
+    p.add_argument("--backend", choices=BACKENDS, default="rules")
+    p.add_argument("--overwrite", action="store_true", help="start the output afresh")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    g = p.add_argument_group("llm backend")
+    g.add_argument("--base-url", help=f"server, e.g. http://localhost:8000/v1 "
+                                      f"[{llm.ENV_BASE_URL}]")
+    g.add_argument("--model", help=f"served model name [{llm.ENV_MODEL}]")
+    g.add_argument("--api-key", help=f"prefer the variable: command lines are visible to "
+                                     f"other users [{llm.ENV_API_KEY}]")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--workers", type=int, default=4, help="requests in flight")
+    g.add_argument("--max-retries", type=int, default=5)
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--cache", help="cache file (default: OUTPUT.llm_cache.sqlite)")
+    args = p.parse_args(argv)
+    options: dict[str, Any] = {}
+    if args.backend == "llm":
+        options = dict(base_url=args.base_url, model=args.model, api_key=args.api_key,
+                       temperature=args.temperature, workers=args.workers,
+                       max_retries=args.max_retries, timeout_s=args.timeout,
+                       cache_path=args.cache)
+    try:
+        counts = run_clean(args.input, args.output, args.backend, overwrite=args.overwrite,
+                           progress=not args.quiet, **options)
+    except CleanError as e:
+        print(f"clean: {e}", file=sys.stderr)
+        return 2
+    except llm.LLMError as e:
+        print(f"clean: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Clips as a TFDS array_record dataset, written and read without TensorFlow.
+
+`write_array_record` serialises source records (see `cacophony_jax.data.sources`)
+into balanced array_record shards plus the TFDS metadata files (dataset_info.json,
+features.json, metadata.json), so `tfds.builder_from_directory(path)` and its
+`as_data_source(split)` read the result with random access and no TensorFlow.
+`ArrayRecordSource` is that reader as a source with the audio inline.
+
+Stored features per clip: ``id`` (text), ``audio`` (the int16 samples as raw
+little-endian bytes: a tf.Example int64 list would take up to 10 bytes per sample),
+``num_samples``, ``captions`` and ``synthetic_captions`` (lists of text) and
+``labels`` (int64 list). The class names live in metadata.json.
+
+Records are dealt to the shards in turn (record k -> shard k % n), which keeps the
+shards balanced without knowing the record count in advance; `ArrayRecordSource`
+undoes the interleave, so its index k is the k-th record written.
+
+Atomicity: shards and metadata are written in a hidden staging folder inside the
+dataset folder; the split becomes visible only when dataset_info.json, which lists
+it, replaces the old one in a single rename. An interrupted write leaves at most a
+hidden folder, never a readable half split.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from cacophony_jax.data.sources import SourceError
+
+DATASET_NAME = "cacophony_clips"
+_VERSION = "1.0.0"
+_ORDER = "round_robin"
+_INFO_FILES = ("features.json", "metadata.json", "dataset_info.json")  # commit file last
+
+
+class ArrayRecordError(SourceError):
+    """An array_record dataset is missing, foreign, corrupt, or a record is malformed."""
+
+
+def _tfds():
+    # Why lazy: tensorflow_datasets is only needed by this file format.
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _features():
+    tfds = _tfds()
+    text_list = tfds.features.Sequence(tfds.features.Text())
+    return tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "audio": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "num_samples": tfds.features.Scalar(dtype=np.int64),
+        "captions": text_list,
+        "synthetic_captions": text_list,
+        "labels": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+    })
+
+
+def _shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{DATASET_NAME}-{split}.array_record-{shard:05d}-of-{num_shards:05d}"
+
+
+def write_array_record(
+    records: Iterable[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    split: str,
+    num_shards: int,
+    class_names: Sequence[str] = (),
+    *,
+    num_workers: int = 8,
+) -> str:
+    """Writes records as one split of a TFDS array_record dataset.
+
+    Args:
+      records: source records; each has "audio" (int16 [S], 16 kHz) or "audio_path"
+        (decoded here with `load_audio`; clips that fail to decode are skipped, counted
+        and reported in one warning).
+      out_dir: the dataset folder (created if needed; may already hold other splits).
+      split: the split name (letters, digits, underscores); must not exist yet.
+      num_shards: the number of shards (fewer when there are fewer records).
+      class_names: the label vocabulary that "labels" index into.
+      num_workers: threads decoding audio files.
+
+    Returns:
+      The dataset folder.
+    """
+    tfds = _tfds()
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise ArrayRecordError(f"split name {split!r} may only use letters, digits and '_'")
+    if num_shards < 1:
+        raise ArrayRecordError(f"num_shards must be at least 1, got {num_shards}")
+    class_names = [str(c) for c in class_names]
+    splits = []
+    if os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
+        info = _open_builder(out_dir).info
+        if split in info.splits:
+            raise ArrayRecordError(
+                f"{out_dir} already holds split {split!r}; write to another folder or split "
+                f"name, or delete the folder to rewrite it"
+            )
+        if list(info.metadata.get("class_names", [])) != class_names:
+            raise ArrayRecordError(
+                f"{out_dir} has class names {list(info.metadata['class_names'])}; every split "
+                f"of a dataset must use the same class names, got {class_names}"
+            )
+        splits = list(info.splits.values())
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".incomplete-{split}-", dir=out_dir)
+    try:
+        features = _features()
+        shard_lengths, failures = _write_shards(
+            features, _decoded(records, num_workers), staging, split, num_shards, class_names)
+        if failures:
+            shown = "\n  ".join(failures[:5])
+            logging.warning("%s/%s: skipped %d clip(s) whose audio failed to decode:\n  %s",
+                            out_dir, split, len(failures), shown)
+        if not sum(shard_lengths):
+            raise ArrayRecordError(f"no clips were written to {out_dir} split {split!r}: the "
+                                   f"records were empty or none of their audio decoded")
+        template = tfds.core.ShardedFileTemplate(
+            data_dir=out_dir, template=tfds.core.naming.DEFAULT_FILENAME_TEMPLATE,
+            dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record")
+        num_bytes = sum(os.path.getsize(os.path.join(staging, f)) for f in os.listdir(staging))
+        splits.append(tfds.core.SplitInfo(name=split, shard_lengths=shard_lengths,
+                                          num_bytes=num_bytes, filename_template=template))
+        identity = tfds.core.DatasetIdentity(name=DATASET_NAME, version=tfds.core.Version(_VERSION),
+                                             data_dir=out_dir, module_name="")
+        info = tfds.core.DatasetInfo(
+            builder=identity, features=features,
+            description="Audio clips (int16 PCM, 16 kHz) with captions and labels.",
+            metadata=tfds.core.MetadataDict(class_names=class_names, shard_order=_ORDER))
+        info.set_file_format("array_record")
+        info.set_splits(tfds.core.SplitDict(splits))
+        info.write_to_directory(staging)
+        for name in os.listdir(staging):
+            if name not in _INFO_FILES:
+                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        for name in _INFO_FILES:  # dataset_info.json last: the commit point
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _write_shards(features, records, staging, split, num_shards, class_names):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    # "group_size:1" keeps every record individually addressable (what TFDS writes).
+    writers = [ArrayRecordWriter(os.path.join(staging, _shard_name(split, s, num_shards)),
+                                 "group_size:1") for s in range(num_shards)]
+    count, failures = 0, []
+    try:
+        for record, audio in records:
+            if isinstance(audio, Exception):
+                failures.append(f"{record.get('audio_path')}: {audio}")
+                continue
+            example = _example(record, audio, class_names)
+            writers[count % num_shards].write(features.serialize_example(example))
+            count += 1
+    finally:
+        for writer in writers:
+            writer.close()
+    used = min(count, num_shards)
+    lengths = [count // num_shards + (s < count % num_shards) for s in range(used)]
+    # Round-robin leaves any empty shards last; drop them and renumber the others.
+    for s in range(num_shards):
+        old = os.path.join(staging, _shard_name(split, s, num_shards))
+        if s < used:
+            os.replace(old, os.path.join(staging, _shard_name(split, s, used)))
+        else:
+            os.remove(old)
+    return lengths, failures
+
+
+def _example(record: dict, audio: np.ndarray, class_names: Sequence[str]) -> dict:
+    clip_id = record.get("id")
+    if not isinstance(clip_id, str) or not clip_id:
+        raise ArrayRecordError(f"record has no string 'id': {sorted(record)}")
+    fields = {}
+    for key in ("captions", "synthetic_captions"):
+        value = record.get(key, [])
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ArrayRecordError(f"record {clip_id!r}: {key!r} must be a list of strings")
+        fields[key] = list(value)
+    labels = [int(v) for v in record.get("labels", [])]
+    if any(not 0 <= v < len(class_names) for v in labels):
+        raise ArrayRecordError(f"record {clip_id!r}: labels {labels} do not index the "
+                               f"{len(class_names)} class names given to write_array_record")
+    return {"id": clip_id, "audio": audio.astype("<i2").tobytes(), "num_samples": audio.size,
+            "labels": np.asarray(labels, np.int64), **fields}
+
+
+def _audio_of(record: dict) -> np.ndarray | Exception:
+    if "audio" in record:
+        audio = np.asarray(record["audio"])
+        if audio.dtype != np.int16 or audio.ndim != 1:
+            return ArrayRecordError(f"inline audio must be int16 [samples], got "
+                                    f"{audio.dtype} {audio.shape}")
+        return audio
+    from cacophony_jax.audio.io import AudioError, load_audio
+
+    try:
+        return load_audio(record["audio_path"])
+    except (AudioError, OSError) as error:
+        return error
+
+
+def _decoded(records: Iterable[dict], num_workers: int) -> Iterator[tuple[dict, Any]]:
+    # Decode a bounded window of clips ahead in threads, yielding in input order.
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        window: collections.deque[tuple[dict, Future]] = collections.deque()
+        for record in records:
+            if "audio" not in record and "audio_path" not in record:
+                raise ArrayRecordError(f"record {record.get('id')!r} has neither 'audio' nor "
+                                       f"'audio_path'")
+            window.append((record, pool.submit(_audio_of, record)))
+            if len(window) >= 4 * max(1, num_workers):
+                record, future = window.popleft()
+                yield record, _raise_bad_inline(record, future.result())
+        while window:
+            record, future = window.popleft()
+            yield record, _raise_bad_inline(record, future.result())
+
+
+def _raise_bad_inline(record: dict, audio: Any) -> Any:
+    # A wrong inline array is the caller's bug, not a bad file: stop instead of skipping.
+    if isinstance(audio, ArrayRecordError):
+        raise ArrayRecordError(f"record {record.get('id')!r}: {audio}")
+    return audio
+
+
+def _open_builder(path: str):
+    tfds = _tfds()
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        raise ArrayRecordError(
+            f"{path} is not an array_record dataset (no dataset_info.json); write one with "
+            f"cacophony_jax.data.array_record.write_array_record"
+        )
+    try:
+        builder = tfds.builder_from_directory(path)
+    except Exception as error:  # TFDS raises many kinds for unreadable metadata
+        raise ArrayRecordError(f"cannot read the TFDS metadata in {path} ({error})") from None
+    if builder.info.name != DATASET_NAME:
+        raise ArrayRecordError(
+            f"{path} holds TFDS dataset {builder.info.name!r}, not one written by "
+            f"write_array_record ({DATASET_NAME!r})"
+        )
+    return builder
+
+
+class ArrayRecordSource:
+    """One split of a `write_array_record` dataset as a source (audio inline)."""
+
+    def __init__(self, path: str | os.PathLike, split: str):
+        """Opens the split for random access.
+
+        Args:
+          path: the dataset folder written by `write_array_record`.
+          split: the split name.
+        """
+        path = os.path.abspath(os.fspath(path))
+        builder = _open_builder(path)
+        splits = builder.info.splits
+        if split not in splits:
+            raise ArrayRecordError(f"{path} has splits {sorted(splits)}, not {split!r}")
+        self.name = f"{os.path.basename(path)}/{split}"
+        self.class_names = tuple(builder.info.metadata.get("class_names", ()))
+        self._path = path
+        try:
+            self._data = builder.as_data_source(split)
+        except Exception as error:  # array_record raises plain errors for bad shards
+            raise ArrayRecordError(f"cannot open split {split!r} of {path} ({error}); the "
+                                   f"shards are missing or corrupt: rewrite the split") from None
+        lengths = list(splits[split].shard_lengths)
+        self._num_shards = len(lengths)
+        self._offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self._round_robin = builder.info.metadata.get("shard_order") == _ORDER
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name} has {len(self)} clips; index {index} is out of range")
+        if self._round_robin:
+            shard, position = index % self._num_shards, index // self._num_shards
+            index = int(self._offsets[shard]) + position
+        example = self._data[index]
+        audio = np.frombuffer(example["audio"], "<i2")
+        if audio.size != example["num_samples"]:
+            raise ArrayRecordError(f"{self.name} record {index} is corrupt: {audio.size} audio "
+                                   f"samples, {example['num_samples']} expected")
+        return {
+            "id": _text(example["id"]),
+            "captions": [_text(c) for c in example["captions"]],
+            "synthetic_captions": [_text(c) for c in example["synthetic_captions"]],
+            "labels": [int(v) for v in example["labels"]],
+            "audio": audio.astype(np.int16),  # native order, and a writable copy
+        }
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({self._path!r}, {len(self)} clips)"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value

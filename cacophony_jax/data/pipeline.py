@@ -1,0 +1,299 @@
+"""Grain input pipelines: per-host, numpy only, deterministic and resumable.
+
+Train: source -> this host's shard (ShardByJaxProcess semantics: every
+`process_count`-th record) -> seeded global shuffle, repeated with a new order per
+epoch -> decode (a record that fails is replaced by the next good one and counted)
+-> random crop/pad to the clip length, caption choice, tokenise -> batch. The
+iterator's state (`get_state`/`set_state`) resumes exactly.
+
+Eval: every record exactly once, in order, split over hosts; every host yields the
+same number of batches, the last padded with rows whose `valid` is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from cacophony_jax.audio import io
+
+# A record that fails to decode is replaced by one of the next records; give up
+# (and stop with a clear error) when this many in a row fail: the data is broken.
+MAX_CONSECUTIVE_FAILURES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleFormat:
+    """How a record becomes a fixed-shape example.
+
+    Attributes:
+      clip_samples: samples per clip at 16 kHz (crop or zero-pad).
+      text_length: tokens per caption; 0 for audio-only tasks (stage 1).
+      synthetic_prob: chance of using a synthetic caption when the clip has one.
+      tokenizer: a picklable tokenizer with `encode(texts, length)`; None if no text.
+    """
+
+    clip_samples: int
+    text_length: int = 0
+    synthetic_prob: float = 0.0
+    tokenizer: Any = None
+
+
+class DecodedSource:
+    """A random-access source whose records carry decoded int16 audio.
+
+    Records with an `audio_path` are decoded here (in Grain worker processes). A
+    record that cannot be decoded (or, when `needs_captions`, has no caption) is
+    replaced by the next usable record, and the number replaced is returned in
+    `num_failed`, so training goes on and the loss of data is counted.
+    """
+
+    def __init__(self, source: Any, needs_captions: bool = False):
+        self._source = source
+        self._needs_captions = needs_captions
+        self.name = getattr(source, "name", type(source).__name__)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Returns record `index` with int16 `audio`; raises io.AudioError."""
+        record = dict(self._source[index])
+        if "audio" not in record:
+            record["audio"] = io.load_audio(record.pop("audio_path"))
+        if record["audio"].size == 0:
+            raise io.AudioError(f"record {record.get('id', index)!r} has empty audio")
+        if self._needs_captions and not (record.get("captions")
+                                         or record.get("synthetic_captions")):
+            raise io.AudioError(f"record {record.get('id', index)!r} has no caption")
+        return record
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self._source)
+        for failed in range(MAX_CONSECUTIVE_FAILURES):
+            try:
+                record = self.load((index + failed) % n)
+            except (io.AudioError, OSError) as e:
+                logging.warning("skipping record %d of %s: %s", (index + failed) % n,
+                                self.name, e)
+                continue
+            record["num_failed"] = failed
+            return record
+        raise RuntimeError(
+            f"{MAX_CONSECUTIVE_FAILURES} consecutive records of {self.name} failed to "
+            "decode; check the data paths (see the warnings above)"
+        )
+
+
+def crop_or_pad(audio: np.ndarray, length: int, start: int) -> tuple[np.ndarray, int]:
+    """Returns (audio[start:start+length] zero-padded to `length`, true length)."""
+    piece = audio[start:start + length]
+    out = np.zeros(length, np.int16)
+    out[:piece.size] = piece
+    return out, piece.size
+
+
+def choose_caption(record: dict[str, Any], synthetic_prob: float,
+                   rng: np.random.Generator) -> str:
+    """Picks a real caption, or a synthetic one with probability `synthetic_prob`."""
+    real = list(record.get("captions") or ())
+    synthetic = list(record.get("synthetic_captions") or ())
+    pool = real
+    if synthetic and (not real or rng.random() < synthetic_prob):
+        pool = synthetic
+    if not pool:
+        return ""
+    return pool[int(rng.integers(len(pool)))]
+
+
+class PrepareTrain(grain.transforms.RandomMap):
+    """Random crop/pad, caption choice and tokenisation of one training record."""
+
+    def __init__(self, fmt: ExampleFormat):
+        self.fmt = fmt
+
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
+        audio = record["audio"]
+        excess = audio.size - self.fmt.clip_samples
+        start = int(rng.integers(excess + 1)) if excess > 0 else 0
+        clip, length = crop_or_pad(audio, self.fmt.clip_samples, start)
+        out = {
+            "audio": clip,
+            "audio_len": np.int32(length),
+            "valid": np.float32(1.0),
+            "num_failed": np.int32(record["num_failed"]),
+        }
+        if self.fmt.text_length:
+            caption = choose_caption(record, self.fmt.synthetic_prob, rng)
+            ids, mask = self.fmt.tokenizer.encode([caption], self.fmt.text_length)
+            out["text_ids"] = ids[0].astype(np.int32)
+            out["text_mask"] = mask[0].astype(np.int32)
+        return out
+
+
+def host_batch_size(global_batch_size: int) -> int:
+    """This host's share of the global batch (the global batch must divide evenly)."""
+    count = jax.process_count()
+    if global_batch_size % count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the "
+            f"{count} processes; choose a multiple of {count}"
+        )
+    return global_batch_size // count
+
+
+def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, seed: int,
+                  num_workers: int = 0, read_threads: int = 4,
+                  prefetch_batches: int = 2) -> grain.IterDataset:
+    """The infinite, shuffled, batched training dataset of this host.
+
+    Args:
+      source: a random-access source (see data/sources.py).
+      fmt: how records become examples.
+      global_batch_size: examples per step over all hosts.
+      seed: shuffle and augmentation seed.
+      num_workers: Grain worker processes (0 = threads in this process).
+      read_threads: reader threads per process.
+      prefetch_batches: batches buffered per worker.
+
+    Returns:
+      A Grain IterDataset; `iter()` of it is a checkpointable DatasetIterator.
+    """
+    if len(source) == 0:
+        raise ValueError(f"training source {getattr(source, 'name', source)!r} is empty")
+    decoded = DecodedSource(source, needs_captions=fmt.text_length > 0)
+    index, count = jax.process_index(), jax.process_count()
+    ds = grain.MapDataset.source(decoded)
+    if count > 1:
+        if len(decoded) < count:
+            raise ValueError(f"{len(decoded)} training records cannot feed {count} hosts")
+        ds = ds[index::count]
+    ds = ds.seed(seed).shuffle().repeat(None)
+    ds = ds.random_map(PrepareTrain(fmt))
+    per_host = host_batch_size(global_batch_size)
+    # Records are decoded by `read_threads` threads in parallel, then batched.
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=read_threads,
+        prefetch_buffer_size=max(read_threads, per_host * max(1, prefetch_batches))))
+    iter_ds = iter_ds.batch(per_host, drop_remainder=True)
+    if num_workers > 0:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches)))
+    return iter_ds
+
+
+class PrepareEval(grain.transforms.Map):
+    """Deterministic example: the clip's start, padded; failures become invalid rows."""
+
+    def __init__(self, source: Any, clip_samples: int):
+        self.decoded = DecodedSource(source)
+        self.clip_samples = clip_samples
+
+    def map(self, index: int) -> dict:
+        labels = ()
+        try:
+            record = self.decoded.load(int(index))
+            clip, length = crop_or_pad(record["audio"], self.clip_samples, 0)
+            valid = 1.0
+            labels = record.get("labels") or ()
+        except (io.AudioError, OSError) as e:
+            logging.warning("evaluation record %d unusable: %s", index, e)
+            clip, length, valid = np.zeros(self.clip_samples, np.int16), 0, 0.0
+        return {
+            "audio": clip,
+            "audio_len": np.int32(length),
+            "valid": np.float32(valid),
+            "example_id": np.int32(index),
+            "label": np.int32(labels[0] if labels else -1),
+        }
+
+
+def eval_batches(source: Any, clip_samples: int, global_batch_size: int,
+                 read_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """Yields this host's evaluation batches; together the hosts cover each record once.
+
+    Args:
+      source: a random-access source.
+      clip_samples: samples per clip.
+      global_batch_size: rows per global batch (padding rows have valid == 0).
+      read_threads: decoding threads.
+
+    Yields:
+      Host batches with the TRAIN_KEYS audio fields plus example_id and label.
+    """
+    per_host = host_batch_size(global_batch_size)
+    index, count = jax.process_index(), jax.process_count()
+    mine = list(range(index, len(source), count))
+    # Every host must run the same number of device steps.
+    num_batches = math.ceil(math.ceil(len(source) / count) / per_host)
+    ds = grain.MapDataset.source(mine).map(PrepareEval(source, clip_samples))
+    it = iter(ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=max(read_threads, 2 * per_host))))
+    for _ in range(num_batches):
+        rows = []
+        for _ in range(per_host):
+            row = next(it, None)
+            if row is None:
+                row = {
+                    "audio": np.zeros(clip_samples, np.int16), "audio_len": np.int32(0),
+                    "valid": np.float32(0.0), "example_id": np.int32(-1),
+                    "label": np.int32(-1),
+                }
+            rows.append(row)
+        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+@dataclasses.dataclass
+class EvalTexts:
+    """Every caption of an evaluation set, with the clip it belongs to."""
+
+    captions: list[str]
+    caption_clip: np.ndarray  # [num_captions] index of the clip
+    labels: list[Sequence[int]]  # per clip
+    class_names: tuple[str, ...]
+
+
+def eval_texts(source: Any) -> EvalTexts:
+    """Collects captions and labels of an evaluation source (no audio decoding
+    when the source stores paths)."""
+    captions, clip_of, labels = [], [], []
+    metadata = getattr(source, "metadata", None)  # records without audio, if offered
+    for i in range(len(source)):
+        record = metadata(i) if metadata is not None else source[i]
+        for caption in record.get("captions") or ():
+            captions.append(caption)
+            clip_of.append(i)
+        labels.append(tuple(record.get("labels") or ()))
+    return EvalTexts(captions, np.asarray(clip_of, np.int32), labels,
+                     tuple(getattr(source, "class_names", ()) or ()))
+
+
+def text_batches(texts: Sequence[str], tokenizer: Any, length: int,
+                 global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Tokenised caption batches, split over hosts like `eval_batches`.
+
+    Every host tokenises the whole list (cheap) and keeps its rows of each global
+    batch, so the global arrays hold the captions in order.
+    """
+    per_host = host_batch_size(global_batch_size)
+    index = jax.process_index()
+    for start in range(0, len(texts), global_batch_size):
+        chunk = list(texts[start:start + global_batch_size])
+        valid = np.zeros(global_batch_size, np.float32)
+        valid[:len(chunk)] = 1.0
+        chunk += [""] * (global_batch_size - len(chunk))
+        ids, mask = tokenizer.encode(chunk, length)
+        rows = slice(index * per_host, (index + 1) * per_host)
+        yield {
+            "text_ids": np.asarray(ids, np.int32)[rows],
+            "text_mask": np.asarray(mask, np.int32)[rows],
+            "valid": valid[rows],
+        }
+

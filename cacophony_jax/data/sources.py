@@ -1,0 +1,537 @@
+"""Data sources: the project's manifest format, the public dataset layouts, `open_source`.
+
+A source is what the Grain pipeline and the evaluators index: it has `__len__`,
+`__getitem__(i) -> record`, `name: str` and `class_names: tuple[str, ...]` (empty when
+unlabelled). A record is a plain picklable dict::
+
+    {"id": str, "captions": [str], "synthetic_captions": [str],
+     "labels": [int],                       # indices into class_names; [] if none
+     "audio_path": str}                     # absolute; or "audio": int16 [S] inline
+
+Sources never decode audio files: the pipeline decodes `audio_path` in its workers
+and counts and skips clips that fail.
+
+Manifest format (what every tool of this project writes)
+--------------------------------------------------------
+JSONL (``.jsonl`` / ``.json``), one object per line::
+
+    {"audio": "clips/a.flac", "captions": ["a dog barks", "a dog barking"],
+     "synthetic_captions": ["dog barking outdoors"], "label": "dog", "id": "a"}
+
+- ``audio`` (required): path relative to the manifest's folder, or absolute.
+- ``captions``: list of strings, or ``caption``: one string (both may be given).
+- ``synthetic_captions`` (optional): list of strings from a captioning model.
+- ``label`` (optional): one class name or a list of them.
+- ``id`` (optional): defaults to the ``audio`` string.
+Other keys are ignored. Empty captions are dropped; a clip may have no captions.
+
+CSV (``.csv``) with a header: columns ``audio``, ``caption``, optional ``label``.
+Rows with the same ``audio`` are merged into one clip with several captions.
+
+Labels: a ``classes.txt`` next to the manifest (one name per line) fixes the class
+order; without it the class names are the sorted label strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import os
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from absl import logging
+
+AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
+_SHOW_BAD_ROWS = 5
+
+
+class SourceError(ValueError):
+    """A dataset folder or file is missing or does not follow its layout."""
+
+
+class ManifestError(SourceError):
+    """A manifest file is missing, unreadable, or has bad rows."""
+
+
+class _Texts:
+    """Many strings in one utf-8 buffer: compact, and cheap to pickle to workers."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._ends = array("q")
+
+    def append(self, text: str) -> None:
+        self._data += text.encode("utf-8")
+        self._ends.append(len(self._data))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = self._ends[i - 1] if i else 0
+        return self._data[start : self._ends[i]].decode("utf-8")
+
+
+class _Ragged:
+    """Rows of variable length over one flat column."""
+
+    def __init__(self, values: _Texts | array) -> None:
+        self.values = values
+        self._ends = array("q")
+
+    def append(self, row: Iterable) -> None:
+        for value in row:
+            self.values.append(value)
+        self._ends.append(len(self.values))
+
+    def __getitem__(self, i: int) -> list:
+        start = self._ends[i - 1] if i else 0
+        return [self.values[j] for j in range(start, self._ends[i])]
+
+
+class ClipSource:
+    """A source over clips whose audio lives in files (records carry `audio_path`)."""
+
+    num_missing = 0  # clips of a public layout skipped because their audio is absent
+
+    def __init__(self, name: str, root: str, class_names: Sequence[str] = ()):
+        """Creates an empty source; fill it with `add`.
+
+        Args:
+          name: the source's name, e.g. "clotho/evaluation".
+          root: folder that relative audio paths are joined to.
+          class_names: the label vocabulary (empty when unlabelled).
+        """
+        self.name = name
+        self.class_names = tuple(class_names)
+        self._root = os.path.abspath(root)
+        self._audio = _Texts()
+        self._ids = _Texts()  # "" means "same as the audio string"
+        self._captions = _Ragged(_Texts())
+        self._synthetic = _Ragged(_Texts())
+        self._labels = _Ragged(array("i"))
+
+    def add(
+        self,
+        audio: str,
+        captions: Iterable[str] = (),
+        synthetic_captions: Iterable[str] = (),
+        labels: Iterable[int] = (),
+        clip_id: str = "",
+    ) -> None:
+        """Appends one clip (empty captions are dropped).
+
+        Args:
+          audio: audio path, relative to the root or absolute.
+          captions: human captions.
+          synthetic_captions: model-written captions.
+          labels: class indices into `class_names`.
+          clip_id: the clip's id; defaults to `audio`.
+        """
+        self._audio.append(audio)
+        self._ids.append("" if clip_id == audio else clip_id)
+        self._captions.append(c for c in captions if c.strip())
+        self._synthetic.append(c for c in synthetic_captions if c.strip())
+        self._labels.append(labels)
+
+    def __len__(self) -> int:
+        return len(self._audio)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name} has {len(self)} clips; index {index} is out of range")
+        audio = self._audio[index]
+        return {
+            "id": self._ids[index] or audio,
+            "captions": self._captions[index],
+            "synthetic_captions": self._synthetic[index],
+            "labels": self._labels[index],
+            "audio_path": os.path.join(self._root, audio),
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} clips)"
+
+
+class ManifestSource(ClipSource):
+    """A manifest (JSONL or CSV, see the module docstring) as a source."""
+
+    def __init__(self, path: str | os.PathLike, skip_bad_rows: bool = False):
+        """Reads and validates the whole manifest.
+
+        Args:
+          path: the `.jsonl`/`.json` or `.csv` manifest.
+          skip_bad_rows: skip (and count in `num_skipped`) bad rows instead of raising
+            ManifestError.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ManifestError(f"manifest {path} does not exist; check the path")
+        kind = os.path.splitext(path)[1].lower()
+        if kind not in (".jsonl", ".json", ".csv"):
+            raise ManifestError(
+                f"manifest {path} has an unknown extension {kind!r}; use .jsonl (one JSON "
+                f"object per line) or .csv (columns audio, caption[, label])"
+            )
+        stem = os.path.splitext(os.path.basename(path))[0]
+        super().__init__(stem, os.path.dirname(os.path.abspath(path)))
+        classes = _read_classes(os.path.join(self._root, "classes.txt"))
+        index = {name: i for i, name in enumerate(classes)}
+        bad: list[str] = []
+        rows = _jsonl_rows(path, bad) if kind != ".csv" else _csv_rows(path, bad)
+        for line, audio, captions, synthetic, label_names, clip_id in rows:
+            if classes and any(name not in index for name in label_names):
+                unknown = sorted(set(label_names) - set(index))
+                bad.append(f"line {line}: label(s) {unknown} are not in classes.txt")
+                continue
+            labels = [index.setdefault(name, len(index)) for name in label_names]
+            self.add(audio, captions, synthetic, labels, clip_id)
+        self.num_skipped = len(bad)
+        if bad:
+            shown = "\n  ".join(bad[:_SHOW_BAD_ROWS])
+            extra = len(bad) - _SHOW_BAD_ROWS
+            more = f"\n  ... and {extra} more" if extra > 0 else ""
+            if not skip_bad_rows:
+                raise ManifestError(
+                    f"manifest {path} has {len(bad)} bad row(s):\n  {shown}{more}\nfix them, "
+                    f"or pass skip_bad_rows=True to skip and count them"
+                )
+            logging.warning("manifest %s: skipped %d bad row(s):\n  %s%s",
+                            path, len(bad), shown, more)
+        if not len(self):
+            raise ManifestError(f"manifest {path} has no usable rows; see the module docstring "
+                                f"of cacophony_jax.data.sources for the format")
+        if classes:
+            self.class_names = tuple(classes)
+        elif index:
+            self._sort_classes(index)
+
+    def _sort_classes(self, index: dict[str, int]) -> None:
+        # Labels were numbered in order of appearance; renumber them in sorted order.
+        names = sorted(index)
+        order = {index[name]: new for new, name in enumerate(names)}
+        values = self._labels.values
+        for j in range(len(values)):
+            values[j] = order[values[j]]
+        self.class_names = tuple(names)
+
+
+def _read_classes(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ManifestError(f"{path} lists {duplicates} more than once; keep one of each")
+    return names
+
+
+def _string_list(row: dict, key: str) -> list[str]:
+    value = row.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f'"{key}" must be a list of strings')
+    return value
+
+
+def _jsonl_rows(path: str, bad: list[str]):
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise TypeError("a row must be a JSON object")
+                audio = row.get("audio")
+                if not isinstance(audio, str) or not audio:
+                    raise TypeError('"audio" (a non-empty path string) is required')
+                captions = _string_list(row, "captions")
+                if not isinstance(row.get("caption", ""), str):
+                    raise TypeError('"caption" must be a string')
+                captions = captions + [row.get("caption", "")]
+                label = row.get("label", [])
+                labels = [label] if isinstance(label, str) else _string_list(row, "label")
+                clip_id = row.get("id", audio)
+                if not isinstance(clip_id, str) or not clip_id:
+                    raise TypeError('"id" must be a non-empty string')
+                synthetic = _string_list(row, "synthetic_captions")
+                yield line, audio, captions, synthetic, labels, clip_id
+            except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+                bad.append(f"line {line}: {error}")
+
+
+def _csv_rows(path: str, bad: list[str]):
+    clips: dict[str, tuple[int, list[str], list[str]]] = {}
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            if "audio" not in (reader.fieldnames or []):
+                raise ManifestError(f"CSV manifest {path} needs a header with columns audio, "
+                                    f"caption[, label]; it has {reader.fieldnames}")
+            for row in reader:
+                audio = (row.get("audio") or "").strip()
+                if not audio:
+                    bad.append(f"line {reader.line_num}: the audio column is empty")
+                    continue
+                _, captions, labels = clips.setdefault(audio, (reader.line_num, [], []))
+                captions.append(row.get("caption") or "")
+                label = (row.get("label") or "").strip()
+                if label and label not in labels:
+                    labels.append(label)
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"CSV manifest {path} is not UTF-8 text ({error})") from None
+    for audio, (line, captions, labels) in clips.items():
+        yield line, audio, captions, [], labels, audio
+
+
+# ----------------------------------------------------------------- public layouts
+
+
+def _read_layout_csv(path: str, columns: Sequence[str], layout: str) -> list[dict[str, str]]:
+    if not os.path.isfile(path):
+        raise SourceError(f"expected {path}, which does not exist; the layout is: {layout}")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SourceError(f"{path} lacks column(s) {missing}; the layout is: {layout}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise SourceError(f"{path} is not a readable UTF-8 CSV file ({error})") from None
+    if any(row[c] is None for row in rows for c in columns):
+        raise SourceError(f"{path} has rows with fewer fields than its header; it is corrupt")
+    return rows
+
+
+def _listing(folder: str) -> set[str]:
+    # One directory listing instead of a stat per clip (slow on network disks).
+    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+
+
+def _report_missing(source: ClipSource, missing: int, where: str, tried: str) -> ClipSource:
+    source.num_missing = missing
+    if missing and not len(source):
+        raise SourceError(f"{source.name}: no audio found under {where} (tried {tried})")
+    if missing:
+        logging.warning("%s: %d of %d clips have no audio under %s (tried %s); skipped",
+                        source.name, missing, missing + len(source), where, tried)
+    return source
+
+
+def _pick_split(split: str, valid: Sequence[str], aliases: dict[str, str], dataset: str) -> str:
+    split = aliases.get(split, split)
+    if split not in valid:
+        raise SourceError(f"{dataset} has splits {list(valid)}, not {split!r}")
+    return split
+
+
+_AUDIOCAPS = ("root/{train,val,test}.csv (audiocap_id, youtube_id, start_time, caption), "
+              "root/audio/<split>/")
+
+
+def audiocaps_source(root: str | os.PathLike, split: str) -> ClipSource:
+    """AudioCaps: captions grouped per YouTube clip; clips without audio are skipped.
+
+    Args:
+      root: folder with {train,val,test}.csv and audio/<split>/ files named
+        {youtube_id}, {youtube_id}_{start_time}, Y{youtube_id} or {audiocap_id}
+        with a wav/flac/ogg/mp3 extension.
+      split: "train", "val" or "test" ("validation" means "val").
+
+    Returns:
+      A ClipSource named "audiocaps/<split>" with `num_missing` set.
+    """
+    root = os.fspath(root)
+    split = _pick_split(split, ("train", "val", "test"), {"validation": "val"}, "AudioCaps")
+    rows = _read_layout_csv(os.path.join(root, f"{split}.csv"),
+                            ("audiocap_id", "youtube_id", "start_time", "caption"), _AUDIOCAPS)
+    clips: dict[str, tuple[list[str], list[str], set[str]]] = {}
+    for row in rows:
+        ids, captions, starts = clips.setdefault(row["youtube_id"], ([], [], set()))
+        ids.append(row["audiocap_id"])
+        captions.append(row["caption"])
+        start = row["start_time"].strip()
+        starts.update({start, start.split(".")[0]})  # "30.0" files are often named "30"
+    folder = os.path.join(root, "audio", split)
+    present = _listing(folder)
+    source = ClipSource(f"audiocaps/{split}", folder)
+    missing = 0
+    for yid, (ids, captions, starts) in clips.items():
+        stems = [yid, *(f"{yid}_{s}" for s in sorted(starts)), f"Y{yid}", *ids]
+        names = (f"{stem}.{ext}" for stem in stems for ext in AUDIO_EXTENSIONS)
+        found = next((name for name in names if name in present), None)
+        if found is None:
+            missing += 1
+        else:
+            source.add(found, captions, clip_id=yid)
+    tried = "{youtube_id}, {youtube_id}_{start_time}, Y{youtube_id}, {audiocap_id} + .wav/.flac/..."
+    return _report_missing(source, missing, folder, tried)
+
+
+_CLOTHO = ("root/clotho_captions_<split>.csv (file_name, caption_1..caption_5), "
+           "root/<split>/<file_name>")
+
+
+def clotho_source(root: str | os.PathLike, split: str) -> ClipSource:
+    """Clotho: five captions per clip.
+
+    Args:
+      root: folder with clotho_captions_<split>.csv and a <split>/ audio folder.
+      split: "development", "validation" or "evaluation" (also "train", "val", "test").
+
+    Returns:
+      A ClipSource named "clotho/<split>" with `num_missing` set.
+    """
+    root = os.fspath(root)
+    aliases = {"train": "development", "val": "validation", "valid": "validation",
+               "test": "evaluation", "eval": "evaluation"}
+    split = _pick_split(split, ("development", "validation", "evaluation"), aliases, "Clotho")
+    columns = ("file_name", *(f"caption_{k}" for k in range(1, 6)))
+    rows = _read_layout_csv(os.path.join(root, f"clotho_captions_{split}.csv"), columns, _CLOTHO)
+    folder = os.path.join(root, split)
+    present = _listing(folder)
+    source = ClipSource(f"clotho/{split}", folder)
+    missing = 0
+    for row in rows:
+        if row["file_name"] not in present:
+            missing += 1
+            continue
+        source.add(row["file_name"], [row[c] or "" for c in columns[1:]])
+    return _report_missing(source, missing, folder, "<file_name>")
+
+
+def _labelled_source(
+    name: str, root: str, csv_path: str, columns: tuple[str, str, str, str], layout: str,
+    audio_of, folds: Iterable[int] | None,
+) -> ClipSource:
+    # columns: (file name, fold, class index, class name); audio_of(row) -> relative path.
+    file_col, fold_col, index_col, name_col = columns
+    rows = _read_layout_csv(csv_path, columns, layout)
+    names: dict[int, str] = {}
+    for row in rows:
+        if not (row[index_col].strip().isdigit() and row[fold_col].strip().isdigit()):
+            raise SourceError(f"{csv_path}: {fold_col}/{index_col} must be integers, got "
+                              f"{row[fold_col]!r}/{row[index_col]!r}; the file is corrupt")
+        label, text = int(row[index_col]), row[name_col].replace("_", " ")
+        if names.setdefault(label, text) != text:
+            raise SourceError(f"{csv_path}: class {label} is named both {names[label]!r} "
+                              f"and {text!r}; the file is corrupt")
+    if sorted(names) != list(range(len(names))):
+        raise SourceError(f"{csv_path}: class indices {sorted(names)} are not 0..{len(names) - 1}")
+    all_folds = sorted({int(row[fold_col]) for row in rows})
+    wanted = set(all_folds if folds is None else (int(f) for f in folds))
+    if not wanted <= set(all_folds):
+        raise SourceError(f"{name} has folds {all_folds}; {sorted(wanted)} asked for")
+    source = ClipSource(name, root, [names[i] for i in range(len(names))])
+    listings: dict[str, set[str]] = {}
+    missing = 0
+    for row in rows:
+        if int(row[fold_col]) not in wanted:
+            continue
+        relative = audio_of(row)
+        folder, file_name = os.path.split(relative)
+        if folder not in listings:
+            listings[folder] = _listing(os.path.join(root, folder))
+        if file_name in listings[folder]:
+            source.add(relative, labels=[int(row[index_col])], clip_id=row[file_col])
+        else:
+            missing += 1
+    return _report_missing(source, missing, os.path.join(root, "audio"), "the listed file names")
+
+
+def esc50_source(root: str | os.PathLike, folds: Iterable[int] | None = None) -> ClipSource:
+    """ESC-50: 2,000 five-second clips in 50 classes, five folds.
+
+    Args:
+      root: folder with meta/esc50.csv and audio/<filename>.
+      folds: folds to keep (1..5); all when None.
+
+    Returns:
+      A labelled ClipSource named "esc50" (class names by target, "_" -> " ").
+    """
+    root = os.fspath(root)
+    layout = "root/meta/esc50.csv (filename, fold, target, category, ...), root/audio/<filename>"
+    return _labelled_source(
+        "esc50", root, os.path.join(root, "meta", "esc50.csv"),
+        ("filename", "fold", "target", "category"), layout,
+        lambda row: os.path.join("audio", row["filename"]), folds)
+
+
+def urbansound8k_source(root: str | os.PathLike, folds: Iterable[int] | None = None) -> ClipSource:
+    """UrbanSound8K: 8,732 clips of up to 4 s in 10 classes, ten folds.
+
+    Args:
+      root: folder with metadata/UrbanSound8K.csv and audio/fold<k>/<slice_file_name>.
+      folds: folds to keep (1..10); all when None.
+
+    Returns:
+      A labelled ClipSource named "urbansound8k" (class names by classID, "_" -> " ").
+    """
+    root = os.fspath(root)
+    layout = ("root/metadata/UrbanSound8K.csv (slice_file_name, fsID, start, end, salience, "
+              "fold, classID, class), root/audio/fold<fold>/<slice_file_name>")
+    return _labelled_source(
+        "urbansound8k", root, os.path.join(root, "metadata", "UrbanSound8K.csv"),
+        ("slice_file_name", "fold", "classID", "class"), layout,
+        lambda row: os.path.join("audio", f"fold{row['fold']}", row["slice_file_name"]), folds)
+
+
+# ----------------------------------------------------------------- dispatch
+
+
+def _synthetic(path: str, split: str, **options):
+    from cacophony_jax.data.synthetic import SyntheticCorpus  # lazy: only this kind needs it
+
+    return SyntheticCorpus(split, **options)
+
+
+def _array_record(path: str, split: str, **options):
+    from cacophony_jax.data.array_record import ArrayRecordSource  # lazy: imports tfds
+
+    return ArrayRecordSource(path, split, **options)
+
+
+# kind -> (factory(path, split, **options), allowed options, whether a path is needed)
+_KINDS = {
+    "synthetic": (_synthetic, ("size", "clip_seconds", "seed"), False),
+    "manifest": (lambda path, split, **o: ManifestSource(path, **o), ("skip_bad_rows",), True),
+    "array_record": (_array_record, (), True),
+    "audiocaps": (lambda path, split: audiocaps_source(path, split), (), True),
+    "clotho": (lambda path, split: clotho_source(path, split), (), True),
+    "esc50": (lambda path, split, **o: esc50_source(path, **o), ("folds",), True),
+    "urbansound8k": (lambda path, split, **o: urbansound8k_source(path, **o), ("folds",), True),
+}
+
+
+def open_source(kind: str, path: str = "", split: str = "train", **options: Any):
+    """Opens a source by kind.
+
+    Args:
+      kind: one of "synthetic", "manifest", "array_record", "audiocaps", "clotho",
+        "esc50", "urbansound8k".
+      path: the manifest file, array_record dataset folder or dataset root (unused
+        for "synthetic").
+      split: the split ("manifest", "esc50" and "urbansound8k" have none and ignore it).
+      **options: synthetic: size, clip_seconds, seed; manifest: skip_bad_rows;
+        esc50/urbansound8k: folds.
+
+    Returns:
+      An object with __len__, __getitem__ -> record dict, name and class_names.
+    """
+    if kind not in _KINDS:
+        close = difflib.get_close_matches(kind, _KINDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SourceError(f"unknown source kind {kind!r}{hint}; valid kinds: {sorted(_KINDS)}")
+    factory, allowed, needs_path = _KINDS[kind]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise SourceError(f"source kind {kind!r} takes options {list(allowed)}, not {unknown}")
+    if needs_path and not os.fspath(path):
+        raise SourceError(f"source kind {kind!r} needs a path (its file or dataset folder)")
+    return factory(os.fspath(path), split, **options)

@@ -1,0 +1,74 @@
+r"""Training entry point.
+
+  python -m cacophony_jax.main --config=configs/mae.py:tiny --workdir=runs/mae
+  python -m cacophony_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+
+Override any config field with --config.a.b=value. Multi-process runs (Cloud TPU
+pods, SLURM, or --coordinator_address/--num_processes/--process_id) start the
+distributed runtime here; every process runs this same command.
+"""
+
+import os
+
+# Grain worker processes inherit this; BLAS threads per worker would oversubscribe.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and metrics.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Start jax.distributed (auto: detect TPU pod / SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulated CPU devices (testing).")
+_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "", "gloo|mpi for CPU multi-process.")
+_VERBOSE_LIBS = flags.DEFINE_bool("verbose_libraries", False,
+                                  "Show INFO logs of Orbax/JAX/Grain too.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+# Libraries that log every checkpoint write at INFO; their warnings still show.
+_CHATTY = ("orbax", "jax/_src", "grain", "tensorboardX", "absl/")
+
+
+def _quiet_libraries() -> None:
+    import logging as std_logging
+
+    class _Filter(std_logging.Filter):
+        def filter(self, record: std_logging.LogRecord) -> bool:
+            return record.levelno >= std_logging.WARNING or not any(
+                part in record.pathname for part in _CHATTY)
+
+    for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
+        handler.addFilter(_Filter())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if _CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    from cacophony_jax.parallel import distributed
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value, _CPU_COLLECTIVES.value)
+    if not _VERBOSE_LIBS.value:
+        _quiet_libraries()
+    from cacophony_jax.train import stages
+    try:
+        stages.run(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # Errors a user can cause carry a message that names the fix; the traceback
+        # is only noise then (rerun with --verbosity=1 to see it).
+        logging.debug("traceback", exc_info=True)
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main)

@@ -1,0 +1,156 @@
+"""Spectrogram ViT encoder: patch embedding, time/frequency positions, pre-LN blocks.
+
+Numerics follow the release: LayerNorm epsilon 1e-6, SiLU MLP, attention scaled by
+1/sqrt(head_dim) with a key-padding mask (padded queries still get outputs), time
+positions as a sin|cos table, frequency positions as a learned table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from cacophony_jax.models import axes
+from cacophony_jax.models.layers import (
+    MLP,
+    XAVIER,
+    Attention,
+    DropPath,
+    Dtype,
+    apply_stack,
+    dense,
+    layer_norm,
+    partitioned,
+)
+from cacophony_jax.models.variants import AudioEncoderConfig
+
+LAYER_NORM_EPS = 1e-6
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
+    """Sin|cos embedding of integer positions (first half sin, second half cos).
+
+    Frequency i (of dim / 2) is exp(-2 i ln(10000) / dim).
+
+    Args:
+      positions: integer array [...].
+      dim: even embedding width.
+
+    Returns:
+      float32 [..., dim].
+    """
+    if dim % 2:
+        raise ValueError(f"sinusoidal embedding width must be even, got {dim}")
+    freqs = np.exp(-2.0 * np.arange(dim // 2) * np.log(10000.0) / dim).astype(np.float32)
+    angles = positions.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def key_padding_mask(mask: jax.Array) -> jax.Array:
+    """[B, S] validity -> boolean attention mask [B, 1, 1, S] (every query sees valid keys).
+
+    Args:
+      mask: [B, S], nonzero on valid positions.
+
+    Returns:
+      Boolean [B, 1, 1, S].
+    """
+    return mask.astype(bool)[:, None, None, :]
+
+
+class AudioBlock(nn.Module):
+    """Pre-LN block: x + Attn(LN(x)); x + MLP(LN(x)), each branch with drop-path."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    attention: str = "xla"
+    drop_path: float = 0.0
+    deterministic: bool = True
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array | tuple[jax.Array, None]:
+        """Applies the block to [B, N, D] with attention mask [B, 1, 1, N]."""
+        x = nn.with_logical_constraint(x, axes.BLE)
+        h = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="attn_norm")(x)
+        h = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention,
+                      name="attn")(h, h, mask)
+        x = x + DropPath(self.drop_path, name="attn_drop")(h, self.deterministic)
+        h = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="mlp_norm")(x)
+        h = MLP(self.mlp_dim, nn.silu, dtype=self.dtype, name="mlp")(h)
+        x = x + DropPath(self.drop_path, name="mlp_drop")(h, self.deterministic)
+        return (x, None) if self.scanned else x
+
+
+class AudioPositions(nn.Module):
+    """Sinusoidal time embedding plus a learned frequency-position table."""
+
+    dim: int
+    freq_patches: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, time_idx: jax.Array, freq_idx: jax.Array) -> jax.Array:
+        """Returns the position embedding [B, N, dim] of patches at (time, freq)."""
+        table = self.param(
+            "freq_table",
+            partitioned(nn.initializers.normal(0.02), (None, axes.EMBED)),
+            (self.freq_patches, self.dim),
+            jnp.float32,
+        )
+        embedding = sinusoidal_embedding(time_idx, self.dim) + jnp.take(table, freq_idx, axis=0)
+        return embedding.astype(self.dtype)
+
+
+class AudioEncoder(nn.Module):
+    """Patches with their (time, freq) indices -> one hidden vector per patch."""
+
+    config: AudioEncoderConfig
+    dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
+    drop_path: float = 0.0
+    attention: str = "xla"
+
+    @nn.compact
+    def __call__(
+        self,
+        patches: jax.Array,
+        time_idx: jax.Array,
+        freq_idx: jax.Array,
+        mask: jax.Array,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Encodes a (possibly padded) patch sequence.
+
+        Args:
+          patches: [B, N, patch_dim] log-mel patches.
+          time_idx: [B, N] integer time index of each patch.
+          freq_idx: [B, N] integer frequency index of each patch.
+          mask: [B, N], nonzero on real patches (a key-padding mask).
+          deterministic: disables drop-path; when False and drop_path > 0 a
+            'dropout' rng is needed.
+
+        Returns:
+          [B, N, hidden] states after the final LayerNorm.
+        """
+        cfg = self.config
+        if patches.shape[-1] != cfg.patch_dim:
+            raise ValueError(
+                f"audio patches have width {patches.shape[-1]}, the encoder expects "
+                f"{cfg.patch_dim} (16 x 16 log-mel patches)"
+            )
+        x = dense(cfg.hidden, (None, axes.EMBED), dtype=self.dtype, kernel_init=XAVIER,
+                  name="patch_embed")(patches)
+        x = x + AudioPositions(cfg.hidden, cfg.freq_patches, self.dtype, name="positions")(
+            time_idx, freq_idx
+        )
+        fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
+                      attention=self.attention, drop_path=self.drop_path,
+                      deterministic=deterministic)
+        x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=cfg.layers,
+                        scan=self.scan, remat=self.remat)
+        return layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="final_norm")(x)

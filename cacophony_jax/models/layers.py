@@ -1,0 +1,366 @@
+"""Building blocks shared by the towers: dense, norm, attention, MLP, block stacks.
+
+Every parameter is created with logical axis names (``models/axes.py``); compute
+runs in the module's ``dtype`` while parameters stay float32. All attention goes
+through ``jax.nn.dot_product_attention`` with boolean masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from cacophony_jax.models import axes
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Audio towers follow ViT/MAE practice, text towers BERT practice.
+XAVIER = nn.initializers.xavier_uniform()
+BERT_NORMAL = nn.initializers.normal(stddev=0.02)
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+REMAT_OPTIONS = ("none", "full", "dots", "minimal")
+
+
+def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
+    """Wraps an initializer so the created parameter carries logical axis names.
+
+    Args:
+      init: a Flax initializer.
+      names: one logical axis name (or None) per parameter dimension.
+
+    Returns:
+      The boxed initializer.
+    """
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(
+    features: int,
+    names: tuple[str | None, str | None],
+    *,
+    dtype: Dtype,
+    kernel_init: Initializer = XAVIER,
+    name: str | None = None,
+) -> nn.Dense:
+    """A Dense layer whose kernel and bias carry logical axis names.
+
+    Args:
+      features: output width.
+      names: logical names of the kernel's (input, output) dimensions.
+      dtype: compute dtype.
+      kernel_init: kernel initializer.
+      name: submodule name.
+
+    Returns:
+      The (unbound) Dense module.
+    """
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=partitioned(kernel_init, names),
+        bias_init=partitioned(nn.initializers.zeros, (names[1],)),
+        name=name,
+    )
+
+
+def layer_norm(eps: float, *, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """A LayerNorm whose scale and bias carry the "embed" axis name.
+
+    Args:
+      eps: variance epsilon.
+      dtype: compute dtype (statistics are computed in float32 by Flax).
+      name: submodule name.
+
+    Returns:
+      The (unbound) LayerNorm module.
+    """
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=partitioned(nn.initializers.ones, (axes.EMBED,)),
+        bias_init=partitioned(nn.initializers.zeros, (axes.EMBED,)),
+        name=name,
+    )
+
+
+def attend(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    implementation: str,
+) -> jax.Array:
+    """Scaled (1/sqrt(head_dim)) dot-product attention with a boolean mask.
+
+    Args:
+      query: [B, Q, heads, head_dim].
+      key: [B, S, heads, head_dim].
+      value: [B, S, heads, head_dim].
+      mask: boolean, broadcastable to [B, heads, Q, S]; True attends.
+      implementation: "xla", "cudnn" or "auto" (let JAX choose).
+
+    Returns:
+      [B, Q, heads, head_dim] in the query's dtype.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention={implementation!r} is not supported; use one of "
+            f"{ATTENTION_IMPLEMENTATIONS}"
+        )
+    impl = None if implementation == "auto" else implementation
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head projections and an optional KV cache.
+
+    In ``decode`` mode, self-attention keeps keys/values of past positions in the
+    'cache' collection (created at full length by a first call, then filled one
+    chunk per call), and cross-attention computes its keys/values from the
+    memory once and reuses them on later calls.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    implementation: str = "xla"
+    kernel_init: Initializer = XAVIER
+    cross: bool = False
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Attends from ``x`` [B, Q, D] to ``memory`` [B, S, Dm] (``x`` for self-attention).
+
+        Args:
+          x: queries' input.
+          memory: keys'/values' input.
+          mask: boolean, broadcastable to [B, heads, Q, S]; ignored for cached
+            self-attention steps, which build their own mask from the cache index.
+
+        Returns:
+          [B, Q, D].
+        """
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
+        head_dim = width // self.num_heads
+
+        def projection(name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=partitioned(self.kernel_init, (axes.EMBED, axes.HEADS, axes.KV)),
+                bias_init=partitioned(nn.initializers.zeros, (axes.HEADS, axes.KV)),
+                name=name,
+            )
+
+        query = projection("query")(x)
+        key_proj, value_proj = projection("key"), projection("value")
+        if self.cross and self.decode and self.has_variable("cache", "cross_key"):
+            key = self.get_variable("cache", "cross_key")
+            value = self.get_variable("cache", "cross_value")
+        else:
+            key, value = key_proj(memory), value_proj(memory)
+            if self.cross and self.decode:
+                self.put_variable("cache", "cross_key", key)
+                self.put_variable("cache", "cross_value", value)
+        if self.decode and not self.cross:
+            key, value, mask = self._update_cache(key, value, mask)
+
+        out = attend(query, key, value, mask, self.implementation)
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=partitioned(self.kernel_init, (axes.HEADS, axes.KV, axes.EMBED)),
+            bias_init=partitioned(nn.initializers.zeros, (axes.EMBED,)),
+            name="out",
+        )(out)
+
+    def _update_cache(
+        self, key: jax.Array, value: jax.Array, mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        # The first call only sizes the cache (its input has the full decode length).
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialised:
+            return key, value, mask
+        start = index.value
+        chunk = key.shape[1]
+        key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
+        value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
+        cached_key.value, cached_value.value = key, value
+        index.value = start + chunk
+        # Causal over the cache: query i (absolute start + i) sees keys 0..start + i.
+        query_pos = start + jnp.arange(chunk)
+        visible = jnp.arange(key.shape[1])[None, :] <= query_pos[:, None]
+        return key, value, visible[None, None]
+
+
+class MLP(nn.Module):
+    """Dense -> activation -> Dense."""
+
+    hidden: int
+    activation: Callable[[jax.Array], jax.Array]
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = XAVIER
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the MLP to [..., D] and returns [..., D]."""
+        width = x.shape[-1]
+        h = dense(self.hidden, (axes.EMBED, axes.MLP), dtype=self.dtype,
+                  kernel_init=self.kernel_init, name="wi")(x)
+        h = self.activation(h)
+        return dense(width, (axes.MLP, axes.EMBED), dtype=self.dtype,
+                     kernel_init=self.kernel_init, name="wo")(h)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a residual branch per example with probability ``rate``."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        """Returns ``x`` [B, ...] with whole examples zeroed and the rest rescaled."""
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(kept, x / keep, jnp.zeros_like(x))
+
+
+def remat_policy(name: str) -> Callable[..., bool] | None:
+    """The jax.checkpoint policy of a ``remat`` option (see REMAT_OPTIONS).
+
+    "full" saves nothing and recomputes the whole block; "dots" saves matmuls
+    against weights (no batch dimensions) and recomputes attention; "minimal"
+    saves every matmul, attention scores included, recomputing only elementwise ops.
+
+    Args:
+      name: "full", "dots" or "minimal".
+
+    Returns:
+      The policy (None means save nothing).
+    """
+    policies = {
+        "full": None,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "minimal": jax.checkpoint_policies.dots_saveable,
+    }
+    if name not in policies:
+        raise ValueError(f"remat={name!r} is not supported; use one of {REMAT_OPTIONS}")
+    return policies[name]
+
+
+STACK_NAME = "blocks"  # scanned stack; unrolled blocks are "block_0", "block_1", ...
+
+
+def apply_stack(
+    block: type[nn.Module],
+    fields: dict[str, Any],
+    x: jax.Array,
+    *args: Any,
+    num_layers: int,
+    scan: bool,
+    remat: str,
+) -> jax.Array:
+    """Runs ``num_layers`` blocks over ``x``, scanned or unrolled, with optional remat.
+
+    Must be called inside a parent's compact method. A block is built as
+    ``block(**fields, scanned=..., name=...)`` and called as ``block(x, *args)``;
+    when scanned it must return ``(x, None)``. Scanned parameters (and caches) get
+    a leading "layers" axis under one child named ``blocks``; unrolled ones live
+    under ``block_0`` ... ``block_{n-1}`` (see ``stack_layers``/``unstack_layers``).
+
+    Args:
+      block: the block's module class.
+      fields: its dataclass fields except ``scanned`` and ``name``.
+      x: the carried activation.
+      *args: arrays (or None) shared by every layer.
+      num_layers: depth.
+      scan: use nn.scan over the stack.
+      remat: one of REMAT_OPTIONS.
+
+    Returns:
+      The activation after the last block.
+    """
+    if remat not in REMAT_OPTIONS:
+        raise ValueError(f"remat={remat!r} is not supported; use one of {REMAT_OPTIONS}")
+    if remat != "none":
+        # Under scan the loop already stops CSE across layers, so prevent_cse is not needed.
+        block = nn.remat(block, policy=remat_policy(remat), prevent_cse=not scan)
+    if not scan:
+        for i in range(num_layers):
+            x = block(**fields, scanned=False, name=f"block_{i}")(x, *args)
+        return x
+    stacked = nn.scan(
+        block,
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * len(args),
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+    )
+    x, _ = stacked(**fields, scanned=True, name=STACK_NAME)(x, *args)
+    return x
+
+
+def stack_layers(tree: dict[str, Any]) -> dict[str, Any]:
+    """Turns unrolled ``block_i`` subtrees (at any depth) into one scanned ``blocks``.
+
+    Args:
+      tree: a parameter (or cache) tree of plain arrays.
+
+    Returns:
+      The same tree with each run of ``block_0..block_{n-1}`` stacked on a new
+      leading axis.
+    """
+    if not isinstance(tree, dict):
+        return tree
+    blocks = sorted((k for k in tree if k.startswith("block_")), key=lambda k: int(k[6:]))
+    out = {k: stack_layers(v) for k, v in tree.items() if k not in blocks}
+    if blocks:
+        layers = [stack_layers(tree[k]) for k in blocks]
+        out[STACK_NAME] = jax.tree.map(_stack, *layers)
+    return out
+
+
+def _stack(*xs: Any) -> Any:
+    # Host arrays stay on the host (converters build big trees there).
+    return np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
+
+
+def unstack_layers(tree: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``stack_layers``: splits each scanned ``blocks`` into ``block_i``.
+
+    Args:
+      tree: a parameter tree of plain arrays.
+
+    Returns:
+      The same tree with every ``blocks`` subtree split along its leading axis.
+    """
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: unstack_layers(v) for k, v in tree.items() if k != STACK_NAME}
+    if STACK_NAME in tree:
+        stacked = tree[STACK_NAME]
+        depth = jax.tree.leaves(stacked)[0].shape[0]
+        for i in range(depth):
+            out[f"block_{i}"] = unstack_layers(jax.tree.map(lambda a, i=i: a[i], stacked))
+    return out

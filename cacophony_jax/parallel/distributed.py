@@ -1,0 +1,65 @@
+"""Starting JAX's multi-process runtime on TPU pods, SLURM clusters or by hand."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+
+def detected_environment() -> str | None:
+    """Names the multi-process environment we run in, or None for one process."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts:
+        return "tpu"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return "slurm"
+    if os.environ.get("COORDINATOR_ADDRESS"):
+        return "explicit"
+    return None
+
+
+def initialize(mode: str = "auto", coordinator_address: str = "", num_processes: int = 0,
+               process_id: int = -1, cpu_collectives: str = "") -> bool:
+    """Calls `jax.distributed.initialize` when the run spans several processes.
+
+    Args:
+      mode: 'auto' (detect SLURM / COORDINATOR_ADDRESS / TPU_WORKER_HOSTNAMES), 'on'
+        (always; without an address jax detects the cluster, e.g. a Cloud TPU pod),
+        or 'off'.
+      coordinator_address: host:port of process 0 (else COORDINATOR_ADDRESS env).
+      num_processes: process count (else NUM_PROCESSES env).
+      process_id: this process (else PROCESS_ID env).
+      cpu_collectives: 'gloo' or 'mpi' for multi-process CPU runs (tests, debugging).
+
+    Returns:
+      True if the distributed runtime was started.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--distributed={mode!r}; use auto, on or off")
+    env = detected_environment() if mode == "auto" else ("cluster" if mode == "on" else None)
+    if coordinator_address or num_processes:
+        env = "explicit"
+    if env is None:
+        return False
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    kwargs = {}
+    if env == "explicit":
+        address = coordinator_address or os.environ.get("COORDINATOR_ADDRESS", "")
+        count = num_processes or int(os.environ.get("NUM_PROCESSES", "0"))
+        pid = process_id if process_id >= 0 else int(os.environ.get("PROCESS_ID", "-1"))
+        if not address or count <= 0 or pid < 0:
+            raise ValueError(
+                "multi-process run needs a coordinator address, process count and "
+                "process id: pass --coordinator_address/--num_processes/--process_id or "
+                "set COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID")
+        kwargs = dict(coordinator_address=address, num_processes=count, process_id=pid)
+    # On Cloud TPU pods (where the worker list lives in the VM metadata, so 'auto'
+    # cannot see it: pass --distributed=on) and SLURM, jax finds the coordinator.
+    jax.distributed.initialize(**kwargs)
+    logging.info("distributed runtime (%s): process %d of %d, %d local / %d global devices",
+                 env, jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+    return True

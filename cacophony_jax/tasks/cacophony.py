@@ -1,0 +1,157 @@
+"""Stage 2 task: contrastive audio-text learning with a captioning decoder."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cacophony_jax import losses
+from cacophony_jax.audio import frontend, patches
+from cacophony_jax.data import pipeline, to_global
+from cacophony_jax.evals import retrieval, zeroshot
+from cacophony_jax.models import cacophony as cacophony_lib
+from cacophony_jax.models import variants
+from cacophony_jax.tasks import common
+
+
+class AudioFeatures(NamedTuple):
+    patches: jax.Array  # [B, N, 256]
+    time_idx: jax.Array
+    freq_idx: jax.Array
+    mask: jax.Array
+
+
+def audio_features(batch: dict[str, jax.Array], rng: jax.Array | None,
+                   max_patches: int) -> AudioFeatures:
+    """Log-mel -> patches (-> patch dropout when `rng` is given), on the device."""
+    logmel, frame_valid = frontend.log_mel(batch["audio"], batch["audio_len"])
+    p, t, f, m = patches.patchify(logmel, frame_valid)
+    m = m & (batch["valid"][:, None] > 0)
+    if rng is not None and 0 < max_patches < p.shape[1]:
+        p, t, f, m = patches.patch_dropout(rng, p, t, f, m, max_patches)
+    return AudioFeatures(p, t, f, m)
+
+
+class CacophonyTask:
+    """Model, features, loss and evaluation of stage 2."""
+
+    name = "cacophony"
+
+    def __init__(self, config: ml_collections.ConfigDict, vocab_size: int | None = None):
+        self.config = config
+        overrides = {}
+        if config.model.sigmoid_bias:
+            overrides["sigmoid_bias"] = True
+        model_config = variants.cacophony_config(config.model.variant, **overrides)
+        if vocab_size is not None and vocab_size > model_config.text.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the {config.model.variant!r} "
+                f"text tower only {model_config.text.vocab_size}; use a smaller "
+                "config.tokenizer.vocab_size or a larger model variant")
+        if config.loss.kind == "sigmoid" and not config.model.sigmoid_bias:
+            raise ValueError("config.loss.kind='sigmoid' needs config.model.sigmoid_bias=True")
+        self.model_config = model_config
+        self.model = cacophony_lib.Cacophony(config=model_config,
+                                             **common.runtime_knobs(config.model))
+        self.clip_samples = common.clip_samples(config.audio.clip_seconds)
+        self.num_patches = patches.num_patches(frontend.num_frames(self.clip_samples))
+        self.text_length = config.data.text_length
+        if self.text_length > model_config.text.max_positions:
+            raise ValueError(
+                f"config.data.text_length={self.text_length} exceeds the text tower's "
+                f"{model_config.text.max_positions} positions")
+
+    def init_params(self, rng: jax.Array) -> Any:
+        """Boxed (logically partitioned) parameters for one dummy batch."""
+        n, t = self.num_patches, self.text_length
+        return self.model.init(
+            {"params": rng, "dropout": rng},
+            jnp.zeros((1, n, patches.PATCH * patches.PATCH), jnp.float32),
+            jnp.zeros((1, n), jnp.int32), jnp.zeros((1, n), jnp.int32),
+            jnp.ones((1, n), bool), jnp.zeros((1, t), jnp.int32), jnp.ones((1, t), jnp.int32),
+            deterministic=True)["params"]
+
+    def features(self, batch, rng, train: bool) -> AudioFeatures:
+        """Audio features; patch dropout only in training."""
+        return audio_features(batch, rng if train else None, self.config.audio.max_patches)
+
+    def loss(self, params, feats: AudioFeatures, batch, rng):
+        """Weighted contrastive + captioning loss over the global batch."""
+        outputs = self.model.apply(
+            {"params": params}, feats.patches, feats.time_idx, feats.freq_idx, feats.mask,
+            batch["text_ids"], batch["text_mask"], deterministic=False,
+            rngs={"dropout": rng})
+        cfg = self.config.loss
+        loss, parts = losses.cacophony_loss(
+            outputs, batch, contrastive_weight=cfg.contrastive_weight,
+            caption_weight=cfg.caption_weight, kind=cfg.kind, chunk_size=cfg.chunk_size)
+        named = {"loss/contrastive": parts.pop("contrastive_loss"),
+                 "loss/caption": parts.pop("caption_loss")}
+        parts.pop("loss", None)
+        named.update({f"train/{k}": v for k, v in parts.items()})
+        return loss, named
+
+    # -- evaluation ---------------------------------------------------------------
+
+    def embed_audio_fn(self):
+        """jit: (params, global audio batch) -> audio embeddings [B, P]."""
+        def embed(params, batch):
+            feats = audio_features(batch, None, 0)
+            _, emb = self.model.apply({"params": params}, *feats,
+                                      method=cacophony_lib.Cacophony.encode_audio)
+            return emb.astype(jnp.float32)
+        return jax.jit(embed)
+
+    def embed_text_fn(self):
+        """jit: (params, global text batch) -> text embeddings [B, P]."""
+        def embed(params, batch):
+            _, emb = self.model.apply({"params": params}, batch["text_ids"],
+                                      batch["text_mask"],
+                                      method=cacophony_lib.Cacophony.encode_text)
+            return emb.astype(jnp.float32)
+        return jax.jit(embed)
+
+    def evaluator(self, mesh, tokenizer):
+        """Returns params -> retrieval and zero-shot metrics, or None without eval data."""
+        source = common.open_eval_source(self.config)
+        if source is None:
+            return None
+        texts = pipeline.eval_texts(source)
+        embed_audio, embed_text = self.embed_audio_fn(), self.embed_text_fn()
+        clip_samples = common.clip_samples(self.config.audio.eval_clip_seconds)
+        batch_size = self.config.data.eval_batch_size
+
+        def embed_texts(params, captions):
+            rows = []
+            for batch in pipeline.text_batches(captions, tokenizer, self.text_length,
+                                               batch_size):
+                g = to_global.to_global(batch, mesh)
+                rows.append(to_global.to_host(embed_text(params, g)))
+            return np.concatenate(rows)[:len(captions)]
+
+        def evaluate(params) -> dict[str, float]:
+            audio = None
+            for batch in pipeline.eval_batches(source, clip_samples, batch_size):
+                g = to_global.to_global(batch, mesh)
+                emb = to_global.to_host(embed_audio(params, g))
+                ids = to_global.to_host(g["example_id"])
+                valid = to_global.to_host(g["valid"]) > 0
+                if audio is None:
+                    audio = np.zeros((len(source), emb.shape[-1]), np.float32)
+                audio[ids[valid]] = emb[valid]
+            metrics: dict[str, float] = {}
+            if texts.captions:
+                text_emb = embed_texts(params, texts.captions)
+                r = retrieval.retrieval_metrics(audio, text_emb, texts.caption_clip)
+                metrics.update({f"eval/{k}": v for k, v in r.items()})
+            if texts.class_names and any(texts.labels):
+                class_emb = embed_texts(params, zeroshot.prompts_for(texts.class_names))
+                z = zeroshot.zeroshot_metrics(audio, class_emb, texts.labels)
+                metrics.update({f"eval/zeroshot_{k}": v for k, v in z.items()})
+            return metrics
+
+        return evaluate

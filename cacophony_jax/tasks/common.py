@@ -1,0 +1,57 @@
+"""What both tasks share: model knobs from the config and opening data sources."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from cacophony_jax.data import sources, spec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def runtime_knobs(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Module fields shared by the models: compute dtype, scan, remat, attention."""
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={model_cfg.dtype!r}; use one of {list(DTYPES)}")
+    return dict(
+        dtype=DTYPES[model_cfg.dtype],
+        scan=model_cfg.scan,
+        remat=model_cfg.remat,
+        drop_path=model_cfg.drop_path,
+        attention=model_cfg.attention,
+    )
+
+
+def clip_samples(seconds: float) -> int:
+    """Samples at 16 kHz in a clip of `seconds`."""
+    samples = round(seconds * spec.SAMPLE_RATE)
+    if samples < 160 * 16:
+        raise ValueError(f"clip length {seconds} s is shorter than one 16-frame patch")
+    return samples
+
+
+def _open(config: ml_collections.ConfigDict, block: ml_collections.ConfigDict,
+          size: int, clip_seconds: float) -> Any:
+    options: dict[str, Any] = {}
+    if block.kind == "synthetic":
+        options = dict(size=size, clip_seconds=clip_seconds, seed=config.data.synthetic_seed)
+    elif block.kind == "manifest":
+        options = dict(skip_bad_rows=config.data.skip_bad_rows)
+    return sources.open_source(block.kind, path=block.path, split=block.split, **options)
+
+
+def open_train_source(config: ml_collections.ConfigDict) -> Any:
+    """The training source named by `config.data.train`."""
+    return _open(config, config.data.train, config.data.synthetic_train_size,
+                 config.audio.clip_seconds)
+
+
+def open_eval_source(config: ml_collections.ConfigDict) -> Any | None:
+    """The evaluation source named by `config.data.eval`, or None when disabled."""
+    if not config.data.eval.kind:
+        return None
+    return _open(config, config.data.eval, config.data.synthetic_eval_size,
+                 config.audio.eval_clip_seconds)

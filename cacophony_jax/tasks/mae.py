@@ -1,0 +1,105 @@
+"""Stage 1 task: masked-autoencoder reconstruction of log-mel patches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cacophony_jax import losses
+from cacophony_jax.audio import frontend, patches
+from cacophony_jax.data import pipeline, to_global
+from cacophony_jax.models import mae as mae_lib
+from cacophony_jax.models import variants
+from cacophony_jax.tasks import common
+
+# Evaluation masks are drawn from this fixed key so every evaluation sees the same.
+EVAL_MASK_SEED = 1234
+
+
+class MAETask:
+    """Model, features, loss and evaluation of stage 1."""
+
+    name = "mae"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model = mae_lib.MAE(config=variants.mae_config(config.model.variant),
+                                 **common.runtime_knobs(config.model))
+        self.clip_samples = common.clip_samples(config.audio.clip_seconds)
+        self.num_patches = patches.num_patches(frontend.num_frames(self.clip_samples))
+        self.num_visible = patches.num_visible_for(self.num_patches, config.mae.mask_ratio)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        """Boxed (logically partitioned) parameters for one dummy batch."""
+        nv, nm = self.num_visible, self.num_patches - self.num_visible
+        z = jnp.zeros
+        return self.model.init(
+            {"params": rng, "dropout": rng},
+            z((1, nv, patches.PATCH * patches.PATCH), jnp.float32),
+            z((1, nv), jnp.int32), z((1, nv), jnp.int32), jnp.ones((1, nv), bool),
+            z((1, nm), jnp.int32), z((1, nm), jnp.int32), jnp.ones((1, nm), bool),
+            deterministic=True)["params"]
+
+    def features(self, batch: dict[str, jax.Array], rng: jax.Array,
+                 train: bool) -> patches.MaskedPatches:
+        """Log-mel -> patches -> MAE masking (on the device)."""
+        del train
+        logmel, frame_valid = frontend.log_mel(batch["audio"], batch["audio_len"])
+        p, t, f, m = patches.patchify(logmel, frame_valid)
+        m = m & (batch["valid"][:, None] > 0)
+        return patches.mae_mask(rng, p, t, f, m, self.num_visible)
+
+    def _reconstruct(self, params, feats, rng, deterministic):
+        return self.model.apply(
+            {"params": params}, feats.visible_patches, feats.visible_time,
+            feats.visible_freq, feats.visible_mask, feats.masked_time, feats.masked_freq,
+            feats.masked_mask, deterministic=deterministic, rngs={"dropout": rng})
+
+    def loss(self, params, feats, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Masked-patch MSE of the reconstruction."""
+        del batch
+        recon = self._reconstruct(params, feats, rng, deterministic=False)
+        pred = recon[:, self.num_visible:].astype(jnp.float32)
+        loss = losses.masked_patch_mse(pred, feats.masked_target, feats.masked_mask,
+                                       norm_target=self.config.mae.norm_target)
+        return loss, {"loss/mse": loss}
+
+    def evaluator(self, mesh, tokenizer=None):
+        """Returns params -> metrics over the evaluation split, or None."""
+        del tokenizer
+        source = common.open_eval_source(self.config)
+        if source is None:
+            return None
+        clip_samples = common.clip_samples(self.config.audio.eval_clip_seconds)
+        num_patches = patches.num_patches(frontend.num_frames(clip_samples))
+        num_visible = patches.num_visible_for(num_patches, self.config.mae.mask_ratio)
+        norm = self.config.mae.norm_target
+
+        @jax.jit
+        def sums(params, batch):
+            logmel, frame_valid = frontend.log_mel(batch["audio"], batch["audio_len"])
+            p, t, f, m = patches.patchify(logmel, frame_valid)
+            m = m & (batch["valid"][:, None] > 0)
+            feats = patches.mae_mask(jax.random.PRNGKey(EVAL_MASK_SEED), p, t, f, m,
+                                     num_visible)
+            recon = self._reconstruct(params, feats, jax.random.PRNGKey(0), True)
+            pred = recon[:, num_visible:].astype(jnp.float32)
+            count = jnp.sum(feats.masked_mask.astype(jnp.float32))
+            mse = losses.masked_patch_mse(pred, feats.masked_target, feats.masked_mask,
+                                          norm_target=norm)
+            return mse * count, count
+
+        def evaluate(params) -> dict[str, float]:
+            total, count = 0.0, 0.0
+            for batch in pipeline.eval_batches(source, clip_samples,
+                                               self.config.data.eval_batch_size):
+                s, c = sums(params, to_global.to_global(batch, mesh))
+                total += float(np.asarray(s))
+                count += float(np.asarray(c))
+            return {"eval/mse": total / max(count, 1.0)}
+
+        return evaluate

@@ -1,0 +1,205 @@
+"""Orbax checkpoints of the train state, the Grain iterator and the config.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config}`. Saves are
+asynchronous and the manager is always closed (an unclosed async save hangs at
+exit). A step folder that cannot be restored is skipped with a warning in favour
+of the previous one and is never overwritten: it is renamed `<step>.corrupt-N`
+before a new save of the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from grain import checkpoint as grain_ckpt
+
+ITEMS = ("state", "data_iter", "config")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be used."""
+
+
+class _FrozenIteratorState:
+    """The Grain iterator state captured when the step it belongs to finished.
+
+    The loop prefetches batches, so the live iterator is ahead of the state that
+    matches the saved model; we save the state recorded with the batch instead.
+    """
+
+    def __init__(self, state: dict[str, Any]):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._state, indent=1).encode()
+
+
+def resolve(path: str) -> tuple[epath.Path, int | None]:
+    """Finds the checkpoint folder and step named by a user path.
+
+    Accepts a workdir (with `checkpoints/`), a checkpoints folder, or one step folder.
+
+    Returns:
+      (checkpoints folder, step or None for the newest).
+    """
+    p = epath.Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {path!r} does not exist")
+    if (p / "checkpoints").is_dir():
+        return p / "checkpoints", None
+    if p.name.isdigit() and (p / "state").exists():
+        return p.parent, int(p.name)
+    return p, None
+
+
+class Checkpointer:
+    """Saves and restores {state, data_iter, config} under one folder."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
+                 async_save: bool = True, read_only: bool = False):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=ITEMS)
+        self._bad_steps: set[int] = set()
+
+    def steps(self) -> list[int]:
+        """Saved steps, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def restore(self, abstract_state: Any, data_iter: Any = None,
+                step: int | None = None) -> tuple[Any, int] | None:
+        """Restores the newest readable step (or `step`) onto `abstract_state`.
+
+        Args:
+          abstract_state: ShapeDtypeStructs with shardings (the restore target).
+          data_iter: a Grain DatasetIterator to set to the saved position, or None.
+          step: a specific step; None tries the newest, then older ones.
+
+        Returns:
+          (state, step) or None if there is nothing readable.
+        """
+        candidates = [step] if step is not None else list(reversed(self.steps()))
+        for candidate in candidates:
+            try:
+                restored = self.manager.restore(candidate, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+            except Exception as e:  # noqa: BLE001 - any failure means unreadable
+                if step is not None:
+                    raise CheckpointError(
+                        f"checkpoint step {candidate} in {self.directory} cannot be "
+                        f"restored: {e}") from e
+                logging.warning("checkpoint step %s in %s is unreadable (%s: %s); trying "
+                                "an older one", candidate, self.directory,
+                                type(e).__name__, str(e)[:300])
+                self._bad_steps.add(candidate)
+                continue
+            if data_iter is not None:
+                self._restore_iterator(candidate, data_iter)
+            return restored.state, candidate
+        return None
+
+    def _restore_iterator(self, step: int, data_iter: Any) -> None:
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(
+                data_iter=grain_ckpt.CheckpointRestore(data_iter)))
+        except Exception as e:  # noqa: BLE001
+            # E.g. saved by a different number of processes: the model state is
+            # still valid, only the data order restarts.
+            logging.warning("data iterator state of step %s not restored (%s); the "
+                            "input pipeline starts a fresh pass", step, str(e)[:300])
+
+    def save(self, step: int, state: Any, iterator_state: dict[str, Any] | None,
+             config_json: dict[str, Any], force: bool = False) -> bool:
+        """Starts saving `state` at `step` (asynchronously when configured).
+
+        Returns:
+          True if a save was started.
+        """
+        if step in self.manager.all_steps():
+            if step not in self._bad_steps:
+                return False  # this exact step is already safely on disk
+            self._move_aside(step)
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(config_json),
+        }
+        if iterator_state is not None:
+            items["data_iter"] = grain_ckpt.CheckpointSave(
+                _FrozenIteratorState(iterator_state))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            n = 0
+            while (self.directory / f"{step}.corrupt-{n}").exists():
+                n += 1
+            src.rename(self.directory / f"{step}.corrupt-{n}")
+            logging.warning("moved unreadable checkpoint %s aside to %s.corrupt-%d",
+                            src, step, n)
+        self._bad_steps.discard(step)
+        self.manager.reload()
+
+    def read_config(self, step: int) -> dict[str, Any]:
+        """The config JSON saved with `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any) -> Any:
+    """Restores one subtree of a saved state (e.g. the stage-1 encoder).
+
+    Args:
+      path: a workdir, checkpoints folder or step folder of a training run.
+      keys: dict path inside the saved state, e.g. ('params', 'encoder').
+      abstract: ShapeDtypeStructs with shardings for that subtree.
+
+    Returns:
+      The subtree, placed as `abstract` says.
+    """
+    directory, step = resolve(path)
+    reader = Checkpointer(directory, read_only=True, async_save=False)
+    try:
+        step = reader.manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found under {path!r}")
+        item: Any = abstract
+        for key in reversed(keys):
+            item = {key: item}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        try:
+            restored = reader.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                             partial_restore=True)))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(
+                f"could not read {'/'.join(keys)} from checkpoint step {step} in "
+                f"{directory}: {str(e)[:500]}. Is it a checkpoint of the right stage "
+                "and model variant?") from e
+        out = restored.state
+        for key in keys:
+            out = out[key]
+        return out
+    finally:
+        reader.close()

@@ -1,0 +1,97 @@
+"""Where a run's starting point comes from: tokenizer, and state by resume order.
+
+Resume order: this workdir's newest readable checkpoint -> `config.train.resume`
+-> `config.train.init_from` (stage 2 takes only the stage-1 encoder) -> fresh. The
+text tower can additionally start from local RoBERTa weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from cacophony_jax.data import tokenizer as tokenizer_lib
+from cacophony_jax.train import checkpoint
+from cacophony_jax.train import state as state_lib
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
+                      train_source: Any) -> tokenizer_lib.Tokenizer | None:
+    """Loads the configured tokenizer, the workdir's, or trains one on the captions.
+
+    Returns:
+      The tokenizer, or None for tasks without text.
+    """
+    if config.task != "cacophony":
+        return None
+    if config.tokenizer.path:
+        return tokenizer_lib.Tokenizer.load(config.tokenizer.path)
+    saved = workdir / TOKENIZER_FILE
+    if saved.exists():
+        return tokenizer_lib.Tokenizer.load(str(saved))
+    from cacophony_jax.models import variants
+    vocab = (config.tokenizer.vocab_size
+             or variants.cacophony_config(config.model.variant).text.vocab_size)
+    logging.info("training a %d-token byte-level BPE on the training captions", vocab)
+    texts = list(iter_captions(train_source))
+    if not texts:
+        raise ValueError("the training data has no captions to train a tokenizer on; set "
+                         "config.tokenizer.path to a tokenizer.json or RoBERTa folder")
+    tok = tokenizer_lib.Tokenizer.train_bpe(texts, vocab)
+    if jax.process_index() == 0:
+        tok.save(str(saved))
+    return tok
+
+
+def iter_captions(source: Any):
+    """Every real and synthetic caption of a source, without decoding audio."""
+    metadata = getattr(source, "metadata", None)  # records without audio, if offered
+    for i in range(len(source)):
+        record = metadata(i) if metadata is not None else source[i]
+        yield from record.get("captions") or ()
+        yield from record.get("synthetic_captions") or ()
+
+
+def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
+                    plan: state_lib.StatePlan, ckpt: checkpoint.Checkpointer,
+                    data_iter: Any) -> state_lib.TrainState:
+    """Returns the starting state, following the resume order."""
+    restored = ckpt.restore(plan.abstract, data_iter)
+    if restored is not None:
+        logging.info("resuming from %s step %d", ckpt.directory, restored[1])
+        return restored[0]
+    if config.train.resume:
+        directory, step = checkpoint.resolve(config.train.resume)
+        other = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
+        try:
+            restored = other.restore(plan.abstract, data_iter, step=step)
+        finally:
+            other.close()
+        if restored is None:
+            raise checkpoint.CheckpointError(
+                f"config.train.resume={config.train.resume!r} holds no readable checkpoint")
+        logging.info("resuming from %s step %d", directory, restored[1])
+        return restored[0]
+    state = state_lib.create_state(task.init_params, tx, plan, config.seed)
+    params = dict(state.params)
+    if config.train.init_from:
+        if config.task != "cacophony":
+            raise ValueError("config.train.init_from is for stage 2 (initialising the audio "
+                             "encoder from a stage-1 run); use train.resume to continue")
+        params["audio_encoder"] = checkpoint.restore_subtree(
+            config.train.init_from, ("params", "encoder"),
+            plan.abstract.params["audio_encoder"])
+        logging.info("audio encoder initialised from %s", config.train.init_from)
+    roberta = config.tokenizer.roberta_weights
+    if roberta:
+        from cacophony_jax.convert import roberta as roberta_lib
+        text = roberta_lib.load_roberta_text_tower(roberta, task.model_config.text)
+        params["text_encoder"] = jax.device_put(text, plan.shardings.params["text_encoder"])
+        logging.info("text tower initialised from %s", roberta)
+    return state.replace(params=params)

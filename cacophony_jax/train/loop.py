@@ -1,0 +1,237 @@
+"""The one training loop: `run(config, workdir)` for every task.
+
+Phases, top to bottom: mesh -> data -> task -> shapes/shardings -> init or restore ->
+step -> loop (log, evaluate, checkpoint) -> final evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from cacophony_jax import tasks
+from cacophony_jax.data import pipeline, to_global
+from cacophony_jax.optim import optimizer
+from cacophony_jax.parallel import mesh as mesh_lib
+from cacophony_jax.parallel import partition
+from cacophony_jax.tasks import common as task_common
+from cacophony_jax.train import checkpoint, init, metrics
+from cacophony_jax.train import state as state_lib
+from cacophony_jax.train import step as step_lib
+
+HOST_ONLY_KEYS = ("num_failed",)
+
+
+class _Prefetcher:
+    """Pulls host batches in a thread, makes them global, remembers iterator states.
+
+    The iterator state recorded with each batch is the one to checkpoint after the
+    step that consumed it, so resuming replays exactly the following batches.
+    """
+
+    def __init__(self, data_iter, mesh, depth: int):
+        self._it, self._mesh = data_iter, mesh
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+
+    def _work(self):
+        try:
+            while not self._stop.is_set():
+                batch = next(self._it)
+                state = self._it.get_state()
+                failed = int(np.sum(batch.pop("num_failed", 0)))
+                item = (to_global.to_global(batch, self._mesh), state, failed)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            self._queue.put(e)
+
+    def next(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class _Stop:
+    """SIGTERM/SIGINT -> save a checkpoint at the next step and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM,):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("signal %d received: checkpointing and stopping", signum)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True when any process was asked to stop (all processes agree)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags))
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+    fetched = jax.device_get(window)
+    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config.task` in `workdir` (resuming if it holds checkpoints).
+
+    Args:
+      config: a locked config from configs/*.py.
+      workdir: output folder (checkpoints, metrics, tokenizer, config.json).
+
+    Returns:
+      The final evaluation metrics (empty when evaluation is disabled).
+    """
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    config_json = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:
+        (workdir_path / "config.json").write_text(json.dumps(config_json, indent=2))
+
+    # Mesh.
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = partition.rules_from_config(config.sharding_rules)
+    divisor = mesh_lib.batch_divisor(mesh)
+    for name in ("global_batch_size", "eval_batch_size"):
+        if config.data[name] % divisor:
+            raise ValueError(f"config.data.{name}={config.data[name]} must be a multiple "
+                             f"of the {divisor} devices the batch is split over")
+    logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape),
+                 jax.device_count(), jax.process_count())
+
+    # Data and task.
+    train_source = task_common.open_train_source(config)
+    tokenizer = init.prepare_tokenizer(config, workdir_path, train_source)
+    task = tasks.build(config, tokenizer)
+    fmt = pipeline.ExampleFormat(
+        clip_samples=task_common.clip_samples(config.audio.clip_seconds),
+        text_length=config.data.text_length if tokenizer is not None else 0,
+        synthetic_prob=config.data.synthetic_prob, tokenizer=tokenizer)
+    dataset = pipeline.train_dataset(
+        train_source, fmt, global_batch_size=config.data.global_batch_size,
+        seed=config.seed, num_workers=config.data.num_workers,
+        read_threads=config.data.read_threads,
+        prefetch_batches=config.data.prefetch_batches)
+    data_iter = iter(dataset)
+    logging.info("training on %s (%d records)", getattr(train_source, "name", "?"),
+                 len(train_source))
+
+    # Shapes and shardings.
+    tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
+    plan = state_lib.plan_state(task.init_params, tx, mesh, rules)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.abstract.params))
+    logging.info("%s model: %.2f M parameters", task.name, num_params / 1e6)
+    logging.debug("parameter shardings:\n%s",
+                  partition.describe(plan.abstract.params, plan.shardings.params))
+
+    # Init or restore.
+    ckpt = checkpoint.Checkpointer(workdir_path / "checkpoints",
+                                   keep=config.train.keep_checkpoints,
+                                   async_save=config.train.async_checkpoints)
+    stopper = _Stop()
+    prefetcher = None
+    writer = metrics.MetricWriter(str(workdir_path))
+    try:
+        state = init.restore_or_init(config, task, tx, plan, ckpt, data_iter)
+        start = int(jax.device_get(state.step))
+        total = config.train.steps
+
+        # Step and evaluation.
+        clip = fmt.clip_samples
+        shapes = {"audio": (config.data.global_batch_size, clip)}
+        shapes.update({k: (config.data.global_batch_size,)
+                       for k in ("audio_len", "valid")})
+        if fmt.text_length:
+            shapes.update({k: (config.data.global_batch_size, fmt.text_length)
+                           for k in ("text_ids", "text_mask")})
+        train_step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes)
+        evaluate = task.evaluator(mesh, tokenizer)
+
+        # Loop.
+        prefetcher = _Prefetcher(data_iter, mesh, config.data.prefetch_batches)
+        progress = metrics.Progress(total, start, config.data.global_batch_size)
+        window: list[dict[str, jax.Array]] = []
+        failed_records, iter_state, step = 0, None, start
+        final: dict[str, float] = {}
+        if start >= total:
+            logging.info("already trained for %d of %d steps", start, total)
+        while step < total:
+            t0 = time.perf_counter()
+            batch, iter_state, failed = prefetcher.next()
+            progress.add_wait(time.perf_counter() - t0)
+            failed_records += failed
+            state, step_metrics = train_step(state, batch)
+            window.append(step_metrics)
+            step += 1
+            last = step == total
+            if step % config.train.log_every == 0 or last or step == start + 1:
+                row = _mean_metrics(window)
+                window = []
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(
+                        f"the loss became {row['loss']} by step {step}; the last good "
+                        f"checkpoint is kept in {ckpt.directory}. Lower "
+                        "config.optim.learning_rate or check the data")
+                rates = progress.rates(step)
+                row.update(rates)
+                row["data/failed_records"] = failed_records
+                writer.write(step, row)
+                if jax.process_index() == 0:
+                    logging.info("%s", progress.line(step, row, rates))
+            if evaluate is not None and (last or (config.train.eval_every and
+                                                  step % config.train.eval_every == 0)):
+                final = evaluate(state.params)
+                writer.write(step, final)
+                if jax.process_index() == 0:
+                    logging.info("eval at step %d: %s", step, metrics.format_eval(final))
+            stop = stopper.agreed() if (jax.process_count() == 1 or step % 10 == 0) else False
+            if last or stop or step % config.train.checkpoint_every == 0:
+                ckpt.save(step, state, iter_state, config_json, force=True)
+            if stop:
+                logging.warning("stopped at step %d after a termination signal; "
+                                "rerun the same command to resume", step)
+                break
+        return final
+    finally:
+        stopper.restore()
+        if prefetcher is not None:
+            prefetcher.close()
+        ckpt.close()
+        writer.close()
+        close = getattr(data_iter, "close", None)
+        if close is not None:
+            close()

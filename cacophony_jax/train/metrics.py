@@ -1,0 +1,121 @@
+"""Metric output: console progress, JSONL and TensorBoard event files.
+
+Only process 0 writes; other processes get a writer that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _scalar(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+def format_duration(seconds: float) -> str:
+    """'1h02m', '3m05s' or '42s'."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+class MetricWriter:
+    """Writes scalar metrics to `workdir/metrics.jsonl` and TensorBoard events."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(  # noqa: SIM115 - held open for the whole run
+            os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a requirement
+            logging.warning("tensorboardX missing: TensorBoard events are not written")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        """Records `metrics` (scalars) at `step`."""
+        if not self.enabled:
+            return
+        row = {k: _scalar(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                # TensorBoard tag names allow no '@' ("t2a_R@10" -> "t2a_R10").
+                self._tb.add_scalar(key.replace("@", ""), value, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the files."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class Progress:
+    """Throughput, input-wait share and ETA between log steps."""
+
+    def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
+        self.total = total_steps
+        self.batch = global_batch_size
+        self._t0 = time.perf_counter()
+        self._last_time = self._t0
+        self._last_step = start_step
+        self._wait = 0.0
+
+    def add_wait(self, seconds: float) -> None:
+        """Accounts time the loop spent waiting for the input pipeline."""
+        self._wait += seconds
+
+    def rates(self, step: int) -> dict[str, float]:
+        """Rates since the previous call; resets the window."""
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        steps = step - self._last_step
+        out = {
+            "perf/steps_per_sec": steps / elapsed,
+            "perf/examples_per_sec": steps * self.batch / elapsed,
+            "perf/input_wait_fraction": min(1.0, self._wait / elapsed),
+        }
+        self._last_time, self._last_step, self._wait = now, step, 0.0
+        return out
+
+    def line(self, step: int, metrics: dict[str, float], rates: dict[str, float]) -> str:
+        """One console line: step, loss parts, examples/s, input wait and ETA."""
+        sps = rates["perf/steps_per_sec"]
+        eta = (self.total - step) / sps if sps > 0 else float("inf")
+        parts = [f"step {step}/{self.total}", f"loss {metrics['loss']:.4f}"]
+        for key in sorted(metrics):
+            if key.startswith("loss/"):
+                parts.append(f"{key[5:]} {metrics[key]:.4f}")
+        parts += [f"{rates['perf/examples_per_sec']:.1f} ex/s",
+                  f"input {100 * rates['perf/input_wait_fraction']:.0f}%",
+                  f"lr {metrics.get('learning_rate', 0.0):.2e}",
+                  f"ETA {format_duration(eta)}"]
+        return " | ".join(parts)
+
+
+def format_eval(values: dict[str, float]) -> str:
+    """'t2a_R@1 12.0, t2a_R@10 40.1, ...' with the 'eval/' prefix dropped."""
+    return ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(values.items()))

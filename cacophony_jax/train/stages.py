@@ -1,0 +1,51 @@
+"""Runs one training config, or a multi-stage recipe (stage 1 -> stage 2)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import ml_collections
+from etils import epath
+
+from cacophony_jax.train import loop
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+    """Trains `config` in `workdir`; a config with `stages` runs each in a subfolder.
+
+    In a multi-stage config every stage after the first whose `train.init_from` is
+    'previous' starts from the previous stage's checkpoints.
+
+    Returns:
+      stage name -> final evaluation metrics.
+    """
+    if "stages" not in config:
+        return {config.task: loop.run(config, workdir)}
+    results: dict[str, dict[str, float]] = {}
+    previous = None
+    root = epath.Path(workdir)
+    for name in config.stage_order:
+        stage = config.stages[name]
+        if stage.train.init_from == "previous":
+            if previous is None:
+                raise ValueError(f"stage {name!r} starts from 'previous' but is first")
+            with stage.unlocked():
+                stage.train.init_from = str(root / previous)
+        logging.info("=== stage %s -> %s", name, root / name)
+        results[name] = loop.run(stage, str(root / name))
+        previous = name
+    if jax.process_index() == 0:
+        (root / "results.json").write_text(json.dumps(results, indent=2))
+        print(summary(results), flush=True)
+    return results
+
+
+def summary(results: dict[str, dict[str, float]]) -> str:
+    """A Markdown table of every stage's final evaluation metrics."""
+    lines = ["| stage | metric | value |", "|---|---|---|"]
+    for stage, values in results.items():
+        for key, value in sorted(values.items()):
+            lines.append(f"| {stage} | {key.removeprefix('eval/')} | {value:.4g} |")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The jitted, sharded, donated train step shared by every task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from cacophony_jax.parallel import mesh as mesh_lib
+from cacophony_jax.train.state import StatePlan, TrainState
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
+               tx: optax.GradientTransformationExtraArgs,
+               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser update on the global batch.
+
+    The front end (log-mel, patches, masks) runs first, outside the differentiated
+    function; `grad_fn` lets SAM (when configured) take its second gradient on the
+    same batch and randomness, so enabling SAM is purely a config change.
+
+    Args:
+      state: the current state (donated by the jitted wrapper).
+      batch: the global batch (data/spec.py).
+      task: an object with `features(batch, rng, train)` and
+        `loss(params, features, batch, rng) -> (loss, metrics)`.
+      tx: the optimiser chain.
+      schedule: learning-rate schedule, for logging.
+
+    Returns:
+      (new state, metrics of this step as scalars).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    feature_rng, model_rng = jax.random.split(rng)
+    features = task.features(batch, feature_rng, train=True)
+
+    def loss_fn(params):
+        return task.loss(params, features, batch, model_rng)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+    def grad_fn(params):
+        return jax.grad(lambda p: loss_fn(p)[0])(params)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics.update(
+        loss=loss,
+        grad_norm=optax.tree.norm(grads),
+        update_norm=optax.tree.norm(updates),
+        param_norm=optax.tree.norm(params),
+        learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+    )
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
+                   schedule: optax.Schedule, plan: StatePlan, mesh: Mesh,
+                   batch_shapes: dict[str, tuple[int, ...]]):
+    """Compiles-on-first-call the step with explicit shardings and a donated state.
+
+    Args:
+      task, tx, schedule: see `train_step`.
+      plan: the state's shardings.
+      mesh: the device mesh.
+      batch_shapes: key -> global shape, to derive the batch shardings.
+
+    Returns:
+      A jitted `(state, batch) -> (state, metrics)`.
+    """
+    batch_shardings = {k: mesh_lib.batch_sharding(mesh, len(s))
+                       for k, s in batch_shapes.items()}
+
+    def step(state, batch):
+        return train_step(state, batch, task=task, tx=tx, schedule=schedule)
+
+    return jax.jit(
+        step,
+        in_shardings=(plan.shardings, batch_shardings),
+        out_shardings=(plan.shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,168 @@
+"""Config blocks shared by every task, and the config-string parser.
+
+Configs are plain `ml_collections.ConfigDict`s built by `get_config(arg)`. The
+argument after the colon in `--config=configs/mae.py:tiny` picks a variant and may
+carry overrides, e.g. `configs/mae.py:tiny,steps=50`. Every field is documented
+once, where it is defined; code reads fields directly (no defaults in code).
+This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+VARIANTS = ("tiny", "base")
+
+
+def parse_arg(arg: str | None, **known: object) -> mlc.ConfigDict:
+    """Parses 'variant,key=value,...' into a ConfigDict of `known` fields.
+
+    Args:
+      arg: the string after ':' in --config (None or '' -> all defaults).
+      **known: the accepted keys and their defaults; `variant` is the bare word.
+
+    Returns:
+      A ConfigDict with every key of `known`, typed like its default.
+    """
+    out = mlc.ConfigDict(dict(known))
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep:
+            key, value = "variant", part
+        if key not in known:
+            raise ValueError(
+                f"unknown config argument {key!r} in {arg!r}; known: {sorted(known)}"
+            )
+        default = known[key]
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    if "variant" in out and out.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {out.variant!r}; choose one of {VARIANTS}")
+    return out
+
+
+def model_block(variant: str, dtype: str) -> mlc.ConfigDict:
+    """The model block: sizes come from the named variant (models/variants.py)."""
+    return mlc.ConfigDict(dict(
+        variant=variant,  # 'tiny' (tests, quickstart) or 'base' (the paper)
+        dtype=dtype,  # compute dtype; parameters are always float32
+        scan=False,  # nn.scan over the block stacks (faster compiles at depth)
+        remat="none",  # 'none' | 'full' | 'dots' | 'minimal' activation checkpointing
+        drop_path=0.0,  # stochastic depth rate of the audio encoder
+        attention="xla",  # jax.nn.dot_product_attention implementation: xla|cudnn|auto
+    ))
+
+
+def audio_block(clip_seconds: float, max_patches: int) -> mlc.ConfigDict:
+    """Clip length and patch dropout (the front end itself is fixed, see SPEC)."""
+    return mlc.ConfigDict(dict(
+        clip_seconds=clip_seconds,  # training crop/pad length
+        eval_clip_seconds=clip_seconds,  # evaluation crop/pad length (from the start)
+        max_patches=max_patches,  # patch dropout: keep this many patches (0 = all)
+    ))
+
+
+def source_block(kind: str, path: str = "", split: str = "train") -> mlc.ConfigDict:
+    """Where examples come from (see cacophony_jax/data/sources.py)."""
+    return mlc.ConfigDict(dict(
+        kind=kind,  # synthetic|manifest|array_record|audiocaps|clotho|esc50|urbansound8k|''
+        path=path,  # manifest file or dataset folder ('' for synthetic)
+        split=split,  # split name for the public layouts / array_record
+    ))
+
+
+def data_block(batch_size: int, train_size: int, eval_size: int) -> mlc.ConfigDict:
+    """Input pipeline settings; the default data is the embedded synthetic corpus."""
+    return mlc.ConfigDict(dict(
+        train=source_block("synthetic", split="train"),
+        eval=source_block("synthetic", split="eval"),  # kind '' disables evaluation
+        synthetic_train_size=train_size,  # clips in the synthetic training split
+        synthetic_eval_size=eval_size,  # clips in the synthetic evaluation split
+        synthetic_seed=0,  # corpus seed (independent of the training seed)
+        global_batch_size=batch_size,  # examples per step over all hosts
+        eval_batch_size=batch_size,  # examples per evaluation batch over all hosts
+        text_length=64,  # tokens per caption including bos/eos
+        synthetic_prob=0.0,  # chance of training on a synthetic caption when a clip has one
+        num_workers=0,  # Grain worker processes per host (0 = in-process threads)
+        read_threads=4,  # Grain reader threads per process
+        prefetch_batches=2,  # batches prepared ahead on the host
+        skip_bad_rows=True,  # manifests: skip and count malformed rows instead of failing
+    ))
+
+
+def tokenizer_block() -> mlc.ConfigDict:
+    """Text tokenisation (stage 2) and optional pretrained text weights."""
+    return mlc.ConfigDict(dict(
+        # tokenizer.json file or RoBERTa folder; '' trains a byte-level BPE on the
+        # training captions and stores it in the workdir.
+        path="",
+        vocab_size=0,  # BPE vocabulary when training one (0 = the model's vocabulary)
+        roberta_weights="",  # optional HF RoBERTa model.safetensors for the text tower
+    ))
+
+
+def mesh_block() -> mlc.ConfigDict:
+    """Device mesh; -1 takes the remaining devices."""
+    return mlc.ConfigDict(dict(data=-1, fsdp=1))
+
+
+def sharding_rules() -> tuple:
+    """Logical axis -> mesh axes. FSDP shards the 'embed' dimension of parameters."""
+    return (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("mlp", None),
+        ("heads", None),
+        ("kv", None),
+        ("vocab", None),
+        ("layers", None),
+    )
+
+
+def optim_block(lr: float, warmup: int, b2: float) -> mlc.ConfigDict:
+    """AdamW with linear warmup + cosine decay, clipping and optional SAM."""
+    return mlc.ConfigDict(dict(
+        learning_rate=lr,  # peak learning rate
+        warmup_steps=warmup,  # linear warmup from 0
+        schedule="cosine",  # cosine | linear | constant after warmup
+        min_lr_ratio=0.0,  # final learning rate as a fraction of the peak
+        b1=0.9,
+        b2=b2,
+        eps=1e-8,
+        weight_decay=0.05,
+        # Parameters whose '/'-joined path matches get no weight decay.
+        decay_exclude=r"(bias|scale|embedding|logit_scale|logit_bias|query|positional)",
+        clip_norm=1.0,  # global-norm clipping (0 = off)
+        freeze="",  # regex of parameter paths to keep frozen ('' = none)
+        accum_steps=1,  # gradient accumulation (optax.MultiSteps) when > 1
+        sam=mlc.ConfigDict(dict(
+            enabled=False,  # sharpness-aware minimisation (two gradients per step)
+            rho=0.05,
+            adaptive=False,  # ASAM
+        )),
+    ))
+
+
+def train_block(steps: int) -> mlc.ConfigDict:
+    """Loop length, logging, evaluation and checkpoint cadence, and resumption."""
+    return mlc.ConfigDict(dict(
+        steps=steps,  # total optimiser steps
+        log_every=10,  # console/TensorBoard/JSONL metrics every N steps
+        eval_every=0,  # evaluate every N steps (0 = only at the end)
+        checkpoint_every=500,  # save every N steps (and at the end, and on SIGTERM)
+        keep_checkpoints=3,  # newest checkpoints kept
+        async_checkpoints=True,  # write checkpoints in the background
+        resume="",  # a checkpoint folder (or step folder) to continue from
+        init_from="",  # stage 2: a stage-1 checkpoint whose encoder initialises ours
+        profile_steps=0,  # capture a profiler trace of this many steps after warmup
+    ))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One training process on one machine, using all its GPUs (JAX sees them as local devices).
+#
+#   CONFIG=configs/mae.py:base WORKDIR=runs/mae launch/gpu/single_node.sh \
+#     --config.train.steps=1000
+#
+# Arguments are passed to `python -m cacophony_jax.main`; rerunning with the same WORKDIR
+# resumes from its newest checkpoint. CUDA_VISIBLE_DEVICES picks a subset of GPUs.
+#
+# Settings (environment):
+#   CONFIG, WORKDIR  required
+#   VENV             virtual environment to activate (default: <repo>/.venv)
+#   DRY_RUN=1        print the command instead of running it
+
+set -euo pipefail
+
+: "${CONFIG:?set CONFIG, e.g. CONFIG=configs/mae.py:base}"
+: "${WORKDIR:?set WORKDIR, the folder for checkpoints and metrics}"
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$REPO"
+
+# Inside a SLURM allocation (salloc / a one-task srun) JAX would detect a one-process
+# SLURM job and keep only GPU SLURM_LOCALID; drop those variables so it uses them all.
+CMD=(env -u SLURM_JOB_ID -u SLURM_STEP_NODELIST -u SLURM_NTASKS -u SLURM_PROCID
+     -u SLURM_LOCALID -u COORDINATOR_ADDRESS -u JAX_COORDINATOR_ADDRESS -u NUM_PROCESSES
+     -u PROCESS_ID -u JAX_LOCAL_DEVICE_IDS
+     python -m cacophony_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
+
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${CMD[@]}"
+  echo
+  exit 0
+fi
+
+VENV=${VENV:-$REPO/.venv}
+if [[ ! -f "$VENV/bin/activate" ]]; then
+  echo "single_node.sh: no virtual environment at $VENV; create it (see README.md) or set VENV" >&2
+  exit 2
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+exec "${CMD[@]}"

@@ -1,0 +1,446 @@
+#!/usr/bin/env python3
+"""Cloud TPU launcher for cacophony_jax: create a TPU VM or pod slice, set it up, train.
+
+Every setting comes from an environment variable (see launch/tpu/example.env) and the
+flag of the same name overrides it. `--dry-run` prints the exact gcloud commands and
+runs nothing. Standard library only, so it runs from any machine with the gcloud CLI.
+
+    python launch/tpu/tpu.py create              # TPU VM / pod slice (or queued resource)
+    python launch/tpu/tpu.py setup               # code + venv + jax[tpu] on every worker
+    python launch/tpu/tpu.py run -- --config.train.steps=1000
+    python launch/tpu/tpu.py logs [--worker=3]
+    python launch/tpu/tpu.py resume [--recreate] # after a preemption or a crash
+    python launch/tpu/tpu.py stop | status | delete
+
+Everything after `--` on `run`/`resume` is passed to `python -m cacophony_jax.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METADATA_WORKER = (
+    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
+)
+# Not shipped to the workers: environments, caches, run outputs.
+PACK_EXCLUDE = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", "runs"}
+
+# (dest, environment variable, help, default). The flag is --dest with '-' for '_'.
+SETTINGS = (
+    ("name", "TPU_NAME", "TPU VM (node) name", None),
+    ("zone", "TPU_ZONE", "zone, e.g. us-central2-b", None),
+    ("project", "TPU_PROJECT", "Google Cloud project id", None),
+    ("type", "TPU_TYPE", "accelerator type, e.g. v4-32, v5litepod-16, v6e-8", None),
+    ("runtime_version", "TPU_RUNTIME_VERSION", "software version (default: by generation)", None),
+    ("workdir", "TPU_WORKDIR", "training workdir; gs://... so it survives the VM", None),
+    ("config", "TPU_CONFIG", "config, e.g. configs/cacophony.py:base", None),
+    ("repo_url", "REPO_URL", "git URL cloned on the workers (unset: copy this checkout)", None),
+    ("repo_ref", "REPO_REF", "branch, tag or commit of REPO_URL", "main"),
+    ("remote_dir", "TPU_REMOTE_DIR", "code folder on each worker", "~/cacophony_jax"),
+    ("python", "TPU_PYTHON", "Python used for the workers' venv (>= 3.11)", "python3.11"),
+    ("log_dir", "TPU_LOG_DIR", "log folder on each worker", "~/cacophony_logs"),
+    ("run_name", "TPU_RUN_NAME", "names the log and pid files of a run", "train"),
+    ("queued_id", "TPU_QUEUED_ID", "queued-resource id (default: <name>-qr)", None),
+    ("valid_until", "TPU_VALID_UNTIL", "queued: drop the request unfilled after, e.g. 6h", None),
+    ("ssh_flags", "TPU_SSH_FLAGS", "extra ssh/scp flags, e.g. --tunnel-through-iap", ""),
+    ("create_flags", "TPU_CREATE_FLAGS", "extra create flags, e.g. --network=N --reserved", ""),
+    ("train_env", "TPU_ENV", "extra KEY=VALUE words exported for training", ""),
+)
+BOOL_SETTINGS = (
+    ("queued", "TPU_QUEUED", "create through queued resources"),
+    ("spot", "TPU_SPOT", "Spot capacity (cheaper, can be preempted)"),
+    ("preemptible", "TPU_PREEMPTIBLE", "preemptible TPU VM (not with --queued; use --spot)"),
+    ("dry_run", "TPU_DRY_RUN", "print the gcloud commands instead of running them"),
+)
+NODE = ("name", "zone", "project")
+# subcommand: (help, settings it needs)
+COMMANDS = {
+    "create": ("create the TPU VM / pod slice (or a queued resource)", NODE + ("type",)),
+    "setup": ("copy or clone the code, make a venv, install requirements + jax[tpu]", NODE),
+    "run": ("start training on all workers, stream worker 0's log", NODE + ("config", "workdir")),
+    "logs": ("show (and follow) a worker's training log", NODE),
+    "resume": ("stop leftovers, rerun with the same workdir (newest checkpoint wins)",
+               NODE + ("config", "workdir")),
+    "stop": ("stop the training process on all workers", NODE),
+    "status": ("describe the TPU (and the queued resource)", NODE),
+    "delete": ("delete the TPU (and the queued resource)", NODE),
+}
+# Software versions for JAX per TPU generation (Cloud TPU "TPU software versions").
+RUNTIMES = {"v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
+            "v5e": "v2-alpha-tpuv5-lite"}
+DEFAULT_RUNTIME = "tpu-ubuntu2204-base"  # v4 and older
+
+
+class LaunchError(ValueError):
+    """A setting is missing or invalid, or a gcloud command failed."""
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _add_settings(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    # Accepted before and after the subcommand; SUPPRESS keeps a value given before it.
+    default = argparse.SUPPRESS if suppress else None
+    for dest, env, help_text, _ in SETTINGS:
+        parser.add_argument(_flag(dest), dest=dest, default=default, help=f"{help_text} [{env}]")
+    for dest, env, help_text in BOOL_SETTINGS:
+        parser.add_argument(_flag(dest), dest=dest, default=default,
+                            action=argparse.BooleanOptionalAction, help=f"{help_text} [{env}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser: global settings, then one subcommand."""
+    parser = argparse.ArgumentParser(prog="tpu.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_settings(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_settings(p, suppress=True)
+        if name in ("run", "resume"):
+            p.add_argument("--no-stream", action="store_true",
+                           help="return once started instead of following worker 0's log")
+        if name == "resume":
+            p.add_argument("--recreate", action="store_true",
+                           help="delete, recreate and set up the TPU first (after preemption)")
+        if name == "logs":
+            p.add_argument("--worker", default="0", help="worker index, or 'all' (no follow)")
+            p.add_argument("--lines", type=int, default=100, help="lines of history to show")
+            p.add_argument("--no-follow", action="store_true", help="print and exit")
+    return parser
+
+
+def _env_bool(env: str) -> bool:
+    value = os.environ.get(env, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise LaunchError(f"{env}={value!r} is not a boolean; use 1/0, true/false or yes/no")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills each setting from its flag, else its environment variable, else its default.
+
+    Args:
+      args: the parsed command line.
+
+    Returns:
+      The same namespace with every setting resolved.
+
+    Raises:
+      LaunchError: a setting the subcommand needs is unset (names the variable).
+    """
+    for dest, env, _, default in SETTINGS:
+        value = getattr(args, dest, None)
+        if value is None:
+            value = os.environ.get(env) or default
+        setattr(args, dest, value)
+    for dest, env, _ in BOOL_SETTINGS:
+        value = getattr(args, dest, None)
+        setattr(args, dest, _env_bool(env) if value is None else value)
+    needed = list(COMMANDS[args.command][1])
+    if args.command == "resume" and args.recreate:
+        needed.append("type")
+    envs = {dest: env for dest, env, _, _ in SETTINGS}
+    for dest in needed:
+        if not getattr(args, dest):
+            raise LaunchError(
+                f"{envs[dest]} is not set: export {envs[dest]}=... or pass {_flag(dest)} "
+                "(see launch/tpu/example.env)")
+    if args.queued and args.preemptible:
+        raise LaunchError("queued resources take --spot, not --preemptible (TPU_PREEMPTIBLE)")
+    args.queued_id = args.queued_id or f"{args.name}-qr"
+    if args.type and not args.runtime_version:
+        args.runtime_version = next(
+            (rt for gen, rt in RUNTIMES.items() if args.type.startswith(gen)), DEFAULT_RUNTIME)
+    return args
+
+
+class Gcloud:
+    """Runs (or, in dry-run mode, prints) gcloud commands for one TPU node."""
+
+    def __init__(self, cfg: argparse.Namespace):
+        self.cfg = cfg
+        self.where = [f"--zone={cfg.zone}", f"--project={cfg.project}"]
+
+    def call(self, argv: list[str], check: bool = True) -> int:
+        """Runs one command; in dry-run mode prints it instead and returns 0."""
+        if self.cfg.dry_run:
+            print(shlex.join(argv), flush=True)
+            return 0
+        print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+        try:
+            code = subprocess.run(argv, check=False).returncode
+        except FileNotFoundError as e:
+            raise LaunchError(f"{argv[0]} not found: install the Google Cloud CLI and run "
+                              "`gcloud auth login`") from e
+        if check and code != 0:
+            raise LaunchError(f"command failed (exit code {code}): {shlex.join(argv[:6])} ...")
+        return code
+
+    def tpu(self, verb: str, *extra: str) -> list[str]:
+        return ["gcloud", "compute", "tpus", "tpu-vm", verb, self.cfg.name, *self.where, *extra]
+
+    def queued(self, verb: str, *extra: str) -> list[str]:
+        return ["gcloud", "compute", "tpus", "queued-resources", verb, self.cfg.queued_id,
+                *self.where, *extra]
+
+    def ssh(self, worker: str, script: list[str]) -> list[str]:
+        """ssh running `script` (shell lines) on `worker` ('all' or an index)."""
+        # A line ending in '&' already ends its command; '& ;' is a shell syntax error.
+        joined = "".join(line + (" " if line.endswith("&") else "; ") for line in script)
+        return self.tpu("ssh", f"--worker={worker}", *shlex.split(self.cfg.ssh_flags),
+                        "--command=" + joined.rstrip("; "))
+
+
+def _rpath(path: str) -> str:
+    """Quotes a remote path for the shell, letting a leading ~/ expand to $HOME."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def _jax_version() -> str:
+    path = os.path.join(REPO_ROOT, "requirements.txt")
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.strip().startswith("jax=="):
+                    return line.strip().split("==", 1)[1]
+    except OSError as e:
+        raise LaunchError(f"cannot read {path}: run tpu.py from a cacophony_jax checkout") from e
+    raise LaunchError(f"{path} pins no jax version (a line 'jax==X.Y.Z' is needed)")
+
+
+def _cmd_create(g: Gcloud) -> None:
+    cfg = g.cfg
+    extra = shlex.split(cfg.create_flags)
+    if cfg.queued:
+        argv = g.queued("create", f"--node-id={cfg.name}", f"--accelerator-type={cfg.type}",
+                        f"--runtime-version={cfg.runtime_version}")
+        if cfg.spot:
+            argv.append("--spot")
+        if cfg.valid_until:
+            argv.append(f"--valid-until-duration={cfg.valid_until}")
+        g.call(argv + extra)
+        if not cfg.dry_run:
+            print(f"queued resource {cfg.queued_id} requested; `tpu.py status` shows when it "
+                  "is ACTIVE, then run `tpu.py setup`", file=sys.stderr)
+        return
+    argv = g.tpu("create", f"--accelerator-type={cfg.type}", f"--version={cfg.runtime_version}")
+    if cfg.spot:
+        argv.append("--spot")
+    if cfg.preemptible:
+        argv.append("--preemptible")
+    g.call(argv + extra)
+
+
+def _pack_repo(archive: str) -> None:
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = info.name.split("/")
+        if any(p in PACK_EXCLUDE or p.startswith("workdir") for p in parts[1:]):
+            return None
+        return info
+
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(REPO_ROOT, arcname=".", filter=keep)
+
+
+def _cmd_setup(g: Gcloud) -> None:
+    cfg = g.cfg
+    src = _rpath(cfg.remote_dir)
+    py = shlex.quote(cfg.python)
+    script = [
+        "set -euo pipefail",
+        # JAX needs Python >= 3.11; TPU VM images ship an older python3.
+        f"if ! command -v {py} >/dev/null; then sudo apt-get update -qq && "
+        f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {py} {py}-venv; fi",
+    ]
+    archive_name = "cacophony_jax_src.tar.gz"
+    if cfg.repo_url:
+        url, ref = shlex.quote(cfg.repo_url), shlex.quote(cfg.repo_ref)
+        script += [
+            f"if [ ! -d {src}/.git ]; then git clone --quiet {url} {src}; fi",
+            # FETCH_HEAD works alike for a branch, a tag and a commit.
+            f"git -C {src} fetch --quiet {url} {ref}",
+            f"git -C {src} checkout --quiet --detach FETCH_HEAD",
+        ]
+    else:
+        script += [f"mkdir -p {src}", f"tar -xzf ~/{archive_name} -C {src}",
+                   f"rm -f ~/{archive_name}"]
+    script += [
+        f"cd {src}",
+        f"{py} -m venv .venv",
+        ". .venv/bin/activate",
+        "pip install --quiet --upgrade pip",
+        # Same jax as requirements.txt, plus the TPU runtime (libtpu) that matches it.
+        f"pip install --quiet -r requirements.txt {shlex.quote(f'jax[tpu]=={_jax_version()}')}",
+        "python -c 'import jax; print(\"jax\", jax.__version__, \"ready\")'",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = os.path.join(tmp, archive_name)
+        if not cfg.repo_url:
+            if cfg.dry_run:
+                print(f"# pack {REPO_ROOT} without {sorted(PACK_EXCLUDE)} into {archive}")
+            else:
+                _pack_repo(archive)
+            g.call(["gcloud", "compute", "tpus", "tpu-vm", "scp", archive,
+                    f"{cfg.name}:{archive_name}", "--worker=all", *g.where,
+                    *shlex.split(cfg.ssh_flags)])
+        g.call(g.ssh("all", script))
+
+
+def _log_file(cfg: argparse.Namespace, worker: str) -> str:
+    return f"{_rpath(cfg.log_dir)}/{shlex.quote(cfg.run_name)}-worker{worker}.log"
+
+
+def train_command(cfg: argparse.Namespace, overrides: list[str]) -> str:
+    """The training command line every worker runs (quoted for a POSIX shell)."""
+    # --distributed=on: a pod's worker list lives in the VM metadata, which jax reads
+    # itself once asked to start the distributed runtime.
+    return shlex.join(["python", "-m", "cacophony_jax.main", f"--config={cfg.config}",
+                       f"--workdir={cfg.workdir}", "--distributed=on", *overrides])
+
+
+def _cmd_run(g: Gcloud, overrides: list[str], stream: bool) -> None:
+    cfg = g.cfg
+    if not cfg.workdir.startswith("gs://"):
+        print(f"note: TPU_WORKDIR={cfg.workdir} is on the workers' disks; use gs://... for a "
+              "multi-host slice and to resume after a preemption", file=sys.stderr)
+    logs, pid = _rpath(cfg.log_dir), f"{_rpath(cfg.log_dir)}/{shlex.quote(cfg.run_name)}.pid"
+    exports = shlex.split(cfg.train_env)
+    bad = [e for e in exports if "=" not in e]
+    if bad:
+        raise LaunchError(f"TPU_ENV entries must be KEY=VALUE, got {bad}")
+    script = [
+        "set -euo pipefail",
+        f"cd {_rpath(cfg.remote_dir)}",
+        ". .venv/bin/activate",
+        f"mkdir -p {logs}",
+        f"W=$(curl -sf -H Metadata-Flavor:Google {METADATA_WORKER} || hostname)",
+        f"LOG={_log_file(cfg, '$W')}",
+        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
+        f'echo "worker $W: {cfg.run_name} is already running; use tpu.py stop" >&2; exit 1; fi',
+        *(f"export {shlex.quote(e)}" for e in exports),
+        # setsid + nohup: training outlives the ssh session; >> keeps earlier attempts' logs.
+        f'setsid nohup {train_command(cfg, overrides)} >> "$LOG" 2>&1 < /dev/null &',
+        f"echo $! > {pid}",
+        'echo "worker $W: started pid $!, log $LOG"',
+    ]
+    g.call(g.ssh("all", script))
+    if stream:
+        g.call(g.ssh("0", [f"tail -n +1 -F {_log_file(cfg, '0')}"]), check=False)
+
+
+def _cmd_logs(g: Gcloud, worker: str, lines: int, follow: bool) -> None:
+    if worker != "all" and not worker.isdigit():
+        raise LaunchError(f"--worker must be an index or 'all', got {worker!r}")
+    follow = " -F" if follow and worker != "all" else ""
+    tail = f"tail -n {lines}{follow} {_log_file(g.cfg, '*' if worker == 'all' else worker)}"
+    g.call(g.ssh(worker, [tail]), check=False)
+
+
+def _cmd_stop(g: Gcloud) -> None:
+    pid = f"{_rpath(g.cfg.log_dir)}/{shlex.quote(g.cfg.run_name)}.pid"
+    # Only the process this launcher started (its pid file); wait so the TPU is free.
+    g.call(g.ssh("all", [
+        f"if [ -f {pid} ]; then P=$(cat {pid}); kill $P 2>/dev/null || true; "
+        "for i in $(seq 60); do kill -0 $P 2>/dev/null || break; sleep 1; done; "
+        f"rm -f {pid}; echo stopped $P; else echo not running; fi"]))
+
+
+def _cmd_status(g: Gcloud) -> None:
+    for argv in ([g.queued("describe")] if g.cfg.queued else []) + [g.tpu("describe")]:
+        g.call(argv, check=False)
+
+
+def _cmd_delete(g: Gcloud) -> None:
+    if g.cfg.queued:
+        # --force also deletes the TPU VM the queued resource holds.
+        g.call(g.queued("delete", "--force", "--quiet"))
+    else:
+        g.call(g.tpu("delete", "--quiet"))
+
+
+def _wait_active(g: Gcloud) -> None:
+    argv = g.queued("describe", "--format=value(state.state)")
+    if g.cfg.dry_run:
+        print(shlex.join(argv) + "  # repeated until ACTIVE")
+        return
+    # Waits as long as the request may stay queued (TPU_VALID_UNTIL bounds that).
+    while (state := subprocess.run(argv, capture_output=True, text=True).stdout.strip()) \
+            != "ACTIVE":
+        if state in ("FAILED", "SUSPENDED", ""):
+            raise LaunchError(f"queued resource {g.cfg.queued_id} is {state or 'not found'}; "
+                              "`tpu.py status` shows why")
+        print(f"queued resource {g.cfg.queued_id}: {state}; waiting", file=sys.stderr)
+        time.sleep(60)
+
+
+def _cmd_resume(g: Gcloud, overrides: list[str], stream: bool, recreate: bool) -> None:
+    if recreate:
+        # A preempted Spot TPU / queued resource cannot restart in place: delete, ask
+        # again, reinstall; the gs:// workdir still holds the checkpoints.
+        _cmd_delete(g)
+        _cmd_create(g)
+        if g.cfg.queued:
+            _wait_active(g)
+        _cmd_setup(g)
+    else:
+        _cmd_stop(g)
+    _cmd_run(g, overrides, stream)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line and runs one subcommand.
+
+    Args:
+      argv: arguments without the program name; `--` separates training overrides.
+
+    Returns:
+      The process exit status.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve(args)
+        if overrides and cfg.command not in ("run", "resume"):
+            raise LaunchError(f"training overrides after -- only apply to run/resume, "
+                              f"not {cfg.command}")
+        g = Gcloud(cfg)
+        stream = not getattr(cfg, "no_stream", False)
+        actions = {
+            "create": lambda: _cmd_create(g),
+            "setup": lambda: _cmd_setup(g),
+            "run": lambda: _cmd_run(g, overrides, stream),
+            "resume": lambda: _cmd_resume(g, overrides, stream, cfg.recreate),
+            "logs": lambda: _cmd_logs(g, cfg.worker, cfg.lines, follow=not cfg.no_follow),
+            "stop": lambda: _cmd_stop(g),
+            "status": lambda: _cmd_status(g),
+            "delete": lambda: _cmd_delete(g),
+        }
+        actions[cfg.command]()
+    except LaunchError as e:
+        print(f"tpu.py: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""array_record datasets: write/read round trip, sharding, atomicity, errors."""
+
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import soundfile
+import tensorflow_datasets as tfds
+
+from cacophony_jax.data.array_record import (
+    DATASET_NAME,
+    ArrayRecordError,
+    ArrayRecordSource,
+    write_array_record,
+)
+from cacophony_jax.data.sources import open_source
+
+CLASSES = ("dog", "rain", "car horn")
+
+
+def _records(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        audio = rng.integers(-32768, 32768, size=k * 3 + 1, dtype=np.int16)
+        audio[0] = -32768 if k % 2 else 32767
+        out.append({
+            "id": f"clip-{k}",
+            "captions": [f"caption {k} ünï 你好", "second"] if k % 3 else [],
+            "synthetic_captions": ["synthetic"] if k % 2 else [],
+            "labels": [k % 3, 0] if k % 2 else [],
+            "audio": audio,
+        })
+    return out
+
+
+def _shards(path, split):
+    return sorted(f for f in os.listdir(path) if f.startswith(f"{DATASET_NAME}-{split}."))
+
+
+def test_round_trip_bit_exact(tmp_path):
+    records = _records(7)
+    path = write_array_record(iter(records), tmp_path / "ds", "train", 3, CLASSES)
+    assert path == str(tmp_path / "ds")
+    source = ArrayRecordSource(path, "train")
+    assert len(source) == 7 and source.class_names == CLASSES and source.name == "ds/train"
+    for k, want in enumerate(records):
+        got = source[k]
+        assert got.keys() == {"id", "captions", "synthetic_captions", "labels", "audio"}
+        assert got["audio"].dtype == np.int16
+        np.testing.assert_array_equal(got["audio"], want["audio"])
+        assert {key: got[key] for key in got if key != "audio"} == {
+            key: want[key] for key in want if key != "audio"}
+    assert source[np.int32(6)]["id"] == "clip-6"
+    with pytest.raises(IndexError):
+        source[7]
+    clone = pickle.loads(pickle.dumps(source))
+    np.testing.assert_array_equal(clone[5]["audio"], records[5]["audio"])
+    # Plain TFDS reads the same folder, shard by shard (0,3,6 | 1,4 | 2,5).
+    plain = tfds.builder_from_directory(path).as_data_source("train")
+    assert [plain[i]["id"] for i in range(7)] == [
+        f"clip-{k}".encode() for k in (0, 3, 6, 1, 4, 2, 5)]
+    reopened = open_source("array_record", path, split="train")
+    assert reopened[2]["captions"] == records[2]["captions"]
+
+
+def test_shards_balanced(tmp_path):
+    write_array_record(_records(10), tmp_path, "train", 4, CLASSES)
+    info = tfds.builder_from_directory(str(tmp_path)).info
+    assert list(info.splits["train"].shard_lengths) == [3, 3, 2, 2]
+    assert _shards(tmp_path, "train") == [
+        f"{DATASET_NAME}-train.array_record-0000{s}-of-00004" for s in range(4)]
+    # More shards than records: the empty ones are dropped and the rest renumbered.
+    write_array_record(_records(2), tmp_path, "test", 5, CLASSES)
+    assert _shards(tmp_path, "test") == [
+        f"{DATASET_NAME}-test.array_record-0000{s}-of-00002" for s in range(2)]
+    test = ArrayRecordSource(tmp_path, "test")
+    assert [test[i]["id"] for i in range(2)] == ["clip-0", "clip-1"]
+    assert len(ArrayRecordSource(tmp_path, "train")) == 10
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".incomplete")]
+
+
+def test_splits_and_class_names(tmp_path):
+    write_array_record(_records(3), tmp_path, "train", 2, CLASSES)
+    with pytest.raises(ArrayRecordError, match="already holds split 'train'"):
+        write_array_record(_records(3), tmp_path, "train", 2, CLASSES)
+    with pytest.raises(ArrayRecordError, match="same class names"):
+        write_array_record(_records(3), tmp_path, "test", 2, ("dog",))
+    write_array_record(_records(4, seed=1), tmp_path, "validation", 1, CLASSES)
+    assert len(ArrayRecordSource(tmp_path, "validation")) == 4
+    assert len(ArrayRecordSource(tmp_path, "train")) == 3
+    with pytest.raises(ArrayRecordError, match=r"has splits \['train', 'validation'\]"):
+        ArrayRecordSource(tmp_path, "test")
+
+
+def test_interrupted_write_leaves_nothing_readable(tmp_path):
+    def dies_midway(records):
+        yield from records
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_array_record(dies_midway(_records(5)), tmp_path / "ds", "train", 2, CLASSES)
+    assert os.listdir(tmp_path / "ds") == []
+    with pytest.raises(ArrayRecordError, match="not an array_record dataset"):
+        ArrayRecordSource(tmp_path / "ds", "train")
+    write_array_record(_records(3), tmp_path / "ds", "train", 2, CLASSES)
+    with pytest.raises(KeyboardInterrupt):
+        write_array_record(dies_midway(_records(5)), tmp_path / "ds", "test", 2, CLASSES)
+    assert len(ArrayRecordSource(tmp_path / "ds", "train")) == 3
+    with pytest.raises(ArrayRecordError, match="not 'test'"):
+        ArrayRecordSource(tmp_path / "ds", "test")
+    assert _shards(tmp_path / "ds", "test") == []
+
+
+def test_bad_records(tmp_path):
+    bad_label = _records(2)
+    bad_label[1]["labels"] = [3]
+    with pytest.raises(ArrayRecordError, match=r"'clip-1': labels \[3\] do not index the 3"):
+        write_array_record(bad_label, tmp_path, "train", 1, CLASSES)
+    bad_audio = _records(1)
+    bad_audio[0]["audio"] = bad_audio[0]["audio"].astype(np.float32)
+    with pytest.raises(ArrayRecordError, match="'clip-0': inline audio must be int16"):
+        write_array_record(bad_audio, tmp_path, "train", 1, CLASSES)
+    no_audio = [{"id": "x", "captions": []}]
+    with pytest.raises(ArrayRecordError, match="neither 'audio' nor 'audio_path'"):
+        write_array_record(no_audio, tmp_path, "train", 1)
+    with pytest.raises(ArrayRecordError, match="no clips were written"):
+        write_array_record([], tmp_path, "train", 1)
+    with pytest.raises(ArrayRecordError, match="split name"):
+        write_array_record(_records(1), tmp_path, "tr-ain", 1, CLASSES)
+    assert os.listdir(tmp_path) == []
+
+
+def test_audio_paths_failures_counted(tmp_path, monkeypatch, caplog):
+    # A stand-in decoder: files named *bad* fail the way load_audio reports errors.
+    fake = types.ModuleType("cacophony_jax.audio.io")
+
+    class AudioError(ValueError):
+        pass
+
+    def load_audio(path, sample_rate=16000):
+        if "bad" in path:
+            raise AudioError(f"cannot decode {path}")
+        return np.full(4, len(path), np.int16)
+
+    fake.AudioError, fake.load_audio = AudioError, load_audio
+    monkeypatch.setitem(sys.modules, "cacophony_jax.audio.io", fake)
+    records = [{"id": name, "captions": [name], "synthetic_captions": [], "labels": [],
+                "audio_path": f"/clips/{name}.wav"} for name in ("a", "bad1", "bc", "bad2")]
+    with caplog.at_level("WARNING"):
+        write_array_record(records, tmp_path, "train", 2, num_workers=2)
+    source = ArrayRecordSource(tmp_path, "train")
+    assert [source[i]["id"] for i in range(len(source))] == ["a", "bc"]
+    assert source[1]["audio"].tolist() == [13, 13, 13, 13]
+    assert "skipped 2 clip(s)" in caplog.text and "bad2" in caplog.text
+
+
+def test_audio_paths_real_decoder(tmp_path):
+    pytest.importorskip("cacophony_jax.audio.io")
+    audio = np.array([0, 1, -1, 32767, -32768, 1234], np.int16)
+    soundfile.write(tmp_path / "a.wav", audio, 16000, subtype="PCM_16")
+    record = {"id": "a", "captions": ["x"], "synthetic_captions": [], "labels": [],
+              "audio_path": str(tmp_path / "a.wav")}
+    write_array_record([record], tmp_path / "ds", "train", 1)
+    np.testing.assert_array_equal(ArrayRecordSource(tmp_path / "ds", "train")[0]["audio"], audio)
+
+
+def test_foreign_or_missing(tmp_path):
+    with pytest.raises(ArrayRecordError, match="not an array_record dataset"):
+        ArrayRecordSource(tmp_path / "nowhere", "train")
+    (tmp_path / "dataset_info.json").write_text("{broken")
+    with pytest.raises(ArrayRecordError, match="cannot read the TFDS metadata"):
+        ArrayRecordSource(tmp_path, "train")

@@ -1,0 +1,154 @@
+"""Decoding, resampling and writing audio files (all generated in tmp_path)."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cacophony_jax.audio import io as audio_io
+from cacophony_jax.audio.io import AudioError
+
+
+def sine(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
+    return amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)
+
+
+def peak_hz(audio: np.ndarray, rate: int = 16000) -> float:
+    spectrum = np.abs(np.fft.rfft(audio.astype(np.float64) * np.hanning(len(audio))))
+    return float(np.argmax(spectrum) * rate / len(audio))
+
+
+def test_int16_float_conversions():
+    got = audio_io.to_int16(np.array([0.0, 0.5, -1.0, 1.0, 2.0, -3.0, 1e-5]))
+    np.testing.assert_array_equal(got, [0, 16384, -32768, 32767, 32767, -32768, 0])
+    assert got.dtype == np.int16
+    np.testing.assert_array_equal(
+        audio_io.to_float32(np.array([-32768, 16384, 0], np.int16)), [-1.0, 0.5, 0.0]
+    )
+    every = np.arange(-32768, 32768).astype(np.int16)
+    np.testing.assert_array_equal(audio_io.to_int16(audio_io.to_float32(every)), every)
+    with pytest.raises(AudioError, match="NaN"):
+        audio_io.to_int16(np.array([0.0, np.nan]))
+    with pytest.raises(AudioError, match="int16"):
+        audio_io.to_float32(np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+def test_lossless_formats_round_trip(tmp_path, suffix):
+    audio = audio_io.to_int16(sine(440, 0.5, 16000))
+    path = tmp_path / f"clip{suffix}"
+    audio_io.write_audio(path, audio)
+    loaded = audio_io.load_audio(path)
+    assert loaded.dtype == np.int16
+    np.testing.assert_array_equal(loaded, audio)
+
+
+@pytest.mark.parametrize("suffix", [".ogg", ".mp3"])
+def test_lossy_formats_decode(tmp_path, suffix):
+    if suffix not in audio_io._WRITE_FORMATS:
+        pytest.skip(f"this libsndfile cannot write {suffix}")
+    audio = audio_io.to_int16(sine(1000, 1.0, 16000))
+    path = tmp_path / f"clip{suffix}"
+    audio_io.write_audio(path, audio)
+    loaded = audio_io.load_audio(path)
+    assert loaded.dtype == np.int16
+    assert abs(len(loaded) - 16000) <= 1200  # codec frame padding
+    assert abs(peak_hz(loaded) - 1000) <= 2
+    assert 0.4 < np.abs(loaded).max() / 32768 < 0.6
+
+
+def test_fast_path_reads_int16_without_float(tmp_path, monkeypatch):
+    audio = np.random.default_rng(0).integers(-32768, 32768, 3000).astype(np.int16)
+    path = tmp_path / "fast.wav"
+    sf.write(path, audio, 16000, subtype="PCM_16")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the 16 kHz mono int16 path must not convert through float")
+
+    monkeypatch.setattr(audio_io, "to_int16", forbidden)
+    monkeypatch.setattr(audio_io, "resample", forbidden)
+    np.testing.assert_array_equal(audio_io.load_audio(path), audio)
+    np.testing.assert_array_equal(audio_io.load_audio(path, max_seconds=0.1), audio[:1600])
+    data = path.read_bytes()
+    np.testing.assert_array_equal(audio_io.decode_audio_bytes(data, "fast.wav"), audio)
+
+
+def test_stereo_is_averaged_to_mono(tmp_path):
+    left = np.full(800, 1000, np.int16)
+    right = np.full(800, 3000, np.int16)
+    right[400:] = -1000
+    path = tmp_path / "stereo.wav"
+    audio_io.write_audio(path, np.stack([left, right], axis=1))
+    loaded = audio_io.load_audio(path)
+    np.testing.assert_array_equal(loaded, [2000] * 400 + [0] * 400)
+
+
+@pytest.mark.parametrize(("rate", "freq"), [(44100, 1000.0), (8000, 440.0)])
+def test_resampled_to_16k(tmp_path, rate, freq):
+    path = tmp_path / f"at_{rate}.wav"
+    sf.write(path, sine(freq, 1.0, rate), rate, subtype="PCM_16")
+    loaded = audio_io.load_audio(path)
+    assert abs(len(loaded) - 16000) <= 1
+    assert abs(peak_hz(loaded) - freq) <= 1
+
+
+def test_resample_function():
+    out = audio_io.resample(sine(1000, 0.5, 48000), 48000, 16000)
+    assert out.dtype == np.float32 and abs(len(out) - 8000) <= 1
+    assert abs(peak_hz(out) - 1000) <= 2
+    with pytest.raises(AudioError, match="orig_sr"):
+        audio_io.resample(np.zeros(10), 0, 16000)
+
+
+def test_float_file_is_clipped_and_cropped(tmp_path):
+    path = tmp_path / "loud.wav"
+    sf.write(path, np.array([0.25, 1.5, -2.0, 0.0] * 8000, np.float32), 16000, subtype="FLOAT")
+    loaded = audio_io.load_audio(path, max_seconds=0.5)
+    np.testing.assert_array_equal(loaded, [8192, 32767, -32768, 0] * 2000)
+    cropped = audio_io.load_audio(tmp_path / "loud.wav", sample_rate=8000, max_seconds=0.25)
+    assert len(cropped) == 2000
+
+
+def test_broken_files_name_the_file(tmp_path):
+    good = tmp_path / "good.wav"
+    audio_io.write_audio(good, np.zeros(1600, np.int16))
+    cases = {
+        "random.wav": np.random.default_rng(0).bytes(4000),
+        "truncated.wav": good.read_bytes()[:20],
+        "empty.flac": b"",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(AudioError, match=name):
+            audio_io.load_audio(tmp_path / name)
+        with pytest.raises(AudioError, match=f"record-{name}"):
+            audio_io.decode_audio_bytes(data, f"record-{name}")
+    with pytest.raises(AudioError, match="missing.wav.*does not exist"):
+        audio_io.load_audio(tmp_path / "missing.wav")
+    with pytest.raises(AudioError, match="folder"):
+        audio_io.load_audio(tmp_path)
+
+
+def test_zero_samples_and_non_finite(tmp_path):
+    silent = tmp_path / "nothing.wav"
+    sf.write(silent, np.zeros(0, np.int16), 16000, subtype="PCM_16")
+    with pytest.raises(AudioError, match="nothing.wav contains no audio samples"):
+        audio_io.load_audio(silent)
+    resampled = tmp_path / "nothing44.wav"
+    sf.write(resampled, np.zeros((0, 2), np.int16), 44100, subtype="PCM_16")
+    with pytest.raises(AudioError, match="nothing44.wav contains no audio samples"):
+        audio_io.load_audio(resampled)
+    bad = tmp_path / "nan.wav"
+    sf.write(bad, np.array([0.0, np.nan, 0.1], np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="nan.wav holds NaN"):
+        audio_io.load_audio(bad)
+
+
+def test_write_audio_errors(tmp_path):
+    with pytest.raises(AudioError, match="unknown suffix '.aiff'"):
+        audio_io.write_audio(tmp_path / "x.aiff", np.zeros(10, np.int16))
+    with pytest.raises(AudioError, match="to_int16"):
+        audio_io.write_audio(tmp_path / "x.wav", np.zeros(10, np.float32))
+    with pytest.raises(AudioError, match="no_such_dir"):
+        audio_io.write_audio(tmp_path / "no_such_dir" / "x.wav", np.zeros(10, np.int16))
+    with pytest.raises(AudioError, match="max_seconds"):
+        audio_io.load_audio(tmp_path / "x.wav", max_seconds=0)

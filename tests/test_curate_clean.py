@@ -1,0 +1,352 @@
+"""Caption cleaning: the rule-based cleaner, the LLM backend against a local fake server,
+and the resumable JSONL driver."""
+
+import http.server
+import json
+import logging
+import threading
+import time
+
+import pytest
+
+from cacophony_jax.curate import clean, llm, rules
+
+SECRET = "sk-test-7f3a9c-DO-NOT-LEAK"
+
+# (title, tags, description, expected caption): realistic messy metadata.
+RULE_EXAMPLES = [
+    ("Dog_Bark_Distant_01.wav", "dog, bark, distant, zoom-h4n, field-recording, 96khz",
+     "A dog barking in the distance at night in a small village. Recorded with a Zoom H4n, "
+     "24bit/96kHz. Licensed under CC-BY 4.0, please credit me! More sounds at "
+     "https://example.com/user",
+     "A dog barking in the distance at night in a small village."),
+    # Title only: format words and the recorder go, two salient tags are added.
+    ("Rain on tin roof (stereo, 44.1kHz)", ["rain", "roof", "metal", "storm", "thunder",
+                                            "TascamDR40"], "",
+     "Rain on tin roof, with storm and thunder."),
+    # Nothing audible in title or description: fall back to the tags ("rain" is
+    # dropped next to "heavy rain"; "nature" and "2019" say nothing).
+    ("IMG_2031", "thunder, rain, heavy rain, nature, 2019",
+     "Recorded on my balcony on 2019-06-12 at 23:40. Zoom H5, XY capsule. "
+     "CC0 - do whatever you want.",
+     "The sound of thunder and heavy rain."),
+    # Markup, shouting punctuation, emoji, hashtags and handles.
+    ("Seagulls @ harbour", "#seagulls #birds #sea",
+     "<p>Seagulls screaming over the harbour while waves crash against the pier!!! \U0001f642 "
+     "#nature @john_doe</p>",
+     "Seagulls screaming over the harbour while waves crash against the pier."),
+    # Lead-in, a trailing "recorded ..." clause, a take number; a count of sources stays.
+    ("farm morning", "",
+     "Field recording of 3 dogs barking and a rooster crowing on a farm, recorded at 5am "
+     "with my Sony PCM-M10. Take 2.",
+     "3 dogs barking and a rooster crowing on a farm."),
+    ("KITCHEN", "", "FRYING ONIONS IN A PAN, OIL SIZZLING LOUDLY (RECORDED WITH ZOOM H6 AT "
+     "48KHZ)", "Frying onions in a pan, oil sizzling loudly."),
+    # A greeting is not a caption; "St." does not end the sentence.
+    ("ChurchBells_Sunday", "bells, church, sunday",
+     "Hi everyone! These are the bells of St. Mary's church ringing at noon on a Sunday. "
+     "Enjoy!", "The bells of St. Mary's church ringing at noon on a Sunday."),
+    # Sentences about the upload are passed over for the first one about a sound.
+    ("", "", "Note: this was recorded in 2019. Any feedback is welcome. Heavy rain on a car "
+     "roof.", "Heavy rain on a car roof."),
+    # "zoom" the verb is not the recorder.
+    ("Zoom recording", "", "A car zooms past on a wet road, then silence.",
+     "A car zooms past on a wet road, then silence."),
+    # Long sentences are cut at a comma.
+    ("Trainstation", "train, station, announcement, crowd",
+     "Busy train station in Munich with announcements, people talking, footsteps and trains "
+     "arriving and departing on several platforms while a pigeon flutters overhead.",
+     "Busy train station in Munich with announcements, people talking."),
+]
+
+
+@pytest.mark.parametrize(("title", "tags", "description", "expected"), RULE_EXAMPLES)
+def test_rules_compose_caption(title, tags, description, expected):
+    assert rules.compose_caption(title, description, tags) == expected
+
+
+def test_rules_return_none_when_nothing_is_audible():
+    caption = rules.compose_caption(
+        "untitled_001.wav", "Recorded with Tascam DR-40 at 24/96. Licence: CC-BY. Visit "
+        "www.mysite.org or mail me at foo@bar.com", "zoom h4n, 96khz, stereo, wav")
+    assert caption is None
+
+
+def test_rules_helpers():
+    assert rules.split_tags("Dog-Bark, field_recording; #rain, 24bit, ZoomH4n, ,") == [
+        "dog bark", "rain"]
+    assert rules.split_tags("#seagulls #birds") == ["seagulls", "birds"]
+    assert rules.scrub("<b>Rain</b> &amp; wind by @bob, see http://x.org/a or mail a@b.com") \
+        == "Rain & wind by, see or mail"
+    assert rules.has_sound("dogs barking") and not rules.has_sound("my new camera")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rules_backend_reports_bad_rows(tmp_path, caplog):
+    src = tmp_path / "in" / "raw.jsonl"
+    src.parent.mkdir()
+    _write_jsonl(src, [
+        {"id": "a", "audio": "clips/a.flac", "title": "Dog barking", "tags": "dog",
+         "description": "", "user": "bob"},
+        '{"audio": "clips/b.flac", "title": ',  # line 2: cut-off JSON
+        {"title": "Rain", "tags": ["rain"]},  # line 3: no audio
+        "",  # blank: ignored
+        {"audio": "clips/c.flac", "title": "x", "tags": 5},  # line 5: bad tags
+        {"audio": "clips/d.flac", "title": "IMG_0001", "tags": "stereo",
+         "description": "Recorded with a Zoom H6."},  # line 6: nothing audible
+        {"id": "a", "audio": "clips/e.flac", "title": "Cat meowing"},  # line 7: duplicate
+        {"id": 7, "audio": "/abs/f.wav", "title": "Thunder_roll.wav"},
+    ])
+    out = tmp_path / "out" / "manifest.jsonl"
+    with caplog.at_level(logging.WARNING):
+        counts = clean.run_clean(str(src), str(out), progress=False)
+    assert counts == dict(read=7, written=2, skipped=5, invalid=3, empty=1, duplicate=1,
+                          resumed=0, cached=0, requested=0)
+    for line in (2, 3, 5, 6, 7):
+        assert f"raw.jsonl line {line}:" in caplog.text
+    assert "line 1:" not in caplog.text and "line 8:" not in caplog.text
+    rows = _read_jsonl(out)
+    # Relative audio is rebased onto the output's folder; absolute stays.
+    assert rows[0] == {"id": "a", "audio": "../in/clips/a.flac", "captions": ["Dog barking."],
+                       "raw": {"title": "Dog barking", "tags": "dog", "description": "",
+                               "user": "bob"}}
+    assert rows[1]["id"] == "7" and rows[1]["audio"] == "/abs/f.wav"
+    assert rows[1]["captions"] == ["Thunder roll."]
+
+
+def test_user_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(clean.CleanError, match="does not exist"):
+        clean.run_clean(str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"))
+    src = tmp_path / "raw.jsonl"
+    _write_jsonl(src, [{"audio": "a.wav", "title": "Dog barking"}])
+    with pytest.raises(clean.CleanError, match="unknown backend"):
+        clean.run_clean(str(src), str(tmp_path / "o.jsonl"), backend="gpt")
+    for var in (llm.ENV_BASE_URL, llm.ENV_MODEL, llm.ENV_API_KEY):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(clean.CleanError, match=llm.ENV_BASE_URL):
+        clean.run_clean(str(src), str(tmp_path / "o.jsonl"), backend="llm", progress=False)
+    with pytest.raises(clean.CleanError, match=llm.ENV_MODEL):
+        clean.run_clean(str(src), str(tmp_path / "o.jsonl"), backend="llm",
+                        base_url="http://127.0.0.1:1/v1", progress=False)
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text('{"id": "x"}\nnot json\n{"id": "y"}\n')
+    with pytest.raises(clean.CleanError, match="line 2 is not a manifest row"):
+        clean.run_clean(str(src), str(damaged), progress=False)
+
+
+def test_parse_caption():
+    assert llm.parse_caption('Caption: "a dog barks twice."\n') == "A dog barks twice."
+    assert llm.parse_caption("<think>hmm</think>\n\n- Rain falls on a roof") == \
+        "Rain falls on a roof"
+    assert llm.parse_caption("NONE") is None and llm.parse_caption("none.") is None
+    assert llm.parse_caption("") is None
+
+
+class FakeChatServer:
+    """OpenAI-compatible /v1/chat/completions that answers from the user message."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.fail: list[int] = []  # status codes to answer with first, in order
+        self.delay = 0.0
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with owner.lock:
+                    owner.requests.append(dict(path=self.path, headers=dict(self.headers),
+                                               body=body))
+                    code = owner.fail.pop(0) if owner.fail else 200
+                    owner.in_flight += 1
+                    owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+                time.sleep(owner.delay)
+                with owner.lock:
+                    owner.in_flight -= 1
+                if code != 200:
+                    # A careless server echoing the credentials back in its error body.
+                    reply = {"error": f"status {code}",
+                             "echo": self.headers.get("Authorization", "")}
+                else:
+                    user = body["messages"][-1]["content"]
+                    title = user.split("\n")[0].removeprefix("Title: ")
+                    text = "NONE" if "silence" in title else f"Caption: the sound of {title}."
+                    reply = {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                  "content": text}}]}
+                data = json.dumps(reply).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY", llm.ENV_BASE_URL, llm.ENV_MODEL, llm.ENV_API_KEY):
+        monkeypatch.delenv(var, raising=False)
+    s = FakeChatServer()
+    yield s
+    s.close()
+
+
+def _clips(tmp_path, n, name="raw.jsonl"):
+    rows = [{"id": f"c{i}", "audio": f"clips/{i}.wav", "title": f"bird song {i}",
+             "tags": ["bird"], "description": f"Birds singing, take {i}. http://x.org"}
+            for i in range(n)]
+    path = tmp_path / name
+    _write_jsonl(path, rows)
+    return path
+
+
+def _llm(server, **kw):
+    return dict(backend="llm", base_url=server.url, model="test-model", api_key=SECRET,
+                backoff_s=0.001, progress=False, **kw)
+
+
+def test_llm_request_format(tmp_path, server):
+    src = _clips(tmp_path, 1)
+    counts = clean.run_clean(str(src), str(tmp_path / "o.jsonl"), **_llm(server))
+    assert counts["written"] == 1 and counts["requested"] == 1
+    (req,) = server.requests
+    assert req["path"] == "/v1/chat/completions"
+    assert req["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert req["headers"]["Content-Type"] == "application/json"
+    body = req["body"]
+    assert body["model"] == "test-model" and body["temperature"] == 0.0
+    assert [m["role"] for m in body["messages"]] == ["system", "user"]
+    assert body["messages"][0]["content"] == llm.SYSTEM_PROMPT
+    # Links are removed before anything leaves the machine.
+    assert body["messages"][1]["content"] == (
+        "Title: bird song 0\nTags: bird\nDescription: Birds singing, take 0.")
+    assert _read_jsonl(tmp_path / "o.jsonl")[0]["captions"] == ["The sound of bird song 0."]
+
+
+def test_llm_concurrent_requests_keep_input_order(tmp_path, server):
+    server.delay = 0.05
+    src = _clips(tmp_path, 12)
+    counts = clean.run_clean(str(src), str(tmp_path / "o.jsonl"), workers=4, **_llm(server))
+    assert counts["requested"] == 12 and len(server.requests) == 12
+    assert 1 < server.max_in_flight <= 4
+    rows = _read_jsonl(tmp_path / "o.jsonl")
+    assert [r["id"] for r in rows] == [f"c{i}" for i in range(12)]
+    assert rows[5]["captions"] == ["The sound of bird song 5."]
+
+
+def test_llm_retries_then_succeeds(tmp_path, server):
+    server.fail = [500, 429, 503]
+    src = _clips(tmp_path, 1)
+    counts = clean.run_clean(str(src), str(tmp_path / "o.jsonl"), workers=1, **_llm(server))
+    assert counts["written"] == 1
+    assert len(server.requests) == 4  # three failures, then the answer
+
+
+def test_llm_gives_up_with_clear_error(tmp_path, server):
+    server.fail = [500] * 10
+    src = _clips(tmp_path, 1)
+    with pytest.raises(llm.LLMError, match=r"failed 3 times \(last: HTTP 500") as info:
+        clean.run_clean(str(src), str(tmp_path / "o.jsonl"), workers=1, max_retries=2,
+                        **_llm(server))
+    assert len(server.requests) == 3
+    assert SECRET not in str(info.value)
+    server.fail = [401]
+    with pytest.raises(llm.LLMError, match=llm.ENV_API_KEY) as info:
+        clean.run_clean(str(src), str(tmp_path / "o.jsonl"), workers=1, **_llm(server))
+    assert len(server.requests) == 4  # a refusal is not retried
+    assert SECRET not in str(info.value) and "[redacted]" in str(info.value)
+
+
+def test_llm_cache_makes_reruns_free(tmp_path, server):
+    src = _clips(tmp_path, 5)
+    cache = str(tmp_path / "cache.sqlite")
+    first = clean.run_clean(str(src), str(tmp_path / "a.jsonl"), cache_path=cache,
+                            **_llm(server))
+    assert first["requested"] == 5 and first["cached"] == 0
+    second = clean.run_clean(str(src), str(tmp_path / "b.jsonl"), cache_path=cache,
+                             **_llm(server))
+    assert second["requested"] == 0 and second["cached"] == 5
+    assert len(server.requests) == 5
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def test_llm_resume_after_interruption(tmp_path, server):
+    src = _clips(tmp_path, 6)
+    full = tmp_path / "full.jsonl"
+    clean.run_clean(str(src), str(full), cache_path=str(tmp_path / "c1"), **_llm(server))
+    lines = full.read_text().splitlines(keepends=True)
+    # A crash in the middle of writing row 3: two whole rows and half a line.
+    out = tmp_path / "out.jsonl"
+    out.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    before = len(server.requests)
+    counts = clean.run_clean(str(src), str(out), cache_path=str(tmp_path / "c2"),
+                             **_llm(server))
+    assert counts["resumed"] == 2 and counts["written"] == 4 and counts["requested"] == 4
+    assert len(server.requests) - before == 4
+    assert out.read_text() == full.read_text()
+
+
+def test_llm_none_answer_skips_row(tmp_path, server):
+    src = tmp_path / "raw.jsonl"
+    _write_jsonl(src, [{"audio": "a.wav", "title": "silence test"},
+                       {"audio": "b.wav", "title": "frogs"}])
+    counts = clean.run_clean(str(src), str(tmp_path / "o.jsonl"), **_llm(server))
+    assert counts["empty"] == 1 and counts["written"] == 1
+
+
+def test_api_key_never_leaks(tmp_path, server, monkeypatch, capsys, caplog):
+    monkeypatch.setenv(llm.ENV_API_KEY, SECRET)
+    monkeypatch.setenv(llm.ENV_BASE_URL, server.url)
+    monkeypatch.setenv(llm.ENV_MODEL, "test-model")
+    caplog.set_level(logging.DEBUG)
+    src = _clips(tmp_path, 3)
+    out = tmp_path / "o.jsonl"
+    assert clean.main([str(src), str(out), "--backend=llm", "--workers=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 3
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    # The failure path: a 403 whose body echoes the header must not print the key.
+    server.fail = [403]
+    assert clean.main([str(src), str(tmp_path / "o2.jsonl"), "--backend=llm",
+                       "--cache", str(tmp_path / "fresh.sqlite")]) == 1
+    captured = capsys.readouterr()
+    assert "refused the request (HTTP 403" in captured.err
+    assert "key" not in repr(llm.LLMSettings.resolve()).lower()
+    for text in (captured.out, captured.err, caplog.text):
+        assert SECRET not in text
+    for path in tmp_path.iterdir():
+        assert SECRET.encode() not in path.read_bytes(), path.name
+
+
+def test_main_rules(tmp_path, capsys):
+    src = tmp_path / "raw.jsonl"
+    _write_jsonl(src, [{"audio": "a.wav", "title": "Owl_Hooting_Night.mp3", "tags": "owl"}])
+    assert clean.main([str(src), str(tmp_path / "o.jsonl"), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 1
+    assert _read_jsonl(tmp_path / "o.jsonl")[0]["captions"] == ["Owl hooting night."]
+    assert clean.main([str(src), str(tmp_path / "o2.jsonl")]) == 0
+    assert "clean: 1/1 rows (100%), written 1, skipped 0" in capsys.readouterr().err
+    assert clean.main([str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err

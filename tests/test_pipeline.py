@@ -1,0 +1,185 @@
+"""Grain pipelines: determinism, exact resume, host sharding, skipping bad records."""
+
+import jax
+import numpy as np
+import pytest
+import soundfile
+
+from cacophony_jax.data import pipeline
+
+CLIP = 800
+
+
+class IndexSource:
+    """Clip i is a constant waveform of value i (so batches reveal which record)."""
+
+    name = "index"
+    class_names = ("a", "b")
+
+    def __init__(self, n, length=1000):
+        self.n, self.length = n, length
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"id": str(i), "audio": np.full(self.length, i + 1, np.int16),
+                "captions": [f"caption {i}"], "synthetic_captions": [f"synthetic {i}"],
+                "labels": [i % 2]}
+
+
+class FakeTokenizer:
+    vocab_size = 100
+
+    def encode(self, texts, length):
+        ids = np.ones((len(texts), length), np.int32)
+        mask = np.zeros((len(texts), length), np.int32)
+        for r, t in enumerate(texts):
+            n = min(len(t), length)
+            ids[r, :n] = [ord(c) % 100 for c in t[:n]]
+            mask[r, :n] = 1
+        return ids, mask
+
+
+def record_ids(batch):
+    """Record index of each row (audio is constant i + 1 over its valid part)."""
+    return batch["audio"][:, 0].astype(int) - 1
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def make(source, seed=0, fmt=None, batch=4):
+    fmt = fmt or pipeline.ExampleFormat(clip_samples=CLIP)
+    return iter(pipeline.train_dataset(source, fmt, global_batch_size=batch, seed=seed,
+                                       read_threads=2))
+
+
+def test_train_batches_follow_the_contract():
+    fmt = pipeline.ExampleFormat(clip_samples=CLIP, text_length=12, synthetic_prob=0.0,
+                                 tokenizer=FakeTokenizer())
+    batch = next(make(IndexSource(10, length=500), fmt=fmt))
+    assert batch["audio"].shape == (4, CLIP) and batch["audio"].dtype == np.int16
+    assert batch["audio_len"].tolist() == [500] * 4
+    assert np.all(batch["audio"][:, 500:] == 0)  # zero-padded past the clip
+    assert batch["text_ids"].shape == (4, 12) and batch["text_mask"].dtype == np.int32
+    assert batch["valid"].tolist() == [1.0] * 4
+
+
+def test_long_clips_are_cropped_at_random_offsets():
+    class Ramp(IndexSource):
+        def __getitem__(self, i):
+            return {"id": str(i), "audio": np.arange(3000, dtype=np.int16), "captions": []}
+
+    starts = {int(row[0]) for b in take(make(Ramp(8)), 6) for row in b["audio"]}
+    assert len(starts) > 3  # random crops, not always the start
+    assert all(0 <= s <= 3000 - CLIP for s in starts)
+
+
+def test_same_seed_same_batches_other_seed_other_order():
+    a = [record_ids(b) for b in take(make(IndexSource(20)), 6)]
+    b = [record_ids(b) for b in take(make(IndexSource(20)), 6)]
+    c = [record_ids(b) for b in take(make(IndexSource(20), seed=1), 6)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_an_epoch_visits_every_record_once():
+    seen = np.concatenate([record_ids(b) for b in take(make(IndexSource(20)), 5)])
+    assert sorted(seen.tolist()) == list(range(20))
+
+
+def test_resume_from_state_gives_exactly_the_following_batches():
+    fmt = pipeline.ExampleFormat(clip_samples=CLIP, text_length=8, synthetic_prob=0.5,
+                                 tokenizer=FakeTokenizer())
+    it = make(IndexSource(13, length=2000), fmt=fmt)
+    take(it, 3)
+    state = it.get_state()
+    expected = take(it, 4)
+    resumed = make(IndexSource(13, length=2000), fmt=fmt)
+    resumed.set_state(state)
+    for want, got in zip(expected, take(resumed, 4), strict=True):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_process_shards_are_disjoint_and_complete(monkeypatch, count):
+    per_process = []
+    for index in range(count):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        monkeypatch.setattr(jax, "process_count", lambda: count)
+        it = make(IndexSource(24), batch=2 * count)  # 2 rows per host per step
+        per_process.append(np.concatenate([record_ids(b) for b in take(it, 24 // count // 2)]))
+    everything = np.concatenate(per_process)
+    assert sorted(everything.tolist()) == list(range(24))
+
+
+def test_undecodable_records_are_skipped_and_counted(tmp_path):
+    from cacophony_jax.data import sources
+
+    good = tmp_path / "good.wav"
+    soundfile.write(good, np.full(1000, 7, np.int16), 16000, subtype="PCM_16")
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    lines = ['{"audio": "good.wav", "captions": ["fine"]}',
+             '{"audio": "broken.wav", "captions": ["bad"]}',
+             '{"audio": "missing.wav", "captions": ["gone"]}']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    source = sources.ManifestSource(str(tmp_path / "m.jsonl"))
+    batches = take(make(source, batch=3), 3)
+    assert all(np.all(b["audio"][:, :1000] == 7) for b in batches)
+    failed = sum(int(b["num_failed"].sum()) for b in batches)
+    assert failed >= 3  # each epoch meets both bad records at least once
+
+
+def test_choose_caption_respects_synthetic_prob():
+    rng = np.random.default_rng(0)
+    record = {"captions": ["real"], "synthetic_captions": ["synthetic"]}
+    picks = [pipeline.choose_caption(record, 0.3, rng) for _ in range(2000)]
+    share = picks.count("synthetic") / len(picks)
+    assert 0.25 < share < 0.35
+    assert pipeline.choose_caption({"captions": [], "synthetic_captions": ["s"]}, 0.0,
+                                   rng) == "s"
+    assert pipeline.choose_caption({"captions": ["r"]}, 1.0, rng) == "r"
+
+
+def test_eval_batches_cover_every_record_once_with_padding():
+    source = IndexSource(11, length=300)
+    batches = list(pipeline.eval_batches(source, CLIP, global_batch_size=4))
+    assert len(batches) == 3
+    ids = np.concatenate([b["example_id"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert sorted(ids[valid > 0].tolist()) == list(range(11))
+    assert valid.tolist() == [1.0] * 11 + [0.0]
+    first = batches[0]
+    assert np.array_equal(record_ids(first), first["example_id"])
+    assert first["label"].tolist() == [0, 1, 0, 1]
+
+
+def test_eval_hosts_cover_every_record_with_equal_batch_counts(monkeypatch):
+    counts, ids = [], []
+    for index in range(3):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        monkeypatch.setattr(jax, "process_count", lambda: 3)
+        batches = list(pipeline.eval_batches(IndexSource(10), CLIP, global_batch_size=6))
+        counts.append(len(batches))
+        for b in batches:
+            ids += b["example_id"][b["valid"] > 0].tolist()
+    assert len(set(counts)) == 1
+    assert sorted(ids) == list(range(10))
+
+
+def test_eval_texts_and_text_batches():
+    texts = pipeline.eval_texts(IndexSource(3))
+    assert texts.captions == ["caption 0", "caption 1", "caption 2"]
+    assert texts.caption_clip.tolist() == [0, 1, 2]
+    assert texts.labels == [(0,), (1,), (0,)]
+    batches = list(pipeline.text_batches(texts.captions, FakeTokenizer(), 6, 2))
+    assert [b["valid"].tolist() for b in batches] == [[1.0, 1.0], [1.0, 0.0]]
+
+
+def test_global_batch_must_divide_over_processes(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        pipeline.host_batch_size(8)

@@ -1,0 +1,245 @@
+"""The training system end to end: entry point, resume exactness, sharding, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cacophony_jax import tasks
+from cacophony_jax.optim import optimizer
+from cacophony_jax.parallel import mesh as mesh_lib
+from cacophony_jax.parallel import partition
+from cacophony_jax.train import checkpoint, loop, stages
+from cacophony_jax.train import state as state_lib
+from cacophony_jax.train import step as step_lib
+from configs import cacophony as cacophony_config
+from configs import mae as mae_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(task: str, steps: int, **overrides):
+    """A seconds-sized config of `task` on the embedded corpus."""
+    config = (mae_config if task == "mae" else cacophony_config).get_config(f"tiny,steps={steps}")
+    config.unlock()
+    config.audio.clip_seconds = config.audio.eval_clip_seconds = 1.0
+    config.data.synthetic_train_size, config.data.synthetic_eval_size = 48, 8
+    config.data.global_batch_size = config.data.eval_batch_size = 8
+    config.data.read_threads = 2
+    config.optim.warmup_steps = 1
+    config.train.log_every = 1
+    config.train.checkpoint_every = 5
+    if task == "cacophony":
+        config.data.text_length = 16
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def restore_params(config, workdir):
+    mesh = mesh_lib.make_mesh(config.mesh)
+    task = tasks.build(config, _tokenizer_for(config, workdir))
+    boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    abstract, shardings = partition.param_shardings(
+        boxed, mesh, partition.rules_from_config(config.sharding_rules))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return jax.device_get(checkpoint.restore_subtree(workdir, ("params",), abstract))
+
+
+def _tokenizer_for(config, workdir):
+    if config.task != "cacophony":
+        return None
+    from cacophony_jax.data import tokenizer
+    return tokenizer.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
+    mae = tiny("mae", 4, **{"data.eval.kind": ""})
+    caco = tiny("cacophony", 4, **{"train.init_from": str(tmp_path / "mae")})
+    stages.run(mae, str(tmp_path / "mae"))
+    results = stages.run(caco, str(tmp_path / "caco"))
+    rows = read_metrics(tmp_path / "caco")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert {"loss/contrastive", "loss/caption", "grad_norm", "learning_rate",
+            "perf/input_wait_fraction"} <= set(rows[0])
+    metrics = results["cacophony"]
+    assert 0 <= metrics["eval/t2a_R@10"] <= 100 and "eval/zeroshot_top1" in metrics
+    # Stage 2 started from stage 1's encoder, not from a fresh initialisation.
+    enc1 = restore_params(mae, tmp_path / "mae")["encoder"]
+    fresh = tasks.build(caco, _tokenizer_for(caco, tmp_path / "caco")).init_params(
+        jax.random.PRNGKey(caco.seed))
+    assert os.path.isdir(tmp_path / "caco" / "checkpoints" / "4")
+    assert jax.tree.structure(enc1) == jax.tree.structure(
+        jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(fresh)["audio_encoder"]))
+    assert os.path.exists(tmp_path / "caco" / "tensorboard")
+
+
+def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
+    straight = tiny("mae", 12, **{"train.checkpoint_every": 6})
+    loop.run(straight, str(tmp_path / "a"))
+
+    real_jit = step_lib.jit_train_step
+
+    def crashing_jit(*args, **kwargs):
+        step = real_jit(*args, **kwargs)
+        calls = {"n": 0}
+
+        def wrapped(state, batch):
+            calls["n"] += 1
+            if calls["n"] == 9:  # after the step-6 checkpoint, before step 12
+                raise RuntimeError("simulated crash")
+            return step(state, batch)
+        return wrapped
+
+    monkeypatch.setattr(step_lib, "jit_train_step", crashing_jit)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.run(straight, str(tmp_path / "b"))
+    monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["6"]
+    loop.run(straight, str(tmp_path / "b"))
+    assert_trees_equal(restore_params(straight, tmp_path / "a"),
+                       restore_params(straight, tmp_path / "b"))
+    losses_a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r}
+    losses_b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r}
+    assert losses_a[12] == losses_b[12]
+
+
+def test_sharded_step_matches_single_device():
+    config = tiny("cacophony", 10, **{"tokenizer.vocab_size": 0})
+
+    class Tok:
+        vocab_size = 500
+
+    task = tasks.build(config, Tok())
+    tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
+    rules = partition.rules_from_config(config.sharding_rules)
+    rng = np.random.default_rng(0)
+    batch = {
+        "audio": rng.integers(-3000, 3000, (8, 16000)).astype(np.int16),
+        "audio_len": np.asarray([16000, 9000, 16000, 4000, 16000, 16000, 12000, 16000],
+                                np.int32),
+        "text_ids": rng.integers(3, 500, (8, 16)).astype(np.int32),
+        "text_mask": np.ones((8, 16), np.int32),
+        "valid": np.ones(8, np.float32),
+    }
+    results = []
+    for shape, devices in (((1, 1), jax.devices()[:1]), ((2, 4), jax.devices())):
+        mesh = mesh_lib.make_mesh(
+            __import__("ml_collections").ConfigDict(dict(data=shape[0], fsdp=shape[1])),
+            devices)
+        plan = state_lib.plan_state(task.init_params, tx, mesh, rules)
+        state = state_lib.create_state(task.init_params, tx, plan, seed=0)
+        step = step_lib.jit_train_step(task, tx, schedule, plan, mesh,
+                                       {k: v.shape for k, v in batch.items()})
+        losses = []
+        for _ in range(2):
+            state, metrics = step(state, jax.device_put(
+                batch, {k: mesh_lib.batch_sharding(mesh, v.ndim) for k, v in batch.items()}))
+            losses.append([float(metrics["loss"]), float(metrics["grad_norm"])])
+        metrics = {"loss": np.asarray(losses)}
+        if shape == (2, 4):
+            kernel = jax.tree.leaves(state.params["audio_encoder"])[0]
+            assert len(kernel.sharding.device_set) == 8
+        results.append((jax.device_get(metrics), jax.device_get(state.params)))
+    (m1, p1), (m8, p8) = results
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    # Adam divides by sqrt(v): a coordinate whose gradient is pure rounding noise
+    # (e.g. ~1e-10) still moves by up to the learning rate (5e-4 here), in a
+    # direction that depends on reduction order; so parameters agree to a fraction
+    # of the learning rate, while loss and gradient norm agree to float precision.
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1.5e-4)
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    config = tiny("mae", 5, **{"optim.learning_rate": float("nan")})
+    with pytest.raises(FloatingPointError, match="by step 2"):
+        loop.run(config, str(tmp_path))
+
+
+def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
+    config = tiny("mae", 10)
+    loop.run(config, str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["10", "5"]
+    for dirpath, _, files in os.walk(ckpts / "10" / "state"):
+        for name in files:  # corrupt every file of the newest state
+            with open(os.path.join(dirpath, name), "wb") as f:
+                f.write(b"garbage")
+    longer = tiny("mae", 10, **{"train.steps": 12})
+    loop.run(longer, str(tmp_path))
+    assert "unreadable" in caplog.text
+    names = sorted(os.listdir(ckpts))
+    # Step 10 was saved again; the unreadable one was moved aside, not overwritten.
+    assert {"10.corrupt-0", "10", "12"} <= set(names)
+    kept = [p for p in (ckpts / "10.corrupt-0" / "state").rglob("*") if p.is_file()]
+    assert kept and all(p.read_bytes() == b"garbage" for p in kept)
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps[-7:] == [6, 7, 8, 9, 10, 11, 12]  # resumed from step 5
+
+
+def _run_main(args, **kwargs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-m", "cacophony_jax.main", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+FAST_FLAGS = ["--config.audio.clip_seconds=1", "--config.audio.eval_clip_seconds=1",
+              "--config.data.synthetic_train_size=32", "--config.data.synthetic_eval_size=8",
+              "--config.data.global_batch_size=8", "--config.data.eval_batch_size=8",
+              "--config.optim.warmup_steps=1"]
+
+
+def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
+    proc = _run_main(["--config=configs/mae.py:tiny,steps=2", f"--workdir={tmp_path}",
+                      *FAST_FLAGS])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "step 2/2" in out and "eval at step 2" in out
+    assert os.path.isdir(tmp_path / "checkpoints" / "2")
+    proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}",
+                      "--config.optim.learnig_rate=1"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "learnig_rate" in out
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    proc = _run_main(["--config=configs/mae.py:tiny,steps=100000", f"--workdir={tmp_path}",
+                      "--config.train.checkpoint_every=100000", *FAST_FLAGS])
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        rows = read_metrics(tmp_path) if os.path.exists(tmp_path / "metrics.jsonl") else []
+        if any(r.get("step", 0) >= 3 for r in rows):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = [int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3
+    assert "rerun the same command to resume" in out
