@@ -12,7 +12,7 @@ from configs import cacophony, common, mae
 
 def get_config(arg: str | None = None):
     """Returns the two-stage quickstart recipe; `arg` may set steps1/steps2."""
-    arg = common.parse_arg(arg, steps1=300, steps2=600)
+    arg = common.parse_arg(arg, steps1=500, steps2=2000)
     stage1 = mae.get_config("tiny")
     stage2 = cacophony.get_config("tiny")
     for stage in (stage1, stage2):

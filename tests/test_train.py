@@ -53,6 +53,12 @@ def read_metrics(workdir):
 
 
 def restore_params(config, workdir):
+    """The saved parameters of a run, as numpy arrays on this host."""
+    return jax.device_get(restore_params_sharded(config, workdir))
+
+
+def restore_params_sharded(config, workdir):
+    """The saved parameters of a run, placed on this process's mesh."""
     mesh = mesh_lib.make_mesh(config.mesh)
     task = tasks.build(config, _tokenizer_for(config, workdir))
     boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
@@ -60,7 +66,7 @@ def restore_params(config, workdir):
         boxed, mesh, partition.rules_from_config(config.sharding_rules))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
-    return jax.device_get(checkpoint.restore_subtree(workdir, ("params",), abstract))
+    return checkpoint.restore_subtree(workdir, ("params",), abstract)
 
 
 def _tokenizer_for(config, workdir):

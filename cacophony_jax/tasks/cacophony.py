@@ -143,7 +143,7 @@ class CacophonyTask:
                 if audio is None:
                     audio = np.zeros((len(source), emb.shape[-1]), np.float32)
                 audio[ids[valid]] = emb[valid]
-            metrics: dict[str, float] = {}
+            metrics: dict[str, float] = {"eval/num_clips": float(len(source))}
             if texts.captions:
                 text_emb = embed_texts(params, texts.captions)
                 r = retrieval.retrieval_metrics(audio, text_emb, texts.caption_clip)
@@ -152,6 +152,7 @@ class CacophonyTask:
                 class_emb = embed_texts(params, zeroshot.prompts_for(texts.class_names))
                 z = zeroshot.zeroshot_metrics(audio, class_emb, texts.labels)
                 metrics.update({f"eval/zeroshot_{k}": v for k, v in z.items()})
+                metrics["eval/num_classes"] = float(len(texts.class_names))
             return metrics
 
         return evaluate

@@ -224,7 +224,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if stop:
                 logging.warning("stopped at step %d after a termination signal; "
                                 "rerun the same command to resume", step)
-                break
+                return final
+        if not final and evaluate is not None:  # e.g. rerun of a finished workdir
+            final = evaluate(state.params)
+            if jax.process_index() == 0:
+                logging.info("eval at step %d: %s", step, metrics.format_eval(final))
         return final
     finally:
         stopper.restore()

@@ -43,9 +43,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
 
 
 def summary(results: dict[str, dict[str, float]]) -> str:
-    """A Markdown table of every stage's final evaluation metrics."""
-    lines = ["| stage | metric | value |", "|---|---|---|"]
+    """A Markdown table of every stage's final evaluation, with chance levels.
+
+    Chance for retrieval at k is k / clips (text->audio: one right clip among all),
+    for zero-shot top-k it is k / classes.
+    """
+    lines = ["| stage | metric | value | chance |", "|---|---|---|---|"]
     for stage, values in results.items():
+        clips = values.get("eval/num_clips", 0.0)
+        classes = values.get("eval/num_classes", 0.0)
         for key, value in sorted(values.items()):
-            lines.append(f"| {stage} | {key.removeprefix('eval/')} | {value:.4g} |")
+            name = key.removeprefix("eval/")
+            chance = ""
+            if name.startswith("t2a_R@") and clips:
+                chance = f"{100 * int(name.split('@')[1]) / clips:.3g}"
+            elif name.startswith("zeroshot_top") and classes:
+                chance = f"{100 * int(name.removeprefix('zeroshot_top')) / classes:.3g}"
+            lines.append(f"| {stage} | {name} | {value:.4g} | {chance} |")
     return "\n".join(lines)

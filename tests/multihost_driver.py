@@ -1,0 +1,36 @@
+"""One process of the two-process CPU test (run by test_multihost.py, not by pytest).
+
+Trains a tiny stage-1 run through the real loop across 2 processes x 4 CPU devices
+(gloo collectives), then restores the saved parameters onto this 2-process mesh and
+process 0 writes them to an .npz for the test to compare against a 1-process restore.
+"""
+
+import sys
+
+import jax
+
+pid, port, workdir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=pid)
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS(sys.argv[:1], known_only=True)
+
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+sys.path.insert(0, ".")
+from cacophony_jax.train import loop  # noqa: E402
+from tests.test_train import restore_params_sharded, tiny  # noqa: E402
+
+config = tiny("mae", 3, **{"train.checkpoint_every": 3, "mesh.fsdp": 2})
+loop.run(config, workdir)
+params = restore_params_sharded(config, workdir)
+flat = {jax.tree_util.keystr(k): np.asarray(multihost_utils.process_allgather(v, tiled=True))
+        for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+if jax.process_index() == 0:
+    np.savez(out, **flat)
+print(f"process {pid} done", flush=True)
