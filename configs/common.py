@@ -140,8 +140,10 @@ def optim_block(lr: float, warmup: int, b2: float) -> mlc.ConfigDict:
         b2=b2,
         eps=1e-8,
         weight_decay=0.05,
-        # Parameters whose '/'-joined path matches get no weight decay.
-        decay_exclude=r"(bias|scale|embedding|logit_scale|logit_bias|query|positional)",
+        # Parameters whose '/'-joined path matches (re.search) get no weight decay:
+        # biases, norm scales, embedding tables, pooling queries, the logit scale/bias.
+        decay_exclude=(r"(^|/)(bias|scale|embedding|freq_table|type_embed|query|"
+                       r"logit_scale|logit_bias)$"),
         clip_norm=1.0,  # global-norm clipping (0 = off)
         freeze="",  # regex of parameter paths to keep frozen ('' = none)
         accum_steps=1,  # gradient accumulation (optax.MultiSteps) when > 1
