@@ -26,9 +26,10 @@ class AudioFeatures(NamedTuple):
 
 
 def audio_features(batch: dict[str, jax.Array], rng: jax.Array | None,
-                   max_patches: int) -> AudioFeatures:
+                   max_patches: int, sub_batches: int = 1) -> AudioFeatures:
     """Log-mel -> patches (-> patch dropout when `rng` is given), on the device."""
-    logmel, frame_valid = frontend.log_mel(batch["audio"], batch["audio_len"])
+    logmel, frame_valid = frontend.log_mel(batch["audio"], batch["audio_len"],
+                                           sub_batches=sub_batches)
     p, t, f, m = patches.patchify(logmel, frame_valid)
     m = m & (batch["valid"][:, None] > 0)
     if rng is not None and 0 < max_patches < p.shape[1]:
@@ -77,7 +78,9 @@ class CacophonyTask:
 
     def features(self, batch, rng, train: bool) -> AudioFeatures:
         """Audio features; patch dropout only in training."""
-        return audio_features(batch, rng if train else None, self.config.audio.max_patches)
+        audio = self.config.audio
+        return audio_features(batch, rng if train else None, audio.max_patches,
+                              audio.frontend_sub_batches)
 
     def loss(self, params, feats: AudioFeatures, batch, rng):
         """Weighted contrastive + captioning loss over the global batch."""
@@ -100,7 +103,7 @@ class CacophonyTask:
     def embed_audio_fn(self):
         """jit: (params, global audio batch) -> audio embeddings [B, P]."""
         def embed(params, batch):
-            feats = audio_features(batch, None, 0)
+            feats = audio_features(batch, None, 0, self.config.audio.frontend_sub_batches)
             _, emb = self.model.apply({"params": params}, *feats,
                                       method=cacophony_lib.Cacophony.encode_audio)
             return emb.astype(jnp.float32)

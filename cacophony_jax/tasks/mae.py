@@ -7,7 +7,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from cacophony_jax import losses
 from cacophony_jax.audio import frontend, patches
@@ -44,14 +43,21 @@ class MAETask:
             z((1, nm), jnp.int32), z((1, nm), jnp.int32), jnp.ones((1, nm), bool),
             deterministic=True)["params"]
 
-    def features(self, batch: dict[str, jax.Array], rng: jax.Array,
-                 train: bool) -> patches.MaskedPatches:
-        """Log-mel -> patches -> MAE masking (on the device)."""
-        del train
-        logmel, frame_valid = frontend.log_mel(batch["audio"], batch["audio_len"])
+    def masked_patches(self, batch: dict[str, jax.Array], rng: jax.Array,
+                       num_visible: int) -> patches.MaskedPatches:
+        """Log-mel -> patches -> MAE masking with `num_visible` visible patches."""
+        logmel, frame_valid = frontend.log_mel(
+            batch["audio"], batch["audio_len"],
+            sub_batches=self.config.audio.frontend_sub_batches)
         p, t, f, m = patches.patchify(logmel, frame_valid)
         m = m & (batch["valid"][:, None] > 0)
-        return patches.mae_mask(rng, p, t, f, m, self.num_visible)
+        return patches.mae_mask(rng, p, t, f, m, num_visible)
+
+    def features(self, batch: dict[str, jax.Array], rng: jax.Array,
+                 train: bool) -> patches.MaskedPatches:
+        """The training step's device-side features."""
+        del train
+        return self.masked_patches(batch, rng, self.num_visible)
 
     def _reconstruct(self, params, feats, rng, deterministic):
         return self.model.apply(
@@ -81,11 +87,8 @@ class MAETask:
 
         @jax.jit
         def sums(params, batch):
-            logmel, frame_valid = frontend.log_mel(batch["audio"], batch["audio_len"])
-            p, t, f, m = patches.patchify(logmel, frame_valid)
-            m = m & (batch["valid"][:, None] > 0)
-            feats = patches.mae_mask(jax.random.PRNGKey(EVAL_MASK_SEED), p, t, f, m,
-                                     num_visible)
+            feats = self.masked_patches(batch, jax.random.PRNGKey(EVAL_MASK_SEED),
+                                        num_visible)
             recon = self._reconstruct(params, feats, jax.random.PRNGKey(0), True)
             pred = recon[:, num_visible:].astype(jnp.float32)
             count = jnp.sum(feats.masked_mask.astype(jnp.float32))
@@ -98,8 +101,8 @@ class MAETask:
             for batch in pipeline.eval_batches(source, clip_samples,
                                                self.config.data.eval_batch_size):
                 s, c = sums(params, to_global.to_global(batch, mesh))
-                total += float(np.asarray(s))
-                count += float(np.asarray(c))
+                total += float(to_global.to_host(s))
+                count += float(to_global.to_host(c))
             return {"eval/mse": total / max(count, 1.0)}
 
         return evaluate
