@@ -1,0 +1,460 @@
+r"""Command line: embed, search, caption, evaluate, export and curate.
+
+    python -m cacophony_jax.cli embed sounds/ --bundle bundles/cacophony --out index.npz
+    python -m cacophony_jax.cli search "a dog barks" --index index.npz --bundle bundles/cacophony
+    python -m cacophony_jax.cli caption clip.wav --bundle bundles/cacophony
+    python -m cacophony_jax.cli eval --bundle bundles/cacophony --esc50 data/ESC-50 --out results
+    python -m cacophony_jax.cli export --checkpoint runs/caco --out bundles/cacophony
+    python -m cacophony_jax.cli curate {clean,caption,build} ...
+
+Every command has --help with examples. Mistakes a user can make (a bad path, an
+unreadable file, a bundle that does not fit an index) end with one line
+"error: ..." and exit status 2; --debug shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from cacophony_jax.audio.io import SAMPLE_RATE
+from cacophony_jax.curate.caption import decode_files, find_audio_files, per_clip
+from cacophony_jax.data.sources import AUDIO_EXTENSIONS
+
+INDEX_KEYS = ("paths", "embeddings", "bundle")
+_SHOWN_FAILURES = 10
+
+
+class CommandError(ValueError):
+    """A command-line mistake; the message names the thing and the fix."""
+
+
+class ProgressLine:
+    """A throttled progress line on stderr: redrawn in place on a terminal, else a
+    plain line every few seconds."""
+
+    def __init__(self, enabled: bool = True, stream: Any = None):
+        """Args: enabled: draw at all; stream: where to (default stderr)."""
+        self.enabled, self.stream = enabled, stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.label, self.start, self.last, self.seen = "", 0.0, 0.0, time.monotonic()
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        """Reports `done` of `total` items of the step called `label`."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if label != self.label:  # a new step: its rate counts from the previous report
+            self.label, self.start, self.last = label, self.seen, 0.0
+        self.seen = now
+        final = done >= total
+        if not final and now - self.last < (0.5 if self.tty else 5.0):
+            return
+        self.last = now
+        text = f"{label}: {done}/{total} ({100 * done / max(total, 1):.0f}%)"
+        if now - self.start > 0.5:
+            text += f", {done / (now - self.start):.1f}/s"
+        self.stream.write(("\r" + text.ljust(72) if self.tty else text + "\n")
+                          + ("\n" if final and self.tty else ""))
+        self.stream.flush()
+
+
+def load_model(bundle: str) -> Any:
+    """Loads an inference bundle (`inference.load`)."""
+    from cacophony_jax import inference  # lazy: JAX starts only when a model is needed
+
+    return inference.load(bundle)
+
+
+def bundle_fingerprint(bundle: str) -> str:
+    """SHA-256 (first 16 hex digits) over every file of a bundle: names and contents.
+
+    Args:
+      bundle: the bundle folder (or a single file).
+
+    Returns:
+      The fingerprint; equal bundles (also copies) give equal values.
+    """
+    digest = hashlib.sha256()
+    files = [bundle] if os.path.isfile(bundle) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(bundle) for name in names)
+    for path in files:
+        digest.update(os.path.relpath(path, bundle).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _report_failures(failures: list[str], total: int) -> None:
+    if failures:
+        shown = "\n  ".join(failures[:_SHOWN_FAILURES])
+        more = f"\n  ... and {len(failures) - _SHOWN_FAILURES} more" if len(
+            failures) > _SHOWN_FAILURES else ""
+        print(f"skipped {len(failures)} of {total} file(s) that could not be read:\n  "
+              f"{shown}{more}", file=sys.stderr)
+
+
+def _files(inputs: list[str], extensions: str) -> list[tuple[str, str]]:
+    exts = _extensions(extensions)
+    files = find_audio_files(inputs, exts)
+    if not files:
+        raise CommandError(f"no audio files ({', '.join(exts)}) in {inputs}; pass audio files "
+                           f"or folders, or change --extensions")
+    return files
+
+
+# ------------------------------------------------------------------ embed / search
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embeds audio files into an index .npz."""
+    if not args.out.endswith(".npz"):
+        raise CommandError(f"--out {args.out} must be a .npz file name")
+    files = [path for path, _ in _files(args.inputs, args.extensions)]
+    model = load_model(args.bundle)
+    progress = ProgressLine(not args.quiet)
+    paths, vectors, failures = [], [], []
+    for batch in decode_files(files, args.batch_size, args.workers):
+        good = [(p, a) for p, a in batch if not isinstance(a, Exception)]
+        failures += [f"{p}: {a}" for p, a in batch if isinstance(a, Exception)]
+        results = per_clip(lambda clips: model.embed_audio(
+            clips, sample_rate=SAMPLE_RATE, batch_size=args.batch_size), [a for _, a in good])
+        for (path, _), result in zip(good, results, strict=True):
+            if isinstance(result, Exception):
+                failures.append(f"{path}: {result}")
+            else:
+                paths.append(os.path.abspath(path))
+                vectors.append(np.asarray(result, np.float32))
+        progress("embed", len(paths) + len(failures), len(files))
+    _report_failures(failures, len(files))
+    if not paths:
+        raise CommandError(f"none of the {len(files)} audio files could be read; see the "
+                           f"messages above")
+    meta = {"path": os.path.abspath(args.bundle), "fingerprint": bundle_fingerprint(args.bundle),
+            "tokenizer": _tokenizer_fingerprint(model), "kind": getattr(model, "kind", ""),
+            "embedding_size": int(vectors[0].shape[0])}
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    temporary = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+    with open(temporary, "wb") as f:  # a file object: numpy adds no second suffix
+        np.savez(f, paths=np.asarray(paths, dtype=str), embeddings=np.stack(vectors),
+                 bundle=np.asarray(json.dumps(meta)))
+    os.replace(temporary, out)
+    print(f"embedded {len(paths)} file(s) ({len(failures)} unreadable, skipped) -> {out}")
+    return 0
+
+
+def _tokenizer_fingerprint(model: Any) -> str:
+    return getattr(getattr(model, "tokenizer", None), "fingerprint", "")
+
+
+def read_index(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Reads an index written by `embed`.
+
+    Args:
+      path: the .npz file.
+
+    Returns:
+      (paths [n] str, embeddings [n, P] float32, bundle metadata dict).
+    """
+    if not os.path.isfile(path):
+        raise CommandError(f"index {path} does not exist; create it with the embed command")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in INDEX_KEYS if k in data.files}
+        paths, emb = arrays["paths"], arrays["embeddings"].astype(np.float32)
+        meta = json.loads(str(arrays["bundle"]))
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise CommandError(f"{path} is not an index written by the embed command ("
+                           f"{type(e).__name__}: {e}); rebuild it with embed") from None
+    if emb.ndim != 2 or emb.shape[0] != paths.shape[0]:
+        raise CommandError(f"{path} is damaged: {paths.shape[0]} paths but embeddings of "
+                           f"shape {emb.shape}; rebuild it with the embed command")
+    return paths, emb, meta
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Prints the indexed files closest to each text query."""
+    paths, emb, meta = read_index(args.index)
+    fingerprint = bundle_fingerprint(args.bundle) if os.path.exists(args.bundle) else None
+    model = load_model(args.bundle)
+    if fingerprint != meta.get("fingerprint"):
+        same_tokenizer = _tokenizer_fingerprint(model) == meta.get("tokenizer")
+        raise CommandError(
+            f"index {args.index} was built with bundle {meta.get('path')} (fingerprint "
+            f"{meta.get('fingerprint')}) but --bundle {args.bundle} has fingerprint "
+            f"{fingerprint}{'' if same_tokenizer else ' and a different tokenizer'}; "
+            f"embeddings of different bundles cannot be compared: search with the bundle "
+            f"the index was built with, or rebuild the index with embed --bundle {args.bundle}")
+    if getattr(model, "kind", "cacophony") != "cacophony":
+        raise CommandError(f"bundle {args.bundle} is a {model.kind!r} model without a text "
+                           f"tower; text search needs a stage-2 (cacophony) bundle")
+    queries = np.asarray(model.embed_text(list(args.queries)), np.float32)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    for query, vector in zip(args.queries, queries, strict=True):
+        scores = emb @ vector
+        top = np.argsort(-scores, kind="stable")[: args.top_k]
+        if len(args.queries) > 1:
+            print(f"# {query}")
+        for i in top:
+            print(f"{scores[i]:.4f}\t{paths[i]}")
+    return 0
+
+
+# ------------------------------------------------------------------ caption / eval / export
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Prints "path<TAB>caption" for every audio file."""
+    files = [path for path, _ in _files(args.inputs, args.extensions)]
+    model = load_model(args.bundle)
+    if getattr(model, "kind", "cacophony") != "cacophony":
+        raise CommandError(f"bundle {args.bundle} is a {model.kind!r} model without a "
+                           f"captioning decoder; use a stage-2 (cacophony) bundle")
+    failures, written = [], 0
+    for batch in decode_files(files, args.batch_size, args.workers):
+        good = [(p, a) for p, a in batch if not isinstance(a, Exception)]
+        failures += [f"{p}: {a}" for p, a in batch if isinstance(a, Exception)]
+        texts = per_clip(lambda clips: model.caption(
+            clips, sample_rate=SAMPLE_RATE, method=args.method, max_len=args.max_len,
+            beam_size=args.beam_size, temperature=args.temperature, seed=args.seed),
+            [a for _, a in good])
+        for (path, _), text in zip(good, texts, strict=True):
+            if isinstance(text, Exception):
+                failures.append(f"{path}: {text}")
+            else:
+                print(f"{path}\t{text}", flush=True)
+                written += 1
+    _report_failures(failures, len(files))
+    if not written:
+        raise CommandError(f"none of the {len(files)} audio files could be read")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Runs `eval` (see `cacophony_jax.evals.benchmark`)."""
+    from cacophony_jax.evals import benchmark
+
+    return benchmark.command(args, load_model, ProgressLine(not args.quiet))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Writes an inference bundle from a training checkpoint or a released file."""
+    from cacophony_jax.convert import export
+
+    if args.checkpoint:
+        if args.tokenizer:
+            raise CommandError("--tokenizer only applies to --official; a training run's "
+                               "bundle takes the run's own tokenizer")
+        out = export.export_from_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
+                                            step=args.step, overwrite=args.overwrite)
+    else:
+        out = export.export_from_official(
+            args.official, args.out, tokenizer_path=args.tokenizer, dtype=args.dtype,
+            window_seconds=args.window_seconds, text_length=args.text_length,
+            overwrite=args.overwrite)
+    print(f"wrote bundle {out}")
+    return 0
+
+
+# ------------------------------------------------------------------ curate
+
+
+def cmd_curate_clean(args: argparse.Namespace) -> int:
+    """Runs `curate.clean.run_clean` and prints its counts as JSON."""
+    from cacophony_jax.curate import clean, llm
+
+    options: dict[str, Any] = {}
+    if args.backend == "llm":
+        options = dict(base_url=args.base_url, model=args.model, api_key=args.api_key,
+                       temperature=args.temperature, workers=args.workers,
+                       max_retries=args.max_retries, timeout_s=args.timeout,
+                       cache_path=args.cache)
+    try:
+        counts = clean.run_clean(args.input, args.output, args.backend,
+                                 overwrite=args.overwrite, progress=not args.quiet, **options)
+    except llm.LLMError as e:  # the server failed for good: not a usage error
+        print(f"error: {e} (rerun the same command to resume)", file=sys.stderr)
+        return 1
+    print(json.dumps(counts))
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not a usage dump
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _extensions(text: str) -> list[str]:
+    return [e.strip().lstrip(".") for e in text.split(",") if e.strip()]
+
+
+def _command(sub, name: str, func, summary: str, examples: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=summary,
+                       epilog="examples:\n" + examples,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def _audio_options(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--batch-size", type=_positive, default=batch_size,
+                   help="clips per model call")
+    p.add_argument("--workers", type=_positive, default=4, help="threads decoding audio")
+    p.add_argument("--extensions", default=",".join(AUDIO_EXTENSIONS),
+                   help="suffixes collected from folders (default: %(default)s)")
+
+
+def _decoding_options(p: argparse.ArgumentParser, method: str) -> None:
+    p.add_argument("--method", choices=("greedy", "beam", "sample"), default=method)
+    p.add_argument("--beam-size", type=_positive, default=4)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--max-len", type=_positive, default=32, help="tokens per caption at most")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+PROG = "python -m cacophony_jax.cli"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command.
+
+    Returns:
+      The parser; parsed arguments carry the command function in `func`.
+    """
+    from cacophony_jax.evals import benchmark
+
+    parser = _Parser(prog=PROG, description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    p = _command(sub, "embed", cmd_embed, "embed audio files into a searchable index",
+                 f"  {PROG} embed sounds/ more/clip.flac --bundle B --out index.npz\n")
+    p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE", help="folders are searched "
+                   "recursively")
+    p.add_argument("--bundle", required=True, help="inference bundle folder")
+    p.add_argument("--out", required=True, help="index file to write (.npz)")
+    _audio_options(p, 32)
+    p = _command(sub, "search", cmd_search, "find the indexed files closest to a text query",
+                 f'  {PROG} search "a dog barks" --index index.npz --bundle B --top-k 5\n')
+    p.add_argument("queries", nargs="+", metavar="QUERY")
+    p.add_argument("--index", required=True, help="index written by embed")
+    p.add_argument("--bundle", required=True, help="the bundle the index was built with")
+    p.add_argument("--top-k", type=_positive, default=10)
+    p = _command(sub, "caption", cmd_caption, "caption audio files (prints path<TAB>caption)",
+                 f"  {PROG} caption a.wav clips/ --bundle B --method beam --beam-size 4\n")
+    p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
+    p.add_argument("--bundle", required=True)
+    _audio_options(p, 16)
+    _decoding_options(p, "greedy")
+    p = _command(sub, "eval", cmd_eval, "evaluate a bundle on public datasets",
+                 f"  {PROG} eval --bundle B --audiocaps data/audiocaps --clotho data/clotho "
+                 f"--esc50 data/ESC-50 --urbansound8k data/UrbanSound8K --out results/\n"
+                 f"  {PROG} eval --bundle B --synthetic 200 --caption-clips 100\n")
+    benchmark.add_arguments(p)
+    p = _command(sub, "export", cmd_export, "write an inference bundle",
+                 f"  {PROG} export --checkpoint runs/quickstart/cacophony --out bundles/q\n"
+                 f"  {PROG} export --official Cacophony.ckpt --tokenizer roberta-base/ "
+                 f"--out bundles/cacophony --dtype bfloat16\n")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="training workdir, checkpoints folder or step")
+    source.add_argument("--official", metavar="FILE", help="released Cacophony/AudioMAE .ckpt")
+    p.add_argument("--tokenizer", help="RoBERTa tokenizer.json or folder (with --official)")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--window-seconds", type=float, default=10.0, help="with --official")
+    p.add_argument("--text-length", type=int, default=64, help="with --official")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    _curate_parsers(sub)
+    return parser
+
+
+def _curate_parsers(sub) -> None:
+    from cacophony_jax.curate import build, caption
+
+    curate = sub.add_parser("curate", help="stage 0: clean, caption and build datasets",
+                            description="stage 0 data tools")
+    steps = curate.add_subparsers(dest="step", required=True, metavar="STEP",
+                                  parser_class=_Parser)
+    p = _command(steps, "clean", cmd_curate_clean, "noisy web metadata -> one caption a clip",
+                 f"  {PROG} curate clean raw.jsonl manifest.jsonl\n"
+                 f"  {PROG} curate clean raw.jsonl manifest.jsonl --backend llm "
+                 f"--base-url http://localhost:8000/v1 --model MODEL\n")
+    p.add_argument("input", help="metadata JSONL (audio, title, tags, description, id)")
+    p.add_argument("output", help="manifest JSONL to write; resumed when it exists")
+    p.add_argument("--backend", choices=("rules", "llm"), default="rules")
+    p.add_argument("--overwrite", action="store_true", help="start the output afresh")
+    g = p.add_argument_group("llm backend (defaults from CACOPHONY_LLM_* variables)")
+    g.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://host:8000/v1")
+    g.add_argument("--model", help="served model name")
+    g.add_argument("--api-key", help="prefer CACOPHONY_LLM_API_KEY: command lines are visible")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--workers", type=int, default=4, help="requests in flight")
+    g.add_argument("--max-retries", type=int, default=5)
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--cache", help="cache file (default: OUTPUT.llm_cache.sqlite)")
+    p = _command(steps, "caption", lambda args: caption.command(
+        args, load_model(args.bundle), ProgressLine(not args.quiet)),
+                 "add synthetic captions from a bundle",
+                 f"  {PROG} curate caption unlabeled/ captioned.jsonl --bundle B "
+                 f"--num-captions 3\n"
+                 f"  {PROG} curate caption manifest.jsonl out.jsonl --bundle B --method sample\n")
+    _audio_options(p, 16)
+    _decoding_options(p, "beam")
+    caption.add_arguments(p)
+    p = _command(steps, "build", lambda args: build.command(args, ProgressLine(not args.quiet)),
+                 "merge, deduplicate and filter sources "
+                 "into array_record shards",
+                 f"  {PROG} curate build --input web=clean.jsonl --input ac=audiocaps:data/ac "
+                 f"--exclude-source audiocaps:data/ac:test --exclude-source clotho:data/clotho "
+                 f"--max-seconds 30 --out data/train --num-shards 64\n")
+    build.add_arguments(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command.
+
+    Args:
+      argv: arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+      The exit status: 0 done, 1 a remote service failed, 2 a usage or input error.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:  # every user-caused error of the package
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue where possible",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Stage 0 dataset building: several sources -> one deduplicated array_record split.
+
+    python -m cacophony_jax.cli curate build --input web=web/manifest.jsonl \
+        --input ac=audiocaps:data/audiocaps:train --exclude-source audiocaps:data/audiocaps \
+        --exclude-source clotho:data/clotho --max-seconds 30 --out data/train --num-shards 64
+
+An input is a manifest (``.jsonl``/``.json``/``.csv``, see `cacophony_jax.data.sources`)
+or ``kind:path[:split]`` (a kind of `open_source`; the split defaults to "train" for
+inputs and "test" for exclusions).
+
+Every clip is decoded to 16 kHz mono int16 and hashed (SHA-256 of the samples), so one
+recording stored twice, even as WAV and FLAC, counts once: the first copy in input
+order is kept and the others' captions, synthetic captions and labels are merged into
+it (lossy re-encodings change the samples and are not caught). Clips are dropped, in
+this order, when unreadable, when they overlap an evaluation set (ids or file names,
+with or without extension; hashes; the hashes of whole evaluation sources), when
+shorter than `min_seconds` or longer than `max_seconds`, and as duplicates. Output
+ids are ``<input name>/<clip id>``; class names are the union of the inputs'.
+Train on the result with ``--config.data.train.kind=array_record
+--config.data.train.path=OUT --config.data.train.split=SPLIT``.
+
+Resuming: hashes are appended to ``OUT/.build_hash_cache.jsonl`` as they are computed,
+keyed by path, size and modification time, so a rerun decodes only what is new; the
+split is written atomically by `write_array_record`. OUT also receives
+``<split>_hashes.txt`` (for another build's `--exclude-hashes`), ``summary.json`` and
+``summary.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from cacophony_jax.audio.io import SAMPLE_RATE, AudioError, load_audio
+from cacophony_jax.data.array_record import write_array_record
+from cacophony_jax.data.sources import ManifestSource, SourceError, open_source
+
+CACHE_NAME = ".build_hash_cache.jsonl"
+_MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
+_DROPS = ("unreadable", "overlap", "too_short", "too_long", "duplicate")
+
+Progress = Callable[[str, int, int], None]
+
+
+class BuildError(ValueError):
+    """Bad build inputs or settings (the message names the thing and the fix)."""
+
+
+def open_input(spec: str, default_split: str = "train") -> Any:
+    """Opens a manifest path or a ``kind:path[:split]`` source.
+
+    Args:
+      spec: a .jsonl/.json/.csv manifest, or e.g. "clotho:data/clotho:evaluation".
+      default_split: split when `spec` names none.
+
+    Returns:
+      A source (manifests skip bad rows, which are reported with line numbers).
+    """
+    kind, sep, rest = spec.partition(":")
+    if os.path.splitext(spec)[1].lower() in _MANIFEST_SUFFIXES and (
+            not sep or os.path.isfile(spec)):
+        return ManifestSource(spec, skip_bad_rows=True)
+    if not sep:
+        raise BuildError(f"input {spec!r} is neither a manifest (.jsonl, .json, .csv) nor "
+                         f"kind:path[:split], e.g. clotho:data/clotho:evaluation")
+    path, split = rest, default_split
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and re.fullmatch(r"\w+", tail) and not os.path.exists(rest):
+        path, split = head, tail
+    options = {"skip_bad_rows": True} if kind == "manifest" else {}
+    return open_source(kind, path, split, **options)
+
+
+def audio_hash(audio: np.ndarray) -> str:
+    """SHA-256 (hex) of int16 samples as little-endian bytes: the clip's identity.
+
+    Args:
+      audio: int16 [S] at 16 kHz.
+
+    Returns:
+      64 hex digits.
+    """
+    return hashlib.sha256(np.asarray(audio, "<i2").tobytes()).hexdigest()
+
+
+def read_lines(path: str, what: str) -> set[str]:
+    """Non-empty stripped lines of a text file (ids or hashes), '#' comments skipped.
+
+    Args:
+      path: the file.
+      what: what the lines are, for the error message.
+
+    Returns:
+      The set of lines.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {s for s in (line.strip() for line in f) if s and not s.startswith("#")}
+    except (OSError, UnicodeDecodeError) as e:
+        raise BuildError(f"cannot read the {what} file {path} ({e}); pass a UTF-8 text "
+                         f"file with one entry per line") from None
+
+
+def _name_forms(name: str) -> set[str]:
+    base = os.path.basename(name)
+    return {name, base, os.path.splitext(base)[0]}
+
+
+class HashCache:
+    """Append-only JSONL cache of file hashes keyed by (path, size, mtime); thread-safe."""
+
+    def __init__(self, path: str):
+        """Loads the cache (dropping a line cut off by an interruption) and opens it.
+
+        Args:
+          path: the cache file (created if missing).
+        """
+        self._entries: dict[tuple[str, int, int], dict[str, Any]] = {}
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                with open(path, "rb+") as f:
+                    f.truncate(keep)
+            for line in data[:keep].splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._entries[(entry["path"], entry["size"], entry["mtime_ns"])] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # a damaged line only costs one redecode
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> dict[str, Any] | None:
+        """The cached entry for (path, size, mtime_ns), or None."""
+        return self._entries.get(key)
+
+    def put(self, key: tuple[str, int, int], value: dict[str, Any]) -> None:
+        """Stores {"sha256", "samples"} or {"error"} for a key, flushed at once."""
+        entry = {"path": key[0], "size": key[1], "mtime_ns": key[2], **value}
+        with self._lock:
+            self._entries[key] = entry
+            self._file.write(json.dumps(entry) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        """Closes the file."""
+        self._file.close()
+
+
+def _hash_record(record: dict[str, Any], cache: HashCache) -> dict[str, Any]:
+    """{"sha256", "samples"} of a record's audio, or {"error": message}."""
+    if "audio" in record:
+        audio = np.asarray(record["audio"])
+        if audio.dtype != np.int16 or audio.ndim != 1 or not audio.size:
+            return {"error": f"inline audio is {audio.dtype} {audio.shape}, not int16 samples"}
+        return {"sha256": audio_hash(audio), "samples": int(audio.size)}
+    path = record["audio_path"]
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        return {"error": f"{path}: {e.strerror or e}"}
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    try:
+        audio = load_audio(path)
+        value: dict[str, Any] = {"sha256": audio_hash(audio), "samples": int(audio.size)}
+    except (AudioError, OSError) as e:
+        value = {"error": str(e)}
+    cache.put(key, value)
+    return value
+
+
+def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    # Bounded look-ahead: at most `window` items in flight, results in input order.
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _hash_source(source, label, pool, cache, window, progress) -> list[dict[str, Any]]:
+    total = len(source)
+    results = []
+
+    def work(index: int) -> dict[str, Any]:
+        record = source[index]
+        value = _hash_record(record, cache)
+        # Keep the metadata only: inline audio is read again when the split is written.
+        record = {k: v for k, v in record.items() if k != "audio"}
+        return {**value, "record": record, "index": index}
+
+    for done, entry in enumerate(_ordered(pool, work, range(total), window), 1):
+        results.append(entry)
+        if progress:
+            progress(f"hash {label}", done, total)
+    return results
+
+
+def _check_output(out_dir: str, split: str) -> None:
+    info = os.path.join(out_dir, "dataset_info.json")
+    if not os.path.isfile(info):
+        return
+    try:
+        with open(info, encoding="utf-8") as f:
+            names = [s.get("name") for s in json.load(f).get("splits", [])]
+    except (OSError, ValueError, AttributeError):
+        raise BuildError(f"{info} is unreadable; choose an empty --out folder") from None
+    if split in names:
+        raise BuildError(f"{out_dir} already holds split {split!r}; choose another --out or "
+                         f"--split, or delete the folder to rebuild it")
+
+
+def run_build(
+    inputs: Sequence[tuple[str, str]],
+    out_dir: str,
+    *,
+    split: str = "train",
+    num_shards: int = 1,
+    exclude_ids: Iterable[str] = (),
+    exclude_hashes: Iterable[str] = (),
+    exclude_sources: Sequence[str] = (),
+    min_seconds: float = 0.0,
+    max_seconds: float | None = None,
+    workers: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Merges, deduplicates and filters sources into one array_record split.
+
+    Args:
+      inputs: (name, spec) pairs; spec as in `open_input`.
+      out_dir: the dataset folder (may hold other splits).
+      split: the split to write.
+      num_shards: array_record shards.
+      exclude_ids: ids or file names of evaluation clips to drop.
+      exclude_hashes: `audio_hash` values of clips to drop.
+      exclude_sources: ``kind:path[:split]`` specs whose clips' hashes are dropped.
+      min_seconds: shortest clip kept.
+      max_seconds: longest clip kept (None: no limit).
+      workers: threads decoding and hashing.
+      progress: called as progress(label, done, total).
+
+    Returns:
+      The summary: {"split", "out", "class_names", "sources": {name: counts},
+      "total": counts}; counts have clips, hours, captions, synthetic_captions,
+      bad_rows, missing and one entry per drop reason.
+    """
+    names = [name for name, _ in inputs]
+    if not inputs:
+        raise BuildError("no inputs; pass at least one --input NAME=PATH")
+    for name in names:
+        if not re.fullmatch(r"[\w.-]+", name):
+            raise BuildError(f"input name {name!r} may only use letters, digits, '_', '.', '-'")
+    if len(set(names)) != len(names):
+        raise BuildError(f"input names must be unique, got {names}")
+    if min_seconds < 0 or (max_seconds is not None and max_seconds < min_seconds):
+        raise BuildError(f"need 0 <= --min-seconds <= --max-seconds, got {min_seconds} and "
+                         f"{max_seconds}")
+    if num_shards < 1:
+        raise BuildError(f"--num-shards must be at least 1, got {num_shards}")
+    out_dir = os.path.abspath(out_dir)
+    _check_output(out_dir, split)
+    try:
+        sources = [(name, open_input(spec)) for name, spec in inputs]
+        excluded_sources = [open_input(spec, default_split="test") for spec in exclude_sources]
+    except SourceError as e:
+        raise BuildError(str(e)) from None
+    os.makedirs(out_dir, exist_ok=True)
+    bad_hashes = {h.lower() for h in exclude_hashes}
+    bad_ids = set().union(*(_name_forms(i) for i in exclude_ids)) if exclude_ids else set()
+    min_samples = min_seconds * SAMPLE_RATE
+    max_samples = float("inf") if max_seconds is None else max_seconds * SAMPLE_RATE
+
+    cache = HashCache(os.path.join(out_dir, CACHE_NAME))
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            window = 4 * max(1, workers)
+            for source in excluded_sources:
+                entries = _hash_source(source, f"exclude {source.name}", pool, cache, window,
+                                       progress)
+                bad_hashes.update(e["sha256"] for e in entries if "sha256" in e)
+                unread = [e["error"] for e in entries if "error" in e]
+                if unread:  # their copies in the inputs cannot be recognised by content
+                    logging.warning("evaluation set %s: %d clip(s) unreadable, e.g. %s",
+                                    source.name, len(unread), unread[0])
+            hashed = [(name, source, _hash_source(source, name, pool, cache, window, progress))
+                      for name, source in sources]
+    finally:
+        cache.close()
+
+    class_names: dict[str, int] = {}
+    for _, source, _ in hashed:
+        for c in source.class_names:
+            class_names.setdefault(c, len(class_names))
+    # hash -> (output record, its source, index there); insertion order = input order
+    kept: dict[str, tuple[dict[str, Any], Any, int]] = {}
+    counts = {}
+    failures: list[str] = []
+    for name, source, entries in hashed:
+        c = counts[name] = dict.fromkeys(("clips", "hours", "captions", "synthetic_captions",
+                                          *_DROPS), 0)
+        c["bad_rows"] = getattr(source, "num_skipped", 0)
+        c["missing"] = getattr(source, "num_missing", 0)
+        for entry in entries:
+            record = entry["record"]
+            labels = [class_names[source.class_names[i]] for i in record["labels"]]
+            if "error" in entry:
+                c["unreadable"] += 1
+                failures.append(f"{name}: {entry['error']}")
+            elif (entry["sha256"] in bad_hashes or _name_forms(record["id"]) & bad_ids
+                  or "audio_path" in record and _name_forms(record["audio_path"]) & bad_ids):
+                c["overlap"] += 1
+            elif entry["samples"] < min_samples:
+                c["too_short"] += 1
+            elif entry["samples"] > max_samples:
+                c["too_long"] += 1
+            elif entry["sha256"] in kept:
+                c["duplicate"] += 1
+                first = kept[entry["sha256"]][0]
+                for key in ("captions", "synthetic_captions"):
+                    new = [t for t in record[key] if t not in first[key]]
+                    first[key].extend(new)
+                    c[key] += len(new)
+                first["labels"].extend(i for i in labels if i not in first["labels"])
+            else:
+                out = {"id": f"{name}/{record['id']}", "captions": list(record["captions"]),
+                       "synthetic_captions": list(record["synthetic_captions"]),
+                       "labels": list(dict.fromkeys(labels))}
+                if "audio_path" in record:
+                    out["audio_path"] = record["audio_path"]
+                kept[entry["sha256"]] = (out, source, entry["index"])
+                c["clips"] += 1
+                c["hours"] += entry["samples"] / SAMPLE_RATE / 3600
+                c["captions"] += len(out["captions"])
+                c["synthetic_captions"] += len(out["synthetic_captions"])
+    if failures:
+        logging.warning("skipped %d unreadable clip(s), e.g.:\n  %s", len(failures),
+                        "\n  ".join(failures[:10]))
+    if not kept:
+        raise BuildError("no clip is left after filtering; check the inputs and the "
+                         "--exclude-*/--min-seconds/--max-seconds settings")
+
+    def records() -> Iterator[dict[str, Any]]:
+        for out, source, index in kept.values():
+            yield out if "audio_path" in out else {**out, "audio": source[index]["audio"]}
+
+    write_array_record(records(), out_dir, split, num_shards, list(class_names),
+                       num_workers=workers)
+    with open(os.path.join(out_dir, f"{split}_hashes.txt"), "w", encoding="utf-8") as f:
+        f.writelines(digest + "\n" for digest in kept)
+    total: dict[str, float] = collections.Counter()
+    for c in counts.values():
+        total.update(c)
+    summary = {"split": split, "out": out_dir, "class_names": list(class_names),
+               "sources": counts, "total": dict(total)}
+    _write_summary(out_dir, summary)
+    return summary
+
+
+_COLUMNS = (("clips", "clips"), ("hours", "hours"), ("captions", "captions"),
+            ("synthetic_captions", "synthetic"), ("duplicate", "duplicate"),
+            ("overlap", "overlap"), ("too_short", "too short"), ("too_long", "too long"),
+            ("unreadable", "unreadable"), ("bad_rows", "bad rows"), ("missing", "missing"))
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown table (one row per input and a total).
+
+    Args:
+      summary: what `run_build` returns.
+
+    Returns:
+      Markdown text.
+    """
+    head = "| source | " + " | ".join(title for _, title in _COLUMNS) + " |"
+    lines = [f"### split `{summary['split']}`", "", head,
+             "|" + "---|" * (len(_COLUMNS) + 1)]
+    rows = [*summary["sources"].items(), ("**total**", summary["total"])]
+    for name, c in rows:
+        cells = [f"{c.get(key, 0):.2f}" if key == "hours" else str(int(c.get(key, 0)))
+                 for key, _ in _COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_summary(out_dir: str, summary: dict[str, Any]) -> None:
+    # One summary per folder, one section per split: building "val" keeps "train"'s.
+    path = os.path.join(out_dir, "summary.json")
+    every: dict[str, Any] = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                every = json.load(f)
+        except (OSError, ValueError):
+            every = {}
+    every[summary["split"]] = summary
+    for name, text in (("summary.json", json.dumps(every, indent=1)),
+                       ("summary.md", "# Dataset build summary\n\n" + "\n".join(
+                           summary_markdown(s) for s in every.values()))):
+        temporary = os.path.join(out_dir, f".{name}.partial")
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, os.path.join(out_dir, name))
+
+
+def add_arguments(parser: Any) -> None:
+    """Adds the options of `curate build` to an argparse parser.
+
+    Args:
+      parser: the command's argparse.ArgumentParser.
+    """
+    add = parser.add_argument
+    add("--input", action="append", required=True, metavar="NAME=PATH",
+        help="manifest .jsonl/.csv or kind:path[:split] (repeat)")
+    add("--exclude-ids", action="append", default=[], metavar="FILE",
+        help="ids or file names to drop, one a line")
+    add("--exclude-hashes", action="append", default=[], metavar="FILE",
+        help="audio hashes to drop, one a line (e.g. another build's <split>_hashes.txt)")
+    add("--exclude-source", action="append", default=[], metavar="KIND:PATH[:SPLIT]",
+        help="evaluation set whose clips are dropped (split default: test)")
+    add("--min-seconds", type=float, default=0.0)
+    add("--max-seconds", type=float, default=None)
+    add("--out", required=True, help="dataset folder")
+    add("--split", default="train")
+    add("--num-shards", type=int, default=16)
+    add("--workers", type=int, default=8, help="threads decoding and hashing")
+
+
+def command(args: Any, progress: Progress | None) -> int:
+    """Runs `curate build` and prints the summary table.
+
+    Args:
+      args: parsed `add_arguments` options.
+      progress: called as progress(label, done, total).
+
+    Returns:
+      The exit status (0).
+    """
+    inputs = []
+    for item in args.input:
+        name, sep, spec = item.partition("=")
+        if not (sep and name and spec):
+            raise BuildError(f"--input {item!r} must be NAME=PATH, e.g. "
+                             f"clotho=clotho:data/clotho:development")
+        inputs.append((name, spec))
+    ids = set().union(*(read_lines(p, "--exclude-ids") for p in args.exclude_ids))
+    hashes = set().union(*(read_lines(p, "--exclude-hashes") for p in args.exclude_hashes))
+    summary = run_build(inputs, args.out, split=args.split, num_shards=args.num_shards,
+                        exclude_ids=ids, exclude_hashes=hashes,
+                        exclude_sources=args.exclude_source, min_seconds=args.min_seconds,
+                        max_seconds=args.max_seconds, workers=args.workers, progress=progress)
+    print(summary_markdown(summary))
+    print(f"wrote split {args.split!r} to {summary['out']} (summary.md, summary.json)")
+    return 0

@@ -1,0 +1,377 @@
+"""Dataset evaluation of an inference bundle, next to the paper's published numbers.
+
+    python -m cacophony_jax.cli eval --bundle bundles/cacophony \
+        --audiocaps data/audiocaps --clotho data/clotho --esc50 data/ESC-50 --out results/
+
+Tasks, with the public layouts read by `cacophony_jax.data.sources`:
+
+* retrieval (AudioCaps "test", Clotho "evaluation"): text->audio and audio->text
+  R@1/5/10 and mAP@10 (`evals.retrieval`); every caption of a clip is a query and
+  an audio query is a hit when any of its captions is retrieved (Clotho semantics).
+* zero-shot classification (ESC-50 and UrbanSound8K, all folds): each class is
+  embedded as "This is a sound of {label}." and each clip takes the closest class
+  (`evals.zeroshot`); top-1 is the headline number.
+* any other set (e.g. the synthetic corpus's held-out split): retrieval when it has no
+  class names, both tasks otherwise, and optionally the share of its clips whose
+  generated caption names the clip's class (`curate.caption.class_mention_report`).
+
+Clips are embedded at their full length; files that fail to decode are skipped and
+counted (`unreadable`), so results on an incomplete copy of a set say so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from cacophony_jax.audio.io import SAMPLE_RATE, AudioError, load_audio, to_float32
+from cacophony_jax.curate.caption import per_clip
+from cacophony_jax.data import sources as sources_lib
+from cacophony_jax.evals.retrieval import MAP_K, RECALL_KS, retrieval_metrics
+from cacophony_jax.evals.zeroshot import prompts_for, zeroshot_metrics
+
+Progress = Callable[[str, int, int], None]
+
+# Published results of "Cacophony: An Improved Contrastive Audio-Text Model" (Zhu,
+# Darefsky, Duan; IEEE/ACM TASLP 32, 2024; arXiv 2402.06986): retrieval R@k in percent
+# (the AudioCaps row is the released weights'; LAION-CLAP is the paper's peer row) and
+# zero-shot top-1 accuracy in percent. TUT 2017 and VGGSound have no reader here.
+PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
+    "audiocaps": {
+        "Cacophony (paper)": {"t2a_R@1": 41.0, "t2a_R@5": 75.3, "t2a_R@10": 86.4,
+                              "a2t_R@1": 55.3, "a2t_R@5": 83.6, "a2t_R@10": 92.4},
+        "LAION-CLAP (paper)": {"t2a_R@1": 36.1, "t2a_R@5": 71.8, "t2a_R@10": 83.9,
+                               "a2t_R@1": 46.8, "a2t_R@5": 82.9, "a2t_R@10": 90.7},
+    },
+    "clotho": {
+        "Cacophony (paper)": {"t2a_R@1": 20.0, "t2a_R@5": 46.3, "t2a_R@10": 58.2,
+                              "a2t_R@1": 26.1, "a2t_R@5": 53.3, "a2t_R@10": 66.1},
+    },
+    "esc50": {"Cacophony (paper)": {"top1": 93.4}},
+    "urbansound8k": {"Cacophony (paper)": {"top1": 77.1}},
+    "tut2017": {"Cacophony (paper)": {"top1": 48.6}},
+    "vggsound": {"Cacophony (paper)": {"top1": 27.1}},
+}
+
+# Set name -> (display name, task, opener of the evaluated split from the dataset root).
+DATASETS: dict[str, tuple[str, str, Callable[[str], Any] | None]] = {
+    "audiocaps": ("AudioCaps test", "retrieval",
+                  lambda root: sources_lib.audiocaps_source(root, "test")),
+    "clotho": ("Clotho evaluation", "retrieval",
+               lambda root: sources_lib.clotho_source(root, "evaluation")),
+    "esc50": ("ESC-50 (5 folds)", "zeroshot", sources_lib.esc50_source),
+    "urbansound8k": ("UrbanSound8K (10 folds)", "zeroshot", sources_lib.urbansound8k_source),
+    "tut2017": ("TUT Acoustic Scenes 2017", "zeroshot", None),
+    "vggsound": ("VGGSound test", "zeroshot", None),
+}
+
+
+def open_datasets(roots: Mapping[str, str]) -> dict[str, Any]:
+    """Opens the evaluated split of each named public dataset.
+
+    Args:
+      roots: set name ("audiocaps", "clotho", "esc50", "urbansound8k") -> its folder.
+
+    Returns:
+      Set name -> source.
+    """
+    opened = {}
+    for name, root in roots.items():
+        if name not in DATASETS or DATASETS[name][2] is None:
+            readable = [k for k, v in DATASETS.items() if v[2] is not None]
+            raise sources_lib.SourceError(f"no reader for evaluation set {name!r}; "
+                                          f"readable sets: {readable}")
+        opened[name] = DATASETS[name][2](root)
+    return opened
+
+
+def _tasks(name: str, source: Any) -> list[str]:
+    if name in DATASETS:
+        return [DATASETS[name][1]]
+    return ["retrieval", "zeroshot"] if source.class_names else ["retrieval"]
+
+
+def _decode(record: dict[str, Any]) -> np.ndarray | Exception:
+    try:
+        if "audio" in record:
+            return to_float32(np.asarray(record["audio"]))
+        return to_float32(load_audio(record["audio_path"]))
+    except (AudioError, OSError) as e:
+        return e
+
+
+def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int = 4,
+                 label: str = "", progress: Progress | None = None) -> dict[str, Any]:
+    """Embeds every decodable clip of a source, keeping its captions and labels.
+
+    Args:
+      model: an `inference.CacophonyModel`.
+      source: a source (records with "audio" or "audio_path").
+      batch_size: clips decoded and embedded at once.
+      workers: threads decoding audio.
+      label: progress label.
+      progress: called as progress(label, done, total).
+
+    Returns:
+      {"audio_emb" [n, P], "captions" per clip, "labels" per clip, "ids",
+       "failures": ["id: why", ...]}.
+    """
+    total = len(source)
+    embeddings, captions, labels, ids, failures = [], [], [], [], []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in range(0, total, batch_size):
+            records = [source[i] for i in range(start, min(start + batch_size, total))]
+            audio = list(pool.map(_decode, records))
+            keep = [i for i, a in enumerate(audio) if not isinstance(a, Exception)]
+            results = per_clip(lambda clips: model.embed_audio(
+                clips, sample_rate=SAMPLE_RATE, batch_size=batch_size), [audio[i] for i in keep])
+            for i, result in zip(keep, results, strict=True):
+                audio[i] = result
+            for i, result in enumerate(audio):
+                if isinstance(result, Exception):
+                    failures.append(f"{records[i]['id']}: {result}")
+                    continue
+                embeddings.append(np.asarray(result, np.float32))
+                captions.append(list(records[i]["captions"]))
+                labels.append(list(records[i]["labels"]))
+                ids.append(records[i]["id"])
+            if progress:
+                progress(label or f"embed {source.name}", start + len(records), total)
+    if not ids:
+        raise AudioError(f"none of the {total} clips of {source.name} could be decoded "
+                         f"(e.g. {failures[:1]}); check the dataset folder")
+    return {"audio_emb": np.stack(embeddings), "captions": captions, "labels": labels,
+            "ids": ids, "failures": failures}
+
+
+def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
+                    workers: int = 4, caption_clips: int = 0,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Runs the tasks of one set (see the module docstring).
+
+    Args:
+      model: an `inference.CacophonyModel`.
+      name: the set's name ("audiocaps", "clotho", "esc50", "urbansound8k", other).
+      source: its source.
+      batch_size: clips embedded at once.
+      workers: threads decoding audio.
+      caption_clips: for a labelled set, caption this many clips and report
+        "class_mention_rate" (0: skip).
+      progress: called as progress(label, done, total).
+
+    Returns:
+      {"tasks", "metrics": {...}, "clips", "captions", "unreadable", "missing", "seconds"}.
+    """
+    start = time.monotonic()
+    tasks = _tasks(name, source)
+    embedded = embed_source(model, source, batch_size=batch_size, workers=workers,
+                            label=f"{name}: audio", progress=progress)
+    if embedded["failures"]:
+        logging.warning("%s: skipped %d unreadable clip(s), e.g. %s", name,
+                        len(embedded["failures"]), embedded["failures"][:3])
+    metrics: dict[str, Any] = {}
+    num_captions = sum(len(c) for c in embedded["captions"])
+    if "retrieval" in tasks:
+        texts = [t for caps in embedded["captions"] for t in caps]
+        if not texts:
+            raise sources_lib.SourceError(f"{name} has no captions, so retrieval cannot run")
+        mapping = np.repeat(np.arange(len(embedded["captions"])),
+                            [len(c) for c in embedded["captions"]])
+        text_emb = np.asarray(model.embed_text(texts), np.float32)
+        if progress:
+            progress(f"{name}: captions", len(texts), len(texts))
+        metrics.update(retrieval_metrics(embedded["audio_emb"], text_emb, mapping))
+    if "zeroshot" in tasks:
+        class_emb = np.asarray(model.embed_text(prompts_for(source.class_names)), np.float32)
+        metrics.update(zeroshot_metrics(embedded["audio_emb"], class_emb, embedded["labels"]))
+    if caption_clips and source.class_names:
+        from cacophony_jax.curate.caption import class_mention_report
+
+        report = class_mention_report(model, source, limit=caption_clips, batch_size=batch_size)
+        metrics["class_mention_rate"] = 100.0 * report["class_mention_rate"]
+        metrics["caption_examples"] = report["examples"]
+    return {"tasks": tasks, "metrics": metrics, "clips": len(embedded["ids"]),
+            "captions": num_captions, "unreadable": len(embedded["failures"]),
+            "missing": int(getattr(source, "num_missing", 0)),
+            "seconds": round(time.monotonic() - start, 2)}
+
+
+def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None = None,
+                    batch_size: int = 32, workers: int = 4, caption_clips: int = 0,
+                    bundle: str = "", progress: Progress | None = None) -> dict[str, Any]:
+    """Evaluates a bundle on several sets and writes results.json / results.md.
+
+    Args:
+      model: an `inference.CacophonyModel` (a stage-2 bundle: it needs a text tower).
+      sets: set name -> source (see `open_datasets`).
+      out_dir: folder for results.json and results.md (None: write nothing).
+      batch_size: clips embedded at once.
+      workers: threads decoding audio.
+      caption_clips: see `evaluate_source`.
+      bundle: the bundle's path, recorded in the results.
+      progress: called as progress(label, done, total).
+
+    Returns:
+      {"bundle": path, "sets": {name: evaluate_source(...)}}.
+    """
+    if getattr(model, "kind", "cacophony") != "cacophony":
+        raise ValueError(f"bundle {bundle or ''} is a {model.kind!r} model without a text "
+                         f"tower; evaluate a stage-2 (cacophony) bundle")
+    if not sets:
+        raise ValueError("no evaluation set given; name at least one dataset folder")
+    if batch_size < 1 or workers < 1:
+        raise ValueError(f"--batch-size and --workers must be positive, got {batch_size} and "
+                         f"{workers}")
+    results: dict[str, Any] = {"bundle": bundle, "sets": {}}
+    for name, source in sets.items():
+        logging.info("evaluating %s: %d clips", name, len(source))
+        result = evaluate_source(model, name, source, batch_size=batch_size, workers=workers,
+                                 caption_clips=caption_clips, progress=progress)
+        results["sets"][name] = result
+        shown = {k: round(v, 2) for k, v in result["metrics"].items() if isinstance(v, float)}
+        logging.info("%s (%d clips, %.0f s): %s", name, result["clips"], result["seconds"], shown)
+    if out_dir:
+        write_results(results, out_dir)
+    return results
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.1f}"
+
+
+_RETRIEVAL_KEYS = ([f"t2a_R@{k}" for k in RECALL_KS] + [f"t2a_mAP@{MAP_K}"]
+                   + [f"a2t_R@{k}" for k in RECALL_KS] + [f"a2t_mAP@{MAP_K}"])
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """The results as Markdown: one table per task, this model next to the paper.
+
+    Args:
+      results: what `evaluate_bundle` returns.
+
+    Returns:
+      Markdown text.
+    """
+    sets = results["sets"]
+    lines = ["# Evaluation results", "", f"Bundle: `{results.get('bundle', '')}`", ""]
+    retrieval = [n for n, r in sets.items() if "retrieval" in r["tasks"]]
+    if retrieval:
+        titles = [k.replace("t2a_", "T→A ").replace("a2t_", "A→T ") for k in _RETRIEVAL_KEYS]
+        lines += ["## Text-audio retrieval (%)", "",
+                  "| set | model | " + " | ".join(titles) + " |",
+                  "|---|---|" + "---|" * len(titles)]
+        for name in retrieval:
+            display = DATASETS.get(name, (name,))[0]
+            rows = [("this model", sets[name]["metrics"]), *PUBLISHED.get(name, {}).items()]
+            for model, values in rows:
+                cells = [_cell(values.get(k)) for k in _RETRIEVAL_KEYS]
+                lines.append(f"| {display} | {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    zeroshot = [n for n, r in sets.items() if "zeroshot" in r["tasks"]]
+    if zeroshot:
+        lines += ["## Zero-shot classification (%), prompt \"This is a sound of {label}.\"", "",
+                  "| set | top-1 this model | top-1 Cacophony (paper) | top-5 | mAP | clips |",
+                  "|---|---|---|---|---|---|"]
+        reference = [n for n, d in DATASETS.items() if d[1] == "zeroshot" and n not in zeroshot]
+        for name in zeroshot + reference:
+            display = DATASETS.get(name, (name,))[0]
+            paper = PUBLISHED.get(name, {}).get("Cacophony (paper)", {}).get("top1")
+            if name in sets:
+                m = sets[name]["metrics"]
+                lines.append(f"| {display} | {_cell(m['top1'])} | {_cell(paper)} | "
+                             f"{_cell(m['top5'])} | {_cell(m['mAP'])} | {sets[name]['clips']} |")
+            else:
+                why = "not evaluated" if DATASETS[name][2] else "no reader"
+                lines.append(f"| {display} | — ({why}) | {_cell(paper)} | — | — | — |")
+        lines.append("")
+    mentions = {n: r["metrics"]["class_mention_rate"] for n, r in sets.items()
+                if "class_mention_rate" in r["metrics"]}
+    if mentions:
+        lines += ["## Captions naming the clip's class (%)", "", "| set | rate |", "|---|---|"]
+        lines += [f"| {n} | {_cell(v)} |" for n, v in mentions.items()] + [""]
+    notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped"
+             for n, r in sets.items() if r["unreadable"] or r["missing"]]
+    if notes:
+        lines += ["Incomplete sets:", "", *notes, ""]
+    return "\n".join(lines)
+
+
+def write_results(results: Mapping[str, Any], out_dir: str) -> None:
+    """Writes results.json and results.md into `out_dir` (each replaced atomically).
+
+    Args:
+      results: what `evaluate_bundle` returns.
+      out_dir: the folder (created if needed).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in (("results.json", json.dumps(results, indent=1)),
+                       ("results.md", results_markdown(results))):
+        temporary = os.path.join(out_dir, f".{name}.partial")
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, os.path.join(out_dir, name))
+
+
+def add_arguments(parser: Any) -> None:
+    """Adds the options of the `eval` command to an argparse parser.
+
+    Args:
+      parser: the command's argparse.ArgumentParser.
+    """
+    parser.add_argument("--bundle", required=True, help="stage-2 inference bundle")
+    for name, layout in (("audiocaps", "test.csv + audio/test/"),
+                         ("clotho", "clotho_captions_evaluation.csv + evaluation/"),
+                         ("esc50", "meta/esc50.csv + audio/"),
+                         ("urbansound8k", "metadata/UrbanSound8K.csv + audio/fold*/")):
+        parser.add_argument(f"--{name}", metavar="DIR", help=f"dataset folder ({layout})")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="also evaluate N held-out clips of the embedded synthetic corpus")
+    parser.add_argument("--synthetic-seconds", type=float, default=0.0,
+                        help="their length (default: the bundle's window)")
+    parser.add_argument("--caption-clips", type=int, default=0, metavar="N",
+                        help="caption N clips of each labelled set and report how often "
+                             "the caption names the clip's class")
+    parser.add_argument("--out", help="folder for results.json and results.md")
+    parser.add_argument("--batch-size", type=int, default=32, help="clips per model call")
+    parser.add_argument("--workers", type=int, default=4, help="threads decoding audio")
+
+
+def command(args: Any, load_model: Callable[[str], Any], progress: Progress | None) -> int:
+    """Runs the `eval` command: opens the sets, evaluates, prints the Markdown tables.
+
+    Args:
+      args: parsed `add_arguments` options.
+      load_model: bundle path -> model.
+      progress: called as progress(label, done, total).
+
+    Returns:
+      The exit status (0).
+    """
+    roots = {name: getattr(args, name) for name in ("audiocaps", "clotho", "esc50",
+                                                    "urbansound8k") if getattr(args, name)}
+    if not roots and not args.synthetic:
+        raise ValueError("no evaluation set given; pass at least one of --audiocaps, "
+                         "--clotho, --esc50, --urbansound8k, --synthetic")
+    sets = open_datasets(roots)
+    model = load_model(args.bundle)
+    if args.synthetic:
+        from cacophony_jax.data.synthetic import SyntheticCorpus
+
+        seconds = args.synthetic_seconds or float(getattr(model, "window_seconds", 10.0))
+        sets["synthetic"] = SyntheticCorpus("eval", args.synthetic, max(1.0, seconds))
+    results = evaluate_bundle(model, sets, out_dir=args.out, batch_size=args.batch_size,
+                              workers=args.workers, caption_clips=args.caption_clips,
+                              bundle=os.path.abspath(args.bundle), progress=progress)
+    print(results_markdown(results))
+    if args.out:
+        print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
+    return 0

@@ -1,0 +1,470 @@
+"""Inference with an exported bundle: embed audio and text, compare them, caption audio.
+
+Example::
+
+    from cacophony_jax import inference
+
+    model = inference.load("bundles/cacophony")
+    audio = model.embed_audio(["dog.wav", "rain.flac"])         # [2, P], unit length
+    text = model.embed_text(["a dog barks", "rain on a roof"])  # [2, P], unit length
+    scores = model.similarity(audio, text)                      # [2, 2] cosine
+    captions = model.caption(["dog.wav"], method="beam")        # ["a dog is barking"]
+
+Audio input: a sequence of clips, each a file path (decoded, averaged to mono and
+resampled to 16 kHz) or a 1-D numpy array (float in [-1, 1] or int16) at
+``sample_rate`` Hz; ``sample_rate`` is required for arrays, which are resampled when
+it is not 16000. A 2-D array is a batch of equal-length clips [n, samples]; a single
+path or 1-D array is one clip. Float audio is clipped to [-1, 1] and quantised to
+int16, exactly like the training data. Multi-channel arrays are refused (average
+the channels first). A clip must hold one 16-frame patch: at least 2,401 samples
+(0.15 s) at 16 kHz.
+
+Long audio: a clip longer than ``window_seconds`` (the clip length the model was
+trained on) is cut into consecutive non-overlapping windows of that length; the
+last window is kept (zero-padded) when it is at least 1 s long and dropped
+otherwise. Every window is embedded, the unnormalised window embeddings averaged
+and the mean L2-normalised. A clip no longer than one window is zero-padded and its
+true length masks the padding. ``caption`` describes the first window of each clip.
+``audio_states`` instead computes the log-mel of the whole clip and encodes its
+patches in chunks of one window's patch steps (time indices restart at 0 in each
+chunk, as in training; the returned ``time_idx`` counts steps from the clip start).
+
+"mae" bundles (stage 1) have no text side: their audio embedding is the mean of the
+valid encoder states (per window; windows are then averaged as above),
+L2-normalised, and ``embed_text``/``caption`` raise ``InferenceError``.
+
+Speed: all model work runs in jit-compiled functions on one device. Clip lengths are
+padded up to a few buckets (powers of two of 16-frame patches, topped by the window
+itself) and batches up to a power of two (at most ``batch_size``) by repeating a row
+whose result is discarded, so calls with new lengths mostly reuse compiled code;
+``trace_counts`` counts the compilations.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cacophony_jax.audio import frontend, io, patches
+from cacophony_jax.convert import export
+from cacophony_jax.data.tokenizer import Tokenizer
+from cacophony_jax.models import decoding
+from cacophony_jax.models.audio_encoder import AudioEncoder
+from cacophony_jax.models.cacophony import Cacophony
+
+SAMPLE_RATE = io.SAMPLE_RATE
+STEP_SAMPLES = patches.PATCH * frontend.HOP  # one time step of patches: 2560 samples
+MIN_SAMPLES = (patches.PATCH - 1) * frontend.HOP + 1  # 16 frames: ceil(n / 160) >= 16
+MIN_LAST_WINDOW = SAMPLE_RATE  # a trailing partial window shorter than 1 s is dropped
+MAX_CHANNELS = 8  # a 2-D array this narrow is taken for [samples, channels]
+AudioInput = str | os.PathLike | np.ndarray | Sequence[Any]
+
+
+class InferenceError(ValueError):
+    """A request the loaded model cannot serve; the message says what to do instead."""
+
+
+def load(bundle_path: str | os.PathLike, *, device: jax.Device | None = None) -> CacophonyModel:
+    """Loads an inference bundle (see convert/export.py).
+
+    Args:
+      bundle_path: the bundle folder.
+      device: where to run (default: the first local device).
+
+    Returns:
+      The model.
+    """
+    meta, params, tokenizer = export.read_bundle(bundle_path, device=device)
+    return CacophonyModel(meta, params, tokenizer)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _bucket_rows(rows: int, batch_size: int) -> int:
+    size = 1
+    while size < rows:
+        size *= 2
+    return min(size, batch_size)
+
+
+def _steps(samples: int) -> int:
+    """Patch time steps of a clip of ``samples`` samples."""
+    return patches.num_patches(frontend.num_frames(samples)) // patches.FREQ_PATCHES
+
+
+class CacophonyModel:
+    """A loaded bundle: audio/text embeddings, similarity, captions, encoder states.
+
+    Attributes:
+      sample_rate: 16000, the rate the model runs at.
+      embedding_size: width of ``embed_audio``/``embed_text`` rows.
+      state_size: width of the audio encoder states (``audio_states``).
+      window_seconds: the clip length long audio is cut into.
+      text_length: tokens per text including bos/eos (0 for "mae").
+      kind: "cacophony" (stage 2) or "mae" (stage 1).
+      tokenizer: the Tokenizer, or None for "mae".
+      meta: the bundle's metadata.
+      trace_counts: how often each jitted function was traced (compiled).
+    """
+
+    def __init__(self, meta: dict[str, Any], params: Any, tokenizer: Tokenizer | None = None):
+        """Wraps parameters read by ``export.read_bundle`` (prefer ``load``).
+
+        Args:
+          meta: the bundle metadata.
+          params: the unrolled parameter tree, placed on the device to run on.
+          tokenizer: the bundle's tokenizer (None for "mae").
+        """
+        self.meta = meta
+        self.kind: str = meta["kind"]
+        self.config = export.model_config(meta)
+        self.sample_rate: int = SAMPLE_RATE
+        self.window_seconds: float = float(meta["window_seconds"])
+        self.text_length: int = int(meta["text_length"])
+        self.tokenizer = tokenizer
+        self.params = params
+        self.trace_counts: collections.Counter[str] = collections.Counter()
+        dtype = export.DTYPES[meta["dtype"]]
+        if self.kind == "cacophony":
+            self.module: Cacophony | None = Cacophony(self.config, dtype=dtype)
+            audio_cfg, self._encoder_key = self.config.audio, "audio_encoder"
+            self.embedding_size: int = self.config.projection
+        else:
+            self.module = None
+            audio_cfg, self._encoder_key = self.config.encoder, "encoder"
+            self.embedding_size = audio_cfg.hidden
+        self.state_size: int = audio_cfg.hidden
+        self._encoder = AudioEncoder(audio_cfg, dtype=dtype)
+        self._window = round(self.window_seconds * SAMPLE_RATE)
+        self._window_steps = _steps(self._window)
+        self._encode_audio = jax.jit(self._encode_audio_impl)
+        self._encode_patches = jax.jit(self._encode_patches_impl)
+        self._states = jax.jit(self._states_impl, static_argnames=("chunks", "chunk_steps"))
+        self._encode_text = jax.jit(self._encode_text_impl)
+
+    # ---- traced functions ------------------------------------------------------------
+
+    def _audio_tower(self, params, patch, time_idx, freq_idx, mask):
+        """(states [B, N, D] float32, unnormalised embedding [B, P] float32)."""
+        if self.module is not None:
+            states, emb = self.module.apply({"params": params}, patch, time_idx, freq_idx,
+                                            mask, method=Cacophony.encode_audio)
+            return states.astype(jnp.float32), emb
+        states = self._encoder.apply({"params": params[self._encoder_key]}, patch, time_idx,
+                                     freq_idx, mask).astype(jnp.float32)
+        weight = mask.astype(jnp.float32)[..., None]
+        return states, jnp.sum(states * weight, 1) / jnp.maximum(jnp.sum(weight, 1), 1.0)
+
+    def _encode_patches_impl(self, params, patch, time_idx, freq_idx, mask):
+        self.trace_counts["encode_patches"] += 1
+        return self._audio_tower(params, patch, time_idx, freq_idx, mask)
+
+    def _encode_audio_impl(self, params, audio, audio_len):
+        """Windows -> (states, patch mask, unnormalised embedding)."""
+        self.trace_counts["encode_audio"] += 1
+        feats = patches.patchify(*frontend.log_mel(audio, audio_len))
+        states, emb = self._audio_tower(params, *feats)
+        return states, feats[3], emb
+
+    def _states_impl(self, params, audio, audio_len, *, chunks: int, chunk_steps: int):
+        """Whole-clip log-mel, patches encoded in ``chunks`` chunks of ``chunk_steps``."""
+        self.trace_counts["audio_states"] += 1
+        patch, time_idx, freq_idx, mask = patches.patchify(*frontend.log_mel(audio, audio_len))
+        batch, length = patch.shape[0], chunk_steps * patches.FREQ_PATCHES
+        n = chunks * length
+
+        def split(x):
+            return x[:, :n].reshape(batch * chunks, length, *x.shape[2:])
+
+        # Each chunk is encoded as if it were a clip of its own, starting at time 0.
+        offset = (jnp.arange(chunks, dtype=jnp.int32) * chunk_steps)[None, :, None]
+        local_time = (time_idx[:, :n].reshape(batch, chunks, length) - offset).reshape(
+            batch * chunks, length)
+        states = self._encoder.apply({"params": params[self._encoder_key]}, split(patch),
+                                     local_time, split(freq_idx), split(mask))
+        return states.reshape(batch, n, -1).astype(jnp.float32), mask[:, :n]
+
+    def _encode_text_impl(self, params, ids, mask):
+        self.trace_counts["encode_text"] += 1
+        states, emb = self.module.apply({"params": params}, ids, mask,
+                                        method=Cacophony.encode_text)
+        return states.astype(jnp.float32), emb
+
+    # ---- host-side helpers -----------------------------------------------------------
+
+    def _batched(self, fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> Any:
+        """Runs ``fn(params, *rows)`` over row chunks padded to a bucketed batch size."""
+        if batch_size < 1:
+            raise InferenceError(f"batch_size must be at least 1, got {batch_size}")
+        outs = []
+        for start in range(0, arrays[0].shape[0], batch_size):
+            chunk = [a[start:start + batch_size] for a in arrays]
+            rows = chunk[0].shape[0]
+            size = _bucket_rows(rows, batch_size)
+            if size > rows:
+                chunk = [np.concatenate([c, np.repeat(c[:1], size - rows, 0)]) for c in chunk]
+            out = jax.device_get(fn(self.params, *chunk))
+            outs.append(jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], out))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+    def _bucket_samples(self, samples: int) -> int:
+        size = STEP_SAMPLES
+        while size < samples:
+            size *= 2
+        return min(size, self._window) if samples <= self._window else size
+
+    def _clips(self, audio: AudioInput, sample_rate: int | None) -> list[np.ndarray]:
+        """Every input clip as mono int16 at 16 kHz."""
+        if isinstance(audio, (str, os.PathLike)):
+            items: list[Any] = [audio]
+        elif isinstance(audio, np.ndarray):
+            if audio.ndim == 2 and audio.shape[1] <= MAX_CHANNELS:
+                raise io.AudioError(
+                    f"an audio array of shape {audio.shape} looks like [samples, channels] "
+                    "multi-channel audio; average the channels to mono first "
+                    "(audio.mean(axis=1)); a batch of clips is [n, samples]")
+            if audio.ndim not in (1, 2):
+                raise io.AudioError(f"an audio array must be [samples] or [n, samples], got "
+                                    f"shape {audio.shape}")
+            items = [audio] if audio.ndim == 1 else list(audio)
+        else:
+            items = list(audio)
+        return [self._clip(item, i, sample_rate) for i, item in enumerate(items)]
+
+    def _clip(self, item: Any, index: int, sample_rate: int | None) -> np.ndarray:
+        if isinstance(item, (str, os.PathLike)):
+            clip = io.load_audio(item, SAMPLE_RATE)
+        else:
+            arr = np.asarray(item)
+            if arr.ndim == 2 and min(arr.shape) <= MAX_CHANNELS:
+                raise io.AudioError(
+                    f"clip {index} has shape {arr.shape}, which looks like multi-channel "
+                    "audio; average the channels to mono first (e.g. audio.mean(axis=1))")
+            if arr.ndim != 1:
+                raise io.AudioError(f"clip {index} must be a 1-D mono waveform, got shape "
+                                    f"{arr.shape}")
+            if sample_rate is None:
+                raise io.AudioError(
+                    f"clip {index} is an array but no sample_rate was given; pass "
+                    f"sample_rate= its rate in Hz (it is resampled to {SAMPLE_RATE} Hz)")
+            if arr.dtype == np.int16:
+                clip = arr if sample_rate == SAMPLE_RATE else io.to_int16(
+                    io.resample(io.to_float32(arr), sample_rate, SAMPLE_RATE))
+            elif np.issubdtype(arr.dtype, np.floating):
+                clip = io.to_int16(io.resample(arr.astype(np.float32), sample_rate,
+                                               SAMPLE_RATE))
+            else:
+                raise io.AudioError(f"clip {index} has dtype {arr.dtype}; pass float audio in "
+                                    "[-1, 1] or int16")
+        if clip.shape[0] < MIN_SAMPLES:
+            raise io.AudioError(
+                f"clip {index} is {clip.shape[0]} samples long at {SAMPLE_RATE} Hz; the model "
+                f"needs at least {MIN_SAMPLES} (one 16-frame patch): pad it with silence")
+        return clip
+
+    def _windows(self, clip: np.ndarray) -> list[np.ndarray]:
+        """The long-audio rule of the module docstring."""
+        if clip.shape[0] <= self._window:
+            return [clip]
+        pieces = [clip[s:s + self._window] for s in range(0, clip.shape[0], self._window)]
+        if pieces[-1].shape[0] < MIN_LAST_WINDOW:
+            pieces.pop()
+        return pieces
+
+    def _over_windows(self, windows: list[np.ndarray], fn: Callable,
+                      batch_size: int) -> list[Any]:
+        """``fn`` on every window, grouped by length bucket; results in input order."""
+        groups: dict[int, list[int]] = collections.defaultdict(list)
+        for i, window in enumerate(windows):
+            groups[self._bucket_samples(window.shape[0])].append(i)
+        results: list[Any] = [None] * len(windows)
+        for samples, index in sorted(groups.items()):
+            audio = np.zeros((len(index), samples), np.int16)
+            lengths = np.zeros(len(index), np.int32)
+            for row, i in enumerate(index):
+                audio[row, :windows[i].shape[0]] = windows[i]
+                lengths[row] = windows[i].shape[0]
+            out = self._batched(fn, (audio, lengths), batch_size)
+            for row, i in enumerate(index):
+                results[i] = out[row]
+        return results
+
+    def _need_text(self, what: str) -> None:
+        if self.kind != "cacophony":
+            raise InferenceError(f"{what} needs a stage-2 (cacophony) bundle; this is a "
+                                 f"{self.kind!r} bundle, which only embeds audio")
+
+    # ---- public API ------------------------------------------------------------------
+
+    def embed_audio(self, audio: AudioInput, sample_rate: int | None = None,
+                    batch_size: int = 32) -> np.ndarray:
+        """L2-normalised audio embeddings (long clips: windows averaged, see the module doc).
+
+        Args:
+          audio: clips (paths or arrays), see the module docstring.
+          sample_rate: rate of array inputs in Hz (required for arrays).
+          batch_size: the most windows run at once.
+
+        Returns:
+          float32 [n, embedding_size].
+        """
+        clips = self._clips(audio, sample_rate)
+        windows, owner = [], []
+        for i, clip in enumerate(clips):
+            for window in self._windows(clip):
+                windows.append(window)
+                owner.append(i)
+        out = np.zeros((len(clips), self.embedding_size), np.float32)
+        if not clips:
+            return out
+        pooled = self._over_windows(windows, lambda p, a, n: self._encode_audio(p, a, n)[2],
+                                    batch_size)
+        np.add.at(out, np.asarray(owner), np.stack(pooled).astype(np.float32))
+        counts = np.bincount(owner, minlength=len(clips)).astype(np.float32)
+        return _normalize(out / counts[:, None])
+
+    def embed_text(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """L2-normalised text embeddings.
+
+        Args:
+          texts: the texts; each is cut to ``text_length`` tokens (bos/eos included).
+          batch_size: the most texts run at once.
+
+        Returns:
+          float32 [n, embedding_size].
+        """
+        self._need_text("embed_text")
+        if isinstance(texts, str):
+            raise InferenceError("embed_text takes a list of texts; wrap a single text in a "
+                                 "list")
+        ids, mask = self.tokenizer.encode(list(texts), self.text_length)
+        if ids.shape[0] == 0:
+            return np.zeros((0, self.embedding_size), np.float32)
+        emb = self._batched(lambda p, i, m: self._encode_text(p, i, m)[1], (ids, mask),
+                            batch_size)
+        return _normalize(emb)
+
+    def similarity(self, audio_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+        """Cosine similarities of every audio row with every text row.
+
+        Args:
+          audio_emb: [n_a, P] embeddings (normalised or not).
+          text_emb: [n_t, P].
+
+        Returns:
+          float32 [n_a, n_t].
+        """
+        a, t = np.asarray(audio_emb, np.float32), np.asarray(text_emb, np.float32)
+        if a.ndim != 2 or t.ndim != 2 or a.shape[1] != t.shape[1]:
+            raise InferenceError(f"similarity needs [n_a, P] and [n_t, P] embeddings, got "
+                                 f"{a.shape} and {t.shape}")
+        return _normalize(a) @ _normalize(t).T
+
+    def caption(self, audio: AudioInput, sample_rate: int | None = None, method: str = "greedy",
+                max_len: int = 32, beam_size: int = 4, temperature: float = 1.0,
+                seed: int = 0, batch_size: int = 32) -> list[str]:
+        """Captions of the first window of each clip.
+
+        Args:
+          audio: clips (paths or arrays), see the module docstring.
+          sample_rate: rate of array inputs in Hz (required for arrays).
+          method: "greedy", "beam" or "sample".
+          max_len: the most tokens per caption, bos and eos included.
+          beam_size: beams for "beam".
+          temperature: sampling temperature for "sample".
+          seed: sampling seed (the same seed gives the same captions).
+          batch_size: the most clips decoded at once.
+
+        Returns:
+          One caption per clip.
+        """
+        self._need_text("caption")
+        if method not in decoding.METHODS:
+            raise InferenceError(f"unknown caption method {method!r}; use one of "
+                                 f"{list(decoding.METHODS)}")
+        firsts = [self._windows(clip)[0] for clip in self._clips(audio, sample_rate)]
+        rng = jax.random.key(seed)
+
+        def describe(params, audio, lengths):
+            states, mask, _ = self._encode_audio(params, audio, lengths)
+            return decoding.generate(self.module, params, states, mask, method=method,
+                                     max_len=max_len, rng=rng, temperature=temperature,
+                                     beam_size=beam_size)
+
+        ids = self._over_windows(firsts, describe, batch_size)
+        return [text.strip() for text in self.tokenizer.decode(np.stack(ids))] if ids else []
+
+    def audio_states(self, audio_batch: np.ndarray, sample_rate: int,
+                     batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-patch encoder states of equal-length clips (no pooling).
+
+        Args:
+          audio_batch: float32 (or int16) [n, samples] mono clips of equal length.
+          sample_rate: their rate in Hz.
+          batch_size: the most clips run at once.
+
+        Returns:
+          states float32 [n, N, state_size], time_idx int32 [n, N] (patch step from the
+          clip start, 16 frames = 160 ms each), mask bool [n, N]; N = 8 x the clip's
+          whole 16-frame steps (a trailing partial step is dropped).
+        """
+        clips = self._clips(np.asarray(audio_batch), sample_rate)
+        if not clips:
+            raise io.AudioError("audio_states got an empty batch; pass [n, samples] with n >= 1")
+        samples = clips[0].shape[0]
+        steps = _steps(samples)
+        if samples <= self._window:
+            padded = self._bucket_samples(samples)
+            chunks, chunk_steps = 1, _steps(padded)
+        else:
+            chunk_steps = self._window_steps
+            chunks = -(-steps // chunk_steps)
+            # One spare step keeps every clip that needs `chunks` chunks at one shape.
+            padded = (chunks * chunk_steps + 1) * STEP_SAMPLES
+        audio = np.zeros((len(clips), padded), np.int16)
+        for row, clip in enumerate(clips):
+            audio[row, :samples] = clip
+        lengths = np.full(len(clips), samples, np.int32)
+        states, mask = self._batched(
+            lambda p, a, n: self._states(p, a, n, chunks=chunks, chunk_steps=chunk_steps),
+            (audio, lengths), batch_size)
+        n = steps * patches.FREQ_PATCHES
+        time_idx = np.broadcast_to(np.arange(n, dtype=np.int32) // patches.FREQ_PATCHES,
+                                   (len(clips), n)).copy()
+        return states[:, :n], time_idx, mask[:, :n].astype(bool)
+
+    def encode_patches(self, patch: np.ndarray, time_idx: np.ndarray, freq_idx: np.ndarray,
+                       mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The audio tower on ready-made patches (bypasses the front end).
+
+        Args:
+          patch: float [B, N, 256]; time_idx, freq_idx: int [B, N]; mask: [B, N].
+
+        Returns:
+          (states float32 [B, N, state_size], unnormalised embedding float32 [B, P]).
+        """
+        states, emb = self._encode_patches(self.params, patch, time_idx, freq_idx, mask)
+        return np.asarray(states), np.asarray(emb, np.float32)
+
+    def encode_token_ids(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray,
+                                                                           np.ndarray]:
+        """The text tower on ready-made token ids (bypasses the tokenizer).
+
+        Args:
+          ids: int [B, T]; mask: [B, T], nonzero on real tokens.
+
+        Returns:
+          (states float32 [B, T, H], unnormalised embedding float32 [B, P]).
+        """
+        self._need_text("encode_token_ids")
+        states, emb = self._encode_text(self.params, ids, mask)
+        return np.asarray(states), np.asarray(emb, np.float32)

@@ -1,0 +1,186 @@
+"""Dataset building: merge, content-hash dedup, eval-set exclusion, filters, resume."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from cacophony_jax.curate import build
+from cacophony_jax.curate.build import BuildError
+from cacophony_jax.data.array_record import ArrayRecordSource
+
+
+def _clip(seed, seconds=1.0):
+    return np.random.default_rng(seed).integers(-3000, 3000, int(16000 * seconds)).astype(
+        np.int16)
+
+
+def _write(path, audio, fmt="WAV"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    soundfile.write(path, audio, 16000, format=fmt, subtype="PCM_16")
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Two manifests and a Clotho-layout evaluation set over overlapping audio."""
+    a, b, ev = tmp_path / "a", tmp_path / "b", tmp_path / "clotho"
+    _write(a / "dog.wav", _clip(1))
+    _write(a / "rain.wav", _clip(2))
+    _write(a / "short.wav", _clip(3, 0.25))
+    _write(a / "long.wav", _clip(4, 3.0))
+    _write(a / "leak.wav", _clip(5))  # also in the evaluation set
+    _write(a / "eval_id.wav", _clip(6))  # excluded by id
+    _write(a / "hashed.wav", _clip(7))  # excluded by hash
+    (a / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    _jsonl(a / "m.jsonl", [
+        {"audio": "dog.wav", "id": "dog", "captions": ["a dog barks"], "label": "dog"},
+        {"audio": "rain.wav", "caption": "rain", "synthetic_captions": ["rain falling"]},
+        {"audio": "short.wav", "caption": "short"},
+        {"audio": "long.wav", "caption": "long"},
+        {"audio": "leak.wav", "caption": "leak"},
+        {"audio": "eval_id.wav", "caption": "eval"},
+        {"audio": "hashed.wav", "caption": "hashed"},
+        {"audio": "broken.wav", "caption": "broken"},
+        "{not json",
+    ])
+    _write(b / "dog_copy.flac", _clip(1), fmt="FLAC")  # the same samples as a/dog.wav
+    _write(b / "new.wav", _clip(8))
+    with open(b / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["audio", "caption", "label"],
+                                 ["dog_copy.flac", "barking", "bell"],
+                                 ["dog_copy.flac", "a dog barks", ""],
+                                 ["new.wav", "something new", "bell"]])
+    _write(ev / "evaluation" / "leak.wav", _clip(5))
+    with open(ev / "clotho_captions_evaluation.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file_name"] + [f"caption_{k}" for k in range(1, 6)],
+                                 ["leak.wav", "x", "x", "x", "x", "x"]])
+    (tmp_path / "ids.txt").write_text("# evaluation ids\neval_id.flac\n")
+    (tmp_path / "hashes.txt").write_text(build.audio_hash(_clip(7)).upper() + "\n")
+    return tmp_path
+
+
+def _build(corpus, out, **options):
+    return build.run_build(
+        [("a", str(corpus / "a" / "m.jsonl")), ("b", str(corpus / "b" / "m.csv"))], str(out),
+        exclude_ids=build.read_lines(str(corpus / "ids.txt"), "ids"),
+        exclude_hashes=build.read_lines(str(corpus / "hashes.txt"), "hashes"),
+        exclude_sources=[f"clotho:{corpus / 'clotho'}"], min_seconds=0.5, max_seconds=2.0,
+        workers=2, num_shards=2, **options)
+
+
+def test_build_merges_dedups_excludes_and_filters(corpus):
+    out = corpus / "out"
+    summary = _build(corpus, out)
+    a, b = summary["sources"]["a"], summary["sources"]["b"]
+    assert (a["clips"], a["too_short"], a["too_long"], a["overlap"], a["unreadable"],
+            a["bad_rows"]) == (2, 1, 1, 3, 1, 1)
+    assert (b["clips"], b["duplicate"], b["overlap"]) == (1, 1, 0)
+    assert a["captions"] == 2 and a["synthetic_captions"] == 1
+    assert b["captions"] == 1 + 1  # "barking" merged into a/dog ("a dog barks" is there)
+    assert a["hours"] == pytest.approx(2 / 3600)
+    assert summary["total"]["clips"] == 3 and summary["total"]["duplicate"] == 1
+    assert summary["class_names"] == ["dog", "bell"]
+
+    source = ArrayRecordSource(out, "train")
+    records = {source[i]["id"]: source[i] for i in range(len(source))}
+    assert list(records) == ["a/dog", "a/rain.wav", "b/new.wav"]
+    dog = records["a/dog"]
+    assert dog["captions"] == ["a dog barks", "barking"] and dog["labels"] == [0, 1]
+    np.testing.assert_array_equal(dog["audio"], _clip(1))
+    assert records["a/rain.wav"]["synthetic_captions"] == ["rain falling"]
+    assert records["b/new.wav"]["labels"] == [1]
+
+    hashes = (out / "train_hashes.txt").read_text().split()
+    assert hashes == [build.audio_hash(_clip(k)) for k in (1, 2, 8)]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["train"]["total"]["clips"] == 3
+    table = (out / "summary.md").read_text()
+    assert "| a | 2 | 0.00 | 2 | 1 | 0 | 3 | 1 | 1 | 1 | 1 | 0 |" in table
+    assert "| **total** | 3 |" in table
+
+
+def test_rerun_uses_the_hash_cache_and_resumes(corpus, monkeypatch):
+    decoded = []
+    real = build.load_audio
+    monkeypatch.setattr(build, "load_audio", lambda path: decoded.append(path) or real(path))
+
+    def interrupt(label, done, total):
+        if label == "hash a" and done == 3:
+            raise KeyboardInterrupt
+
+    out = corpus / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _build(corpus, out, progress=interrupt)
+    assert not (out / "dataset_info.json").exists()  # nothing half-written is visible
+    first = len(decoded)
+    assert first >= 4  # the evaluation clip and a's first three
+    seen = []
+    _build(corpus, out, progress=lambda *a: seen.append(a))
+    # Over both runs every one of the 11 files is decoded exactly once: the rerun decodes
+    # only what the first had not reached (a file found unreadable is cached as such).
+    assert len(decoded) == len(set(decoded)) == 11
+    assert ("hash a", 8, 8) in seen and ("hash b", 2, 2) in seen
+    decoded.clear()
+    summary = _build(corpus, out, split="again")
+    assert decoded == [] and summary["total"]["clips"] == 3
+    assert set(json.loads((out / "summary.json").read_text())) == {"train", "again"}
+
+
+def test_array_record_input_and_default_split(corpus):
+    out = corpus / "out"
+    _build(corpus, out)
+    again = build.run_build([("prev", f"array_record:{out}:train"),
+                             ("a", f"manifest:{corpus / 'a' / 'm.jsonl'}")],
+                            str(corpus / "out2"), workers=2)
+    assert again["sources"]["prev"]["clips"] == 3
+    # a's clips that survived the first build are duplicates now; the others are new.
+    assert again["sources"]["a"]["duplicate"] == 2 and again["sources"]["a"]["clips"] == 5
+    source = ArrayRecordSource(corpus / "out2", "train")
+    assert source[0]["id"] == "prev/a/dog" and source[0]["labels"] == [0, 1]
+    assert source.class_names == ("dog", "bell")
+
+
+def test_user_errors(corpus):
+    out = corpus / "out"
+    manifest = str(corpus / "a" / "m.jsonl")
+    with pytest.raises(BuildError, match="no inputs"):
+        build.run_build([], str(out))
+    with pytest.raises(BuildError, match="unique"):
+        build.run_build([("a", manifest), ("a", manifest)], str(out))
+    with pytest.raises(BuildError, match="neither a manifest"):
+        build.run_build([("a", str(corpus / "a" / "dog.wav"))], str(out))
+    with pytest.raises(BuildError, match="unknown source kind 'cloto'"):
+        build.run_build([("a", "cloto:x")], str(out))
+    with pytest.raises(BuildError, match="min-seconds"):
+        build.run_build([("a", manifest)], str(out), min_seconds=3, max_seconds=1)
+    with pytest.raises(BuildError, match="no clip is left"):
+        build.run_build([("a", manifest)], str(out), min_seconds=100)
+    with pytest.raises(BuildError, match="cannot read the ids file"):
+        build.read_lines(str(corpus / "nope.txt"), "ids")
+    _build(corpus, out)
+    with pytest.raises(BuildError, match="already holds split 'train'"):
+        _build(corpus, out)
+
+
+def test_cli_build(corpus, capsys):
+    from cacophony_jax import cli
+
+    out = corpus / "cli_out"
+    code = cli.main(["curate", "build", "--input", f"a={corpus / 'a' / 'm.jsonl'}",
+                     "--input", f"b={corpus / 'b' / 'm.csv'}", "--exclude-source",
+                     f"clotho:{corpus / 'clotho'}:evaluation", "--exclude-ids",
+                     str(corpus / "ids.txt"), "--min-seconds", "0.5", "--out", str(out),
+                     "--num-shards", "1", "--quiet"])
+    printed = capsys.readouterr().out
+    # Kept now: long.wav (no --max-seconds) and hashed.wav (no --exclude-hashes).
+    assert code == 0 and "| **total** | 5 |" in printed
+    assert len(ArrayRecordSource(out, "train")) == 5
+    assert cli.main(["curate", "build", "--input", "oops", "--out", str(out)]) == 2
+    assert "error: --input 'oops' must be NAME=PATH" in capsys.readouterr().err
