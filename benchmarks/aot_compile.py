@@ -1,0 +1,227 @@
+"""Ahead-of-time compilation of the train step for a target topology, no hardware needed.
+
+Lowers and compiles the real train step (built as the training loop builds it, see
+train_step.py) on `jax.ShapeDtypeStruct` inputs that carry their shardings, so nothing
+is allocated, and reports per-device memory from `compiled.memory_analysis()`:
+arguments (parameters, optimiser state, batch), outputs, temporaries and generated
+code, against a per-device memory budget.
+
+Targets:
+
+- ``tpu:<topology>`` (e.g. ``tpu:v5e:4x4``, ``tpu:v4:2x2x2``) compiles for real TPU
+  devices through `jax.experimental.topologies.get_topology_desc`. That needs libtpu
+  (`pip install "jax[tpu]"`); without it the script says so and uses the stand-in.
+- ``cpu`` (default) compiles for `--devices` simulated CPU devices as a stand-in: the
+  sharding plan and the parameter/optimiser/batch sizes are exact, but XLA:CPU
+  schedules, fuses and rematerialises differently from GPU/TPU compilers (and may
+  compute some bf16 ops in f32), so its temporaries are an estimate.
+
+Usage (the script sets the CPU device count itself before JAX starts):
+
+    python benchmarks/aot_compile.py --stage mae,cacophony --variant base \\
+        --per-device-batch mae=64,cacophony=128 --mesh 1x8 --dtype bfloat16
+    python benchmarks/aot_compile.py --target tpu:v5e:4x4 --mesh 1x16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import pathlib
+import sys
+import time
+
+# Run from a checkout: make the package and its sibling benchmarks importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import train_step  # noqa: E402
+
+GIB = 2**30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="cpu", help="cpu | tpu:<topology>, e.g. tpu:v5e:4x4")
+    p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (cpu target)")
+    p.add_argument("--mesh", default="1x8", help="DATAxFSDP, e.g. 1x8 (full FSDP) or 8x1")
+    p.add_argument("--stage", default="mae,cacophony", help="comma list of stages")
+    p.add_argument("--variant", default="base", choices=("tiny", "base"))
+    p.add_argument("--per-device-batch", default="mae=64,cacophony=128",
+                   help="examples per device, per stage (stage=N,...) or one number")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    p.add_argument("--scan", default="false", choices=("true", "false"))
+    p.add_argument("--remat", default="none", help="none | full | dots | minimal")
+    p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
+    p.add_argument("--device-memory-gb", type=float, default=80.0,
+                   help="per-device memory budget in GB (10^9 bytes)")
+    p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
+    return p.parse_args(argv)
+
+
+class TargetError(ValueError):
+    """The requested compile target is unavailable or malformed."""
+
+
+def target_devices(target: str, count: int) -> tuple[list, str]:
+    """Devices to compile for, and a description of them.
+
+    Args:
+      target: "cpu" or "tpu:<topology name>".
+      count: simulated CPU devices wanted for the cpu target (or the fallback).
+
+    Returns:
+      (devices, description).
+    """
+    if target.startswith("tpu:"):
+        from jax.experimental import topologies
+
+        name = target.removeprefix("tpu:")
+        try:
+            devices = list(topologies.get_topology_desc(name, platform="tpu").devices)
+            return devices, f"TPU topology {name} ({devices[0].device_kind}, compile-only)"
+        except Exception as error:  # libtpu missing or an unknown topology name
+            print(f"cannot compile for TPU topology {name!r} ({error}); install libtpu "
+                  f"(pip install 'jax[tpu]') for a real TPU compile. Using {count} simulated "
+                  f"CPU devices as a stand-in.", flush=True)
+    elif target != "cpu":
+        raise TargetError(f"--target {target!r}: use 'cpu' or 'tpu:<topology>'")
+    # Raises once the CPU backend has started (e.g. under pytest): then use what exists.
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_num_cpu_devices", count)
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+        raise TargetError(f"only {len(devices)} CPU devices exist but {count} were asked for; "
+                          f"run in a fresh process (JAX started before the flag was set)")
+    return devices[:count], f"{count} simulated CPU devices (stand-in)"
+
+
+def make_mesh(devices: list, spec: str) -> jax.sharding.Mesh:
+    """A ('data', 'fsdp') mesh of `devices` from 'DATAxFSDP'."""
+    try:
+        data, fsdp = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise TargetError(f"--mesh {spec!r}: write it as DATAxFSDP, e.g. 1x8") from None
+    if data * fsdp != len(devices):
+        raise TargetError(f"--mesh {spec} needs {data * fsdp} devices; the target has "
+                          f"{len(devices)}")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    grid = np.asarray(devices).reshape(data, fsdp)
+    return jax.sharding.Mesh(grid, ("data", "fsdp"), axis_types=auto)
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
+                  per_device: int) -> dict:
+    """AOT-compiles one stage's step on `mesh` and returns its memory row."""
+    devices = mesh.devices.size
+    batch = per_device * devices
+    config = train_step.make_config(stage, args.variant, batch, dtype=args.dtype,
+                                     scan=args.scan == "true", remat=args.remat,
+                                     clip_seconds=args.clip_seconds)
+    built = train_step.build_step(config, mesh)
+    state_bytes = per_device_bytes(built.plan.abstract)
+    params_bytes = per_device_bytes(built.plan.abstract.params)
+    start = time.perf_counter()
+    lowered = built.step.lower(built.plan.abstract, train_step.abstract_batch(built))
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    mem = train_step.memory_bytes(compiled)
+    flops = train_step.step_flops(compiled)
+    exact_flops = (not config.model.scan and config.model.remat == "none"
+                   and config.audio.frontend_sub_batches == 1)
+    budget = args.device_memory_gb * 1e9
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(built.plan.abstract.params))
+    return {
+        "stage": stage, "variant": args.variant, "mesh": dict(mesh.shape),
+        "device": mesh.devices.flat[0].device_kind, "global_batch": batch,
+        "per_device_batch": per_device, "dtype": config.model.dtype,
+        "scan": config.model.scan, "remat": config.model.remat,
+        "clip_seconds": config.audio.clip_seconds, "params": num_params,
+        "params_bytes_per_device": params_bytes, "state_bytes_per_device": state_bytes,
+        "memory": mem, "compile_s": compile_s,
+        # XLA counts loop bodies once and remat recomputation as work: model FLOPs
+        # only come from an unscanned, remat-free step.
+        "flops_per_example": flops * devices / batch if exact_flops else None,
+        "budget_bytes": budget, "fits": bool(mem) and mem["total"] <= budget,
+    }
+
+
+def format_row(row: dict) -> str:
+    """A readable block for one stage."""
+    m = row["memory"]
+    gib = lambda b: f"{b / GIB:7.2f} GiB"
+    flops = row["flops_per_example"]
+    lines = [
+        f"{row['stage']} {row['variant']}: {row['params'] / 1e6:.1f} M params, mesh "
+        f"{row['mesh']}, {row['per_device_batch']}/device (global {row['global_batch']}), "
+        f"{row['dtype']}, scan={row['scan']}, remat={row['remat']}, "
+        f"compiled in {row['compile_s']:.0f} s",
+        f"  state per device (params + optimiser, exact): {gib(row['state_bytes_per_device'])}"
+        f" (params {gib(row['params_bytes_per_device'])})",
+    ]
+    if m:
+        lines.append(f"  arguments {gib(m['argument'])}  outputs {gib(m['output'])}  aliased "
+                     f"{gib(m['alias'])}  temporaries {gib(m['temp'])}  code "
+                     f"{gib(m['generated_code'])}")
+        verdict = "fits" if row["fits"] else "does NOT fit"
+        lines.append(f"  total per device {gib(m['total'])}: {verdict} in "
+                     f"{row['budget_bytes'] / 1e9:.0f} GB")
+    if flops is not None:
+        lines.append(f"  model FLOPs per example (XLA cost analysis): {flops / 1e9:.1f} GFLOP")
+    return "\n".join(lines)
+
+
+def _per_device_batches(text: str, stages: list[str]) -> dict[str, int]:
+    if "=" not in text:
+        return dict.fromkeys(stages, int(text))
+    pairs = dict(part.split("=") for part in text.split(",") if part)
+    missing = [s for s in stages if s not in pairs]
+    if missing:
+        raise TargetError(f"--per-device-batch {text!r} has no entry for {missing}")
+    return {s: int(pairs[s]) for s in stages}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Compiles every requested stage for the target and prints the memory report.
+
+    Args:
+      argv: command-line arguments (without the program name); None = sys.argv.
+
+    Returns:
+      One row per stage (see `compile_stage`).
+    """
+    args = parse_args(argv)
+    stages = [s for s in args.stage.split(",") if s]
+    batches = _per_device_batches(args.per_device_batch, stages)
+    devices, described = target_devices(args.target, args.devices)
+    mesh = make_mesh(devices, args.mesh)
+    print(f"target: {described}; mesh {dict(mesh.shape)}", flush=True)
+    rows = []
+    for stage in stages:
+        rows.append(compile_stage(stage, args, mesh, batches[stage]))
+        print(format_row(rows[-1]), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # a bad flag or input: one line, no traceback
+        sys.exit(f"error: {error}")

@@ -1,0 +1,421 @@
+"""Input-pipeline throughput in clips/s per host core.
+
+Three measurements, each a table row:
+
+- ``wav``: 16 kHz 16-bit WAV files (written with `data.synthetic.write_corpus`) read
+  through a `ManifestSource` and the real Grain train pipeline
+  (`data.pipeline.train_dataset`: decode, shuffle, crop/pad, tokenise, batch).
+- ``array_record``: the same clips written with `data.array_record.write_array_record`
+  and read back through `ArrayRecordSource` and the same pipeline.
+- ``frontend``: the jitted device front end (`audio.frontend.log_mel` then
+  `audio.patches.patchify`) on 10 s int16 clips.
+
+Usage (pin to one core so clips/s is clips/s per core):
+
+    python benchmarks/input_pipeline.py --cores 1
+    python benchmarks/input_pipeline.py --bench wav --cores 1 --text-length 0,64 --profile
+    python benchmarks/input_pipeline.py --bench frontend --cores 1 --sub-batches 1,8,32
+
+Per-core figures: "clips/s/core" divides the wall-clock rate by the cores the run
+may use (the CPU affinity set, narrowed by --cores, and no more than the reader
+threads x worker processes configured, or the XLA intra-op threads for the front
+end). "clips/CPU-s" divides by the CPU time the process and its workers actually
+consumed, so it stays meaningful on a machine shared with other jobs. Files are read
+from the page cache after a warm-up batch: these are CPU costs, not disk speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pathlib
+import pstats
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+# Run from a checkout: make the package importable without installing it.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+BENCHES = ("wav", "array_record", "frontend")
+# Targets from the issue, clips/s per core.
+TARGETS = {"wav": 1500.0, "frontend": 700.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bench", default=",".join(BENCHES), help="comma list of " + str(BENCHES))
+    p.add_argument("--cores", type=int, default=0, help="pin to this many cores (0: as is)")
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="clip length")
+    p.add_argument("--num-clips", type=int, default=64, help="clips in the corpus")
+    p.add_argument("--batch", type=int, default=32, help="clips per batch")
+    p.add_argument("--seconds", type=float, default=4.0, help="timed seconds per host row")
+    p.add_argument("--text-length", default="64",
+                   help="comma list of caption lengths (0 = stage-1 format, no text)")
+    p.add_argument("--read-threads", type=int, default=1, help="Grain reader threads")
+    p.add_argument("--workers", type=int, default=0, help="Grain worker processes")
+    p.add_argument("--virtual-size", type=int, default=1_000_000,
+                   help="records the pipeline sees (the corpus repeated); see VirtualSize")
+    p.add_argument("--data-dir", default="", help="reuse/keep the corpus here (default: temp)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the per-clip host work step by step, with cProfile")
+    p.add_argument("--method", default="auto", help="front end: comma list of log_mel methods")
+    p.add_argument("--sub-batches", default="1,32", help="front end: comma list of sub_batches")
+    p.add_argument("--iters", type=int, default=10, help="front end: timed calls per row")
+    return p.parse_args(argv)
+
+
+def pin_cores(count: int) -> int:
+    """Narrows the CPU affinity to `count` cores (call before JAX starts).
+
+    Args:
+      count: cores to keep; 0 leaves the affinity as it is.
+
+    Returns:
+      The number of cores in the affinity set afterwards.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if count > len(cores):
+        raise ValueError(f"--cores {count} asks for more than the {len(cores)} cores available")
+    if count > 0:
+        os.sched_setaffinity(0, cores[:count])
+    return len(os.sched_getaffinity(0))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return found + [g for c in found for g in _children(c)]
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0  # the process ended; its time is lost to us, not counted twice
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live child processes.
+
+    Returns:
+      User + system time; children (Grain workers) are read from /proc on Linux.
+    """
+    return time.process_time() + sum(_proc_cpu_seconds(c) for c in _children(os.getpid()))
+
+
+def _row(bench: str, config: str, clips: int, wall: float, cpu: float, cores: int) -> dict:
+    rate = clips / wall
+    return {"bench": bench, "config": config, "clips_per_s": rate, "cores": cores,
+            "clips_per_s_per_core": rate / cores,
+            "clips_per_cpu_s": clips / cpu if cpu > 0 else float("nan")}
+
+
+# ---- host pipeline -----------------------------------------------------------------
+
+
+class VirtualSize:
+    """A source seen as `size` records: record i is record i % len(source).
+
+    Why: Grain's global shuffle (`index_shuffle`) costs about 16 ms / N per record for
+    an N-record dataset (250 us at N = 64, 2-3 us from N = 100k), so a small benchmark
+    corpus would measure the shuffle of a toy dataset instead of a real corpus. The
+    files on disk stay few, which keeps the corpus quick to write.
+    """
+
+    def __init__(self, source: Any, size: int):
+        self._source = source
+        self._size = max(size, len(source))
+        self.name = getattr(source, "name", type(source).__name__)
+        self.class_names = getattr(source, "class_names", ())
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[int(index) % len(self._source)]
+
+
+def make_corpus(data_dir: pathlib.Path, num_clips: int, clip_seconds: float,
+                benches: list[str]) -> dict[str, Any]:
+    """Writes (or reuses) the WAV corpus and its array_record copy.
+
+    Args:
+      data_dir: folder for `wav/` and `array_record/`.
+      num_clips: clips to write.
+      clip_seconds: clip length.
+      benches: which sources are needed.
+
+    Returns:
+      {"wav": ManifestSource, "array_record": ArrayRecordSource} as requested.
+    """
+    from cacophony_jax.data import sources, synthetic
+
+    manifest = data_dir / "wav" / "manifest.jsonl"
+    if not manifest.exists():
+        synthetic.write_corpus(data_dir / "wav", "train", num_clips, clip_seconds)
+    wav = sources.ManifestSource(manifest)
+    out = {"wav": wav}
+    if "array_record" in benches:
+        from cacophony_jax.data import array_record
+
+        folder = data_dir / "array_record"
+        if not (folder / "dataset_info.json").exists():
+            records = (wav[i] for i in range(len(wav)))
+            array_record.write_array_record(records, folder, "train", num_shards=4,
+                                            class_names=wav.class_names)
+        out["array_record"] = array_record.ArrayRecordSource(folder, "train")
+    return out
+
+
+def _tokenizer(source: Any) -> Any:
+    from cacophony_jax.data import tokenizer
+
+    texts = [c for i in range(len(source)) for c in source[i]["captions"]]
+    return tokenizer.Tokenizer.train_bpe(texts, vocab_size=1000)
+
+
+def time_host(source: Any, fmt: Any, args: argparse.Namespace, cores: int,
+              bench: str) -> dict:
+    """Throughput of `pipeline.train_dataset` over `source` (one table row).
+
+    Args:
+      source: a random-access source.
+      fmt: the pipeline.ExampleFormat.
+      args: batch, seconds, read_threads, workers.
+      cores: cores in the affinity set.
+      bench: the row's name.
+
+    Returns:
+      The row dict.
+    """
+    from cacophony_jax.data import pipeline
+
+    dataset = pipeline.train_dataset(source, fmt, global_batch_size=args.batch, seed=0,
+                                     num_workers=args.workers, read_threads=args.read_threads)
+    it = iter(dataset)
+    try:
+        for _ in range(2):  # start threads/workers and fill the page cache
+            next(it)
+        clips, start, cpu0 = 0, time.perf_counter(), cpu_seconds()
+        while (wall := time.perf_counter() - start) < args.seconds or clips == 0:
+            clips += next(it)["audio"].shape[0]
+        cpu = cpu_seconds() - cpu0
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    used = min(cores, args.read_threads * max(1, args.workers))
+    config = (f"text {fmt.text_length}, batch {args.batch}, threads {args.read_threads}, "
+              f"workers {args.workers}")
+    return _row(bench, config, clips, wall, cpu, used)
+
+
+def profile_host(source: Any, fmt: Any, batch: int, clips: int = 256) -> None:
+    """Times each piece of the per-clip host work in this thread, then cProfiles it.
+
+    The pieces are the pipeline's own: DecodedSource (read + decode), PrepareTrain
+    (crop/pad, caption choice, tokenise) and the batch stack. A plain loop, not
+    Grain's threads: allocator and cache effects (fresh pages for each 320 KB clip)
+    can make the sum differ from the pipeline's cost per clip either way.
+
+    Args:
+      source: the source (not VirtualSize: the first `clips` indices, repeated).
+      fmt: the pipeline.ExampleFormat.
+      batch: rows per stacked batch.
+      clips: clips per timed pass.
+    """
+    import numpy as np
+
+    from cacophony_jax.data import pipeline
+
+    decoded = pipeline.DecodedSource(source, needs_captions=fmt.text_length > 0)
+    prepare = pipeline.PrepareTrain(fmt)
+    rng = np.random.default_rng(0)
+    parts = {"decode": 0.0, "prepare": 0.0, "stack": 0.0}
+
+    def work() -> None:
+        rows = []
+        for i in range(clips):
+            t0 = time.perf_counter()
+            record = decoded[i % len(decoded)]
+            t1 = time.perf_counter()
+            rows.append(prepare.random_map(record, rng))
+            t2 = time.perf_counter()
+            parts["decode"] += t1 - t0
+            parts["prepare"] += t2 - t1
+            if len(rows) == batch:
+                t3 = time.perf_counter()
+                {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+                parts["stack"] += time.perf_counter() - t3
+                rows = []
+
+    work()  # warm the page cache
+    for key in parts:
+        parts[key] = 0.0
+    work()
+    total = sum(parts.values())
+    print(f"  per-clip host work, text {fmt.text_length} ({clips} clips, one thread): "
+          + ", ".join(f"{k} {1e6 * v / clips:.0f} us" for k, v in parts.items())
+          + f"; total {1e6 * total / clips:.0f} us = {clips / total:.0f} clips/s")
+    profiler = cProfile.Profile()
+    profiler.runcall(work)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+
+
+def run_host(benches: list[str], args: argparse.Namespace, cores: int) -> list[dict]:
+    """The `wav` and `array_record` rows for every requested caption length."""
+    from cacophony_jax.audio import frontend
+    from cacophony_jax.data import pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = pathlib.Path(args.data_dir or tmp)
+        made = make_corpus(data_dir, args.num_clips, args.clip_seconds, benches)
+        clip = round(args.clip_seconds * frontend.SAMPLE_RATE)
+        tok = None
+        rows = []
+        for length in _ints(args.text_length):
+            if length and tok is None:
+                tok = _tokenizer(made["wav"])
+            fmt = pipeline.ExampleFormat(clip_samples=clip, text_length=length,
+                                         tokenizer=tok if length else None)
+            for bench in benches:
+                source = VirtualSize(made[bench], args.virtual_size)
+                rows.append(time_host(source, fmt, args, cores, bench))
+                print(format_row(rows[-1]), flush=True)
+                if args.profile:
+                    profile_host(made[bench], fmt, args.batch)
+    return rows
+
+
+# ---- device front end --------------------------------------------------------------
+
+
+def _xla_threads(cores: int) -> int:
+    match = re.search(r"intra_op_parallelism_threads=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return min(cores, int(match.group(1))) if match else cores
+
+
+def frontend_fn(method: str, sub_batches: int) -> Callable:
+    """jit of log_mel -> patchify, the audio part of every train step."""
+    import jax
+
+    from cacophony_jax.audio import frontend, patches
+
+    def features(audio, audio_len):
+        logmel, valid = frontend.log_mel(audio, audio_len, method=method,
+                                         sub_batches=sub_batches)
+        return patches.patchify(logmel, valid)
+
+    return jax.jit(features)
+
+
+def run_frontend(args: argparse.Namespace, cores: int) -> list[dict]:
+    """One row per (method, sub_batches): clips/s of the jitted front end."""
+    import jax
+    import numpy as np
+
+    from cacophony_jax.audio import frontend
+
+    samples = round(args.clip_seconds * frontend.SAMPLE_RATE)
+    rng = np.random.default_rng(0)
+    audio = np.rint(rng.normal(0.0, 0.1, (args.batch, samples)).clip(-1, 1) * 32767)
+    audio = jax.device_put(audio.astype(np.int16))
+    audio_len = jax.device_put(np.full((args.batch,), samples, np.int32))
+    device = jax.devices()[0]
+    # Per core on CPU; per device elsewhere (one accelerator runs the whole batch).
+    used = _xla_threads(cores) if device.platform == "cpu" else 1
+    rows = []
+    for method in args.method.split(","):
+        for sub in _ints(args.sub_batches):
+            if args.batch % sub:
+                continue
+            fn = frontend_fn(method, sub)
+            jax.block_until_ready(fn(audio, audio_len))
+            start, cpu0 = time.perf_counter(), cpu_seconds()
+            for _ in range(args.iters):
+                out = fn(audio, audio_len)
+            jax.block_until_ready(out)
+            wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+            config = (f"{device.device_kind}, {method}, batch {args.batch}, sub_batches {sub}, "
+                      f"{args.clip_seconds:g} s")
+            rows.append(_row("frontend", config, args.batch * args.iters, wall, cpu, used))
+            if device.platform != "cpu":
+                rows[-1]["clips_per_cpu_s"] = float("nan")  # host CPU time says nothing here
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+# ---- entry -------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def format_row(row: dict) -> str:
+    """One fixed-width table line."""
+    target = TARGETS.get("wav" if row["bench"] == "array_record" else row["bench"])
+    verdict = ""
+    if target is not None:
+        met = "met" if row["clips_per_s_per_core"] >= target else "missed"
+        verdict = f"  (target {target:.0f}: {met})"
+    return (f"{row['bench']:12s} {row['config']:58s} {row['clips_per_s']:9.1f} clips/s "
+            f"{row['cores']:2d} core(s) {row['clips_per_s_per_core']:9.1f} /core "
+            f"{row['clips_per_cpu_s']:9.1f} /CPU-s{verdict}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Runs the requested benchmarks and prints a table.
+
+    Args:
+      argv: command-line arguments (without the program name); None = sys.argv.
+
+    Returns:
+      One dict per row: bench, config, clips_per_s, cores, clips_per_s_per_core,
+      clips_per_cpu_s.
+    """
+    args = parse_args(argv)
+    benches = [b for b in args.bench.split(",") if b]
+    unknown = sorted(set(benches) - set(BENCHES))
+    if unknown:
+        raise ValueError(f"--bench {unknown} unknown; choose from {BENCHES}")
+    if args.batch < 1 or args.num_clips < 1 or args.seconds <= 0:
+        raise ValueError("--batch, --num-clips and --seconds must be positive")
+    cores = pin_cores(args.cores)
+
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain reads absl flags
+        flags.FLAGS(sys.argv[:1], known_only=True)
+    print(f"{cores} core(s) in the affinity set; {args.clip_seconds:g} s clips", flush=True)
+    rows = []
+    host = [b for b in benches if b != "frontend"]
+    if host:
+        rows += run_host(host, args, cores)
+    if "frontend" in benches:
+        rows += run_frontend(args, cores)
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # a bad flag or input: one line, no traceback
+        sys.exit(f"error: {error}")

@@ -1,0 +1,390 @@
+"""Train-step time, examples/s and model-FLOPs utilisation (MFU) for both stages.
+
+The step is built exactly as `train.loop.run` builds it (`tasks.build`,
+`optim.optimizer.make_optimizer`, `train.state.plan_state` / `create_state`,
+`train.step.jit_train_step`) and fed random int16 audio and random caption tokens
+placed with `data.to_global.to_global`, so the front end, patching, the model, the
+loss and the optimiser update are all timed; the host input pipeline is not (see
+input_pipeline.py).
+
+Usage:
+
+    python benchmarks/train_step.py --stage mae,cacophony --variant tiny --batch 8
+    python benchmarks/train_step.py --stage mae --variant tiny --sweep-batch 8,16,32
+    python benchmarks/train_step.py --stage cacophony --variant base --batch 64 \\
+        --dtype bfloat16 --remat dots          # on a GPU/TPU
+
+FLOPs come from XLA's cost analysis of the compiled step (per device, as SPMD
+partitions it; times the device count for the global step). XLA counts the body of
+a loop once (a scanned block stack, the front end's sub-batch `lax.map`), and remat
+recomputation counts as work, so the *model* FLOPs are always taken from the same
+step compiled unscanned, without remat and with one front-end sub-batch (an extra
+compile when --scan, --remat or --frontend-sub-batches change those). MFU = model
+FLOPs per device per second / the device's peak (PEAK_TFLOPS, dense bf16; on CPU a
+measured matmul peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+# Run from a checkout: make the package importable without installing it.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cacophony_jax import tasks  # noqa: E402
+from cacophony_jax.data import spec, to_global  # noqa: E402
+from cacophony_jax.optim import optimizer  # noqa: E402
+from cacophony_jax.parallel import mesh as mesh_lib  # noqa: E402
+from cacophony_jax.parallel import partition  # noqa: E402
+from cacophony_jax.train import state as state_lib  # noqa: E402
+from cacophony_jax.train import step as step_lib  # noqa: E402
+
+STAGES = ("mae", "cacophony")
+
+# Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` in this order
+# (first substring wins). Sources: NVIDIA H100 datasheet (SXM 1,979 TFLOP/s with 2:4
+# sparsity = 989 dense; PCIe 1,513 = 756 dense); NVIDIA H200 datasheet (same tensor
+# cores as H100 SXM: 989); NVIDIA A100 datasheet (312); Google Cloud TPU system
+# architecture pages, bf16 per chip: v4 275, v5e 197, v5p 459, v6e (Trillium) 918.
+# JAX names v5e "TPU v5 lite" and v6e "TPU v6 lite".
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),
+    ("TPU v6 lite", 918.0),
+    ("TPU v6e", 918.0),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", default="mae,cacophony", help="comma list of " + str(STAGES))
+    p.add_argument("--variant", default="tiny", choices=("tiny", "base"))
+    p.add_argument("--batch", type=int, default=8, help="global batch size")
+    p.add_argument("--sweep-batch", default="", help="comma list of global batch sizes")
+    p.add_argument("--dtype", default="", help="compute dtype (default: the config's)")
+    p.add_argument("--scan", default="false", choices=("true", "false"), help="nn.scan stacks")
+    p.add_argument("--remat", default="none", help="none | full | dots | minimal")
+    p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp size (data takes the rest)")
+    p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
+    p.add_argument("--text-length", type=int, default=0, help="0: the config's")
+    p.add_argument("--frontend-sub-batches", type=int, default=0,
+                   help="config.audio.frontend_sub_batches (0: the config's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="per-device peak to use instead of the table / CPU measurement")
+    p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
+    return p.parse_args(argv)
+
+
+def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: bool = False,
+                remat: str = "none", fsdp: int = 1, clip_seconds: float = 0.0,
+                text_length: int = 0, sub_batches: int = 0) -> ml_collections.ConfigDict:
+    """The training config of `stage`/`variant` with the benchmark's overrides.
+
+    Args:
+      stage: "mae" or "cacophony".
+      variant: "tiny" or "base".
+      batch: global batch size.
+      dtype: compute dtype ("" keeps the config's).
+      scan, remat: block-stack settings.
+      fsdp: mesh fsdp size (-1 for all devices); data takes the rest.
+      clip_seconds, text_length, sub_batches (the front end's): 0 keeps the config's.
+
+    Returns:
+      A locked ConfigDict.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
+    if stage == "mae":
+        from configs import mae as module
+    else:
+        from configs import cacophony as module
+    config = module.get_config(variant)
+    config.unlock()
+    config.data.global_batch_size = batch
+    config.model.dtype = dtype or config.model.dtype
+    config.model.scan, config.model.remat = scan, remat
+    config.mesh.data, config.mesh.fsdp = (-1, fsdp) if fsdp != -1 else (1, -1)
+    if clip_seconds:
+        config.audio.clip_seconds = clip_seconds
+    if text_length:
+        config.data.text_length = text_length
+    if sub_batches:
+        config.audio.frontend_sub_batches = sub_batches
+    config.lock()
+    return config
+
+
+@dataclasses.dataclass
+class BuiltStep:
+    """A jitted train step with everything needed to feed and run it."""
+
+    task: Any
+    tx: Any
+    plan: state_lib.StatePlan
+    mesh: jax.sharding.Mesh
+    step: Any  # jitted (state, batch) -> (state, metrics)
+    shapes: dict[str, tuple[int, ...]]  # global batch shapes
+    vocab_size: int  # token ids are drawn below this (0 for stage 1)
+
+
+def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+               ) -> BuiltStep:
+    """Builds the train step the way `train.loop.run` does, without data or state.
+
+    Args:
+      config: a training config (see `make_config`).
+      mesh: the mesh; default `mesh_lib.make_mesh(config.mesh)`.
+
+    Returns:
+      A BuiltStep; nothing is allocated on the devices yet.
+    """
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+    divisor = mesh_lib.batch_divisor(mesh)
+    batch = config.data.global_batch_size
+    if batch % divisor:
+        raise ValueError(f"batch {batch} must be a multiple of the {divisor} devices the batch "
+                         "is split over")
+    rules = partition.rules_from_config(config.sharding_rules)
+    task = tasks.build(config, None)
+    tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
+    plan = state_lib.plan_state(task.init_params, tx, mesh, rules)
+    shapes = {"audio": (batch, task.clip_samples), "audio_len": (batch,), "valid": (batch,)}
+    vocab = 0
+    if config.task == "cacophony":
+        shapes.update(text_ids=(batch, config.data.text_length),
+                      text_mask=(batch, config.data.text_length))
+        vocab = task.model_config.text.vocab_size
+    step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes)
+    return BuiltStep(task, tx, plan, mesh, step, shapes, vocab)
+
+
+def abstract_batch(built: BuiltStep) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of the global batch with their shardings (for `.lower`)."""
+    return {k: jax.ShapeDtypeStruct(s, spec.TRAIN_KEYS[k],
+                                    sharding=mesh_lib.batch_sharding(built.mesh, len(s)))
+            for k, s in built.shapes.items()}
+
+
+def random_batch(built: BuiltStep, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host batch of the contract: noise audio, full lengths, random captions."""
+    rng = np.random.default_rng(seed)
+    batch, samples = built.shapes["audio"]
+    audio = np.rint(rng.normal(0.0, 0.1, (batch, samples)).clip(-1, 1) * 32767)
+    out = {"audio": audio.astype(np.int16), "audio_len": np.full(batch, samples, np.int32),
+           "valid": np.ones(batch, np.float32)}
+    if "text_ids" in built.shapes:
+        length = built.shapes["text_ids"][1]
+        ids = rng.integers(3, built.vocab_size, (batch, length)).astype(np.int32)
+        ids[:, 0] = spec.BOS_ID
+        ends = rng.integers(2, length, batch)  # position of eos
+        pos = np.arange(length)[None, :]
+        ids[pos == ends[:, None]] = spec.EOS_ID
+        ids[pos > ends[:, None]] = spec.PAD_ID
+        out["text_ids"], out["text_mask"] = ids, (pos <= ends[:, None]).astype(np.int32)
+    return out
+
+
+def step_flops(compiled: Any) -> float:
+    """FLOPs of one device's share of a compiled step (XLA cost analysis)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def memory_bytes(compiled: Any) -> dict[str, int]:
+    """Per-device sizes from `compiled.memory_analysis()` (empty where unsupported)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+    out = {k.removesuffix("_size_in_bytes"): int(getattr(stats, k, 0)) for k in keys}
+    # Donated (aliased) outputs reuse their argument buffers.
+    out["total"] = (out["argument"] + out["output"] - out["alias"] + out["temp"]
+                    + out["generated_code"])
+    return out
+
+
+def peak_flops_per_device(devices: list, dtype: str, override_tflops: float = 0.0
+                          ) -> tuple[float, str]:
+    """The per-device peak FLOP/s MFU is measured against, and where it came from.
+
+    Args:
+      devices: the mesh's devices.
+      dtype: compute dtype name, for the CPU measurement.
+      override_tflops: use this (TFLOP/s) when positive.
+
+    Returns:
+      (FLOP/s, source description); FLOP/s is NaN for an unknown accelerator.
+    """
+    if override_tflops > 0:
+        return override_tflops * 1e12, "--peak-tflops"
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return measured_matmul_peak(devices, dtype), f"measured {dtype} matmul"
+    for key, tflops in PEAK_TFLOPS:
+        if key.lower() in kind.lower():
+            return tflops * 1e12, f"{key} dense bf16 datasheet"
+    return float("nan"), f"unknown device {kind!r}: pass --peak-tflops"
+
+
+def measured_matmul_peak(devices: list, dtype: str, size: int = 1024, reps: int = 5) -> float:
+    """Per-device FLOP/s of square matmuls run on all `devices` at once (best of reps).
+
+    All devices run together because simulated CPU devices share the host's cores:
+    the machine's total, divided by the device count, is each device's fair share.
+    """
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    shape = (len(devices), size, size)
+    x = jax.device_put(jnp.ones(shape, dtype), sharding)
+    matmul = jax.jit(lambda a: jnp.einsum("dij,djk->dik", a, a), out_shardings=sharding)
+    jax.block_until_ready(matmul(x))
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(x))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
+            peak: tuple[float, str] | None = None, override_tflops: float = 0.0) -> dict:
+    """Compiles, runs and times one configuration (one table row).
+
+    Args:
+      config: from `make_config`.
+      steps: timed steps.
+      warmup: untimed steps after compiling.
+      peak: (per-device FLOP/s, source), measured once by the caller; None = measure.
+      override_tflops: see `peak_flops_per_device`.
+
+    Returns:
+      The row: settings, compile_s, step_s, examples_per_s, model_flops_per_example,
+      tflops_per_device, peak_tflops, mfu, memory (bytes).
+    """
+    built = build_step(config)
+    devices = list(built.mesh.devices.flat)
+    start = time.perf_counter()
+    compiled = built.step.lower(built.plan.abstract, abstract_batch(built)).compile()
+    compile_s = time.perf_counter() - start
+    if (config.model.scan or config.model.remat != "none"
+            or config.audio.frontend_sub_batches != 1):
+        reference = make_config(
+            config.task, config.model.variant, config.data.global_batch_size,
+            dtype=config.model.dtype, fsdp=config.mesh.fsdp if config.mesh.data == -1 else -1,
+            clip_seconds=config.audio.clip_seconds, text_length=config.data.text_length,
+            sub_batches=1)
+        ref = build_step(reference, built.mesh)
+        flops = step_flops(ref.step.lower(ref.plan.abstract, abstract_batch(ref)).compile())
+    else:
+        flops = step_flops(compiled)
+    state = state_lib.create_state(built.task.init_params, built.tx, built.plan, config.seed)
+    batch = to_global.to_global(random_batch(built), built.mesh)
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - start) / steps
+    if not math.isfinite(float(metrics["loss"])):
+        raise FloatingPointError(f"the benchmark step produced loss {float(metrics['loss'])}")
+    if peak is None:
+        peak = peak_flops_per_device(devices, config.model.dtype, override_tflops)
+    batch_size = config.data.global_batch_size
+    achieved = flops / step_s
+    mem = memory_bytes(compiled)
+    stats = devices[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        mem["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    return {
+        "stage": config.task, "variant": config.model.variant, "device": devices[0].device_kind,
+        "devices": len(devices), "mesh": dict(built.mesh.shape), "batch": batch_size,
+        "dtype": config.model.dtype, "scan": bool(config.model.scan),
+        "remat": config.model.remat, "clip_seconds": config.audio.clip_seconds,
+        "frontend_sub_batches": config.audio.frontend_sub_batches, "compile_s": compile_s,
+        "step_s": step_s, "examples_per_s": batch_size / step_s,
+        "model_flops_per_example": flops * len(devices) / batch_size,
+        "tflops_per_device": achieved / 1e12, "peak_tflops": peak[0] / 1e12,
+        "peak_source": peak[1], "mfu": achieved / peak[0], "memory": mem,
+    }
+
+
+def format_row(row: dict) -> str:
+    """One fixed-width table line."""
+    mem = row["memory"]
+    used = mem.get("peak_bytes_in_use", mem.get("total", 0))
+    label = "peak" if "peak_bytes_in_use" in mem else "compiled"
+    return (f"{row['stage']:9s} {row['variant']:4s} {row['devices']:2d} dev batch "
+            f"{row['batch']:5d} {row['dtype']:8s} scan={str(row['scan'])[0]} "
+            f"remat={row['remat']:7s} fe_sub={row['frontend_sub_batches']:<3d} "
+            f"step {1e3 * row['step_s']:9.1f} ms "
+            f"{row['examples_per_s']:9.1f} ex/s {row['model_flops_per_example'] / 1e9:8.2f} "
+            f"GFLOP/ex {row['tflops_per_device']:8.4f} TFLOP/s/dev MFU "
+            f"{100 * row['mfu']:5.1f}% mem/dev {used / 2**20:8.1f} MiB ({label}) "
+            f"compile {row['compile_s']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Measures every requested stage and batch size and prints a table.
+
+    Args:
+      argv: command-line arguments (without the program name); None = sys.argv.
+
+    Returns:
+      The rows (see `measure`).
+    """
+    args = parse_args(argv)
+    stages = [s for s in args.stage.split(",") if s]
+    batches = [int(b) for b in args.sweep_batch.split(",") if b] or [args.batch]
+    peaks: dict[str, tuple[float, str]] = {}
+    rows = []
+    for stage in stages:
+        for batch in batches:
+            config = make_config(stage, args.variant, batch, dtype=args.dtype,
+                                 scan=args.scan == "true", remat=args.remat, fsdp=args.fsdp,
+                                 clip_seconds=args.clip_seconds, text_length=args.text_length,
+                                 sub_batches=args.frontend_sub_batches)
+            dtype = config.model.dtype
+            if dtype not in peaks:
+                peaks[dtype] = peak_flops_per_device(jax.devices(), dtype, args.peak_tflops)
+                print(f"peak {peaks[dtype][0] / 1e12:.4f} TFLOP/s per device "
+                      f"({peaks[dtype][1]}, {jax.devices()[0].device_kind})", flush=True)
+            rows.append(measure(config, args.steps, args.warmup, peaks[dtype]))
+            print(format_row(rows[-1]), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # a bad flag or input: one line, no traceback
+        sys.exit(f"error: {error}")

@@ -1,0 +1,202 @@
+"""Smoke tests of the benchmark scripts at tiny sizes (so they do not rot), and checks
+of their arithmetic with hand-computed values."""
+
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from benchmarks import aot_compile, input_pipeline, train_step
+from cacophony_jax.data import spec
+
+# ---- input_pipeline ----------------------------------------------------------------
+
+
+def test_virtual_size_repeats_the_source():
+    base = types.SimpleNamespace(name="b", class_names=("x",))
+    records = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    source = input_pipeline.VirtualSize(_ListSource(records, base), 10)
+    assert len(source) == 10
+    assert [source[i]["id"] for i in (0, 4, 8, 9)] == ["a", "b", "c", "a"]
+    assert source.class_names == ("x",)
+    # Never smaller than the source itself.
+    assert len(input_pipeline.VirtualSize(_ListSource(records, base), 2)) == 3
+
+
+class _ListSource:
+    def __init__(self, records, meta):
+        self._records, self.name, self.class_names = records, meta.name, meta.class_names
+
+    def __len__(self):
+        return len(self._records)
+
+    def __getitem__(self, i):
+        return self._records[i]
+
+
+def test_cpu_seconds_counts_work_done():
+    before = input_pipeline.cpu_seconds()
+    end = time.process_time() + 0.05
+    while time.process_time() < end:
+        pass
+    assert input_pipeline.cpu_seconds() - before >= 0.05
+
+
+def test_format_row_says_whether_the_target_is_met():
+    row = {"bench": "wav", "config": "c", "clips_per_s": 3000.0, "cores": 2,
+           "clips_per_s_per_core": 1500.0, "clips_per_cpu_s": 1600.0}
+    assert "(target 1500: met)" in input_pipeline.format_row(row)
+    row.update(bench="frontend", clips_per_s_per_core=699.0)
+    assert "(target 700: missed)" in input_pipeline.format_row(row)
+
+
+def test_input_pipeline_runs_every_bench(tmp_path):
+    rows = input_pipeline.main([
+        "--num-clips", "4", "--clip-seconds", "1", "--batch", "2", "--seconds", "0.2",
+        "--text-length", "0,16", "--virtual-size", "100", "--iters", "1",
+        "--sub-batches", "1,2", "--data-dir", str(tmp_path)])
+    kinds = [r["bench"] for r in rows]
+    assert kinds == ["wav", "array_record"] * 2 + ["frontend"] * 2
+    for row in rows:
+        assert row["clips_per_s"] > 0 and row["cores"] >= 1
+        assert row["clips_per_s_per_core"] == pytest.approx(row["clips_per_s"] / row["cores"])
+    assert "text 16" in rows[2]["config"] and "sub_batches 2" in rows[-1]["config"]
+
+
+def test_input_pipeline_rejects_an_unknown_bench():
+    with pytest.raises(ValueError, match="unknown"):
+        input_pipeline.main(["--bench", "wave"])
+
+
+# ---- train_step --------------------------------------------------------------------
+
+
+def test_step_flops_counts_one_devices_share():
+    mesh = jax.make_mesh((8,), ("d",))
+    x = jax.ShapeDtypeStruct((64, 32), jnp.float32,
+                             sharding=NamedSharding(mesh, PartitionSpec("d")))
+    w = jax.ShapeDtypeStruct((32, 16), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    compiled = jax.jit(lambda a, b: a @ b).lower(x, w).compile()
+    # Each device multiplies its 8 x 32 rows by 32 x 16: 2 * 8 * 32 * 16 FLOPs.
+    assert train_step.step_flops(compiled) == 2 * 8 * 32 * 16
+
+
+@pytest.mark.parametrize("kind,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0),
+    ("TPU v5p", 459.0), ("TPU v6 lite", 918.0)])
+def test_peak_table_matches_device_kinds(kind, tflops):
+    device = types.SimpleNamespace(platform="gpu", device_kind=kind)
+    peak, source = train_step.peak_flops_per_device([device], "bfloat16")
+    assert peak == tflops * 1e12 and "datasheet" in source
+
+
+def test_unknown_accelerator_asks_for_a_peak():
+    device = types.SimpleNamespace(platform="gpu", device_kind="Mystery 9000")
+    peak, source = train_step.peak_flops_per_device([device], "bfloat16")
+    assert np.isnan(peak) and "--peak-tflops" in source
+    assert train_step.peak_flops_per_device([device], "bfloat16", 100.0)[0] == 100e12
+
+
+def test_memory_total_counts_donated_buffers_once():
+    stats = types.SimpleNamespace(argument_size_in_bytes=100, output_size_in_bytes=60,
+                                  alias_size_in_bytes=50, temp_size_in_bytes=30,
+                                  generated_code_size_in_bytes=5)
+    compiled = types.SimpleNamespace(memory_analysis=lambda: stats)
+    assert train_step.memory_bytes(compiled)["total"] == 100 + 60 - 50 + 30 + 5
+
+
+def test_random_batch_follows_the_contract():
+    config = train_step.make_config("cacophony", "tiny", 8, clip_seconds=1.0, text_length=16)
+    built = train_step.build_step(config)
+    batch = train_step.random_batch(built)
+    spec.check_batch(batch, spec.TRAIN_KEYS)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    assert (ids[:, 0] == spec.BOS_ID).all()
+    length = mask.sum(axis=1)  # bos .. eos inclusive
+    assert (ids[np.arange(8), length - 1] == spec.EOS_ID).all()
+    assert ((ids == spec.PAD_ID) == (mask == 0)).all()
+    assert ids.max() < built.vocab_size
+
+
+def test_measured_cpu_peak_is_positive():
+    assert train_step.measured_matmul_peak(jax.devices(), "float32", size=64, reps=1) > 0
+
+
+def test_train_step_measures_the_contrastive_stage():
+    rows = train_step.main(["--stage", "cacophony", "--batch", "8", "--steps", "1",
+                            "--warmup", "1", "--clip-seconds", "1", "--text-length", "16",
+                            "--peak-tflops", "2"])
+    (row,) = rows
+    assert row["devices"] == 8 and row["batch"] == 8 and row["peak_tflops"] == 2.0
+    assert row["examples_per_s"] == pytest.approx(8 / row["step_s"])
+    assert row["model_flops_per_example"] > 0
+    # Per device: model FLOPs of the global step / devices / seconds.
+    achieved = row["model_flops_per_example"] * 8 / 8 / row["step_s"] / 1e12
+    assert row["tflops_per_device"] == pytest.approx(achieved)
+    assert row["mfu"] == pytest.approx(row["tflops_per_device"] / 2.0)
+    assert row["memory"]["total"] > 0
+
+
+@pytest.mark.slow
+def test_sweep_and_scan_keep_the_model_flops():
+    plain = train_step.main(["--stage", "mae", "--sweep-batch", "8,16", "--steps", "1",
+                             "--warmup", "0", "--clip-seconds", "1", "--peak-tflops", "1"])
+    assert [r["batch"] for r in plain] == [8, 16]
+    assert plain[1]["memory"]["total"] > plain[0]["memory"]["total"]
+    # Per example the model work is the same; the optimiser's fixed share shrinks.
+    small, large = (r["model_flops_per_example"] for r in plain)
+    assert 0.8 * small < large < small
+    scanned = train_step.main(["--stage", "mae", "--batch", "8", "--steps", "1", "--warmup",
+                               "0", "--clip-seconds", "1", "--scan", "true", "--remat", "full",
+                               "--frontend-sub-batches", "2", "--peak-tflops", "1"])
+    # XLA counts a loop body once; the reference compile restores the true count.
+    assert scanned[0]["model_flops_per_example"] == pytest.approx(small, rel=1e-3)
+
+
+# ---- aot_compile -------------------------------------------------------------------
+
+
+def test_per_device_bytes_takes_one_shard():
+    mesh = jax.make_mesh((8,), ("d",))
+    tree = {
+        "sharded": jax.ShapeDtypeStruct((16, 4), jnp.float32,
+                                        sharding=NamedSharding(mesh, PartitionSpec("d"))),
+        "replicated": jax.ShapeDtypeStruct((3,), jnp.bfloat16,
+                                           sharding=NamedSharding(mesh, PartitionSpec())),
+    }
+    assert aot_compile.per_device_bytes(tree) == 2 * 4 * 4 + 3 * 2
+
+
+def test_mesh_and_target_errors_name_the_fix():
+    devices = jax.devices()
+    with pytest.raises(aot_compile.TargetError, match="needs 6 devices"):
+        aot_compile.make_mesh(devices, "2x3")
+    with pytest.raises(aot_compile.TargetError, match="DATAxFSDP"):
+        aot_compile.make_mesh(devices, "eight")
+    with pytest.raises(aot_compile.TargetError, match="tpu:<topology>"):
+        aot_compile.target_devices("gpu", 8)
+
+
+def test_tpu_target_without_libtpu_falls_back_to_cpu_devices():
+    devices, described = aot_compile.target_devices("tpu:v5e:2x4", 8)
+    assert len(devices) == 8
+    assert "stand-in" in described or "TPU topology" in described
+
+
+def test_aot_compile_reports_memory():
+    rows = aot_compile.main(["--stage", "cacophony", "--variant", "tiny", "--per-device-batch",
+                             "1", "--mesh", "1x8", "--dtype", "float32", "--clip-seconds", "1",
+                             "--device-memory-gb", "1e-6"])
+    assert [r["stage"] for r in rows] == ["cacophony"]
+    for row in rows:
+        assert row["global_batch"] == 8 and row["mesh"] == {"data": 1, "fsdp": 8}
+        assert row["memory"]["temp"] > 0
+        # Donated state: the outputs alias the state arguments.
+        assert row["memory"]["alias"] >= row["state_bytes_per_device"] * 0.9
+        assert not row["fits"]  # a 1 kB budget
+        assert row["flops_per_example"] > 0
