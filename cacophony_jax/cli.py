@@ -15,20 +15,17 @@ unreadable file, a bundle that does not fit an index) end with one line
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
+from cacophony_jax import embedding_index
+from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
-from cacophony_jax.curate.caption import decode_files, find_audio_files, per_clip
-from cacophony_jax.data.sources import AUDIO_EXTENSIONS
+from cacophony_jax.progress import ProgressLine
 
-INDEX_KEYS = ("paths", "embeddings", "bundle")
 _SHOWN_FAILURES = 10
 
 
@@ -36,61 +33,11 @@ class CommandError(ValueError):
     """A command-line mistake; the message names the thing and the fix."""
 
 
-class ProgressLine:
-    """A throttled progress line on stderr: redrawn in place on a terminal, else a
-    plain line every few seconds."""
-
-    def __init__(self, enabled: bool = True, stream: Any = None):
-        """Args: enabled: draw at all; stream: where to (default stderr)."""
-        self.enabled, self.stream = enabled, stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.label, self.start, self.last, self.seen = "", 0.0, 0.0, time.monotonic()
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        """Reports `done` of `total` items of the step called `label`."""
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if label != self.label:  # a new step: its rate counts from the previous report
-            self.label, self.start, self.last = label, self.seen, 0.0
-        self.seen = now
-        final = done >= total
-        if not final and now - self.last < (0.5 if self.tty else 5.0):
-            return
-        self.last = now
-        text = f"{label}: {done}/{total} ({100 * done / max(total, 1):.0f}%)"
-        if now - self.start > 0.5:
-            text += f", {done / (now - self.start):.1f}/s"
-        self.stream.write(("\r" + text.ljust(72) if self.tty else text + "\n")
-                          + ("\n" if final and self.tty else ""))
-        self.stream.flush()
-
-
 def load_model(bundle: str) -> Any:
     """Loads an inference bundle (`inference.load`)."""
     from cacophony_jax import inference  # lazy: JAX starts only when a model is needed
 
     return inference.load(bundle)
-
-
-def bundle_fingerprint(bundle: str) -> str:
-    """SHA-256 (first 16 hex digits) over every file of a bundle: names and contents.
-
-    Args:
-      bundle: the bundle folder (or a single file).
-
-    Returns:
-      The fingerprint; equal bundles (also copies) give equal values.
-    """
-    digest = hashlib.sha256()
-    files = [bundle] if os.path.isfile(bundle) else sorted(
-        os.path.join(folder, name) for folder, _, names in os.walk(bundle) for name in names)
-    for path in files:
-        digest.update(os.path.relpath(path, bundle).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _report_failures(failures: list[str], total: int) -> None:
@@ -138,75 +85,28 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not paths:
         raise CommandError(f"none of the {len(files)} audio files could be read; see the "
                            f"messages above")
-    meta = {"path": os.path.abspath(args.bundle), "fingerprint": bundle_fingerprint(args.bundle),
-            "tokenizer": _tokenizer_fingerprint(model), "kind": getattr(model, "kind", ""),
-            "embedding_size": int(vectors[0].shape[0])}
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    temporary = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
-    with open(temporary, "wb") as f:  # a file object: numpy adds no second suffix
-        np.savez(f, paths=np.asarray(paths, dtype=str), embeddings=np.stack(vectors),
-                 bundle=np.asarray(json.dumps(meta)))
-    os.replace(temporary, out)
+    out = embedding_index.write_index(args.out, paths, vectors, args.bundle, model)
     print(f"embedded {len(paths)} file(s) ({len(failures)} unreadable, skipped) -> {out}")
     return 0
 
 
-def _tokenizer_fingerprint(model: Any) -> str:
-    return getattr(getattr(model, "tokenizer", None), "fingerprint", "")
-
-
-def read_index(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Reads an index written by `embed`.
-
-    Args:
-      path: the .npz file.
-
-    Returns:
-      (paths [n] str, embeddings [n, P] float32, bundle metadata dict).
-    """
-    if not os.path.isfile(path):
-        raise CommandError(f"index {path} does not exist; create it with the embed command")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in INDEX_KEYS if k in data.files}
-        paths, emb = arrays["paths"], arrays["embeddings"].astype(np.float32)
-        meta = json.loads(str(arrays["bundle"]))
-    except (OSError, ValueError, EOFError, KeyError) as e:
-        raise CommandError(f"{path} is not an index written by the embed command ("
-                           f"{type(e).__name__}: {e}); rebuild it with embed") from None
-    if emb.ndim != 2 or emb.shape[0] != paths.shape[0]:
-        raise CommandError(f"{path} is damaged: {paths.shape[0]} paths but embeddings of "
-                           f"shape {emb.shape}; rebuild it with the embed command")
-    return paths, emb, meta
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     """Prints the indexed files closest to each text query."""
-    paths, emb, meta = read_index(args.index)
-    fingerprint = bundle_fingerprint(args.bundle) if os.path.exists(args.bundle) else None
+    paths, emb, meta = embedding_index.read_index(args.index)
+    fingerprint = (embedding_index.bundle_fingerprint(args.bundle)
+                   if os.path.exists(args.bundle) else None)
     model = load_model(args.bundle)
-    if fingerprint != meta.get("fingerprint"):
-        same_tokenizer = _tokenizer_fingerprint(model) == meta.get("tokenizer")
-        raise CommandError(
-            f"index {args.index} was built with bundle {meta.get('path')} (fingerprint "
-            f"{meta.get('fingerprint')}) but --bundle {args.bundle} has fingerprint "
-            f"{fingerprint}{'' if same_tokenizer else ' and a different tokenizer'}; "
-            f"embeddings of different bundles cannot be compared: search with the bundle "
-            f"the index was built with, or rebuild the index with embed --bundle {args.bundle}")
+    embedding_index.check_bundle(args.index, meta, args.bundle, fingerprint, model)
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise CommandError(f"bundle {args.bundle} is a {model.kind!r} model without a text "
                            f"tower; text search needs a stage-2 (cacophony) bundle")
-    queries = np.asarray(model.embed_text(list(args.queries)), np.float32)
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    for query, vector in zip(args.queries, queries, strict=True):
-        scores = emb @ vector
-        top = np.argsort(-scores, kind="stable")[: args.top_k]
+    queries = model.embed_text(list(args.queries))
+    ranked = embedding_index.rank(emb, queries, args.top_k)
+    for query, (top, scores) in zip(args.queries, ranked, strict=True):
         if len(args.queries) > 1:
             print(f"# {query}")
-        for i in top:
-            print(f"{scores[i]:.4f}\t{paths[i]}")
+        for i, score in zip(top, scores, strict=True):
+            print(f"{score:.4f}\t{paths[i]}")
     return 0
 
 
@@ -273,19 +173,11 @@ def cmd_curate_clean(args: argparse.Namespace) -> int:
     """Runs `curate.clean.run_clean` and prints its counts as JSON."""
     from cacophony_jax.curate import clean, llm
 
-    options: dict[str, Any] = {}
-    if args.backend == "llm":
-        options = dict(base_url=args.base_url, model=args.model, api_key=args.api_key,
-                       temperature=args.temperature, workers=args.workers,
-                       max_retries=args.max_retries, timeout_s=args.timeout,
-                       cache_path=args.cache)
     try:
-        counts = clean.run_clean(args.input, args.output, args.backend,
-                                 overwrite=args.overwrite, progress=not args.quiet, **options)
+        clean.command(args)
     except llm.LLMError as e:  # the server failed for good: not a usage error
         print(f"error: {e} (rerun the same command to resume)", file=sys.stderr)
         return 1
-    print(json.dumps(counts))
     return 0
 
 
@@ -392,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _curate_parsers(sub) -> None:
-    from cacophony_jax.curate import build, caption
+    from cacophony_jax.curate import build, caption, clean
 
     curate = sub.add_parser("curate", help="stage 0: clean, caption and build datasets",
                             description="stage 0 data tools")
@@ -402,19 +294,7 @@ def _curate_parsers(sub) -> None:
                  f"  {PROG} curate clean raw.jsonl manifest.jsonl\n"
                  f"  {PROG} curate clean raw.jsonl manifest.jsonl --backend llm "
                  f"--base-url http://localhost:8000/v1 --model MODEL\n")
-    p.add_argument("input", help="metadata JSONL (audio, title, tags, description, id)")
-    p.add_argument("output", help="manifest JSONL to write; resumed when it exists")
-    p.add_argument("--backend", choices=("rules", "llm"), default="rules")
-    p.add_argument("--overwrite", action="store_true", help="start the output afresh")
-    g = p.add_argument_group("llm backend (defaults from CACOPHONY_LLM_* variables)")
-    g.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://host:8000/v1")
-    g.add_argument("--model", help="served model name")
-    g.add_argument("--api-key", help="prefer CACOPHONY_LLM_API_KEY: command lines are visible")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--workers", type=int, default=4, help="requests in flight")
-    g.add_argument("--max-retries", type=int, default=5)
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    g.add_argument("--cache", help="cache file (default: OUTPUT.llm_cache.sqlite)")
+    clean.add_arguments(p)
     p = _command(steps, "caption", lambda args: caption.command(
         args, load_model(args.bundle), ProgressLine(not args.quiet)),
                  "add synthetic captions from a bundle",

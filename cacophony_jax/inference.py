@@ -51,19 +51,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cacophony_jax.audio import clips as clips_lib
 from cacophony_jax.audio import frontend, io, patches
-from cacophony_jax.convert import export
+from cacophony_jax.audio.clips import SAMPLE_RATE, STEP_SAMPLES, AudioInput
+from cacophony_jax.convert import bundle
 from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models import decoding
 from cacophony_jax.models.audio_encoder import AudioEncoder
 from cacophony_jax.models.cacophony import Cacophony
-
-SAMPLE_RATE = io.SAMPLE_RATE
-STEP_SAMPLES = patches.PATCH * frontend.HOP  # one time step of patches: 2560 samples
-MIN_SAMPLES = (patches.PATCH - 1) * frontend.HOP + 1  # 16 frames: ceil(n / 160) >= 16
-MIN_LAST_WINDOW = SAMPLE_RATE  # a trailing partial window shorter than 1 s is dropped
-MAX_CHANNELS = 8  # a 2-D array this narrow is taken for [samples, channels]
-AudioInput = str | os.PathLike | np.ndarray | Sequence[Any]
 
 
 class InferenceError(ValueError):
@@ -71,7 +66,7 @@ class InferenceError(ValueError):
 
 
 def load(bundle_path: str | os.PathLike, *, device: jax.Device | None = None) -> CacophonyModel:
-    """Loads an inference bundle (see convert/export.py).
+    """Loads an inference bundle (see convert/bundle.py).
 
     Args:
       bundle_path: the bundle folder.
@@ -80,25 +75,13 @@ def load(bundle_path: str | os.PathLike, *, device: jax.Device | None = None) ->
     Returns:
       The model.
     """
-    meta, params, tokenizer = export.read_bundle(bundle_path, device=device)
+    meta, params, tokenizer = bundle.read_bundle(bundle_path, device=device)
     return CacophonyModel(meta, params, tokenizer)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _bucket_rows(rows: int, batch_size: int) -> int:
-    size = 1
-    while size < rows:
-        size *= 2
-    return min(size, batch_size)
-
-
-def _steps(samples: int) -> int:
-    """Patch time steps of a clip of ``samples`` samples."""
-    return patches.num_patches(frontend.num_frames(samples)) // patches.FREQ_PATCHES
 
 
 class CacophonyModel:
@@ -117,7 +100,7 @@ class CacophonyModel:
     """
 
     def __init__(self, meta: dict[str, Any], params: Any, tokenizer: Tokenizer | None = None):
-        """Wraps parameters read by ``export.read_bundle`` (prefer ``load``).
+        """Wraps parameters read by ``bundle.read_bundle`` (prefer ``load``).
 
         Args:
           meta: the bundle metadata.
@@ -126,14 +109,14 @@ class CacophonyModel:
         """
         self.meta = meta
         self.kind: str = meta["kind"]
-        self.config = export.model_config(meta)
+        self.config = bundle.model_config(meta)
         self.sample_rate: int = SAMPLE_RATE
         self.window_seconds: float = float(meta["window_seconds"])
         self.text_length: int = int(meta["text_length"])
         self.tokenizer = tokenizer
         self.params = params
         self.trace_counts: collections.Counter[str] = collections.Counter()
-        dtype = export.DTYPES[meta["dtype"]]
+        dtype = bundle.DTYPES[meta["dtype"]]
         if self.kind == "cacophony":
             self.module: Cacophony | None = Cacophony(self.config, dtype=dtype)
             audio_cfg, self._encoder_key = self.config.audio, "audio_encoder"
@@ -145,7 +128,7 @@ class CacophonyModel:
         self.state_size: int = audio_cfg.hidden
         self._encoder = AudioEncoder(audio_cfg, dtype=dtype)
         self._window = round(self.window_seconds * SAMPLE_RATE)
-        self._window_steps = _steps(self._window)
+        self._window_steps = clips_lib.patch_steps(self._window)
         self._encode_audio = jax.jit(self._encode_audio_impl)
         self._encode_patches = jax.jit(self._encode_patches_impl)
         self._states = jax.jit(self._states_impl, static_argnames=("chunks", "chunk_steps"))
@@ -209,90 +192,15 @@ class CacophonyModel:
         for start in range(0, arrays[0].shape[0], batch_size):
             chunk = [a[start:start + batch_size] for a in arrays]
             rows = chunk[0].shape[0]
-            size = _bucket_rows(rows, batch_size)
-            if size > rows:
-                chunk = [np.concatenate([c, np.repeat(c[:1], size - rows, 0)]) for c in chunk]
-            out = jax.device_get(fn(self.params, *chunk))
+            out = jax.device_get(fn(self.params, *clips_lib.pad_rows(chunk, batch_size)))
             outs.append(jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], out))
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
-
-    def _bucket_samples(self, samples: int) -> int:
-        size = STEP_SAMPLES
-        while size < samples:
-            size *= 2
-        return min(size, self._window) if samples <= self._window else size
-
-    def _clips(self, audio: AudioInput, sample_rate: int | None) -> list[np.ndarray]:
-        """Every input clip as mono int16 at 16 kHz."""
-        if isinstance(audio, (str, os.PathLike)):
-            items: list[Any] = [audio]
-        elif isinstance(audio, np.ndarray):
-            if audio.ndim == 2 and audio.shape[1] <= MAX_CHANNELS:
-                raise io.AudioError(
-                    f"an audio array of shape {audio.shape} looks like [samples, channels] "
-                    "multi-channel audio; average the channels to mono first "
-                    "(audio.mean(axis=1)); a batch of clips is [n, samples]")
-            if audio.ndim not in (1, 2):
-                raise io.AudioError(f"an audio array must be [samples] or [n, samples], got "
-                                    f"shape {audio.shape}")
-            items = [audio] if audio.ndim == 1 else list(audio)
-        else:
-            items = list(audio)
-        return [self._clip(item, i, sample_rate) for i, item in enumerate(items)]
-
-    def _clip(self, item: Any, index: int, sample_rate: int | None) -> np.ndarray:
-        if isinstance(item, (str, os.PathLike)):
-            clip = io.load_audio(item, SAMPLE_RATE)
-        else:
-            arr = np.asarray(item)
-            if arr.ndim == 2 and min(arr.shape) <= MAX_CHANNELS:
-                raise io.AudioError(
-                    f"clip {index} has shape {arr.shape}, which looks like multi-channel "
-                    "audio; average the channels to mono first (e.g. audio.mean(axis=1))")
-            if arr.ndim != 1:
-                raise io.AudioError(f"clip {index} must be a 1-D mono waveform, got shape "
-                                    f"{arr.shape}")
-            if sample_rate is None:
-                raise io.AudioError(
-                    f"clip {index} is an array but no sample_rate was given; pass "
-                    f"sample_rate= its rate in Hz (it is resampled to {SAMPLE_RATE} Hz)")
-            if arr.dtype == np.int16:
-                clip = arr if sample_rate == SAMPLE_RATE else io.to_int16(
-                    io.resample(io.to_float32(arr), sample_rate, SAMPLE_RATE))
-            elif np.issubdtype(arr.dtype, np.floating):
-                clip = io.to_int16(io.resample(arr.astype(np.float32), sample_rate,
-                                               SAMPLE_RATE))
-            else:
-                raise io.AudioError(f"clip {index} has dtype {arr.dtype}; pass float audio in "
-                                    "[-1, 1] or int16")
-        if clip.shape[0] < MIN_SAMPLES:
-            raise io.AudioError(
-                f"clip {index} is {clip.shape[0]} samples long at {SAMPLE_RATE} Hz; the model "
-                f"needs at least {MIN_SAMPLES} (one 16-frame patch): pad it with silence")
-        return clip
-
-    def _windows(self, clip: np.ndarray) -> list[np.ndarray]:
-        """The long-audio rule of the module docstring."""
-        if clip.shape[0] <= self._window:
-            return [clip]
-        pieces = [clip[s:s + self._window] for s in range(0, clip.shape[0], self._window)]
-        if pieces[-1].shape[0] < MIN_LAST_WINDOW:
-            pieces.pop()
-        return pieces
 
     def _over_windows(self, windows: list[np.ndarray], fn: Callable,
                       batch_size: int) -> list[Any]:
         """``fn`` on every window, grouped by length bucket; results in input order."""
-        groups: dict[int, list[int]] = collections.defaultdict(list)
-        for i, window in enumerate(windows):
-            groups[self._bucket_samples(window.shape[0])].append(i)
         results: list[Any] = [None] * len(windows)
-        for samples, index in sorted(groups.items()):
-            audio = np.zeros((len(index), samples), np.int16)
-            lengths = np.zeros(len(index), np.int32)
-            for row, i in enumerate(index):
-                audio[row, :windows[i].shape[0]] = windows[i]
-                lengths[row] = windows[i].shape[0]
+        for index, audio, lengths in clips_lib.length_groups(windows, self._window):
             out = self._batched(fn, (audio, lengths), batch_size)
             for row, i in enumerate(index):
                 results[i] = out[row]
@@ -317,10 +225,10 @@ class CacophonyModel:
         Returns:
           float32 [n, embedding_size].
         """
-        clips = self._clips(audio, sample_rate)
+        clips = clips_lib.to_clips(audio, sample_rate)
         windows, owner = [], []
         for i, clip in enumerate(clips):
-            for window in self._windows(clip):
+            for window in clips_lib.split_windows(clip, self._window):
                 windows.append(window)
                 owner.append(i)
         out = np.zeros((len(clips), self.embedding_size), np.float32)
@@ -391,7 +299,8 @@ class CacophonyModel:
         if method not in decoding.METHODS:
             raise InferenceError(f"unknown caption method {method!r}; use one of "
                                  f"{list(decoding.METHODS)}")
-        firsts = [self._windows(clip)[0] for clip in self._clips(audio, sample_rate)]
+        firsts = [clips_lib.split_windows(clip, self._window)[0]
+                  for clip in clips_lib.to_clips(audio, sample_rate)]
         rng = jax.random.key(seed)
 
         def describe(params, audio, lengths):
@@ -417,14 +326,14 @@ class CacophonyModel:
           clip start, 16 frames = 160 ms each), mask bool [n, N]; N = 8 x the clip's
           whole 16-frame steps (a trailing partial step is dropped).
         """
-        clips = self._clips(np.asarray(audio_batch), sample_rate)
+        clips = clips_lib.to_clips(np.asarray(audio_batch), sample_rate)
         if not clips:
             raise io.AudioError("audio_states got an empty batch; pass [n, samples] with n >= 1")
         samples = clips[0].shape[0]
-        steps = _steps(samples)
+        steps = clips_lib.patch_steps(samples)
         if samples <= self._window:
-            padded = self._bucket_samples(samples)
-            chunks, chunk_steps = 1, _steps(padded)
+            padded = clips_lib.bucket_samples(samples, self._window)
+            chunks, chunk_steps = 1, clips_lib.patch_steps(padded)
         else:
             chunk_steps = self._window_steps
             chunks = -(-steps // chunk_steps)

@@ -24,9 +24,9 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 sys.path.insert(0, ".")
 from cacophony_jax.train import loop  # noqa: E402
-from tests.test_train import restore_params_sharded, tiny  # noqa: E402
+from tests.helpers import restore_params_sharded, tiny_config  # noqa: E402
 
-config = tiny("mae", 3, **{"train.checkpoint_every": 3, "mesh.fsdp": 2})
+config = tiny_config("mae", 3, **{"train.checkpoint_every": 3, "mesh.fsdp": 2})
 loop.run(config, workdir)
 params = restore_params_sharded(config, workdir)
 flat = {jax.tree_util.keystr(k): np.asarray(multihost_utils.process_allgather(v, tiled=True))

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from cacophony_jax import cli
+from cacophony_jax import cli, embedding_index
+from cacophony_jax.progress import ProgressLine
+from tests.helpers import tiny_config
 
 WORDS = ("dog", "rain", "bell", "car")
 
@@ -94,7 +96,7 @@ def test_embed_search_caption(bundles, sounds, tmp_path, capsys):
     assert emb.dtype == np.float32 and emb.shape == (4, 64)
     model = _load_once(bundles["main"])
     np.testing.assert_allclose(emb, model.embed_audio(paths), atol=1e-5)
-    assert meta["fingerprint"] == cli.bundle_fingerprint(bundles["main"])
+    assert meta["fingerprint"] == embedding_index.bundle_fingerprint(bundles["main"])
     assert meta["tokenizer"] == model.tokenizer.fingerprint
     assert not [n for n in os.listdir(index.parent) if n.startswith(".")]  # atomic write
 
@@ -239,7 +241,7 @@ def test_curate_commands(bundles, sounds, tmp_path, capsys):
 
 def test_progress_line():
     stream = io.StringIO()
-    progress = cli.ProgressLine(stream=stream)
+    progress = ProgressLine(stream=stream)
     progress("hash a", 1, 3)
     progress("hash a", 2, 3)  # within 5 s of the last line: not drawn
     progress("hash a", 3, 3)  # the last one always is
@@ -248,24 +250,15 @@ def test_progress_line():
     assert lines[0] == "hash a: 1/3 (33%)" and lines[1].startswith("hash a: 3/3 (100%)")
     assert lines[2].startswith("hash b: 2/2 (100%)") and len(lines) == 3
     silent = io.StringIO()
-    cli.ProgressLine(enabled=False, stream=silent)("x", 1, 1)
+    ProgressLine(enabled=False, stream=silent)("x", 1, 1)
     assert silent.getvalue() == ""
 
 
 @pytest.mark.slow
 def test_export_from_a_training_run_then_embed(sounds, tmp_path, capsys):
     from cacophony_jax.train import loop
-    from configs import cacophony as cacophony_config
 
-    config = cacophony_config.get_config("tiny,steps=2")
-    config.unlock()
-    config.audio.clip_seconds = config.audio.eval_clip_seconds = 1.0
-    config.data.synthetic_train_size, config.data.synthetic_eval_size = 48, 8
-    config.data.global_batch_size = config.data.eval_batch_size = 8
-    config.optim.warmup_steps = 1
-    config.data.text_length = 16
-    config.lock()
-    loop.run(config, str(tmp_path / "run"))
+    loop.run(tiny_config("cacophony", 2), str(tmp_path / "run"))
     assert _run(capsys, "export", "--checkpoint", tmp_path / "run", "--out",
                 tmp_path / "bundle", "--dtype", "bfloat16")[0] == 0
     meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from cacophony_jax.curate import build
+from cacophony_jax.curate import build, hashing
 from cacophony_jax.curate.build import BuildError
 from cacophony_jax.data.array_record import ArrayRecordSource
 
@@ -62,7 +62,7 @@ def corpus(tmp_path):
         csv.writer(f).writerows([["file_name"] + [f"caption_{k}" for k in range(1, 6)],
                                  ["leak.wav", "x", "x", "x", "x", "x"]])
     (tmp_path / "ids.txt").write_text("# evaluation ids\neval_id.flac\n")
-    (tmp_path / "hashes.txt").write_text(build.audio_hash(_clip(7)).upper() + "\n")
+    (tmp_path / "hashes.txt").write_text(hashing.audio_hash(_clip(7)).upper() + "\n")
     return tmp_path
 
 
@@ -98,7 +98,7 @@ def test_build_merges_dedups_excludes_and_filters(corpus):
     assert records["b/new.wav"]["labels"] == [1]
 
     hashes = (out / "train_hashes.txt").read_text().split()
-    assert hashes == [build.audio_hash(_clip(k)) for k in (1, 2, 8)]
+    assert hashes == [hashing.audio_hash(_clip(k)) for k in (1, 2, 8)]
     saved = json.loads((out / "summary.json").read_text())
     assert saved["train"]["total"]["clips"] == 3
     table = (out / "summary.md").read_text()
@@ -108,8 +108,8 @@ def test_build_merges_dedups_excludes_and_filters(corpus):
 
 def test_rerun_uses_the_hash_cache_and_resumes(corpus, monkeypatch):
     decoded = []
-    real = build.load_audio
-    monkeypatch.setattr(build, "load_audio", lambda path: decoded.append(path) or real(path))
+    real = hashing.load_audio
+    monkeypatch.setattr(hashing, "load_audio", lambda path: decoded.append(path) or real(path))
 
     def interrupt(label, done, total):
         if label == "hash a" and done == 3:

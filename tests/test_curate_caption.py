@@ -1,4 +1,5 @@
-"""Synthetic captioning of unlabeled audio, its resumable driver, class mention rate."""
+"""Synthetic captioning of unlabeled audio, its resumable driver, class mention rate,
+finding audio files."""
 
 import json
 import os
@@ -7,8 +8,12 @@ import numpy as np
 import pytest
 import soundfile
 
+from cacophony_jax.audio import files
+from cacophony_jax.audio.io import AudioError
 from cacophony_jax.curate import caption
-from cacophony_jax.curate.caption import CaptionError, class_mention_rate, mentions
+from cacophony_jax.curate.caption import CaptionError
+from cacophony_jax.evals import benchmark
+from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate, mentions
 
 WORDS = ("dog", "rain", "bell", "car")
 
@@ -67,11 +72,11 @@ def test_class_mention_rate_hand_cases():
     assert class_mention_rate(captions, labels) == pytest.approx(3 / 4)  # last: unlabelled
     assert class_mention_rate([["nothing", "a drum beating"]], [["drum"]]) == 1.0
     assert class_mention_rate(["a siren"], [["bell", "beep"]]) == 0.0
-    with pytest.raises(CaptionError, match="one per clip"):
+    with pytest.raises(CaptionInputError, match="one per clip"):
         class_mention_rate(["a"], [["x"], ["y"]])
-    with pytest.raises(CaptionError, match="no clip has a label"):
+    with pytest.raises(CaptionInputError, match="no clip has a label"):
         class_mention_rate(["a"], [[]])
-    with pytest.raises(CaptionError, match="list of class names"):
+    with pytest.raises(CaptionInputError, match="list of class names"):
         class_mention_rate(["a"], ["bell"])
 
 
@@ -87,11 +92,11 @@ def test_class_mention_report():
             tone = 0.3 * np.sin(2 * np.pi * 1000 * (i + 1) * t) * 32767
             return {"id": str(i), "audio": tone.astype(np.int16), "labels": [i ^ (i == 3)]}
 
-    report = caption.class_mention_report(FakeCaptioner(), Tones(), batch_size=3)
+    report = benchmark.class_mention_report(FakeCaptioner(), Tones(), batch_size=3)
     # Clip 3 (a car tone) is labelled "bell": 3 of 4 captions name the right class.
     assert report["clips"] == 4 and report["class_mention_rate"] == pytest.approx(0.75)
     assert report["examples"][0] == {"id": "0", "labels": ["dog"], "caption": "a dog sound"}
-    assert caption.class_mention_report(FakeCaptioner(), Tones(), limit=2)["clips"] == 2
+    assert benchmark.class_mention_report(FakeCaptioner(), Tones(), limit=2)["clips"] == 2
 
 
 # ---------------------------------------------------------------- drawing K captions
@@ -199,13 +204,13 @@ def test_run_caption_user_errors(tmp_path, folder):
 
 
 def test_find_audio_files(folder):
-    found = caption.find_audio_files([str(folder)], ["WAV"])
+    found = files.find_audio_files([str(folder)], ["WAV"])
     assert [name for _, name in found] == ["broken.wav", "clip0.wav", "clip2.wav", "clip4.wav",
                                            "tiny.wav", "sub/clip1.wav", "sub/clip3.wav"]
     direct = str(folder / "notes.txt")
-    assert caption.find_audio_files([direct]) == [(direct, direct)]
-    with pytest.raises(CaptionError, match="does not exist"):
-        caption.find_audio_files([str(folder / "missing")])
+    assert files.find_audio_files([direct]) == [(direct, direct)]
+    with pytest.raises(AudioError, match="does not exist"):
+        files.find_audio_files([str(folder / "missing")])
 
 
 def test_real_bundle_captions(tmp_path, official_dir):

@@ -8,47 +8,30 @@ import jax
 import numpy as np
 import pytest
 
+from cacophony_jax.convert import bundle as bundle_lib
 from cacophony_jax.convert import export, official
-from cacophony_jax.convert.export import BundleError
+from cacophony_jax.convert.bundle import BundleError
 from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models.layers import unstack_layers
 from cacophony_jax.models.variants import cacophony_config, mae_config
 from cacophony_jax.train import checkpoint, loop
-from configs import cacophony as cacophony_configs
-from configs import mae as mae_configs
+from tests.helpers import tiny_config
 
 CAPTIONS = ["a dog barks twice", "rain falls on a tin roof", "a car engine idles",
             "birds sing in the morning", "a door slams shut"] * 4
 
 
-def tiny(module, steps: int, **overrides):
-    config = module.get_config(f"tiny,steps={steps}")
-    config.unlock()
-    config.audio.clip_seconds = config.audio.eval_clip_seconds = 1.0
-    config.data.synthetic_train_size, config.data.synthetic_eval_size = 48, 8
-    config.data.global_batch_size = config.data.eval_batch_size = 8
-    config.data.read_threads = 2
-    config.data.eval.kind = ""  # no evaluation: only the checkpoints matter here
-    config.optim.warmup_steps = 1
-    config.train.checkpoint_every = 1
-    config.model.scan = True  # the bundle must come out unrolled
-    if module is cacophony_configs:
-        config.data.text_length = 16
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    config.lock()
-    return config
+def tiny(task: str, steps: int):
+    # Only the checkpoints matter here (no evaluation); the bundle must come out unrolled.
+    return tiny_config(task, steps, **{"data.eval.kind": "", "train.checkpoint_every": 1,
+                                       "model.scan": True})
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 2-step stage-2 run with checkpoints at steps 1 and 2."""
     workdir = tmp_path_factory.mktemp("run")
-    loop.run(tiny(cacophony_configs, 2), str(workdir))
+    loop.run(tiny("cacophony", 2), str(workdir))
     return workdir
 
 
@@ -61,7 +44,7 @@ def tokenizer_file(tmp_path_factory):
 def training_params(path, config, scan=True):
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
-                            export.abstract_params(config, scan=scan))
+                            bundle_lib.abstract_params(config, scan=scan))
     return jax.device_get(checkpoint.restore_subtree(str(path), ("params",), abstract))
 
 
@@ -75,7 +58,7 @@ def assert_same(a, b):
 def test_checkpoint_export_is_complete_and_bit_identical(run, tmp_path):
     out = export.export_from_checkpoint(run, tmp_path / "bundle")
     assert sorted(os.listdir(out)) == ["bundle.json", "params", "tokenizer.json"]
-    meta, params, tok = export.read_bundle(out)
+    meta, params, tok = bundle_lib.read_bundle(out)
     assert meta["format"] == "cacophony-bundle" and meta["version"] == 1
     assert meta["kind"] == "cacophony" and meta["dtype"] == "float32"
     assert meta["model"] == dataclasses.asdict(cacophony_config("tiny"))
@@ -95,9 +78,9 @@ def test_step_selection(run, tmp_path):
     step1 = export.export_from_checkpoint(run / "checkpoints" / "1", tmp_path / "a")
     by_arg = export.export_from_checkpoint(run / "checkpoints", tmp_path / "b", step=1)
     newest = export.export_from_checkpoint(run / "checkpoints", tmp_path / "c")
-    metas = [export.read_meta(p)["source"]["step"] for p in (step1, by_arg, newest)]
+    metas = [bundle_lib.read_meta(p)["source"]["step"] for p in (step1, by_arg, newest)]
     assert metas == [1, 1, 2]
-    p1, p1b, p2 = (export.read_bundle(p)[1] for p in (step1, by_arg, newest))
+    p1, p1b, p2 = (bundle_lib.read_bundle(p)[1] for p in (step1, by_arg, newest))
     assert_same(p1, p1b)
     a, b = p1["text_proj"]["kernel"], p2["text_proj"]["kernel"]
     assert not np.array_equal(np.asarray(a), np.asarray(b))  # a training step happened
@@ -106,8 +89,8 @@ def test_step_selection(run, tmp_path):
 
 
 def test_bfloat16_bundle_stores_cast_params(run, tmp_path):
-    f32 = export.read_bundle(export.export_from_checkpoint(run, tmp_path / "f32"))[1]
-    bf16 = export.read_bundle(export.export_from_checkpoint(run, tmp_path / "bf16",
+    f32 = bundle_lib.read_bundle(export.export_from_checkpoint(run, tmp_path / "f32"))[1]
+    bf16 = bundle_lib.read_bundle(export.export_from_checkpoint(run, tmp_path / "bf16",
                                                             dtype="bfloat16"))[1]
     leaves = jax.tree.leaves(bf16)
     assert {str(x.dtype) for x in leaves} == {"bfloat16"}
@@ -121,17 +104,17 @@ def test_official_exports_keep_the_converted_params(official_dir, tokenizer_file
     ckpt = official_dir / "Cacophony_tiny.ckpt"
     out = export.export_from_official(ckpt, tmp_path / "caco", tokenizer_path=tokenizer_file,
                                       text_length=32, window_seconds=10.0)
-    meta, params, tok = export.read_bundle(out)
+    meta, params, tok = bundle_lib.read_bundle(out)
     config, converted = official.load_official_cacophony(ckpt)
-    assert export.model_config(meta) == config
+    assert bundle_lib.model_config(meta) == config
     assert meta["source"] == {"type": "official", "file": "Cacophony_tiny.ckpt"}
     assert tok.fingerprint == Tokenizer.load(tokenizer_file).fingerprint
     assert_same(params, converted)
 
     out = export.export_from_official(official_dir / "AudioMAE_tiny.ckpt", tmp_path / "mae")
-    meta, params, tok = export.read_bundle(out)
+    meta, params, tok = bundle_lib.read_bundle(out)
     assert tok is None and sorted(os.listdir(out)) == ["bundle.json", "params"]
-    assert meta["kind"] == "mae" and export.model_config(meta) == mae_config("tiny")
+    assert meta["kind"] == "mae" and bundle_lib.model_config(meta) == mae_config("tiny")
     assert meta["text_length"] == 0 and meta["tokenizer_fingerprint"] == ""
     assert_same(params, official.load_official_mae(official_dir / "AudioMAE_tiny.ckpt")[1])
 
@@ -153,7 +136,7 @@ def test_export_refusals(official_dir, tokenizer_file, run, tmp_path):
     with pytest.raises(BundleError, match="already exists.*overwrite=True"):
         export.export_from_checkpoint(run, out)
     export.export_from_checkpoint(run, out, overwrite=True)
-    assert export.read_meta(out)["kind"] == "cacophony"
+    assert bundle_lib.read_meta(out)["kind"] == "cacophony"
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -184,9 +167,9 @@ def _edit_meta(bundle, **changes):
 
 def test_read_bundle_errors(official_dir, tokenizer_file, tmp_path):
     with pytest.raises(BundleError, match="does not exist.*export"):
-        export.read_bundle(tmp_path / "nothing")
+        bundle_lib.read_bundle(tmp_path / "nothing")
     with pytest.raises(BundleError, match="bundle.json is missing"):
-        export.read_bundle(tmp_path)
+        bundle_lib.read_bundle(tmp_path)
 
     def fresh(name):
         return export.export_from_official(
@@ -196,39 +179,39 @@ def test_read_bundle_errors(official_dir, tokenizer_file, tmp_path):
     bundle = fresh("corrupt")
     (bundle / "bundle.json").write_text("{not json")
     with pytest.raises(BundleError, match="corrupt.*re-export"):
-        export.read_bundle(bundle)
+        bundle_lib.read_bundle(bundle)
 
     bundle = fresh("v2")
     _edit_meta(bundle, version=2)
     with pytest.raises(BundleError, match="version 2.*reads version 1"):
-        export.read_bundle(bundle)
+        bundle_lib.read_bundle(bundle)
 
     bundle = fresh("tok")
     Tokenizer.train_bpe(["completely different words here"] * 3, 300).save(
         bundle / "tokenizer.json")
     with pytest.raises(BundleError, match="bundle/tokenizer mismatch"):
-        export.read_bundle(bundle)
+        bundle_lib.read_bundle(bundle)
 
     bundle = fresh("shapes")
     meta = json.loads((bundle / "bundle.json").read_text())
     meta["model"]["projection"] = 32
     _edit_meta(bundle, model=meta["model"])
     with pytest.raises(BundleError, match=r"do not fit the model config.*text_proj/kernel"):
-        export.read_bundle(bundle)
+        bundle_lib.read_bundle(bundle)
 
     bundle = fresh("noparams")
     for path in sorted((bundle / "params").rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     (bundle / "params").rmdir()
     with pytest.raises(BundleError, match="cannot read the params"):
-        export.read_bundle(bundle)
+        bundle_lib.read_bundle(bundle)
 
 
 @pytest.mark.slow
 def test_stage1_checkpoint_exports_a_mae_bundle(tmp_path):
-    config = tiny(mae_configs, 2)
+    config = tiny("mae", 2)
     loop.run(config, str(tmp_path / "run"))
     out = export.export_from_checkpoint(tmp_path / "run", tmp_path / "bundle")
-    meta, params, tok = export.read_bundle(out)
+    meta, params, tok = bundle_lib.read_bundle(out)
     assert meta["kind"] == "mae" and tok is None and meta["window_seconds"] == 1.0
     assert_same(params, unstack_layers(training_params(tmp_path / "run", mae_config("tiny"))))

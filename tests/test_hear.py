@@ -5,6 +5,7 @@ import pytest
 
 from cacophony_jax import hear
 from cacophony_jax.convert import export
+from cacophony_jax.convert.bundle import BundleError
 from cacophony_jax.data.tokenizer import Tokenizer
 
 LENGTHS = (1.07, 4.0)  # the validator's shortest and longest clips, in seconds
@@ -84,7 +85,7 @@ def test_load_model_reads_the_environment(bundles, monkeypatch):
         hear.load_model()
     monkeypatch.setenv(hear.ENV_VAR, str(bundles["mae"]))
     assert hear.load_model().model.kind == "mae"
-    with pytest.raises(export.BundleError, match="does not exist"):
+    with pytest.raises(BundleError, match="does not exist"):
         hear.load_model(str(bundles["mae"]) + "-missing")
 
 

@@ -9,7 +9,7 @@ import pytest
 from cacophony_jax import inference
 from cacophony_jax.audio import frontend, io, patches
 from cacophony_jax.convert import export, official
-from cacophony_jax.convert.export import BundleError
+from cacophony_jax.convert.bundle import BundleError
 from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models.audio_encoder import AudioEncoder
 from cacophony_jax.models.cacophony import Cacophony

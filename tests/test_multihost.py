@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_train import ROOT, read_metrics, restore_params, tiny
+from tests.helpers import ROOT, read_metrics, restore_params, tiny_config
 
 
 def free_port() -> int:
@@ -37,7 +37,7 @@ def test_two_processes_train_and_restore_on_one(tmp_path):
     data_iter = workdir / "checkpoints" / "3" / "data_iter"
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_iter))
     saved = np.load(out)
-    config = tiny("mae", 3, **{"train.checkpoint_every": 3, "mesh.fsdp": 2})
+    config = tiny_config("mae", 3, **{"train.checkpoint_every": 3, "mesh.fsdp": 2})
     params = restore_params(config, workdir)  # this process: 1 process x 8 devices
     flat = {jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import soundfile
 
+from cacophony_jax.data.layouts import (
+    audiocaps_source,
+    clotho_source,
+    esc50_source,
+    urbansound8k_source,
+)
 from cacophony_jax.data.sources import (
     ClipSource,
     ManifestError,
     ManifestSource,
     SourceError,
-    audiocaps_source,
-    clotho_source,
-    esc50_source,
     open_source,
-    urbansound8k_source,
 )
 
 

@@ -1,6 +1,5 @@
 """The training system end to end: entry point, resume exactness, sharding, failures."""
 
-import json
 import os
 import signal
 import subprocess
@@ -15,65 +14,10 @@ from cacophony_jax import tasks
 from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
-from cacophony_jax.train import checkpoint, loop, stages
+from cacophony_jax.train import loop, stages
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
-from configs import cacophony as cacophony_config
-from configs import mae as mae_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(task: str, steps: int, **overrides):
-    """A seconds-sized config of `task` on the embedded corpus."""
-    config = (mae_config if task == "mae" else cacophony_config).get_config(f"tiny,steps={steps}")
-    config.unlock()
-    config.audio.clip_seconds = config.audio.eval_clip_seconds = 1.0
-    config.data.synthetic_train_size, config.data.synthetic_eval_size = 48, 8
-    config.data.global_batch_size = config.data.eval_batch_size = 8
-    config.data.read_threads = 2
-    config.optim.warmup_steps = 1
-    config.train.log_every = 1
-    config.train.checkpoint_every = 5
-    if task == "cacophony":
-        config.data.text_length = 16
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    config.lock()
-    return config
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def restore_params(config, workdir):
-    """The saved parameters of a run, as numpy arrays on this host."""
-    return jax.device_get(restore_params_sharded(config, workdir))
-
-
-def restore_params_sharded(config, workdir):
-    """The saved parameters of a run, placed on this process's mesh."""
-    mesh = mesh_lib.make_mesh(config.mesh)
-    task = tasks.build(config, _tokenizer_for(config, workdir))
-    boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-    abstract, shardings = partition.param_shardings(
-        boxed, mesh, partition.rules_from_config(config.sharding_rules))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-    return checkpoint.restore_subtree(workdir, ("params",), abstract)
-
-
-def _tokenizer_for(config, workdir):
-    if config.task != "cacophony":
-        return None
-    from cacophony_jax.data import tokenizer
-    return tokenizer.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+from tests.helpers import ROOT, read_metrics, restore_params, tiny_config, tokenizer_for
 
 
 def assert_trees_equal(a, b):
@@ -82,8 +26,8 @@ def assert_trees_equal(a, b):
 
 
 def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
-    mae = tiny("mae", 4, **{"data.eval.kind": ""})
-    caco = tiny("cacophony", 4, **{"train.init_from": str(tmp_path / "mae")})
+    mae = tiny_config("mae", 4, **{"data.eval.kind": ""})
+    caco = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae")})
     stages.run(mae, str(tmp_path / "mae"))
     results = stages.run(caco, str(tmp_path / "caco"))
     rows = read_metrics(tmp_path / "caco")
@@ -95,7 +39,7 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
     assert 0 <= metrics["eval/t2a_R@10"] <= 100 and "eval/zeroshot_top1" in metrics
     # Stage 2 started from stage 1's encoder, not from a fresh initialisation.
     enc1 = restore_params(mae, tmp_path / "mae")["encoder"]
-    fresh = tasks.build(caco, _tokenizer_for(caco, tmp_path / "caco")).init_params(
+    fresh = tasks.build(caco, tokenizer_for(caco, tmp_path / "caco")).init_params(
         jax.random.PRNGKey(caco.seed))
     assert os.path.isdir(tmp_path / "caco" / "checkpoints" / "4")
     assert jax.tree.structure(enc1) == jax.tree.structure(
@@ -104,7 +48,7 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
 
 
 def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
-    straight = tiny("mae", 12, **{"train.checkpoint_every": 6})
+    straight = tiny_config("mae", 12, **{"train.checkpoint_every": 6})
     loop.run(straight, str(tmp_path / "a"))
 
     real_jit = step_lib.jit_train_step
@@ -134,7 +78,7 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
 
 
 def test_sharded_step_matches_single_device():
-    config = tiny("cacophony", 10, **{"tokenizer.vocab_size": 0})
+    config = tiny_config("cacophony", 10, **{"tokenizer.vocab_size": 0})
 
     class Tok:
         vocab_size = 500
@@ -181,13 +125,13 @@ def test_sharded_step_matches_single_device():
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
-    config = tiny("mae", 5, **{"optim.learning_rate": float("nan")})
+    config = tiny_config("mae", 5, **{"optim.learning_rate": float("nan")})
     with pytest.raises(FloatingPointError, match="by step 2"):
         loop.run(config, str(tmp_path))
 
 
 def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
-    config = tiny("mae", 10)
+    config = tiny_config("mae", 10)
     loop.run(config, str(tmp_path))
     ckpts = tmp_path / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["10", "5"]
@@ -195,7 +139,7 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
         for name in files:  # corrupt every file of the newest state
             with open(os.path.join(dirpath, name), "wb") as f:
                 f.write(b"garbage")
-    longer = tiny("mae", 10, **{"train.steps": 12})
+    longer = tiny_config("mae", 10, **{"train.steps": 12})
     loop.run(longer, str(tmp_path))
     assert "unreadable" in caplog.text
     names = sorted(os.listdir(ckpts))

@@ -1,223 +1,33 @@
-"""Inference bundles: one folder with everything needed to run a trained model.
+"""Export trained models as inference bundles (format: `cacophony_jax.convert.bundle`).
 
-Layout of a bundle folder::
-
-    bundle.json     {"format": "cacophony-bundle", "version": 1,
-                     "kind": "cacophony" | "mae", "model": {model config},
-                     "dtype": "float32" | "bfloat16", "frontend": {...},
-                     "window_seconds": float, "text_length": int,
-                     "tokenizer_fingerprint": str, "source": {...}}
-    params/         Orbax checkpoint of the parameter pytree only, in "dtype",
-                    always in the unrolled layout (``block_0``, ``block_1``, ...)
-    tokenizer.json  stage 2 only
-
-A bundle is written into a temporary sibling folder and renamed into place, so a
-reader never sees half a bundle. ``read_bundle`` checks the format version, the
-front end, the tokenizer fingerprint and every parameter shape before anything runs.
+``export_from_checkpoint`` takes the parameters of a training run's checkpoint and
+the model, tokenizer and clip length from its saved config; ``export_from_official``
+takes a released Cacophony.ckpt (stage 2, with RoBERTa's tokenizer) or AudioMAE.ckpt
+(stage 1). Both write the unrolled layer layout, whatever the model trained with.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
-from flax import linen as nn
 
-from cacophony_jax.audio import frontend
 from cacophony_jax.convert import official
+from cacophony_jax.convert.bundle import (
+    KINDS,
+    TOKENIZER_JSON,
+    BundleError,
+    ModelConfig,
+    abstract_params,
+    dtype_of,
+    write_bundle,
+)
 from cacophony_jax.data.tokenizer import Tokenizer, TokenizerError
 from cacophony_jax.models import variants
-from cacophony_jax.models.cacophony import Cacophony, cacophony_init_inputs
 from cacophony_jax.models.layers import unstack_layers
-from cacophony_jax.models.mae import MAE, mae_init_inputs
-from cacophony_jax.models.variants import CacophonyConfig, MAEConfig
-
-FORMAT = "cacophony-bundle"
-VERSION = 1
-KINDS = ("cacophony", "mae")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BUNDLE_JSON = "bundle.json"
-PARAMS_DIR = "params"
-TOKENIZER_JSON = "tokenizer.json"
-# The shortest window that still holds one 16-frame patch (16 hops of 160 samples).
-MIN_WINDOW_SAMPLES = 16 * frontend.HOP
-
-Params = dict[str, Any]
-ModelConfig = CacophonyConfig | MAEConfig
-
-
-class BundleError(ValueError):
-    """A bundle (or export request) that cannot be used; says what is wrong and the fix."""
-
-
-def frontend_settings() -> dict[str, float]:
-    """The log-mel front end every bundle is made for (audio/frontend.py).
-
-    Returns:
-      dict with sample_rate, window, hop, n_fft, n_mels, mel_fmax, log_offset,
-      log_scale and log_shift.
-    """
-    return dict(sample_rate=frontend.SAMPLE_RATE, window=frontend.WINDOW, hop=frontend.HOP,
-                n_fft=frontend.N_FFT, n_mels=frontend.N_MELS, mel_fmax=frontend.MEL_FMAX,
-                log_offset=frontend.LOG_OFFSET, log_scale=frontend.LOG_SCALE,
-                log_shift=frontend.LOG_SHIFT)
-
-
-def model_config(meta: dict[str, Any]) -> ModelConfig:
-    """The model config described by a bundle's metadata.
-
-    Args:
-      meta: the parsed bundle.json.
-
-    Returns:
-      A CacophonyConfig (kind "cacophony") or MAEConfig (kind "mae").
-    """
-    try:
-        fields = dict(meta["model"])
-        if meta["kind"] == "cacophony":
-            audio, text = fields.pop("audio"), fields.pop("text")
-            return CacophonyConfig(audio=variants.AudioEncoderConfig(**audio),
-                                   text=variants.TextConfig(**text), **fields)
-        return MAEConfig(encoder=variants.AudioEncoderConfig(**fields["encoder"]),
-                         decoder=variants.MAEDecoderConfig(**fields["decoder"]))
-    except (TypeError, KeyError, ValueError) as e:
-        raise BundleError(f"the model config in bundle.json is not valid "
-                          f"({type(e).__name__}: {e}); re-export the bundle") from None
-
-
-def abstract_params(config: ModelConfig, *, scan: bool = False) -> Params:
-    """Shapes of a model's float32 parameters (no memory is allocated).
-
-    Args:
-      config: a CacophonyConfig or MAEConfig.
-      scan: the scanned layout (as trained with ``config.model.scan``).
-
-    Returns:
-      The parameter tree of ShapeDtypeStructs.
-    """
-    if isinstance(config, CacophonyConfig):
-        model, inputs = Cacophony(config, scan=scan), cacophony_init_inputs(config)
-    else:
-        model, inputs = MAE(config, scan=scan), mae_init_inputs(config)
-    return nn.unbox(jax.eval_shape(model.init, {"params": jax.random.key(0)}, *inputs))["params"]
-
-
-# ---- writing ----------------------------------------------------------------------
-
-
-def _check_request(config: ModelConfig, tokenizer: Tokenizer | None, dtype: str,
-                   window_seconds: float, text_length: int) -> None:
-    dtype_of(dtype)
-    if not window_seconds * frontend.SAMPLE_RATE >= MIN_WINDOW_SAMPLES:
-        raise BundleError(f"window_seconds={window_seconds} is shorter than one 16-frame "
-                          "patch (0.16 s); use the clip length the model was trained on")
-    if not isinstance(config, CacophonyConfig):
-        return
-    if not 2 <= text_length <= config.text.max_positions:
-        raise BundleError(f"text_length={text_length} must be in [2, "
-                          f"{config.text.max_positions}] (the text tower's positions); pass "
-                          "the text length the model was trained with")
-    if tokenizer is None or tokenizer.vocab_size > config.text.vocab_size:
-        found = "no tokenizer" if tokenizer is None else f"{tokenizer.vocab_size} tokens"
-        raise BundleError(f"a stage-2 bundle needs the tokenizer the model was trained with "
-                          f"(got {found}, the model has {config.text.vocab_size} ids)")
-
-
-def _replace_atomically(out: pathlib.Path, write: Any, overwrite: bool) -> None:
-    """Calls ``write(tmp)`` on a fresh sibling folder, then renames it to ``out``."""
-    if out.exists():
-        if not overwrite:
-            raise BundleError(f"{out} already exists; pass overwrite=True to replace it or "
-                              "choose another folder")
-        if not (out / BUNDLE_JSON).is_file() and not (out.is_dir() and not any(out.iterdir())):
-            raise BundleError(f"{out} exists and is not an inference bundle; refusing to "
-                              "replace it, choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "bundle")
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_bundle(
-    out_dir: str | os.PathLike,
-    *,
-    config: ModelConfig,
-    params: Params,
-    tokenizer: Tokenizer | None,
-    dtype: str,
-    window_seconds: float,
-    text_length: int,
-    source: dict[str, Any],
-    overwrite: bool = False,
-) -> pathlib.Path:
-    """Writes a bundle atomically (temporary folder, then rename).
-
-    Args:
-      out_dir: the bundle folder to create.
-      config: the model config; its type decides the kind, "cacophony" or "mae".
-      params: the unrolled parameter tree (any array type; float leaves are cast).
-      tokenizer: the text tokenizer (stage 2), or None (stage 1).
-      dtype: "float32" or "bfloat16", the stored parameter dtype.
-      window_seconds: clip length the model was trained on.
-      text_length: tokens per text including bos/eos (ignored for "mae").
-      source: where the parameters came from (stored as is).
-      overwrite: replace an existing bundle at ``out_dir``.
-
-    Returns:
-      The bundle folder.
-    """
-    _check_request(config, tokenizer, dtype, window_seconds, text_length)
-    stage2 = isinstance(config, CacophonyConfig)
-    want = dtype_of(dtype)
-    stored = jax.tree.map(lambda a: np.asarray(a).astype(want) if np.issubdtype(
-        np.asarray(a).dtype, np.floating) else np.asarray(a), params)
-    meta = {"format": FORMAT, "version": VERSION, "kind": "cacophony" if stage2 else "mae",
-            "model": dataclasses.asdict(config), "dtype": dtype,
-            "frontend": frontend_settings(), "window_seconds": float(window_seconds),
-            "text_length": int(text_length) if stage2 else 0,
-            "tokenizer_fingerprint": tokenizer.fingerprint if stage2 else "", "source": source}
-
-    def write(folder: pathlib.Path) -> None:
-        checkpointer = ocp.StandardCheckpointer()
-        try:
-            checkpointer.save(folder / PARAMS_DIR, stored)
-            checkpointer.wait_until_finished()
-        finally:
-            checkpointer.close()
-        if stage2:
-            tokenizer.save(folder / TOKENIZER_JSON)
-        (folder / BUNDLE_JSON).write_text(json.dumps(meta, indent=2))
-
-    out = pathlib.Path(out_dir).absolute()
-    _replace_atomically(out, write, overwrite)
-    return out
-
-
-def dtype_of(name: str) -> Any:
-    """The numpy-compatible dtype of a bundle dtype name ("float32" | "bfloat16")."""
-    if name not in DTYPES:
-        raise BundleError(f"dtype {name!r} is not supported; bundles store {list(DTYPES)}")
-    return np.dtype(DTYPES[name])
-
 
 # ---- from a training checkpoint ---------------------------------------------------
 
@@ -375,129 +185,3 @@ def export_from_official(
     return write_bundle(out_dir, config=config, params=params, tokenizer=tokenizer,
                         dtype=dtype, window_seconds=window_seconds, text_length=text_length,
                         source=source, overwrite=overwrite)
-
-
-# ---- reading ------------------------------------------------------------------------
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads and checks a bundle's bundle.json.
-
-    Args:
-      path: the bundle folder.
-
-    Returns:
-      The metadata dict.
-    """
-    folder = pathlib.Path(path)
-    meta_path = folder / BUNDLE_JSON
-    fix = "create one with the export command (export_from_checkpoint / export_from_official)"
-    if not folder.is_dir():
-        raise BundleError(f"inference bundle {folder} does not exist; {fix}")
-    if not meta_path.is_file():
-        raise BundleError(f"{folder} is not an inference bundle ({BUNDLE_JSON} is missing); "
-                          f"{fix}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, OSError) as e:
-        raise BundleError(f"{meta_path} is corrupt ({e}); re-export the bundle") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BundleError(f"{meta_path} is not a {FORMAT} file; re-export the bundle")
-    if meta.get("version") != VERSION:
-        raise BundleError(f"{folder} is bundle version {meta.get('version')!r} but this "
-                          f"cacophony_jax reads version {VERSION}; re-export it with this "
-                          "version")
-    missing = sorted({"kind", "model", "dtype", "frontend", "window_seconds", "text_length",
-                      "tokenizer_fingerprint"} - set(meta))
-    if missing:
-        raise BundleError(f"{meta_path} lacks {missing}; re-export the bundle")
-    if meta["kind"] not in KINDS:
-        raise BundleError(f"{meta_path}: unknown kind {meta['kind']!r} (expected one of "
-                          f"{list(KINDS)}); re-export the bundle")
-    if meta["frontend"] != frontend_settings():
-        raise BundleError(f"{folder} was made for a different audio front end "
-                          f"({meta['frontend']}) than this cacophony_jax "
-                          f"({frontend_settings()}); re-export it with this version")
-    dtype_of(meta["dtype"])
-    return meta
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in p): (tuple(x.shape), np.dtype(x.dtype))
-            for p, x in flat}
-
-
-def _check_params(folder: pathlib.Path, saved: Any, want: Any) -> None:
-    got, exp = _flat_shapes(saved), _flat_shapes(want)
-    missing, unknown = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
-    wrong = sorted(f"{k} {got[k][0]} (expected {exp[k][0]})"
-                   for k in set(got) & set(exp) if got[k][0] != exp[k][0])
-    wrong += sorted(f"{k} dtype {got[k][1]} (expected {exp[k][1]})"
-                    for k in set(got) & set(exp) if got[k][1] != exp[k][1])
-    if missing or unknown or wrong:
-        parts = [f"{label}: {keys[:8]}{' ...' if len(keys) > 8 else ''}" for label, keys in
-                 (("missing", missing), ("unknown", unknown), ("mismatched", wrong)) if keys]
-        raise BundleError(f"the params in {folder} do not fit the model config in "
-                          f"{BUNDLE_JSON} ({'; '.join(parts)}); re-export the bundle")
-
-
-def read_bundle(
-    path: str | os.PathLike, *, device: jax.Device | None = None
-) -> tuple[dict[str, Any], Params, Tokenizer | None]:
-    """Loads a bundle after checking it.
-
-    Args:
-      path: the bundle folder.
-      device: where to place the parameters (default: the first local device).
-
-    Returns:
-      (meta, params, tokenizer): the metadata dict, the unrolled parameter tree as
-      jax arrays on ``device`` in the bundle's dtype, and the Tokenizer (None for a
-      "mae" bundle).
-    """
-    folder = pathlib.Path(path).absolute()
-    meta = read_meta(folder)
-    config = model_config(meta)
-    tokenizer = None
-    if meta["kind"] == "cacophony":
-        tok_path = folder / TOKENIZER_JSON
-        if not tok_path.is_file():
-            raise BundleError(f"{folder} has no {TOKENIZER_JSON}; re-export the bundle")
-        tokenizer = Tokenizer.load(tok_path)
-        if tokenizer.fingerprint != meta["tokenizer_fingerprint"]:
-            raise BundleError(
-                f"bundle/tokenizer mismatch in {folder}: {TOKENIZER_JSON} has fingerprint "
-                f"{tokenizer.fingerprint} but {BUNDLE_JSON} expects "
-                f"{meta['tokenizer_fingerprint']}; put back the tokenizer the bundle was "
-                "exported with (or re-export)")
-    dtype = dtype_of(meta["dtype"])
-    want = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(
-            s.shape, dtype if np.issubdtype(s.dtype, np.floating) else s.dtype),
-        abstract_params(config))
-    params_dir = folder / PARAMS_DIR
-    unreadable = BundleError(f"cannot read the params of {folder}; the bundle is incomplete "
-                             "or corrupt: re-export it")
-    if not params_dir.is_dir():
-        raise unreadable
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        try:
-            saved = checkpointer.metadata(params_dir).item_metadata
-        except Exception:  # noqa: BLE001 - Orbax raises many types for a bad folder
-            raise unreadable from None
-        if saved is None:
-            raise unreadable
-        _check_params(folder, getattr(saved, "tree", saved), want)
-        sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), want)
-        try:
-            params = checkpointer.restore(params_dir, target)
-        except Exception as e:  # noqa: BLE001
-            raise BundleError(f"the params of {folder} are corrupt ({type(e).__name__}: "
-                              f"{str(e)[:200]}); re-export the bundle") from None
-    finally:
-        checkpointer.close()
-    return meta, params, tokenizer

@@ -11,14 +11,22 @@ shapes; they come from the named variant with the same sizes unless given.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from flax import linen as nn
 from flax import serialization
 
+from cacophony_jax.convert import layout
+from cacophony_jax.convert.layout import (
+    HF_TEXT_LAYER,
+    Params,
+    Spec,
+    add_copy,
+    hf_text_embeddings_spec,
+    hf_text_layer_spec,
+)
 from cacophony_jax.models.cacophony import Cacophony, cacophony_init_inputs
 from cacophony_jax.models.layers import stack_layers
 from cacophony_jax.models.mae import MAE, mae_init_inputs
@@ -32,14 +40,9 @@ from cacophony_jax.models.variants import (
     variant_text_heads,
 )
 
-Params = dict[str, Any]
-# official key -> (expected shape, converter to {our path: array})
-Spec = dict[str, tuple[tuple[int, ...], Callable[[np.ndarray], dict[tuple[str, ...], Any]]]]
-
 STAGE2_ROOTS = ("audio_attention_pool", "audio_module", "decoder_module", "logit_scale",
                 "text_module", "text_proj")
 STAGE1_ROOTS = ("AudioDecoder_0", "AudioEncoder_0")
-TEXT_LAYER = "encoder/layer/ScanFlaxRobertaLayer_0"
 
 
 class OfficialCheckpointError(ValueError):
@@ -143,17 +146,12 @@ def _heads(given: int | None, found: int | None, what: str, arg: str) -> int:
     return found
 
 
-def _copy(spec: Spec, key: str, shape: tuple[int, ...], *target: str) -> None:
-    """Adds an entry that copies the array unchanged to our path ``target``."""
-    spec[key] = (shape, lambda a: {target: a})
-
-
 def _audio_spec(prefix: str, ours: tuple[str, ...], cfg: AudioEncoderConfig | MAEDecoderConfig,
                 block_heads: int) -> Spec:
     """Blocks of the audio form (encoder and MAE decoder): names differ, shapes agree."""
     d, hd = cfg.hidden, cfg.hidden // block_heads
     spec: Spec = {}
-    same = lambda key, shape, *target: _copy(spec, key, shape, *ours, *target)
+    same = lambda key, shape, *target: add_copy(spec, key, shape, *ours, *target)
 
     for i in range(cfg.layers):
         lp, blk = f"{prefix}/AudioEncoderLayer_{i}", f"block_{i}"
@@ -177,110 +175,20 @@ def _audio_spec(prefix: str, ours: tuple[str, ...], cfg: AudioEncoderConfig | MA
 def _encoder_spec(prefix: str, ours: tuple[str, ...], cfg: AudioEncoderConfig) -> Spec:
     spec = _audio_spec(prefix, ours, cfg, cfg.heads)
     d = cfg.hidden
-    _copy(spec, f"{prefix}/Dense_0/kernel", (cfg.patch_dim, d), *ours, "patch_embed", "kernel")
-    _copy(spec, f"{prefix}/Dense_0/bias", (d,), *ours, "patch_embed", "bias")
-    _copy(spec, f"{prefix}/freq_positional_embedding", (cfg.freq_patches, d), *ours,
+    add_copy(spec, f"{prefix}/Dense_0/kernel", (cfg.patch_dim, d), *ours, "patch_embed", "kernel")
+    add_copy(spec, f"{prefix}/Dense_0/bias", (d,), *ours, "patch_embed", "bias")
+    add_copy(spec, f"{prefix}/freq_positional_embedding", (cfg.freq_patches, d), *ours,
           "positions", "freq_table")
     return spec
 
 
-def hf_text_layer_spec(prefix: str, ours: tuple[str, ...], cfg: TextConfig, layers: int,
-                       cross: bool) -> Spec:
-    """Spec of a scanned Hugging Face Flax RoBERTa layer stack ([L, ...] leaves).
-
-    Args:
-      prefix: official key prefix of the stack (ends in ``ScanFlaxRobertaLayer_0``).
-      ours: our path of the tower holding ``block_i``.
-      cfg: text sizes.
-      layers: depth of this stack.
-      cross: whether the layers have cross-attention (the captioning decoder).
-
-    Returns:
-      {official key: (shape, converter to our per-layer paths)}.
-    """
-    h, heads, m = cfg.hidden, cfg.heads, cfg.mlp
-    hd = h // heads
-    groups = [("attention", "attn", "attn_norm")]
-    if cross:
-        groups.append(("crossattention", "cross_attn", "cross_norm"))
-    # their suffix -> (their per-layer shape, our path in the block, our shape)
-    table: dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]] = {}
-    for theirs, attn, norm in groups:
-        for proj in ("query", "key", "value"):
-            table[f"{theirs}/self/{proj}/kernel"] = ((h, h), (attn, proj, "kernel"), (h, heads, hd))
-            table[f"{theirs}/self/{proj}/bias"] = ((h,), (attn, proj, "bias"), (heads, hd))
-        table[f"{theirs}/output/dense/kernel"] = ((h, h), (attn, "out", "kernel"), (heads, hd, h))
-        table[f"{theirs}/output/dense/bias"] = ((h,), (attn, "out", "bias"), (h,))
-        for p in ("scale", "bias"):
-            table[f"{theirs}/output/LayerNorm/{p}"] = ((h,), (norm, p), (h,))
-    for theirs, w, d_in, d_out in (("intermediate", "wi", h, m), ("output", "wo", m, h)):
-        table[f"{theirs}/dense/kernel"] = ((d_in, d_out), ("mlp", w, "kernel"), (d_in, d_out))
-        table[f"{theirs}/dense/bias"] = ((d_out,), ("mlp", w, "bias"), (d_out,))
-    for p in ("scale", "bias"):
-        table[f"output/LayerNorm/{p}"] = ((h,), ("mlp_norm", p), (h,))
-
-    def split(target: tuple[str, ...], shape: tuple[int, ...]) -> Callable:
-        return lambda a: {ours + (f"block_{i}",) + target: a[i].reshape(shape)
-                          for i in range(layers)}
-
-    return {f"{prefix}/{k}": ((layers, *shape), split(target, new))
-            for k, (shape, target, new) in table.items()}
-
-
-def hf_text_embeddings_spec(prefix: str, ours: tuple[str, ...], cfg: TextConfig) -> Spec:
-    """Spec of Hugging Face Flax RoBERTa embeddings (word, position, type, LayerNorm).
-
-    Args:
-      prefix: official key prefix (ends in ``embeddings``).
-      ours: our path of the text tower.
-      cfg: text sizes.
-
-    Returns:
-      {official key: (shape, converter)}.
-    """
-    h = cfg.hidden
-    spec: Spec = {f"{prefix}/token_type_embeddings/embedding": (
-        (1, h), lambda a: {ours + ("type_embed",): a.reshape(h)})}
-    _copy(spec, f"{prefix}/word_embeddings/embedding", (cfg.vocab_size, h), *ours,
-          "token_embed", "embedding")
-    _copy(spec, f"{prefix}/position_embeddings/embedding", (cfg.max_positions, h), *ours,
-          "position_embed", "embedding")
-    for p in ("scale", "bias"):
-        _copy(spec, f"{prefix}/LayerNorm/{p}", (h,), *ours, "embed_norm", p)
-    return spec
-
-
-def _nest(items: Iterator[tuple[tuple[str, ...], np.ndarray]]) -> Params:
-    tree: Params = {}
-    for path, value in items:
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = np.asarray(value, np.float32)
-    return tree
-
-
-def convert_flat(flat: Mapping[str, np.ndarray], spec: Spec, path: str) -> Params:
-    """Checks every key and shape against ``spec`` and builds our (unrolled) tree.
-
-    Args:
-      flat: the checkpoint, flattened.
-      spec: what the checkpoint must hold.
-      path: file name for messages.
-
-    Returns:
-      Our parameter tree with unrolled ``block_i`` stacks.
-    """
-    missing = sorted(set(spec) - set(flat))
-    unknown = sorted(set(flat) - set(spec))
-    misshaped = sorted(f"{k} {tuple(flat[k].shape)} (expected {spec[k][0]})"
-                       for k in set(spec) & set(flat) if tuple(flat[k].shape) != spec[k][0])
-    if missing or unknown or misshaped:
-        parts = [f"{name}: {keys}" for name, keys in
-                 (("missing", missing), ("unknown", unknown), ("mis-shaped", misshaped)) if keys]
+def _convert(flat: Mapping[str, np.ndarray], spec: Spec, path: str) -> Params:
+    """Checks every key and shape against ``spec`` and builds our (unrolled) tree."""
+    problems = layout.mismatches(flat, spec)
+    if problems:
         raise OfficialCheckpointError(
-            f"{path!r} does not match the official layout; " + "; ".join(parts))
-    return _nest((p, v) for k, (_, fn) in spec.items() for p, v in fn(flat[k]).items())
+            f"{path!r} does not match the official layout; " + "; ".join(problems))
+    return layout.convert(flat, spec)
 
 
 def _finish(params: Params, model: nn.Module, inputs: tuple, scan: bool) -> Params:
@@ -318,14 +226,14 @@ def load_official_cacophony(
     _check_stage(flat, name, 2)
     shapes = _Shapes(flat)
     audio_sizes = _audio_sizes(shapes, "audio_module")
-    emb, layer = "text_module/embeddings", f"text_module/{TEXT_LAYER}"
+    emb, layer = "text_module/embeddings", f"text_module/{HF_TEXT_LAYER}"
     hidden, vocab = shapes(f"{emb}/word_embeddings/embedding", 1), \
         shapes(f"{emb}/word_embeddings/embedding", 0)
     layers = shapes(f"{layer}/attention/self/query/kernel", 0)
     text = dict(vocab_size=vocab, hidden=hidden, layers=layers,
                 mlp=shapes(f"{layer}/intermediate/dense/kernel", 2),
                 max_positions=shapes(f"{emb}/position_embeddings/embedding", 0))
-    decoder_layers = shapes(f"decoder_module/{TEXT_LAYER}/attention/self/query/kernel", 0)
+    decoder_layers = shapes(f"decoder_module/{HF_TEXT_LAYER}/attention/self/query/kernel", 0)
     projection = shapes("text_proj/kernel", 1)
     shapes.done(name)
     audio = AudioEncoderConfig(**audio_sizes)
@@ -338,7 +246,7 @@ def load_official_cacophony(
                                 "pool_heads"),
         projection=projection,
     )
-    params = convert_flat(flat, _cacophony_spec(config), name)
+    params = _convert(flat, _cacophony_spec(config), name)
     return config, _finish(params, Cacophony(config, scan=scan), cacophony_init_inputs(config),
                            scan)
 
@@ -347,11 +255,11 @@ def _cacophony_spec(cfg: CacophonyConfig) -> Spec:
     d, h, pool_h = cfg.audio.hidden, cfg.text.hidden, cfg.audio_pool_heads
     spec = _encoder_spec("audio_module", ("audio_encoder",), cfg.audio)
     spec.update(hf_text_embeddings_spec("text_module/embeddings", ("text_encoder",), cfg.text))
-    spec.update(hf_text_layer_spec(f"text_module/{TEXT_LAYER}", ("text_encoder",), cfg.text,
+    spec.update(hf_text_layer_spec(f"text_module/{HF_TEXT_LAYER}", ("text_encoder",), cfg.text,
                                    cfg.text.layers, cross=False))
-    spec.update(hf_text_layer_spec(f"decoder_module/{TEXT_LAYER}", ("decoder",), cfg.text,
+    spec.update(hf_text_layer_spec(f"decoder_module/{HF_TEXT_LAYER}", ("decoder",), cfg.text,
                                    cfg.decoder_layers, cross=True))
-    copy = lambda key, shape, *target: _copy(spec, key, shape, *target)
+    copy = lambda key, shape, *target: add_copy(spec, key, shape, *target)
     heads = (pool_h, d // pool_h)
     # The release's single k/v Dense puts the keys in the first half of its outputs.
     copy("audio_attention_pool/query", (d,), "audio_pool", "query")
@@ -404,12 +312,12 @@ def load_official_mae(path: str | os.PathLike, *, scan: bool = False) -> tuple[M
     spec = _encoder_spec("AudioEncoder_0", ("encoder",), encoder)
     spec.update(_audio_spec(dec, ("decoder",), decoder, decoder.heads))
     dd, patch = decoder.hidden, encoder.patch_dim
-    _copy(spec, f"{dec}/Dense_0/kernel", (encoder.hidden, dd), "decoder", "embed", "kernel")
-    _copy(spec, f"{dec}/Dense_0/bias", (dd,), "decoder", "embed", "bias")
-    _copy(spec, f"{dec}/Dense_1/kernel", (dd, patch), "decoder", "head", "kernel")
-    _copy(spec, f"{dec}/Dense_1/bias", (patch,), "decoder", "head", "bias")
-    _copy(spec, f"{dec}/freq_positional_embedding", (encoder.freq_patches, dd), "decoder",
+    add_copy(spec, f"{dec}/Dense_0/kernel", (encoder.hidden, dd), "decoder", "embed", "kernel")
+    add_copy(spec, f"{dec}/Dense_0/bias", (dd,), "decoder", "embed", "bias")
+    add_copy(spec, f"{dec}/Dense_1/kernel", (dd, patch), "decoder", "head", "kernel")
+    add_copy(spec, f"{dec}/Dense_1/bias", (patch,), "decoder", "head", "bias")
+    add_copy(spec, f"{dec}/freq_positional_embedding", (encoder.freq_patches, dd), "decoder",
           "positions", "freq_table")
-    _copy(spec, f"{dec}/restore_patch", (dd,), "decoder", "mask_token")
-    params = convert_flat(flat, spec, name)
+    add_copy(spec, f"{dec}/restore_patch", (dd,), "decoder", "mask_token")
+    params = _convert(flat, spec, name)
     return config, _finish(params, MAE(config, scan=scan), mae_init_inputs(config), scan)

@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
 
 import numpy as np
 
-from cacophony_jax.convert.official import (
-    convert_flat,
-    hf_text_embeddings_spec,
-    hf_text_layer_spec,
-)
+from cacophony_jax.convert import layout
+from cacophony_jax.convert.layout import HF_TEXT_LAYER, Params
 from cacophony_jax.models.layers import stack_layers
 from cacophony_jax.models.variants import TextConfig
 
-Params = dict[str, Any]
-_FLAX_LAYER = "encoder/layer/ScanFlaxRobertaLayer_0"
 _PREFIXES = ("roberta.", "")
 
 
@@ -129,10 +123,10 @@ def load_roberta_text_tower(
     flat = {f"embeddings/{flax}": flax_layout(f"{prefix}{k}")
             for k, (flax, _) in embeddings.items()}
     for k, (flax, _) in layer.items():
-        flat[f"{_FLAX_LAYER}/{flax}"] = np.stack(
+        flat[f"{HF_TEXT_LAYER}/{flax}"] = np.stack(
             [flax_layout(f"{prefix}encoder.layer.{i}.{k}") for i in range(text_config.layers)])
-    spec = hf_text_embeddings_spec("embeddings", (), text_config)
-    spec.update(hf_text_layer_spec(_FLAX_LAYER, (), text_config, text_config.layers,
-                                   cross=False))
-    params = convert_flat(flat, spec, name)
+    spec = layout.hf_text_embeddings_spec("embeddings", (), text_config)
+    spec.update(layout.hf_text_layer_spec(HF_TEXT_LAYER, (), text_config, text_config.layers,
+                                          cross=False))
+    params = layout.convert(flat, spec)
     return stack_layers(params) if scan else params

@@ -8,7 +8,7 @@ An input is a manifest (``.jsonl``/``.json``/``.csv``, see `cacophony_jax.data.s
 or ``kind:path[:split]`` (a kind of `open_source`; the split defaults to "train" for
 inputs and "test" for exclusions).
 
-Every clip is decoded to 16 kHz mono int16 and hashed (SHA-256 of the samples), so one
+Every clip is decoded to 16 kHz mono int16 and hashed (`curate.hashing`), so one
 recording stored twice, even as WAV and FLAC, counts once: the first copy in input
 order is kept and the others' captions, synthetic captions and labels are merged into
 it (lossy re-encodings change the samples and are not caught). Clips are dropped, in
@@ -29,27 +29,25 @@ split is written atomically by `write_array_record`. OUT also receives
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import re
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 from absl import logging
 
-from cacophony_jax.audio.io import SAMPLE_RATE, AudioError, load_audio
+from cacophony_jax import atomic_write
+from cacophony_jax.audio.io import SAMPLE_RATE
+from cacophony_jax.curate import hashing
 from cacophony_jax.data.array_record import write_array_record
 from cacophony_jax.data.sources import ManifestSource, SourceError, open_source
+from cacophony_jax.progress import Progress
 
 CACHE_NAME = ".build_hash_cache.jsonl"
 _MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
 _DROPS = ("unreadable", "overlap", "too_short", "too_long", "duplicate")
-
-Progress = Callable[[str, int, int], None]
 
 
 class BuildError(ValueError):
@@ -81,18 +79,6 @@ def open_input(spec: str, default_split: str = "train") -> Any:
     return open_source(kind, path, split, **options)
 
 
-def audio_hash(audio: np.ndarray) -> str:
-    """SHA-256 (hex) of int16 samples as little-endian bytes: the clip's identity.
-
-    Args:
-      audio: int16 [S] at 16 kHz.
-
-    Returns:
-      64 hex digits.
-    """
-    return hashlib.sha256(np.asarray(audio, "<i2").tobytes()).hexdigest()
-
-
 def read_lines(path: str, what: str) -> set[str]:
     """Non-empty stripped lines of a text file (ids or hashes), '#' comments skipped.
 
@@ -114,103 +100,6 @@ def read_lines(path: str, what: str) -> set[str]:
 def _name_forms(name: str) -> set[str]:
     base = os.path.basename(name)
     return {name, base, os.path.splitext(base)[0]}
-
-
-class HashCache:
-    """Append-only JSONL cache of file hashes keyed by (path, size, mtime); thread-safe."""
-
-    def __init__(self, path: str):
-        """Loads the cache (dropping a line cut off by an interruption) and opens it.
-
-        Args:
-          path: the cache file (created if missing).
-        """
-        self._entries: dict[tuple[str, int, int], dict[str, Any]] = {}
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                data = f.read()
-            keep = data.rfind(b"\n") + 1
-            if keep < len(data):
-                with open(path, "rb+") as f:
-                    f.truncate(keep)
-            for line in data[:keep].splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._entries[(entry["path"], entry["size"], entry["mtime_ns"])] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue  # a damaged line only costs one redecode
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int, int]) -> dict[str, Any] | None:
-        """The cached entry for (path, size, mtime_ns), or None."""
-        return self._entries.get(key)
-
-    def put(self, key: tuple[str, int, int], value: dict[str, Any]) -> None:
-        """Stores {"sha256", "samples"} or {"error"} for a key, flushed at once."""
-        entry = {"path": key[0], "size": key[1], "mtime_ns": key[2], **value}
-        with self._lock:
-            self._entries[key] = entry
-            self._file.write(json.dumps(entry) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        """Closes the file."""
-        self._file.close()
-
-
-def _hash_record(record: dict[str, Any], cache: HashCache) -> dict[str, Any]:
-    """{"sha256", "samples"} of a record's audio, or {"error": message}."""
-    if "audio" in record:
-        audio = np.asarray(record["audio"])
-        if audio.dtype != np.int16 or audio.ndim != 1 or not audio.size:
-            return {"error": f"inline audio is {audio.dtype} {audio.shape}, not int16 samples"}
-        return {"sha256": audio_hash(audio), "samples": int(audio.size)}
-    path = record["audio_path"]
-    try:
-        stat = os.stat(path)
-    except OSError as e:
-        return {"error": f"{path}: {e.strerror or e}"}
-    key = (path, stat.st_size, stat.st_mtime_ns)
-    cached = cache.get(key)
-    if cached is not None:
-        return cached
-    try:
-        audio = load_audio(path)
-        value: dict[str, Any] = {"sha256": audio_hash(audio), "samples": int(audio.size)}
-    except (AudioError, OSError) as e:
-        value = {"error": str(e)}
-    cache.put(key, value)
-    return value
-
-
-def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
-    # Bounded look-ahead: at most `window` items in flight, results in input order.
-    pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def _hash_source(source, label, pool, cache, window, progress) -> list[dict[str, Any]]:
-    total = len(source)
-    results = []
-
-    def work(index: int) -> dict[str, Any]:
-        record = source[index]
-        value = _hash_record(record, cache)
-        # Keep the metadata only: inline audio is read again when the split is written.
-        record = {k: v for k, v in record.items() if k != "audio"}
-        return {**value, "record": record, "index": index}
-
-    for done, entry in enumerate(_ordered(pool, work, range(total), window), 1):
-        results.append(entry)
-        if progress:
-            progress(f"hash {label}", done, total)
-    return results
 
 
 def _check_output(out_dir: str, split: str) -> None:
@@ -249,7 +138,7 @@ def run_build(
       split: the split to write.
       num_shards: array_record shards.
       exclude_ids: ids or file names of evaluation clips to drop.
-      exclude_hashes: `audio_hash` values of clips to drop.
+      exclude_hashes: `hashing.audio_hash` values of clips to drop.
       exclude_sources: ``kind:path[:split]`` specs whose clips' hashes are dropped.
       min_seconds: shortest clip kept.
       max_seconds: longest clip kept (None: no limit).
@@ -287,19 +176,20 @@ def run_build(
     min_samples = min_seconds * SAMPLE_RATE
     max_samples = float("inf") if max_seconds is None else max_seconds * SAMPLE_RATE
 
-    cache = HashCache(os.path.join(out_dir, CACHE_NAME))
+    cache = hashing.HashCache(os.path.join(out_dir, CACHE_NAME))
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             window = 4 * max(1, workers)
             for source in excluded_sources:
-                entries = _hash_source(source, f"exclude {source.name}", pool, cache, window,
-                                       progress)
+                entries = hashing.hash_source(source, f"exclude {source.name}", pool, cache,
+                                              window, progress)
                 bad_hashes.update(e["sha256"] for e in entries if "sha256" in e)
                 unread = [e["error"] for e in entries if "error" in e]
                 if unread:  # their copies in the inputs cannot be recognised by content
                     logging.warning("evaluation set %s: %d clip(s) unreadable, e.g. %s",
                                     source.name, len(unread), unread[0])
-            hashed = [(name, source, _hash_source(source, name, pool, cache, window, progress))
+            hashed = [(name, source,
+                       hashing.hash_source(source, name, pool, cache, window, progress))
                       for name, source in sources]
     finally:
         cache.close()
@@ -410,13 +300,9 @@ def _write_summary(out_dir: str, summary: dict[str, Any]) -> None:
         except (OSError, ValueError):
             every = {}
     every[summary["split"]] = summary
-    for name, text in (("summary.json", json.dumps(every, indent=1)),
-                       ("summary.md", "# Dataset build summary\n\n" + "\n".join(
-                           summary_markdown(s) for s in every.values()))):
-        temporary = os.path.join(out_dir, f".{name}.partial")
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, os.path.join(out_dir, name))
+    atomic_write.write_text(path, json.dumps(every, indent=1))
+    atomic_write.write_text(os.path.join(out_dir, "summary.md"), "# Dataset build summary\n\n"
+                            + "\n".join(summary_markdown(s) for s in every.values()))
 
 
 def add_arguments(parser: Any) -> None:

@@ -27,12 +27,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any
 
 from absl import logging
 
-from cacophony_jax.curate import llm, rules
+from cacophony_jax.curate import llm, resume, rules
+from cacophony_jax.progress import ProgressLine
 
 BACKENDS = ("rules", "llm")
 _SHOWN_BAD_ROWS = 50  # warnings beyond this are only counted
@@ -73,53 +73,6 @@ def _parse_row(text: str, in_dir: str, out_dir: str) -> dict[str, Any]:
         audio = os.path.relpath(os.path.join(in_dir, audio), out_dir)
     raw = {k: v for k, v in row.items() if k not in ("id", "audio")}
     return {"id": clip_id, "audio": audio, "raw": raw}
-
-
-def _prepare_output(path: str, overwrite: bool) -> set[str]:
-    """Ids already in the output (resume); drops a cut-off last line first."""
-    if overwrite or not os.path.exists(path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        open(path, "w").close()
-        return set()
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            logging.warning("%s: dropping a partial last line left by an interrupted run", path)
-            f.truncate(keep)
-            data = data[:keep]
-    done = set()
-    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CleanError(f"output {path} line {number} is not a manifest row; it was not "
-                             "written by this tool or is damaged: pass --overwrite (or "
-                             "overwrite=True) to start again") from None
-    return done
-
-
-class _Progress:
-    """One self-overwriting status line on stderr, redrawn at most twice a second."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.start = self.last = time.monotonic()
-
-    def show(self, done: int, counts: dict[str, int], final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.last < 0.5):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        sys.stderr.write(
-            f"\rclean: {done}/{self.total} rows ({100 * done / max(self.total, 1):.0f}%), "
-            f"written {counts['written']}, skipped {counts['skipped']}, cached "
-            f"{counts['cached']}, requested {counts['requested']}, {rate:.1f} rows/s"
-            + ("\n" if final else ""))
-        sys.stderr.flush()
 
 
 def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
@@ -164,7 +117,10 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
             raise CleanError(str(e)) from None
         chunk_size = chunk_size or 8 * settings.workers
     chunk_size = max(1, chunk_size or 256)
-    done = _prepare_output(output_path, overwrite)
+    try:
+        done = resume.prepare_output(output_path, overwrite)
+    except resume.OutputError as e:
+        raise CleanError(str(e)) from None
     captioner = None
     if settings is not None:
         try:
@@ -180,7 +136,12 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
     in_dir, out_dir = (os.path.dirname(os.path.abspath(p)) for p in (input_path, output_path))
     with open(input_path, "rb") as f:
         total = sum(1 for line in f if line.strip())
-    bar = _Progress(total, progress)
+    bar = ProgressLine(progress, unit="rows")
+
+    def show(final: bool) -> None:
+        bar("clean", counts["read"], total, f"written {counts['written']}, skipped "
+            f"{counts['skipped']}, cached {counts['cached']}, requested "
+            f"{counts['requested']}", final=final)
 
     def skip(kind: str, line: int, why: str) -> None:
         counts[kind] += 1
@@ -232,16 +193,56 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
                 batch.append((line, row))
                 if len(batch) >= chunk_size:
                     flush(batch, out)
-                bar.show(counts["read"], counts)
+                show(final=False)
             flush(batch, out)
     finally:
         if captioner is not None:
             captioner.close()
-        bar.show(counts["read"], counts, final=True)
+        show(final=True)
     if counts["skipped"] > _SHOWN_BAD_ROWS:
         logging.warning("%s: %d rows skipped in all (only the first %d shown)", input_path,
                         counts["skipped"], _SHOWN_BAD_ROWS)
     return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the options of `curate clean` (input, output, backend and the LLM settings).
+
+    Args:
+      parser: the command's parser.
+    """
+    parser.add_argument("input", help="metadata JSONL (audio, title, tags, description, id)")
+    parser.add_argument("output", help="manifest JSONL to write; resumed when it exists")
+    parser.add_argument("--backend", choices=BACKENDS, default="rules")
+    parser.add_argument("--overwrite", action="store_true", help="start the output afresh")
+    g = parser.add_argument_group("llm backend")
+    g.add_argument("--base-url", help=f"server, e.g. http://localhost:8000/v1 "
+                                      f"[{llm.ENV_BASE_URL}]")
+    g.add_argument("--model", help=f"served model name [{llm.ENV_MODEL}]")
+    g.add_argument("--api-key", help=f"prefer the variable: command lines are visible to "
+                                     f"other users [{llm.ENV_API_KEY}]")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--workers", type=int, default=4, help="requests in flight")
+    g.add_argument("--max-retries", type=int, default=5)
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--cache", help="cache file (default: OUTPUT.llm_cache.sqlite)")
+
+
+def command(args: argparse.Namespace) -> None:
+    """Runs `run_clean` with parsed `add_arguments` options (and --quiet); prints the counts.
+
+    Args:
+      args: the parsed options.
+    """
+    options: dict[str, Any] = {}
+    if args.backend == "llm":
+        options = dict(base_url=args.base_url, model=args.model, api_key=args.api_key,
+                       temperature=args.temperature, workers=args.workers,
+                       max_retries=args.max_retries, timeout_s=args.timeout,
+                       cache_path=args.cache)
+    counts = run_clean(args.input, args.output, args.backend, overwrite=args.overwrite,
+                       progress=not args.quiet, **options)
+    print(json.dumps(counts))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,39 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cacophony_jax.curate.clean",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="metadata JSONL (audio, title, tags, description, id)")
-    p.add_argument("output", help="manifest JSONL to write; resumed when it exists")
-    p.add_argument("--backend", choices=BACKENDS, default="rules")
-    p.add_argument("--overwrite", action="store_true", help="start the output afresh")
+    add_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    g = p.add_argument_group("llm backend")
-    g.add_argument("--base-url", help=f"server, e.g. http://localhost:8000/v1 "
-                                      f"[{llm.ENV_BASE_URL}]")
-    g.add_argument("--model", help=f"served model name [{llm.ENV_MODEL}]")
-    g.add_argument("--api-key", help=f"prefer the variable: command lines are visible to "
-                                     f"other users [{llm.ENV_API_KEY}]")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--workers", type=int, default=4, help="requests in flight")
-    g.add_argument("--max-retries", type=int, default=5)
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    g.add_argument("--cache", help="cache file (default: OUTPUT.llm_cache.sqlite)")
-    args = p.parse_args(argv)
-    options: dict[str, Any] = {}
-    if args.backend == "llm":
-        options = dict(base_url=args.base_url, model=args.model, api_key=args.api_key,
-                       temperature=args.temperature, workers=args.workers,
-                       max_retries=args.max_retries, timeout_s=args.timeout,
-                       cache_path=args.cache)
     try:
-        counts = run_clean(args.input, args.output, args.backend, overwrite=args.overwrite,
-                           progress=not args.quiet, **options)
+        command(p.parse_args(argv))
     except CleanError as e:
         print(f"clean: {e}", file=sys.stderr)
         return 2
     except llm.LLMError as e:
         print(f"clean: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(counts))
     return 0
 
 

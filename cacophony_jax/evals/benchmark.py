@@ -3,7 +3,7 @@
     python -m cacophony_jax.cli eval --bundle bundles/cacophony \
         --audiocaps data/audiocaps --clotho data/clotho --esc50 data/ESC-50 --out results/
 
-Tasks, with the public layouts read by `cacophony_jax.data.sources`:
+Tasks, with the public layouts read by `cacophony_jax.data.layouts`:
 
 * retrieval (AudioCaps "test", Clotho "evaluation"): text->audio and audio->text
   R@1/5/10 and mAP@10 (`evals.retrieval`); every caption of a clip is a query and
@@ -13,7 +13,7 @@ Tasks, with the public layouts read by `cacophony_jax.data.sources`:
   (`evals.zeroshot`); top-1 is the headline number.
 * any other set (e.g. the synthetic corpus's held-out split): retrieval when it has no
   class names, both tasks otherwise, and optionally the share of its clips whose
-  generated caption names the clip's class (`curate.caption.class_mention_report`).
+  generated caption names the clip's class (`class_mention_report`).
 
 Clips are embedded at their full length; files that fail to decode are skipped and
 counted (`unreadable`), so results on an incomplete copy of a set say so.
@@ -26,19 +26,20 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from cacophony_jax.audio.io import SAMPLE_RATE, AudioError, load_audio, to_float32
-from cacophony_jax.curate.caption import per_clip
-from cacophony_jax.data import sources as sources_lib
+from cacophony_jax import atomic_write
+from cacophony_jax.audio.files import map_records
+from cacophony_jax.audio.io import SAMPLE_RATE, AudioError
+from cacophony_jax.data import layouts
+from cacophony_jax.data.sources import SourceError
+from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate
 from cacophony_jax.evals.retrieval import MAP_K, RECALL_KS, retrieval_metrics
 from cacophony_jax.evals.zeroshot import prompts_for, zeroshot_metrics
-
-Progress = Callable[[str, int, int], None]
+from cacophony_jax.progress import Progress
 
 # Published results of "Cacophony: An Improved Contrastive Audio-Text Model" (Zhu,
 # Darefsky, Duan; IEEE/ACM TASLP 32, 2024; arXiv 2402.06986): retrieval R@k in percent
@@ -64,11 +65,11 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
 # Set name -> (display name, task, opener of the evaluated split from the dataset root).
 DATASETS: dict[str, tuple[str, str, Callable[[str], Any] | None]] = {
     "audiocaps": ("AudioCaps test", "retrieval",
-                  lambda root: sources_lib.audiocaps_source(root, "test")),
+                  lambda root: layouts.audiocaps_source(root, "test")),
     "clotho": ("Clotho evaluation", "retrieval",
-               lambda root: sources_lib.clotho_source(root, "evaluation")),
-    "esc50": ("ESC-50 (5 folds)", "zeroshot", sources_lib.esc50_source),
-    "urbansound8k": ("UrbanSound8K (10 folds)", "zeroshot", sources_lib.urbansound8k_source),
+               lambda root: layouts.clotho_source(root, "evaluation")),
+    "esc50": ("ESC-50 (5 folds)", "zeroshot", layouts.esc50_source),
+    "urbansound8k": ("UrbanSound8K (10 folds)", "zeroshot", layouts.urbansound8k_source),
     "tut2017": ("TUT Acoustic Scenes 2017", "zeroshot", None),
     "vggsound": ("VGGSound test", "zeroshot", None),
 }
@@ -87,8 +88,8 @@ def open_datasets(roots: Mapping[str, str]) -> dict[str, Any]:
     for name, root in roots.items():
         if name not in DATASETS or DATASETS[name][2] is None:
             readable = [k for k, v in DATASETS.items() if v[2] is not None]
-            raise sources_lib.SourceError(f"no reader for evaluation set {name!r}; "
-                                          f"readable sets: {readable}")
+            raise SourceError(f"no reader for evaluation set {name!r}; readable sets: "
+                              f"{readable}")
         opened[name] = DATASETS[name][2](root)
     return opened
 
@@ -97,15 +98,6 @@ def _tasks(name: str, source: Any) -> list[str]:
     if name in DATASETS:
         return [DATASETS[name][1]]
     return ["retrieval", "zeroshot"] if source.class_names else ["retrieval"]
-
-
-def _decode(record: dict[str, Any]) -> np.ndarray | Exception:
-    try:
-        if "audio" in record:
-            return to_float32(np.asarray(record["audio"]))
-        return to_float32(load_audio(record["audio_path"]))
-    except (AudioError, OSError) as e:
-        return e
 
 
 def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int = 4,
@@ -124,32 +116,64 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
       {"audio_emb" [n, P], "captions" per clip, "labels" per clip, "ids",
        "failures": ["id: why", ...]}.
     """
-    total = len(source)
+    total, done = len(source), 0
     embeddings, captions, labels, ids, failures = [], [], [], [], []
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for start in range(0, total, batch_size):
-            records = [source[i] for i in range(start, min(start + batch_size, total))]
-            audio = list(pool.map(_decode, records))
-            keep = [i for i, a in enumerate(audio) if not isinstance(a, Exception)]
-            results = per_clip(lambda clips: model.embed_audio(
-                clips, sample_rate=SAMPLE_RATE, batch_size=batch_size), [audio[i] for i in keep])
-            for i, result in zip(keep, results, strict=True):
-                audio[i] = result
-            for i, result in enumerate(audio):
-                if isinstance(result, Exception):
-                    failures.append(f"{records[i]['id']}: {result}")
-                    continue
-                embeddings.append(np.asarray(result, np.float32))
-                captions.append(list(records[i]["captions"]))
-                labels.append(list(records[i]["labels"]))
-                ids.append(records[i]["id"])
-            if progress:
-                progress(label or f"embed {source.name}", start + len(records), total)
+    embed = lambda clips: model.embed_audio(clips, sample_rate=SAMPLE_RATE,
+                                            batch_size=batch_size)
+    for records, results in map_records(embed, source, total, batch_size, workers):
+        for record, result in zip(records, results, strict=True):
+            if isinstance(result, Exception):
+                failures.append(f"{record['id']}: {result}")
+                continue
+            embeddings.append(np.asarray(result, np.float32))
+            captions.append(list(record["captions"]))
+            labels.append(list(record["labels"]))
+            ids.append(record["id"])
+        done += len(records)
+        if progress:
+            progress(label or f"embed {source.name}", done, total)
     if not ids:
         raise AudioError(f"none of the {total} clips of {source.name} could be decoded "
                          f"(e.g. {failures[:1]}); check the dataset folder")
     return {"audio_emb": np.stack(embeddings), "captions": captions, "labels": labels,
             "ids": ids, "failures": failures}
+
+
+def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
+                         method: str = "beam", beam_size: int = 4, batch_size: int = 16,
+                         max_len: int = 32) -> dict[str, Any]:
+    """Captions labelled clips and measures `evals.captioning.class_mention_rate` on them.
+
+    Args:
+      model: a loaded stage-2 bundle.
+      source: a labelled source (e.g. the synthetic corpus's held-out "eval" split).
+      limit: caption only the first `limit` clips (None: all).
+      method: "beam", "greedy" or "sample".
+      beam_size: beams for "beam".
+      batch_size: clips captioned at once.
+      max_len: tokens per caption at most.
+
+    Returns:
+      {"clips": n, "class_mention_rate": fraction, "examples": up to 5
+      {"id", "labels", "caption"} dicts}.
+    """
+    if getattr(model, "kind", "cacophony") != "cacophony":
+        raise CaptionInputError(f"this bundle is a {model.kind!r} model, which has no "
+                                f"captioning decoder; use a stage-2 (cacophony) bundle")
+    count = len(source) if limit is None else min(limit, len(source))
+    describe = lambda clips: model.caption(
+        clips, sample_rate=SAMPLE_RATE, method=method, max_len=max_len, beam_size=beam_size)
+    captions, labels, ids = [], [], []
+    for records, texts in map_records(describe, source, count, batch_size):
+        for record, text in zip(records, texts, strict=True):
+            if not isinstance(text, Exception):  # unreadable or refused clips are skipped
+                captions.append((text or "").strip())
+                labels.append([source.class_names[j] for j in record["labels"]])
+                ids.append(record["id"])
+    rate = class_mention_rate(captions, labels)
+    examples = [{"id": i, "labels": lab, "caption": c}
+                for i, lab, c in list(zip(ids, labels, captions, strict=True))[:5]]
+    return {"clips": len(captions), "class_mention_rate": rate, "examples": examples}
 
 
 def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
@@ -182,7 +206,7 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
     if "retrieval" in tasks:
         texts = [t for caps in embedded["captions"] for t in caps]
         if not texts:
-            raise sources_lib.SourceError(f"{name} has no captions, so retrieval cannot run")
+            raise SourceError(f"{name} has no captions, so retrieval cannot run")
         mapping = np.repeat(np.arange(len(embedded["captions"])),
                             [len(c) for c in embedded["captions"]])
         text_emb = np.asarray(model.embed_text(texts), np.float32)
@@ -193,8 +217,6 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
         class_emb = np.asarray(model.embed_text(prompts_for(source.class_names)), np.float32)
         metrics.update(zeroshot_metrics(embedded["audio_emb"], class_emb, embedded["labels"]))
     if caption_clips and source.class_names:
-        from cacophony_jax.curate.caption import class_mention_report
-
         report = class_mention_report(model, source, limit=caption_clips, batch_size=batch_size)
         metrics["class_mention_rate"] = 100.0 * report["class_mention_rate"]
         metrics["caption_examples"] = report["examples"]
@@ -313,12 +335,8 @@ def write_results(results: Mapping[str, Any], out_dir: str) -> None:
       out_dir: the folder (created if needed).
     """
     os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("results.json", json.dumps(results, indent=1)),
-                       ("results.md", results_markdown(results))):
-        temporary = os.path.join(out_dir, f".{name}.partial")
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, os.path.join(out_dir, name))
+    atomic_write.write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
+    atomic_write.write_text(os.path.join(out_dir, "results.md"), results_markdown(results))
 
 
 def add_arguments(parser: Any) -> None:

@@ -1,4 +1,4 @@
-"""Caption metrics: BLEU-1..4, ROUGE-L and CIDEr-D, following the COCO caption evaluation.
+"""Caption metrics: BLEU-1..4, ROUGE-L and CIDEr-D (COCO caption evaluation); class mentions.
 
 Numbers follow the formulas of the COCO caption evaluation code (the one DCASE and
 AudioCaps papers report), re-implemented in numpy/Python:
@@ -19,11 +19,15 @@ Tokenisation (`tokenize`) lower-cases, deletes apostrophes, turns every other
 punctuation character into a space and splits on white space. COCO runs the Stanford
 PTB tokenizer instead (which, e.g., splits "dog's" into "dog 's" and keeps "high-pitched"
 whole), so scores can differ slightly from the official scripts on such captions.
+
+`class_mention_rate` measures how often captions name one of the clip's event classes:
+a cheap check of a captioner on labelled held-out clips, with no reference captions.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -255,3 +259,68 @@ def caption_metrics(
     metrics["ROUGE-L"] = float(np.mean([rouge_l(c, r) for c, r in zip(cands, refs, strict=True)]))
     metrics["CIDEr-D"] = float(np.mean(cider_d(cands, refs)))
     return metrics
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _stem(word: str) -> str:
+    # Light suffix stripping so "a bird trilling" mentions "bird trill" and "crackling"
+    # mentions "crackle": -ing, a doubled consonant (not l/s/z), plural -s/-es, final -e.
+    if word.endswith("ing") and len(word) > 5:
+        word = word[:-3]
+        if len(word) > 2 and word[-1] == word[-2] and word[-1] not in "lsz":
+            word = word[:-1]
+    elif word.endswith(("ses", "xes", "zes", "ches", "shes")):
+        word = word[:-2]
+    elif word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        word = word[:-1]
+    return word[:-1] if word.endswith("e") and len(word) > 3 else word
+
+
+def _stems(text: str) -> list[str]:
+    return [_stem(w) for w in _WORD.findall(text.lower().replace("_", " "))]
+
+
+def mentions(caption: str, class_name: str) -> bool:
+    """Whether `caption` names `class_name` (case-, plural- and -ing-insensitive words).
+
+    Args:
+      caption: generated text.
+      class_name: e.g. "bird trill" or "engine_hum".
+
+    Returns:
+      True when the class name's words occur in the caption consecutively.
+    """
+    words, name = _stems(caption), _stems(class_name)
+    return bool(name) and any(words[i:i + len(name)] == name
+                              for i in range(len(words) - len(name) + 1))
+
+
+def class_mention_rate(captions: Sequence[str | Sequence[str]],
+                       labels: Sequence[Sequence[str]]) -> float:
+    """Share of labelled clips whose caption(s) mention one of the clip's classes.
+
+    Args:
+      captions: per clip, one caption or a list of captions (any one may mention).
+      labels: per clip, its class names; clips with none are not counted.
+
+    Returns:
+      A fraction in [0, 1].
+    """
+    if len(captions) != len(labels):
+        raise CaptionInputError(f"got {len(captions)} caption entries for {len(labels)} "
+                                f"label entries; need one per clip")
+    hits = total = 0
+    for texts, names in zip(captions, labels, strict=True):
+        if isinstance(names, str):
+            raise CaptionInputError(f"labels must be a list of class names per clip, got "
+                                    f"{names!r}")
+        if not names:
+            continue
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        total += 1
+        hits += any(mentions(t, n) for t in texts for n in names)
+    if not total:
+        raise CaptionInputError("no clip has a label; class_mention_rate needs labelled clips")
+    return hits / total

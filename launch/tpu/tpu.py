@@ -26,10 +26,20 @@ import tarfile
 import tempfile
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METADATA_WORKER = (
-    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
+# gcloud.py sits beside this file; its folder is on the path when run as a script, not
+# when this file is loaded by path (as the tests do).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gcloud import (  # noqa: E402
+    ARCHIVE_NAME,
+    Gcloud,
+    LaunchError,
+    log_file,
+    run_script,
+    setup_script,
+    stop_script,
 )
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Not shipped to the workers: environments, caches, run outputs.
 PACK_EXCLUDE = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", "runs"}
 
@@ -77,10 +87,6 @@ COMMANDS = {
 RUNTIMES = {"v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5e": "v2-alpha-tpuv5-lite"}
 DEFAULT_RUNTIME = "tpu-ubuntu2204-base"  # v4 and older
-
-
-class LaunchError(ValueError):
-    """A setting is missing or invalid, or a gcloud command failed."""
 
 
 def _flag(dest: str) -> str:
@@ -166,50 +172,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-class Gcloud:
-    """Runs (or, in dry-run mode, prints) gcloud commands for one TPU node."""
-
-    def __init__(self, cfg: argparse.Namespace):
-        self.cfg = cfg
-        self.where = [f"--zone={cfg.zone}", f"--project={cfg.project}"]
-
-    def call(self, argv: list[str], check: bool = True) -> int:
-        """Runs one command; in dry-run mode prints it instead and returns 0."""
-        if self.cfg.dry_run:
-            print(shlex.join(argv), flush=True)
-            return 0
-        print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
-        try:
-            code = subprocess.run(argv, check=False).returncode
-        except FileNotFoundError as e:
-            raise LaunchError(f"{argv[0]} not found: install the Google Cloud CLI and run "
-                              "`gcloud auth login`") from e
-        if check and code != 0:
-            raise LaunchError(f"command failed (exit code {code}): {shlex.join(argv[:6])} ...")
-        return code
-
-    def tpu(self, verb: str, *extra: str) -> list[str]:
-        return ["gcloud", "compute", "tpus", "tpu-vm", verb, self.cfg.name, *self.where, *extra]
-
-    def queued(self, verb: str, *extra: str) -> list[str]:
-        return ["gcloud", "compute", "tpus", "queued-resources", verb, self.cfg.queued_id,
-                *self.where, *extra]
-
-    def ssh(self, worker: str, script: list[str]) -> list[str]:
-        """ssh running `script` (shell lines) on `worker` ('all' or an index)."""
-        # A line ending in '&' already ends its command; '& ;' is a shell syntax error.
-        joined = "".join(line + (" " if line.endswith("&") else "; ") for line in script)
-        return self.tpu("ssh", f"--worker={worker}", *shlex.split(self.cfg.ssh_flags),
-                        "--command=" + joined.rstrip("; "))
-
-
-def _rpath(path: str) -> str:
-    """Quotes a remote path for the shell, letting a leading ~/ expand to $HOME."""
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
 def _jax_version() -> str:
     path = os.path.join(REPO_ROOT, "requirements.txt")
     try:
@@ -223,26 +185,10 @@ def _jax_version() -> str:
 
 
 def _cmd_create(g: Gcloud) -> None:
-    cfg = g.cfg
-    extra = shlex.split(cfg.create_flags)
-    if cfg.queued:
-        argv = g.queued("create", f"--node-id={cfg.name}", f"--accelerator-type={cfg.type}",
-                        f"--runtime-version={cfg.runtime_version}")
-        if cfg.spot:
-            argv.append("--spot")
-        if cfg.valid_until:
-            argv.append(f"--valid-until-duration={cfg.valid_until}")
-        g.call(argv + extra)
-        if not cfg.dry_run:
-            print(f"queued resource {cfg.queued_id} requested; `tpu.py status` shows when it "
-                  "is ACTIVE, then run `tpu.py setup`", file=sys.stderr)
-        return
-    argv = g.tpu("create", f"--accelerator-type={cfg.type}", f"--version={cfg.runtime_version}")
-    if cfg.spot:
-        argv.append("--spot")
-    if cfg.preemptible:
-        argv.append("--preemptible")
-    g.call(argv + extra)
+    g.call(g.create())
+    if g.cfg.queued and not g.cfg.dry_run:
+        print(f"queued resource {g.cfg.queued_id} requested; `tpu.py status` shows when it "
+              "is ACTIVE, then run `tpu.py setup`", file=sys.stderr)
 
 
 def _pack_repo(archive: str) -> None:
@@ -258,58 +204,16 @@ def _pack_repo(archive: str) -> None:
 
 def _cmd_setup(g: Gcloud) -> None:
     cfg = g.cfg
-    src = _rpath(cfg.remote_dir)
-    py = shlex.quote(cfg.python)
-    script = [
-        "set -euo pipefail",
-        # JAX needs Python >= 3.11; TPU VM images ship an older python3.
-        f"if ! command -v {py} >/dev/null; then sudo apt-get update -qq && "
-        f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {py} {py}-venv; fi",
-    ]
-    archive_name = "cacophony_jax_src.tar.gz"
-    if cfg.repo_url:
-        url, ref = shlex.quote(cfg.repo_url), shlex.quote(cfg.repo_ref)
-        script += [
-            f"if [ ! -d {src}/.git ]; then git clone --quiet {url} {src}; fi",
-            # FETCH_HEAD works alike for a branch, a tag and a commit.
-            f"git -C {src} fetch --quiet {url} {ref}",
-            f"git -C {src} checkout --quiet --detach FETCH_HEAD",
-        ]
-    else:
-        script += [f"mkdir -p {src}", f"tar -xzf ~/{archive_name} -C {src}",
-                   f"rm -f ~/{archive_name}"]
-    script += [
-        f"cd {src}",
-        f"{py} -m venv .venv",
-        ". .venv/bin/activate",
-        "pip install --quiet --upgrade pip",
-        # Same jax as requirements.txt, plus the TPU runtime (libtpu) that matches it.
-        f"pip install --quiet -r requirements.txt {shlex.quote(f'jax[tpu]=={_jax_version()}')}",
-        "python -c 'import jax; print(\"jax\", jax.__version__, \"ready\")'",
-    ]
+    script = setup_script(cfg, _jax_version())
     with tempfile.TemporaryDirectory() as tmp:
-        archive = os.path.join(tmp, archive_name)
+        archive = os.path.join(tmp, ARCHIVE_NAME)
         if not cfg.repo_url:
             if cfg.dry_run:
                 print(f"# pack {REPO_ROOT} without {sorted(PACK_EXCLUDE)} into {archive}")
             else:
                 _pack_repo(archive)
-            g.call(["gcloud", "compute", "tpus", "tpu-vm", "scp", archive,
-                    f"{cfg.name}:{archive_name}", "--worker=all", *g.where,
-                    *shlex.split(cfg.ssh_flags)])
+            g.call(g.scp_to_all(archive, ARCHIVE_NAME))
         g.call(g.ssh("all", script))
-
-
-def _log_file(cfg: argparse.Namespace, worker: str) -> str:
-    return f"{_rpath(cfg.log_dir)}/{shlex.quote(cfg.run_name)}-worker{worker}.log"
-
-
-def train_command(cfg: argparse.Namespace, overrides: list[str]) -> str:
-    """The training command line every worker runs (quoted for a POSIX shell)."""
-    # --distributed=on: a pod's worker list lives in the VM metadata, which jax reads
-    # itself once asked to start the distributed runtime.
-    return shlex.join(["python", "-m", "cacophony_jax.main", f"--config={cfg.config}",
-                       f"--workdir={cfg.workdir}", "--distributed=on", *overrides])
 
 
 def _cmd_run(g: Gcloud, overrides: list[str], stream: bool) -> None:
@@ -317,46 +221,21 @@ def _cmd_run(g: Gcloud, overrides: list[str], stream: bool) -> None:
     if not cfg.workdir.startswith("gs://"):
         print(f"note: TPU_WORKDIR={cfg.workdir} is on the workers' disks; use gs://... for a "
               "multi-host slice and to resume after a preemption", file=sys.stderr)
-    logs, pid = _rpath(cfg.log_dir), f"{_rpath(cfg.log_dir)}/{shlex.quote(cfg.run_name)}.pid"
-    exports = shlex.split(cfg.train_env)
-    bad = [e for e in exports if "=" not in e]
-    if bad:
-        raise LaunchError(f"TPU_ENV entries must be KEY=VALUE, got {bad}")
-    script = [
-        "set -euo pipefail",
-        f"cd {_rpath(cfg.remote_dir)}",
-        ". .venv/bin/activate",
-        f"mkdir -p {logs}",
-        f"W=$(curl -sf -H Metadata-Flavor:Google {METADATA_WORKER} || hostname)",
-        f"LOG={_log_file(cfg, '$W')}",
-        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
-        f'echo "worker $W: {cfg.run_name} is already running; use tpu.py stop" >&2; exit 1; fi',
-        *(f"export {shlex.quote(e)}" for e in exports),
-        # setsid + nohup: training outlives the ssh session; >> keeps earlier attempts' logs.
-        f'setsid nohup {train_command(cfg, overrides)} >> "$LOG" 2>&1 < /dev/null &',
-        f"echo $! > {pid}",
-        'echo "worker $W: started pid $!, log $LOG"',
-    ]
-    g.call(g.ssh("all", script))
+    g.call(g.ssh("all", run_script(cfg, overrides)))
     if stream:
-        g.call(g.ssh("0", [f"tail -n +1 -F {_log_file(cfg, '0')}"]), check=False)
+        g.call(g.ssh("0", [f"tail -n +1 -F {log_file(cfg, '0')}"]), check=False)
 
 
 def _cmd_logs(g: Gcloud, worker: str, lines: int, follow: bool) -> None:
     if worker != "all" and not worker.isdigit():
         raise LaunchError(f"--worker must be an index or 'all', got {worker!r}")
     follow = " -F" if follow and worker != "all" else ""
-    tail = f"tail -n {lines}{follow} {_log_file(g.cfg, '*' if worker == 'all' else worker)}"
+    tail = f"tail -n {lines}{follow} {log_file(g.cfg, '*' if worker == 'all' else worker)}"
     g.call(g.ssh(worker, [tail]), check=False)
 
 
 def _cmd_stop(g: Gcloud) -> None:
-    pid = f"{_rpath(g.cfg.log_dir)}/{shlex.quote(g.cfg.run_name)}.pid"
-    # Only the process this launcher started (its pid file); wait so the TPU is free.
-    g.call(g.ssh("all", [
-        f"if [ -f {pid} ]; then P=$(cat {pid}); kill $P 2>/dev/null || true; "
-        "for i in $(seq 60); do kill -0 $P 2>/dev/null || break; sleep 1; done; "
-        f"rm -f {pid}; echo stopped $P; else echo not running; fi"]))
+    g.call(g.ssh("all", stop_script(g.cfg)))
 
 
 def _cmd_status(g: Gcloud) -> None:

@@ -1,0 +1,47 @@
+"""Files replaced atomically: written to a hidden sibling, then renamed into place.
+
+A reader (or a rerun after a crash) sees the old file or the new one, never half of
+one. Used for results, summaries and embedding indexes; bundles, which are folders,
+have their own rule in `convert.bundle`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import IO
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Opens a temporary sibling of `path`; on leaving without an error it replaces `path`.
+
+    Args:
+      path: the file to (re)write; its folder must exist.
+      mode: "w" (UTF-8 text) or "wb".
+
+    Yields:
+      The open temporary file (removed again if the block raises).
+    """
+    path = os.fspath(path)
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    try:
+        with open(temporary, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replaces `path` with `text` (UTF-8) atomically.
+
+    Args:
+      path: the file; its folder must exist.
+      text: the new contents.
+    """
+    with replacing(path) as f:
+        f.write(text)

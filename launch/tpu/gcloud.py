@@ -1,0 +1,192 @@
+"""The gcloud command lines of the Cloud TPU launcher and the shell scripts its workers run.
+
+`tpu.py` resolves the settings and calls these builders; `Gcloud.call` runs a command
+(or prints it in dry-run mode). Standard library only, like `tpu.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+
+METADATA_WORKER = (
+    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
+)
+ARCHIVE_NAME = "cacophony_jax_src.tar.gz"  # the packed checkout, in each worker's home
+
+
+class LaunchError(ValueError):
+    """A setting is missing or invalid, or a gcloud command failed."""
+
+
+class Gcloud:
+    """Runs (or, in dry-run mode, prints) gcloud commands for one TPU node."""
+
+    def __init__(self, cfg: argparse.Namespace):
+        """Args: cfg: the resolved settings (name, zone, project, dry_run, ...)."""
+        self.cfg = cfg
+        self.where = [f"--zone={cfg.zone}", f"--project={cfg.project}"]
+
+    def call(self, argv: list[str], check: bool = True) -> int:
+        """Runs one command; in dry-run mode prints it instead and returns 0."""
+        if self.cfg.dry_run:
+            print(shlex.join(argv), flush=True)
+            return 0
+        print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+        try:
+            code = subprocess.run(argv, check=False).returncode
+        except FileNotFoundError as e:
+            raise LaunchError(f"{argv[0]} not found: install the Google Cloud CLI and run "
+                              "`gcloud auth login`") from e
+        if check and code != 0:
+            raise LaunchError(f"command failed (exit code {code}): {shlex.join(argv[:6])} ...")
+        return code
+
+    def tpu(self, verb: str, *extra: str) -> list[str]:
+        """``gcloud compute tpus tpu-vm VERB NAME`` with zone, project and `extra`."""
+        return ["gcloud", "compute", "tpus", "tpu-vm", verb, self.cfg.name, *self.where, *extra]
+
+    def queued(self, verb: str, *extra: str) -> list[str]:
+        """``gcloud compute tpus queued-resources VERB ID`` with zone, project and `extra`."""
+        return ["gcloud", "compute", "tpus", "queued-resources", verb, self.cfg.queued_id,
+                *self.where, *extra]
+
+    def ssh(self, worker: str, script: list[str]) -> list[str]:
+        """ssh running `script` (shell lines) on `worker` ('all' or an index)."""
+        # A line ending in '&' already ends its command; '& ;' is a shell syntax error.
+        joined = "".join(line + (" " if line.endswith("&") else "; ") for line in script)
+        return self.tpu("ssh", f"--worker={worker}", *shlex.split(self.cfg.ssh_flags),
+                        "--command=" + joined.rstrip("; "))
+
+    def scp_to_all(self, local: str, remote: str) -> list[str]:
+        """scp of a local file to `remote` on every worker."""
+        return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{self.cfg.name}:{remote}",
+                "--worker=all", *self.where, *shlex.split(self.cfg.ssh_flags)]
+
+    def create(self) -> list[str]:
+        """The create command: a TPU VM / pod slice, or a queued resource for one."""
+        cfg = self.cfg
+        if cfg.queued:
+            argv = self.queued("create", f"--node-id={cfg.name}",
+                               f"--accelerator-type={cfg.type}",
+                               f"--runtime-version={cfg.runtime_version}")
+            if cfg.spot:
+                argv.append("--spot")
+            if cfg.valid_until:
+                argv.append(f"--valid-until-duration={cfg.valid_until}")
+        else:
+            argv = self.tpu("create", f"--accelerator-type={cfg.type}",
+                            f"--version={cfg.runtime_version}")
+            if cfg.spot:
+                argv.append("--spot")
+            if cfg.preemptible:
+                argv.append("--preemptible")
+        return argv + shlex.split(cfg.create_flags)
+
+
+def rpath(path: str) -> str:
+    """Quotes a remote path for the shell, letting a leading ~/ expand to $HOME."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def log_file(cfg: argparse.Namespace, worker: str) -> str:
+    """The (shell-quoted) training log of `worker` ('$W' or '*' are left to the shell)."""
+    return f"{rpath(cfg.log_dir)}/{shlex.quote(cfg.run_name)}-worker{worker}.log"
+
+
+def pid_file(cfg: argparse.Namespace) -> str:
+    """The (shell-quoted) file holding the pid of the run this launcher started."""
+    return f"{rpath(cfg.log_dir)}/{shlex.quote(cfg.run_name)}.pid"
+
+
+def train_command(cfg: argparse.Namespace, overrides: list[str]) -> str:
+    """The training command line every worker runs (quoted for a POSIX shell)."""
+    # --distributed=on: a pod's worker list lives in the VM metadata, which jax reads
+    # itself once asked to start the distributed runtime.
+    return shlex.join(["python", "-m", "cacophony_jax.main", f"--config={cfg.config}",
+                       f"--workdir={cfg.workdir}", "--distributed=on", *overrides])
+
+
+def setup_script(cfg: argparse.Namespace, jax_version: str) -> list[str]:
+    """Shell lines that fetch the code (clone, or unpack ARCHIVE_NAME) and build the venv.
+
+    Args:
+      cfg: the settings.
+      jax_version: the jax pin of requirements.txt (jax[tpu] of the same version).
+
+    Returns:
+      The script, one command a line.
+    """
+    src = rpath(cfg.remote_dir)
+    py = shlex.quote(cfg.python)
+    script = [
+        "set -euo pipefail",
+        # JAX needs Python >= 3.11; TPU VM images ship an older python3.
+        f"if ! command -v {py} >/dev/null; then sudo apt-get update -qq && "
+        f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {py} {py}-venv; fi",
+    ]
+    if cfg.repo_url:
+        url, ref = shlex.quote(cfg.repo_url), shlex.quote(cfg.repo_ref)
+        script += [
+            f"if [ ! -d {src}/.git ]; then git clone --quiet {url} {src}; fi",
+            # FETCH_HEAD works alike for a branch, a tag and a commit.
+            f"git -C {src} fetch --quiet {url} {ref}",
+            f"git -C {src} checkout --quiet --detach FETCH_HEAD",
+        ]
+    else:
+        script += [f"mkdir -p {src}", f"tar -xzf ~/{ARCHIVE_NAME} -C {src}",
+                   f"rm -f ~/{ARCHIVE_NAME}"]
+    return script + [
+        f"cd {src}",
+        f"{py} -m venv .venv",
+        ". .venv/bin/activate",
+        "pip install --quiet --upgrade pip",
+        # Same jax as requirements.txt, plus the TPU runtime (libtpu) that matches it.
+        f"pip install --quiet -r requirements.txt {shlex.quote(f'jax[tpu]=={jax_version}')}",
+        "python -c 'import jax; print(\"jax\", jax.__version__, \"ready\")'",
+    ]
+
+
+def run_script(cfg: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """Shell lines that start training in the background on a worker, logging to its file.
+
+    Args:
+      cfg: the settings.
+      overrides: training flags appended to the command.
+
+    Returns:
+      The script, one command a line.
+    """
+    exports = shlex.split(cfg.train_env)
+    bad = [e for e in exports if "=" not in e]
+    if bad:
+        raise LaunchError(f"TPU_ENV entries must be KEY=VALUE, got {bad}")
+    pid = pid_file(cfg)
+    return [
+        "set -euo pipefail",
+        f"cd {rpath(cfg.remote_dir)}",
+        ". .venv/bin/activate",
+        f"mkdir -p {rpath(cfg.log_dir)}",
+        f"W=$(curl -sf -H Metadata-Flavor:Google {METADATA_WORKER} || hostname)",
+        f"LOG={log_file(cfg, '$W')}",
+        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
+        f'echo "worker $W: {cfg.run_name} is already running; use tpu.py stop" >&2; exit 1; fi',
+        *(f"export {shlex.quote(e)}" for e in exports),
+        # setsid + nohup: training outlives the ssh session; >> keeps earlier attempts' logs.
+        f'setsid nohup {train_command(cfg, overrides)} >> "$LOG" 2>&1 < /dev/null &',
+        f"echo $! > {pid}",
+        'echo "worker $W: started pid $!, log $LOG"',
+    ]
+
+
+def stop_script(cfg: argparse.Namespace) -> list[str]:
+    """Shell lines that stop the run this launcher started (its pid file) and wait for it."""
+    pid = pid_file(cfg)
+    # Only that process; waiting frees the TPU for the next run.
+    return [f"if [ -f {pid} ]; then P=$(cat {pid}); kill $P 2>/dev/null || true; "
+            "for i in $(seq 60); do kill -0 $P 2>/dev/null || break; sleep 1; done; "
+            f"rm -f {pid}; echo stopped $P; else echo not running; fi"]

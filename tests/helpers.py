@@ -1,0 +1,78 @@
+"""Shared test helpers: seconds-sized training configs and reading a run's results."""
+
+import json
+import os
+
+import jax
+
+from cacophony_jax import tasks
+from cacophony_jax.parallel import mesh as mesh_lib
+from cacophony_jax.parallel import partition
+from cacophony_jax.train import checkpoint
+from configs import cacophony as cacophony_config
+from configs import mae as mae_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(task: str, steps: int, **overrides):
+    """A seconds-sized config of `task` ("mae" or "cacophony") on the embedded corpus.
+
+    Args:
+      task: the stage.
+      steps: training steps.
+      **overrides: dotted config keys -> values, e.g. **{"train.checkpoint_every": 1}.
+
+    Returns:
+      The locked config.
+    """
+    config = (mae_config if task == "mae" else cacophony_config).get_config(f"tiny,steps={steps}")
+    config.unlock()
+    config.audio.clip_seconds = config.audio.eval_clip_seconds = 1.0
+    config.data.synthetic_train_size, config.data.synthetic_eval_size = 48, 8
+    config.data.global_batch_size = config.data.eval_batch_size = 8
+    config.data.read_threads = 2
+    config.optim.warmup_steps = 1
+    config.train.log_every = 1
+    config.train.checkpoint_every = 5
+    if task == "cacophony":
+        config.data.text_length = 16
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def read_metrics(workdir):
+    """The rows of a run's metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def restore_params(config, workdir):
+    """The saved parameters of a run, as numpy arrays on this host."""
+    return jax.device_get(restore_params_sharded(config, workdir))
+
+
+def restore_params_sharded(config, workdir):
+    """The saved parameters of a run, placed on this process's mesh."""
+    mesh = mesh_lib.make_mesh(config.mesh)
+    task = tasks.build(config, tokenizer_for(config, workdir))
+    boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    abstract, shardings = partition.param_shardings(
+        boxed, mesh, partition.rules_from_config(config.sharding_rules))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return checkpoint.restore_subtree(workdir, ("params",), abstract)
+
+
+def tokenizer_for(config, workdir):
+    """A stage-2 run's tokenizer (None for stage 1)."""
+    if config.task != "cacophony":
+        return None
+    from cacophony_jax.data import tokenizer
+    return tokenizer.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
