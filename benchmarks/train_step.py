@@ -176,7 +176,7 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
         shapes.update(text_ids=(batch, config.data.text_length),
                       text_mask=(batch, config.data.text_length))
         vocab = task.model_config.text.vocab_size
-    step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes)
+    step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes, rules)
     return BuiltStep(task, tx, plan, mesh, step, shapes, vocab)
 
 

@@ -121,8 +121,11 @@ def mesh_block() -> mlc.ConfigDict:
 def sharding_rules() -> tuple:
     """Logical axis -> mesh axes. FSDP shards the 'embed' dimension of parameters."""
     return (
+        # Activations: the batch over every device, length and width whole.
         ("batch", ("data", "fsdp")),
         ("length", None),
+        ("act_embed", None),
+        # Parameters.
         ("embed", "fsdp"),
         ("mlp", None),
         ("heads", None),

@@ -7,6 +7,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -97,13 +98,12 @@ def test_sharded_step_matches_single_device():
     }
     results = []
     for shape, devices in (((1, 1), jax.devices()[:1]), ((2, 4), jax.devices())):
-        mesh = mesh_lib.make_mesh(
-            __import__("ml_collections").ConfigDict(dict(data=shape[0], fsdp=shape[1])),
-            devices)
+        mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=shape[0],
+                                                                 fsdp=shape[1])), devices)
         plan = state_lib.plan_state(task.init_params, tx, mesh, rules)
         state = state_lib.create_state(task.init_params, tx, plan, seed=0)
         step = step_lib.jit_train_step(task, tx, schedule, plan, mesh,
-                                       {k: v.shape for k, v in batch.items()})
+                                       {k: v.shape for k, v in batch.items()}, rules)
         losses = []
         for _ in range(2):
             state, metrics = step(state, jax.device_put(

@@ -74,7 +74,7 @@ class AudioBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array | tuple[jax.Array, None]:
         """Applies the block to [B, N, D] with attention mask [B, 1, 1, N]."""
-        x = nn.with_logical_constraint(x, axes.BLE)
+        x = axes.constrain(x, axes.BLE)
         h = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="attn_norm")(x)
         h = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention,
                       name="attn")(h, h, mask)

@@ -73,7 +73,7 @@ class TextBlock(nn.Module):
                                  implementation=self.attention, kernel_init=BERT_NORMAL,
                                  decode=self.decode)
         norm = functools.partial(layer_norm, self.eps, dtype=self.dtype)
-        x = nn.with_logical_constraint(x, axes.BLE)
+        x = axes.constrain(x, axes.BLE)
         x = norm(name="attn_norm")(x + attn(name="attn")(x, x, self_mask))
         if self.cross:
             h = attn(cross=True, name="cross_attn")(x, memory, memory_mask)

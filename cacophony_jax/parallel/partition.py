@@ -7,14 +7,17 @@ base mentions a mesh axis for a parameter.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cacophony_jax.models import axes
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -37,11 +40,11 @@ def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
 def _mesh_axes_for(name: str | None, rules: Rules) -> tuple[str, ...]:
     if name is None:
         return ()
-    for logical, axes in rules:
+    for logical, mesh_axes in rules:
         if logical == name:
-            if axes is None:
+            if mesh_axes is None:
                 return ()
-            return (axes,) if isinstance(axes, str) else tuple(axes)
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
     raise ValueError(
         f"logical axis {name!r} has no entry in config.sharding_rules; add "
         f"('{name}', None) to replicate it or map it to a mesh axis"
@@ -144,6 +147,18 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, shardings
     if unmatched:
         logging.info("optimizer state kept replicated: %s", ", ".join(unmatched[:8]))
     return out
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Inside a traced function: models' `nn.with_logical_constraint` calls map their
+    activation names ('batch', 'length', 'act_embed') onto `mesh` by `rules`.
+
+    Without it those calls are no-ops and XLA alone decides activation layouts,
+    which on mixed data x fsdp meshes can mean needless re-layouts.
+    """
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axes.activation_rules(rules):
+        yield
 
 
 def describe(abstract: Any, shardings: Any, limit: int = 400) -> str:

@@ -178,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if fmt.text_length:
             shapes.update({k: (config.data.global_batch_size, fmt.text_length)
                            for k in ("text_ids", "text_mask")})
-        train_step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes)
+        train_step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes, rules)
         evaluate = task.evaluator(mesh, tokenizer)
 
         # Loop.

@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from cacophony_jax.parallel import mesh as mesh_lib
+from cacophony_jax.parallel import partition
 from cacophony_jax.train.state import StatePlan, TrainState
 
 
@@ -61,7 +62,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
 
 def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
                    schedule: optax.Schedule, plan: StatePlan, mesh: Mesh,
-                   batch_shapes: dict[str, tuple[int, ...]]):
+                   batch_shapes: dict[str, tuple[int, ...]],
+                   rules: partition.Rules | None = None):
     """Compiles-on-first-call the step with explicit shardings and a donated state.
 
     Args:
@@ -69,6 +71,8 @@ def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
       plan: the state's shardings.
       mesh: the device mesh.
       batch_shapes: key -> global shape, to derive the batch shardings.
+      rules: logical axis rules for activation constraints inside the step (None:
+        let XLA choose activation layouts).
 
     Returns:
       A jitted `(state, batch) -> (state, metrics)`.
@@ -77,7 +81,10 @@ def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
                        for k, s in batch_shapes.items()}
 
     def step(state, batch):
-        return train_step(state, batch, task=task, tx=tx, schedule=schedule)
+        if rules is None:
+            return train_step(state, batch, task=task, tx=tx, schedule=schedule)
+        with partition.activation_rules(mesh, rules):
+            return train_step(state, batch, task=task, tx=tx, schedule=schedule)
 
     return jax.jit(
         step,
