@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
     stage2.train.steps = arg.steps2
     stage2.data.text_length = 32
     stage2.train.init_from = "previous"
+    stage2.eval.caption_clips = 100  # greedy captions of held-out clips, scored
     for stage in (stage1, stage2):
         stage.lock()
     config = common.mlc.ConfigDict()

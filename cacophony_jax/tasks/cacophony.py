@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
 
 import jax
@@ -12,9 +13,9 @@ import numpy as np
 from cacophony_jax import losses
 from cacophony_jax.audio import frontend, patches
 from cacophony_jax.data import pipeline, to_global
-from cacophony_jax.evals import retrieval, zeroshot
+from cacophony_jax.evals import captioning, retrieval, zeroshot
 from cacophony_jax.models import cacophony as cacophony_lib
-from cacophony_jax.models import variants
+from cacophony_jax.models import decoding, variants
 from cacophony_jax.tasks import common
 
 
@@ -118,6 +119,16 @@ class CacophonyTask:
             return emb.astype(jnp.float32)
         return jax.jit(embed)
 
+    def caption_fn(self, max_len: int):
+        """jit: (params, global audio batch) -> greedy caption token ids [B, max_len]."""
+        def caption(params, batch):
+            feats = audio_features(batch, None, 0, self.config.audio.frontend_sub_batches)
+            states, _ = self.model.apply({"params": params}, *feats,
+                                         method=cacophony_lib.Cacophony.encode_audio)
+            return decoding.generate(self.model, params, states, feats.mask,
+                                     method="greedy", max_len=max_len)
+        return jax.jit(caption)
+
     def evaluator(self, mesh, tokenizer):
         """Returns params -> retrieval and zero-shot metrics, or None without eval data."""
         source = common.open_eval_source(self.config)
@@ -136,8 +147,11 @@ class CacophonyTask:
                 rows.append(to_global.to_host(embed_text(params, g)))
             return np.concatenate(rows)[:len(captions)]
 
+        caption_clips = self.config.eval.caption_clips
+        caption = self.caption_fn(self.config.eval.caption_max_len) if caption_clips else None
+
         def evaluate(params) -> dict[str, float]:
-            audio = None
+            audio, predictions = None, {}
             for batch in pipeline.eval_batches(source, clip_samples, batch_size):
                 g = to_global.to_global(batch, mesh)
                 emb = to_global.to_host(embed_audio(params, g))
@@ -146,7 +160,13 @@ class CacophonyTask:
                 if audio is None:
                     audio = np.zeros((len(source), emb.shape[-1]), np.float32)
                 audio[ids[valid]] = emb[valid]
+                if caption is not None and len(predictions) < caption_clips:
+                    texts_out = tokenizer.decode(to_global.to_host(caption(params, g)))
+                    for i in np.flatnonzero(valid):
+                        predictions[int(ids[i])] = texts_out[i]
             metrics: dict[str, float] = {"eval/num_clips": float(len(source))}
+            if predictions:
+                metrics.update(caption_scores(predictions, texts))
             if texts.captions:
                 text_emb = embed_texts(params, texts.captions)
                 r = retrieval.retrieval_metrics(audio, text_emb, texts.caption_clip)
@@ -159,3 +179,27 @@ class CacophonyTask:
             return metrics
 
         return evaluate
+
+
+def caption_scores(predictions: dict[int, str], texts: pipeline.EvalTexts) -> dict[str, float]:
+    """BLEU/ROUGE-L/CIDEr-D against each clip's captions, and how often a generated
+    caption names one of the clip's classes (in percent)."""
+    references: dict[int, list[str]] = {}
+    for caption, clip in zip(texts.captions, texts.caption_clip, strict=True):
+        references.setdefault(int(clip), []).append(caption)
+    keys = [k for k in sorted(predictions) if k in references]
+    out = {}
+    if keys:
+        scores = captioning.caption_metrics({str(k): predictions[k] for k in keys},
+                                            {str(k): references[k] for k in keys})
+        out.update({f"eval/caption_{k}": v for k, v in scores.items()})
+    labelled = [k for k in sorted(predictions) if texts.labels[k]]
+    if labelled and texts.class_names:
+        rate = captioning.class_mention_rate(
+            [predictions[k] for k in labelled],
+            [[texts.class_names[c] for c in texts.labels[k]] for k in labelled])
+        out["eval/caption_names_class"] = 100.0 * rate
+    examples = sorted(predictions)[:3]
+    logging.info("example captions: %s", " | ".join(
+        f"{predictions[k]!r} (ref: {references.get(k, [''])[0]!r})" for k in examples))
+    return out
