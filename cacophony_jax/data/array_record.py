@@ -157,9 +157,11 @@ def write_array_record(
 def _write_shards(features, records, staging, split, num_shards, class_names):
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    # "group_size:1" keeps every record individually addressable (what TFDS writes).
+    # "group_size:1" keeps every record individually addressable (what TFDS writes);
+    # int16 audio barely compresses, and the default brotli halves read speed
+    # (benchmarks/RESULTS.md), so records are stored uncompressed.
     writers = [ArrayRecordWriter(os.path.join(staging, _shard_name(split, s, num_shards)),
-                                 "group_size:1") for s in range(num_shards)]
+                                 "group_size:1,uncompressed") for s in range(num_shards)]
     count, failures = 0, []
     try:
         for record, audio in records:
