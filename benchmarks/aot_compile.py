@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import pathlib
 import sys
@@ -39,7 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import train_step  # noqa: E402
+from benchmarks import report, train_step  # noqa: E402
 
 GIB = 2**30
 
@@ -213,15 +212,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for stage in stages:
         rows.append(compile_stage(stage, args, mesh, batches[stage]))
-        print(format_row(rows[-1]), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
+        report.emit(rows[-1], format_row(rows[-1]), args.json)
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # a bad flag or input: one line, no traceback
-        sys.exit(f"error: {error}")
+    report.run(main)

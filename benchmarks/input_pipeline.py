@@ -41,6 +41,8 @@ from typing import Any
 # Run from a checkout: make the package importable without installing it.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks import report  # noqa: E402
+
 BENCHES = ("wav", "array_record", "frontend")
 # Targets from the issue, clips/s per core.
 TARGETS = {"wav": 1500.0, "frontend": 700.0}
@@ -415,7 +417,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # a bad flag or input: one line, no traceback
-        sys.exit(f"error: {error}")
+    report.run(main)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import pathlib
 import sys
@@ -43,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from cacophony_jax import tasks  # noqa: E402
 from cacophony_jax.data import spec, to_global  # noqa: E402
 from cacophony_jax.optim import optimizer  # noqa: E402
@@ -376,15 +376,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"peak {peaks[dtype][0] / 1e12:.4f} TFLOP/s per device "
                       f"({peaks[dtype][1]}, {jax.devices()[0].device_kind})", flush=True)
             rows.append(measure(config, args.steps, args.warmup, peaks[dtype]))
-            print(format_row(rows[-1]), flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
+            report.emit(rows[-1], format_row(rows[-1]), args.json)
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # a bad flag or input: one line, no traceback
-        sys.exit(f"error: {error}")
+    report.run(main)

@@ -1,0 +1,24 @@
+"""Output shared by the benchmark scripts: a printed row, an optional JSONL record."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def emit(row: dict[str, Any], line: str, json_path: str | None) -> None:
+    """Prints `line` and appends `row` to `json_path` (if given) as one JSON line."""
+    print(line, flush=True)
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Runs a benchmark's main; a bad flag or input ends in one line, no traceback."""
+    try:
+        main()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
