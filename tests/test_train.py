@@ -233,3 +233,32 @@ def test_sam_and_accumulation_are_config_switches(tmp_path):
     assert any(not np.array_equal(x, y)
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "sam") if "loss" in r)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_bitwise_identically(tmp_path):
+    args = ["--config=configs/mae.py:tiny,steps=200", "--config.train.checkpoint_every=20",
+            "--config.data.eval.kind=", *FAST_FLAGS]
+    straight = _run_main([*args, f"--workdir={tmp_path / 'a'}"])
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+
+    killed = _run_main([*args, f"--workdir={tmp_path / 'b'}"])
+    first = tmp_path / "b" / "checkpoints" / "20"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert killed.poll() is None, "the run ended before it could be killed"
+    killed.kill()  # SIGKILL: no clean-up, possibly in the middle of a later save
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    done = [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r]
+    assert done[-1] < 200
+
+    resumed = _run_main([*args, f"--workdir={tmp_path / 'b'}"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resuming from" in out
+    config = tiny_config("mae", 200)
+    assert_trees_equal(restore_params(config, tmp_path / "a"),
+                       restore_params(config, tmp_path / "b"))
