@@ -58,6 +58,18 @@ def resolve(path: str) -> tuple[epath.Path, int | None]:
     return p, None
 
 
+class _ReadOnlyNotice(logging.Filter):
+    """Drops Orbax's warnings that a manager we opened read-only is read-only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Given directory is read only")
+                    or "read_only=True, setting save_interval_steps" in message)
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
+
+
 class Checkpointer:
     """Saves and restores {state, data_iter, config} under one folder."""
 
@@ -69,6 +81,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=ITEMS)
