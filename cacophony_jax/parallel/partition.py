@@ -151,8 +151,8 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, shardings
 
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    """Inside a traced function: models' `nn.with_logical_constraint` calls map their
-    activation names ('batch', 'length', 'act_embed') onto `mesh` by `rules`.
+    """Inside a traced function: models' `axes.constrain` calls map their activation
+    names ('batch', 'length', 'act_embed') onto `mesh` by `rules`.
 
     Without it those calls are no-ops and XLA alone decides activation layouts,
     which on mixed data x fsdp meshes can mean needless re-layouts.

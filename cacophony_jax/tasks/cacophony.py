@@ -119,15 +119,17 @@ class CacophonyTask:
             return emb.astype(jnp.float32)
         return jax.jit(embed)
 
-    def caption_fn(self, max_len: int):
-        """jit: (params, global audio batch) -> greedy caption token ids [B, max_len]."""
-        def caption(params, batch):
+    def embed_and_caption_fn(self, max_len: int):
+        """jit: (params, global audio batch) -> (audio embeddings [B, P], greedy caption
+        ids [B, max_len]), encoding the audio once for both."""
+        def embed_and_caption(params, batch):
             feats = audio_features(batch, None, 0, self.config.audio.frontend_sub_batches)
-            states, _ = self.model.apply({"params": params}, *feats,
-                                         method=cacophony_lib.Cacophony.encode_audio)
-            return decoding.generate(self.model, params, states, feats.mask,
-                                     method="greedy", max_len=max_len)
-        return jax.jit(caption)
+            states, emb = self.model.apply({"params": params}, *feats,
+                                           method=cacophony_lib.Cacophony.encode_audio)
+            ids = decoding.generate(self.model, params, states, feats.mask,
+                                    method="greedy", max_len=max_len)
+            return emb.astype(jnp.float32), ids
+        return jax.jit(embed_and_caption)
 
     def evaluator(self, mesh, tokenizer):
         """Returns params -> retrieval and zero-shot metrics, or None without eval data."""
@@ -148,22 +150,26 @@ class CacophonyTask:
             return np.concatenate(rows)[:len(captions)]
 
         caption_clips = self.config.eval.caption_clips
-        caption = self.caption_fn(self.config.eval.caption_max_len) if caption_clips else None
+        embed_and_caption = (self.embed_and_caption_fn(self.config.eval.caption_max_len)
+                             if caption_clips else None)
 
         def evaluate(params) -> dict[str, float]:
             audio, predictions = None, {}
             for batch in pipeline.eval_batches(source, clip_samples, batch_size):
                 g = to_global.to_global(batch, mesh)
-                emb = to_global.to_host(embed_audio(params, g))
                 ids = to_global.to_host(g["example_id"])
                 valid = to_global.to_host(g["valid"]) > 0
+                if embed_and_caption is not None and len(predictions) < caption_clips:
+                    emb, tokens = embed_and_caption(params, g)
+                    texts_out = tokenizer.decode(to_global.to_host(tokens))
+                    for i in np.flatnonzero(valid):
+                        predictions[int(ids[i])] = texts_out[i]
+                else:
+                    emb = embed_audio(params, g)
+                emb = to_global.to_host(emb)
                 if audio is None:
                     audio = np.zeros((len(source), emb.shape[-1]), np.float32)
                 audio[ids[valid]] = emb[valid]
-                if caption is not None and len(predictions) < caption_clips:
-                    texts_out = tokenizer.decode(to_global.to_host(caption(params, g)))
-                    for i in np.flatnonzero(valid):
-                        predictions[int(ids[i])] = texts_out[i]
             metrics: dict[str, float] = {"eval/num_clips": float(len(source))}
             if predictions:
                 metrics.update(caption_scores(predictions, texts))
