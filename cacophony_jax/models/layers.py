@@ -117,7 +117,40 @@ def attend(
             f"{ATTENTION_IMPLEMENTATIONS}"
         )
     impl = None if implementation == "auto" else implementation
+    if impl == "cudnn":
+        if query.shape[1] == 1:
+            # One query row (attention pools, cached decoding steps) has nothing for a
+            # fused kernel to fuse, and cuDNN's flash attention rejects it.
+            impl = "xla"
+        elif mask is not None:
+            return _cudnn_masked_attention(query, key, value, mask)
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+
+
+def _cudnn_masked_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Masked attention in the form cuDNN's flash attention accepts.
+
+    cuDNN takes the mask as a bias of full [B|1, H|1, Q, S] extent, and in training
+    with a bias it needs even Q and S. Odd lengths (the MAE encoder's 99 visible
+    patches) get one padding position: a key no query attends to, and a query that
+    attends to every real key (so its softmax is finite) and whose output is
+    dropped, so that it sends no gradient back either.
+    """
+    batch, q_len, s_len = query.shape[0], query.shape[1], key.shape[1]
+    mask = jnp.broadcast_to(mask, (batch if mask.shape[0] == 1 else mask.shape[0],
+                                   mask.shape[1], q_len, s_len))
+    pad_q, pad_s = q_len % 2, s_len % 2
+    if pad_q or pad_s:
+        query = jnp.pad(query, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+        key = jnp.pad(key, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+        value = jnp.pad(value, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, pad_s)))
+        if pad_q:
+            mask = mask.at[:, :, q_len, :s_len].set(True)
+    out = jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+    return out[:, :q_len]
 
 
 class Attention(nn.Module):
