@@ -10,7 +10,13 @@ Targets:
 
 - ``tpu:<topology>`` (e.g. ``tpu:v5e:4x4``, ``tpu:v4:2x2x2``) compiles for real TPU
   devices through `jax.experimental.topologies.get_topology_desc`. That needs libtpu
-  (`pip install "jax[tpu]"`); without it the script says so and uses the stand-in.
+  (`pip install "jax[tpu]==<jax version>"`); without it the script says so and uses
+  the stand-in.
+- ``gpu:<part>[:N | :HOSTSxN]`` (e.g. ``gpu:h100``, ``gpu:h100:8``, ``gpu:h200:2x8``)
+  compiles with XLA:GPU for GPUs that are not there, described by `gpu_targets.py`.
+  That needs the CUDA plugin and tool chain (`pip install "jax[cuda12]==<jax
+  version>"`); no GPU or driver. XLA:GPU's compile-only path reports memory but no
+  cost analysis, so FLOPs are left out for it.
 - ``cpu`` (default) compiles for `--devices` simulated CPU devices as a stand-in: the
   sharding plan and the parameter/optimiser/batch sizes are exact, but XLA:CPU
   schedules, fuses and rematerialises differently from GPU/TPU compilers (and may
@@ -21,6 +27,7 @@ Usage (the script sets the CPU device count itself before JAX starts):
     python benchmarks/aot_compile.py --stage mae,cacophony --variant base \\
         --per-device-batch mae=64,cacophony=128 --mesh 1x8 --dtype bfloat16
     python benchmarks/aot_compile.py --target tpu:v5e:4x4 --mesh 1x16
+    python benchmarks/aot_compile.py --target gpu:h100:8 --mesh 1x8
 """
 
 from __future__ import annotations
@@ -28,9 +35,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import pathlib
 import sys
 import time
+
+if __name__ == "__main__":
+    # Compile-only: never start a GPU/TPU runtime (a CUDA plugin without a GPU would
+    # fail to initialise), and keep libtpu from querying a TPU VM's metadata server.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 # Run from a checkout: make the package and its sibling benchmarks importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -38,15 +52,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import report, train_step  # noqa: E402
+from benchmarks import gpu_targets, report, train_step  # noqa: E402
 
 GIB = 2**30
+# XLA options for GPU compiles without a device (no autotuning is possible there).
+GPU_COMPILE_ONLY_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", default="cpu", help="cpu | tpu:<topology>, e.g. tpu:v5e:4x4")
+    p.add_argument("--target", default="cpu",
+                   help="cpu | tpu:<topology> | gpu:<part>[:N], e.g. tpu:v5e:4x4, gpu:h100:8")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (cpu target)")
     p.add_argument("--mesh", default="1x8", help="DATAxFSDP, e.g. 1x8 (full FSDP) or 8x1")
     p.add_argument("--stage", default="mae,cacophony", help="comma list of stages")
@@ -56,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--scan", default="false", choices=("true", "false"))
     p.add_argument("--remat", default="none", help="none | full | dots | minimal")
+    p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--device-memory-gb", type=float, default=80.0,
                    help="per-device memory budget in GB (10^9 bytes)")
@@ -71,8 +89,8 @@ def target_devices(target: str, count: int) -> tuple[list, str]:
     """Devices to compile for, and a description of them.
 
     Args:
-      target: "cpu" or "tpu:<topology name>".
-      count: simulated CPU devices wanted for the cpu target (or the fallback).
+      target: "cpu", "tpu:<topology name>" or "gpu:<part>[:N | :HOSTSxN]".
+      count: simulated CPU devices wanted for the cpu target (or the TPU fallback).
 
     Returns:
       (devices, description).
@@ -86,10 +104,13 @@ def target_devices(target: str, count: int) -> tuple[list, str]:
             return devices, f"TPU topology {name} ({devices[0].device_kind}, compile-only)"
         except Exception as error:  # libtpu missing or an unknown topology name
             print(f"cannot compile for TPU topology {name!r} ({error}); install libtpu "
-                  f"(pip install 'jax[tpu]') for a real TPU compile. Using {count} simulated "
-                  f"CPU devices as a stand-in.", flush=True)
+                  f"(pip install 'jax[tpu]=={jax.__version__}') for a real TPU compile. "
+                  f"Using {count} simulated CPU devices as a stand-in.", flush=True)
+    elif target.startswith("gpu:"):
+        return gpu_devices(target.removeprefix("gpu:"))
     elif target != "cpu":
-        raise TargetError(f"--target {target!r}: use 'cpu' or 'tpu:<topology>'")
+        raise TargetError(f"--target {target!r}: use 'cpu', 'tpu:<topology>' or "
+                          f"'gpu:<part>[:N]'")
     # Raises once the CPU backend has started (e.g. under pytest): then use what exists.
     with contextlib.suppress(RuntimeError):
         jax.config.update("jax_num_cpu_devices", count)
@@ -98,6 +119,26 @@ def target_devices(target: str, count: int) -> tuple[list, str]:
         raise TargetError(f"only {len(devices)} CPU devices exist but {count} were asked for; "
                           f"run in a fresh process (JAX started before the flag was set)")
     return devices[:count], f"{count} simulated CPU devices (stand-in)"
+
+
+def gpu_devices(spec: str) -> tuple[list, str]:
+    """Compile-only devices of the GPU system `spec` ('h100:8', 'h200:2x8', ...)."""
+    from jax.experimental import topologies
+
+    try:
+        part, hosts, per_host = gpu_targets.parse(spec)
+    except ValueError as error:
+        raise TargetError(f"--target gpu:{spec}: {error}") from None
+    try:
+        topology = topologies.get_topology_desc(
+            part.name, platform="cuda", topology=f"1x{hosts}x{per_host}",
+            target_config=gpu_targets.target_config(part))
+    except Exception as error:  # no CUDA plugin, or its tool chain is incomplete
+        raise TargetError(
+            f"cannot compile for {part.name} without the CUDA plugin ({error}); install it "
+            f'with pip install "jax[cuda12]=={jax.__version__}" (no GPU needed)') from None
+    devices = list(topology.devices)
+    return devices, f"{len(devices)} x {part.name} ({hosts} host(s), compile-only)"
 
 
 def make_mesh(devices: list, spec: str) -> jax.sharding.Mesh:
@@ -130,18 +171,19 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     batch = per_device * devices
     config = train_step.make_config(stage, args.variant, batch, dtype=args.dtype,
                                      scan=args.scan == "true", remat=args.remat,
-                                     clip_seconds=args.clip_seconds)
+                                     clip_seconds=args.clip_seconds, attention=args.attention)
     built = train_step.build_step(config, mesh)
     state_bytes = per_device_bytes(built.plan.abstract)
     params_bytes = per_device_bytes(built.plan.abstract.params)
     start = time.perf_counter()
     lowered = built.step.lower(built.plan.abstract, train_step.abstract_batch(built))
-    compiled = lowered.compile()
+    # A compile without the GPU cannot autotune Triton GEMM tilings: use cuBLAS GEMMs.
+    gpu = mesh.devices.flat[0].platform in ("cuda", "gpu")
+    compiled = lowered.compile(GPU_COMPILE_ONLY_OPTIONS if gpu else None)
     compile_s = time.perf_counter() - start
     mem = train_step.memory_bytes(compiled)
-    flops = train_step.step_flops(compiled)
-    exact_flops = (not config.model.scan and config.model.remat == "none"
-                   and config.audio.frontend_sub_batches == 1)
+    xla_flops = train_step.step_flops(compiled)
+    model_flops = train_step.model_flops_per_example(config, mesh)
     budget = args.device_memory_gb * 1e9
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(built.plan.abstract.params))
     return {
@@ -149,12 +191,15 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "device": mesh.devices.flat[0].device_kind, "global_batch": batch,
         "per_device_batch": per_device, "dtype": config.model.dtype,
         "scan": config.model.scan, "remat": config.model.remat,
+        "attention": config.model.attention,
         "clip_seconds": config.audio.clip_seconds, "params": num_params,
         "params_bytes_per_device": params_bytes, "state_bytes_per_device": state_bytes,
         "memory": mem, "compile_s": compile_s,
-        # XLA counts loop bodies once and remat recomputation as work: model FLOPs
-        # only come from an unscanned, remat-free step.
-        "flops_per_example": flops * devices / batch if exact_flops else None,
+        # Counted from the traced step (see flops.py); XLA's count beside it differs
+        # by backend and is absent for XLA:GPU without a device.
+        "flops_per_example": model_flops,
+        "xla_flops_per_example": (xla_flops * devices / batch
+                                  if math.isfinite(xla_flops) else None),
         "budget_bytes": budget, "fits": bool(mem) and mem["total"] <= budget,
     }
 
@@ -163,11 +208,12 @@ def format_row(row: dict) -> str:
     """A readable block for one stage."""
     m = row["memory"]
     gib = lambda b: f"{b / GIB:7.2f} GiB"
-    flops = row["flops_per_example"]
+    flops, xla_flops = row["flops_per_example"], row["xla_flops_per_example"]
     lines = [
         f"{row['stage']} {row['variant']}: {row['params'] / 1e6:.1f} M params, mesh "
         f"{row['mesh']}, {row['per_device_batch']}/device (global {row['global_batch']}), "
         f"{row['dtype']}, scan={row['scan']}, remat={row['remat']}, "
+        f"attention={row['attention']}, "
         f"compiled in {row['compile_s']:.0f} s",
         f"  state per device (params + optimiser, exact): {gib(row['state_bytes_per_device'])}"
         f" (params {gib(row['params_bytes_per_device'])})",
@@ -179,8 +225,9 @@ def format_row(row: dict) -> str:
         verdict = "fits" if row["fits"] else "does NOT fit"
         lines.append(f"  total per device {gib(m['total'])}: {verdict} in "
                      f"{row['budget_bytes'] / 1e9:.0f} GB")
-    if flops is not None:
-        lines.append(f"  model FLOPs per example (XLA cost analysis): {flops / 1e9:.1f} GFLOP")
+    xla = f"{xla_flops / 1e9:.1f}" if xla_flops is not None else "n/a"
+    lines.append(f"  model FLOPs per example: {flops / 1e9:.1f} GFLOP (XLA cost analysis of "
+                 f"this compile: {xla})")
     return "\n".join(lines)
 
 

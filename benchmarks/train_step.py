@@ -14,14 +14,13 @@ Usage:
     python benchmarks/train_step.py --stage cacophony --variant base --batch 64 \\
         --dtype bfloat16 --remat dots          # on a GPU/TPU
 
-FLOPs come from XLA's cost analysis of the compiled step (per device, as SPMD
-partitions it; times the device count for the global step). XLA counts the body of
-a loop once (a scanned block stack, the front end's sub-batch `lax.map`), and remat
-recomputation counts as work, so the *model* FLOPs are always taken from the same
-step compiled unscanned, without remat and with one front-end sub-batch (an extra
-compile when --scan, --remat or --frontend-sub-batches change those). MFU = model
-FLOPs per device per second / the device's peak (PEAK_TFLOPS, dense bf16; on CPU a
-measured matmul peak).
+Model FLOPs are counted from the traced step (flops.py: every matrix product and
+convolution, loops times their trip count), traced without remat and with XLA
+attention so that recomputation is not counted and fused attention kernels are; the
+same count on every backend. XLA's cost analysis of the compiled step is reported
+beside it (`xla_flops_per_example`), but it counts loop bodies once, remat as work
+and custom calls (cuDNN attention) as nothing. MFU = model FLOPs per device per
+second / the device's peak (PEAK_TFLOPS, dense bf16; on CPU a measured matmul peak).
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import report  # noqa: E402
+from benchmarks import flops, report  # noqa: E402
 from cacophony_jax import tasks  # noqa: E402
 from cacophony_jax.data import spec, to_global  # noqa: E402
 from cacophony_jax.optim import optimizer  # noqa: E402
@@ -84,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="", help="compute dtype (default: the config's)")
     p.add_argument("--scan", default="false", choices=("true", "false"), help="nn.scan stacks")
     p.add_argument("--remat", default="none", help="none | full | dots | minimal")
+    p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
     p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp size (data takes the rest)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--text-length", type=int, default=0, help="0: the config's")
@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: bool = False,
                 remat: str = "none", fsdp: int = 1, clip_seconds: float = 0.0,
-                text_length: int = 0, sub_batches: int = 0) -> ml_collections.ConfigDict:
+                text_length: int = 0, sub_batches: int = 0, attention: str = ""
+                ) -> ml_collections.ConfigDict:
     """The training config of `stage`/`variant` with the benchmark's overrides.
 
     Args:
@@ -110,6 +111,7 @@ def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: 
       scan, remat: block-stack settings.
       fsdp: mesh fsdp size (-1 for all devices); data takes the rest.
       clip_seconds, text_length, sub_batches (the front end's): 0 keeps the config's.
+      attention: the attention implementation ("" keeps the config's).
 
     Returns:
       A locked ConfigDict.
@@ -125,6 +127,7 @@ def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: 
     config.data.global_batch_size = batch
     config.model.dtype = dtype or config.model.dtype
     config.model.scan, config.model.remat = scan, remat
+    config.model.attention = attention or config.model.attention
     config.mesh.data, config.mesh.fsdp = (-1, fsdp) if fsdp != -1 else (1, -1)
     if clip_seconds:
         config.audio.clip_seconds = clip_seconds
@@ -206,9 +209,29 @@ def random_batch(built: BuiltStep, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def model_flops_per_example(config: ml_collections.ConfigDict,
+                            mesh: jax.sharding.Mesh | None = None) -> float:
+    """Model FLOPs of one example's training step, counted from the traced program.
+
+    The step is traced (not compiled) with `config`'s shapes but without remat and
+    with XLA attention, so recomputation is not counted and attention's matrix
+    products are visible whatever kernel the timed step uses (see flops.py).
+    """
+    reference = ml_collections.ConfigDict(config.to_dict())
+    reference.model.remat, reference.model.attention = "none", "xla"
+    built = build_step(reference, mesh)
+    counted = flops.count(built.step, built.plan.abstract, abstract_batch(built))
+    if counted.while_loops:
+        raise ValueError(f"the step has {counted.while_loops} while loop(s) whose trip count "
+                         "is unknown: its FLOPs cannot be counted")
+    return counted.flops / reference.data.global_batch_size
+
+
 def step_flops(compiled: Any) -> float:
     """FLOPs of one device's share of a compiled step (XLA cost analysis)."""
     analysis = compiled.cost_analysis()
+    if not analysis:  # XLA:GPU compiled without a device has none
+        return float("nan")
     if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
         analysis = analysis[0]
     return float(analysis.get("flops", float("nan")))
@@ -291,17 +314,10 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
     start = time.perf_counter()
     compiled = built.step.lower(built.plan.abstract, abstract_batch(built)).compile()
     compile_s = time.perf_counter() - start
-    if (config.model.scan or config.model.remat != "none"
-            or config.audio.frontend_sub_batches != 1):
-        reference = make_config(
-            config.task, config.model.variant, config.data.global_batch_size,
-            dtype=config.model.dtype, fsdp=config.mesh.fsdp if config.mesh.data == -1 else -1,
-            clip_seconds=config.audio.clip_seconds, text_length=config.data.text_length,
-            sub_batches=1)
-        ref = build_step(reference, built.mesh)
-        flops = step_flops(ref.step.lower(ref.plan.abstract, abstract_batch(ref)).compile())
-    else:
-        flops = step_flops(compiled)
+    xla_flops = step_flops(compiled)
+    # One device's share of the step's model FLOPs.
+    flops = (model_flops_per_example(config, built.mesh) * config.data.global_batch_size
+             / len(devices))
     state = state_lib.create_state(built.task.init_params, built.tx, built.plan, config.seed)
     batch = to_global.to_global(random_batch(built), built.mesh)
     for _ in range(warmup):
@@ -326,10 +342,13 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "stage": config.task, "variant": config.model.variant, "device": devices[0].device_kind,
         "devices": len(devices), "mesh": dict(built.mesh.shape), "batch": batch_size,
         "dtype": config.model.dtype, "scan": bool(config.model.scan),
-        "remat": config.model.remat, "clip_seconds": config.audio.clip_seconds,
+        "remat": config.model.remat, "attention": config.model.attention,
+        "clip_seconds": config.audio.clip_seconds,
         "frontend_sub_batches": config.audio.frontend_sub_batches, "compile_s": compile_s,
         "step_s": step_s, "examples_per_s": batch_size / step_s,
         "model_flops_per_example": flops * len(devices) / batch_size,
+        # XLA's own count, for comparison (loop bodies once, remat and custom calls off).
+        "xla_flops_per_example": xla_flops * len(devices) / batch_size,
         "tflops_per_device": achieved / 1e12, "peak_tflops": peak[0] / 1e12,
         "peak_source": peak[1], "mfu": achieved / peak[0], "memory": mem,
     }
@@ -342,7 +361,8 @@ def format_row(row: dict) -> str:
     label = "peak" if "peak_bytes_in_use" in mem else "compiled"
     return (f"{row['stage']:9s} {row['variant']:4s} {row['devices']:2d} dev batch "
             f"{row['batch']:5d} {row['dtype']:8s} scan={str(row['scan'])[0]} "
-            f"remat={row['remat']:7s} fe_sub={row['frontend_sub_batches']:<3d} "
+            f"remat={row['remat']:7s} attn={row['attention']:5s} "
+            f"fe_sub={row['frontend_sub_batches']:<3d} "
             f"step {1e3 * row['step_s']:9.1f} ms "
             f"{row['examples_per_s']:9.1f} ex/s {row['model_flops_per_example'] / 1e9:8.2f} "
             f"GFLOP/ex {row['tflops_per_device']:8.4f} TFLOP/s/dev MFU "
@@ -369,7 +389,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             config = make_config(stage, args.variant, batch, dtype=args.dtype,
                                  scan=args.scan == "true", remat=args.remat, fsdp=args.fsdp,
                                  clip_seconds=args.clip_seconds, text_length=args.text_length,
-                                 sub_batches=args.frontend_sub_batches)
+                                 sub_batches=args.frontend_sub_batches,
+                                 attention=args.attention)
             dtype = config.model.dtype
             if dtype not in peaks:
                 peaks[dtype] = peak_flops_per_device(jax.devices(), dtype, args.peak_tflops)

@@ -1,0 +1,85 @@
+"""The jaxpr FLOP counter behind the benchmarks' MFU."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import flops, train_step
+
+
+def test_matmul_and_its_gradient():
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+    forward = 2 * 4 * 8 * 16
+    assert flops.count(jnp.matmul, x, w).flops == forward
+    # The backward pass adds one product per input that needs a gradient.
+    loss = lambda x, w: (x @ w).sum()
+    assert flops.count(jax.grad(loss, argnums=1), x, w).flops == 2 * forward
+    assert flops.count(jax.grad(loss, argnums=(0, 1)), x, w).flops == 3 * forward
+
+
+def test_batched_dot_counts_batch_dimensions():
+    q, k = jnp.ones((2, 3, 5, 7)), jnp.ones((2, 3, 11, 7))
+    counted = flops.count(lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k), q, k)
+    assert counted.flops == 2 * 2 * 3 * 5 * 11 * 7
+
+
+def test_loops_multiply_their_bodies_and_cond_takes_the_worst_branch():
+    w = jnp.ones((8, 8))
+
+    def scanned(x):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)[0]
+
+    one = 2 * 4 * 8 * 8
+    assert flops.count(jax.jit(scanned), jnp.ones((4, 8))).flops == 5 * one
+    mapped = flops.count(lambda xs: jax.lax.map(lambda x: x @ w, xs), jnp.ones((6, 4, 8)))
+    assert mapped.flops == 6 * one
+
+    def branchy(p, x):
+        return jax.lax.cond(p, lambda x: x @ w @ w, lambda x: x + 1.0, x)
+
+    assert flops.count(branchy, True, jnp.ones((4, 8))).flops == 2 * one
+
+
+def test_while_loops_are_reported():
+    w = jnp.ones((8, 8))
+
+    def loop(x):
+        return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ w, c[1] + 1), (x, 0))[0]
+
+    counted = flops.count(loop, jnp.ones((4, 8)))
+    assert counted.while_loops == 1 and counted.flops == 2 * 4 * 8 * 8
+
+
+def test_convolution():
+    x, k = jnp.ones((2, 3, 10, 10)), jnp.ones((6, 3, 3, 3))  # NCHW, OIHW
+    conv = lambda x, k: jax.lax.conv(x, k, (1, 1), "VALID")
+    out_elements = 2 * 6 * 8 * 8
+    assert flops.count(conv, x, k).flops == 2 * out_elements * 3 * 3 * 3
+
+
+def test_base_mae_step_matches_the_hand_count():
+    """The traced count of the real base step against an independent formula."""
+    config = train_step.make_config("mae", "base", 8)
+    built = train_step.build_step(config)
+    visible, patches = built.task.num_visible, built.task.num_patches
+    d, mlp, layers, patch_dim = 768, 3072, 12, 256
+
+    def block(n):  # q/k/v/out projections, MLP, then QK^T and AV
+        return 2 * n * (4 * d * d + 2 * d * mlp) + 2 * 2 * n * n * d
+
+    encoder = 2 * visible * patch_dim * d + layers * block(visible)
+    decoder = 2 * visible * d * d + layers * block(patches) + 2 * patches * d * patch_dim
+    expected = 3 * (encoder + decoder)  # forward + two backward products
+    # What the formula leaves out is the front end's DFT/mel products (forward only).
+    counted = train_step.model_flops_per_example(config)
+    assert counted == pytest.approx(expected, rel=2e-3)
+    assert counted > expected
+
+
+def test_remat_and_fused_attention_do_not_change_the_model_flops():
+    plain = train_step.make_config("cacophony", "tiny", 8, clip_seconds=1.0)
+    remat = train_step.make_config("cacophony", "tiny", 8, clip_seconds=1.0, remat="full")
+    remat.unlock()
+    remat.model.attention = "cudnn"  # traced as XLA attention; never compiled here
+    assert (train_step.model_flops_per_example(remat)
+            == train_step.model_flops_per_example(plain))
