@@ -101,8 +101,13 @@ class AudioPositions(nn.Module):
             (self.freq_patches, self.dim),
             jnp.float32,
         )
+        # Gather from a whole copy of the (tiny) table, so that the [B, N, dim] result
+        # and its gradient stay split by batch like every activation. Gathering from the
+        # FSDP-sharded table instead yields width-sharded activations, which a mesh with
+        # both data and fsdp axes can only re-lay-out by full rematerialisation.
+        table = axes.constrain(table, (None, None))
         embedding = sinusoidal_embedding(time_idx, self.dim) + jnp.take(table, freq_idx, axis=0)
-        return embedding.astype(self.dtype)
+        return axes.constrain(embedding.astype(self.dtype), axes.BLE)
 
 
 class AudioEncoder(nn.Module):
