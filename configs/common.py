@@ -58,7 +58,7 @@ def model_block(variant: str, dtype: str) -> mlc.ConfigDict:
         scan=False,  # nn.scan over the block stacks (faster compiles at depth)
         remat="none",  # 'none' | 'full' | 'dots' | 'minimal' activation checkpointing
         drop_path=0.0,  # stochastic depth rate of the audio encoder
-        attention="xla",  # jax.nn.dot_product_attention implementation: xla|cudnn|auto
+        attention="xla",  # xla | cudnn (fused, GPU; much less memory) | auto (JAX picks; XLA now)
     ))
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections.abc import Callable
 
 import jax
 
@@ -76,3 +77,25 @@ def tokenizer_for(config, workdir):
         return None
     from cacophony_jax.data import tokenizer
     return tokenizer.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+
+
+def cudnn_stand_in(calls: list) -> Callable:
+    """Checks the rules cuDNN's flash attention sets, then computes with XLA.
+
+    The rules: a mask (bias) of full [B|1, H|1, Q, S] extent, even Q and S when
+    there is one (training with a bias), and more than one query row.
+    """
+    real = jax.nn.dot_product_attention
+
+    def attention(query, key, value, mask=None, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            batch_size, q_len, heads, _ = query.shape
+            assert q_len > 1
+            if mask is not None:
+                assert mask.ndim == 4 and mask.shape[2:] == (q_len, key.shape[1])
+                assert mask.shape[0] in (1, batch_size) and mask.shape[1] in (1, heads)
+                assert q_len % 2 == 0 and key.shape[1] % 2 == 0
+        calls.append(implementation)
+        return real(query, key, value, mask=mask, implementation="xla", **kwargs)
+
+    return attention

@@ -13,6 +13,7 @@ from cacophony_jax.models import decoding
 from cacophony_jax.models.cacophony import Cacophony, cacophony_init_inputs
 from cacophony_jax.models.layers import stack_layers
 from cacophony_jax.models.variants import cacophony_config
+from tests.helpers import cudnn_stand_in
 
 CFG = cacophony_config("tiny")
 MAX_LEN = 10
@@ -63,6 +64,24 @@ def test_cached_logits_equal_teacher_forced(setup, scan):
     for chunk in chunks:
         logits, cache = step(params, cache, chunk, audio, audio_mask)
         pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_cached_decoding_with_cudnn_attention(setup, monkeypatch):
+    """Prefill chunks go to cuDNN with cache-length masks; one-token steps stay on XLA."""
+    model, params, audio, audio_mask = setup
+    ids = np.random.default_rng(2).integers(3, CFG.text.vocab_size, (3, MAX_LEN)).astype(np.int32)
+    ids[:, 0] = BOS
+    full = teacher_forced(model)(params, ids, audio, audio_mask)
+    calls = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls))
+    fused = Cacophony(CFG, attention="cudnn")
+    cache = decoding.init_cache(fused, params, audio, audio_mask, MAX_LEN)
+    pieces = []
+    for chunk in [ids[:, :5]] + [ids[:, t : t + 1] for t in range(5, MAX_LEN)]:
+        logits, cache = decoding.decode_step(fused, params, cache, chunk, audio, audio_mask)
+        pieces.append(logits)
+    assert {"cudnn", "xla"} <= set(calls)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=1e-5)
 
 

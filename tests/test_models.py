@@ -19,6 +19,7 @@ from cacophony_jax.models.variants import (
     cacophony_config,
     mae_config,
 )
+from tests.helpers import cudnn_stand_in
 
 TINY = cacophony_config("tiny")
 B, N, T = 2, 12, 7
@@ -259,34 +260,12 @@ def test_bfloat16_compute_keeps_float32_params(tiny_params):
                        *batch())
 
 
-def _cudnn_stand_in(calls):
-    """Checks the rules cuDNN's flash attention sets, then computes with XLA.
-
-    The rules: a mask (bias) of full [B|1, H|1, Q, S] extent, even Q and S when
-    there is one (training with a bias), and more than one query row.
-    """
-    real = jax.nn.dot_product_attention
-
-    def attention(query, key, value, mask=None, implementation=None, **kwargs):
-        if implementation == "cudnn":
-            batch_size, q_len, heads, _ = query.shape
-            assert q_len > 1
-            if mask is not None:
-                assert mask.ndim == 4 and mask.shape[2:] == (q_len, key.shape[1])
-                assert mask.shape[0] in (1, batch_size) and mask.shape[1] in (1, heads)
-                assert q_len % 2 == 0 and key.shape[1] % 2 == 0
-        calls.append(implementation)
-        return real(query, key, value, mask=mask, implementation="xla", **kwargs)
-
-    return attention
-
-
 def test_cudnn_attention_gets_masks_in_the_shape_cudnn_accepts(tiny_params, monkeypatch):
     """There is no cuDNN here: a stand-in checks cuDNN's rules on every call (encoder,
     text tower, decoder self/cross attention, pools) and computes with XLA, so the
     outputs must equal the XLA model's."""
     calls = []
-    monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_stand_in(calls))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls))
     out = jax.jit(Cacophony(TINY, attention="cudnn").apply)({"params": tiny_params}, *batch())
     assert "cudnn" in calls and "xla" in calls  # the one-query pools stay on XLA
     monkeypatch.undo()
@@ -312,7 +291,7 @@ def test_cudnn_attention_pads_odd_lengths_without_changing_values_or_gradients(
     grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
     want_grads, want = grad(q, k, v, "xla")
     calls = []
-    monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_stand_in(calls))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls))
     got_grads, got = grad(q, k, v, "cudnn")
     assert calls and set(calls) == {"cudnn"}
     np.testing.assert_allclose(got, want, atol=1e-5)
