@@ -1,0 +1,45 @@
+"""Compiles for real TPU and GPU compilers where their packages are installed.
+
+Neither libtpu nor the CUDA plugin is in requirements.txt (they are large, and CI
+has no use for them), so these skip there; `pip install "jax[tpu]==<version>"` or
+`"jax[cuda12]==<version>"` enables them. No TPU or GPU is needed either way.
+"""
+
+import importlib.util
+
+import pytest
+
+from benchmarks import aot_compile, train_step
+
+TINY = ["--variant", "tiny", "--per-device-batch", "2", "--clip-seconds", "1"]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _installed("libtpu"), reason="libtpu is not installed")
+def test_tpu_topology_compile(monkeypatch):
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+    rows = aot_compile.main(["--target", "tpu:v5e:2x2", "--mesh", "1x4", "--stage", "mae",
+                             "--device-memory-gb", "16", *TINY])
+    (row,) = rows
+    assert row["device"] == "TPU v5 lite" and row["mesh"] == {"data": 1, "fsdp": 4}
+    assert row["fits"] and row["memory"]["temp"] > 0
+    config = train_step.make_config("mae", "tiny", 8, clip_seconds=1.0)
+    assert row["flops_per_example"] == train_step.model_flops_per_example(config)
+
+
+@pytest.mark.skipif(not _installed("jax_plugins.xla_cuda12"),
+                    reason="the CUDA plugin is not installed")
+def test_gpu_compile_without_a_gpu_with_cudnn_attention():
+    rows = aot_compile.main(["--target", "gpu:h100:8", "--mesh", "2x4", "--stage", "cacophony",
+                             "--attention", "cudnn", *TINY])
+    (row,) = rows
+    assert row["device"] == "NVIDIA H100 80GB HBM3" and row["attention"] == "cudnn"
+    assert row["fits"] and row["memory"]["temp"] > 0
+    assert row["xla_flops_per_example"] is None  # XLA:GPU has no cost analysis here
+    assert row["flops_per_example"] > 0
