@@ -52,7 +52,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import gpu_targets, report, train_step  # noqa: E402
+from benchmarks import collectives, gpu_targets, report, train_step  # noqa: E402
 
 GIB = 2**30
 # XLA options for GPU compiles without a device (no autotuning is possible there).
@@ -184,6 +184,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     mem = train_step.memory_bytes(compiled)
     xla_flops = train_step.step_flops(compiled)
     model_flops = train_step.model_flops_per_example(config, mesh)
+    comms = collectives.summarize(compiled.as_text()) if devices > 1 else {}
     budget = args.device_memory_gb * 1e9
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(built.plan.abstract.params))
     return {
@@ -200,6 +201,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "flops_per_example": model_flops,
         "xla_flops_per_example": (xla_flops * devices / batch
                                   if math.isfinite(xla_flops) else None),
+        "collectives": comms,
         "budget_bytes": budget, "fits": bool(mem) and mem["total"] <= budget,
     }
 
@@ -225,6 +227,11 @@ def format_row(row: dict) -> str:
         verdict = "fits" if row["fits"] else "does NOT fit"
         lines.append(f"  total per device {gib(m['total'])}: {verdict} in "
                      f"{row['budget_bytes'] / 1e9:.0f} GB")
+    if row["collectives"]:
+        parts = [f"{kind} {c['bytes'] / GIB:.2f} GiB ({c['count']}"
+                 + (f", {c['unread']} unread)" if c.get("unread") else ")")
+                 for kind, c in sorted(row["collectives"].items())]
+        lines.append("  collectives per device per step (whole buffers): " + ", ".join(parts))
     xla = f"{xla_flops / 1e9:.1f}" if xla_flops is not None else "n/a"
     lines.append(f"  model FLOPs per example: {flops / 1e9:.1f} GFLOP (XLA cost analysis of "
                  f"this compile: {xla})")
