@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan", default="false", choices=("true", "false"))
     p.add_argument("--remat", default="none", help="none | full | dots | minimal")
     p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
+    p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--device-memory-gb", type=float, default=80.0,
                    help="per-device memory budget in GB (10^9 bytes)")
@@ -171,7 +172,8 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     batch = per_device * devices
     config = train_step.make_config(stage, args.variant, batch, dtype=args.dtype,
                                      scan=args.scan == "true", remat=args.remat,
-                                     clip_seconds=args.clip_seconds, attention=args.attention)
+                                     clip_seconds=args.clip_seconds, attention=args.attention,
+                                     sam=args.sam)
     built = train_step.build_step(config, mesh)
     state_bytes = per_device_bytes(built.plan.abstract)
     params_bytes = per_device_bytes(built.plan.abstract.params)
@@ -192,7 +194,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "device": mesh.devices.flat[0].device_kind, "global_batch": batch,
         "per_device_batch": per_device, "dtype": config.model.dtype,
         "scan": config.model.scan, "remat": config.model.remat,
-        "attention": config.model.attention,
+        "attention": config.model.attention, "sam": bool(config.optim.sam.enabled),
         "clip_seconds": config.audio.clip_seconds, "params": num_params,
         "params_bytes_per_device": params_bytes, "state_bytes_per_device": state_bytes,
         "memory": mem, "compile_s": compile_s,
@@ -215,7 +217,7 @@ def format_row(row: dict) -> str:
         f"{row['stage']} {row['variant']}: {row['params'] / 1e6:.1f} M params, mesh "
         f"{row['mesh']}, {row['per_device_batch']}/device (global {row['global_batch']}), "
         f"{row['dtype']}, scan={row['scan']}, remat={row['remat']}, "
-        f"attention={row['attention']}, "
+        f"attention={row['attention']}{', SAM' if row['sam'] else ''}, "
         f"compiled in {row['compile_s']:.0f} s",
         f"  state per device (params + optimiser, exact): {gib(row['state_bytes_per_device'])}"
         f" (params {gib(row['params_bytes_per_device'])})",

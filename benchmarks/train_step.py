@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan", default="false", choices=("true", "false"), help="nn.scan stacks")
     p.add_argument("--remat", default="none", help="none | full | dots | minimal")
     p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
+    p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
     p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp size (data takes the rest)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--text-length", type=int, default=0, help="0: the config's")
@@ -99,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: bool = False,
                 remat: str = "none", fsdp: int = 1, clip_seconds: float = 0.0,
-                text_length: int = 0, sub_batches: int = 0, attention: str = ""
-                ) -> ml_collections.ConfigDict:
+                text_length: int = 0, sub_batches: int = 0, attention: str = "",
+                sam: bool = False) -> ml_collections.ConfigDict:
     """The training config of `stage`/`variant` with the benchmark's overrides.
 
     Args:
@@ -112,6 +113,7 @@ def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: 
       fsdp: mesh fsdp size (-1 for all devices); data takes the rest.
       clip_seconds, text_length, sub_batches (the front end's): 0 keeps the config's.
       attention: the attention implementation ("" keeps the config's).
+      sam: enable SAM (a second gradient per step; the paper's stage-2 recipe).
 
     Returns:
       A locked ConfigDict.
@@ -128,6 +130,8 @@ def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: 
     config.model.dtype = dtype or config.model.dtype
     config.model.scan, config.model.remat = scan, remat
     config.model.attention = attention or config.model.attention
+    if sam:
+        config.optim.sam.enabled = True
     config.mesh.data, config.mesh.fsdp = (-1, fsdp) if fsdp != -1 else (1, -1)
     if clip_seconds:
         config.audio.clip_seconds = clip_seconds
@@ -343,7 +347,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "devices": len(devices), "mesh": dict(built.mesh.shape), "batch": batch_size,
         "dtype": config.model.dtype, "scan": bool(config.model.scan),
         "remat": config.model.remat, "attention": config.model.attention,
-        "clip_seconds": config.audio.clip_seconds,
+        "sam": bool(config.optim.sam.enabled), "clip_seconds": config.audio.clip_seconds,
         "frontend_sub_batches": config.audio.frontend_sub_batches, "compile_s": compile_s,
         "step_s": step_s, "examples_per_s": batch_size / step_s,
         "model_flops_per_example": flops * len(devices) / batch_size,
@@ -361,7 +365,7 @@ def format_row(row: dict) -> str:
     label = "peak" if "peak_bytes_in_use" in mem else "compiled"
     return (f"{row['stage']:9s} {row['variant']:4s} {row['devices']:2d} dev batch "
             f"{row['batch']:5d} {row['dtype']:8s} scan={str(row['scan'])[0]} "
-            f"remat={row['remat']:7s} attn={row['attention']:5s} "
+            f"remat={row['remat']:7s} attn={row['attention']:5s} {'SAM ' if row['sam'] else ''}"
             f"fe_sub={row['frontend_sub_batches']:<3d} "
             f"step {1e3 * row['step_s']:9.1f} ms "
             f"{row['examples_per_s']:9.1f} ex/s {row['model_flops_per_example'] / 1e9:8.2f} "
@@ -390,7 +394,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  scan=args.scan == "true", remat=args.remat, fsdp=args.fsdp,
                                  clip_seconds=args.clip_seconds, text_length=args.text_length,
                                  sub_batches=args.frontend_sub_batches,
-                                 attention=args.attention)
+                                 attention=args.attention, sam=args.sam)
             dtype = config.model.dtype
             if dtype not in peaks:
                 peaks[dtype] = peak_flops_per_device(jax.devices(), dtype, args.peak_tflops)

@@ -83,3 +83,13 @@ def test_remat_and_fused_attention_do_not_change_the_model_flops():
     remat.model.attention = "cudnn"  # traced as XLA attention; never compiled here
     assert (train_step.model_flops_per_example(remat)
             == train_step.model_flops_per_example(plain))
+
+
+def test_sam_doubles_the_model_flops():
+    """SAM takes a second gradient; the front end runs once, so slightly under 2x."""
+    plain = train_step.make_config("cacophony", "base", 8)
+    sam = train_step.make_config("cacophony", "base", 8, sam=True)
+    assert sam.optim.sam.enabled and not plain.optim.sam.enabled
+    ratio = (train_step.model_flops_per_example(sam)
+             / train_step.model_flops_per_example(plain))
+    assert 1.999 < ratio < 2.0
