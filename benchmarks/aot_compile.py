@@ -76,8 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
     p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
-    p.add_argument("--device-memory-gb", type=float, default=80.0,
-                   help="per-device memory budget in GB (10^9 bytes)")
+    p.add_argument("--device-memory-gb", type=float, default=0.0,
+                   help="per-device memory budget in GB (10^9 bytes); 0: the target's "
+                        "(see default_budget)")
     p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
     return p.parse_args(argv)
 
@@ -142,6 +143,29 @@ def gpu_devices(spec: str) -> tuple[list, str]:
     return devices, f"{len(devices)} x {part.name} ({hosts} host(s), compile-only)"
 
 
+# HBM per chip in bytes by `device_kind` (first match): Google Cloud TPU pages.
+TPU_HBM_BYTES = (("TPU v5 lite", 16e9), ("TPU v5e", 16e9), ("TPU v5p", 95e9),
+                 ("TPU v5", 95e9), ("TPU v6 lite", 32e9), ("TPU v4", 32e9))
+
+
+def default_budget(device) -> float:
+    """Per-device bytes a program may use on `device`'s kind, when no budget is given.
+
+    GPUs: the card's memory times the share JAX preallocates
+    (`XLA_PYTHON_CLIENT_MEM_FRACTION`, 0.75 unless set). TPUs: the chip's HBM. The
+    CPU stand-in: 80 GB, an 80 GB accelerator.
+    """
+    kind = device.device_kind
+    for part in gpu_targets.PARTS.values():
+        if part.name == kind:
+            fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+            return part.memory_bytes * fraction
+    for key, size in TPU_HBM_BYTES:
+        if key.lower() in kind.lower():
+            return size
+    return 80e9
+
+
 def make_mesh(devices: list, spec: str) -> jax.sharding.Mesh:
     """A ('data', 'fsdp') mesh of `devices` from 'DATAxFSDP'."""
     try:
@@ -187,7 +211,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     xla_flops = train_step.step_flops(compiled)
     model_flops = train_step.model_flops_per_example(config, mesh)
     comms = collectives.summarize(compiled.as_text()) if devices > 1 else {}
-    budget = args.device_memory_gb * 1e9
+    budget = args.device_memory_gb * 1e9 or default_budget(mesh.devices.flat[0])
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(built.plan.abstract.params))
     return {
         "stage": stage, "variant": args.variant, "mesh": dict(mesh.shape),
@@ -228,7 +252,8 @@ def format_row(row: dict) -> str:
                      f"{gib(m['generated_code'])}")
         verdict = "fits" if row["fits"] else "does NOT fit"
         lines.append(f"  total per device {gib(m['total'])}: {verdict} in "
-                     f"{row['budget_bytes'] / 1e9:.0f} GB")
+                     f"{row['budget_bytes'] / 1e9:.1f} GB ({row['budget_bytes'] / GIB:.1f} "
+                     f"GiB)")
     if row["collectives"]:
         parts = [f"{kind} {c['bytes'] / GIB:.2f} GiB ({c['count']}"
                  + (f", {c['unread']} unread)" if c.get("unread") else ")")

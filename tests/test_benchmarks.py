@@ -199,6 +199,18 @@ def test_gpu_target_specs_and_config():
         aot_compile.target_devices("gpu:b200", 8)
 
 
+def test_default_memory_budget_follows_the_target(monkeypatch):
+    kind = lambda name: types.SimpleNamespace(device_kind=name)
+    h100 = gpu_targets.PARTS["h100"]
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert aot_compile.default_budget(kind(h100.name)) == h100.memory_bytes * 0.75
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert aot_compile.default_budget(kind(h100.name)) == h100.memory_bytes * 0.9
+    assert aot_compile.default_budget(kind("TPU v5 lite")) == 16e9
+    assert aot_compile.default_budget(kind("TPU v5")) == 95e9
+    assert aot_compile.default_budget(kind("cpu")) == 80e9
+
+
 def test_gpu_target_without_the_cuda_plugin_names_the_install():
     try:
         import jax_plugins.xla_cuda12  # noqa: F401
