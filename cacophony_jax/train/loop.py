@@ -155,6 +155,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     plan = state_lib.plan_state(task.init_params, tx, mesh, rules)
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.abstract.params))
     logging.info("%s model: %.2f M parameters", task.name, num_params / 1e6)
+    if config.model.scan and config.model.remat == "none":
+        # Compiled for an H100, the base steps needed 1.8-2.1x the memory this way
+        # (benchmarks/RESULTS.md section 3b).
+        logging.warning("model.scan=true without model.remat keeps every layer's "
+                        "intermediates in stacked buffers (about twice the memory of "
+                        "scan=false on a GPU); set model.remat=dots or full, or "
+                        "scan=false")
     logging.debug("parameter shardings:\n%s",
                   partition.describe(plan.abstract.params, plan.shardings.params))
 
