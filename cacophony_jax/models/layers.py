@@ -138,9 +138,8 @@ def _cudnn_masked_attention(
     attends to every real key (so its softmax is finite) and whose output is
     dropped, so that it sends no gradient back either.
     """
-    batch, q_len, s_len = query.shape[0], query.shape[1], key.shape[1]
-    mask = jnp.broadcast_to(mask, (batch if mask.shape[0] == 1 else mask.shape[0],
-                                   mask.shape[1], q_len, s_len))
+    q_len, s_len = query.shape[1], key.shape[1]
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, s_len))
     pad_q, pad_s = q_len % 2, s_len % 2
     if pad_q or pad_s:
         query = jnp.pad(query, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
