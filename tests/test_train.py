@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -148,6 +149,53 @@ def test_sharded_step_matches_single_device():
     # of the learning rate, while loss and gradient norm agree to float precision.
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1.5e-4)
+
+
+def test_loop_reads_device_values_only_when_it_logs(tmp_path, monkeypatch):
+    """Between log steps the loop only dispatches: no value comes back to the host.
+
+    Every read of a device value (float(), .item(), .tolist(), jax.device_get) goes
+    through `jax.Array._value`, and waits through `block_until_ready`; both are
+    recorded with the number of steps dispatched so far. (np.asarray on a CPU array
+    reads the buffer directly and is not seen.) The step also donates the old state.
+    """
+    array_type = type(jax.numpy.zeros(1))
+    main = threading.main_thread()
+    dispatched, reads = [0], []
+    value, wait = array_type._value, array_type.block_until_ready
+
+    def recording_value(self):
+        if threading.current_thread() is main:
+            reads.append(dispatched[0])
+        return value.fget(self)
+
+    def recording_wait(self):
+        if threading.current_thread() is main:
+            reads.append(dispatched[0])
+        return wait(self)
+
+    real_jit = step_lib.jit_train_step
+
+    def counting_jit(*args, **kwargs):
+        step = real_jit(*args, **kwargs)
+
+        def counted(state, batch):
+            out = step(state, batch)
+            assert all(x.is_deleted() for x in jax.tree.leaves(state)), "state not donated"
+            dispatched[0] += 1
+            return out
+        return counted
+
+    monkeypatch.setattr(step_lib, "jit_train_step", counting_jit)
+    monkeypatch.setattr(array_type, "_value", property(recording_value))
+    monkeypatch.setattr(array_type, "block_until_ready", recording_wait)
+    config = tiny_config("cacophony", 9, **{"train.log_every": 4, "data.eval.kind": "",
+                                            "train.checkpoint_every": 100})
+    loop.run(config, str(tmp_path))
+    assert dispatched[0] == 9
+    # Init reads the step (0); the loop logs after steps 1, 4 and 8 and logs and
+    # checkpoints after 9.
+    assert {1, 4, 8, 9} <= set(reads) <= {0, 1, 4, 8, 9}, sorted(set(reads))
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
