@@ -14,7 +14,7 @@ Usage:
     python benchmarks/train_step.py --stage cacophony --variant base --batch 64 \\
         --dtype bfloat16 --remat dots          # on a GPU/TPU
 
-Model FLOPs are counted from the traced step (flops.py: every matrix product and
+Model FLOPs are counted from the traced step (cacophony_jax/train/flops.py: every matrix product and
 convolution, loops times their trip count), traced without remat and with XLA
 attention so that recomputation is not counted and fused attention kernels are; the
 same count on every backend. XLA's cost analysis of the compiled step is reported
@@ -41,36 +41,20 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import flops, report  # noqa: E402
+from benchmarks import report  # noqa: E402
 from cacophony_jax import tasks  # noqa: E402
 from cacophony_jax.data import spec, to_global  # noqa: E402
 from cacophony_jax.optim import optimizer  # noqa: E402
 from cacophony_jax.parallel import mesh as mesh_lib  # noqa: E402
 from cacophony_jax.parallel import partition  # noqa: E402
+from cacophony_jax.train import flops  # noqa: E402
 from cacophony_jax.train import state as state_lib  # noqa: E402
 from cacophony_jax.train import step as step_lib  # noqa: E402
 
 STAGES = ("mae", "cacophony")
 
-# Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` in this order
-# (first substring wins). Sources: NVIDIA H100 datasheet (SXM 1,979 TFLOP/s with 2:4
-# sparsity = 989 dense; PCIe 1,513 = 756 dense); NVIDIA H200 datasheet (same tensor
-# cores as H100 SXM: 989); NVIDIA A100 datasheet (312); Google Cloud TPU system
-# architecture pages, bf16 per chip: v4 275, v5e 197, v5p 459, v6e (Trillium) 918.
-# JAX names v5e "TPU v5 lite" and v6e "TPU v6 lite".
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("TPU v4", 275.0),
-    ("TPU v5 lite", 197.0),
-    ("TPU v5e", 197.0),
-    ("TPU v5p", 459.0),
-    ("TPU v5", 459.0),
-    ("TPU v6 lite", 918.0),
-    ("TPU v6e", 918.0),
-)
+# The datasheet peaks MFU is measured against (dense bf16 per chip).
+PEAK_TFLOPS = flops.PEAK_TFLOPS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,6 +133,7 @@ class BuiltStep:
 
     task: Any
     tx: Any
+    schedule: Any
     plan: state_lib.StatePlan
     mesh: jax.sharding.Mesh
     step: Any  # jitted (state, batch) -> (state, metrics)
@@ -184,7 +169,7 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
                       text_mask=(batch, config.data.text_length))
         vocab = task.model_config.text.vocab_size
     step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes, rules)
-    return BuiltStep(task, tx, plan, mesh, step, shapes, vocab)
+    return BuiltStep(task, tx, schedule, plan, mesh, step, shapes, vocab)
 
 
 def abstract_batch(built: BuiltStep) -> dict[str, jax.ShapeDtypeStruct]:
@@ -215,20 +200,14 @@ def random_batch(built: BuiltStep, seed: int = 0) -> dict[str, np.ndarray]:
 
 def model_flops_per_example(config: ml_collections.ConfigDict,
                             mesh: jax.sharding.Mesh | None = None) -> float:
-    """Model FLOPs of one example's training step, counted from the traced program.
-
-    The step is traced (not compiled) with `config`'s shapes but without remat and
-    with XLA attention, so recomputation is not counted and attention's matrix
-    products are visible whatever kernel the timed step uses (see flops.py).
-    """
-    reference = ml_collections.ConfigDict(config.to_dict())
+    """Model FLOPs of one example's training step, counted from the traced program
+    (`cacophony_jax.train.flops.step_model_flops`: no remat, XLA attention)."""
+    reference = ml_collections.ConfigDict(config.to_dict())  # cuDNN cannot trace on CPU
     reference.model.remat, reference.model.attention = "none", "xla"
     built = build_step(reference, mesh)
-    counted = flops.count(built.step, built.plan.abstract, abstract_batch(built))
-    if counted.while_loops:
-        raise ValueError(f"the step has {counted.while_loops} while loop(s) whose trip count "
-                         "is unknown: its FLOPs cannot be counted")
-    return counted.flops / reference.data.global_batch_size
+    total = flops.step_model_flops(reference, None, built.tx, built.schedule, built.plan,
+                                   built.mesh, built.shapes)
+    return total / config.data.global_batch_size
 
 
 def step_flops(compiled: Any) -> float:
@@ -272,9 +251,9 @@ def peak_flops_per_device(devices: list, dtype: str, override_tflops: float = 0.
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         return measured_matmul_peak(devices, dtype), f"measured {dtype} matmul"
-    for key, tflops in PEAK_TFLOPS:
-        if key.lower() in kind.lower():
-            return tflops * 1e12, f"{key} dense bf16 datasheet"
+    known = flops.datasheet_peak(kind)
+    if known is not None:
+        return known[0], f"{known[1]} dense bf16 datasheet"
     return float("nan"), f"unknown device {kind!r}: pass --peak-tflops"
 
 

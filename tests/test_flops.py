@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import flops, train_step
+from benchmarks import train_step
+from cacophony_jax.train import flops, metrics
 
 
 def test_matmul_and_its_gradient():
@@ -93,3 +94,21 @@ def test_sam_doubles_the_model_flops():
     ratio = (train_step.model_flops_per_example(sam)
              / train_step.model_flops_per_example(plain))
     assert 1.999 < ratio < 2.0
+
+
+def test_progress_reports_model_tflops_and_mfu(monkeypatch):
+    clock = iter([0.0, 2.0, 0.0, 1.0, 0.0, 1.0])  # each Progress: start, then rates
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    progress = metrics.Progress(100, 0, 32, step_flops_per_device=5e12,
+                                peak_flops_per_device=50e12)
+    progress.add_wait(0.05)
+    rates = progress.rates(10)  # 10 steps in 2 s: 25 TFLOP/s of a 50 TFLOP/s peak
+    assert rates["perf/model_tflops_per_device"] == pytest.approx(25.0)
+    assert rates["perf/mfu"] == pytest.approx(0.5)
+    assert rates["perf/input_wait_fraction"] == pytest.approx(0.025)
+    assert "MFU 50.0%" in progress.line(10, {"loss": 1.0}, rates)
+    unknown_peak = metrics.Progress(100, 0, 32, step_flops_per_device=5e12)
+    rates = unknown_peak.rates(4)  # 4 steps in 1 s
+    assert "perf/mfu" not in rates
+    assert "20 TFLOP/s/device" in unknown_peak.line(4, {"loss": 1.0}, rates)
+    assert "perf/model_tflops_per_device" not in metrics.Progress(100, 0, 32).rates(1)

@@ -18,7 +18,7 @@ from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.tasks import cacophony as cacophony_task
-from cacophony_jax.train import checkpoint, loop, stages
+from cacophony_jax.train import checkpoint, flops, loop, stages
 from cacophony_jax.train import init as init_lib
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
@@ -33,7 +33,7 @@ def assert_trees_equal(a, b):
 def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
     mae = tiny_config("mae", 4, **{"data.eval.kind": ""})
     caco = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae"),
-                                          "eval.caption_clips": 4})
+                                          "eval.caption_clips": 4, "train.peak_tflops": 0.5})
     stages.run(mae, str(tmp_path / "mae"))
     results = stages.run(caco, str(tmp_path / "caco"))
     rows = read_metrics(tmp_path / "caco")
@@ -49,10 +49,21 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
     assert os.path.exists(tmp_path / "caco" / "tensorboard")
     # Stage 2 starts from stage 1's encoder exactly (the rest is freshly initialised).
     task = tasks.build(caco, tokenizer_for(caco, tmp_path / "caco"))
-    tx, _ = optimizer.make_optimizer(caco.optim, caco.train.steps)
+    tx, schedule = optimizer.make_optimizer(caco.optim, caco.train.steps)
     mesh = mesh_lib.make_mesh(caco.mesh)
     plan = state_lib.plan_state(task.init_params, tx, mesh,
                                 partition.rules_from_config(caco.sharding_rules))
+    # The logged model TFLOP/s is the counted step FLOPs per device times steps/s;
+    # MFU divides it by train.peak_tflops.
+    length = caco.data.text_length
+    shapes = {"audio": (8, 16000), "audio_len": (8,), "valid": (8,),
+              "text_ids": (8, length), "text_mask": (8, length)}
+    per_device = flops.step_model_flops(caco, tokenizer_for(caco, tmp_path / "caco"), tx,
+                                        schedule, plan, mesh, shapes) / mesh.devices.size
+    for row in (r for r in rows if "loss" in r):
+        assert row["perf/model_tflops_per_device"] * 1e12 == pytest.approx(
+            per_device * row["perf/steps_per_sec"], rel=1e-6)
+        assert row["perf/mfu"] == pytest.approx(row["perf/model_tflops_per_device"] / 0.5)
     empty = checkpoint.Checkpointer(tmp_path / "empty", async_save=False)
     try:
         start = init_lib.restore_or_init(caco, task, tx, plan, empty, None)

@@ -25,7 +25,7 @@ from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import checkpoint, init, metrics
+from cacophony_jax.train import checkpoint, flops, init, metrics
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
 
@@ -104,6 +104,31 @@ class _Stop:
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
     fetched = jax.device_get(window)
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+
+
+def _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes
+                    ) -> tuple[float | None, float | None]:
+    """(model FLOPs of one step per device, the device's peak FLOP/s) for MFU logging.
+
+    Either is None when unknown; counting never stops training.
+    """
+    try:
+        step_flops = flops.step_model_flops(config, tokenizer, tx, schedule, plan, mesh,
+                                            shapes) / mesh.devices.size
+    except Exception as error:  # noqa: BLE001 - a diagnostic, not worth a failed run
+        logging.warning("model FLOPs not counted (%s): TFLOP/s and MFU are not logged",
+                        error)
+        return None, None
+    device = mesh.devices.flat[0]
+    peak, source = None, "no datasheet peak for this device; set train.peak_tflops"
+    if config.train.peak_tflops > 0:
+        peak, source = config.train.peak_tflops * 1e12, "train.peak_tflops"
+    elif (known := flops.datasheet_peak(device.device_kind)) is not None:
+        peak, source = known[0], f"{known[1]} dense bf16 datasheet"
+    logging.info("model FLOPs: %.4g GFLOP per example; peak %s (%s)",
+                 step_flops * mesh.devices.size / config.data.global_batch_size / 1e9,
+                 f"{peak / 1e12:g} TFLOP/s per device" if peak else "unknown", source)
+    return step_flops, peak
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -186,11 +211,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             shapes.update({k: (config.data.global_batch_size, fmt.text_length)
                            for k in ("text_ids", "text_mask")})
         train_step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes, rules)
+        step_flops, peak = _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes)
         evaluate = task.evaluator(mesh, tokenizer)
 
         # Loop.
         prefetcher = _Prefetcher(data_iter, mesh, config.data.prefetch_batches)
-        progress = metrics.Progress(total, start, config.data.global_batch_size)
+        progress = metrics.Progress(total, start, config.data.global_batch_size,
+                                    step_flops, peak)
         window: list[dict[str, jax.Array]] = []
         failed_records, iter_state, step = 0, None, start
         final: dict[str, float] = {}

@@ -74,11 +74,23 @@ class MetricWriter:
 
 
 class Progress:
-    """Throughput, input-wait share and ETA between log steps."""
+    """Throughput, input-wait share, model TFLOP/s, MFU and ETA between log steps.
 
-    def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
+    Args:
+      total_steps, start_step: the run's length and where it starts.
+      global_batch_size: examples per step.
+      step_flops_per_device: model FLOPs of one step on one device (None: not
+        counted, so no TFLOP/s or MFU).
+      peak_flops_per_device: the device's peak FLOP/s (None: no MFU).
+    """
+
+    def __init__(self, total_steps: int, start_step: int, global_batch_size: int,
+                 step_flops_per_device: float | None = None,
+                 peak_flops_per_device: float | None = None):
         self.total = total_steps
         self.batch = global_batch_size
+        self.flops = step_flops_per_device
+        self.peak = peak_flops_per_device if step_flops_per_device else None
         self._t0 = time.perf_counter()
         self._last_time = self._t0
         self._last_step = start_step
@@ -98,6 +110,11 @@ class Progress:
             "perf/examples_per_sec": steps * self.batch / elapsed,
             "perf/input_wait_fraction": min(1.0, self._wait / elapsed),
         }
+        if self.flops:
+            achieved = steps * self.flops / elapsed
+            out["perf/model_tflops_per_device"] = achieved / 1e12
+            if self.peak:
+                out["perf/mfu"] = achieved / self.peak
         self._last_time, self._last_step, self._wait = now, step, 0.0
         return out
 
@@ -110,8 +127,12 @@ class Progress:
             if key.startswith("loss/"):
                 parts.append(f"{key[5:]} {metrics[key]:.4f}")
         parts += [f"{rates['perf/examples_per_sec']:.1f} ex/s",
-                  f"input {100 * rates['perf/input_wait_fraction']:.0f}%",
-                  f"lr {metrics.get('learning_rate', 0.0):.2e}",
+                  f"input {100 * rates['perf/input_wait_fraction']:.0f}%"]
+        if "perf/mfu" in rates:
+            parts.append(f"MFU {100 * rates['perf/mfu']:.1f}%")
+        elif "perf/model_tflops_per_device" in rates:
+            parts.append(f"{rates['perf/model_tflops_per_device']:.3g} TFLOP/s/device")
+        parts += [f"lr {metrics.get('learning_rate', 0.0):.2e}",
                   f"ETA {format_duration(eta)}"]
         return " | ".join(parts)
 

@@ -1,4 +1,8 @@
-"""Model FLOPs of a step, counted from its jaxpr: backend-independent MFU numerators.
+"""Model FLOPs of a step, counted from its jaxpr, and the peaks MFU is measured against.
+
+The training loop logs model TFLOP/s per device and MFU from these
+(`perf/model_tflops_per_device`, `perf/mfu`); benchmarks/train_step.py and
+benchmarks/aot_compile.py use the same count.
 
 XLA's cost analysis is a poor numerator for model-FLOPs utilisation: it counts a loop
 body once (a scanned block stack), counts remat recomputation as work, knows nothing
@@ -25,7 +29,42 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 from jax.extend import core as jax_core
+
+from cacophony_jax import tasks
+from cacophony_jax.data import spec
+from cacophony_jax.parallel import mesh as mesh_lib
+from cacophony_jax.parallel import partition
+from cacophony_jax.train import step as step_lib
+
+# Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` in this order
+# (first substring wins). Sources: NVIDIA H100 datasheet (SXM 1,979 TFLOP/s with 2:4
+# sparsity = 989 dense; PCIe 1,513 = 756 dense); NVIDIA H200 datasheet (same tensor
+# cores as H100 SXM: 989); NVIDIA A100 datasheet (312); Google Cloud TPU system
+# architecture pages, bf16 per chip: v4 275, v5e 197, v5p 459, v6e (Trillium) 918.
+# JAX names v5e "TPU v5 lite" and v6e "TPU v6 lite".
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),
+    ("TPU v6 lite", 918.0),
+    ("TPU v6e", 918.0),
+)
+
+
+def datasheet_peak(device_kind: str) -> tuple[float, str] | None:
+    """(dense bf16 FLOP/s, table key) of a device named `device_kind`, or None."""
+    for key, tflops in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return tflops * 1e12, key
+    return None
 
 
 @dataclasses.dataclass
@@ -89,3 +128,47 @@ def count(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> FlopCount:
     total = FlopCount()
     _count(closed.jaxpr, total, 1.0)
     return total
+
+
+def step_model_flops(config: ml_collections.ConfigDict, tokenizer: Any, tx: Any,
+                     schedule: Any, plan: Any, mesh: jax.sharding.Mesh,
+                     batch_shapes: dict[str, tuple[int, ...]]) -> float:
+    """Model FLOPs of one training step on the global batch, as `train.loop` builds it.
+
+    The step is traced (not compiled) with `config`'s shapes but without remat and with
+    XLA attention, so recomputation is not counted and attention's matrix products are
+    visible whatever kernel the real step uses.
+
+    Args:
+      config: the training config.
+      tokenizer: the task's tokenizer (its vocabulary sizes the output layer), or None.
+      tx, schedule: the optimiser and its schedule.
+      plan: the state plan (`train.state.plan_state`); its abstract state is traced.
+      mesh: the device mesh.
+      batch_shapes: key -> global shape of the training batch.
+
+    Returns:
+      FLOPs of the whole step (all devices together).
+
+    Raises:
+      ValueError: when the step has a while loop, whose trip count is unknown.
+    """
+    reference = ml_collections.ConfigDict(config.to_dict())
+    reference.model.remat, reference.model.attention = "none", "xla"
+    task = tasks.build(reference, tokenizer)
+    rules = partition.rules_from_config(reference.sharding_rules)
+
+    def step(state, batch):
+        if rules is None:
+            return step_lib.train_step(state, batch, task=task, tx=tx, schedule=schedule)
+        with partition.activation_rules(mesh, rules):
+            return step_lib.train_step(state, batch, task=task, tx=tx, schedule=schedule)
+
+    batch = {k: jax.ShapeDtypeStruct(s, spec.TRAIN_KEYS[k],
+                                     sharding=mesh_lib.batch_sharding(mesh, len(s)))
+             for k, s in batch_shapes.items()}
+    counted = count(jax.jit(step), plan.abstract, batch)
+    if counted.while_loops:
+        raise ValueError(f"the step has {counted.while_loops} while loop(s) whose trip count "
+                         "is unknown: its FLOPs cannot be counted")
+    return counted.flops
