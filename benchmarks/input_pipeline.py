@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="auto", help="front end: comma list of log_mel methods")
     p.add_argument("--sub-batches", default="1,32", help="front end: comma list of sub_batches")
     p.add_argument("--iters", type=int, default=10, help="front end: timed calls per row")
+    p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
     return p.parse_args(argv)
 
 
@@ -300,7 +301,7 @@ def run_host(benches: list[str], args: argparse.Namespace, cores: int) -> list[d
             for bench in benches:
                 source = VirtualSize(made[bench], args.virtual_size)
                 rows.append(time_host(source, fmt, args, cores, bench))
-                print(format_row(rows[-1]), flush=True)
+                report.emit(rows[-1], format_row(rows[-1]), args.json)
                 if args.profile:
                     profile_host(made[bench], fmt, args.batch)
     return rows
@@ -360,7 +361,7 @@ def run_frontend(args: argparse.Namespace, cores: int) -> list[dict]:
             rows.append(_row("frontend", config, args.batch * args.iters, wall, cpu, used))
             if device.platform != "cpu":
                 rows[-1]["clips_per_cpu_s"] = float("nan")  # host CPU time says nothing here
-            print(format_row(rows[-1]), flush=True)
+            report.emit(rows[-1], format_row(rows[-1]), args.json)
     return rows
 
 

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts at tiny sizes (so they do not rot), and checks
 of their arithmetic with hand-computed values."""
 
+import json
 import time
 import types
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from benchmarks import aot_compile, gpu_targets, input_pipeline, train_step
+from benchmarks import aot_compile, gpu_targets, input_pipeline, suite, train_step
 from cacophony_jax.data import spec
 
 # ---- input_pipeline ----------------------------------------------------------------
@@ -58,7 +59,10 @@ def test_input_pipeline_runs_every_bench(tmp_path):
     rows = input_pipeline.main([
         "--num-clips", "4", "--clip-seconds", "1", "--batch", "2", "--seconds", "0.2",
         "--text-length", "0,16", "--virtual-size", "100", "--iters", "1",
-        "--sub-batches", "1,2", "--data-dir", str(tmp_path)])
+        "--sub-batches", "1,2", "--data-dir", str(tmp_path),
+        "--json", str(tmp_path / "rows.jsonl")])
+    written = (tmp_path / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in written] == rows
     kinds = [r["bench"] for r in rows]
     assert kinds == ["wav", "array_record"] * 2 + ["frontend"] * 2
     for row in rows:
@@ -239,3 +243,38 @@ def test_aot_compile_reports_memory():
         assert row["memory"]["alias"] >= row["state_bytes_per_device"] * 0.9
         assert not row["fits"]  # a 1 kB budget
         assert row["flops_per_example"] > 0
+
+
+def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys):
+    out = tmp_path / "suite"
+    rows = suite.main(["--out", str(out), "--parts", "train-mae", "--variant", "tiny",
+                       "--batch", "8", "--train-steps", "6", "--log-every", "2",
+                       "--clips", "8", "--clip-seconds", "1", "--workers", "0",
+                       "--attention", "", "--peak-tflops", "2"])
+    (row,) = rows
+    assert row["kind"] == "train" and row["stage"] == "mae" and row["last_step"] == 6
+    assert row["windows"] == 2  # log windows ending at steps 4 and 6 (1 and 2 skipped)
+    assert row["mfu"] == pytest.approx(row["model_tflops_per_device"] / 2)
+    assert 0 <= row["input_wait_fraction"] <= 1 and row["failed_records"] == 0
+    assert "| mae tiny | 8 | 0 |" in (out / "summary.md").read_text()
+    assert (out / "logs" / "train-mae.log").read_text().count("step 6/6") == 1
+    capsys.readouterr()
+    suite.main(["--summarize", str(out / "rows.jsonl")])
+    assert "| mae tiny |" in capsys.readouterr().out
+
+
+def test_suite_plan_and_errors(tmp_path, capsys):
+    suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run"])
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 9 and not (tmp_path / "rows.jsonl").exists()
+    assert any("--attention xla" in line for line in printed)
+    assert any("--config.model.attention=cudnn" in line and "mae.py:base" in line
+               for line in printed)
+    with pytest.raises(ValueError, match="unknown part"):
+        suite.main(["--out", str(tmp_path), "--parts", "steps-mea"])
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": s, "loss": 1.0, "perf/examples_per_sec": e, "perf/input_wait_fraction": 0.1}
+        for s, e in ((1, 1.0), (10, 50.0), (20, 100.0), (30, 200.0))]) + "\n")
+    steady = suite.steady_state(metrics)
+    assert steady["examples_per_sec"] == 150.0 and steady["windows"] == 2

@@ -1,0 +1,277 @@
+"""The measurement plan for one accelerator host, run in named parts.
+
+Each part runs the other benchmark scripts, or a short real training run through
+`python -m cacophony_jax.main`, in subprocesses one after another, and appends what
+they measured to `OUT/rows.jsonl`; `OUT/summary.md` is rewritten from all rows after
+every part. Each part is sized to finish in about 10 minutes on one H100 (compiles
+included), so a machine lent for a short time can be used part by part.
+
+Usage:
+
+    python benchmarks/suite.py --list
+    python benchmarks/suite.py --out results/h100 --parts steps-mae,steps-cacophony
+    python benchmarks/suite.py --out results/h100 --parts train-mae,train-cacophony
+    python benchmarks/suite.py --out results/h100 --parts all --dry-run
+    python benchmarks/suite.py --summarize results/h100/rows.jsonl other/rows.jsonl
+
+The training parts write a WAV corpus of synthetic 10 s clips (`--clips`), then
+train the `--variant` config on it through the real input pipeline (Grain workers
+decoding WAV files) for `--train-steps` steps without evaluation, and report the
+steady-state examples/s, model TFLOP/s per device, MFU and input-wait share that the
+loop logged (the first two log windows, which include compilation, are left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import report  # noqa: E402
+
+
+@dataclasses.dataclass
+class Command:
+    """One subprocess of a part."""
+
+    label: str
+    argv: list[str]
+    train_stage: str = ""  # set for a training run: its metrics are summarised
+
+
+def _py(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "benchmarks" / script), *args]
+
+
+def _train(stage: str, args: argparse.Namespace, out: pathlib.Path) -> Command:
+    steps = args.train_steps
+    argv = [sys.executable, "-m", "cacophony_jax.main",
+            f"--config=configs/{stage}.py:{args.variant},steps={steps},batch={args.batch}",
+            f"--workdir={out / ('train-' + stage)}",
+            "--config.data.train.kind=manifest",
+            f"--config.data.train.path={out / 'corpus' / 'manifest.jsonl'}",
+            "--config.data.eval.kind=",
+            f"--config.data.num_workers={args.workers}",
+            f"--config.audio.clip_seconds={args.clip_seconds:g}",
+            f"--config.optim.warmup_steps={max(1, steps // 10)}",
+            f"--config.train.log_every={args.log_every}",
+            f"--config.train.checkpoint_every={10 * steps}"]
+    if args.attention:
+        argv.append(f"--config.model.attention={args.attention}")
+    if args.peak_tflops:
+        argv.append(f"--config.train.peak_tflops={args.peak_tflops:g}")
+    return Command(f"train-{stage}", argv, train_stage=stage)
+
+
+def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]]:
+    """Part name -> its commands, for `args` (sizes, attention, variant)."""
+    rows = str(out / "rows.jsonl")
+    common = ["--variant", args.variant, "--json", rows]
+    if args.peak_tflops:
+        common += ["--peak-tflops", f"{args.peak_tflops:g}"]
+    attention = ["--attention", args.attention] if args.attention else []
+    big = str(2 * max(args.step_batches))
+    sweep = ",".join(str(b) for b in args.step_batches)
+    parts = {
+        f"steps-{stage}": [Command(f"steps-{stage}", _py(
+            "train_step.py", "--stage", stage, "--sweep-batch", sweep, *attention, *common))]
+        for stage in ("mae", "cacophony")
+    }
+    parts["steps-xla"] = [Command("steps-xla", _py(
+        "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch),
+        "--attention", "xla", *common))]
+    parts["sam"] = [Command("sam", _py(
+        "train_step.py", "--stage", "cacophony", "--batch", str(args.batch), "--sam",
+        *attention, *common))]
+    parts["remat"] = [Command("remat", _py(
+        "train_step.py", "--stage", "mae,cacophony", "--batch", big, "--remat", "dots",
+        *attention, *common))]
+    parts["input"] = [
+        Command("input-frontend", _py(
+            "input_pipeline.py", "--bench", "frontend", "--batch", str(args.batch),
+            "--sub-batches", "1", "--iters", "20", "--json", rows)),
+        Command("input-host", _py(
+            "input_pipeline.py", "--bench", "wav", "--text-length", "0,64",
+            "--read-threads", "1", "--workers", str(args.workers), "--json", rows)),
+    ]
+    for stage in ("mae", "cacophony"):
+        parts[f"train-{stage}"] = [_train(stage, args, out)]
+    return parts
+
+
+def steady_state(metrics_path: pathlib.Path, skip: int = 2) -> dict[str, float]:
+    """Means of the loop's perf/ metrics over the log windows after the first `skip`.
+
+    The first windows hold the compilation and the input pipeline's warm-up; with too
+    few windows the last one is used.
+    """
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    rows = [r for r in rows if "perf/examples_per_sec" in r]
+    if not rows:
+        raise ValueError(f"{metrics_path} has no throughput rows")
+    kept = rows[skip:] or rows[-1:]
+    keys = sorted({k for r in kept for k in r if k.startswith("perf/")})
+    out = {k.removeprefix("perf/"): sum(r[k] for r in kept) / len(kept)
+           for k in keys if all(k in r for r in kept)}
+    out.update(windows=len(kept), last_step=rows[-1]["step"], loss=rows[-1]["loss"],
+               failed_records=rows[-1].get("data/failed_records", 0.0))
+    return out
+
+
+def run_command(command: Command, log_dir: pathlib.Path, timeout: float) -> int:
+    """Runs one command, streaming its output to the console and to its log file."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    print(f"== {command.label}: {' '.join(command.argv)}", flush=True)
+    with open(log_dir / f"{command.label}.log", "w") as log:
+        proc = subprocess.Popen(command.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            if time.monotonic() > deadline:
+                proc.kill()
+                print(f"== {command.label}: stopped after {timeout:.0f} s", flush=True)
+                break
+        return proc.wait()
+
+
+def summarize(rows: list[dict]) -> str:
+    """Markdown tables of train-step, training-run and input rows."""
+    steps = [r for r in rows if "step_s" in r]
+    runs = [r for r in rows if r.get("kind") == "train"]
+    inputs = [r for r in rows if "bench" in r]
+    out = []
+    if steps:
+        out += ["| stage | batch | attention | remat | SAM | step ms | examples/s | MFU | "
+                "peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in steps:
+            mem = r["memory"]
+            used = mem.get("peak_bytes_in_use", mem.get("total", 0)) / 2**30
+            out.append(f"| {r['stage']} | {r['batch']} | {r['attention']} | {r['remat']} | "
+                       f"{'yes' if r['sam'] else 'no'} | {1e3 * r['step_s']:.1f} | "
+                       f"{r['examples_per_s']:.1f} | {100 * r['mfu']:.1f} % | {used:.1f} |")
+        out.append("")
+    if runs:
+        out += ["| training run | batch | workers | examples/s | MFU | TFLOP/s/device | "
+                "input wait | failed records |", "|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            mfu = f"{100 * r['mfu']:.1f} %" if "mfu" in r else "n/a"
+            tflops = r.get("model_tflops_per_device", float("nan"))
+            out.append(f"| {r['stage']} {r['variant']} | {r['batch']} | {r['workers']} | "
+                       f"{r['examples_per_sec']:.1f} | {mfu} | {tflops:.3g} | "
+                       f"{100 * r['input_wait_fraction']:.1f} % | "
+                       f"{r['failed_records']:.0f} |")
+        out.append("")
+    if inputs:
+        out += ["| input | config | clips/s | cores | clips/s/core |", "|---|---|---|---|---|"]
+        for r in inputs:
+            out.append(f"| {r['bench']} | {r['config']} | {r['clips_per_s']:.1f} | "
+                       f"{r['cores']} | {r['clips_per_s_per_core']:.1f} |")
+        out.append("")
+    return "\n".join(out) if out else "(no rows)\n"
+
+
+def read_rows(paths: list[pathlib.Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        if path.exists():
+            rows += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="", help="output folder (rows.jsonl, summary.md, logs/)")
+    p.add_argument("--parts", default="", help="comma list of parts, or 'all' (see --list)")
+    p.add_argument("--list", action="store_true", help="print the parts and their commands")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--summarize", nargs="*", default=None, metavar="ROWS",
+                   help="only print the summary of these rows.jsonl files")
+    p.add_argument("--variant", default="base", choices=("tiny", "base"))
+    p.add_argument("--attention", default="cudnn",
+                   help="attention for all parts but steps-xla ('' = the config's)")
+    p.add_argument("--step-batches", default="64,128,256", help="steps-* batch sweep")
+    p.add_argument("--batch", type=int, default=128, help="batch of the other parts")
+    p.add_argument("--train-steps", type=int, default=150, help="training-run length")
+    p.add_argument("--log-every", type=int, default=10, help="training-run log window")
+    p.add_argument("--clips", type=int, default=1024, help="clips in the training corpus")
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="clip length")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                   help="Grain worker processes (training runs, host input row)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="per-device peak for MFU (0: the datasheet's; CPU: measured/none)")
+    p.add_argument("--timeout", type=float, default=540.0, help="seconds per command")
+    args = p.parse_args(argv)
+    args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
+    if not args.step_batches or min(args.step_batches) < 1 or args.batch < 1:
+        raise ValueError("--step-batches and --batch must be positive")
+    if args.train_steps < 2 or args.clips < 1 or args.log_every < 1:
+        raise ValueError("--train-steps must be at least 2, --clips and --log-every positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Runs the requested parts; returns the rows they added."""
+    args = parse_args(argv)
+    if args.summarize is not None:
+        print(summarize(read_rows([pathlib.Path(p) for p in args.summarize])))
+        return []
+    out = pathlib.Path(args.out or "suite-results").resolve()
+    parts = plan(args, out)
+    names = list(parts) if args.parts == "all" else [n for n in args.parts.split(",") if n]
+    if args.list or not names:
+        for name, commands in parts.items():
+            print(f"{name}:\n" + "\n".join("  " + " ".join(c.argv) for c in commands))
+        return []
+    unknown = sorted(set(names) - set(parts))
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; choose from {sorted(parts)} or 'all'")
+    rows_path = out / "rows.jsonl"
+    before = len(read_rows([rows_path]))
+    for name in names:
+        for command in parts[name]:
+            if args.dry_run:
+                print(" ".join(command.argv))
+                continue
+            if command.train_stage and not (out / "corpus" / "manifest.jsonl").exists():
+                from cacophony_jax.data import synthetic
+                print(f"== writing {args.clips} synthetic {args.clip_seconds:g} s clips to "
+                      f"{out / 'corpus'}", flush=True)
+                synthetic.write_corpus(out / "corpus", "train", args.clips, args.clip_seconds)
+            start = time.perf_counter()
+            code = run_command(command, out / "logs", args.timeout)
+            if code:
+                print(f"== {command.label} failed (exit {code}); see "
+                      f"{out / 'logs' / (command.label + '.log')}", flush=True)
+                continue
+            if command.train_stage:
+                metrics = steady_state(out / f"train-{command.train_stage}" / "metrics.jsonl")
+                row = {"kind": "train", "stage": command.train_stage,
+                       "variant": args.variant, "batch": args.batch,
+                       "workers": args.workers, "attention": args.attention,
+                       "wall_s": time.perf_counter() - start, **metrics}
+                report.emit(row, f"== {command.label}: {json.dumps(row)}", str(rows_path))
+        if not args.dry_run:
+            rows = read_rows([rows_path])
+            (out / "summary.md").write_text(summarize(rows))
+    if args.dry_run:
+        return []
+    rows = read_rows([rows_path])
+    print(summarize(rows))
+    return rows[before:]
+
+
+if __name__ == "__main__":
+    report.run(main)
