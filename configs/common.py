@@ -172,7 +172,9 @@ def train_block(steps: int) -> mlc.ConfigDict:
         async_checkpoints=True,  # write checkpoints in the background
         resume="",  # a checkpoint folder (or step folder) to continue from
         init_from="",  # stage 2: a stage-1 checkpoint whose encoder initialises ours
-        profile_steps=0,  # capture a profiler trace of this many steps after warmup
+        # Profiler trace of this many steps, from the 4th step of a run (after compiling
+        # and input warm-up), into workdir/profile (TensorBoard profile plugin, Perfetto).
+        profile_steps=0,
         # Per-device peak TFLOP/s for the logged MFU (perf/mfu); 0 = the dense bf16
         # datasheet value for H100/H200/A100 and TPU v4/v5e/v5p/v6e (none on CPU).
         peak_tflops=0.0,

@@ -209,6 +209,15 @@ def test_loop_reads_device_values_only_when_it_logs(tmp_path, monkeypatch):
     assert {1, 4, 8, 9} <= set(reads) <= {0, 1, 4, 8, 9}, sorted(set(reads))
 
 
+def test_profile_steps_writes_a_trace_of_the_chosen_steps(tmp_path, caplog):
+    config = tiny_config("mae", 7, **{"train.profile_steps": 2, "data.eval.kind": ""})
+    with caplog.at_level("INFO"):
+        loop.run(config, str(tmp_path))
+    traces = list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert "profiler trace of steps 4-5" in caplog.text
+
+
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     config = tiny_config("mae", 5, **{"optim.learning_rate": float("nan")})
     with pytest.raises(FloatingPointError, match="by step 2"):

@@ -6,6 +6,7 @@ step -> loop (log, evaluate, checkpoint) -> final evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -99,6 +100,45 @@ class _Stop:
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class _Profiler:
+    """Captures a profiler trace of `num_steps` steps, after this run's first steps.
+
+    The first `PROFILE_AFTER` steps of a run (compilation, input warm-up) are left out;
+    the trace goes to `directory` (TensorBoard's profile plugin or Perfetto read it).
+    Stopping waits for the traced steps to finish, the only wait it adds.
+    """
+
+    PROFILE_AFTER = 3
+
+    def __init__(self, directory: epath.Path, num_steps: int, start: int, total: int):
+        self.directory, self.active = directory, False
+        self.first = min(start + self.PROFILE_AFTER, max(start, total - num_steps))
+        self.last = min(self.first + num_steps, total) if num_steps > 0 else -1
+
+    def annotate(self, step: int):
+        """Context for dispatching `step` (a step marker inside a trace)."""
+        if self.active:
+            return jax.profiler.StepTraceAnnotation("train", step_num=step)
+        return contextlib.nullcontext()
+
+    def before(self, step: int) -> None:
+        if step == self.first and step < self.last:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step >= self.last:
+            jax.block_until_ready(outputs)
+            self.stop()
+            logging.info("profiler trace of steps %d-%d written to %s", self.first + 1,
+                         self.last, self.directory)
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -195,7 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                    keep=config.train.keep_checkpoints,
                                    async_save=config.train.async_checkpoints)
     stopper = _Stop()
-    prefetcher = None
+    prefetcher = profiler = None
     writer = metrics.MetricWriter(str(workdir_path))
     try:
         state = init.restore_or_init(config, task, tx, plan, ckpt, data_iter)
@@ -216,6 +256,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
         # Loop.
         prefetcher = _Prefetcher(data_iter, mesh, config.data.prefetch_batches)
+        profiler = _Profiler(workdir_path / "profile", config.train.profile_steps, start,
+                             total)
         progress = metrics.Progress(total, start, config.data.global_batch_size,
                                     step_flops, peak)
         window: list[dict[str, jax.Array]] = []
@@ -228,9 +270,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             batch, iter_state, failed = prefetcher.next()
             progress.add_wait(time.perf_counter() - t0)
             failed_records += failed
-            state, step_metrics = train_step(state, batch)
+            profiler.before(step)
+            with profiler.annotate(step):
+                state, step_metrics = train_step(state, batch)
             window.append(step_metrics)
             step += 1
+            profiler.after(step, (state, step_metrics))
             last = step == total
             if step % config.train.log_every == 0 or last or step == start + 1:
                 row = _mean_metrics(window)
@@ -265,6 +310,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 logging.info("eval at step %d: %s", step, metrics.format_eval(final))
         return final
     finally:
+        if profiler is not None:
+            profiler.stop()
         stopper.restore()
         if prefetcher is not None:
             prefetcher.close()
