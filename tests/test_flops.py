@@ -97,7 +97,7 @@ def test_sam_doubles_the_model_flops():
 
 
 def test_progress_reports_model_tflops_and_mfu(monkeypatch):
-    clock = iter([0.0, 2.0, 0.0, 1.0, 0.0, 1.0])  # each Progress: start, then rates
+    clock = iter([0.0, 2.0, 0.0, 1.5, 0.0, 1.0])  # each Progress: start, then rates
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
     progress = metrics.Progress(100, 0, 32, step_flops_per_device=5e12,
                                 peak_flops_per_device=50e12)
@@ -108,7 +108,8 @@ def test_progress_reports_model_tflops_and_mfu(monkeypatch):
     assert rates["perf/input_wait_fraction"] == pytest.approx(0.025)
     assert "MFU 50.0%" in progress.line(10, {"loss": 1.0}, rates)
     unknown_peak = metrics.Progress(100, 0, 32, step_flops_per_device=5e12)
-    rates = unknown_peak.rates(4)  # 4 steps in 1 s
-    assert "perf/mfu" not in rates
+    unknown_peak.add_pause(0.5)  # an evaluation: not training time
+    rates = unknown_peak.rates(4)  # 4 steps in 1.5 - 0.5 s
+    assert "perf/mfu" not in rates and rates["perf/steps_per_sec"] == pytest.approx(4.0)
     assert "20 TFLOP/s/device" in unknown_peak.line(4, {"loss": 1.0}, rates)
     assert "perf/model_tflops_per_device" not in metrics.Progress(100, 0, 32).rates(1)

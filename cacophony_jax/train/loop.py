@@ -293,13 +293,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     logging.info("%s", progress.line(step, row, rates))
             if evaluate is not None and (last or (config.train.eval_every and
                                                   step % config.train.eval_every == 0)):
+                t0 = time.perf_counter()
                 final = evaluate(state.params)
                 writer.write(step, final)
                 if jax.process_index() == 0:
                     logging.info("eval at step %d: %s", step, metrics.format_eval(final))
+                progress.add_pause(time.perf_counter() - t0)
             stop = stopper.agreed() if (jax.process_count() == 1 or step % 10 == 0) else False
             if last or stop or step % config.train.checkpoint_every == 0:
+                t0 = time.perf_counter()
                 ckpt.save(step, state, iter_state, config_json, force=True)
+                progress.add_pause(time.perf_counter() - t0)
             if stop:
                 logging.warning("stopped at step %d after a termination signal; "
                                 "rerun the same command to resume", step)

@@ -94,16 +94,21 @@ class Progress:
         self._t0 = time.perf_counter()
         self._last_time = self._t0
         self._last_step = start_step
-        self._wait = 0.0
+        self._wait = self._pause = 0.0
 
     def add_wait(self, seconds: float) -> None:
         """Accounts time the loop spent waiting for the input pipeline."""
         self._wait += seconds
 
+    def add_pause(self, seconds: float) -> None:
+        """Accounts time spent outside training (evaluation, checkpoint saves): the
+        rates of the window that holds it leave it out."""
+        self._pause += seconds
+
     def rates(self, step: int) -> dict[str, float]:
         """Rates since the previous call; resets the window."""
         now = time.perf_counter()
-        elapsed = max(now - self._last_time, 1e-9)
+        elapsed = max(now - self._last_time - self._pause, 1e-9)
         steps = step - self._last_step
         out = {
             "perf/steps_per_sec": steps / elapsed,
@@ -115,7 +120,7 @@ class Progress:
             out["perf/model_tflops_per_device"] = achieved / 1e12
             if self.peak:
                 out["perf/mfu"] = achieved / self.peak
-        self._last_time, self._last_step, self._wait = now, step, 0.0
+        self._last_time, self._last_step, self._wait, self._pause = now, step, 0.0, 0.0
         return out
 
     def line(self, step: int, metrics: dict[str, float], rates: dict[str, float]) -> str:
