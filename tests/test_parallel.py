@@ -34,6 +34,14 @@ def test_mesh_has_auto_axes_over_all_devices():
     assert mesh_lib.batch_divisor(mesh) == 8
 
 
+def test_mesh_uses_the_devices_it_is_given():
+    backwards = jax.devices()[::-1]
+    mesh = mesh_lib.make_mesh(mesh_cfg(1, -1), backwards)
+    assert list(mesh.devices.flat) == backwards
+    subset = mesh_lib.make_mesh(mesh_cfg(1, -1), jax.devices()[2:6])
+    assert list(subset.devices.flat) == jax.devices()[2:6]
+
+
 def test_spec_for_maps_names_and_keeps_uneven_dims_replicated():
     mesh = mesh_lib.make_mesh(mesh_cfg(2, 4))
     assert partition.spec_for((16, 32), ("embed", "mlp"), mesh, RULES) == P("fsdp", None)

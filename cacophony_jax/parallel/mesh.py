@@ -67,9 +67,10 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(cfg, len(devices))
     auto = (AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
+    if set(devices) == set(jax.devices()):
         # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    # A subset, or devices of another backend (compile-only topologies): as given.
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
