@@ -52,7 +52,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import collectives, gpu_targets, report, train_step  # noqa: E402
+from benchmarks import collectives, gemms, gpu_targets, report, train_step  # noqa: E402
 
 GIB = 2**30
 # XLA options for GPU compiles without a device (no autotuning is possible there).
@@ -210,7 +210,9 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     mem = train_step.memory_bytes(compiled)
     xla_flops = train_step.step_flops(compiled)
     model_flops = train_step.model_flops_per_example(config, mesh)
-    comms = collectives.summarize(compiled.as_text()) if devices > 1 else {}
+    hlo = compiled.as_text()
+    comms = collectives.summarize(hlo) if devices > 1 else {}
+    products = gemms.summarize(hlo)
     budget = args.device_memory_gb * 1e9 or default_budget(mesh.devices.flat[0])
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(built.plan.abstract.params))
     return {
@@ -228,6 +230,12 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "xla_flops_per_example": (xla_flops * devices / batch
                                   if math.isfinite(xla_flops) else None),
         "collectives": comms,
+        # The compiled program's matrix products (loop bodies once), per example.
+        "gemm_flops_per_example": products.total * devices / batch,
+        "gemm_bf16_share": products.share("bf16"),
+        "gemm_largest_other": [(k, name, f * devices / batch)
+                               for k, name, f in products.largest_other],
+        "fused_attention_calls": products.fused_attention_calls,
         "budget_bytes": budget, "fits": bool(mem) and mem["total"] <= budget,
     }
 
@@ -262,6 +270,15 @@ def format_row(row: dict) -> str:
     xla = f"{xla_flops / 1e9:.1f}" if xla_flops is not None else "n/a"
     lines.append(f"  model FLOPs per example: {flops / 1e9:.1f} GFLOP (XLA cost analysis of "
                  f"this compile: {xla})")
+    if row["gemm_flops_per_example"]:
+        other = row["gemm_largest_other"]
+        largest = (f"; largest other: {other[0][0]} {other[0][2] / 1e9:.2f} GFLOP "
+                   f"({other[0][1]})" if other else "")
+        attention = (f"; {row['fused_attention_calls']} cuDNN attention calls"
+                     if row["fused_attention_calls"] else "")
+        lines.append(f"  compiled matrix products: {row['gemm_flops_per_example'] / 1e9:.1f} "
+                     f"GFLOP per example, {100 * row['gemm_bf16_share']:.2f} % bf16 x bf16"
+                     f"{largest}{attention}")
     return "\n".join(lines)
 
 
