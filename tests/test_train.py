@@ -272,6 +272,20 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
     assert proc.returncode != 0 and "learnig_rate" in out
 
 
+def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
+    from configs import quickstart
+
+    config = quickstart.get_config()
+    last = config.stage_order[-1]
+    with config.unlocked():
+        config.stages[last].train.keep_checkpoints = 0
+    with pytest.raises(ValueError, match=rf"stage '{last}': config.train.keep_checkpoints=0"):
+        stages.run(config, str(tmp_path / "q"))
+    assert not (tmp_path / "q").exists()  # stage 1 did not start
+    with pytest.raises(ValueError, match="config.train.log_every=0 must be >= 1"):
+        loop.run(tiny_config("mae", 2, **{"train.log_every": 0}), str(tmp_path / "m"))
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     proc = _run_main(["--config=configs/mae.py:tiny,steps=100000", f"--workdir={tmp_path}",
                       "--config.train.checkpoint_every=100000", *FAST_FLAGS])

@@ -32,6 +32,32 @@ from cacophony_jax.train import step as step_lib
 
 HOST_ONLY_KEYS = ("num_failed",)
 
+# Counts a run cannot work with below these values: (config key, minimum, why).
+_MINIMUMS = (
+    ("train.steps", 1, ""),
+    ("train.log_every", 1, ""),
+    ("train.checkpoint_every", 1, ""),
+    ("train.keep_checkpoints", 1, " (0 would delete every checkpoint, the last included)"),
+    ("train.eval_every", 0, " (0 = only at the end)"),
+    ("train.profile_steps", 0, ""),
+    ("train.peak_tflops", 0, " (0 = the chip's datasheet value)"),
+    ("data.global_batch_size", 1, ""),
+    ("data.eval_batch_size", 1, ""),
+    ("data.num_workers", 0, " (0 = threads in the training process)"),
+    ("data.read_threads", 1, ""),
+    ("data.prefetch_batches", 0, ""),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Rejects counts the loop cannot run with, naming the key (before anything starts)."""
+    for key, minimum, why in _MINIMUMS:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if node < minimum:
+            raise ValueError(f"config.{key}={node} must be >= {minimum}{why}")
+
 
 class _Prefetcher:
     """Pulls host batches in a thread, makes them global, remembers iterator states.
@@ -181,6 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     Returns:
       The final evaluation metrics (empty when evaluation is disabled).
     """
+    check_config(config)
     workdir_path = epath.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     config_json = json.loads(config.to_json_best_effort())

@@ -23,6 +23,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     """
     if "stages" not in config:
         return {config.task: loop.run(config, workdir)}
+    for name in config.stage_order:  # every stage's mistakes before any training
+        try:
+            loop.check_config(config.stages[name])
+        except ValueError as error:
+            raise ValueError(f"stage {name!r}: {error}") from None
     results: dict[str, dict[str, float]] = {}
     previous = None
     root = epath.Path(workdir)
