@@ -135,8 +135,8 @@ def _replace_atomically(out: pathlib.Path, write: Any, overwrite: bool) -> None:
     """Calls ``write(tmp)`` on a fresh sibling folder, then renames it to ``out``."""
     if out.exists():
         if not overwrite:
-            raise BundleError(f"{out} already exists; pass overwrite=True to replace it or "
-                              "choose another folder")
+            raise BundleError(f"{out} already exists; pass overwrite=True (--overwrite) to "
+                              "replace it or choose another folder")
         if not (out / BUNDLE_JSON).is_file() and not (out.is_dir() and not any(out.iterdir())):
             raise BundleError(f"{out} exists and is not an inference bundle; refusing to "
                               "replace it, choose another folder")
