@@ -201,7 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only print the summary of these rows.jsonl files")
     p.add_argument("--variant", default="base", choices=("tiny", "base"))
     p.add_argument("--attention", default="cudnn",
-                   help="attention for all parts but steps-xla ('' = the config's)")
+                   help="attention for all parts but steps-xla (cudnn for GPUs; xla on TPU; "
+                        "'' = the config's)")
     p.add_argument("--step-batches", default="64,128,256", help="steps-* batch sweep")
     p.add_argument("--batch", type=int, default=128, help="batch of the other parts")
     p.add_argument("--train-steps", type=int, default=150, help="training-run length")
