@@ -18,7 +18,9 @@ The training parts write a WAV corpus of synthetic 10 s clips (`--clips`), then
 train the `--variant` config on it through the real input pipeline (Grain workers
 decoding WAV files) for `--train-steps` steps without evaluation, and report the
 steady-state examples/s, model TFLOP/s per device, MFU and input-wait share that the
-loop logged (the first two log windows, which include compilation, are left out).
+loop logged (the first two log windows, which include compilation, are left out). The
+`attention` part (listed only when `--attention` names a fused kernel) checks that the
+kernel gives XLA's loss and gradients (attention_parity.py); run it first on a new GPU.
 """
 
 from __future__ import annotations
@@ -80,7 +82,10 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     attention = ["--attention", args.attention] if args.attention else []
     big = str(2 * max(args.step_batches))
     sweep = ",".join(str(b) for b in args.step_batches)
-    parts = {
+    parts = {"attention": [Command("attention", _py(
+        "attention_parity.py", "--variant", args.variant, "--batch", str(args.parity_batch),
+        *attention, "--json", rows))]} if args.attention not in ("", "xla") else {}
+    parts |= {
         f"steps-{stage}": [Command(f"steps-{stage}", _py(
             "train_step.py", "--stage", stage, "--sweep-batch", sweep, *attention, *common))]
         for stage in ("mae", "cacophony")
@@ -149,9 +154,19 @@ def run_command(command: Command, log_dir: pathlib.Path, timeout: float) -> int:
 def summarize(rows: list[dict]) -> str:
     """Markdown tables of train-step, training-run and input rows."""
     steps = [r for r in rows if "step_s" in r]
+    parity = [r for r in rows if "grad_leaf_median_rel" in r]
     runs = [r for r in rows if r.get("kind") == "train"]
     inputs = [r for r in rows if "bench" in r]
     out = []
+    if parity:
+        out += ["| attention check | batch | loss difference | gradient difference (median "
+                "array) | verdict |", "|---|---|---|---|---|"]
+        for r in parity:
+            out.append(f"| {r['stage']} {r['variant']}, xla vs {r['attention']} | {r['batch']} "
+                       f"| {r['loss_rel']:.1e} | {r['grad_rel']:.1e} "
+                       f"({r['grad_leaf_median_rel']:.1e}) | "
+                       f"{'same' if r['same'] else 'DIFFERENT'} |")
+        out.append("")
     if steps:
         out += ["| stage | batch | attention | remat | SAM | step ms | examples/s | MFU | "
                 "peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -205,6 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "'' = the config's)")
     p.add_argument("--step-batches", default="64,128,256", help="steps-* batch sweep")
     p.add_argument("--batch", type=int, default=128, help="batch of the other parts")
+    p.add_argument("--parity-batch", type=int, default=16, help="attention check's batch")
     p.add_argument("--train-steps", type=int, default=150, help="training-run length")
     p.add_argument("--log-every", type=int, default=10, help="training-run log window")
     p.add_argument("--clips", type=int, default=1024, help="clips in the training corpus")

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from benchmarks import aot_compile, gpu_targets, input_pipeline, suite, train_step
+from benchmarks import aot_compile, attention_parity, gpu_targets, input_pipeline, suite, train_step
 from cacophony_jax.data import spec
+from tests.helpers import cudnn_stand_in
 
 # ---- input_pipeline ----------------------------------------------------------------
 
@@ -266,7 +267,8 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
 def test_suite_plan_and_errors(tmp_path, capsys):
     suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run"])
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 9 and not (tmp_path / "rows.jsonl").exists()
+    assert len(printed) == 10 and not (tmp_path / "rows.jsonl").exists()
+    assert "attention_parity.py" in printed[0]
     assert any("--attention xla" in line for line in printed)
     assert any("--config.model.attention=cudnn" in line and "mae.py:base" in line
                for line in printed)
@@ -278,3 +280,35 @@ def test_suite_plan_and_errors(tmp_path, capsys):
         for s, e in ((1, 1.0), (10, 50.0), (20, 100.0), (30, 200.0))]) + "\n")
     steady = suite.steady_state(metrics)
     assert steady["examples_per_sec"] == 150.0 and steady["windows"] == 2
+    parity = {"stage": "mae", "variant": "base", "attention": "cudnn", "batch": 16,
+              "loss_rel": 1e-4, "grad_rel": 3e-3, "grad_leaf_median_rel": 2e-3, "same": True}
+    assert "| mae base, xla vs cudnn | 16 | 1.0e-04 | 3.0e-03 (2.0e-03) | same |" in (
+        suite.summarize([parity]))
+
+
+def test_attention_parity_runs_both_stages_through_the_fused_path(monkeypatch):
+    """On CPU the fused path is the cuDNN stand-in (cuDNN's shape rules, XLA's maths),
+    so both runs must agree to float32 rounding; the MAE encoder's odd visible-patch
+    count goes through the padding."""
+    calls = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls))
+    rows = attention_parity.main(["--variant", "tiny", "--batch", "8", "--clip-seconds", "1"])
+    assert [r["stage"] for r in rows] == ["mae", "cacophony"] and "cudnn" in calls
+    for row in rows:
+        assert row["same"] and row["loss_rel"] < 1e-5 and row["grad_rel"] < 1e-4
+        assert row["grad_leaf_median_rel"] < 1e-4
+        assert len(row["loss_fused"]) == 2 and row["loss_fused"][1] != row["loss_fused"][0]
+
+
+def test_attention_parity_reports_a_difference(monkeypatch):
+    real = jax.nn.dot_product_attention
+
+    def wrong(query, key, value, mask=None, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            mask = None  # forgets the mask
+        return real(query, key, value, mask=mask, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", wrong)
+    with pytest.raises(ValueError, match="trains differently"):
+        attention_parity.main(["--stage", "cacophony", "--variant", "tiny", "--batch", "8",
+                               "--batches", "1", "--clip-seconds", "1"])
