@@ -209,13 +209,22 @@ def test_loop_reads_device_values_only_when_it_logs(tmp_path, monkeypatch):
     assert {1, 4, 8, 9} <= set(reads) <= {0, 1, 4, 8, 9}, sorted(set(reads))
 
 
-def test_profile_steps_writes_a_trace_of_the_chosen_steps(tmp_path, caplog):
+def test_profile_steps_writes_a_trace_of_the_chosen_steps(tmp_path, caplog, monkeypatch):
     config = tiny_config("mae", 7, **{"train.profile_steps": 2, "data.eval.kind": ""})
     with caplog.at_level("INFO"):
         loop.run(config, str(tmp_path))
     traces = list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert "profiler trace of steps 4-5" in caplog.text
+    # A trace that cannot be written (e.g. an unreachable bucket) does not stop training.
+    def fail(*args, **kwargs):
+        raise RuntimeError("cannot write the trace")
+
+    monkeypatch.setattr(jax.profiler, "stop_trace", fail)
+    loop.run(tiny_config("mae", 7, **{"train.profile_steps": 2, "data.eval.kind": ""}),
+             str(tmp_path / "again"))
+    assert "the profiler trace could not be written" in caplog.text
+    assert (tmp_path / "again" / "checkpoints" / "7").is_dir()
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):

@@ -151,20 +151,32 @@ class _Profiler:
 
     def before(self, step: int) -> None:
         if step == self.first and step < self.last:
-            jax.profiler.start_trace(str(self.directory))
+            try:
+                jax.profiler.start_trace(str(self.directory))
+            except Exception as error:  # noqa: BLE001 - a diagnostic, not worth a failed run
+                logging.warning("no profiler trace (%s); training goes on", error)
+                return
             self.active = True
 
     def after(self, step: int, outputs) -> None:
         if self.active and step >= self.last:
             jax.block_until_ready(outputs)
-            self.stop()
-            logging.info("profiler trace of steps %d-%d written to %s", self.first + 1,
-                         self.last, self.directory)
+            if self.stop():
+                logging.info("profiler trace of steps %d-%d written to %s", self.first + 1,
+                             self.last, self.directory)
 
-    def stop(self) -> None:
-        if self.active:
-            self.active = False
+    def stop(self) -> bool:
+        """Ends a running trace; True when it was written."""
+        if not self.active:
+            return False
+        self.active = False
+        try:
             jax.profiler.stop_trace()
+        except Exception as error:  # noqa: BLE001 - a diagnostic, not worth a failed run
+            logging.warning("the profiler trace could not be written to %s (%s); training "
+                            "goes on", self.directory, error)
+            return False
+        return True
 
 
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
