@@ -151,49 +151,50 @@ def run_command(command: Command, log_dir: pathlib.Path, timeout: float) -> int:
         return proc.wait()
 
 
+def _table(header: list[str], cells: list[list[str]]) -> list[str]:
+    """Markdown lines of one table (and a blank line after it)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in cells] + [""]
+
+
 def summarize(rows: list[dict]) -> str:
-    """Markdown tables of train-step, training-run and input rows."""
-    steps = [r for r in rows if "step_s" in r]
-    parity = [r for r in rows if "grad_leaf_median_rel" in r]
-    runs = [r for r in rows if r.get("kind") == "train"]
-    inputs = [r for r in rows if "bench" in r]
+    """Markdown tables of attention-check, train-step, training-run and input rows."""
     out = []
+    parity = [r for r in rows if "grad_leaf_median_rel" in r]
     if parity:
-        out += ["| attention check | batch | loss difference | gradient difference (median "
-                "array) | verdict |", "|---|---|---|---|---|"]
-        for r in parity:
-            out.append(f"| {r['stage']} {r['variant']}, xla vs {r['attention']} | {r['batch']} "
-                       f"| {r['loss_rel']:.1e} | {r['grad_rel']:.1e} "
-                       f"({r['grad_leaf_median_rel']:.1e}) | "
-                       f"{'same' if r['same'] else 'DIFFERENT'} |")
-        out.append("")
+        out += _table(
+            ["attention check", "batch", "loss difference",
+             "gradient difference (median array)", "verdict"],
+            [[f"{r['stage']} {r['variant']}, xla vs {r['attention']}", str(r["batch"]),
+              f"{r['loss_rel']:.1e}", f"{r['grad_rel']:.1e} ({r['grad_leaf_median_rel']:.1e})",
+              "same" if r["same"] else "DIFFERENT"] for r in parity])
+    steps = [r for r in rows if "step_s" in r]
     if steps:
-        out += ["| stage | batch | attention | remat | SAM | step ms | examples/s | MFU | "
-                "peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in steps:
-            mem = r["memory"]
-            used = mem.get("peak_bytes_in_use", mem.get("total", 0)) / 2**30
-            out.append(f"| {r['stage']} | {r['batch']} | {r['attention']} | {r['remat']} | "
-                       f"{'yes' if r['sam'] else 'no'} | {1e3 * r['step_s']:.1f} | "
-                       f"{r['examples_per_s']:.1f} | {100 * r['mfu']:.1f} % | {used:.1f} |")
-        out.append("")
+        def used_gib(mem: dict) -> float:
+            return mem.get("peak_bytes_in_use", mem.get("total", 0)) / 2**30
+        out += _table(
+            ["stage", "batch", "attention", "remat", "SAM", "step ms", "examples/s", "MFU",
+             "peak GiB"],
+            [[r["stage"], str(r["batch"]), r["attention"], r["remat"],
+              "yes" if r["sam"] else "no", f"{1e3 * r['step_s']:.1f}",
+              f"{r['examples_per_s']:.1f}", f"{100 * r['mfu']:.1f} %",
+              f"{used_gib(r['memory']):.1f}"] for r in steps])
+    runs = [r for r in rows if r.get("kind") == "train"]
     if runs:
-        out += ["| training run | batch | workers | examples/s | MFU | TFLOP/s/device | "
-                "input wait | failed records |", "|---|---|---|---|---|---|---|---|"]
-        for r in runs:
-            mfu = f"{100 * r['mfu']:.1f} %" if "mfu" in r else "n/a"
-            tflops = r.get("model_tflops_per_device", float("nan"))
-            out.append(f"| {r['stage']} {r['variant']} | {r['batch']} | {r['workers']} | "
-                       f"{r['examples_per_sec']:.1f} | {mfu} | {tflops:.3g} | "
-                       f"{100 * r['input_wait_fraction']:.1f} % | "
-                       f"{r['failed_records']:.0f} |")
-        out.append("")
+        out += _table(
+            ["training run", "batch", "workers", "examples/s", "MFU", "TFLOP/s/device",
+             "input wait", "failed records"],
+            [[f"{r['stage']} {r['variant']}", str(r["batch"]), str(r["workers"]),
+              f"{r['examples_per_sec']:.1f}",
+              f"{100 * r['mfu']:.1f} %" if "mfu" in r else "n/a",
+              f"{r.get('model_tflops_per_device', float('nan')):.3g}",
+              f"{100 * r['input_wait_fraction']:.1f} %", f"{r['failed_records']:.0f}"]
+             for r in runs])
+    inputs = [r for r in rows if "bench" in r]
     if inputs:
-        out += ["| input | config | clips/s | cores | clips/s/core |", "|---|---|---|---|---|"]
-        for r in inputs:
-            out.append(f"| {r['bench']} | {r['config']} | {r['clips_per_s']:.1f} | "
-                       f"{r['cores']} | {r['clips_per_s_per_core']:.1f} |")
-        out.append("")
+        out += _table(["input", "config", "clips/s", "cores", "clips/s/core"],
+                      [[r["bench"], r["config"], f"{r['clips_per_s']:.1f}", str(r["cores"]),
+                        f"{r['clips_per_s_per_core']:.1f}"] for r in inputs])
     return "\n".join(out) if out else "(no rows)\n"
 
 
