@@ -26,12 +26,15 @@ kernel gives XLA's loss and gradients (attention_parity.py); run it first on a n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -132,23 +135,33 @@ def steady_state(metrics_path: pathlib.Path, skip: int = 2) -> dict[str, float]:
 
 
 def run_command(command: Command, log_dir: pathlib.Path, timeout: float) -> int:
-    """Runs one command, streaming its output to the console and to its log file."""
+    """Runs one command, streaming its output to the console and to its log file.
+
+    After `timeout` seconds the command and everything it started (Grain worker
+    processes) are killed, whether or not it is printing.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     print(f"== {command.label}: {' '.join(command.argv)}", flush=True)
     with open(log_dir / f"{command.label}.log", "w") as log:
         proc = subprocess.Popen(command.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + timeout
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-            if time.monotonic() > deadline:
-                proc.kill()
-                print(f"== {command.label}: stopped after {timeout:.0f} s", flush=True)
-                break
-        return proc.wait()
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+        def stop():
+            print(f"== {command.label}: stopped after {timeout:g} s", flush=True)
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, stop)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            return proc.wait()
+        finally:
+            timer.cancel()
 
 
 def _table(header: list[str], cells: list[list[str]]) -> list[str]:

@@ -2,6 +2,7 @@
 of their arithmetic with hand-computed values."""
 
 import json
+import sys
 import time
 import types
 
@@ -312,3 +313,9 @@ def test_attention_parity_reports_a_difference(monkeypatch):
     with pytest.raises(ValueError, match="trains differently"):
         attention_parity.main(["--stage", "cacophony", "--variant", "tiny", "--batch", "8",
                                "--batches", "1", "--clip-seconds", "1"])
+
+
+def test_suite_stops_a_silent_command_at_its_timeout(tmp_path, capsys):
+    sleeper = suite.Command("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    assert suite.run_command(sleeper, tmp_path, timeout=0.5) != 0
+    assert "sleeper: stopped after 0.5 s" in capsys.readouterr().out
