@@ -224,8 +224,8 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "clip_seconds": config.audio.clip_seconds, "params": num_params,
         "params_bytes_per_device": params_bytes, "state_bytes_per_device": state_bytes,
         "memory": mem, "compile_s": compile_s,
-        # Counted from the traced step (cacophony_jax/train/flops.py); XLA's count beside it differs
-        # by backend and is absent for XLA:GPU without a device.
+        # Counted from the traced step (cacophony_jax/train/flops.py); XLA's count
+        # beside it differs by backend and is absent for XLA:GPU without a device.
         "flops_per_example": model_flops,
         "xla_flops_per_example": (xla_flops * devices / batch
                                   if math.isfinite(xla_flops) else None),

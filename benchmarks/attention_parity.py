@@ -3,10 +3,9 @@
 Computes each stage's training loss and its gradients for the same initial
 parameters, batches and randomness (patch masks, dropout) twice, once with
 `model.attention=xla` and once with the fused kernel (`cudnn` by default), and
-compares them. cuDNN's flash
-attention has its own shape rules (see `models/layers.py`), which the project pads
-and broadcasts around; this is the check on real hardware that the result is the same
-up to bf16 rounding.
+compares them. cuDNN's flash attention has its own shape rules (see
+`models/layers.py`), which the project pads and broadcasts around; this is the check on
+real hardware that the result is the same up to bf16 rounding.
 
 Usage (on a GPU):
 
@@ -36,6 +35,7 @@ from benchmarks import report, train_step  # noqa: E402
 from cacophony_jax.data import to_global  # noqa: E402
 from cacophony_jax.parallel import partition  # noqa: E402
 from cacophony_jax.train import state as state_lib  # noqa: E402
+from cacophony_jax.train import step as step_lib  # noqa: E402
 
 
 def _loss_and_grads(stage: str, args: argparse.Namespace, attention: str):
@@ -46,15 +46,12 @@ def _loss_and_grads(stage: str, args: argparse.Namespace, attention: str):
     params = state_lib.create_state(built.task.init_params, built.tx, built.plan,
                                     config.seed).params
     rules = partition.rules_from_config(config.sharding_rules)
-    task = built.task
 
-    @jax.jit
     def loss_and_grads(params, batch, rng):
-        feature_rng, model_rng = jax.random.split(rng)
-        with partition.activation_rules(built.mesh, rules):
-            features = task.features(batch, feature_rng, train=True)
-            return jax.value_and_grad(
-                lambda p: task.loss(p, features, batch, model_rng)[0])(params)
+        loss_fn = step_lib.step_loss_fn(built.task, batch, rng)
+        return jax.value_and_grad(lambda p: loss_fn(p)[0])(params)
+
+    loss_and_grads = jax.jit(step_lib.with_rules(loss_and_grads, built.mesh, rules))
 
     out = []
     for seed in range(args.batches):

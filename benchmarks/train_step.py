@@ -14,13 +14,14 @@ Usage:
     python benchmarks/train_step.py --stage cacophony --variant base --batch 64 \\
         --dtype bfloat16 --remat dots          # on a GPU/TPU
 
-Model FLOPs are counted from the traced step (cacophony_jax/train/flops.py: every matrix product and
-convolution, loops times their trip count), traced without remat and with XLA
-attention so that recomputation is not counted and fused attention kernels are; the
-same count on every backend. XLA's cost analysis of the compiled step is reported
+Model FLOPs are counted from the traced step (cacophony_jax/train/flops.py: every
+matrix product and convolution, loops times their trip count), traced without remat
+and with XLA attention so that recomputation is not counted and fused attention
+kernels are; the same count on every backend. XLA's cost analysis of the compiled step is reported
 beside it (`xla_flops_per_example`), but it counts loop bodies once, remat as work
 and custom calls (cuDNN attention) as nothing. MFU = model FLOPs per device per
-second / the device's peak (PEAK_TFLOPS, dense bf16; on CPU a measured matmul peak).
+second / the device's peak (flops.PEAK_TFLOPS, dense bf16; on CPU a measured matmul
+peak).
 """
 
 from __future__ import annotations
@@ -52,10 +53,6 @@ from cacophony_jax.train import state as state_lib  # noqa: E402
 from cacophony_jax.train import step as step_lib  # noqa: E402
 
 STAGES = ("mae", "cacophony")
-
-# The datasheet peaks MFU is measured against (dense bf16 per chip).
-PEAK_TFLOPS = flops.PEAK_TFLOPS
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line (see the module docstring)."""

@@ -24,6 +24,7 @@ program and is counted too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -157,13 +158,8 @@ def step_model_flops(config: ml_collections.ConfigDict, tokenizer: Any, tx: Any,
     reference.model.remat, reference.model.attention = "none", "xla"
     task = tasks.build(reference, tokenizer)
     rules = partition.rules_from_config(reference.sharding_rules)
-
-    def step(state, batch):
-        if rules is None:
-            return step_lib.train_step(state, batch, task=task, tx=tx, schedule=schedule)
-        with partition.activation_rules(mesh, rules):
-            return step_lib.train_step(state, batch, task=task, tx=tx, schedule=schedule)
-
+    step = step_lib.with_rules(functools.partial(step_lib.train_step, task=task, tx=tx,
+                                                 schedule=schedule), mesh, rules)
     batch = {k: jax.ShapeDtypeStruct(s, spec.TRAIN_KEYS[k],
                                      sharding=mesh_lib.batch_sharding(mesh, len(s)))
              for k, s in batch_shapes.items()}

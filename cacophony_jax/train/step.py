@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -12,6 +13,17 @@ from jax.sharding import Mesh
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.train.state import StatePlan, TrainState
+
+
+def step_loss_fn(task: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    """The step's loss as a function of the parameters: params -> (loss, metrics).
+
+    The front end (log-mel, patches, masks) runs once here, from the first half of
+    `rng`, outside the differentiated function; the model's randomness is the second.
+    """
+    feature_rng, model_rng = jax.random.split(rng)
+    features = task.features(batch, feature_rng, train=True)
+    return lambda params: task.loss(params, features, batch, model_rng)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
@@ -34,13 +46,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
     Returns:
       (new state, metrics of this step as scalars).
     """
-    rng = jax.random.fold_in(state.rng, state.step)
-    feature_rng, model_rng = jax.random.split(rng)
-    features = task.features(batch, feature_rng, train=True)
-
-    def loss_fn(params):
-        return task.loss(params, features, batch, model_rng)
-
+    loss_fn = step_loss_fn(task, batch, jax.random.fold_in(state.rng, state.step))
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
     def grad_fn(params):
@@ -58,6 +64,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
     )
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+
+def with_rules(fn, mesh: Mesh, rules: partition.Rules | None):
+    """`fn` traced under the logical activation rules (unchanged when `rules` is None)."""
+    if rules is None:
+        return fn
+
+    @functools.wraps(fn)
+    def constrained(*args, **kwargs):
+        with partition.activation_rules(mesh, rules):
+            return fn(*args, **kwargs)
+    return constrained
 
 
 def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
@@ -79,15 +97,9 @@ def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
     """
     batch_shardings = {k: mesh_lib.batch_sharding(mesh, len(s))
                        for k, s in batch_shapes.items()}
-
-    def step(state, batch):
-        if rules is None:
-            return train_step(state, batch, task=task, tx=tx, schedule=schedule)
-        with partition.activation_rules(mesh, rules):
-            return train_step(state, batch, task=task, tx=tx, schedule=schedule)
-
     return jax.jit(
-        step,
+        with_rules(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
+                   mesh, rules),
         in_shardings=(plan.shardings, batch_shardings),
         out_shardings=(plan.shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
