@@ -21,6 +21,10 @@ steady-state examples/s, model TFLOP/s per device, MFU and input-wait share that
 loop logged (the first two log windows, which include compilation, are left out). The
 `attention` part (listed only when `--attention` names a fused kernel) checks that the
 kernel gives XLA's loss and gradients (attention_parity.py); run it first on a new GPU.
+
+With `--budget SECONDS` the parts share one time limit: name them in order of
+importance, and the ones the budget does not reach are skipped. A training run stopped
+by its timeout still reports the log windows it completed (with its exit code).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import report  # noqa: E402
+
+MIN_COMMAND_S = 30  # --budget: no command starts with less time than this left
 
 
 @dataclasses.dataclass
@@ -121,7 +127,10 @@ def steady_state(metrics_path: pathlib.Path, skip: int = 2) -> dict[str, float]:
     The first windows hold the compilation and the input pipeline's warm-up; with too
     few windows the last one is used.
     """
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    rows = []
+    for line in metrics_path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a killed run
+            rows.append(json.loads(line))
     rows = [r for r in rows if "perf/examples_per_sec" in r]
     if not rows:
         raise ValueError(f"{metrics_path} has no throughput rows")
@@ -195,9 +204,10 @@ def summarize(rows: list[dict]) -> str:
     runs = [r for r in rows if r.get("kind") == "train"]
     if runs:
         out += _table(
-            ["training run", "batch", "workers", "examples/s", "MFU", "TFLOP/s/device",
-             "input wait", "failed records"],
+            ["training run", "batch", "workers", "steps", "examples/s", "MFU",
+             "TFLOP/s/device", "input wait", "failed records"],
             [[f"{r['stage']} {r['variant']}", str(r["batch"]), str(r["workers"]),
+              f"{r['last_step']:.0f}" + (" (stopped)" if r.get("exit") else ""),
               f"{r['examples_per_sec']:.1f}",
               f"{100 * r['mfu']:.1f} %" if "mfu" in r else "n/a",
               f"{r.get('model_tflops_per_device', float('nan')):.3g}",
@@ -244,6 +254,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device peak for MFU (0: the datasheet's; CPU: measured/none)")
     p.add_argument("--timeout", type=float, default=540.0, help="seconds per command")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds for this whole invocation (0: no limit): each command's "
+                        "timeout is cut to what is left, and commands that would start with "
+                        f"under {MIN_COMMAND_S} s left are skipped")
     args = p.parse_args(argv)
     args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
     if not args.step_batches or min(args.step_batches) < 1 or args.batch < 1:
@@ -271,10 +285,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"unknown part(s) {unknown}; choose from {sorted(parts)} or 'all'")
     rows_path = out / "rows.jsonl"
     before = len(read_rows([rows_path]))
+    deadline = time.monotonic() + args.budget if args.budget else float("inf")
     for name in names:
         for command in parts[name]:
             if args.dry_run:
                 print(" ".join(command.argv))
+                continue
+            left = deadline - time.monotonic()
+            if left < MIN_COMMAND_S:
+                print(f"== {command.label}: skipped, {max(left, 0):.0f} s of --budget left",
+                      flush=True)
                 continue
             if command.train_stage and not (out / "corpus" / "manifest.jsonl").exists():
                 from cacophony_jax.data import synthetic
@@ -282,17 +302,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"{out / 'corpus'}", flush=True)
                 synthetic.write_corpus(out / "corpus", "train", args.clips, args.clip_seconds)
             start = time.perf_counter()
-            code = run_command(command, out / "logs", args.timeout)
+            code = run_command(command, out / "logs",
+                               min(args.timeout, deadline - time.monotonic()))
             if code:
                 print(f"== {command.label} failed (exit {code}); see "
                       f"{out / 'logs' / (command.label + '.log')}", flush=True)
-                continue
             if command.train_stage:
-                metrics = steady_state(out / f"train-{command.train_stage}" / "metrics.jsonl")
+                # A run stopped early still reports the windows it logged.
+                try:
+                    metrics = steady_state(
+                        out / f"train-{command.train_stage}" / "metrics.jsonl")
+                except (OSError, ValueError) as e:
+                    print(f"== {command.label}: no throughput to report ({e})", flush=True)
+                    continue
                 row = {"kind": "train", "stage": command.train_stage,
                        "variant": args.variant, "batch": args.batch,
                        "workers": args.workers, "attention": args.attention,
-                       "wall_s": time.perf_counter() - start, **metrics}
+                       "exit": code, "wall_s": time.perf_counter() - start, **metrics}
                 report.emit(row, f"== {command.label}: {json.dumps(row)}", str(rows_path))
         if not args.dry_run:
             rows = read_rows([rows_path])

@@ -278,9 +278,13 @@ def test_suite_plan_and_errors(tmp_path, capsys):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(r) for r in [
         {"step": s, "loss": 1.0, "perf/examples_per_sec": e, "perf/input_wait_fraction": 0.1}
-        for s, e in ((1, 1.0), (10, 50.0), (20, 100.0), (30, 200.0))]) + "\n")
-    steady = suite.steady_state(metrics)
+        for s, e in ((1, 1.0), (10, 50.0), (20, 100.0), (30, 200.0))]) + '\n{"step": 4')
+    steady = suite.steady_state(metrics)  # the cut last line of a killed run is skipped
     assert steady["examples_per_sec"] == 150.0 and steady["windows"] == 2
+    capsys.readouterr()
+    assert suite.main(["--out", str(tmp_path), "--parts", "steps-mae,attention",
+                       "--budget", "20"]) == []
+    assert capsys.readouterr().out.count("s of --budget left") == 2
     parity = {"stage": "mae", "variant": "base", "attention": "cudnn", "batch": 16,
               "loss_rel": 1e-4, "grad_rel": 3e-3, "grad_leaf_median_rel": 2e-3, "same": True}
     assert "| mae base, xla vs cudnn | 16 | 1.0e-04 | 3.0e-03 (2.0e-03) | same |" in (
