@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import report  # noqa: E402
+from benchmarks import profile_summary, report  # noqa: E402
 from cacophony_jax import tasks  # noqa: E402
 from cacophony_jax.data import spec, to_global  # noqa: E402
 from cacophony_jax.optim import optimizer  # noqa: E402
@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device peak to use instead of the table / CPU measurement")
+    p.add_argument("--profile", default="",
+                   help="after timing, trace --profile-steps more steps into this folder "
+                        "and summarise where the device time went (profile_summary.py)")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps traced by --profile")
     p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
     return p.parse_args(argv)
 
@@ -275,7 +279,8 @@ def measured_matmul_peak(devices: list, dtype: str, size: int = 1024, reps: int 
 
 
 def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
-            peak: tuple[float, str] | None = None, override_tflops: float = 0.0) -> dict:
+            peak: tuple[float, str] | None = None, override_tflops: float = 0.0,
+            profile_dir: str = "", profile_steps: int = 3) -> dict:
     """Compiles, runs and times one configuration (one table row).
 
     Args:
@@ -284,10 +289,13 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
       warmup: untimed steps after compiling.
       peak: (per-device FLOP/s, source), measured once by the caller; None = measure.
       override_tflops: see `peak_flops_per_device`.
+      profile_dir: when set, `profile_steps` more steps are traced into this folder
+        after the timed ones, and the row gets the trace's summary ("profile").
+      profile_steps: steps traced.
 
     Returns:
       The row: settings, compile_s, step_s, examples_per_s, model_flops_per_example,
-      tflops_per_device, peak_tflops, mfu, memory (bytes).
+      tflops_per_device, peak_tflops, mfu, memory (bytes), and profile if traced.
     """
     built = build_step(config)
     devices = list(built.mesh.devices.flat)
@@ -310,6 +318,16 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
     step_s = (time.perf_counter() - start) / steps
     if not math.isfinite(float(metrics["loss"])):
         raise FloatingPointError(f"the benchmark step produced loss {float(metrics['loss'])}")
+    profile = None
+    if profile_dir:
+        # Traced apart from the timed steps: tracing adds its own overhead.
+        with jax.profiler.trace(profile_dir):
+            for _ in range(profile_steps):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+        profile, text = profile_summary.summarize_trace(profile_dir, profile_steps,
+                                                        flops / 1e9)
+        print(text, flush=True)
     if peak is None:
         peak = peak_flops_per_device(devices, config.model.dtype, override_tflops)
     batch_size = config.data.global_batch_size
@@ -331,6 +349,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "xla_flops_per_example": xla_flops * len(devices) / batch_size,
         "tflops_per_device": achieved / 1e12, "peak_tflops": peak[0] / 1e12,
         "peak_source": peak[1], "mfu": achieved / peak[0], "memory": mem,
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -376,7 +395,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 peaks[dtype] = peak_flops_per_device(jax.devices(), dtype, args.peak_tflops)
                 print(f"peak {peaks[dtype][0] / 1e12:.4f} TFLOP/s per device "
                       f"({peaks[dtype][1]}, {jax.devices()[0].device_kind})", flush=True)
-            rows.append(measure(config, args.steps, args.warmup, peaks[dtype]))
+            profile_dir = ""
+            if args.profile:
+                profile_dir = str(pathlib.Path(args.profile) / f"{stage}-{batch}")
+            rows.append(measure(config, args.steps, args.warmup, peaks[dtype],
+                                profile_dir=profile_dir, profile_steps=args.profile_steps))
             report.emit(rows[-1], format_row(rows[-1]), args.json)
     return rows
 

@@ -2,6 +2,7 @@
 of their arithmetic with hand-computed values."""
 
 import json
+import pathlib
 import sys
 import time
 import types
@@ -12,7 +13,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from benchmarks import aot_compile, attention_parity, gpu_targets, input_pipeline, suite, train_step
+from benchmarks import (
+    aot_compile,
+    attention_parity,
+    gpu_targets,
+    input_pipeline,
+    profile_summary,
+    suite,
+    train_step,
+)
 from cacophony_jax.data import spec
 from tests.helpers import cudnn_stand_in
 
@@ -133,11 +142,18 @@ def test_measured_cpu_peak_is_positive():
     assert train_step.measured_matmul_peak(jax.devices(), "float32", size=64, reps=1) > 0
 
 
-def test_train_step_measures_the_contrastive_stage():
+def test_train_step_measures_the_contrastive_stage(tmp_path):
     rows = train_step.main(["--stage", "cacophony", "--batch", "8", "--steps", "1",
                             "--warmup", "1", "--clip-seconds", "1", "--text-length", "16",
-                            "--peak-tflops", "2"])
+                            "--peak-tflops", "2", "--profile", str(tmp_path),
+                            "--profile-steps", "2"])
     (row,) = rows
+    # The traced steps' XLA ops (on CPU: host threads running them) were summarised.
+    profile = row["profile"]
+    assert profile["steps"] == 2 and profile["events"] > 0
+    assert 0 < profile["busy_ms_per_step"] <= profile["span_ms_per_step"]
+    assert sum(c["share"] for c in profile["categories"].values()) == pytest.approx(1.0)
+    assert (tmp_path / "cacophony-8").is_dir()
     assert row["devices"] == 8 and row["batch"] == 8 and row["peak_tflops"] == 2.0
     assert row["examples_per_s"] == pytest.approx(8 / row["step_s"])
     assert row["model_flops_per_example"] > 0
@@ -323,3 +339,60 @@ def test_suite_stops_a_silent_command_at_its_timeout(tmp_path, capsys):
     sleeper = suite.Command("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
     assert suite.run_command(sleeper, tmp_path, timeout=0.5) != 0
     assert "sleeper: stopped after 0.5 s" in capsys.readouterr().out
+
+
+# ---- profile_summary ---------------------------------------------------------------
+
+def _xevent(metadata_id: int, start_us: float, duration_us: float, hlo_op: str = "") -> str:
+    stats = f' stats {{ metadata_id: 1 str_value: "{hlo_op}" }}' if hlo_op else ""
+    return (f"events {{ metadata_id: {metadata_id} offset_ps: {int(start_us * 1e6)} "
+            f"duration_ps: {int(duration_us * 1e6)}{stats} }}")
+
+
+def _xline(line_id: int, name: str, *events: str) -> str:
+    return f'lines {{ id: {line_id} name: "{name}" timestamp_ns: 1000 {" ".join(events)} }}'
+
+
+# A GPU trace as the CUPTI tracer lays it out: kernels on "Stream #N" lines (two of
+# them overlapping), the same time again on the derived "XLA Ops" line, and a CUPTI
+# overhead line; times in microseconds here.
+_KERNELS = ("nvjet_hsh_256x128_2x1_v_bz_coopA_TNN",
+            "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "loop_add_fusion",
+            "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "custom-call.3")
+_GPU_XSPACE = "planes { id: 1 name: \"/device:GPU:0\" " + " ".join([
+    _xline(1, "Stream #7(Kernel)", _xevent(1, 0, 6, "custom-call.3"),
+           _xevent(2, 6, 2, "custom-call.9"), _xevent(3, 8, 1, "loop_add_fusion"),
+           _xevent(1, 12, 6, "custom-call.3")),
+    _xline(2, "Stream #9(MemcpyH2D,Kernel)", _xevent(4, 8.5, 1, "all-reduce.1")),
+    _xline(3, "XLA Ops", _xevent(5, 0, 6)),
+    _xline(4, "CUPTI overhead", _xevent(5, 0, 9)),
+    *(f'event_metadata {{ key: {i} value {{ id: {i} name: "{name}" }} }}'
+      for i, name in enumerate(_KERNELS, 1)),
+    'stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }',
+]) + " }"
+
+
+def test_profile_summary_sorts_gpu_kernels_and_counts_overlap_once():
+    from jax.profiler import ProfileData
+    profile = ProfileData.from_serialized_xspace(
+        ProfileData.text_proto_to_serialized_xspace(_GPU_XSPACE))
+    events, source = profile_summary.device_events(profile)
+    assert len(events) == 5 and "Stream #7(Kernel)" in source and "XLA Ops" not in source
+    summary = profile_summary.summarize(events, steps=2, model_gflop=10.0)
+    ms = {k: c["ms_per_step"] for k, c in summary["categories"].items()}
+    assert ms == pytest.approx({"matmul": 6e-3, "attention": 1e-3, "fusion/other": 5e-4,
+                                "collective": 5e-4})
+    # Busy: 0-9.5 us (the all-reduce overlaps the fusion) and 12-18 us; span 18 us.
+    assert summary["busy_ms_per_step"] == pytest.approx(15.5e-3 / 2)
+    assert summary["span_ms_per_step"] == pytest.approx(18e-3 / 2)
+    # 2 steps x 10 GFLOP in 14 us of products and attention.
+    assert summary["product_tflops"] == pytest.approx(20e9 / 14e-6 / 1e12)
+    assert summary["top_ops"][0] == pytest.approx(
+        {"category": "matmul", "op": "custom-call.3", "ms_per_step": 6e-3,
+         "calls_per_step": 1.0, "share": 12 / 16})
+    text = profile_summary.format_summary(summary, source)
+    assert "matmul" in text and "model TFLOP/s while running" in text
+    with pytest.raises(ValueError, match="no device events"):
+        profile_summary.summarize([])
+    with pytest.raises(FileNotFoundError, match="profile_steps"):
+        profile_summary.newest_trace(pathlib.Path(__file__).parent / "fixtures" / "official")
