@@ -21,6 +21,9 @@ steady-state examples/s, model TFLOP/s per device, MFU and input-wait share that
 loop logged (the first two log windows, which include compilation, are left out). The
 `attention` part (listed only when `--attention` names a fused kernel) checks that the
 kernel gives XLA's loss and gradients (attention_parity.py); run it first on a new GPU.
+The `profile` part traces three steps of each stage and sorts the device time into
+matrix products, attention, other fusions, copies and collectives
+(profile_summary.py): where the time goes that MFU does not count.
 
 With `--budget SECONDS` the parts share one time limit: name them in order of
 importance, and the ones the budget does not reach are skipped. A training run stopped
@@ -108,6 +111,9 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     parts["remat"] = [Command("remat", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", big, "--remat", "dots",
         *attention, *common))]
+    parts["profile"] = [Command("profile", _py(
+        "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch),
+        "--steps", "3", "--profile", str(out / "profile"), *attention, *common))]
     parts["input"] = [
         Command("input-frontend", _py(
             "input_pipeline.py", "--bench", "frontend", "--batch", str(args.batch),
@@ -201,6 +207,17 @@ def summarize(rows: list[dict]) -> str:
               "yes" if r["sam"] else "no", f"{1e3 * r['step_s']:.1f}",
               f"{r['examples_per_s']:.1f}", f"{100 * r['mfu']:.1f} %",
               f"{used_gib(r['memory']):.1f}"] for r in steps])
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        labels = ("matmul", "attention", "fusion/other", "copy", "collective")
+        out += _table(
+            ["profiled step", "batch", "busy", *(f"{k} ms" for k in labels),
+             "products' TFLOP/s"],
+            [[f"{r['stage']} {r['attention']}", str(r["batch"]),
+              f"{100 * r['profile']['busy_fraction']:.1f} %",
+              *(f"{r['profile']['categories'].get(k, {}).get('ms_per_step', 0.0):.1f}"
+                for k in labels),
+              f"{r['profile'].get('product_tflops', float('nan')):.0f}"] for r in profiled])
     runs = [r for r in rows if r.get("kind") == "train"]
     if runs:
         out += _table(

@@ -284,7 +284,7 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
 def test_suite_plan_and_errors(tmp_path, capsys):
     suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run"])
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 10 and not (tmp_path / "rows.jsonl").exists()
+    assert len(printed) == 11 and not (tmp_path / "rows.jsonl").exists()
     assert "attention_parity.py" in printed[0]
     assert any("--attention xla" in line for line in printed)
     assert any("--config.model.attention=cudnn" in line and "mae.py:base" in line
@@ -305,6 +305,11 @@ def test_suite_plan_and_errors(tmp_path, capsys):
               "loss_rel": 1e-4, "grad_rel": 3e-3, "grad_leaf_median_rel": 2e-3, "same": True}
     assert "| mae base, xla vs cudnn | 16 | 1.0e-04 | 3.0e-03 (2.0e-03) | same |" in (
         suite.summarize([parity]))
+    profiled = {"stage": "mae", "attention": "cudnn", "batch": 256, "profile": {
+        "busy_fraction": 0.95, "product_tflops": 612.0,
+        "categories": {"matmul": {"ms_per_step": 120.0}, "fusion/other": {"ms_per_step": 60.5}}}}
+    assert "| mae cudnn | 256 | 95.0 % | 120.0 | 0.0 | 60.5 | 0.0 | 0.0 | 612 |" in (
+        suite.summarize([profiled]))
 
 
 def test_attention_parity_runs_both_stages_through_the_fused_path(monkeypatch):
