@@ -116,6 +116,36 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     assert losses_a[12] == losses_b[12]
 
 
+def test_state_is_initialised_with_the_threefry_kernel_setting_then_restored():
+    """On a GPU the setting turns the initialisers' threefry hashes into kernel calls
+    (78 s -> 5 s of compile for Cacophony base); it must not leak into the step."""
+    config = tiny_config("mae", 2)
+    task = tasks.build(config, None)
+    tx, _ = optimizer.make_optimizer(config.optim, config.train.steps)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    plan = state_lib.plan_state(task.init_params, tx, mesh,
+                                partition.rules_from_config(config.sharding_rules))
+    seen = []
+
+    def spy(key):
+        seen.append(jax.config.jax_threefry_gpu_kernel_lowering)
+        return task.init_params(key)
+
+    state = state_lib.create_state(spy, tx, plan, seed=0)
+    assert seen == [True] and not jax.config.jax_threefry_gpu_kernel_lowering
+    plain = jax.jit(lambda k: task.init_params(jax.random.split(k)[0]))(
+        jax.random.PRNGKey(0))
+    assert_trees_equal(state.params, jax.tree.map(lambda b: b.unbox(), plain,
+                                                  is_leaf=lambda x: hasattr(x, "unbox")))
+
+    def broken(key):
+        raise RuntimeError("init failed")
+
+    with pytest.raises(RuntimeError, match="init failed"):
+        state_lib.create_state(broken, tx, plan, seed=0)
+    assert not jax.config.jax_threefry_gpu_kernel_lowering
+
+
 def test_sharded_step_matches_single_device():
     config = tiny_config("cacophony", 10, **{"tokenizer.vocab_size": 0})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -94,6 +95,25 @@ def create_state(init_params_fn, tx: optax.GradientTransformation, plan: StatePl
                           opt_state=tx.init(given), rng=train_key)
 
     key = jax.random.PRNGKey(seed)
-    if params is None:
-        return jax.jit(lambda k: init(k, None), out_shardings=plan.shardings)(key)
-    return jax.jit(init, out_shardings=plan.shardings)(key, params)
+    with _threefry_kernels():
+        if params is None:
+            return jax.jit(lambda k: init(k, None), out_shardings=plan.shardings)(key)
+        return jax.jit(init, out_shardings=plan.shardings)(key, params)
+
+
+@contextlib.contextmanager
+def _threefry_kernels():
+    """Random numbers from JAX's threefry GPU kernel while the state is initialised.
+
+    Unrolled into XLA fusions, the threefry hash of every parameter's initialiser took
+    XLA:GPU 41 s (MAE `base`) and 78 s (Cacophony `base`) to compile; as kernel calls,
+    2 s and 5 s (benchmarks/RESULTS.md section 6). The numbers are the same function
+    of the key either way. The setting is part of jit's cache key and only changes
+    how GPUs lower the hash; other backends ignore it.
+    """
+    before = jax.config.jax_threefry_gpu_kernel_lowering
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_threefry_gpu_kernel_lowering", before)
