@@ -26,6 +26,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run.
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulated CPU devices (testing).")
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "", "gloo|mpi for CPU multi-process.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "",
+    "Folder (local, or gs://... on Cloud TPU) for JAX's persistent compilation cache: a "
+    "restarted or resumed run loads the programs it compiled before instead of compiling "
+    "them again. The same as setting JAX_COMPILATION_CACHE_DIR. Only share it with "
+    "people you trust: a cache entry is code that runs.")
 _VERBOSE_LIBS = flags.DEFINE_bool("verbose_libraries", False,
                                   "Show INFO logs of Orbax/JAX/Grain too.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -54,6 +60,8 @@ def main(argv):
 
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    if _COMPILATION_CACHE.value:  # before anything compiles
+        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     from cacophony_jax.parallel import distributed
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value, _CPU_COLLECTIVES.value)

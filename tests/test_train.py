@@ -299,12 +299,14 @@ FAST_FLAGS = ["--config.audio.clip_seconds=1", "--config.audio.eval_clip_seconds
 
 
 def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
+    cache = tmp_path / "xla_cache"
     proc = _run_main(["--config=configs/mae.py:tiny,steps=2", f"--workdir={tmp_path}",
-                      *FAST_FLAGS])
+                      f"--compilation_cache={cache}", *FAST_FLAGS])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "step 2/2" in out and "eval at step 2" in out
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
+    assert os.listdir(cache)  # the step (compiled for over a second) was cached
     proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}",
                       "--config.optim.learnig_rate=1"])
     out, _ = proc.communicate(timeout=300)
