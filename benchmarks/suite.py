@@ -21,9 +21,10 @@ steady-state examples/s, model TFLOP/s per device, MFU and input-wait share that
 loop logged (the first two log windows, which include compilation, are left out). The
 `attention` part (listed only when `--attention` names a fused kernel) checks that the
 kernel gives XLA's loss and gradients (attention_parity.py); run it first on a new GPU.
-The `profile` part traces three steps of each stage and sorts the device time into
-matrix products, attention, other fusions, copies and collectives
-(profile_summary.py): where the time goes that MFU does not count.
+The `xla-flags` part times both steps under each of `GPU_XLA_FLAG_SETS` (compare with
+`steps-*` at the same batch). The `profile` part traces three steps of each stage and
+sorts the device time into matrix products, attention, other fusions, copies and
+collectives (profile_summary.py): where the time goes that MFU does not count.
 
 With `--budget SECONDS` the parts share one time limit: name them in order of
 importance, and the ones the budget does not reach are skipped. A training run stopped
@@ -38,6 +39,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,6 +61,19 @@ class Command:
     label: str
     argv: list[str]
     train_stage: str = ""  # set for a training run: its metrics are summarised
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # added to the environment
+
+    def shell(self) -> str:
+        """The command as a shell line, with its environment additions."""
+        return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in self.env.items()),
+                         *map(shlex.quote, self.argv)])
+
+
+# XLA:GPU options worth timing against the defaults on a new GPU or JAX version
+# (`xla-flags` part): GEMMs from cuBLAS only instead of autotuned Triton fusions, and
+# no CUDA-graph command buffers.
+GPU_XLA_FLAG_SETS = ("--xla_gpu_enable_triton_gemm=false",
+                     "--xla_gpu_enable_command_buffer=")
 
 
 def _py(script: str, *args: str) -> list[str]:
@@ -114,6 +129,11 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     parts["profile"] = [Command("profile", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch),
         "--steps", "3", "--profile", str(out / "profile"), *attention, *common))]
+    parts["xla-flags"] = [
+        Command(f"xla-flags-{i}", _py("train_step.py", "--stage", "mae,cacophony", "--batch",
+                                      str(args.batch), *attention, *common),
+                env={"XLA_FLAGS": flags})
+        for i, flags in enumerate(GPU_XLA_FLAG_SETS, 1)]
     parts["input"] = [
         Command("input-frontend", _py(
             "input_pipeline.py", "--bench", "frontend", "--batch", str(args.batch),
@@ -158,7 +178,11 @@ def run_command(command: Command, log_dir: pathlib.Path, timeout: float) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    print(f"== {command.label}: {' '.join(command.argv)}", flush=True)
+    if "XLA_FLAGS" in command.env:  # appended to the caller's own flags
+        env["XLA_FLAGS"] = " ".join(
+            f for f in (os.environ.get("XLA_FLAGS", ""), command.env["XLA_FLAGS"]) if f)
+    env.update({k: v for k, v in command.env.items() if k != "XLA_FLAGS"})
+    print(f"== {command.label}: {command.shell()}", flush=True)
     with open(log_dir / f"{command.label}.log", "w") as log:
         proc = subprocess.Popen(command.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -203,7 +227,8 @@ def summarize(rows: list[dict]) -> str:
         out += _table(
             ["stage", "batch", "attention", "remat", "SAM", "step ms", "examples/s", "MFU",
              "peak GiB"],
-            [[r["stage"], str(r["batch"]), r["attention"], r["remat"],
+            [[r["stage"] + (f" ({r['xla_flags']})" if r.get("xla_flags") else ""),
+              str(r["batch"]), r["attention"], r["remat"],
               "yes" if r["sam"] else "no", f"{1e3 * r['step_s']:.1f}",
               f"{r['examples_per_s']:.1f}", f"{100 * r['mfu']:.1f} %",
               f"{used_gib(r['memory']):.1f}"] for r in steps])
@@ -295,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = list(parts) if args.parts == "all" else [n for n in args.parts.split(",") if n]
     if args.list or not names:
         for name, commands in parts.items():
-            print(f"{name}:\n" + "\n".join("  " + " ".join(c.argv) for c in commands))
+            print(f"{name}:\n" + "\n".join("  " + c.shell() for c in commands))
         return []
     unknown = sorted(set(names) - set(parts))
     if unknown:
@@ -306,7 +331,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in names:
         for command in parts[name]:
             if args.dry_run:
-                print(" ".join(command.argv))
+                print(command.shell())
                 continue
             left = deadline - time.monotonic()
             if left < MIN_COMMAND_S:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import pathlib
 import sys
 import time
@@ -344,6 +345,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "sam": bool(config.optim.sam.enabled), "clip_seconds": config.audio.clip_seconds,
         "frontend_sub_batches": config.audio.frontend_sub_batches, "compile_s": compile_s,
         "step_s": step_s, "examples_per_s": batch_size / step_s,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "model_flops_per_example": flops * len(devices) / batch_size,
         # XLA's own count, for comparison (loop bodies once, remat and custom calls off).
         "xla_flops_per_example": xla_flops * len(devices) / batch_size,

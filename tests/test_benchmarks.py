@@ -284,7 +284,7 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
 def test_suite_plan_and_errors(tmp_path, capsys):
     suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run"])
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 11 and not (tmp_path / "rows.jsonl").exists()
+    assert len(printed) == 13 and not (tmp_path / "rows.jsonl").exists()
     assert "attention_parity.py" in printed[0]
     assert any("--attention xla" in line for line in printed)
     assert any("--config.model.attention=cudnn" in line and "mae.py:base" in line
@@ -338,6 +338,18 @@ def test_attention_parity_reports_a_difference(monkeypatch):
     with pytest.raises(ValueError, match="trains differently"):
         attention_parity.main(["--stage", "cacophony", "--variant", "tiny", "--batch", "8",
                                "--batches", "1", "--clip-seconds", "1"])
+
+
+def test_suite_command_environment_appends_xla_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_a=1")
+    show = suite.Command("show", [sys.executable, "-c",
+                                  "import os; print('got', os.environ['XLA_FLAGS'], "
+                                  "os.environ['OTHER'])"],
+                         env={"XLA_FLAGS": "--xla_b=", "OTHER": "x y"})
+    assert suite.run_command(show, tmp_path, timeout=60) == 0
+    out = capsys.readouterr().out
+    assert "== show: XLA_FLAGS=--xla_b= OTHER='x y' " in out
+    assert "got --xla_a=1 --xla_b= x y" in out
 
 
 def test_suite_stops_a_silent_command_at_its_timeout(tmp_path, capsys):
