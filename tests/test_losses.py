@@ -209,6 +209,31 @@ def test_caption_loss_matches_numpy_with_valid_rows():
     np.testing.assert_allclose(float(m["token_accuracy"]), hits.sum() / weight.sum(), rtol=1e-6)
 
 
+def test_caption_loss_gradient_has_no_scatter_and_is_softmax_minus_one_hot():
+    """The target logit is selected, not gathered: a gather's gradient would be a
+    scatter-add into a [B, T, V] buffer, the largest single kernel of the stage-2 step."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(2, 4, 11)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 11, size=(2, 4)))
+    mask = jnp.ones((2, 4), jnp.int32)
+    grad_fn = jax.grad(lambda x: caption_loss(x, ids, mask)[0])
+    from jax.extend import core as jax_core
+
+    def primitives(jaxpr):  # with those of nested jaxprs (jit, custom_jvp ...)
+        for eqn in jaxpr.eqns:
+            yield eqn.primitive.name
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                yield from primitives(sub)
+
+    names = set(primitives(jax.make_jaxpr(grad_fn)(logits).jaxpr))
+    assert "exp" in names  # the walk sees inside the nested jaxprs
+    assert not any("scatter" in name or "gather" in name for name in names)
+    soft = jax.nn.softmax(logits[:, :-1], axis=-1)
+    expected = (soft - jax.nn.one_hot(ids[:, 1:], 11)) / 6.0  # 6 target tokens
+    np.testing.assert_allclose(np.asarray(grad_fn(logits)[:, :-1]), expected, atol=1e-6)
+    assert not np.any(np.asarray(grad_fn(logits)[:, -1]))  # the last position predicts nothing
+
+
 # ---- combined -----------------------------------------------------------------
 
 
