@@ -110,7 +110,8 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     big = str(2 * max(args.step_batches))
     sweep = ",".join(str(b) for b in args.step_batches)
     parts = {"attention": [Command("attention", _py(
-        "attention_parity.py", "--variant", args.variant, "--batch", str(args.parity_batch),
+        "attention_parity.py", "--stage", args.parity_stage, "--variant", args.variant,
+        "--batch", str(args.parity_batch),
         *attention, "--json", rows))]} if args.attention not in ("", "xla") else {}
     parts |= {
         f"steps-{stage}": [Command(f"steps-{stage}", _py(
@@ -287,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-batches", default="64,128,256", help="steps-* batch sweep")
     p.add_argument("--batch", type=int, default=128, help="batch of the other parts")
     p.add_argument("--parity-batch", type=int, default=16, help="attention check's batch")
+    p.add_argument("--parity-stage", default="mae,cacophony",
+                   help="stages the attention check runs (comma list)")
     p.add_argument("--train-steps", type=int, default=150, help="training-run length")
     p.add_argument("--log-every", type=int, default=10, help="training-run log window")
     p.add_argument("--clips", type=int, default=1024, help="clips in the training corpus")
