@@ -18,7 +18,8 @@ The training parts write a WAV corpus of synthetic 10 s clips (`--clips`), then
 train the `--variant` config on it through the real input pipeline (Grain workers
 decoding WAV files) for `--train-steps` steps without evaluation, and report the
 steady-state examples/s, model TFLOP/s per device, MFU and input-wait share that the
-loop logged (the first two log windows, which include compilation, are left out). The
+loop logged (the first step, which includes compilation, and the first log window
+after it are left out). The
 `attention` part (listed only when `--attention` names a fused kernel) checks that the
 kernel gives XLA's loss and gradients (attention_parity.py); run it first on a new GPU.
 The `xla-flags` part times both steps under each of `GPU_XLA_FLAG_SETS` (compare with
@@ -148,11 +149,12 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     return parts
 
 
-def steady_state(metrics_path: pathlib.Path, skip: int = 2) -> dict[str, float]:
+def steady_state(metrics_path: pathlib.Path, skip: int = 1) -> dict[str, float]:
     """Means of the loop's perf/ metrics over the log windows after the first `skip`.
 
-    The first windows hold the compilation and the input pipeline's warm-up; with too
-    few windows the last one is used.
+    The loop reports no rates for the first step (it holds the compilation); the first
+    `skip` windows after it hold the input pipeline's warm-up. With too few windows
+    the last one is used.
     """
     rows = []
     for line in metrics_path.read_text().splitlines():

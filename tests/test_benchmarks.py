@@ -293,8 +293,10 @@ def test_suite_plan_and_errors(tmp_path, capsys):
         suite.main(["--out", str(tmp_path), "--parts", "steps-mea"])
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(r) for r in [
-        {"step": s, "loss": 1.0, "perf/examples_per_sec": e, "perf/input_wait_fraction": 0.1}
-        for s, e in ((1, 1.0), (10, 50.0), (20, 100.0), (30, 200.0))]) + '\n{"step": 4')
+        {"step": 1, "loss": 1.0, "perf/first_step_seconds": 30.0}, *(
+            {"step": s, "loss": 1.0, "perf/examples_per_sec": e,
+             "perf/input_wait_fraction": 0.1}
+            for s, e in ((10, 50.0), (20, 100.0), (30, 200.0)))]) + '\n{"step": 4')
     steady = suite.steady_state(metrics)  # the cut last line of a killed run is skipped
     assert steady["examples_per_sec"] == 150.0 and steady["windows"] == 2
     capsys.readouterr()

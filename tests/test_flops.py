@@ -97,19 +97,28 @@ def test_sam_doubles_the_model_flops():
 
 
 def test_progress_reports_model_tflops_and_mfu(monkeypatch):
-    clock = iter([0.0, 2.0, 0.0, 1.5, 0.0, 1.0])  # each Progress: start, then rates
+    # Each Progress: its start, its first step (compiling), then a window.
+    clock = iter([0.0, 30.0, 32.0, 0.0, 9.0, 10.5, 0.0, 4.0, 5.0])
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
     progress = metrics.Progress(100, 0, 32, step_flops_per_device=5e12,
                                 peak_flops_per_device=50e12)
+    progress.add_wait(1.0)  # while compiling: not part of the next window
+    first = progress.rates(1)
+    assert first == {"perf/first_step_seconds": 30.0}
+    line = progress.line(1, {"loss": 1.0}, first)
+    assert "first step 30.0 s" in line and "ETA" not in line and "ex/s" not in line
     progress.add_wait(0.05)
-    rates = progress.rates(10)  # 10 steps in 2 s: 25 TFLOP/s of a 50 TFLOP/s peak
+    rates = progress.rates(11)  # 10 steps in 2 s: 25 TFLOP/s of a 50 TFLOP/s peak
     assert rates["perf/model_tflops_per_device"] == pytest.approx(25.0)
     assert rates["perf/mfu"] == pytest.approx(0.5)
     assert rates["perf/input_wait_fraction"] == pytest.approx(0.025)
     assert "MFU 50.0%" in progress.line(10, {"loss": 1.0}, rates)
     unknown_peak = metrics.Progress(100, 0, 32, step_flops_per_device=5e12)
+    unknown_peak.rates(1)
     unknown_peak.add_pause(0.5)  # an evaluation: not training time
-    rates = unknown_peak.rates(4)  # 4 steps in 1.5 - 0.5 s
+    rates = unknown_peak.rates(5)  # 4 steps in 1.5 - 0.5 s
     assert "perf/mfu" not in rates and rates["perf/steps_per_sec"] == pytest.approx(4.0)
     assert "20 TFLOP/s/device" in unknown_peak.line(4, {"loss": 1.0}, rates)
-    assert "perf/model_tflops_per_device" not in metrics.Progress(100, 0, 32).rates(1)
+    no_flops = metrics.Progress(100, 0, 32)
+    no_flops.rates(1)
+    assert "perf/model_tflops_per_device" not in no_flops.rates(2)

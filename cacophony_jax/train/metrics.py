@@ -76,6 +76,9 @@ class MetricWriter:
 class Progress:
     """Throughput, input-wait share, model TFLOP/s, MFU and ETA between log steps.
 
+    The first window of a run (or of a resumed run) is its first step alone, which
+    includes compiling the step: it reports `perf/first_step_seconds` and no rates.
+
     Args:
       total_steps, start_step: the run's length and where it starts.
       global_batch_size: examples per step.
@@ -95,6 +98,7 @@ class Progress:
         self._last_time = self._t0
         self._last_step = start_step
         self._wait = self._pause = 0.0
+        self._first = True
 
     def add_wait(self, seconds: float) -> None:
         """Accounts time the loop spent waiting for the input pipeline."""
@@ -110,6 +114,11 @@ class Progress:
         now = time.perf_counter()
         elapsed = max(now - self._last_time - self._pause, 1e-9)
         steps = step - self._last_step
+        if self._first:
+            # Compiling dominates the first step: a rate or an ETA from it misleads.
+            self._first = False
+            self._last_time, self._last_step, self._wait, self._pause = now, step, 0.0, 0.0
+            return {"perf/first_step_seconds": elapsed}
         out = {
             "perf/steps_per_sec": steps / elapsed,
             "perf/examples_per_sec": steps * self.batch / elapsed,
@@ -125,12 +134,16 @@ class Progress:
 
     def line(self, step: int, metrics: dict[str, float], rates: dict[str, float]) -> str:
         """One console line: step, loss parts, examples/s, input wait and ETA."""
-        sps = rates["perf/steps_per_sec"]
-        eta = (self.total - step) / sps if sps > 0 else float("inf")
         parts = [f"step {step}/{self.total}", f"loss {metrics['loss']:.4f}"]
         for key in sorted(metrics):
             if key.startswith("loss/"):
                 parts.append(f"{key[5:]} {metrics[key]:.4f}")
+        if "perf/first_step_seconds" in rates:
+            parts += [f"first step {rates['perf/first_step_seconds']:.1f} s (compiling it)",
+                      f"lr {metrics.get('learning_rate', 0.0):.2e}"]
+            return " | ".join(parts)
+        sps = rates["perf/steps_per_sec"]
+        eta = (self.total - step) / sps if sps > 0 else float("inf")
         parts += [f"{rates['perf/examples_per_sec']:.1f} ex/s",
                   f"input {100 * rates['perf/input_wait_fraction']:.0f}%"]
         if "perf/mfu" in rates:
