@@ -109,7 +109,10 @@ def _threefry_kernels():
     XLA:GPU 41 s (MAE `base`) and 78 s (Cacophony `base`) to compile; as kernel calls,
     2 s and 5 s (benchmarks/RESULTS.md section 6). The numbers are the same function
     of the key either way. The setting is part of jit's cache key and only changes
-    how GPUs lower the hash; other backends ignore it.
+    how GPUs lower the hash; other backends ignore it. The kernel call is not split
+    by the partitioner: with FSDP each GPU draws a parameter's full random bits and
+    keeps its shard (Cacophony `base` on 1 x 8 H100s: 0.86 GiB of temporaries per
+    device instead of none, for a 9 s compile instead of 79 s).
     """
     before = jax.config.jax_threefry_gpu_kernel_lowering
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
