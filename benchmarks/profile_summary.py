@@ -18,6 +18,9 @@ Which events count:
 - CPU (no device plane): the host threads' events that ran an XLA operation (those
   carrying an `hlo_op` statistic).
 
+Only device 0 is read (the first device plane with events; on CPU, the events whose
+`device_ordinal` is 0): every device of an SPMD step runs the same program.
+
 `busy` is the union of those events' intervals, so kernels overlapping on two streams
 count once; `span` runs from the first event to the last. With `--model-gflop` (the
 step's model FLOPs on one device), the summary adds the rate the matrix products and
@@ -77,36 +80,42 @@ def newest_trace(path: pathlib.Path) -> pathlib.Path:
     return traces[-1]
 
 
+def _device_index(name: str) -> tuple[int, str]:
+    tail = name.rsplit(":", 1)[-1]
+    return (int(tail) if tail.isdigit() else 1 << 30, name)
+
+
 def device_events(profile) -> tuple[list[Event], str]:
-    """(the events that are device work, where they came from) of a ProfileData."""
-    events: list[Event] = []
-    source = ""
-    for plane in profile.planes:
-        if not plane.name.startswith("/device:") or "CUSTOM" in plane.name:
-            continue
+    """(the events that are device work, where they came from) of a ProfileData.
+
+    Only the first device with events is read: in an SPMD step every device runs the
+    same program, and their times must not be added up.
+    """
+    planes = sorted((p for p in profile.planes
+                     if p.name.startswith("/device:") and "CUSTOM" not in p.name),
+                    key=lambda p: _device_index(p.name))
+    for plane in planes:
         lines = list(plane.lines)
         chosen = [line for line in lines if line.name.startswith("Stream")]
         if not chosen:
             chosen = [line for line in lines if line.name == "XLA Ops"]
-        for line in chosen:
-            for e in line.events:
-                stats = dict(e.stats)
-                events.append(Event(e.name, str(stats.get("hlo_op", "")), e.start_ns,
-                                    e.duration_ns))
-        if chosen:
-            source = f"{plane.name}: " + ", ".join(sorted({line.name for line in chosen}))
-    if events:
-        return events, source
+        events = [Event(e.name, str(dict(e.stats).get("hlo_op", "")), e.start_ns,
+                        e.duration_ns) for line in chosen for e in line.events]
+        if events:
+            return events, (f"{plane.name}: "
+                            + ", ".join(sorted({line.name for line in chosen})))
+    events = []
     for plane in profile.planes:  # CPU: XLA's thunks run on host threads
         if not plane.name.startswith("/host:"):
             continue
         for line in plane.lines:
             for e in line.events:
                 stats = dict(e.stats)
-                if "hlo_op" in stats:
+                # Simulated CPU devices share the threads: keep device 0's ops.
+                if "hlo_op" in stats and int(stats.get("device_ordinal", 0)) == 0:
                     events.append(Event(e.name, str(stats["hlo_op"]), e.start_ns,
                                         e.duration_ns))
-    return events, "host threads running XLA ops" if events else "nothing"
+    return events, "host threads running device 0's XLA ops" if events else "nothing"
 
 
 def union_ns(events: Iterable[Event]) -> float:

@@ -389,6 +389,11 @@ _GPU_XSPACE = "planes { id: 1 name: \"/device:GPU:0\" " + " ".join([
       for i, name in enumerate(_KERNELS, 1)),
     'stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }',
 ]) + " }"
+# A second GPU running the same program, listed first: only GPU 0 is read.
+_GPU_XSPACE = ('planes { id: 2 name: "/device:GPU:1" '
+               + _xline(1, "Stream #7(Kernel)", _xevent(1, 0, 6, "custom-call.3"))
+               + ' event_metadata { key: 1 value { id: 1 name: "nvjet_hsh" } }'
+               + ' stat_metadata { key: 1 value { id: 1 name: "hlo_op" } } } ' + _GPU_XSPACE)
 
 
 def test_profile_summary_sorts_gpu_kernels_and_counts_overlap_once():
@@ -397,6 +402,7 @@ def test_profile_summary_sorts_gpu_kernels_and_counts_overlap_once():
         ProfileData.text_proto_to_serialized_xspace(_GPU_XSPACE))
     events, source = profile_summary.device_events(profile)
     assert len(events) == 5 and "Stream #7(Kernel)" in source and "XLA Ops" not in source
+    assert source.startswith("/device:GPU:0")
     summary = profile_summary.summarize(events, steps=2, model_gflop=10.0)
     ms = {k: c["ms_per_step"] for k, c in summary["categories"].items()}
     assert ms == pytest.approx({"matmul": 6e-3, "attention": 1e-3, "fusion/other": 5e-4,
