@@ -38,13 +38,20 @@ from cacophony_jax.train import state as state_lib  # noqa: E402
 from cacophony_jax.train import step as step_lib  # noqa: E402
 
 
-def _loss_and_grads(stage: str, args: argparse.Namespace, attention: str):
-    """Loss and gradients of the initial parameters on `args.batches` random batches."""
+def _loss_and_grads(stage: str, args: argparse.Namespace, attention: str, params=None):
+    """Loss and gradients of the initial parameters on `args.batches` random batches.
+
+    Returns (per batch: (loss, gradient arrays)), the compute dtype and the parameters
+    (initialised here unless given: both attention kinds share one set).
+    """
     config = train_step.make_config(stage, args.variant, args.batch, dtype=args.dtype,
                                     clip_seconds=args.clip_seconds, attention=attention)
     built = train_step.build_step(config)
-    params = state_lib.create_state(built.task.init_params, built.tx, built.plan,
-                                    config.seed).params
+    if params is None:
+        params = state_lib.create_state(built.task.init_params, built.tx, built.plan,
+                                        config.seed).params
+    print(f"{stage}: loss and gradients with {attention} attention (compiling)",
+          flush=True)
     rules = partition.rules_from_config(config.sharding_rules)
 
     def loss_and_grads(params, batch, rng):
@@ -59,13 +66,13 @@ def _loss_and_grads(stage: str, args: argparse.Namespace, attention: str):
         loss, grads = loss_and_grads(params, batch, jax.random.PRNGKey(seed))
         out.append((float(loss), [np.asarray(g, np.float64)
                                   for g in jax.tree.leaves(jax.device_get(grads))]))
-    return out, config.model.dtype
+    return out, config.model.dtype, params
 
 
 def compare(stage: str, args: argparse.Namespace) -> dict:
     """One row: the largest relative differences of losses and gradients."""
-    reference, dtype = _loss_and_grads(stage, args, "xla")
-    fused, _ = _loss_and_grads(stage, args, args.attention)
+    reference, dtype, params = _loss_and_grads(stage, args, "xla")
+    fused, _, _ = _loss_and_grads(stage, args, args.attention, params)
     loss_rel = grad_rel = leaf_rel = 0.0
     for (loss_x, grads_x), (loss_f, grads_f) in zip(reference, fused, strict=True):
         loss_rel = max(loss_rel, abs(loss_f - loss_x) / abs(loss_x))
