@@ -52,7 +52,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import collectives, gemms, gpu_targets, report, train_step  # noqa: E402
+from benchmarks import collectives, gemms, gpu_targets, kernels, report, train_step  # noqa: E402
 
 GIB = 2**30
 # XLA options for GPU compiles without a device (no autotuning is possible there).
@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remat", default="none", help="none | full | dots | minimal")
     p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
     p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="one matrix product for query, key and value (model.fuse_qkv)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--device-memory-gb", type=float, default=0.0,
                    help="per-device memory budget in GB (10^9 bytes); 0: the target's "
@@ -197,7 +199,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     config = train_step.make_config(stage, args.variant, batch, dtype=args.dtype,
                                      scan=args.scan == "true", remat=args.remat,
                                      clip_seconds=args.clip_seconds, attention=args.attention,
-                                     sam=args.sam)
+                                     sam=args.sam, fuse_qkv=args.fuse_qkv)
     built = train_step.build_step(config, mesh)
     state_bytes = per_device_bytes(built.plan.abstract)
     params_bytes = per_device_bytes(built.plan.abstract.params)
@@ -213,6 +215,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     hlo = compiled.as_text()
     comms = collectives.summarize(hlo) if devices > 1 else {}
     products = gemms.summarize(hlo)
+    launched = kernels.summarize(hlo)
     budget = args.device_memory_gb * 1e9 or default_budget(mesh.devices.flat[0])
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(built.plan.abstract.params))
     return {
@@ -221,6 +224,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "per_device_batch": per_device, "dtype": config.model.dtype,
         "scan": config.model.scan, "remat": config.model.remat,
         "attention": config.model.attention, "sam": bool(config.optim.sam.enabled),
+        "fuse_qkv": bool(config.model.fuse_qkv),
         "clip_seconds": config.audio.clip_seconds, "params": num_params,
         "params_bytes_per_device": params_bytes, "state_bytes_per_device": state_bytes,
         "memory": mem, "compile_s": compile_s,
@@ -236,6 +240,10 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "gemm_largest_other": [(k, name, f * devices / batch)
                                for k, name, f in products.largest_other],
         "fused_attention_calls": products.fused_attention_calls,
+        # Entry-computation kernels and the bytes their operands and results span
+        # (benchmarks/kernels.py), per device per step.
+        "kernels": launched.counts, "kernel_bytes": launched.bytes,
+        "non_product_bytes": launched.non_product_bytes(),
         "budget_bytes": budget, "fits": bool(mem) and mem["total"] <= budget,
     }
 
@@ -249,7 +257,8 @@ def format_row(row: dict) -> str:
         f"{row['stage']} {row['variant']}: {row['params'] / 1e6:.1f} M params, mesh "
         f"{row['mesh']}, {row['per_device_batch']}/device (global {row['global_batch']}), "
         f"{row['dtype']}, scan={row['scan']}, remat={row['remat']}, "
-        f"attention={row['attention']}{', SAM' if row['sam'] else ''}, "
+        f"attention={row['attention']}{', SAM' if row['sam'] else ''}"
+        f"{', fused qkv' if row['fuse_qkv'] else ''}, "
         f"compiled in {row['compile_s']:.0f} s",
         f"  state per device (params + optimiser, exact): {gib(row['state_bytes_per_device'])}"
         f" (params {gib(row['params_bytes_per_device'])})",
@@ -279,6 +288,12 @@ def format_row(row: dict) -> str:
         lines.append(f"  compiled matrix products: {row['gemm_flops_per_example'] / 1e9:.1f} "
                      f"GFLOP per example, {100 * row['gemm_bf16_share']:.2f} % bf16 x bf16"
                      f"{largest}{attention}")
+    if row["kernels"]:
+        counts = ", ".join(f"{k} {n}" for k, n in row["kernels"].items())
+        lines.append(f"  kernels per step: {sum(row['kernels'].values())} ({counts}); "
+                     f"bytes outside matrix products and attention "
+                     f"{row['non_product_bytes'] / 1e9:.1f} GB, in products "
+                     f"{row['kernel_bytes'].get('product', 0.0) / 1e9:.1f} GB")
     return "\n".join(lines)
 
 

@@ -23,9 +23,11 @@ after it are left out). The
 `attention` part (listed only when `--attention` names a fused kernel) checks that the
 kernel gives XLA's loss and gradients (attention_parity.py); run it first on a new GPU.
 The `xla-flags` part times both steps under each of `GPU_XLA_FLAG_SETS` (compare with
-`steps-*` at the same batch). The `profile` part traces three steps of each stage and
-sorts the device time into matrix products, attention, other fusions, copies and
-collectives (profile_summary.py): where the time goes that MFU does not count.
+`steps-*` at the same batch), and the `fused-qkv` part both steps with
+`model.fuse_qkv` (one matrix product for query, key and value). The `profile` part
+traces three steps of each stage and sorts the device time into matrix products,
+attention, other fusions, copies and collectives (profile_summary.py): where the time
+goes that MFU does not count.
 
 With `--budget SECONDS` the parts share one time limit: name them in order of
 importance, and the ones the budget does not reach are skipped. A training run stopped
@@ -124,6 +126,9 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
         "--attention", "xla", *common))]
     parts["sam"] = [Command("sam", _py(
         "train_step.py", "--stage", "cacophony", "--batch", str(args.batch), "--sam",
+        *attention, *common))]
+    parts["fused-qkv"] = [Command("fused-qkv", _py(
+        "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch), "--fuse-qkv",
         *attention, *common))]
     parts["remat"] = [Command("remat", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", big, "--remat", "dots",
@@ -230,7 +235,8 @@ def summarize(rows: list[dict]) -> str:
         out += _table(
             ["stage", "batch", "attention", "remat", "SAM", "step ms", "examples/s", "MFU",
              "peak GiB"],
-            [[r["stage"] + (f" ({r['xla_flags']})" if r.get("xla_flags") else ""),
+            [[r["stage"] + (" fused qkv" if r.get("fuse_qkv") else "")
+              + (f" ({r['xla_flags']})" if r.get("xla_flags") else ""),
               str(r["batch"]), r["attention"], r["remat"],
               "yes" if r["sam"] else "no", f"{1e3 * r['step_s']:.1f}",
               f"{r['examples_per_s']:.1f}", f"{100 * r['mfu']:.1f} %",

@@ -59,6 +59,9 @@ def model_block(variant: str, dtype: str) -> mlc.ConfigDict:
         remat="none",  # 'none' | 'full' | 'dots' | 'minimal' activation checkpointing
         drop_path=0.0,  # stochastic depth rate of the audio encoder
         attention="xla",  # xla | cudnn (fused, GPU; much less memory) | auto (JAX picks; XLA now)
+        # One matrix product for a self-attention's query, key and value projections
+        # (and a cross-attention's key and value); same parameters and results.
+        fuse_qkv=False,
     ))
 
 

@@ -48,11 +48,13 @@ def teacher_forced(model):
     return jax.jit(run)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_cached_logits_equal_teacher_forced(setup, scan):
+@pytest.mark.parametrize("scan,fuse_qkv", [(False, False), (True, False), (False, True)])
+def test_cached_logits_equal_teacher_forced(setup, scan, fuse_qkv):
     model, params, audio, audio_mask = setup
     if scan:
         model, params = Cacophony(CFG, scan=True), stack_layers(params)
+    if fuse_qkv:
+        model = Cacophony(CFG, fuse_qkv=True)
     ids = np.random.default_rng(1).integers(3, CFG.text.vocab_size, (3, MAX_LEN)).astype(np.int32)
     ids[:, 0] = BOS
     full = teacher_forced(model)(params, ids, audio, audio_mask)

@@ -12,7 +12,12 @@ from flax import linen as nn
 
 from cacophony_jax.models import axes
 from cacophony_jax.models.cacophony import Cacophony, cacophony_init_inputs
-from cacophony_jax.models.layers import stack_layers, unstack_layers
+from cacophony_jax.models.layers import (
+    HeadProjection,
+    project_heads,
+    stack_layers,
+    unstack_layers,
+)
 from cacophony_jax.models.mae import MAE, mae_init_inputs
 from cacophony_jax.models.variants import (
     AudioEncoderConfig,
@@ -177,6 +182,48 @@ def test_text_tower_and_decoder_are_causal(tiny_params):
     assert not np.allclose(states[1][:, 4:], states[0][:, 4:], atol=1e-3)
     np.testing.assert_allclose(outs[1]["caption_logits"][:, :4], outs[0]["caption_logits"][:, :4],
                                atol=1e-4)
+
+
+def test_head_projections_match_dense_general_with_or_without_fusing():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+    general = nn.DenseGeneral((3, 4), kernel_init=nn.initializers.xavier_uniform(),
+                              bias_init=nn.initializers.normal(1.0))
+    reference, params = [], []
+    for seed in range(3):
+        variables = general.init(jax.random.key(seed), x)
+        reference.append(general.apply(variables, x))
+        params.append((variables["params"]["kernel"], variables["params"]["bias"]))
+    # Same names, shapes and initial values as DenseGeneral's.
+    made = HeadProjection(3, 4).init(jax.random.key(0), 12)["params"]
+    assert jax.tree.map(np.shape, nn.unbox(made)) == {"kernel": (12, 3, 4), "bias": (3, 4)}
+    np.testing.assert_array_equal(nn.unbox(made)["kernel"], params[0][0])
+    fused = project_heads(x, params, jnp.float32)
+    for out, ref, p in zip(fused, reference, params, strict=True):
+        assert out.shape == (2, 5, 3, 4)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(project_heads(x, [p], jnp.float32)[0], ref,
+                                   rtol=1e-5, atol=1e-5)
+    # One matrix product for all three.
+    jaxpr = jax.make_jaxpr(lambda x, p: project_heads(x, p, jnp.float32))(x, params)
+    assert [e.primitive.name for e in jaxpr.eqns].count("dot_general") == 1
+
+
+def test_fused_qkv_keeps_parameters_and_outputs(tiny_params):
+    fused = Cacophony(TINY, fuse_qkv=True)
+    made = nn.unbox(jax.jit(fused.init)({"params": jax.random.key(1)}, *batch()))["params"]
+    assert jax.tree.all(jax.tree.map(np.array_equal, made, tiny_params))
+    a = jitted(Cacophony(TINY))({"params": tiny_params}, *batch())
+    b = jitted(fused)({"params": tiny_params}, *batch())
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5)
+    mae_tiny = mae_config("tiny")
+    mae_inputs = mae_init_inputs(mae_tiny, batch=2)
+    plain, joined = MAE(mae_tiny), MAE(mae_tiny, fuse_qkv=True)
+    variables = plain.init(jax.random.key(2), *mae_inputs)
+    assert jax.tree.all(jax.tree.map(np.array_equal, variables,
+                                     joined.init(jax.random.key(2), *mae_inputs)))
+    np.testing.assert_allclose(plain.apply(variables, *mae_inputs),
+                               joined.apply(variables, *mae_inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_scan_equals_unrolled(tiny_params):

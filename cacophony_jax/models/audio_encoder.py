@@ -67,6 +67,7 @@ class AudioBlock(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    fuse_qkv: bool = False
     drop_path: float = 0.0
     deterministic: bool = True
     scanned: bool = False
@@ -77,7 +78,7 @@ class AudioBlock(nn.Module):
         x = axes.constrain(x, axes.BLE)
         h = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="attn_norm")(x)
         h = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention,
-                      name="attn")(h, h, mask)
+                      fuse_qkv=self.fuse_qkv, name="attn")(h, h, mask)
         x = x + DropPath(self.drop_path, name="attn_drop")(h, self.deterministic)
         h = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="mlp_norm")(x)
         h = MLP(self.mlp_dim, nn.silu, dtype=self.dtype, name="mlp")(h)
@@ -119,6 +120,7 @@ class AudioEncoder(nn.Module):
     remat: str = "none"
     drop_path: float = 0.0
     attention: str = "xla"
+    fuse_qkv: bool = False
 
     @nn.compact
     def __call__(
@@ -154,7 +156,7 @@ class AudioEncoder(nn.Module):
             time_idx, freq_idx
         )
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
-                      attention=self.attention, drop_path=self.drop_path,
+                      attention=self.attention, fuse_qkv=self.fuse_qkv, drop_path=self.drop_path,
                       deterministic=deterministic)
         x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=cfg.layers,
                         scan=self.scan, remat=self.remat)

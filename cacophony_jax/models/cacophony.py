@@ -20,10 +20,12 @@ from cacophony_jax.models.layers import (
     BERT_NORMAL,
     XAVIER,
     Dtype,
+    HeadProjection,
     Initializer,
     attend,
     dense,
     partitioned,
+    project_heads,
 )
 from cacophony_jax.models.text import CaptionDecoder, TextEncoder
 from cacophony_jax.models.variants import CacophonyConfig
@@ -38,6 +40,7 @@ class AttentionPool(nn.Module):
     out_features: int | None = None
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    fuse_qkv: bool = False
     kernel_init: Initializer = XAVIER
 
     @nn.compact
@@ -54,13 +57,12 @@ class AttentionPool(nn.Module):
         query = self.param("query", partitioned(nn.initializers.normal(0.02), (axes.EMBED,)),
                            (width,), jnp.float32)
 
-        def projection(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=partitioned(self.kernel_init, (axes.EMBED, axes.HEADS, axes.KV)),
-                bias_init=partitioned(nn.initializers.zeros, (axes.HEADS, axes.KV)), name=name)
-
-        key, value = projection("key")(x), projection("value")(x)
+        params = [HeadProjection(self.num_heads, head_dim, self.kernel_init, name=name)(width)
+                  for name in ("key", "value")]
+        if self.fuse_qkv:
+            key, value = project_heads(x, params, self.dtype)
+        else:
+            key, value = (project_heads(x, [p], self.dtype)[0] for p in params)
         query = jnp.broadcast_to(query.astype(self.dtype).reshape(1, 1, self.num_heads, head_dim),
                                  (x.shape[0], 1, self.num_heads, head_dim))
         pooled = attend(query, key, value, mask.astype(bool)[:, None, None, :], self.attention)
@@ -84,22 +86,27 @@ class Cacophony(nn.Module):
     remat: str = "none"
     drop_path: float = 0.0
     attention: str = "xla"
+    fuse_qkv: bool = False
 
     def setup(self) -> None:
         cfg = self.config
         self.audio_encoder = AudioEncoder(cfg.audio, dtype=self.dtype, scan=self.scan,
                                           remat=self.remat, drop_path=self.drop_path,
-                                          attention=self.attention)
+                                          attention=self.attention, fuse_qkv=self.fuse_qkv)
         # Pools run one query, where a fused kernel gains nothing, and the text pool's
         # single full-width head exceeds cuDNN's head-size limit: they always use XLA.
-        self.audio_pool = AttentionPool(cfg.audio_pool_heads, cfg.projection, dtype=self.dtype)
+        self.audio_pool = AttentionPool(cfg.audio_pool_heads, cfg.projection, dtype=self.dtype,
+                                        fuse_qkv=self.fuse_qkv)
         self.text_encoder = TextEncoder(cfg.text, dtype=self.dtype, scan=self.scan,
-                                        remat=self.remat, attention=self.attention)
-        self.text_pool = AttentionPool(1, None, dtype=self.dtype, kernel_init=BERT_NORMAL)
+                                        remat=self.remat, attention=self.attention,
+                                        fuse_qkv=self.fuse_qkv)
+        self.text_pool = AttentionPool(1, None, dtype=self.dtype, kernel_init=BERT_NORMAL,
+                                       fuse_qkv=self.fuse_qkv)
         self.text_proj = dense(cfg.projection, (axes.EMBED, None), dtype=self.dtype,
                                kernel_init=BERT_NORMAL)
         self.decoder = CaptionDecoder(cfg.text, cfg.decoder_layers, dtype=self.dtype,
-                                      scan=self.scan, remat=self.remat, attention=self.attention)
+                                      scan=self.scan, remat=self.remat, attention=self.attention,
+                                      fuse_qkv=self.fuse_qkv)
         self.logit_scale = self.param(
             "logit_scale", partitioned(nn.initializers.constant(cfg.logit_scale_init), ()), (),
             jnp.float32)

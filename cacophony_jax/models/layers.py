@@ -152,6 +152,70 @@ def _cudnn_masked_attention(
     return out[:, :q_len]
 
 
+class HeadProjection(nn.Module):
+    """Parameters of one per-head projection: kernel [D, heads, head_dim], bias [heads, head_dim].
+
+    They are named, shaped and initialised exactly as ``nn.DenseGeneral((heads,
+    head_dim))`` would make them (its initializer sees the flat [D, heads * head_dim]
+    kernel), so checkpoints and converters see the same tree; the product itself is
+    left to ``project_heads``.
+    """
+
+    num_heads: int
+    head_dim: int
+    kernel_init: Initializer = XAVIER
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        """Returns (kernel, bias) in float32, created on first use."""
+        flat = (in_features, self.num_heads * self.head_dim)
+        shape = (in_features, self.num_heads, self.head_dim)
+
+        def kernel_init(rng: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32):
+            return jnp.reshape(self.kernel_init(rng, flat, dtype), shape)
+
+        kernel = self.param("kernel", partitioned(kernel_init, (axes.EMBED, axes.HEADS, axes.KV)),
+                            shape, jnp.float32)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, (axes.HEADS, axes.KV)),
+                          shape[1:], jnp.float32)
+        return kernel, bias
+
+
+def project_heads(
+    x: jax.Array, params: Sequence[tuple[jax.Array, jax.Array]], dtype: Dtype
+) -> list[jax.Array]:
+    """Applies per-head projections of the same input in one matrix product.
+
+    The product is written as [..., D] x [D, sum of heads * head_dim] plus a flat
+    bias, so that XLA:GPU adds the bias in cuBLAS's epilogue; with a [heads,
+    head_dim] bias it materialises the bias broadcast to the whole [B, S, heads,
+    head_dim] output and feeds it to the product, a write and a read of the output's
+    size per projection. Several projections (query, key and value of a
+    self-attention) become one wider product whose output is split afterwards.
+
+    Args:
+      x: [..., D] input.
+      params: (kernel [D, heads, head_dim], bias [heads, head_dim]) per projection.
+      dtype: compute dtype.
+
+    Returns:
+      One [..., heads, head_dim] array per projection, in ``dtype``.
+    """
+    kernels = [k.reshape(k.shape[0], -1) for k, _ in params]
+    biases = [b.reshape(-1) for _, b in params]
+    kernel = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1)
+    bias = biases[0] if len(biases) == 1 else jnp.concatenate(biases)
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                            (((x.ndim - 1,), (0,)), ((), ())))
+    y = y + bias.astype(dtype)
+    outs, start = [], 0
+    for k, _ in params:
+        width = k.shape[1] * k.shape[2]
+        outs.append(y[..., start:start + width].reshape(y.shape[:-1] + k.shape[1:]))
+        start += width
+    return outs
+
+
 class Attention(nn.Module):
     """Multi-head attention with per-head projections and an optional KV cache.
 
@@ -167,6 +231,7 @@ class Attention(nn.Module):
     kernel_init: Initializer = XAVIER
     cross: bool = False
     decode: bool = False
+    fuse_qkv: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -186,26 +251,25 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
         head_dim = width // self.num_heads
 
-        def projection(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=partitioned(self.kernel_init, (axes.EMBED, axes.HEADS, axes.KV)),
-                bias_init=partitioned(nn.initializers.zeros, (axes.HEADS, axes.KV)),
-                name=name,
-            )
+        def project(inputs: jax.Array, names: tuple[str, ...]) -> list[jax.Array]:
+            params = [HeadProjection(self.num_heads, head_dim, self.kernel_init, name=n)(
+                inputs.shape[-1]) for n in names]
+            if self.fuse_qkv:
+                return project_heads(inputs, params, self.dtype)
+            return [project_heads(inputs, [p], self.dtype)[0] for p in params]
 
-        query = projection("query")(x)
-        key_proj, value_proj = projection("key"), projection("value")
-        if self.cross and self.decode and self.has_variable("cache", "cross_key"):
-            key = self.get_variable("cache", "cross_key")
-            value = self.get_variable("cache", "cross_value")
+        if not self.decode and memory is x:
+            query, key, value = project(x, ("query", "key", "value"))
         else:
-            key, value = key_proj(memory), value_proj(memory)
-            if self.cross and self.decode:
-                self.put_variable("cache", "cross_key", key)
-                self.put_variable("cache", "cross_value", value)
+            (query,) = project(x, ("query",))
+            if self.cross and self.decode and self.has_variable("cache", "cross_key"):
+                key = self.get_variable("cache", "cross_key")
+                value = self.get_variable("cache", "cross_value")
+            else:
+                key, value = project(memory, ("key", "value"))
+                if self.cross and self.decode:
+                    self.put_variable("cache", "cross_key", key)
+                    self.put_variable("cache", "cross_value", value)
         if self.decode and not self.cross:
             key, value, mask = self._update_cache(key, value, mask)
 

@@ -36,6 +36,7 @@ class MAEDecoder(nn.Module):
     scan: bool = False
     remat: str = "none"
     attention: str = "xla"
+    fuse_qkv: bool = False
 
     @nn.compact
     def __call__(
@@ -70,7 +71,7 @@ class MAEDecoder(nn.Module):
         x = jnp.concatenate([visible, masked], axis=1)
         mask = jnp.concatenate([visible_mask.astype(bool), masked_mask.astype(bool)], axis=1)
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
-                      attention=self.attention)
+                      attention=self.attention, fuse_qkv=self.fuse_qkv)
         x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=cfg.layers,
                         scan=self.scan, remat=self.remat)
         x = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="final_norm")(x)
@@ -86,6 +87,7 @@ class MAE(nn.Module):
     remat: str = "none"
     drop_path: float = 0.0
     attention: str = "xla"
+    fuse_qkv: bool = False
 
     @nn.compact
     def __call__(
@@ -113,11 +115,13 @@ class MAE(nn.Module):
         enc = self.config.encoder
         states = AudioEncoder(enc, dtype=self.dtype, scan=self.scan, remat=self.remat,
                               drop_path=self.drop_path, attention=self.attention,
+                              fuse_qkv=self.fuse_qkv,
                               name="encoder")(visible_patches, visible_time, visible_freq,
                                               visible_mask, deterministic)
         out = MAEDecoder(self.config.decoder, patch_dim=enc.patch_dim,
                          freq_patches=enc.freq_patches, dtype=self.dtype, scan=self.scan,
-                         remat=self.remat, attention=self.attention, name="decoder")(
+                         remat=self.remat, attention=self.attention,
+                         fuse_qkv=self.fuse_qkv, name="decoder")(
             states, visible_time, visible_freq, visible_mask, masked_time, masked_freq,
             masked_mask)
         return out.astype(jnp.float32)

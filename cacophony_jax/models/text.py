@@ -57,6 +57,7 @@ class TextBlock(nn.Module):
     cross: bool = False
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    fuse_qkv: bool = False
     decode: bool = False
     scanned: bool = False
 
@@ -70,7 +71,8 @@ class TextBlock(nn.Module):
     ) -> jax.Array | tuple[jax.Array, None]:
         """Applies the block to [B, T, H]; masks are boolean [B, 1, T|1, T|S]."""
         attn = functools.partial(Attention, self.num_heads, dtype=self.dtype,
-                                 implementation=self.attention, kernel_init=BERT_NORMAL,
+                                 implementation=self.attention, fuse_qkv=self.fuse_qkv,
+                                 kernel_init=BERT_NORMAL,
                                  decode=self.decode)
         norm = functools.partial(layer_norm, self.eps, dtype=self.dtype)
         x = axes.constrain(x, axes.BLE)
@@ -92,6 +94,7 @@ class TextEncoder(nn.Module):
     scan: bool = False
     remat: str = "none"
     attention: str = "xla"
+    fuse_qkv: bool = False
 
     @nn.compact
     def __call__(
@@ -132,7 +135,8 @@ class TextEncoder(nn.Module):
         x = layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
 
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, eps=cfg.layer_norm_eps,
-                      dtype=self.dtype, attention=self.attention, decode=decode)
+                      dtype=self.dtype, attention=self.attention, fuse_qkv=self.fuse_qkv,
+                      decode=decode)
         return apply_stack(TextBlock, fields, x, causal_padding_mask(mask),
                            num_layers=cfg.layers, scan=self.scan,
                            remat="none" if decode else self.remat)
@@ -147,6 +151,7 @@ class CaptionDecoder(nn.Module):
     scan: bool = False
     remat: str = "none"
     attention: str = "xla"
+    fuse_qkv: bool = False
 
     @nn.compact
     def __call__(
@@ -175,7 +180,8 @@ class CaptionDecoder(nn.Module):
         del deterministic
         cfg = self.config
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, eps=cfg.layer_norm_eps, cross=True,
-                      dtype=self.dtype, attention=self.attention, decode=decode)
+                      dtype=self.dtype, attention=self.attention, fuse_qkv=self.fuse_qkv,
+                      decode=decode)
         x = apply_stack(TextBlock, fields, text_states, causal_padding_mask(text_mask),
                         audio_states, key_padding_mask(audio_mask),
                         num_layers=self.num_layers, scan=self.scan,
