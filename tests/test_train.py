@@ -31,7 +31,7 @@ def assert_trees_equal(a, b):
 
 
 def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
-    mae = tiny_config("mae", 4, **{"data.eval.kind": ""})
+    mae = tiny_config("mae", 4, **{"data.eval.kind": "", "train.log_update_norm": True})
     caco = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae"),
                                           "eval.caption_clips": 4, "train.peak_tflops": 0.5})
     stages.run(mae, str(tmp_path / "mae"))
@@ -39,8 +39,17 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
     rows = read_metrics(tmp_path / "caco")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
-    assert {"loss/contrastive", "loss/caption", "grad_norm", "learning_rate",
+    assert {"loss/contrastive", "loss/caption", "grad_norm", "learning_rate", "param_norm",
             "perf/first_step_seconds"} <= set(rows[0])
+    assert "update_norm" not in rows[0]  # only with train.log_update_norm
+    mae_rows = [r for r in read_metrics(tmp_path / "mae") if "loss" in r]
+    assert [r["update_norm"] > 0 for r in mae_rows] == [False, True, True, True]  # lr 0 first
+    # param_norm is the logged step's parameters' norm: the last one is the saved one's.
+    saved = restore_params(mae, tmp_path / "mae")
+    np.testing.assert_allclose(
+        mae_rows[-1]["param_norm"],
+        np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(saved))),
+        rtol=1e-5)
     assert "perf/input_wait_fraction" in rows[1] and "perf/steps_per_sec" not in rows[0]
     metrics = results["cacophony"]
     assert 0 <= metrics["eval/t2a_R@10"] <= 100 and "eval/zeroshot_top1" in metrics

@@ -18,6 +18,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 
 from cacophony_jax import tasks
@@ -289,7 +290,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if fmt.text_length:
             shapes.update({k: (config.data.global_batch_size, fmt.text_length)
                            for k in ("text_ids", "text_mask")})
-        train_step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes, rules)
+        train_step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes, rules,
+                                             update_norm=config.train.log_update_norm)
+        param_norm = jax.jit(optax.tree.norm, out_shardings=mesh_lib.replicated(mesh))
         step_flops, peak = _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes)
         evaluate = task.evaluator(mesh, tokenizer)
 
@@ -324,6 +327,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                         f"the loss became {row['loss']} by step {step}; the last good "
                         f"checkpoint is kept in {ckpt.directory}. Lower "
                         "config.optim.learning_rate or check the data")
+                row["param_norm"] = float(param_norm(state.params))
                 rates = progress.rates(step)
                 row.update(rates)
                 row["data/failed_records"] = failed_records

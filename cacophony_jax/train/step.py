@@ -27,13 +27,20 @@ def step_loss_fn(task: Any, batch: dict[str, jax.Array], rng: jax.Array):
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
-               tx: optax.GradientTransformationExtraArgs,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule,
+               update_norm: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update on the global batch.
 
     The front end (log-mel, patches, masks) runs first, outside the differentiated
     function; `grad_fn` lets SAM (when configured) take its second gradient on the
     same batch and randomness, so enabling SAM is purely a config change.
+
+    The metrics hold the gradient's global norm (the clipping computes it anyway) but
+    not the new parameters' norm (`param_norm`, which the loop computes at log steps)
+    and, unless asked, not the update's: a reduction over the new parameters or the
+    update inside the step makes XLA:GPU copy most parameter arrays to their donated
+    output buffers, about 900 extra kernels in the MAE `base` step (see
+    benchmarks/RESULTS.md).
 
     Args:
       state: the current state (donated by the jitted wrapper).
@@ -42,6 +49,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
         `loss(params, features, batch, rng) -> (loss, metrics)`.
       tx: the optimiser chain.
       schedule: learning-rate schedule, for logging.
+      update_norm: also report the update's global norm (`update_norm`).
 
     Returns:
       (new state, metrics of this step as scalars).
@@ -58,10 +66,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
     metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
-        update_norm=optax.tree.norm(updates),
-        param_norm=optax.tree.norm(params),
         learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
     )
+    if update_norm:
+        metrics["update_norm"] = optax.tree.norm(updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -81,7 +89,7 @@ def with_rules(fn, mesh: Mesh, rules: partition.Rules | None):
 def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
                    schedule: optax.Schedule, plan: StatePlan, mesh: Mesh,
                    batch_shapes: dict[str, tuple[int, ...]],
-                   rules: partition.Rules | None = None):
+                   rules: partition.Rules | None = None, update_norm: bool = False):
     """Compiles-on-first-call the step with explicit shardings and a donated state.
 
     Args:
@@ -91,6 +99,7 @@ def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
       batch_shapes: key -> global shape, to derive the batch shardings.
       rules: logical axis rules for activation constraints inside the step (None:
         let XLA choose activation layouts).
+      update_norm: see `train_step`.
 
     Returns:
       A jitted `(state, batch) -> (state, metrics)`.
@@ -98,8 +107,8 @@ def jit_train_step(task: Any, tx: optax.GradientTransformationExtraArgs,
     batch_shardings = {k: mesh_lib.batch_sharding(mesh, len(s))
                        for k, s in batch_shapes.items()}
     return jax.jit(
-        with_rules(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
-                   mesh, rules),
+        with_rules(functools.partial(train_step, task=task, tx=tx, schedule=schedule,
+                                     update_norm=update_norm), mesh, rules),
         in_shardings=(plan.shardings, batch_shardings),
         out_shardings=(plan.shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
