@@ -7,6 +7,7 @@ has no use for them), so these skip there; `pip install "jax[tpu]==<version>"` o
 
 import importlib.util
 
+import jax
 import pytest
 
 from benchmarks import aot_compile, train_step
@@ -59,3 +60,20 @@ def test_gpu_compiled_products_are_the_traced_model_flops():
     (row,) = rows
     assert row["gemm_flops_per_example"] == pytest.approx(row["flops_per_example"], rel=0.01)
     assert row["fused_attention_calls"] == 0
+
+
+@pytest.mark.skipif(not _installed("jax_plugins.xla_cuda12"),
+                    reason="the CUDA plugin is not installed")
+def test_gpu_step_updates_the_parameters_in_place():
+    """The step's update writes the parameters and optimiser state without copies.
+
+    A reduction over the new parameters inside the step made XLA:GPU copy most of
+    them into their donated buffers (RESULTS.md section 7).
+    """
+    rows = aot_compile.main(["--target", "gpu:h100", "--mesh", "1x1", "--stage", "mae",
+                             "--attention", "xla", *TINY])
+    (row,) = rows
+    config = train_step.make_config("mae", "tiny", 8, clip_seconds=1.0)
+    built = train_step.build_step(config)
+    arrays = len(jax.tree.leaves(built.plan.abstract.params))
+    assert row["kernels"].get("copy", 0) < arrays / 4

@@ -37,10 +37,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
 
     The metrics hold the gradient's global norm (the clipping computes it anyway) but
     not the new parameters' norm (`param_norm`, which the loop computes at log steps)
-    and, unless asked, not the update's: a reduction over the new parameters or the
-    update inside the step makes XLA:GPU copy most parameter arrays to their donated
-    output buffers, about 900 extra kernels in the MAE `base` step (see
-    benchmarks/RESULTS.md).
+    and, unless asked, not the update's: reductions over the new parameters and the
+    update inside the step made XLA:GPU copy 890 parameter-sized arrays into their
+    donated output buffers, 1,220 more kernels in the MAE `base` step (the update's
+    norm alone adds about 300; benchmarks/RESULTS.md section 7).
 
     Args:
       state: the current state (donated by the jitted wrapper).
