@@ -215,7 +215,8 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     hlo = compiled.as_text()
     comms = collectives.summarize(hlo) if devices > 1 else {}
     products = gemms.summarize(hlo)
-    launched = kernels.summarize(hlo)
+    # Kernel counts mean launches only in XLA:GPU's programs (kernels.py).
+    launched = kernels.summarize(hlo) if gpu else None
     budget = args.device_memory_gb * 1e9 or default_budget(mesh.devices.flat[0])
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(built.plan.abstract.params))
     return {
@@ -242,8 +243,9 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "fused_attention_calls": products.fused_attention_calls,
         # Entry-computation kernels and the bytes their operands and results span
         # (benchmarks/kernels.py), per device per step.
-        "kernels": launched.counts, "kernel_bytes": launched.bytes,
-        "non_product_bytes": launched.non_product_bytes(),
+        "kernels": launched.counts if launched else {},
+        "kernel_bytes": launched.bytes if launched else {},
+        "non_product_bytes": launched.non_product_bytes() if launched else None,
         "budget_bytes": budget, "fits": bool(mem) and mem["total"] <= budget,
     }
 
