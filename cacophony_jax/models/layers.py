@@ -223,6 +223,10 @@ class Attention(nn.Module):
     'cache' collection (created at full length by a first call, then filled one
     chunk per call), and cross-attention computes its keys/values from the
     memory once and reuses them on later calls.
+
+    With ``fuse_qkv`` the projections that share an input run as one matrix product:
+    query, key and value of a self-attention (called with ``memory is x``), key and
+    value otherwise. Parameters and results are the same either way.
     """
 
     num_heads: int
