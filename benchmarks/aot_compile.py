@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-device memory budget in GB (10^9 bytes); 0: the target's "
                         "(see default_budget)")
     p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
+    p.add_argument("--dump-hlo", default="",
+                   help="write each compiled step's HLO text to DIR/<stage>.hlo.txt "
+                        "(for kernels.py)")
     return p.parse_args(argv)
 
 
@@ -213,6 +216,10 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     xla_flops = train_step.step_flops(compiled)
     model_flops = train_step.model_flops_per_example(config, mesh)
     hlo = compiled.as_text()
+    if args.dump_hlo:
+        folder = pathlib.Path(args.dump_hlo)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stage}.hlo.txt").write_text(hlo)
     comms = collectives.summarize(hlo) if devices > 1 else {}
     products = gemms.summarize(hlo)
     # Kernel counts mean launches only in XLA:GPU's programs (kernels.py).

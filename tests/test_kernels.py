@@ -63,3 +63,32 @@ def test_a_real_compile():
     summary = kernels.summarize(step.lower(a, b).compile().as_text())
     assert summary.kernels >= 1
     assert sum(summary.bytes.values()) >= (64 * 32 + 32 * 16 + 64 * 16) * 4
+
+
+def test_op_groups():
+    assert kernels.op_group(
+        "jit(constrained)/transpose(jvp(MAE))/decoder/block_3/mlp/wi/reduce_sum"
+    ) == "bwd/decoder/block_N/mlp"
+    assert kernels.op_group("jit(step)/jvp(Cacophony)/Cacophony.encode_audio/audio_encoder/"
+                            "block_11/attn/add", 3) == "fwd/Cacophony.encode_audio/audio_encoder"
+    groups = kernels.by_group(GPU_HLO)
+    assert list(groups) == ["fusion gelu/mul", "copy copy bf16[192,256]",
+                            "collective all-reduce-start f32[1000]"]
+    assert groups["fusion gelu/mul"] == (1, 2 * 256 * 192 * 2)
+
+
+def test_command_line_one_step_and_a_comparison(tmp_path, capsys):
+    first = tmp_path / "a.hlo.txt"
+    first.write_text(GPU_HLO)
+    second = tmp_path / "b.hlo.txt"
+    # The same step without its copy.
+    second.write_text(GPU_HLO.replace("  %t = bf16[192,256]{0,1} copy(%f)\n", "").replace(
+        "tuple(%t, %ard)", "tuple(%f, %ard)"))
+    rows = kernels.main([str(first)])
+    assert rows[0] == ("fusion gelu/mul", 1, 2 * 256 * 192 * 2)
+    rows = kernels.main([str(first), str(second)])
+    assert rows == [("copy copy bf16[192,256]", -1, -2 * 256 * 192 * 2)]
+    out = capsys.readouterr().out
+    assert "5 kernels" in out and "4 kernels" in out
+    with pytest.raises(ValueError, match="cannot read"):
+        kernels.main([str(tmp_path / "missing.txt")])
