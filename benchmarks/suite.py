@@ -25,9 +25,9 @@ kernel gives XLA's loss and gradients (attention_parity.py); run it first on a n
 The `xla-flags` part times both steps under each of `GPU_XLA_FLAG_SETS` (compare with
 `steps-*` at the same batch), and the `fused-qkv` part both steps with
 `model.fuse_qkv` (one matrix product for query, key and value). The `profile` part
-traces three steps of each stage and sorts the device time into matrix products,
-attention, other fusions, copies and collectives (profile_summary.py): where the time
-goes that MFU does not count.
+times ten steps of each stage, then traces three more and sorts the device time into
+matrix products, attention, other fusions, copies and collectives (profile_summary.py):
+where the time goes that MFU does not count.
 
 With `--budget SECONDS` the parts share one time limit: name them in order of
 importance, and the ones the budget does not reach are skipped. A training run stopped
@@ -135,7 +135,7 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
         *attention, *common))]
     parts["profile"] = [Command("profile", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch),
-        "--steps", "3", "--profile", str(out / "profile"), *attention, *common))]
+        "--profile", str(out / "profile"), *attention, *common))]
     parts["xla-flags"] = [
         Command(f"xla-flags-{i}", _py("train_step.py", "--stage", "mae,cacophony", "--batch",
                                       str(args.batch), *attention, *common),
