@@ -11,7 +11,7 @@ from scipy.special import log_softmax
 
 from cacophony_jax.models import decoding
 from cacophony_jax.models.cacophony import Cacophony, cacophony_init_inputs
-from cacophony_jax.models.layers import stack_layers
+from cacophony_jax.models.stack import stack_layers
 from cacophony_jax.models.variants import cacophony_config
 from tests.helpers import cudnn_stand_in
 

@@ -12,7 +12,7 @@ from cacophony_jax.convert import bundle as bundle_lib
 from cacophony_jax.convert import export, official
 from cacophony_jax.convert.bundle import BundleError
 from cacophony_jax.data.tokenizer import Tokenizer
-from cacophony_jax.models.layers import unstack_layers
+from cacophony_jax.models.stack import unstack_layers
 from cacophony_jax.models.variants import cacophony_config, mae_config
 from cacophony_jax.train import checkpoint, loop
 from tests.helpers import tiny_config

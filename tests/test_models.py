@@ -12,13 +12,9 @@ from flax import linen as nn
 
 from cacophony_jax.models import axes
 from cacophony_jax.models.cacophony import Cacophony, cacophony_init_inputs
-from cacophony_jax.models.layers import (
-    HeadProjection,
-    project_heads,
-    stack_layers,
-    unstack_layers,
-)
+from cacophony_jax.models.layers import HeadProjection, project_heads
 from cacophony_jax.models.mae import MAE, mae_init_inputs
+from cacophony_jax.models.stack import stack_layers, unstack_layers
 from cacophony_jax.models.variants import (
     AudioEncoderConfig,
     cacophony_config,

@@ -27,7 +27,7 @@ from cacophony_jax.convert.bundle import (
 )
 from cacophony_jax.data.tokenizer import Tokenizer, TokenizerError
 from cacophony_jax.models import variants
-from cacophony_jax.models.layers import unstack_layers
+from cacophony_jax.models.stack import unstack_layers
 
 # ---- from a training checkpoint ---------------------------------------------------
 

@@ -28,8 +28,8 @@ from cacophony_jax.convert.layout import (
     hf_text_layer_spec,
 )
 from cacophony_jax.models.cacophony import Cacophony, cacophony_init_inputs
-from cacophony_jax.models.layers import stack_layers
 from cacophony_jax.models.mae import MAE, mae_init_inputs
+from cacophony_jax.models.stack import stack_layers
 from cacophony_jax.models.variants import (
     AudioEncoderConfig,
     CacophonyConfig,

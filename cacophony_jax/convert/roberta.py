@@ -17,7 +17,7 @@ import numpy as np
 
 from cacophony_jax.convert import layout
 from cacophony_jax.convert.layout import HF_TEXT_LAYER, Params
-from cacophony_jax.models.layers import stack_layers
+from cacophony_jax.models.stack import stack_layers
 from cacophony_jax.models.variants import TextConfig
 
 _PREFIXES = ("roberta.", "")

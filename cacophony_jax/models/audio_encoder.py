@@ -19,11 +19,11 @@ from cacophony_jax.models.layers import (
     Attention,
     DropPath,
     Dtype,
-    apply_stack,
     dense,
     layer_norm,
     partitioned,
 )
+from cacophony_jax.models.stack import apply_stack
 from cacophony_jax.models.variants import AudioEncoderConfig
 
 LAYER_NORM_EPS = 1e-6

@@ -22,7 +22,8 @@ from cacophony_jax.models.audio_encoder import (
     AudioPositions,
     key_padding_mask,
 )
-from cacophony_jax.models.layers import Dtype, apply_stack, dense, layer_norm, partitioned
+from cacophony_jax.models.layers import Dtype, dense, layer_norm, partitioned
+from cacophony_jax.models.stack import apply_stack
 from cacophony_jax.models.variants import MAEConfig, MAEDecoderConfig
 
 

@@ -24,11 +24,11 @@ from cacophony_jax.models.layers import (
     MLP,
     Attention,
     Dtype,
-    apply_stack,
     dense,
     layer_norm,
     partitioned,
 )
+from cacophony_jax.models.stack import apply_stack
 from cacophony_jax.models.variants import TextConfig
 
 gelu_exact = functools.partial(nn.gelu, approximate=False)
