@@ -20,15 +20,16 @@ from collections import defaultdict
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-          "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+          "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
+          "c64": 8, "c128": 16}
 _OP = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>.*?)\s+"
                  r"(?P<kind>" + "|".join(KINDS) + r")(?P<phase>-start|-done)?\((?P<args>[^)]*)\)")
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 
 
 def type_bytes(hlo_type: str) -> int:
-    """Bytes of an HLO result type: one array or a (nested) tuple of arrays."""
+    """Bytes of an HLO type: one array or a (nested) tuple of arrays (layouts ignored)."""
     total = 0
     for dtype, dims in _ARRAY.findall(hlo_type):
         total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)

@@ -37,15 +37,15 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import math
 import pathlib
 import re
 import sys
 
-_SIZES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
-          "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
-          "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b(" + "|".join(_SIZES) + r")\[([0-9,]*)\]")
+if __name__ == "__main__":  # run from a checkout: make the sibling modules importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.collectives import type_bytes  # noqa: E402
+
 _LINE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*?)\)(, .*)?$")
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
          "partition-id", "replica-id", "opt-barrier", "add-dependency"}
@@ -69,12 +69,6 @@ class KernelSummary:
     def non_product_bytes(self) -> float:
         """Bytes moved by everything except matrix products and fused attention."""
         return sum(b for k, b in self.bytes.items() if k not in ("product", "attention"))
-
-
-def type_bytes(type_text: str) -> int:
-    """Bytes of an HLO type, summed over a tuple's elements (layouts ignored)."""
-    return sum(_SIZES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in _SHAPE.findall(type_text))
 
 
 def entry_computation(hlo_text: str) -> str:
