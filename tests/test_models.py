@@ -4,6 +4,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -315,6 +316,46 @@ def test_cudnn_attention_gets_masks_in_the_shape_cudnn_accepts(tiny_params, monk
     ref = jitted(Cacophony(TINY))({"params": tiny_params}, *batch())
     for name in ("audio_embedding", "text_embedding", "caption_logits"):
         np.testing.assert_allclose(out[name], ref[name], atol=1e-5)
+
+
+def count_primitive(jaxpr, name: str) -> int:
+    """Occurrences of a primitive in a closed jaxpr, sub-jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += eqn.primitive.name == name
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += count_primitive(sub, name)
+    return total
+
+
+def test_cudnn_stacks_pad_an_odd_sequence_once(monkeypatch):
+    """An odd-length stack (7 visible patches, 7 + 24 decoder tokens) is padded once
+    per stack, not per attention call, and the real positions' outputs and
+    gradients stay those of the XLA model."""
+    config = mae_config("tiny")
+    rng = np.random.default_rng(0)
+    inputs = list(mae_init_inputs(config, batch=2, visible=7, masked=24))
+    inputs[0] = rng.normal(size=inputs[0].shape).astype(np.float32)
+    inputs[1] = rng.integers(0, 6, size=inputs[1].shape).astype(np.int32)
+    inputs[3][1, 5:] = 0  # the second example has 5 real visible patches
+    params = jax.jit(MAE(config).init)(jax.random.key(0), *inputs)["params"]
+    weights = rng.normal(size=(2, 31, config.encoder.patch_dim)).astype(np.float32)
+
+    def loss(params, model):
+        return (model.apply({"params": params}, *inputs) * weights).sum()
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    want, want_grads = grad(params, MAE(config))
+    calls = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls))
+    cudnn = MAE(config, attention="cudnn")
+    got, got_grads = grad(params, cudnn)
+    assert set(calls) == {"cudnn"}
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-4), got_grads, want_grads)
+    # Encoder and decoder: one pad of the states and one of the mask each.
+    jaxpr = jax.make_jaxpr(functools.partial(loss, model=cudnn))(params)
+    assert count_primitive(jaxpr.jaxpr, "pad") == 4
 
 
 @pytest.mark.parametrize("q_len,s_len", [(7, 7), (6, 9), (5, 4)])

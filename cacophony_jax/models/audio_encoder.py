@@ -20,6 +20,7 @@ from cacophony_jax.models.layers import (
     DropPath,
     Dtype,
     dense,
+    even_length_for_cudnn,
     layer_norm,
     partitioned,
 )
@@ -158,6 +159,8 @@ class AudioEncoder(nn.Module):
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
                       attention=self.attention, fuse_qkv=self.fuse_qkv, drop_path=self.drop_path,
                       deterministic=deterministic)
+        length = x.shape[1]
+        x, mask = even_length_for_cudnn(x, mask, self.attention)
         x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=cfg.layers,
-                        scan=self.scan, remat=self.remat)
+                        scan=self.scan, remat=self.remat)[:, :length]
         return layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="final_norm")(x)

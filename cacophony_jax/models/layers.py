@@ -151,6 +151,31 @@ def _cudnn_masked_attention(
     return out[:, :q_len]
 
 
+def even_length_for_cudnn(
+    x: jax.Array, mask: jax.Array, implementation: str
+) -> tuple[jax.Array, jax.Array]:
+    """Pads a key-padding-masked [B, N, D] sequence by one position when N is odd.
+
+    cuDNN's masked attention needs even lengths, and `attend` pads every call's
+    query, key and value for it. A stack of blocks is cheaper padded once: the extra
+    position is a masked key (no query sees it) and its own output is sliced off after
+    the stack, so the real positions' outputs and gradients are unchanged. Does nothing
+    for other implementations or even lengths.
+
+    Args:
+      x: [B, N, D] block input.
+      mask: [B, N] validity (nonzero on real positions).
+      implementation: the attention implementation of the stack.
+
+    Returns:
+      (x, mask), with N + 1 positions where padded; slice the stack's output back to N.
+    """
+    if implementation != "cudnn" or x.shape[1] % 2 == 0:
+        return x, mask
+    x = axes.constrain(jnp.pad(x, ((0, 0), (0, 1), (0, 0))), axes.BLE)
+    return x, jnp.pad(mask, ((0, 0), (0, 1)))
+
+
 class HeadProjection(nn.Module):
     """Parameters of one per-head projection: kernel [D, heads, head_dim], bias [heads, head_dim].
 

@@ -22,7 +22,13 @@ from cacophony_jax.models.audio_encoder import (
     AudioPositions,
     key_padding_mask,
 )
-from cacophony_jax.models.layers import Dtype, dense, layer_norm, partitioned
+from cacophony_jax.models.layers import (
+    Dtype,
+    dense,
+    even_length_for_cudnn,
+    layer_norm,
+    partitioned,
+)
 from cacophony_jax.models.stack import apply_stack
 from cacophony_jax.models.variants import MAEConfig, MAEDecoderConfig
 
@@ -73,8 +79,10 @@ class MAEDecoder(nn.Module):
         mask = jnp.concatenate([visible_mask.astype(bool), masked_mask.astype(bool)], axis=1)
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
                       attention=self.attention, fuse_qkv=self.fuse_qkv)
+        length = x.shape[1]
+        x, mask = even_length_for_cudnn(x, mask, self.attention)
         x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=cfg.layers,
-                        scan=self.scan, remat=self.remat)
+                        scan=self.scan, remat=self.remat)[:, :length]
         x = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="final_norm")(x)
         return dense(self.patch_dim, (axes.EMBED, None), dtype=self.dtype, name="head")(x)
 
