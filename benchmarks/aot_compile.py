@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
     p.add_argument("--fuse-qkv", action="store_true",
                    help="one matrix product for query, key and value (model.fuse_qkv)")
+    p.add_argument("--fused-norm", action="store_true",
+                   help="the audio blocks' LayerNorms as Pallas kernels (model.fused_norm)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--device-memory-gb", type=float, default=0.0,
                    help="per-device memory budget in GB (10^9 bytes); 0: the target's "
@@ -202,7 +204,8 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     config = train_step.make_config(stage, args.variant, batch, dtype=args.dtype,
                                      scan=args.scan == "true", remat=args.remat,
                                      clip_seconds=args.clip_seconds, attention=args.attention,
-                                     sam=args.sam, fuse_qkv=args.fuse_qkv)
+                                     sam=args.sam, fuse_qkv=args.fuse_qkv,
+                                     fused_norm=args.fused_norm)
     built = train_step.build_step(config, mesh)
     state_bytes = per_device_bytes(built.plan.abstract)
     params_bytes = per_device_bytes(built.plan.abstract.params)
@@ -232,7 +235,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "per_device_batch": per_device, "dtype": config.model.dtype,
         "scan": config.model.scan, "remat": config.model.remat,
         "attention": config.model.attention, "sam": bool(config.optim.sam.enabled),
-        "fuse_qkv": bool(config.model.fuse_qkv),
+        "fuse_qkv": bool(config.model.fuse_qkv), "fused_norm": bool(config.model.fused_norm),
         "clip_seconds": config.audio.clip_seconds, "params": num_params,
         "params_bytes_per_device": params_bytes, "state_bytes_per_device": state_bytes,
         "memory": mem, "compile_s": compile_s,
@@ -267,7 +270,8 @@ def format_row(row: dict) -> str:
         f"{row['mesh']}, {row['per_device_batch']}/device (global {row['global_batch']}), "
         f"{row['dtype']}, scan={row['scan']}, remat={row['remat']}, "
         f"attention={row['attention']}{', SAM' if row['sam'] else ''}"
-        f"{', fused qkv' if row['fuse_qkv'] else ''}, "
+        f"{', fused qkv' if row['fuse_qkv'] else ''}"
+        f"{', fused norm' if row.get('fused_norm') else ''}, "
         f"compiled in {row['compile_s']:.0f} s",
         f"  state per device (params + optimiser, exact): {gib(row['state_bytes_per_device'])}"
         f" (params {gib(row['params_bytes_per_device'])})",

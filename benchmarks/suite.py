@@ -24,7 +24,9 @@ after it are left out). The
 kernel gives XLA's loss and gradients (attention_parity.py); run it first on a new GPU.
 The `xla-flags` part times both steps under each of `GPU_XLA_FLAG_SETS` (compare with
 `steps-*` at the same batch), and the `fused-qkv` part both steps with
-`model.fuse_qkv` (one matrix product for query, key and value). The `profile` part
+`model.fuse_qkv` (one matrix product for query, key and value), and the `fused-norm`
+part both steps with `model.fused_norm` (the audio blocks' LayerNorms as Pallas
+kernels). The `profile` part
 times ten steps of each stage, then traces three more and sorts the device time into
 matrix products, attention, other fusions, copies and collectives (profile_summary.py):
 where the time goes that MFU does not count.
@@ -130,6 +132,9 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     parts["fused-qkv"] = [Command("fused-qkv", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch), "--fuse-qkv",
         *attention, *common))]
+    parts["fused-norm"] = [Command("fused-norm", _py(
+        "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch),
+        "--fused-norm", *attention, *common))]
     parts["remat"] = [Command("remat", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", big, "--remat", "dots",
         *attention, *common))]
@@ -236,6 +241,7 @@ def summarize(rows: list[dict]) -> str:
             ["stage", "batch", "attention", "remat", "SAM", "step ms", "examples/s", "MFU",
              "peak GiB"],
             [[r["stage"] + (" fused qkv" if r.get("fuse_qkv") else "")
+              + (" fused norm" if r.get("fused_norm") else "")
               + (f" ({r['xla_flags']})" if r.get("xla_flags") else ""),
               str(r["batch"]), r["attention"], r["remat"],
               "yes" if r["sam"] else "no", f"{1e3 * r['step_s']:.1f}",

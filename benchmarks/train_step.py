@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
     p.add_argument("--fuse-qkv", action="store_true",
                    help="one matrix product for query, key and value (model.fuse_qkv)")
+    p.add_argument("--fused-norm", action="store_true",
+                   help="the audio blocks' LayerNorms as Pallas kernels (model.fused_norm)")
     p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp size (data takes the rest)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--text-length", type=int, default=0, help="0: the config's")
@@ -89,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: bool = False,
                 remat: str = "none", fsdp: int = 1, clip_seconds: float = 0.0,
                 text_length: int = 0, sub_batches: int = 0, attention: str = "",
-                sam: bool = False, fuse_qkv: bool = False) -> ml_collections.ConfigDict:
+                sam: bool = False, fuse_qkv: bool = False,
+                fused_norm: bool = False) -> ml_collections.ConfigDict:
     """The training config of `stage`/`variant` with the benchmark's overrides.
 
     Args:
@@ -103,6 +106,7 @@ def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: 
       attention: the attention implementation ("" keeps the config's).
       sam: enable SAM (a second gradient per step; the paper's stage-2 recipe).
       fuse_qkv: project query, key and value in one matrix product (model.fuse_qkv).
+      fused_norm: the audio blocks' LayerNorms as Pallas kernels (model.fused_norm).
 
     Returns:
       A locked ConfigDict.
@@ -119,7 +123,7 @@ def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: 
     config.model.dtype = dtype or config.model.dtype
     config.model.scan, config.model.remat = scan, remat
     config.model.attention = attention or config.model.attention
-    config.model.fuse_qkv = fuse_qkv
+    config.model.fuse_qkv, config.model.fused_norm = fuse_qkv, fused_norm
     if sam:
         config.optim.sam.enabled = True
     config.mesh.data, config.mesh.fsdp = (-1, fsdp) if fsdp != -1 else (1, -1)
@@ -346,7 +350,8 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "devices": len(devices), "mesh": dict(built.mesh.shape), "batch": batch_size,
         "dtype": config.model.dtype, "scan": bool(config.model.scan),
         "remat": config.model.remat, "attention": config.model.attention,
-        "fuse_qkv": bool(config.model.fuse_qkv), "sam": bool(config.optim.sam.enabled),
+        "fuse_qkv": bool(config.model.fuse_qkv), "fused_norm": bool(config.model.fused_norm),
+        "sam": bool(config.optim.sam.enabled),
         "clip_seconds": config.audio.clip_seconds,
         "frontend_sub_batches": config.audio.frontend_sub_batches, "compile_s": compile_s,
         "step_s": step_s, "examples_per_s": batch_size / step_s,
@@ -369,6 +374,7 @@ def format_row(row: dict) -> str:
             f"{row['batch']:5d} {row['dtype']:8s} scan={str(row['scan'])[0]} "
             f"remat={row['remat']:7s} attn={row['attention']:5s} {'SAM ' if row['sam'] else ''}"
             f"{'fused-qkv ' if row.get('fuse_qkv') else ''}"
+            f"{'fused-norm ' if row.get('fused_norm') else ''}"
             f"fe_sub={row['frontend_sub_batches']:<3d} "
             f"step {1e3 * row['step_s']:9.1f} ms "
             f"{row['examples_per_s']:9.1f} ex/s {row['model_flops_per_example'] / 1e9:8.2f} "
@@ -398,7 +404,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  clip_seconds=args.clip_seconds, text_length=args.text_length,
                                  sub_batches=args.frontend_sub_batches,
                                  attention=args.attention, sam=args.sam,
-                                 fuse_qkv=args.fuse_qkv)
+                                 fuse_qkv=args.fuse_qkv, fused_norm=args.fused_norm)
             dtype = config.model.dtype
             if dtype not in peaks:
                 peaks[dtype] = peak_flops_per_device(jax.devices(), dtype, args.peak_tflops)

@@ -62,6 +62,10 @@ def model_block(variant: str, dtype: str) -> mlc.ConfigDict:
         # One matrix product for a self-attention's query, key and value projections
         # (and a cross-attention's key and value); same parameters and results.
         fuse_qkv=False,
+        # The audio blocks' LayerNorms as Pallas (Triton) kernels on GPUs, one pass each
+        # way with the residual gradient added in; same parameters. Elsewhere the
+        # kernels are interpreted (slow): turn it on for GPU runs only.
+        fused_norm=False,
     ))
 
 

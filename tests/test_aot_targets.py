@@ -11,6 +11,7 @@ import jax
 import pytest
 
 from benchmarks import aot_compile, train_step
+from cacophony_jax.models.variants import mae_config
 
 TINY = ["--variant", "tiny", "--per-device-batch", "2", "--clip-seconds", "1"]
 
@@ -77,3 +78,17 @@ def test_gpu_step_updates_the_parameters_in_place():
     built = train_step.build_step(config)
     arrays = len(jax.tree.leaves(built.plan.abstract.params))
     assert row["kernels"]["product"] > 0 and row["kernels"].get("copy", 0) < arrays / 4
+
+
+@pytest.mark.skipif(not _installed("jax_plugins.xla_cuda12"),
+                    reason="the CUDA plugin is not installed")
+def test_gpu_compiles_the_pallas_layer_norms_on_an_fsdp_mesh():
+    """model.fused_norm: XLA:GPU compiles the Triton kernels (two per LayerNorm of
+    the audio blocks, one each way), run per device under FSDP."""
+    rows = aot_compile.main(["--target", "gpu:h100:8", "--mesh", "1x8", "--stage", "mae",
+                             "--fused-norm", *TINY])
+    (row,) = rows
+    tiny = mae_config("tiny")
+    norms = 2 * (tiny.encoder.layers + tiny.decoder.layers)
+    assert row["fused_norm"] and row["fits"]
+    assert row["kernels"]["other"] == 2 * norms

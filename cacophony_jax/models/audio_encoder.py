@@ -13,6 +13,7 @@ import numpy as np
 from flax import linen as nn
 
 from cacophony_jax.models import axes
+from cacophony_jax.models.fused_norm import NormWithSkip
 from cacophony_jax.models.layers import (
     MLP,
     XAVIER,
@@ -69,19 +70,26 @@ class AudioBlock(nn.Module):
     dtype: Dtype = jnp.float32
     attention: str = "xla"
     fuse_qkv: bool = False
+    fused_norm: bool = False
     drop_path: float = 0.0
     deterministic: bool = True
     scanned: bool = False
+
+    def _norm(self, x: jax.Array, name: str) -> tuple[jax.Array, jax.Array]:
+        """(residual input, LN(x)): the fused kernel returns its own residual input."""
+        if self.fused_norm:
+            return NormWithSkip(LAYER_NORM_EPS, dtype=self.dtype, name=name)(x)
+        return x, layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name=name)(x)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array | tuple[jax.Array, None]:
         """Applies the block to [B, N, D] with attention mask [B, 1, 1, N]."""
         x = axes.constrain(x, axes.BLE)
-        h = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="attn_norm")(x)
+        x, h = self._norm(x, "attn_norm")
         h = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention,
                       fuse_qkv=self.fuse_qkv, name="attn")(h, h, mask)
         x = x + DropPath(self.drop_path, name="attn_drop")(h, self.deterministic)
-        h = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="mlp_norm")(x)
+        x, h = self._norm(x, "mlp_norm")
         h = MLP(self.mlp_dim, nn.silu, dtype=self.dtype, name="mlp")(h)
         x = x + DropPath(self.drop_path, name="mlp_drop")(h, self.deterministic)
         return (x, None) if self.scanned else x
@@ -122,6 +130,7 @@ class AudioEncoder(nn.Module):
     drop_path: float = 0.0
     attention: str = "xla"
     fuse_qkv: bool = False
+    fused_norm: bool = False
 
     @nn.compact
     def __call__(
@@ -157,7 +166,8 @@ class AudioEncoder(nn.Module):
             time_idx, freq_idx
         )
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
-                      attention=self.attention, fuse_qkv=self.fuse_qkv, drop_path=self.drop_path,
+                      attention=self.attention, fuse_qkv=self.fuse_qkv,
+                      fused_norm=self.fused_norm, drop_path=self.drop_path,
                       deterministic=deterministic)
         length = x.shape[1]
         x, mask = even_length_for_cudnn(x, mask, self.attention)

@@ -54,6 +54,11 @@ def activation_rules(rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
         _ACTIVATION_RULES.reset(token)
 
 
+def current_activation_rules() -> tuple[tuple[str, Any], ...] | None:
+    """The rules `activation_rules` set, or None outside it."""
+    return _ACTIVATION_RULES.get()
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint on an activation by logical names (no-op without rules)."""
     rules = _ACTIVATION_RULES.get()

@@ -87,12 +87,14 @@ class Cacophony(nn.Module):
     drop_path: float = 0.0
     attention: str = "xla"
     fuse_qkv: bool = False
+    fused_norm: bool = False  # the audio encoder's (pre-LN) LayerNorms only
 
     def setup(self) -> None:
         cfg = self.config
         self.audio_encoder = AudioEncoder(cfg.audio, dtype=self.dtype, scan=self.scan,
                                           remat=self.remat, drop_path=self.drop_path,
-                                          attention=self.attention, fuse_qkv=self.fuse_qkv)
+                                          attention=self.attention, fuse_qkv=self.fuse_qkv,
+                                          fused_norm=self.fused_norm)
         # Pools run one query, where a fused kernel gains nothing, and the text pool's
         # single full-width head exceeds cuDNN's head-size limit: they always use XLA.
         self.audio_pool = AttentionPool(cfg.audio_pool_heads, cfg.projection, dtype=self.dtype,

@@ -44,6 +44,7 @@ class MAEDecoder(nn.Module):
     remat: str = "none"
     attention: str = "xla"
     fuse_qkv: bool = False
+    fused_norm: bool = False
 
     @nn.compact
     def __call__(
@@ -78,7 +79,8 @@ class MAEDecoder(nn.Module):
         x = jnp.concatenate([visible, masked], axis=1)
         mask = jnp.concatenate([visible_mask.astype(bool), masked_mask.astype(bool)], axis=1)
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
-                      attention=self.attention, fuse_qkv=self.fuse_qkv)
+                      attention=self.attention, fuse_qkv=self.fuse_qkv,
+                      fused_norm=self.fused_norm)
         length = x.shape[1]
         x, mask = even_length_for_cudnn(x, mask, self.attention)
         x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=cfg.layers,
@@ -97,6 +99,7 @@ class MAE(nn.Module):
     drop_path: float = 0.0
     attention: str = "xla"
     fuse_qkv: bool = False
+    fused_norm: bool = False
 
     @nn.compact
     def __call__(
@@ -124,13 +127,14 @@ class MAE(nn.Module):
         enc = self.config.encoder
         states = AudioEncoder(enc, dtype=self.dtype, scan=self.scan, remat=self.remat,
                               drop_path=self.drop_path, attention=self.attention,
-                              fuse_qkv=self.fuse_qkv,
+                              fuse_qkv=self.fuse_qkv, fused_norm=self.fused_norm,
                               name="encoder")(visible_patches, visible_time, visible_freq,
                                               visible_mask, deterministic)
         out = MAEDecoder(self.config.decoder, patch_dim=enc.patch_dim,
                          freq_patches=enc.freq_patches, dtype=self.dtype, scan=self.scan,
                          remat=self.remat, attention=self.attention,
-                         fuse_qkv=self.fuse_qkv, name="decoder")(
+                         fuse_qkv=self.fuse_qkv, fused_norm=self.fused_norm,
+                         name="decoder")(
             states, visible_time, visible_freq, visible_mask, masked_time, masked_freq,
             masked_mask)
         return out.astype(jnp.float32)

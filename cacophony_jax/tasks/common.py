@@ -13,7 +13,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def runtime_knobs(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Module fields shared by the models: compute dtype, scan, remat, attention, fuse_qkv."""
+    """Module fields shared by the models: compute dtype, scan, remat, attention, kernels."""
     if model_cfg.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={model_cfg.dtype!r}; use one of {list(DTYPES)}")
     return dict(
@@ -23,6 +23,7 @@ def runtime_knobs(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         drop_path=model_cfg.drop_path,
         attention=model_cfg.attention,
         fuse_qkv=model_cfg.fuse_qkv,
+        fused_norm=model_cfg.fused_norm,
     )
 
 

@@ -237,6 +237,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                              f"of the {divisor} devices the batch is split over")
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape),
                  jax.device_count(), jax.process_count())
+    platform = mesh.devices.flat[0].platform
+    if config.model.fused_norm and platform != "gpu":
+        if platform != "cpu":
+            raise ValueError(f"config.model.fused_norm runs Triton kernels, which need CUDA "
+                             f"GPUs; this run has {platform} devices: set it to false")
+        logging.warning("model.fused_norm on CPU: the LayerNorm kernels are interpreted, "
+                        "which is slow; it is meant for GPU runs")
 
     # Data and task.
     train_source = task_common.open_train_source(config)
