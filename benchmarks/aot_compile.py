@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stages = [s for s in args.stage.split(",") if s]
     batches = _per_device_batches(args.per_device_batch, stages)
     devices, described = target_devices(args.target, args.devices)
+    if args.fused_norm and devices[0].platform not in ("cuda", "gpu"):
+        raise TargetError("--fused-norm compiles Triton kernels for GPUs; elsewhere they "
+                          "would be interpreted: use a gpu:<part> target")
     mesh = make_mesh(devices, args.mesh)
     print(f"target: {described}; mesh {dict(mesh.shape)}", flush=True)
     rows = []

@@ -204,6 +204,8 @@ def test_mesh_and_target_errors_name_the_fix():
         aot_compile.make_mesh(devices, "eight")
     with pytest.raises(aot_compile.TargetError, match="tpu:<topology>"):
         aot_compile.target_devices("gpu", 8)
+    with pytest.raises(aot_compile.TargetError, match="use a gpu:<part> target"):
+        aot_compile.main(["--target", "cpu", "--fused-norm", "--variant", "tiny"])
 
 
 def test_gpu_target_specs_and_config():
