@@ -26,7 +26,8 @@ The `xla-flags` part times both steps under each of `GPU_XLA_FLAG_SETS` (compare
 `steps-*` at the same batch), and the `fused-qkv` part both steps with
 `model.fuse_qkv` (one matrix product for query, key and value), and the `fused-norm`
 part both steps with `model.fused_norm` (the audio blocks' LayerNorms as Pallas
-kernels). The `profile` part
+kernels; `norm-kernels` times those kernels alone against XLA's LayerNorm, for a
+few launch settings, at the MAE decoder's shape). The `profile` part
 times ten steps of each stage, then traces three more and sorts the device time into
 matrix products, attention, other fusions, copies and collectives (profile_summary.py):
 where the time goes that MFU does not count.
@@ -132,6 +133,9 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     parts["fused-qkv"] = [Command("fused-qkv", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch), "--fuse-qkv",
         *attention, *common))]
+    parts["norm-kernels"] = [Command("norm-kernels", _py(
+        "norm_kernels.py", "--tokens", str(args.batch * 496), "--rows", "1,2,4,8",
+        "--warps", "4,8", "--json", rows))]
     parts["fused-norm"] = [Command("fused-norm", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch),
         "--fused-norm", *attention, *common))]
@@ -270,6 +274,15 @@ def summarize(rows: list[dict]) -> str:
               f"{r.get('model_tflops_per_device', float('nan')):.3g}",
               f"{100 * r['input_wait_fraction']:.1f} %", f"{r['failed_records']:.0f}"]
              for r in runs])
+    norms = [r for r in rows if "forward_ms" in r]
+    if norms:
+        out += _table(
+            ["LayerNorm", "tokens x width", "forward ms", "GB/s", "forward + gradient ms",
+             "GB/s"],
+            [["XLA" if r["norm"] == "xla" else f"kernels, rows {r['rows']}, warps {r['warps']}",
+              f"{r['tokens']} x {r['width']}", f"{r['forward_ms']:.3f}",
+              f"{r['forward_gb_per_s']:.0f}", f"{r['grad_ms']:.3f}",
+              f"{r['grad_gb_per_s']:.0f}"] for r in norms])
     inputs = [r for r in rows if "bench" in r]
     if inputs:
         out += _table(["input", "config", "clips/s", "cores", "clips/s/core"],

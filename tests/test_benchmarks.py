@@ -18,6 +18,7 @@ from benchmarks import (
     attention_parity,
     gpu_targets,
     input_pipeline,
+    norm_kernels,
     profile_summary,
     suite,
     train_step,
@@ -286,10 +287,11 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
 def test_suite_plan_and_errors(tmp_path, capsys):
     suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run"])
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 15 and not (tmp_path / "rows.jsonl").exists()
+    assert len(printed) == 16 and not (tmp_path / "rows.jsonl").exists()
     assert "attention_parity.py" in printed[0]
     assert sum("--fuse-qkv" in line for line in printed) == 1
     assert sum("--fused-norm" in line for line in printed) == 1
+    assert sum("norm_kernels.py" in line for line in printed) == 1
     assert any("--attention xla" in line for line in printed)
     assert any("--config.model.attention=cudnn" in line and "mae.py:base" in line
                for line in printed)
@@ -425,3 +427,16 @@ def test_profile_summary_sorts_gpu_kernels_and_counts_overlap_once():
         profile_summary.summarize([])
     with pytest.raises(FileNotFoundError, match="profile_steps"):
         profile_summary.newest_trace(pathlib.Path(__file__).parent / "fixtures" / "official")
+
+
+def test_norm_kernels_times_xla_and_the_kernels_and_compares_gradients(tmp_path, capsys):
+    """A CPU smoke run (interpreted kernels): one XLA row, one per launch setting,
+    with gradients that match XLA's and a summary table."""
+    out = tmp_path / "rows.jsonl"
+    rows = norm_kernels.main(["--tokens", "24", "--width", "20", "--dtype", "float32",
+                              "--rows", "2,4", "--iters", "1", "--json", str(out)])
+    assert [(r["norm"], r["rows"]) for r in rows] == [("xla", 0), ("kernels", 2),
+                                                      ("kernels", 4)]
+    assert all(r["max_grad_difference"] < 1e-4 and r["grad_ms"] > 0 for r in rows)
+    assert "| kernels, rows 4, warps 4 | 24 x 20 |" in suite.summarize(
+        suite.read_rows([out]))

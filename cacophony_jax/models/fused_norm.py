@@ -2,7 +2,7 @@
 
 XLA:GPU splits a LayerNorm into a statistics pass and a normalising pass, and its
 gradient into three passes over the [tokens, width] arrays; the residual stream's own
-gradient is added in one of them. `norm_with_skip` returns the block input twice, once
+gradient is added in one of them. `NormWithSkip` returns the block input twice, once
 as the residual ("skip") branch and once normalised, so that its gradient sees both
 branches' cotangents and can finish in one pass:
 
@@ -30,9 +30,7 @@ from jax.experimental.pallas import triton as plt
 from jax.sharding import PartitionSpec as P
 
 from cacophony_jax.models import axes
-from cacophony_jax.models.layers import partitioned
-
-Dtype = jnp.dtype
+from cacophony_jax.models.layers import Dtype, partitioned
 
 FORWARD_ROWS = 4  # rows per forward program
 BACKWARD_ROWS = 4  # rows per step of a backward program's loop
@@ -102,11 +100,24 @@ def _on_gpu_or_interpreted(call: Callable[[bool], Callable], *args):
     return jax.lax.platform_dependent(*args, cuda=call(False), default=call(True))
 
 
-def _forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: Dtype
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[N, D] -> (y [N, D] in ``dtype``, mean [N], rstd [N]) on one device."""
+def forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: Dtype, *,
+            rows: int = FORWARD_ROWS, num_warps: int = NUM_WARPS
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The forward kernel on one device's [N, D] rows.
+
+    Args:
+      x: [N, D] input rows.
+      scale, bias: float32 [D].
+      eps: variance epsilon.
+      dtype: the output's dtype.
+      rows: rows per program (a power of two).
+      num_warps: warps per program.
+
+    Returns:
+      (y [N, D] in ``dtype``, mean [N], rstd [N]), the statistics in float32.
+    """
     n_rows, width = x.shape
-    block, rows = _block_width(width), FORWARD_ROWS
+    block = _block_width(width)
     kernel = functools.partial(_forward_kernel, rows=rows, n_rows=n_rows, width=width, eps=eps)
     call = lambda interpret: pl.pallas_call(
         kernel,
@@ -120,18 +131,35 @@ def _forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype:
         out_specs=(pl.BlockSpec((rows, block), lambda i: (i, 0)),
                    pl.BlockSpec((rows,), lambda i: (i,)),
                    pl.BlockSpec((rows,), lambda i: (i,))),
-        compiler_params=plt.CompilerParams(num_warps=NUM_WARPS),
+        compiler_params=plt.CompilerParams(num_warps=num_warps),
         interpret=interpret,
         name="layer_norm_fwd",
     )
     return _on_gpu_or_interpreted(call, x, scale, bias)
 
 
-def _backward(x, dy, dskip, scale, mean, rstd):
-    """One device's gradient: (dx [N, D], dscale [D], dbias [D]), dx including dskip."""
+def backward(x: jax.Array, dy: jax.Array, dskip: jax.Array, scale: jax.Array,
+             mean: jax.Array, rstd: jax.Array, *, rows: int = BACKWARD_ROWS,
+             programs: int | None = None, num_warps: int = NUM_WARPS
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The backward kernel on one device's [N, D] rows.
+
+    Args:
+      x, dy, dskip: [N, D] input, output gradient and residual-branch gradient, in x's
+        dtype.
+      scale: float32 [D].
+      mean, rstd: float32 [N] from `forward`.
+      rows: rows per loop step (a power of two).
+      programs: programs in the grid (default BACKWARD_PROGRAMS), each looping over
+        its share of the rows and keeping its own scale and bias sums.
+      num_warps: warps per program.
+
+    Returns:
+      (dx [N, D] including dskip, dscale [D], dbias [D]).
+    """
     n_rows, width = x.shape
-    block, rows = _block_width(width), BACKWARD_ROWS
-    programs = min(BACKWARD_PROGRAMS, pl.cdiv(n_rows, rows))
+    block = _block_width(width)
+    programs = min(programs or BACKWARD_PROGRAMS, pl.cdiv(n_rows, rows))
     steps = pl.cdiv(pl.cdiv(n_rows, rows), programs)
     kernel = functools.partial(_backward_kernel, rows=rows, n_rows=n_rows, width=width,
                                steps=steps)
@@ -147,7 +175,7 @@ def _backward(x, dy, dskip, scale, mean, rstd):
         grid=(programs,),
         in_specs=[whole, whole, whole, vector, per_row, per_row],
         out_specs=(whole, partial, partial),
-        compiler_params=plt.CompilerParams(num_warps=NUM_WARPS),
+        compiler_params=plt.CompilerParams(num_warps=num_warps),
         interpret=interpret,
         name="layer_norm_bwd",
     )
@@ -191,7 +219,7 @@ def _norm_with_skip(x, scale, bias, eps, dtype, layout):
 def _norm_with_skip_fwd(x, scale, bias, eps, dtype, layout):
     def local(x, scale, bias):
         b, length, width = x.shape
-        y, mean, rstd = _forward(x.reshape(b * length, width), scale, bias, eps, dtype)
+        y, mean, rstd = forward(x.reshape(b * length, width), scale, bias, eps, dtype)
         return y.reshape(x.shape), mean.reshape(b, length), rstd.reshape(b, length)
 
     spec = rows = None
@@ -217,8 +245,8 @@ def _norm_with_skip_vjp_bwd(eps, dtype, layout, residuals, cotangents):
     def local(x, dy, dskip, scale, mean, rstd):
         b, length, width = x.shape
         flat = lambda a: a.reshape(b * length, width)
-        dx, dscale, dbias = _backward(flat(x), flat(dy), flat(dskip), scale,
-                                      mean.reshape(-1), rstd.reshape(-1))
+        dx, dscale, dbias = backward(flat(x), flat(dy), flat(dskip), scale,
+                                     mean.reshape(-1), rstd.reshape(-1))
         if batch:
             dscale, dbias = jax.lax.psum((dscale, dbias), batch)
         return dx.reshape(x.shape), dscale, dbias
