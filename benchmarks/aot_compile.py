@@ -52,7 +52,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import collectives, gemms, gpu_targets, kernels, report, train_step  # noqa: E402
+from benchmarks import (  # noqa: E402
+    accounting,
+    collectives,
+    gemms,
+    gpu_targets,
+    kernels,
+    report,
+    train_step,
+)
 
 GIB = 2**30
 # XLA options for GPU compiles without a device (no autotuning is possible there).
@@ -215,8 +223,8 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     gpu = mesh.devices.flat[0].platform in ("cuda", "gpu")
     compiled = lowered.compile(GPU_COMPILE_ONLY_OPTIONS if gpu else None)
     compile_s = time.perf_counter() - start
-    mem = train_step.memory_bytes(compiled)
-    xla_flops = train_step.step_flops(compiled)
+    mem = accounting.memory_bytes(compiled)
+    xla_flops = accounting.step_flops(compiled)
     model_flops = train_step.model_flops_per_example(config, mesh)
     hlo = compiled.as_text()
     if args.dump_hlo:

@@ -39,11 +39,10 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import profile_summary, report  # noqa: E402
+from benchmarks import accounting, profile_summary, report  # noqa: E402
 from cacophony_jax import tasks  # noqa: E402
 from cacophony_jax.data import spec, to_global  # noqa: E402
 from cacophony_jax.optim import optimizer  # noqa: E402
@@ -220,73 +219,6 @@ def model_flops_per_example(config: ml_collections.ConfigDict,
     return total / config.data.global_batch_size
 
 
-def step_flops(compiled: Any) -> float:
-    """FLOPs of one device's share of a compiled step (XLA cost analysis)."""
-    analysis = compiled.cost_analysis()
-    if not analysis:  # XLA:GPU compiled without a device has none
-        return float("nan")
-    if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
-
-
-def memory_bytes(compiled: Any) -> dict[str, int]:
-    """Per-device sizes from `compiled.memory_analysis()` (empty where unsupported)."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return {}
-    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-    out = {k.removesuffix("_size_in_bytes"): int(getattr(stats, k, 0)) for k in keys}
-    # Donated (aliased) outputs reuse their argument buffers.
-    out["total"] = (out["argument"] + out["output"] - out["alias"] + out["temp"]
-                    + out["generated_code"])
-    return out
-
-
-def peak_flops_per_device(devices: list, dtype: str, override_tflops: float = 0.0
-                          ) -> tuple[float, str]:
-    """The per-device peak FLOP/s MFU is measured against, and where it came from.
-
-    Args:
-      devices: the mesh's devices.
-      dtype: compute dtype name, for the CPU measurement.
-      override_tflops: use this (TFLOP/s) when positive.
-
-    Returns:
-      (FLOP/s, source description); FLOP/s is NaN for an unknown accelerator.
-    """
-    if override_tflops > 0:
-        return override_tflops * 1e12, "--peak-tflops"
-    kind = devices[0].device_kind
-    if devices[0].platform == "cpu":
-        return measured_matmul_peak(devices, dtype), f"measured {dtype} matmul"
-    known = flops.datasheet_peak(kind)
-    if known is not None:
-        return known[0], f"{known[1]} dense bf16 datasheet"
-    return float("nan"), f"unknown device {kind!r}: pass --peak-tflops"
-
-
-def measured_matmul_peak(devices: list, dtype: str, size: int = 1024, reps: int = 5) -> float:
-    """Per-device FLOP/s of square matmuls run on all `devices` at once (best of reps).
-
-    All devices run together because simulated CPU devices share the host's cores:
-    the machine's total, divided by the device count, is each device's fair share.
-    """
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-    shape = (len(devices), size, size)
-    x = jax.device_put(jnp.ones(shape, dtype), sharding)
-    matmul = jax.jit(lambda a: jnp.einsum("dij,djk->dik", a, a), out_shardings=sharding)
-    jax.block_until_ready(matmul(x))
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(x))
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
-
-
 def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
             peak: tuple[float, str] | None = None, override_tflops: float = 0.0,
             profile_dir: str = "", profile_steps: int = 3) -> dict:
@@ -297,7 +229,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
       steps: timed steps.
       warmup: untimed steps after compiling.
       peak: (per-device FLOP/s, source), measured once by the caller; None = measure.
-      override_tflops: see `peak_flops_per_device`.
+      override_tflops: see `accounting.peak_flops_per_device`.
       profile_dir: when set, `profile_steps` more steps are traced into this folder
         after the timed ones, and the row gets the trace's summary ("profile").
       profile_steps: steps traced.
@@ -311,7 +243,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
     start = time.perf_counter()
     compiled = built.step.lower(built.plan.abstract, abstract_batch(built)).compile()
     compile_s = time.perf_counter() - start
-    xla_flops = step_flops(compiled)
+    xla_flops = accounting.step_flops(compiled)
     # One device's share of the step's model FLOPs.
     flops = (model_flops_per_example(config, built.mesh) * config.data.global_batch_size
              / len(devices))
@@ -338,10 +270,10 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
                                                         flops / 1e9)
         print(text, flush=True)
     if peak is None:
-        peak = peak_flops_per_device(devices, config.model.dtype, override_tflops)
+        peak = accounting.peak_flops_per_device(devices, config.model.dtype, override_tflops)
     batch_size = config.data.global_batch_size
     achieved = flops / step_s
-    mem = memory_bytes(compiled)
+    mem = accounting.memory_bytes(compiled)
     stats = devices[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         mem["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
@@ -407,7 +339,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  fuse_qkv=args.fuse_qkv, fused_norm=args.fused_norm)
             dtype = config.model.dtype
             if dtype not in peaks:
-                peaks[dtype] = peak_flops_per_device(jax.devices(), dtype, args.peak_tflops)
+                peaks[dtype] = accounting.peak_flops_per_device(jax.devices(), dtype,
+                                                                args.peak_tflops)
                 print(f"peak {peaks[dtype][0] / 1e12:.4f} TFLOP/s per device "
                       f"({peaks[dtype][1]}, {jax.devices()[0].device_kind})", flush=True)
             profile_dir = ""

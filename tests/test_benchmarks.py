@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import (
+    accounting,
     aot_compile,
     attention_parity,
     gpu_targets,
@@ -98,7 +99,7 @@ def test_step_flops_counts_one_devices_share():
     w = jax.ShapeDtypeStruct((32, 16), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
     compiled = jax.jit(lambda a, b: a @ b).lower(x, w).compile()
     # Each device multiplies its 8 x 32 rows by 32 x 16: 2 * 8 * 32 * 16 FLOPs.
-    assert train_step.step_flops(compiled) == 2 * 8 * 32 * 16
+    assert accounting.step_flops(compiled) == 2 * 8 * 32 * 16
 
 
 @pytest.mark.parametrize("kind,tflops", [
@@ -107,15 +108,15 @@ def test_step_flops_counts_one_devices_share():
     ("TPU v5p", 459.0), ("TPU v6 lite", 918.0)])
 def test_peak_table_matches_device_kinds(kind, tflops):
     device = types.SimpleNamespace(platform="gpu", device_kind=kind)
-    peak, source = train_step.peak_flops_per_device([device], "bfloat16")
+    peak, source = accounting.peak_flops_per_device([device], "bfloat16")
     assert peak == tflops * 1e12 and "datasheet" in source
 
 
 def test_unknown_accelerator_asks_for_a_peak():
     device = types.SimpleNamespace(platform="gpu", device_kind="Mystery 9000")
-    peak, source = train_step.peak_flops_per_device([device], "bfloat16")
+    peak, source = accounting.peak_flops_per_device([device], "bfloat16")
     assert np.isnan(peak) and "--peak-tflops" in source
-    assert train_step.peak_flops_per_device([device], "bfloat16", 100.0)[0] == 100e12
+    assert accounting.peak_flops_per_device([device], "bfloat16", 100.0)[0] == 100e12
 
 
 def test_memory_total_counts_donated_buffers_once():
@@ -123,7 +124,7 @@ def test_memory_total_counts_donated_buffers_once():
                                   alias_size_in_bytes=50, temp_size_in_bytes=30,
                                   generated_code_size_in_bytes=5)
     compiled = types.SimpleNamespace(memory_analysis=lambda: stats)
-    assert train_step.memory_bytes(compiled)["total"] == 100 + 60 - 50 + 30 + 5
+    assert accounting.memory_bytes(compiled)["total"] == 100 + 60 - 50 + 30 + 5
 
 
 def test_random_batch_follows_the_contract():
@@ -140,7 +141,7 @@ def test_random_batch_follows_the_contract():
 
 
 def test_measured_cpu_peak_is_positive():
-    assert train_step.measured_matmul_peak(jax.devices(), "float32", size=64, reps=1) > 0
+    assert accounting.measured_matmul_peak(jax.devices(), "float32", size=64, reps=1) > 0
 
 
 def test_train_step_measures_the_contrastive_stage(tmp_path):
