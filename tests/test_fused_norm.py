@@ -23,6 +23,13 @@ RULES = (("batch", ("data", "fsdp")), ("length", None), ("act_embed", None),
          ("embed", "fsdp"))
 
 
+def _in_step():
+    """The context the training step traces under (one device here)."""
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
+                              jax.devices()[:1])
+    return partition.activation_rules(mesh, RULES)
+
+
 def _inputs(shape, seed=0):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=shape) * 3.0 + 1.0, jnp.float32)
@@ -43,7 +50,8 @@ def _losses(dtype):
         return (y * w_norm).sum() + (jnp.sin(x) * w_skip).sum()
 
     def kernel(params, x, w_norm, w_skip):
-        skip, y = fused.apply(params, x)
+        with _in_step():
+            skip, y = fused.apply(params, x)
         return (y.astype(jnp.float32) * w_norm).sum() + (jnp.sin(skip) * w_skip).sum()
 
     grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
@@ -71,7 +79,8 @@ def test_values_and_gradients_equal_flax_layer_norm(shape, programs, monkeypatch
 def test_bfloat16_output_and_input_dtype_kept():
     x, w_norm, w_skip, params = _inputs((2, 9, 32))
     x = x.astype(jnp.bfloat16)
-    skip, y = NormWithSkip(1e-6, dtype=jnp.bfloat16).apply(params, x)
+    with _in_step():
+        skip, y = NormWithSkip(1e-6, dtype=jnp.bfloat16).apply(params, x)
     assert skip.dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16
     assert np.array_equal(np.asarray(skip), np.asarray(x))
     want = layer_norm(1e-6, dtype=jnp.float32).apply(params, x.astype(jnp.float32))
@@ -107,7 +116,8 @@ def test_mae_with_fused_norm_trains_like_without():
     weights = rng.normal(size=(2, 16, config.encoder.patch_dim)).astype(np.float32)
 
     def loss(params, model):
-        return (model.apply({"params": params}, *inputs) * weights).sum()
+        with _in_step():
+            return (model.apply({"params": params}, *inputs) * weights).sum()
 
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     want, want_grads = grad(params, MAE(config))
@@ -141,3 +151,21 @@ def test_on_a_mesh_each_device_normalises_its_own_examples():
     _assert_close(got_grads, want_grads, rtol=1e-4, atol=1e-4)
     text = step.lower(params, x, w_norm, w_skip).as_text()
     assert "shard_map" in text or "manual" in text
+
+
+def test_outside_the_training_step_it_is_xla_layer_norm():
+    """Evaluation and inference trace without activation rules: XLA's LayerNorm, the
+    same numbers as nn.LayerNorm, no kernel; inside the rules, the kernels."""
+    x, _, _, params = _inputs((2, 5, 16))
+    module = NormWithSkip(1e-6)
+    skip, y = module.apply(params, x)
+    np.testing.assert_allclose(y, layer_norm(1e-6, dtype=jnp.float32).apply(params, x),
+                               rtol=1e-6, atol=1e-6)
+    assert skip is x
+    assert "pallas_call" not in str(jax.make_jaxpr(module.apply)(params, x))
+
+    def in_step(params, x):
+        with _in_step():
+            return module.apply(params, x)
+
+    assert "pallas_call" in str(jax.make_jaxpr(in_step)(params, x))

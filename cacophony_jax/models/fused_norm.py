@@ -264,11 +264,27 @@ def _norm_with_skip_vjp_bwd(eps, dtype, layout, residuals, cotangents):
 _norm_with_skip.defvjp(_norm_with_skip_vjp_fwd, _norm_with_skip_vjp_bwd)
 
 
+def _xla_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+                    dtype: Dtype) -> jax.Array:
+    """``nn.LayerNorm``'s computation, step for step (float32 statistics)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    mul = jax.lax.rsqrt(var + eps) * scale
+    return ((x32 - mean) * mul + bias).astype(dtype)
+
+
 class NormWithSkip(nn.Module):
     """(x, LayerNorm(x)) for a pre-LN block, with nn.LayerNorm's parameters.
 
     Returns the input unchanged as the first output: use it, not the input, for the
     residual sum, so that the backward kernel adds that branch's gradient.
+
+    The kernels run where the model is traced under activation rules
+    (`parallel.partition.activation_rules`), which is inside the training step; there
+    they also know the mesh to run per device on. Elsewhere (evaluation, inference,
+    a bare ``apply``) the same parameters go through XLA's LayerNorm, so a forward
+    pass never needs the kernels' mesh or, off a GPU, their interpreter.
     """
 
     eps: float
@@ -282,4 +298,6 @@ class NormWithSkip(nn.Module):
                            (width,), jnp.float32)
         bias = self.param("bias", partitioned(nn.initializers.zeros, (axes.EMBED,)),
                           (width,), jnp.float32)
+        if axes.current_activation_rules() is None:
+            return x, _xla_layer_norm(x, scale, bias, self.eps, self.dtype)
         return _norm_with_skip(x, scale, bias, self.eps, jnp.dtype(self.dtype), _layout())
