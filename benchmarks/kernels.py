@@ -12,6 +12,7 @@ of its operands and results bound the bytes it reads and writes.
 
 - "product": cuBLAS calls and Triton GEMM fusions,
 - "attention": cuDNN fused attention calls,
+- "pallas": Pallas kernels lowered through Triton (`model.fused_norm`),
 - "collective": all-reduce, all-gather, reduce-scatter, all-to-all, permutes,
 - "copy": layout copies and transposes,
 - "fusion": every other fusion (kLoop, kInput, kOutput),
@@ -51,7 +52,7 @@ _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "afte
          "partition-id", "replica-id", "opt-barrier", "add-dependency"}
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                 "collective-permute", "collective-broadcast")
-CATEGORIES = ("product", "attention", "fusion", "copy", "collective", "other")
+CATEGORIES = ("product", "attention", "pallas", "fusion", "copy", "collective", "other")
 
 
 @dataclasses.dataclass
@@ -88,6 +89,8 @@ def category(op: str, attrs: str) -> str:
             return "product"
         if "__cudnn$fmha" in attrs:
             return "attention"
+        if "__gpu$xla.gpu.triton" in attrs:
+            return "pallas"
         return "other"
     if op == "fusion":
         if "__triton_gemm" in attrs or '"kind":"__cublas' in attrs:

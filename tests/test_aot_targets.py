@@ -91,4 +91,4 @@ def test_gpu_compiles_the_pallas_layer_norms_on_an_fsdp_mesh():
     tiny = mae_config("tiny")
     norms = 2 * (tiny.encoder.layers + tiny.decoder.layers)
     assert row["fused_norm"] and row["fits"]
-    assert row["kernels"]["other"] == 2 * norms
+    assert row["kernels"]["pallas"] == 2 * norms

@@ -51,6 +51,12 @@ def test_categories_counts_and_bytes():
         1.0 + (4 * y + 8000) / 1e9)
 
 
+def test_pallas_kernels_have_their_own_category():
+    assert kernels.category("custom-call", 'custom_call_target="__gpu$xla.gpu.triton"') \
+        == "pallas"
+    assert kernels.category("custom-call", 'custom_call_target="my_library_call"') == "other"
+
+
 def test_no_entry_is_an_error():
     with pytest.raises(ValueError, match="ENTRY"):
         kernels.summarize("HloModule m\n")
