@@ -278,11 +278,11 @@ def summarize(rows: list[dict]) -> str:
     if norms:
         out += _table(
             ["LayerNorm", "tokens x width", "forward ms", "GB/s", "forward + gradient ms",
-             "GB/s"],
+             "GB/s", "gradients vs XLA"],
             [["XLA" if r["norm"] == "xla" else f"kernels, rows {r['rows']}, warps {r['warps']}",
               f"{r['tokens']} x {r['width']}", f"{r['forward_ms']:.3f}",
               f"{r['forward_gb_per_s']:.0f}", f"{r['grad_ms']:.3f}",
-              f"{r['grad_gb_per_s']:.0f}"] for r in norms])
+              f"{r['grad_gb_per_s']:.0f}", f"{r['max_grad_rel']:.1e}"] for r in norms])
     inputs = [r for r in rows if "bench" in r]
     if inputs:
         out += _table(["input", "config", "clips/s", "cores", "clips/s/core"],
