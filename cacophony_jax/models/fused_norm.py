@@ -1,10 +1,11 @@
 """LayerNorm of a pre-LN residual block as one GPU kernel per pass (Pallas, Triton).
 
 XLA:GPU splits a LayerNorm into a statistics pass and a normalising pass, and its
-gradient into three passes over the [tokens, width] arrays; the residual stream's own
-gradient is added in one of them. `NormWithSkip` returns the block input twice, once
-as the residual ("skip") branch and once normalised, so that its gradient sees both
-branches' cotangents and can finish in one pass:
+gradient into two or three passes over the [tokens, width] arrays; the residual
+stream's own gradient is added in one of them (benchmarks/RESULTS.md section 8).
+`NormWithSkip` returns the block input twice, once as the residual ("skip") branch and
+once normalised, so that its gradient sees both branches' cotangents and can finish in
+one pass:
 
     forward:   read x, write y (and two floats per row)
     backward:  read x, dy, dskip, write dx (and small per-program sums for the
@@ -13,8 +14,9 @@ branches' cotangents and can finish in one pass:
 Parameters are exactly ``nn.LayerNorm``'s (``scale``, ``bias``, float32 [width]);
 statistics are float32 and the variance is computed from centred values. Multi-device
 meshes run the kernels per device under ``jax.shard_map`` (tokens are split by batch,
-the width is whole). The kernels are compiled for CUDA GPUs; on other platforms Pallas
-interprets them (correct but slow: this is how they are tested without a GPU).
+the width is whole). The kernels run inside the training step (see `NormWithSkip`)
+and are compiled for CUDA GPUs; on other platforms Pallas interprets them (correct but
+slow: this is how they are tested without a GPU). `model.fused_norm` turns them on.
 """
 
 from __future__ import annotations
