@@ -243,14 +243,15 @@ def summarize(rows: list[dict]) -> str:
             return mem.get("peak_bytes_in_use", mem.get("total", 0)) / 2**30
         out += _table(
             ["stage", "batch", "attention", "remat", "SAM", "step ms", "examples/s", "MFU",
-             "peak GiB"],
+             "peak GiB", "loss, step 1"],
             [[r["stage"] + (" fused qkv" if r.get("fuse_qkv") else "")
               + (" fused norm" if r.get("fused_norm") else "")
               + (f" ({r['xla_flags']})" if r.get("xla_flags") else ""),
               str(r["batch"]), r["attention"], r["remat"],
               "yes" if r["sam"] else "no", f"{1e3 * r['step_s']:.1f}",
               f"{r['examples_per_s']:.1f}", f"{100 * r['mfu']:.1f} %",
-              f"{used_gib(r['memory']):.1f}"] for r in steps])
+              f"{used_gib(r['memory']):.1f}",
+              f"{r['first_loss']:.5g}" if "first_loss" in r else "n/a"] for r in steps])
     profiled = [r for r in rows if "profile" in r]
     if profiled:
         labels = ("matmul", "attention", "fusion/other", "copy", "collective")

@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frontend-sub-batches", type=int, default=0,
                    help="config.audio.frontend_sub_batches (0: the config's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps after compiling (at least one: its loss is reported)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device peak to use instead of the table / CPU measurement")
     p.add_argument("--profile", default="",
@@ -235,7 +236,8 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
       profile_steps: steps traced.
 
     Returns:
-      The row: settings, compile_s, step_s, examples_per_s, model_flops_per_example,
+      The row: settings, compile_s, step_s, examples_per_s, first_loss (the first
+      step's), model_flops_per_example,
       tflops_per_device, peak_tflops, mfu, memory (bytes), and profile if traced.
     """
     built = build_step(config)
@@ -249,7 +251,12 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
              / len(devices))
     state = state_lib.create_state(built.task.init_params, built.tx, built.plan, config.seed)
     batch = to_global.to_global(random_batch(built), built.mesh)
-    for _ in range(warmup):
+    # The first step's loss, read outside the timing: every run starts from the same
+    # parameters and batch, so options that keep the math (fused kernels, XLA flags)
+    # should agree here up to rounding.
+    state, metrics = compiled(state, batch)
+    first_loss = float(metrics["loss"])
+    for _ in range(warmup - 1):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
     start = time.perf_counter()
@@ -286,7 +293,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "sam": bool(config.optim.sam.enabled),
         "clip_seconds": config.audio.clip_seconds,
         "frontend_sub_batches": config.audio.frontend_sub_batches, "compile_s": compile_s,
-        "step_s": step_s, "examples_per_s": batch_size / step_s,
+        "step_s": step_s, "examples_per_s": batch_size / step_s, "first_loss": first_loss,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "model_flops_per_example": flops * len(devices) / batch_size,
         # XLA's own count, for comparison (loop bodies once, remat and custom calls off).

@@ -182,6 +182,12 @@ def test_sweep_and_scan_keep_the_model_flops():
                                "--frontend-sub-batches", "2", "--peak-tflops", "1"])
     # Scan trip counts are multiplied in and the remat recomputation is left out.
     assert scanned[0]["model_flops_per_example"] == small
+    # The first step's loss is the same with the LayerNorm kernels (same parameters
+    # and batch); they change neither the model nor its FLOP count.
+    fused = train_step.main(["--stage", "mae", "--batch", "8", "--steps", "1", "--warmup",
+                             "0", "--clip-seconds", "1", "--fused-norm", "--peak-tflops", "1"])
+    assert fused[0]["fused_norm"] and fused[0]["model_flops_per_example"] == small
+    assert fused[0]["first_loss"] == pytest.approx(plain[0]["first_loss"], rel=1e-5)
 
 
 # ---- aot_compile -------------------------------------------------------------------
