@@ -27,10 +27,10 @@ The `xla-flags` part times both steps under each of `GPU_XLA_FLAG_SETS` (compare
 `model.fuse_qkv` (one matrix product for query, key and value), and the `fused-norm`
 part both steps with `model.fused_norm` (the audio blocks' LayerNorms as Pallas
 kernels; `norm-kernels` times those kernels alone against XLA's LayerNorm, for a
-few launch settings, at the MAE decoder's shape). The `profile` part
-times ten steps of each stage, then traces three more and sorts the device time into
-matrix products, attention, other fusions, copies and collectives (profile_summary.py):
-where the time goes that MFU does not count.
+few launch settings, at the MAE decoder's shape), and `fused-both` with both options.
+The `profile` part times ten steps of each stage, then traces three more and sorts the
+device time into matrix products, attention, other fusions, copies and collectives
+(profile_summary.py): where the time goes that MFU does not count.
 
 With `--budget SECONDS` the parts share one time limit: name them in order of
 importance, and the ones the budget does not reach are skipped. A training run stopped
@@ -139,6 +139,9 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     parts["fused-norm"] = [Command("fused-norm", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch),
         "--fused-norm", *attention, *common))]
+    parts["fused-both"] = [Command("fused-both", _py(
+        "train_step.py", "--stage", "mae,cacophony", "--batch", str(args.batch),
+        "--fused-norm", "--fuse-qkv", *attention, *common))]
     parts["remat"] = [Command("remat", _py(
         "train_step.py", "--stage", "mae,cacophony", "--batch", big, "--remat", "dots",
         *attention, *common))]

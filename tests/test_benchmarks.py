@@ -294,10 +294,10 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
 def test_suite_plan_and_errors(tmp_path, capsys):
     suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run"])
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 16 and not (tmp_path / "rows.jsonl").exists()
+    assert len(printed) == 17 and not (tmp_path / "rows.jsonl").exists()
     assert "attention_parity.py" in printed[0]
-    assert sum("--fuse-qkv" in line for line in printed) == 1
-    assert sum("--fused-norm" in line for line in printed) == 1
+    assert sum("--fuse-qkv" in line for line in printed) == 2
+    assert sum("--fused-norm" in line for line in printed) == 2
     assert sum("norm_kernels.py" in line for line in printed) == 1
     assert any("--attention xla" in line for line in printed)
     assert any("--config.model.attention=cudnn" in line and "mae.py:base" in line
