@@ -4,7 +4,7 @@ One pre-LN block's norm at the `base` shapes, forward and gradient, the way the
 training step uses it: the loss reads the normalised output and the residual branch
 (`sum(y * a) + sum(skip * b)`), so the gradient carries both cotangents. XLA's version
 is Flax's `nn.LayerNorm` (via `models/layers.layer_norm`), the kernels' version
-`models/fused_norm.NormWithSkip`; each is jitted alone, so this isolates the kernels
+`models/fused_norm.norm_with_skip`; each is jitted alone, so this isolates the kernels
 from the rest of the step. `--rows` and `--warps` sweep the kernels' launch settings
 (the forward and backward use the same values here).
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rows: batch x sequence (MAE decoder at batch 256: 126976)")
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--rows", default=str(fused_norm.FORWARD_ROWS),
+    p.add_argument("--rows", default=str(fused_norm.ROWS),
                    help="comma list of rows per kernel program")
     p.add_argument("--warps", default=str(fused_norm.NUM_WARPS),
                    help="comma list of warps per kernel program")
@@ -79,8 +79,10 @@ def _norm_fns(kind: str, dtype, rows: int, warps: int):
             return x, module.apply(params, x)
     else:
         def apply(params, x):
-            return _kernel_norm(params["params"]["scale"], params["params"]["bias"], x,
-                                dtype, rows, warps)
+            skip, y = fused_norm.norm_with_skip(x[None], params["params"]["scale"],
+                                                params["params"]["bias"], EPS, dtype,
+                                                rows=rows, num_warps=warps)
+            return skip[0], y[0]
 
     def loss(params, x, a, b):
         skip, y = apply(params, x)
@@ -88,28 +90,6 @@ def _norm_fns(kind: str, dtype, rows: int, warps: int):
 
     forward = jax.jit(lambda params, x, a, b: apply(params, x)[1])
     return forward, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-
-
-def _kernel_norm(scale, bias, x, dtype, rows: int, warps: int):
-    """NormWithSkip's math with explicit launch settings (one device, [N, D])."""
-
-    @jax.custom_vjp
-    def norm(x, scale, bias):
-        return x, fused_norm.forward(x, scale, bias, EPS, dtype, rows=rows, num_warps=warps)[0]
-
-    def fwd(x, scale, bias):
-        y, mean, rstd = fused_norm.forward(x, scale, bias, EPS, dtype, rows=rows,
-                                           num_warps=warps)
-        return (x, y), (x, scale, mean, rstd)
-
-    def bwd(residuals, cotangents):
-        x, scale, mean, rstd = residuals
-        dskip, dy = cotangents
-        return fused_norm.backward(x, dy.astype(x.dtype), dskip.astype(x.dtype), scale, mean,
-                                   rstd, rows=rows, num_warps=warps)
-
-    norm.defvjp(fwd, bwd)
-    return norm(x, scale, bias)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

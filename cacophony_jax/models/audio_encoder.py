@@ -95,6 +95,21 @@ class AudioBlock(nn.Module):
         return (x, None) if self.scanned else x
 
 
+def audio_stack(x: jax.Array, mask: jax.Array, fields: dict, *, num_layers: int, scan: bool,
+                remat: str) -> jax.Array:
+    """``num_layers`` AudioBlocks over [B, N, D] with a key-padding mask [B, N].
+
+    Call inside a parent's compact method. For cuDNN attention an odd N is padded once
+    for the whole stack (`even_length_for_cudnn`); the result has N positions again.
+    ``fields`` are AudioBlock's (see `stack.apply_stack`).
+    """
+    length = x.shape[1]
+    x, mask = even_length_for_cudnn(x, mask, fields["attention"])
+    x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=num_layers,
+                    scan=scan, remat=remat)
+    return x[:, :length]
+
+
 class AudioPositions(nn.Module):
     """Sinusoidal time embedding plus a learned frequency-position table."""
 
@@ -169,8 +184,5 @@ class AudioEncoder(nn.Module):
                       attention=self.attention, fuse_qkv=self.fuse_qkv,
                       fused_norm=self.fused_norm, drop_path=self.drop_path,
                       deterministic=deterministic)
-        length = x.shape[1]
-        x, mask = even_length_for_cudnn(x, mask, self.attention)
-        x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=cfg.layers,
-                        scan=self.scan, remat=self.remat)[:, :length]
+        x = audio_stack(x, mask, fields, num_layers=cfg.layers, scan=self.scan, remat=self.remat)
         return layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="final_norm")(x)

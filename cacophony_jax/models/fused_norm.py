@@ -34,8 +34,7 @@ from jax.sharding import PartitionSpec as P
 from cacophony_jax.models import axes
 from cacophony_jax.models.layers import Dtype, partitioned
 
-FORWARD_ROWS = 4  # rows per forward program
-BACKWARD_ROWS = 4  # rows per step of a backward program's loop
+ROWS = 4  # rows per forward program, and per step of a backward program's loop
 BACKWARD_PROGRAMS = 528  # 4 per streaming multiprocessor of an H100 SXM
 NUM_WARPS = 4
 
@@ -103,7 +102,7 @@ def _on_gpu_or_interpreted(call: Callable[[bool], Callable], *args):
 
 
 def forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: Dtype, *,
-            rows: int = FORWARD_ROWS, num_warps: int = NUM_WARPS
+            rows: int = ROWS, num_warps: int = NUM_WARPS
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The forward kernel on one device's [N, D] rows.
 
@@ -141,7 +140,7 @@ def forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: 
 
 
 def backward(x: jax.Array, dy: jax.Array, dskip: jax.Array, scale: jax.Array,
-             mean: jax.Array, rstd: jax.Array, *, rows: int = BACKWARD_ROWS,
+             mean: jax.Array, rstd: jax.Array, *, rows: int = ROWS,
              programs: int | None = None, num_warps: int = NUM_WARPS
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The backward kernel on one device's [N, D] rows.
@@ -210,36 +209,45 @@ def _per_device(fn: Callable, layout: tuple | None, in_specs: tuple, out_specs) 
                          check_vma=False)
 
 
+def _specs(layout: tuple | None) -> tuple[P | None, P | None]:
+    """([B, L, D] spec, [B, L] spec) of a layout (None, None without one)."""
+    if layout is None:
+        return None, None
+    return layout[1], P(layout[1][0], None)
+
+
 # `layout` is decided while the forward is traced (inside the activation rules) and
-# passed on, because the backward is traced later, outside them.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _norm_with_skip(x, scale, bias, eps, dtype, layout):
-    skip, y, _ = _norm_with_skip_fwd(x, scale, bias, eps, dtype, layout)
+# passed on, because the backward is traced later, outside them. `launch` is
+# (rows, num_warps) of both kernels.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _norm_with_skip(x, scale, bias, eps, dtype, layout, launch):
+    skip, y, _ = _norm_with_skip_fwd(x, scale, bias, eps, dtype, layout, launch)
     return skip, y
 
 
-def _norm_with_skip_fwd(x, scale, bias, eps, dtype, layout):
+def _norm_with_skip_fwd(x, scale, bias, eps, dtype, layout, launch):
+    rows, num_warps = launch
+
     def local(x, scale, bias):
         b, length, width = x.shape
-        y, mean, rstd = forward(x.reshape(b * length, width), scale, bias, eps, dtype)
+        y, mean, rstd = forward(x.reshape(b * length, width), scale, bias, eps, dtype,
+                                rows=rows, num_warps=num_warps)
         return y.reshape(x.shape), mean.reshape(b, length), rstd.reshape(b, length)
 
-    spec = rows = None
-    if layout is not None:
-        spec = layout[1]
-        rows = P(spec[0], None)
-    y, mean, rstd = _per_device(local, layout, (spec, P(), P()), (spec, rows, rows))(
+    spec, per_row = _specs(layout)
+    y, mean, rstd = _per_device(local, layout, (spec, P(), P()), (spec, per_row, per_row))(
         x, scale, bias)
     return x, y, (x, scale, mean, rstd)
 
 
-def _norm_with_skip_vjp_fwd(x, scale, bias, eps, dtype, layout):
-    skip, y, residuals = _norm_with_skip_fwd(x, scale, bias, eps, dtype, layout)
+def _norm_with_skip_vjp_fwd(x, scale, bias, eps, dtype, layout, launch):
+    skip, y, residuals = _norm_with_skip_fwd(x, scale, bias, eps, dtype, layout, launch)
     return (skip, y), residuals
 
 
-def _norm_with_skip_vjp_bwd(eps, dtype, layout, residuals, cotangents):
+def _norm_with_skip_vjp_bwd(eps, dtype, layout, launch, residuals, cotangents):
     del eps, dtype
+    rows, num_warps = launch
     x, scale, mean, rstd = residuals
     dskip, dy = cotangents
     batch = layout[2] if layout is not None else ()
@@ -247,23 +255,41 @@ def _norm_with_skip_vjp_bwd(eps, dtype, layout, residuals, cotangents):
     def local(x, dy, dskip, scale, mean, rstd):
         b, length, width = x.shape
         flat = lambda a: a.reshape(b * length, width)
-        dx, dscale, dbias = backward(flat(x), flat(dy), flat(dskip), scale,
-                                     mean.reshape(-1), rstd.reshape(-1))
+        dx, dscale, dbias = backward(flat(x), flat(dy), flat(dskip), scale, mean.reshape(-1),
+                                     rstd.reshape(-1), rows=rows, num_warps=num_warps)
         if batch:
             dscale, dbias = jax.lax.psum((dscale, dbias), batch)
         return dx.reshape(x.shape), dscale, dbias
 
-    spec = rows = None
-    if layout is not None:
-        spec = layout[1]
-        rows = P(spec[0], None)
+    spec, per_row = _specs(layout)
     dx, dscale, dbias = _per_device(
-        local, layout, (spec, spec, spec, P(), rows, rows), (spec, P(), P()))(
+        local, layout, (spec, spec, spec, P(), per_row, per_row), (spec, P(), P()))(
         x, dy.astype(x.dtype), dskip.astype(x.dtype), scale, mean, rstd)
     return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
 _norm_with_skip.defvjp(_norm_with_skip_vjp_fwd, _norm_with_skip_vjp_bwd)
+
+
+def norm_with_skip(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+                   dtype: Dtype, *, rows: int = ROWS, num_warps: int = NUM_WARPS
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(x, LayerNorm(x) in ``dtype``) of [B, L, D] through the kernels, differentiable.
+
+    Under activation rules on a multi-device mesh the kernels run per device.
+
+    Args:
+      x: [B, L, D] block input.
+      scale, bias: float32 [D].
+      eps: variance epsilon.
+      dtype: the normalised output's dtype.
+      rows, num_warps: the kernels' launch settings.
+
+    Returns:
+      (x, normalised x); use the first for the residual sum (see `NormWithSkip`).
+    """
+    return _norm_with_skip(x, scale, bias, eps, jnp.dtype(dtype), _layout(),
+                           (rows, num_warps))
 
 
 def _xla_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
@@ -302,4 +328,4 @@ class NormWithSkip(nn.Module):
                           (width,), jnp.float32)
         if axes.current_activation_rules() is None:
             return x, _xla_layer_norm(x, scale, bias, self.eps, self.dtype)
-        return _norm_with_skip(x, scale, bias, self.eps, jnp.dtype(self.dtype), _layout())
+        return norm_with_skip(x, scale, bias, self.eps, self.dtype)

@@ -17,19 +17,11 @@ from flax import linen as nn
 from cacophony_jax.models import axes
 from cacophony_jax.models.audio_encoder import (
     LAYER_NORM_EPS,
-    AudioBlock,
     AudioEncoder,
     AudioPositions,
-    key_padding_mask,
+    audio_stack,
 )
-from cacophony_jax.models.layers import (
-    Dtype,
-    dense,
-    even_length_for_cudnn,
-    layer_norm,
-    partitioned,
-)
-from cacophony_jax.models.stack import apply_stack
+from cacophony_jax.models.layers import Dtype, dense, layer_norm, partitioned
 from cacophony_jax.models.variants import MAEConfig, MAEDecoderConfig
 
 
@@ -81,10 +73,7 @@ class MAEDecoder(nn.Module):
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
                       attention=self.attention, fuse_qkv=self.fuse_qkv,
                       fused_norm=self.fused_norm)
-        length = x.shape[1]
-        x, mask = even_length_for_cudnn(x, mask, self.attention)
-        x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=cfg.layers,
-                        scan=self.scan, remat=self.remat)[:, :length]
+        x = audio_stack(x, mask, fields, num_layers=cfg.layers, scan=self.scan, remat=self.remat)
         x = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="final_norm")(x)
         return dense(self.patch_dim, (axes.EMBED, None), dtype=self.dtype, name="head")(x)
 
