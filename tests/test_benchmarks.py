@@ -22,6 +22,7 @@ from benchmarks import (
     norm_kernels,
     profile_summary,
     suite,
+    tables,
     train_step,
 )
 from cacophony_jax.data import spec
@@ -319,12 +320,12 @@ def test_suite_plan_and_errors(tmp_path, capsys):
     parity = {"stage": "mae", "variant": "base", "attention": "cudnn", "batch": 16,
               "loss_rel": 1e-4, "grad_rel": 3e-3, "grad_leaf_median_rel": 2e-3, "same": True}
     assert "| mae base, xla vs cudnn | 16 | 1.0e-04 | 3.0e-03 (2.0e-03) | same |" in (
-        suite.summarize([parity]))
+        tables.summarize([parity]))
     profiled = {"stage": "mae", "attention": "cudnn", "batch": 256, "profile": {
         "busy_fraction": 0.95, "product_tflops": 612.0,
         "categories": {"matmul": {"ms_per_step": 120.0}, "fusion/other": {"ms_per_step": 60.5}}}}
     assert "| mae cudnn | 256 | 95.0 % | 120.0 | 0.0 | 60.5 | 0.0 | 0.0 | 612 |" in (
-        suite.summarize([profiled]))
+        tables.summarize([profiled]))
 
 
 def test_attention_parity_runs_both_stages_through_the_fused_path(monkeypatch):
@@ -445,5 +446,5 @@ def test_norm_kernels_times_xla_and_the_kernels_and_compares_gradients(tmp_path,
     assert [(r["norm"], r["rows"]) for r in rows] == [("xla", 0), ("kernels", 2),
                                                       ("kernels", 4)]
     assert all(r["max_grad_rel"] < 1e-5 and r["grad_ms"] > 0 for r in rows)
-    assert "| kernels, rows 4, warps 4 | 24 x 20 |" in suite.summarize(
-        suite.read_rows([out]))
+    assert "| kernels, rows 4, warps 4 | 24 x 20 |" in tables.summarize(
+        tables.read_rows([out]))
