@@ -81,6 +81,24 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
         empty.close()
     assert_trees_equal(start.params["audio_encoder"],
                        restore_params(mae, tmp_path / "mae")["encoder"])
+    # The wrong kind of run is refused before any training, naming what to use instead.
+    wrong = [
+        ("cacophony", {"train.init_from": str(tmp_path / "caco")}, "empty", "stage-1 .mae. run"),
+        ("cacophony", {"train.resume": str(tmp_path / "mae")}, "empty",
+         "'mae' run, this is a 'cacophony' run .to start stage 2 .*init_from"),
+        ("cacophony", {}, "mae/checkpoints", "belong to a 'mae' run.*another --workdir"),
+        ("mae", {}, "mae/checkpoints", r"none of the checkpoints .* \(steps \[4\]\) fits"),
+    ]
+    for stage, overrides, folder, message in wrong:
+        config = tiny_config(stage, 4, **overrides)
+        # The last case hands a mae run's checkpoints a Cacophony state: a model mismatch.
+        reader = checkpoint.Checkpointer(tmp_path / folder, async_save=False, read_only=True)
+        try:
+            with pytest.raises(checkpoint.CheckpointError, match=message):
+                init_lib.restore_or_init(config, task, tx, plan, reader, None)
+        finally:
+            reader.close()
+    assert sorted(os.listdir(tmp_path / "mae" / "checkpoints")) == ["4"]  # left as it was
 
 
 def test_caption_scores_by_hand():

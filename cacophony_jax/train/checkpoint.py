@@ -170,6 +170,17 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore())).config
 
+    def saved_task(self, step: int | None = None) -> str | None:
+        """The task ('mae', 'cacophony') of the config saved with `step` (default the
+        newest), or None where that config cannot be read."""
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            return None
+        try:
+            return self.read_config(step).get("task")
+        except Exception:  # noqa: BLE001 - an unreadable config says nothing
+            return None
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
         self.manager.wait_until_finished()
@@ -180,13 +191,16 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any) -> Any:
+def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
+                    task: str | None = None) -> Any:
     """Restores one subtree of a saved state (e.g. the stage-1 encoder).
 
     Args:
       path: a workdir, checkpoints folder or step folder of a training run.
       keys: dict path inside the saved state, e.g. ('params', 'encoder').
       abstract: ShapeDtypeStructs with shardings for that subtree.
+      task: the task whose runs hold that subtree; a checkpoint whose saved config
+        names another task is refused before reading it.
 
     Returns:
       The subtree, placed as `abstract` says.
@@ -197,6 +211,10 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any) -> Any:
         step = reader.manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint found under {path!r}")
+        saved = reader.saved_task(step)
+        if task is not None and saved is not None and saved != task:
+            raise CheckpointError(
+                f"{path!r} is a checkpoint of a {saved!r} run, not of a {task!r} run")
         item: Any = abstract
         for key in reversed(keys):
             item = {key: item}
@@ -213,6 +231,11 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any) -> Any:
         out = restored.state
         for key in keys:
             out = out[key]
+        # A partial restore of a path the checkpoint lacks hands back the targets.
+        if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(out)):
+            raise CheckpointError(
+                f"checkpoint step {step} in {directory} holds no {'/'.join(keys)}. Is it "
+                "a checkpoint of the right stage?")
         return out
     finally:
         reader.close()

@@ -62,14 +62,32 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                     plan: state_lib.StatePlan, ckpt: checkpoint.Checkpointer,
                     data_iter: Any) -> state_lib.TrainState:
     """Returns the starting state, following the resume order."""
+    saved = ckpt.saved_task()
+    if saved is not None and saved != config.task:
+        raise checkpoint.CheckpointError(
+            f"the workdir's checkpoints ({ckpt.directory}) belong to a {saved!r} run, this "
+            f"is a {config.task!r} run: use another --workdir")
     restored = ckpt.restore(plan.abstract, data_iter)
     if restored is not None:
         logging.info("resuming from %s step %d", ckpt.directory, restored[1])
         return restored[0]
+    if ckpt.steps():
+        # Training from scratch here would later push these aside: say so instead.
+        raise checkpoint.CheckpointError(
+            f"none of the checkpoints in {ckpt.directory} (steps {ckpt.steps()}) fits this "
+            "config (see the warnings above): were they saved with another model variant "
+            "or options? Run with the config they were saved with, or use another --workdir")
     if config.train.resume:
         directory, step = checkpoint.resolve(config.train.resume)
         other = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
         try:
+            saved = other.saved_task(step)
+            if saved is not None and saved != config.task:
+                hint = (" (to start stage 2 from a stage-1 run's encoder, set "
+                        "config.train.init_from instead)" if saved == "mae" else "")
+                raise checkpoint.CheckpointError(
+                    f"config.train.resume={config.train.resume!r} is a {saved!r} run, this "
+                    f"is a {config.task!r} run{hint}")
             restored = other.restore(plan.abstract, data_iter, step=step)
         finally:
             other.close()
@@ -84,9 +102,14 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
         if config.task != "cacophony":
             raise ValueError("config.train.init_from is for stage 2 (initialising the audio "
                              "encoder from a stage-1 run); use train.resume to continue")
-        params["audio_encoder"] = checkpoint.restore_subtree(
-            config.train.init_from, ("params", "encoder"),
-            plan.abstract.params["audio_encoder"])
+        try:
+            params["audio_encoder"] = checkpoint.restore_subtree(
+                config.train.init_from, ("params", "encoder"),
+                plan.abstract.params["audio_encoder"], task="mae")
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(
+                f"config.train.init_from: {e}. It takes a stage-1 (mae) run; to continue "
+                "a stage-2 run, use config.train.resume") from e
         logging.info("audio encoder initialised from %s", config.train.init_from)
     roberta = config.tokenizer.roberta_weights
     if roberta:
