@@ -193,6 +193,8 @@ def test_render_srun_command():
     assert code == 2 and "names 4 hosts but --nodes=3" in err
     code, _, err = _render("--dry-run")
     assert code == 2 and "SLURM_JOB_NODELIST" in err and "Traceback" not in err
+    code, _, err = _render("--dry-run", GPUS_PER_NODE="abc")
+    assert code == 2 and "GPUS_PER_NODE='abc' is not a whole number" in err
 
 
 def test_shell_scripts_parse():
@@ -205,22 +207,47 @@ def test_shell_scripts_parse():
 def test_sbatch_matches_render(mode, tmp_path):
     slurm = dict(SLURM_JOB_NODELIST="gpu-[01-04]", SLURM_JOB_NUM_NODES="4", GPUS_PER_NODE="8",
                  CONFIG="configs/cacophony.py:base", WORKDIR="/shared/run", LAUNCH_MODE=mode,
-                 SLURM_SUBMIT_DIR=str(ROOT))
-    proc = subprocess.run(["bash", str(GPU / "slurm.sbatch"), "--config.train.steps=5"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60,
-                          env=_clean_env(DRY_RUN="1", **slurm))
+                 SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="12")
+
+    def sbatch(**env):
+        return subprocess.run(["bash", str(GPU / "slurm.sbatch"), "--config.train.steps=5"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                              env=_clean_env(**{**slurm, **env}))
+
+    proc = sbatch(DRY_RUN="true")
     assert proc.returncode == 0, proc.stderr
     code, out, _ = _render("--dry-run", "--", "--config.train.steps=5", **slurm)
     assert code == 0
     # Same environment and the same srun argv, whichever prints it.
     assert proc.stdout.splitlines()[:-1] == out.splitlines()[:-1]
-    assert shlex.split(proc.stdout.splitlines()[-1]) == shlex.split(out.splitlines()[-1])
+    srun = shlex.split(proc.stdout.splitlines()[-1])
+    assert srun == shlex.split(out.splitlines()[-1])
+    assert "--cpus-per-task=12" in srun  # srun does not inherit sbatch's
+    for env, message in ((dict(DRY_RUN="maybe"), "DRY_RUN must be"),
+                         (dict(DRY_RUN="1", GPUS_PER_NODE="abc"), "GPUS_PER_NODE must be"),
+                         (dict(DRY_RUN="1", SLURM_JOB_NUM_NODES="0"), "NUM_NODES must be"),
+                         (dict(DRY_RUN="1", COORDINATOR_PORT="70000"), "at most 65535")):
+        proc = sbatch(**env)
+        assert proc.returncode == 2 and message in proc.stderr, (env, proc.stderr)
+        assert not proc.stdout
+
+
+def test_explicit_coordinator_wins_over_slurm(monkeypatch):
+    from cacophony_jax.parallel import distributed
+
+    for name in ("COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert distributed.detected_environment() == "slurm"
+    monkeypatch.setenv("COORDINATOR_ADDRESS", "n7:2222")  # LAUNCH_MODE=explicit
+    assert distributed.detected_environment() == "explicit"
 
 
 def test_single_node_dry_run():
     proc = subprocess.run(["bash", str(GPU / "single_node.sh"), "--config.train.steps=3"],
                           capture_output=True, text=True, timeout=60,
-                          env=_clean_env(DRY_RUN="1", CONFIG="configs/mae.py:tiny",
+                          env=_clean_env(DRY_RUN="yes", CONFIG="configs/mae.py:tiny",
                                          WORKDIR="/tmp/w"))
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout)

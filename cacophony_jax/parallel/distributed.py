@@ -9,14 +9,18 @@ import jax
 
 
 def detected_environment() -> str | None:
-    """Names the multi-process environment we run in, or None for one process."""
+    """Names the multi-process environment we run in, or None for one process.
+
+    Explicit coordinator variables win over SLURM's, so that a SLURM job can pass
+    its own (`launch/gpu/slurm.sbatch` with LAUNCH_MODE=explicit).
+    """
+    if os.environ.get("COORDINATOR_ADDRESS"):
+        return "explicit"
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts:
         return "tpu"
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return "slurm"
-    if os.environ.get("COORDINATOR_ADDRESS"):
-        return "explicit"
     return None
 
 

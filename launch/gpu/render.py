@@ -17,8 +17,9 @@ Examples::
     python launch/gpu/render.py --first-host 'gpu-[01-04]'     # -> gpu-01
 
 Without --dry-run it replaces itself with srun (inside an allocation only). Node and GPU
-counts, the node list, config and workdir default to SLURM_JOB_NUM_NODES,
-GPUS_PER_NODE (or SLURM_GPUS_ON_NODE), SLURM_JOB_NODELIST, CONFIG and WORKDIR.
+counts, the node list, CPUs per task, config and workdir default to SLURM_JOB_NUM_NODES,
+GPUS_PER_NODE (or SLURM_GPUS_ON_NODE), SLURM_JOB_NODELIST, SLURM_CPUS_PER_TASK, CONFIG
+and WORKDIR.
 Everything after ``--`` is passed to ``python -m cacophony_jax.main``.
 """
 
@@ -102,8 +103,8 @@ def _expand_one(part: str, nodelist: str) -> list[str]:
 
 
 def render(nodes: int, gpus_per_node: int, nodelist: str, config: str, workdir: str,
-           overrides: list[str], port: int = DEFAULT_PORT,
-           mode: str = "slurm") -> tuple[dict[str, str], list[str]]:
+           overrides: list[str], port: int = DEFAULT_PORT, mode: str = "slurm",
+           cpus_per_task: int | None = None) -> tuple[dict[str, str], list[str]]:
     """The environment and srun command of a job with one process per GPU.
 
     Args:
@@ -115,12 +116,18 @@ def render(nodes: int, gpus_per_node: int, nodelist: str, config: str, workdir: 
       overrides: extra `--config.x.y=value` arguments.
       port: the coordinator's port.
       mode: "slurm" (JAX reads SLURM's variables) or "explicit" (we pass them).
+      cpus_per_task: CPUs per process, passed on to srun (since Slurm 22.05 srun no
+        longer inherits sbatch's --cpus-per-task, and each task would get one CPU).
 
     Returns:
       (environment to export before srun, srun argv).
     """
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"need at least one node and one GPU, got {nodes} x {gpus_per_node}")
+    if not 0 < port < 65536:
+        raise ValueError(f"coordinator port {port} is not in 1-65535")
+    if cpus_per_task is not None and cpus_per_task < 1:
+        raise ValueError(f"need at least one CPU per task, got {cpus_per_task}")
     hosts = expand_nodelist(nodelist)
     if len(hosts) != nodes:
         raise ValueError(f"node list {nodelist!r} names {len(hosts)} hosts but --nodes={nodes}")
@@ -133,6 +140,8 @@ def render(nodes: int, gpus_per_node: int, nodelist: str, config: str, workdir: 
     # at index SLURM_LOCALID; a one-GPU mask would leave only index 0 visible.
     srun = ["srun", f"--nodes={nodes}", f"--ntasks={num_processes}",
             f"--ntasks-per-node={gpus_per_node}", "--kill-on-bad-exit=1"]
+    if cpus_per_task:
+        srun.append(f"--cpus-per-task={cpus_per_task}")
     if mode == "slurm":
         return env, srun + train
     if mode != "explicit":
@@ -146,11 +155,35 @@ def render(nodes: int, gpus_per_node: int, nodelist: str, config: str, workdir: 
 
 
 def _env_int(name: str, *fallbacks: str) -> int | None:
+    """The first of these variables that is set, as a whole number (None if none is)."""
     for key in (name, *fallbacks):
-        value = os.environ.get(key, "").split("(")[0]  # SLURM may write "8(x2)"
+        raw = os.environ.get(key, "")
+        value = raw.split("(")[0]  # SLURM may write "8(x2)"
         if value.isdigit():
             return int(value)
+        if raw:
+            raise ValueError(f"{key}={raw!r} is not a whole number")
     return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="render.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=_env_int("SLURM_JOB_NUM_NODES", "SLURM_NNODES"))
+    p.add_argument("--gpus-per-node", type=int,
+                   default=_env_int("GPUS_PER_NODE", "SLURM_GPUS_ON_NODE"))
+    p.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST"))
+    p.add_argument("--config", default=os.environ.get("CONFIG"))
+    p.add_argument("--workdir", default=os.environ.get("WORKDIR"))
+    p.add_argument("--port", type=int, default=_env_int("COORDINATOR_PORT") or DEFAULT_PORT)
+    p.add_argument("--cpus-per-task", type=int, default=_env_int("SLURM_CPUS_PER_TASK"),
+                   help="CPUs per process (default: the job's SLURM_CPUS_PER_TASK)")
+    p.add_argument("--mode", choices=("slurm", "explicit"),
+                   default=os.environ.get("LAUNCH_MODE", "slurm"))
+    p.add_argument("--dry-run", action="store_true", help="print instead of running srun")
+    p.add_argument("--first-host", metavar="NODELIST", help="print its first host and exit")
+    p.add_argument("--expand", metavar="NODELIST", help="print its hosts, one a line, and exit")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,22 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, overrides = argv[:cut], argv[cut + 1:]
-    p = argparse.ArgumentParser(prog="render.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, default=_env_int("SLURM_JOB_NUM_NODES", "SLURM_NNODES"))
-    p.add_argument("--gpus-per-node", type=int,
-                   default=_env_int("GPUS_PER_NODE", "SLURM_GPUS_ON_NODE"))
-    p.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST"))
-    p.add_argument("--config", default=os.environ.get("CONFIG"))
-    p.add_argument("--workdir", default=os.environ.get("WORKDIR"))
-    p.add_argument("--port", type=int, default=_env_int("COORDINATOR_PORT") or DEFAULT_PORT)
-    p.add_argument("--mode", choices=("slurm", "explicit"),
-                   default=os.environ.get("LAUNCH_MODE", "slurm"))
-    p.add_argument("--dry-run", action="store_true", help="print instead of running srun")
-    p.add_argument("--first-host", metavar="NODELIST", help="print its first host and exit")
-    p.add_argument("--expand", metavar="NODELIST", help="print its hosts, one a line, and exit")
-    args = p.parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.first_host or args.expand:
             hosts = expand_nodelist(args.first_host or args.expand)
             print("\n".join(hosts[:1] if args.first_host else hosts))
@@ -194,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise ValueError(f"missing {', '.join(missing)}: pass the flag or set the variable")
         env, srun = render(args.nodes, args.gpus_per_node, args.nodelist, args.config,
-                           args.workdir, overrides, args.port, args.mode)
+                           args.workdir, overrides, args.port, args.mode,
+                           args.cpus_per_task)
     except ValueError as e:
         print(f"render.py: {e}", file=sys.stderr)
         return 2
