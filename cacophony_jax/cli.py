@@ -120,6 +120,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise CommandError(f"bundle {args.bundle} is a {model.kind!r} model without a "
                            f"captioning decoder; use a stage-2 (cacophony) bundle")
+    model.check_caption_options(args.method, args.max_len, args.beam_size, args.temperature,
+                                names=_DECODING_FLAGS)
     failures, written = [], 0
     for batch in decode_files(files, args.batch_size, args.workers):
         good = [(p, a) for p, a in batch if not isinstance(a, Exception)]
@@ -152,15 +154,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cacophony_jax.convert import export
 
     if args.checkpoint:
-        if args.tokenizer:
-            raise CommandError("--tokenizer only applies to --official; a training run's "
-                               "bundle takes the run's own tokenizer")
+        given = [flag for flag, value in (("--tokenizer", args.tokenizer),
+                                          ("--window-seconds", args.window_seconds),
+                                          ("--text-length", args.text_length))
+                 if value is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise CommandError(f"{', '.join(given)} only {verb} to --official; a training "
+                               "run's bundle takes the run's own tokenizer, clip and text "
+                               "lengths")
         out = export.export_from_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
                                             step=args.step, overwrite=args.overwrite)
     else:
         out = export.export_from_official(
             args.official, args.out, tokenizer_path=args.tokenizer, dtype=args.dtype,
-            window_seconds=args.window_seconds, text_length=args.text_length,
+            window_seconds=10.0 if args.window_seconds is None else args.window_seconds,
+            text_length=64 if args.text_length is None else args.text_length,
             overwrite=args.overwrite)
     print(f"wrote bundle {out}")
     return 0
@@ -215,6 +224,10 @@ def _audio_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--workers", type=_positive, default=4, help="threads decoding audio")
     p.add_argument("--extensions", default=",".join(AUDIO_EXTENSIONS),
                    help="suffixes collected from folders (default: %(default)s)")
+
+
+_DECODING_FLAGS = {"method": "--method", "max_len": "--max-len", "beam_size": "--beam-size",
+                   "temperature": "--temperature"}
 
 
 def _decoding_options(p: argparse.ArgumentParser, method: str) -> None:
@@ -276,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder to create")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    p.add_argument("--window-seconds", type=float, default=10.0, help="with --official")
-    p.add_argument("--text-length", type=int, default=64, help="with --official")
+    p.add_argument("--window-seconds", type=float,
+                   help="with --official: the clip length it was trained on (default 10)")
+    p.add_argument("--text-length", type=int,
+                   help="with --official: tokens per text it was trained with (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     _curate_parsers(sub)
     return parser

@@ -277,6 +277,18 @@ class CacophonyModel:
                                  f"{a.shape} and {t.shape}")
         return _normalize(a) @ _normalize(t).T
 
+    def check_caption_options(self, method: str, max_len: int, beam_size: int,
+                              temperature: float, names: dict[str, str] | None = None) -> None:
+        """Raises InferenceError for `caption` options this model cannot use.
+
+        ``names`` says how the message names each option (e.g. {"max_len": "--max-len"}).
+        """
+        try:
+            decoding.check_options(self.config.text.max_positions, method, max_len,
+                                   temperature, beam_size, names)
+        except ValueError as e:
+            raise InferenceError(str(e)) from e
+
     def caption(self, audio: AudioInput, sample_rate: int | None = None, method: str = "greedy",
                 max_len: int = 32, beam_size: int = 4, temperature: float = 1.0,
                 seed: int = 0, batch_size: int = 32) -> list[str]:
@@ -296,9 +308,7 @@ class CacophonyModel:
           One caption per clip.
         """
         self._need_text("caption")
-        if method not in decoding.METHODS:
-            raise InferenceError(f"unknown caption method {method!r}; use one of "
-                                 f"{list(decoding.METHODS)}")
+        self.check_caption_options(method, max_len, beam_size, temperature)
         firsts = [clips_lib.split_windows(clip, self._window)[0]
                   for clip in clips_lib.to_clips(audio, sample_rate)]
         rng = jax.random.key(seed)

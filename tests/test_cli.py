@@ -142,7 +142,7 @@ def test_bundle_mismatch_and_bad_index(bundles, sounds, tmp_path, capsys):
     assert code == 2 and "does not exist; create it with the embed command" in err
 
 
-def test_user_errors_are_one_line(bundles, sounds, tmp_path, capsys):
+def test_user_errors_are_one_line(bundles, sounds, official_dir, tmp_path, capsys):
     import shutil
 
     swapped = tmp_path / "swapped"
@@ -169,6 +169,16 @@ def test_user_errors_are_one_line(bundles, sounds, tmp_path, capsys):
          "does not exist"),
         (["export", "--checkpoint", tmp_path, "--tokenizer", "t.json", "--out", tmp_path / "x"],
          "--tokenizer only applies to --official"),
+        (["export", "--checkpoint", tmp_path, "--window-seconds", "3", "--text-length", "0",
+          "--out", tmp_path / "x"], "--window-seconds, --text-length only apply to --official"),
+        (["caption", sounds / "tone0.wav", "--bundle", bundles["main"], "--method", "sample",
+          "--temperature", "nan"], "--temperature must be a number > 0, got nan"),
+        (["caption", sounds / "tone0.wav", "--bundle", bundles["main"], "--max-len", "1000"],
+         "--max-len=1000 must be in [2, 40]"),
+        (["caption", sounds / "tone0.wav", "--bundle",
+          official_dir / "Cacophony_tiny.ckpt"], "export --official FILE --out FOLDER"),
+        (["eval", "--bundle", bundles["main"], "--synthetic", "2", "--out",
+          sounds / "tone0.wav"], "is a file; results go into a folder"),
         (["eval", "--bundle", bundles["main"]], "no evaluation set given"),
         (["eval", "--bundle", bundles["main"], "--esc50", tmp_path / "nope"],
          "esc50.csv, which does not exist"),

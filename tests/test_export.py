@@ -121,10 +121,13 @@ def test_official_exports_keep_the_converted_params(official_dir, tokenizer_file
 
 def test_export_refusals(official_dir, tokenizer_file, run, tmp_path):
     ckpt = official_dir / "Cacophony_tiny.ckpt"
-    with pytest.raises(BundleError, match="tokenizer_path=.*vocab.json"):
+    with pytest.raises(BundleError, match="--tokenizer, or tokenizer_path=.*vocab.json"):
         export.export_from_official(ckpt, tmp_path / "x")
-    with pytest.raises(BundleError, match=r"text_length=64 must be in \[2, 40\]"):
+    with pytest.raises(BundleError, match=r"text length 64 \(--text-length\) must be in \[2, 40\]"):
         export.export_from_official(ckpt, tmp_path / "x", tokenizer_path=tokenizer_file)
+    with pytest.raises(BundleError, match="AudioMAE.*takes no tokenizer"):
+        export.export_from_official(official_dir / "AudioMAE_tiny.ckpt", tmp_path / "x",
+                                    tokenizer_path=tokenizer_file)
     with pytest.raises(BundleError, match="no training checkpoints"):
         export.export_from_checkpoint(tmp_path, tmp_path / "x")
     with pytest.raises(BundleError, match="does not exist"):
@@ -133,7 +136,7 @@ def test_export_refusals(official_dir, tokenizer_file, run, tmp_path):
     # An existing bundle is only replaced on request; other folders never.
     mae = official_dir / "AudioMAE_tiny.ckpt"
     out = export.export_from_official(mae, tmp_path / "b")
-    with pytest.raises(BundleError, match="already exists.*overwrite=True"):
+    with pytest.raises(BundleError, match="already exists.*--overwrite .overwrite=True"):
         export.export_from_checkpoint(run, out)
     export.export_from_checkpoint(run, out, overwrite=True)
     assert bundle_lib.read_meta(out)["kind"] == "cacophony"

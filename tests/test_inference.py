@@ -162,7 +162,7 @@ def test_caption_returns_strings(model):
     sampled = model.caption(clips, sample_rate=16000, method="sample", seed=3, max_len=8)
     assert len(beam) == 3 and all(isinstance(c, str) for c in beam)
     assert sampled == model.caption(clips, sample_rate=16000, method="sample", seed=3, max_len=8)
-    with pytest.raises(inference.InferenceError, match="unknown caption method"):
+    with pytest.raises(inference.InferenceError, match="unknown decoding method .nucleus."):
         model.caption(clips, sample_rate=16000, method="nucleus")
 
 

@@ -117,12 +117,13 @@ def _check_request(config: ModelConfig, tokenizer: Tokenizer | None, dtype: str,
                    window_seconds: float, text_length: int) -> None:
     dtype_of(dtype)
     if not window_seconds * frontend.SAMPLE_RATE >= MIN_WINDOW_SAMPLES:
-        raise BundleError(f"window_seconds={window_seconds} is shorter than one 16-frame "
+        raise BundleError(f"window of {window_seconds} s (--window-seconds) is shorter "
+                          "than one 16-frame "
                           "patch (0.16 s); use the clip length the model was trained on")
     if not isinstance(config, CacophonyConfig):
         return
     if not 2 <= text_length <= config.text.max_positions:
-        raise BundleError(f"text_length={text_length} must be in [2, "
+        raise BundleError(f"text length {text_length} (--text-length) must be in [2, "
                           f"{config.text.max_positions}] (the text tower's positions); pass "
                           "the text length the model was trained with")
     if tokenizer is None or tokenizer.vocab_size > config.text.vocab_size:
@@ -135,8 +136,8 @@ def _replace_atomically(out: pathlib.Path, write: Any, overwrite: bool) -> None:
     """Calls ``write(tmp)`` on a fresh sibling folder, then renames it to ``out``."""
     if out.exists():
         if not overwrite:
-            raise BundleError(f"{out} already exists; pass overwrite=True (--overwrite) to "
-                              "replace it or choose another folder")
+            raise BundleError(f"{out} already exists; pass --overwrite (overwrite=True in "
+                              "Python) to replace it or choose another folder")
         if not (out / BUNDLE_JSON).is_file() and not (out.is_dir() and not any(out.iterdir())):
             raise BundleError(f"{out} exists and is not an inference bundle; refusing to "
                               "replace it, choose another folder")
@@ -233,6 +234,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     folder = pathlib.Path(path)
     meta_path = folder / BUNDLE_JSON
     fix = "create one with the export command (export_from_checkpoint / export_from_official)"
+    if folder.is_file():
+        how = ("convert a released checkpoint with `python -m cacophony_jax.cli export "
+               "--official FILE --out FOLDER` (Cacophony's also needs --tokenizer)"
+               if folder.suffix == ".ckpt" else fix)
+        raise BundleError(f"inference bundle {folder} is a file, not a bundle folder; {how}")
     if not folder.is_dir():
         raise BundleError(f"inference bundle {folder} does not exist; {fix}")
     if not meta_path.is_file():

@@ -172,13 +172,16 @@ def export_from_official(
     stage1 = bool(roots & set(official.STAGE1_ROOTS)) and "text_module" not in roots
     tokenizer = None
     if stage1:
+        if tokenizer_path is not None:
+            raise BundleError(f"{name} is a stage-1 (AudioMAE) checkpoint without a text "
+                              "tower; it takes no tokenizer (drop --tokenizer)")
         config, params = official.load_official_mae(name)
     else:
         if tokenizer_path is None:
             raise BundleError(
                 f"{name} is a stage-2 checkpoint and needs the RoBERTa tokenizer it was "
-                "trained with; pass tokenizer_path= a tokenizer.json or a folder with "
-                "vocab.json + merges.txt (from roberta-base)")
+                "trained with; pass it (--tokenizer, or tokenizer_path= in Python): a "
+                "tokenizer.json or a folder with vocab.json + merges.txt (from roberta-base)")
         tokenizer = Tokenizer.load(tokenizer_path)
         config, params = official.load_official_cacophony(name)
     source = {"type": "official", "file": os.path.basename(name)}

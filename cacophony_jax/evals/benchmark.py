@@ -379,13 +379,20 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
     if not roots and not args.synthetic:
         raise ValueError("no evaluation set given; pass at least one of --audiocaps, "
                          "--clotho, --esc50, --urbansound8k, --synthetic")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; results go into a folder "
+                         "(results.json, results.md): name a new or existing folder")
+    seconds = args.synthetic_seconds
+    if args.synthetic and seconds and not 1.0 <= seconds <= 600.0:
+        raise ValueError(f"--synthetic-seconds {seconds} must be between 1 and 600 "
+                         "(or 0 for the bundle's window)")
     sets = open_datasets(roots)
     model = load_model(args.bundle)
     if args.synthetic:
         from cacophony_jax.data.synthetic import SyntheticCorpus
 
-        seconds = args.synthetic_seconds or float(getattr(model, "window_seconds", 10.0))
-        sets["synthetic"] = SyntheticCorpus("eval", args.synthetic, max(1.0, seconds))
+        seconds = seconds or max(1.0, float(getattr(model, "window_seconds", 10.0)))
+        sets["synthetic"] = SyntheticCorpus("eval", args.synthetic, seconds)
     results = evaluate_bundle(model, sets, out_dir=args.out, batch_size=args.batch_size,
                               workers=args.workers, caption_clips=args.caption_clips,
                               bundle=os.path.abspath(args.bundle), progress=progress)

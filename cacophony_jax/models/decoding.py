@@ -10,6 +10,7 @@ beam size) with static shapes; a row that emits eos is padded from then on.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -19,6 +20,27 @@ from flax import linen as nn
 Params = Any
 Cache = Any
 METHODS = ("greedy", "sample", "beam")
+
+
+def check_options(max_positions: int, method: str, max_len: int, temperature: float,
+                  beam_size: int, names: dict[str, str] | None = None) -> None:
+    """Raises ValueError for options `generate` cannot use, before any decoding.
+
+    Args:
+      max_positions: the text tower's position table (the longest caption).
+      method, max_len, temperature, beam_size: as `generate` takes them.
+      names: how the message names each option (e.g. {"max_len": "--max-len"}).
+    """
+    name = lambda key: (names or {}).get(key, key)
+    if method not in METHODS:
+        raise ValueError(f"unknown decoding {name('method')} {method!r}; use one of {METHODS}")
+    if not 2 <= max_len <= max_positions:
+        raise ValueError(f"{name('max_len')}={max_len} must be in [2, {max_positions}] "
+                         "(the text tower's position table)")
+    if method == "sample" and not 0 < temperature < math.inf:
+        raise ValueError(f"{name('temperature')} must be a number > 0, got {temperature}")
+    if method == "beam" and beam_size < 1:
+        raise ValueError(f"{name('beam_size')} must be >= 1, got {beam_size}")
 
 
 def init_cache(
@@ -118,19 +140,9 @@ def generate(
     Returns:
       int32 [B, max_len]: bos, tokens, eos, then pad.
     """
-    text = model.config.text
-    if method not in METHODS:
-        raise ValueError(f"unknown decoding method {method!r}; use one of {METHODS}")
-    if not 2 <= max_len <= text.max_positions:
-        raise ValueError(f"max_len={max_len} must be in [2, {text.max_positions}] "
-                         "(the text tower's position table)")
-    if method == "sample":
-        if rng is None:
-            raise ValueError("method='sample' needs rng=jax.random.key(seed)")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-    if method == "beam" and beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    check_options(model.config.text.max_positions, method, max_len, temperature, beam_size)
+    if method == "sample" and rng is None:
+        raise ValueError("method='sample' needs rng=jax.random.key(seed)")
     rng = jax.random.key(0) if rng is None else rng
     return _generate(model, params, audio_states, audio_mask, rng, jnp.float32(temperature),
                      jnp.float32(length_penalty), method=method, max_len=max_len,
