@@ -9,6 +9,8 @@ distributed runtime here; every process runs this same command.
 """
 
 import os
+import re
+import sys
 
 # Grain worker processes inherit this; BLAS threads per worker would oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -53,6 +55,37 @@ def _quiet_libraries() -> None:
         handler.addFilter(_Filter())
 
 
+def _one_line(error: BaseException) -> str:
+    """A flag or config error as one line: the misspelt field, or the cause's last line."""
+    text = str(error)
+    guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    if guess:
+        right, wrong = guess.groups()
+        arg = next((a for a in sys.argv[1:] if a.startswith("--config.") and
+                    re.search(rf"\.{re.escape(wrong)}(=|$)", a)), "--config")
+        return f"{arg}: the config has no field {wrong!r}; did you mean {right!r}?"
+    if isinstance(error, (AttributeError, KeyError)):
+        field = text.strip("\"'")
+        arg = next((a for a in sys.argv[1:] if a.startswith("--config.") and
+                    re.search(rf"\.{re.escape(field)}(\.|=|$)", a)), "--config")
+        return f"{arg}: the config has no field {field!r}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config mistakes reported in one line, not a traceback."""
+    try:
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.get("task")  # a config file that failed to load raises here
+        return rest
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        sys.stderr.write(f"error: {_one_line(e)}\n(--helpshort lists the flags, "
+                         "configs/common.py the config fields)\n")
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -79,4 +112,4 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

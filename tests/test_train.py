@@ -335,10 +335,17 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
     assert "step 2/2" in out and "eval at step 2" in out
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
     assert os.listdir(cache)  # the step (compiled for over a second) was cached
-    proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}",
-                      "--config.optim.learnig_rate=1"])
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "learnig_rate" in out
+    # Config mistakes end in one line naming the argument and the fix, no traceback.
+    for args, message in (
+            (["--config.optim.learnig_rate=1"], "--config.optim.learnig_rate=1: the config has "
+             "no field 'learnig_rate'; did you mean 'learning_rate'?"),
+            (["--config.nothing.x=1"], "--config.nothing.x=1: the config has no field 'nothing'"),
+            (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+            (["--config=configs/mae.py:huge"], "unknown variant 'huge'; choose one of")):
+        proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and out.startswith("error: ") and message in out, out
+        assert "Traceback" not in out and len(out.splitlines()) == 2
 
 
 def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
