@@ -96,10 +96,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     fingerprint = (embedding_index.bundle_fingerprint(args.bundle)
                    if os.path.exists(args.bundle) else None)
     model = load_model(args.bundle)
-    embedding_index.check_bundle(args.index, meta, args.bundle, fingerprint, model)
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise CommandError(f"bundle {args.bundle} is a {model.kind!r} model without a text "
                            f"tower; text search needs a stage-2 (cacophony) bundle")
+    embedding_index.check_bundle(args.index, meta, args.bundle, fingerprint, model)
     queries = model.embed_text(list(args.queries))
     ranked = embedding_index.rank(emb, queries, args.top_k)
     for query, (top, scores) in zip(args.queries, ranked, strict=True):

@@ -1,4 +1,4 @@
-"""The HEAR 2021 API (hear-eval-kit) over an inference bundle.
+r"""The HEAR 2021 API (hear-eval-kit) over an inference bundle.
 
     from cacophony_jax import hear
 
@@ -29,9 +29,11 @@ TensorFlow module, so ``HearModel`` subclasses ``torch.nn.Module`` when torch is
 importable and is a plain object otherwise)::
 
     pip install hearvalidator torch
-    XLA_PYTHON_CLIENT_PREALLOCATE=false hear-validator cacophony_jax.hear --model BUNDLE
+    PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        hear-validator cacophony_jax.hear --model BUNDLE
 
-run from the repository root (so ``cacophony_jax`` imports); BUNDLE is a folder made
+run from the repository root (the validator is an installed script, so ``PYTHONPATH=.``
+is what lets it import ``cacophony_jax``); BUNDLE is a folder made
 by the ``export`` command. The environment variable keeps JAX from reserving most of
 the GPU memory that torch also wants.
 """
