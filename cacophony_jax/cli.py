@@ -92,6 +92,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Prints the indexed files closest to each text query."""
+    if not all(q.strip() for q in args.queries):
+        raise CommandError("a search query is empty; describe the sound, e.g. \"a dog barks\"")
     paths, emb, meta = embedding_index.read_index(args.index)
     fingerprint = (embedding_index.bundle_fingerprint(args.bundle)
                    if os.path.exists(args.bundle) else None)
@@ -185,7 +187,7 @@ def cmd_curate_clean(args: argparse.Namespace) -> int:
     try:
         clean.command(args)
     except llm.LLMError as e:  # the server failed for good: not a usage error
-        print(f"error: {e} (rerun the same command to resume)", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # the message says how to resume
         return 1
     return 0
 

@@ -103,11 +103,16 @@ def main(argv):
     from cacophony_jax.train import stages
     try:
         stages.run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        # Errors a user can cause carry a message that names the fix; the traceback
-        # is only noise then (rerun with --verbosity=1 to see it).
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Errors a user can cause (bad values, unreadable data, a workdir that cannot be
+        # written) carry a message that names the thing; the traceback is only noise
+        # then (rerun with --verbosity=1 to see it).
         logging.debug("traceback", exc_info=True)
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted without saving (one Ctrl-C saves a checkpoint "
+                         "first); rerun the same command to resume from the newest "
+                         "checkpoint") from None
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ def get_config(arg: str | None = None):
     config.tokenizer = common.tokenizer_block()
     config.mesh = common.mesh_block()
     config.sharding_rules = common.sharding_rules()
+    steps = arg.steps or (200 if tiny else 100_000)
     config.optim = common.optim_block(lr=5e-4 if tiny else 1e-4,
-                                      warmup=20 if tiny else 2000, b2=0.98)
-    config.train = common.train_block(arg.steps or (200 if tiny else 100_000))
+                                      warmup=20 if tiny else 2000, b2=0.98, steps=steps)
+    config.train = common.train_block(steps)
     if not tiny:
         config.train.checkpoint_every = 2000
         config.train.log_every = 100

@@ -30,9 +30,10 @@ def get_config(arg: str | None = None):
     config.tokenizer = common.tokenizer_block()  # unused by stage 1
     config.mesh = common.mesh_block()
     config.sharding_rules = common.sharding_rules()
+    steps = arg.steps or (200 if tiny else 200_000)
     config.optim = common.optim_block(lr=1e-3 if tiny else 4e-4,
-                                      warmup=20 if tiny else 4000, b2=0.95)
-    config.train = common.train_block(arg.steps or (200 if tiny else 200_000))
+                                      warmup=20 if tiny else 4000, b2=0.95, steps=steps)
+    config.train = common.train_block(steps)
     if not tiny:
         config.train.checkpoint_every = 2000
         config.train.log_every = 100

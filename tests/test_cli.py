@@ -179,6 +179,8 @@ def test_user_errors_are_one_line(bundles, sounds, official_dir, tmp_path, capsy
           official_dir / "Cacophony_tiny.ckpt"], "export --official FILE --out FOLDER"),
         (["eval", "--bundle", bundles["main"], "--synthetic", "2", "--out",
           sounds / "tone0.wav"], "is a file; results go into a folder"),
+        (["search", " ", "--index", tmp_path / "i.npz", "--bundle", bundles["main"]],
+         "a search query is empty"),
         (["eval", "--bundle", bundles["main"]], "no evaluation set given"),
         (["eval", "--bundle", bundles["main"], "--esc50", tmp_path / "nope"],
          "esc50.csv, which does not exist"),

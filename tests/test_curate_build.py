@@ -48,6 +48,7 @@ def corpus(tmp_path):
         {"audio": "eval_id.wav", "caption": "eval"},
         {"audio": "hashed.wav", "caption": "hashed"},
         {"audio": "broken.wav", "caption": "broken"},
+        {"audio": "gone.wav", "caption": "gone"},
         "{not json",
     ])
     _write(b / "dog_copy.flac", _clip(1), fmt="FLAC")  # the same samples as a/dog.wav
@@ -80,7 +81,7 @@ def test_build_merges_dedups_excludes_and_filters(corpus):
     summary = _build(corpus, out)
     a, b = summary["sources"]["a"], summary["sources"]["b"]
     assert (a["clips"], a["too_short"], a["too_long"], a["overlap"], a["unreadable"],
-            a["bad_rows"]) == (2, 1, 1, 3, 1, 1)
+            a["missing"], a["bad_rows"]) == (2, 1, 1, 3, 1, 1, 1)
     assert (b["clips"], b["duplicate"], b["overlap"]) == (1, 1, 0)
     assert a["captions"] == 2 and a["synthetic_captions"] == 1
     assert b["captions"] == 1 + 1  # "barking" merged into a/dog ("a dog barks" is there)
@@ -102,7 +103,7 @@ def test_build_merges_dedups_excludes_and_filters(corpus):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["train"]["total"]["clips"] == 3
     table = (out / "summary.md").read_text()
-    assert "| a | 2 | 0.00 | 2 | 1 | 0 | 3 | 1 | 1 | 1 | 1 | 0 |" in table
+    assert "| a | 2 | 0.00 | 2 | 1 | 0 | 3 | 1 | 1 | 1 | 1 | 1 |" in table
     assert "| **total** | 3 |" in table
 
 
@@ -126,7 +127,7 @@ def test_rerun_uses_the_hash_cache_and_resumes(corpus, monkeypatch):
     # Over both runs every one of the 11 files is decoded exactly once: the rerun decodes
     # only what the first had not reached (a file found unreadable is cached as such).
     assert len(decoded) == len(set(decoded)) == 11
-    assert ("hash a", 8, 8) in seen and ("hash b", 2, 2) in seen
+    assert ("hash a", 9, 9) in seen and ("hash b", 2, 2) in seen
     decoded.clear()
     summary = _build(corpus, out, split="again")
     assert decoded == [] and summary["total"]["clips"] == 3

@@ -130,6 +130,9 @@ def test_missing_setting_names_the_variable():
     assert code == 2 and "TPU_WORKDIR" in err
     code, _, err = tpu("create", TPU_SPOT="maybe")
     assert code == 2 and "TPU_SPOT" in err
+    for name, value in (("TPU_TYPE", "v4-0"), ("TPU_ZONE", "us central"), ("TPU_NAME", "My_TPU")):
+        code, cmds, err = tpu("create", **{name: value})
+        assert code == 2 and not cmds and f"{name}={value!r} does not look like" in err
 
 
 def test_example_env_is_complete():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from cacophony_jax.audio import io
 from cacophony_jax.data import pipeline
 
 CLIP = 800
@@ -130,7 +131,13 @@ def test_undecodable_records_are_skipped_and_counted(tmp_path):
     batches = take(make(source, batch=3), 3)
     assert all(np.all(b["audio"][:, :1000] == 7) for b in batches)
     failed = sum(int(b["num_failed"].sum()) for b in batches)
-    assert failed >= 3  # each epoch meets both bad records at least once
+    assert failed == 6  # each epoch (one batch of 3) draws both bad records once
+    # Nothing readable: one error naming the cause, not an endless search.
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    source = sources.ManifestSource(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(io.AudioError, match="consecutive records of bad failed to decode, the "
+                                            "last with: .*Check the data paths"):
+        take(make(source, batch=2), 1)
 
 
 def test_choose_caption_respects_synthetic_prob():

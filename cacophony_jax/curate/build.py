@@ -211,7 +211,8 @@ def run_build(
             record = entry["record"]
             labels = [class_names[source.class_names[i]] for i in record["labels"]]
             if "error" in entry:
-                c["unreadable"] += 1
+                absent = "audio_path" in record and not os.path.exists(record["audio_path"])
+                c["missing" if absent else "unreadable"] += 1
                 failures.append(f"{name}: {entry['error']}")
             elif (entry["sha256"] in bad_hashes or _name_forms(record["id"]) & bad_ids
                   or "audio_path" in record and _name_forms(record["audio_path"]) & bad_ids):

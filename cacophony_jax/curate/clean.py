@@ -47,7 +47,8 @@ def _parse_row(text: str, in_dir: str, out_dir: str) -> dict[str, Any]:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        raise ValueError(f"not valid JSON ({e.msg.removesuffix(' at')} at column "
+                         f"{e.colno})") from None
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     audio = row.get("audio")

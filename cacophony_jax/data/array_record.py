@@ -248,7 +248,7 @@ def _open_builder(path: str):
     if not os.path.isfile(os.path.join(path, "dataset_info.json")):
         raise ArrayRecordError(
             f"{path} is not an array_record dataset (no dataset_info.json); write one with "
-            f"cacophony_jax.data.array_record.write_array_record"
+            f"`python -m cacophony_jax.cli curate build` (or write_array_record)"
         )
     try:
         builder = tfds.builder_from_directory(path)

@@ -51,14 +51,19 @@ class DecodedSource:
 
     Records with an `audio_path` are decoded here (in Grain worker processes). A
     record that cannot be decoded (or, when `needs_captions`, has no caption) is
-    replaced by the next usable record, and the number replaced is returned in
-    `num_failed`, so training goes on and the loss of data is counted.
+    replaced by the next usable record, and `num_failed` is 1 on the replacement (one
+    skipped draw), so training goes on and the loss of data is counted. The first
+    `WARN_FIRST` failures of a process are logged one by one, then every
+    `WARN_EVERY`-th with the running count.
     """
+
+    WARN_FIRST, WARN_EVERY = 20, 1000
 
     def __init__(self, source: Any, needs_captions: bool = False):
         self._source = source
         self._needs_captions = needs_captions
         self.name = getattr(source, "name", type(source).__name__)
+        self._failures = 0
 
     def __len__(self) -> int:
         return len(self._source)
@@ -77,19 +82,24 @@ class DecodedSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self._source)
+        error: Exception | None = None
         for failed in range(MAX_CONSECUTIVE_FAILURES):
             try:
                 record = self.load((index + failed) % n)
             except (io.AudioError, OSError) as e:
-                logging.warning("skipping record %d of %s: %s", (index + failed) % n,
-                                self.name, e)
+                error = e
+                self._failures += 1
+                if self._failures <= self.WARN_FIRST or self._failures % self.WARN_EVERY == 0:
+                    logging.warning("skipping record %d of %s (%d skipped so far%s): %s",
+                                    (index + failed) % n, self.name, self._failures,
+                                    ", now warning every 1000th"
+                                    if self._failures == self.WARN_FIRST else "", e)
                 continue
-            record["num_failed"] = failed
+            record["num_failed"] = int(failed > 0)
             return record
-        raise RuntimeError(
+        raise io.AudioError(
             f"{MAX_CONSECUTIVE_FAILURES} consecutive records of {self.name} failed to "
-            "decode; check the data paths (see the warnings above)"
-        )
+            f"decode, the last with: {error}. Check the data paths")
 
 
 def crop_or_pad(audio: np.ndarray, length: int, start: int) -> tuple[np.ndarray, int]:
@@ -258,6 +268,15 @@ class EvalTexts:
     caption_clip: np.ndarray  # [num_captions] index of the clip
     labels: list[Sequence[int]]  # per clip
     class_names: tuple[str, ...]
+
+    def subset(self, clips: np.ndarray) -> EvalTexts:
+        """The captions and labels of these clips (sorted indices), renumbered 0..n-1."""
+        index = np.full(len(self.labels), -1)
+        index[clips] = np.arange(len(clips))
+        ours = [i for i, c in enumerate(self.caption_clip) if index[c] >= 0]
+        return EvalTexts([self.captions[i] for i in ours],
+                         index[np.asarray(self.caption_clip)[ours]].astype(np.int64),
+                         [self.labels[c] for c in clips], self.class_names)
 
 
 def eval_texts(source: Any) -> EvalTexts:

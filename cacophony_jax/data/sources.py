@@ -198,7 +198,8 @@ class ManifestSource(ClipSource):
             if not skip_bad_rows:
                 raise ManifestError(
                     f"manifest {path} has {len(bad)} bad row(s):\n  {shown}{more}\nfix them, "
-                    f"or pass skip_bad_rows=True to skip and count them"
+                    "or skip and count them (--config.data.skip_bad_rows=true; "
+                    "skip_bad_rows=True in Python)"
                 )
             logging.warning("manifest %s: skipped %d bad row(s):\n  %s%s",
                             path, len(bad), shown, more)

@@ -242,7 +242,8 @@ class SyntheticCorpus:
         if not isinstance(size, int | np.integer) or size < 0:
             raise ValueError(f"synthetic corpus size must be a non-negative int, got {size!r}")
         if not np.isfinite(clip_seconds) or clip_seconds < _MIN_CLIP_SECONDS:
-            raise ValueError(f"clip_seconds must be at least {_MIN_CLIP_SECONDS}, "
+            raise ValueError(f"the synthetic corpus's clip_seconds (config.audio.clip_seconds, "
+                             f"eval_clip_seconds) must be at least {_MIN_CLIP_SECONDS}, "
                              f"got {clip_seconds!r}")
         if not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"synthetic corpus seed must be a non-negative int, got {seed!r}")

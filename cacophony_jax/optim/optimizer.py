@@ -76,7 +76,7 @@ def _compile(pattern: str, field: str) -> re.Pattern | None:
         return re.compile(pattern)
     except re.error as err:
         raise OptimizerConfigError(
-            f"config optimizer.{field}={pattern!r} is not a valid regular expression "
+            f"config.optim.{field}={pattern!r} is not a valid regular expression "
             f"({err}); fix the pattern"
         ) from None
 
@@ -85,17 +85,17 @@ def _base_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sc
     """Linear warmup from 0 to the peak, then cosine/linear decay or constant."""
     if cfg.schedule not in SCHEDULES:
         raise OptimizerConfigError(
-            f"config optimizer.schedule={cfg.schedule!r} is unknown; use one of {SCHEDULES}"
+            f"config.optim.schedule={cfg.schedule!r} is unknown; use one of {SCHEDULES}"
         )
     peak = float(cfg.learning_rate)
     end = peak * float(cfg.min_lr_ratio)
     warmup = int(cfg.warmup_steps)
     if warmup < 0:
-        raise OptimizerConfigError(f"config optimizer.warmup_steps={warmup} must be >= 0")
+        raise OptimizerConfigError(f"config.optim.warmup_steps={warmup} must be >= 0")
     if cfg.schedule != "constant" and total_steps <= warmup:
         raise OptimizerConfigError(
-            f"total steps ({total_steps}) must exceed optimizer.warmup_steps ({warmup}) "
-            f"for a {cfg.schedule} decay; lower the warmup or train longer"
+            f"config.train.steps ({total_steps}) must exceed config.optim.warmup_steps "
+            f"({warmup}) for a {cfg.schedule} decay; lower the warmup or train longer"
         )
     decay_steps = max(total_steps - warmup, 1)
     kind = cfg.schedule
@@ -136,9 +136,9 @@ def make_optimizer(
     """
     accum = int(cfg.accum_steps)
     if accum < 1:
-        raise OptimizerConfigError(f"config optimizer.accum_steps={accum} must be >= 1")
+        raise OptimizerConfigError(f"config.optim.accum_steps={accum} must be >= 1")
     if cfg.clip_norm < 0:
-        raise OptimizerConfigError(f"config optimizer.clip_norm={cfg.clip_norm} must be >= 0")
+        raise OptimizerConfigError(f"config.optim.clip_norm={cfg.clip_norm} must be >= 0")
     base = _base_schedule(cfg, total_steps)
     exclude = _compile(cfg.decay_exclude, "decay_exclude")
     freeze = _compile(cfg.freeze, "freeze")
@@ -188,7 +188,7 @@ def _freeze_labels(pattern: re.Pattern, text: str):
         if _FROZEN not in jax.tree.leaves(tree):
             examples = ", ".join(jax.tree.leaves(paths)[:4])
             raise OptimizerConfigError(
-                f"config optimizer.freeze={text!r} matches no parameter; parameter paths "
+                f"config.optim.freeze={text!r} matches no parameter; parameter paths "
                 f"look like: {examples}"
             )
         return tree

@@ -155,6 +155,7 @@ class CacophonyTask:
 
         def evaluate(params) -> dict[str, float]:
             audio, predictions = None, {}
+            seen = np.zeros(len(source), bool)  # clips that decoded
             for batch in pipeline.eval_batches(source, clip_samples, batch_size):
                 g = to_global.to_global(batch, mesh)
                 ids = to_global.to_host(g["example_id"])
@@ -170,16 +171,23 @@ class CacophonyTask:
                 if audio is None:
                     audio = np.zeros((len(source), emb.shape[-1]), np.float32)
                 audio[ids[valid]] = emb[valid]
-            metrics: dict[str, float] = {"eval/num_clips": float(len(source))}
+                seen[ids[valid]] = True
+            keep = np.flatnonzero(seen)
+            metrics = common.eval_clip_counts(len(keep), len(source))
+            if not len(keep):
+                return metrics
+            # Unreadable clips and their captions are left out of retrieval and zero-shot.
+            used = texts.subset(keep)
+            audio = audio[keep]
             if predictions:
                 metrics.update(caption_scores(predictions, texts))
-            if texts.captions:
-                text_emb = embed_texts(params, texts.captions)
-                r = retrieval.retrieval_metrics(audio, text_emb, texts.caption_clip)
+            if used.captions:
+                text_emb = embed_texts(params, used.captions)
+                r = retrieval.retrieval_metrics(audio, text_emb, used.caption_clip)
                 metrics.update({f"eval/{k}": v for k, v in r.items()})
-            if texts.class_names and any(texts.labels):
-                class_emb = embed_texts(params, zeroshot.prompts_for(texts.class_names))
-                z = zeroshot.zeroshot_metrics(audio, class_emb, texts.labels)
+            if used.class_names and any(used.labels):
+                class_emb = embed_texts(params, zeroshot.prompts_for(used.class_names))
+                z = zeroshot.zeroshot_metrics(audio, class_emb, used.labels)
                 metrics.update({f"eval/zeroshot_{k}": v for k, v in z.items()})
                 metrics["eval/num_classes"] = float(len(texts.class_names))
             return metrics

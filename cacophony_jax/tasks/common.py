@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax.numpy as jnp
@@ -38,6 +39,11 @@ def clip_samples(seconds: float) -> int:
 def _open(config: ml_collections.ConfigDict, block: ml_collections.ConfigDict,
           size: int, clip_seconds: float) -> Any:
     options: dict[str, Any] = {}
+    if block.kind == "synthetic" and block.path:
+        which = "train" if block is config.data.train else "eval"
+        raise ValueError(f"config.data.{which}.path={block.path!r} is set but "
+                         f"config.data.{which}.kind is 'synthetic', which reads no files: "
+                         f"set config.data.{which}.kind (e.g. manifest or array_record)")
     if block.kind == "synthetic":
         options = dict(size=size, clip_seconds=clip_seconds, seed=config.data.synthetic_seed)
     elif block.kind == "manifest":
@@ -57,3 +63,21 @@ def open_eval_source(config: ml_collections.ConfigDict) -> Any | None:
         return None
     return _open(config, config.data.eval, config.data.synthetic_eval_size,
                  config.audio.eval_clip_seconds)
+
+
+def eval_clip_counts(used: int, total: int) -> dict[str, float]:
+    """The clip counts of an evaluation, warning about clips that could not be read.
+
+    Args:
+      used: clips that were decoded and evaluated.
+      total: clips in the evaluation set.
+
+    Returns:
+      {"eval/num_clips": used}, plus "eval/skipped_clips" when some were left out.
+    """
+    out = {"eval/num_clips": float(used)}
+    if used < total:
+        out["eval/skipped_clips"] = float(total - used)
+        logging.warning("evaluation: %d of %d clips could not be read and are left out%s",
+                        total - used, total, " (no metrics this time)" if not used else "")
+    return out

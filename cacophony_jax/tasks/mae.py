@@ -94,15 +94,19 @@ class MAETask:
             count = jnp.sum(feats.masked_mask.astype(jnp.float32))
             mse = losses.masked_patch_mse(pred, feats.masked_target, feats.masked_mask,
                                           norm_target=norm)
-            return mse * count, count
+            return mse * count, count, jnp.sum(batch["valid"] > 0)
 
         def evaluate(params) -> dict[str, float]:
-            total, count = 0.0, 0.0
+            total, count, clips = 0.0, 0.0, 0
             for batch in pipeline.eval_batches(source, clip_samples,
                                                self.config.data.eval_batch_size):
-                s, c = sums(params, to_global.to_global(batch, mesh))
+                s, c, v = sums(params, to_global.to_global(batch, mesh))
                 total += float(to_global.to_host(s))
                 count += float(to_global.to_host(c))
-            return {"eval/mse": total / max(count, 1.0)}
+                clips += int(to_global.to_host(v))
+            metrics = common.eval_clip_counts(clips, len(source))
+            if count:
+                metrics["eval/mse"] = total / count
+            return metrics
 
         return evaluate

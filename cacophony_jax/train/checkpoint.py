@@ -40,6 +40,12 @@ class _FrozenIteratorState:
         return json.dumps(self._state, indent=1).encode()
 
 
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (Orbax's and
+    TensorStore's run to many lines of specs)."""
+    return " ".join(str(error).split())[:limit]
+
+
 def resolve(path: str) -> tuple[epath.Path, int | None]:
     """Finds the checkpoint folder and step named by a user path.
 
@@ -112,10 +118,10 @@ class Checkpointer:
                 if step is not None:
                     raise CheckpointError(
                         f"checkpoint step {candidate} in {self.directory} cannot be "
-                        f"restored: {e}") from e
+                        f"restored: {_brief(e, 500)}") from e
                 logging.warning("checkpoint step %s in %s is unreadable (%s: %s); trying "
                                 "an older one", candidate, self.directory,
-                                type(e).__name__, str(e)[:300])
+                                type(e).__name__, _brief(e))
                 self._bad_steps.add(candidate)
                 continue
             if data_iter is not None:
@@ -131,7 +137,7 @@ class Checkpointer:
             # E.g. saved by a different number of processes: the model state is
             # still valid, only the data order restarts.
             logging.warning("data iterator state of step %s not restored (%s); the "
-                            "input pipeline starts a fresh pass", step, str(e)[:300])
+                            "input pipeline starts a fresh pass", step, _brief(e))
 
     def save(self, step: int, state: Any, iterator_state: dict[str, Any] | None,
              config_json: dict[str, Any], force: bool = False) -> bool:
@@ -226,7 +232,7 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(
                 f"could not read {'/'.join(keys)} from checkpoint step {step} in "
-                f"{directory}: {str(e)[:500]}. Is it a checkpoint of the right stage "
+                f"{directory}: {_brief(e, 500)}. Is it a checkpoint of the right stage "
                 "and model variant?") from e
         out = restored.state
         for key in keys:

@@ -78,7 +78,10 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
             "config (see the warnings above): were they saved with another model variant "
             "or options? Run with the config they were saved with, or use another --workdir")
     if config.train.resume:
-        directory, step = checkpoint.resolve(config.train.resume)
+        try:
+            directory, step = checkpoint.resolve(config.train.resume)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"config.train.resume: {e}") from e
         other = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
         try:
             saved = other.saved_task(step)

@@ -58,6 +58,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             node = node[part]
         if node < minimum:
             raise ValueError(f"config.{key}={node} must be >= {minimum}{why}")
+    optimizer.make_optimizer(config.optim, config.train.steps)  # its settings, too
 
 
 class _Prefetcher:
@@ -102,18 +103,23 @@ class _Prefetcher:
 
 
 class _Stop:
-    """SIGTERM/SIGINT -> save a checkpoint at the next step and exit cleanly."""
+    """SIGTERM or a first Ctrl-C (SIGINT) -> save a checkpoint at the next step and exit
+    cleanly; a second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.requested = False
         self._old = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM,):
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         del frame
-        logging.warning("signal %d received: checkpointing and stopping", signum)
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        how = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
+        logging.warning("signal %d received: checkpointing at the next step and stopping%s",
+                        signum, how)
         self.requested = True
 
     def agreed(self) -> bool:
@@ -180,6 +186,20 @@ class _Profiler:
         return True
 
 
+def _check_finite(loss: float, norm: float, step: int, ckpt: checkpoint.Checkpointer) -> None:
+    """Stops the run when the loss or the parameters are no longer finite numbers."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    saved = ckpt.steps()
+    kept = (f"the newest checkpoint, step {saved[-1]} in {ckpt.directory}, was saved "
+            "before it (every save checks first): rerun to resume from it" if saved
+            else "no checkpoint had been saved yet")
+    raise FloatingPointError(
+        f"training diverged by step {step} (loss {loss}, parameter norm {norm}); {kept}. "
+        "Lower config.optim.learning_rate, keep config.optim.clip_norm on, or check the "
+        "data")
+
+
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
     fetched = jax.device_get(window)
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
@@ -238,6 +258,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape),
                  jax.device_count(), jax.process_count())
     platform = mesh.devices.flat[0].platform
+    if config.model.attention == "cudnn" and platform != "gpu":
+        raise ValueError(f"config.model.attention=cudnn is cuDNN's fused attention, which "
+                         f"needs NVIDIA GPUs; this run has {platform} devices: use xla")
     if config.model.fused_norm and platform != "gpu":
         if platform != "cpu":
             raise ValueError(f"config.model.fused_norm runs Triton kernels, which need CUDA "
@@ -287,6 +310,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
         state = init.restore_or_init(config, task, tx, plan, ckpt, data_iter)
         start = int(jax.device_get(state.step))
+        writer.resume_at(start)
         total = config.train.steps
 
         # Step and evaluation.
@@ -326,21 +350,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             step += 1
             profiler.after(step, (state, step_metrics))
             last = step == total
+            stop = stopper.agreed() if (jax.process_count() == 1 or step % 10 == 0) else False
+            save = last or stop or step % config.train.checkpoint_every == 0
             if step % config.train.log_every == 0 or last or step == start + 1:
                 row = _mean_metrics(window)
                 window = []
-                if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(
-                        f"the loss became {row['loss']} by step {step}; the last good "
-                        f"checkpoint is kept in {ckpt.directory}. Lower "
-                        "config.optim.learning_rate or check the data")
                 row["param_norm"] = float(param_norm(state.params))
+                _check_finite(row["loss"], row["param_norm"], step, ckpt)
                 rates = progress.rates(step)
                 row.update(rates)
                 row["data/failed_records"] = failed_records
                 writer.write(step, row)
                 if jax.process_index() == 0:
                     logging.info("%s", progress.line(step, row, rates))
+            elif save:  # never save a state that has diverged since the last log
+                losses = jax.device_get([m["loss"] for m in window])
+                _check_finite(float(np.mean(losses)), float(param_norm(state.params)),
+                              step, ckpt)
+            if save:  # before evaluating, so a failing evaluation loses no training
+                t0 = time.perf_counter()
+                ckpt.save(step, state, iter_state, config_json, force=True)
+                progress.add_pause(time.perf_counter() - t0)
             if evaluate is not None and (last or (config.train.eval_every and
                                                   step % config.train.eval_every == 0)):
                 t0 = time.perf_counter()
@@ -348,11 +378,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 writer.write(step, final)
                 if jax.process_index() == 0:
                     logging.info("eval at step %d: %s", step, metrics.format_eval(final))
-                progress.add_pause(time.perf_counter() - t0)
-            stop = stopper.agreed() if (jax.process_count() == 1 or step % 10 == 0) else False
-            if last or stop or step % config.train.checkpoint_every == 0:
-                t0 = time.perf_counter()
-                ckpt.save(step, state, iter_state, config_json, force=True)
                 progress.add_pause(time.perf_counter() - t0)
             if stop:
                 logging.warning("stopped at step %d after a termination signal; "

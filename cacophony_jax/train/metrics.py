@@ -15,9 +15,19 @@ from typing import Any
 import jax
 import numpy as np
 
+from cacophony_jax import atomic_write
+
 
 def _scalar(value: Any) -> float:
     return float(np.asarray(value))
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line (-inf for a line that is not a row: kept)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -math.inf
 
 
 def format_duration(seconds: float) -> str:
@@ -42,13 +52,41 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        self._workdir = workdir
         self._jsonl = open(  # noqa: SIM115 - held open for the whole run
             os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._open_tensorboard()
+
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(self._workdir, "tensorboard"),
+                                     purge_step=purge_step)
         except ImportError:  # pragma: no cover - tensorboardX is a requirement
             logging.warning("tensorboardX missing: TensorBoard events are not written")
+
+    def resume_at(self, step: int) -> None:
+        """Drops the rows logged after `step` by an earlier, interrupted process.
+
+        A run resumed from its step-`step` checkpoint computes those steps again, so
+        their old rows would appear twice; TensorBoard's are purged the same way.
+        """
+        if not self.enabled:
+            return
+        path = self._jsonl.name
+        self._jsonl.close()
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _row_step(line) <= step]
+        if len(kept) < len(lines):
+            with atomic_write.replacing(path) as f:
+                f.writelines(kept)
+            logging.info("metrics.jsonl: dropped %d row(s) after step %d, logged before the "
+                         "restart (those steps run again)", len(lines) - len(kept), step)
+            if self._tb is not None:
+                self._tb.close()
+                self._open_tensorboard(purge_step=step + 1)
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Records `metrics` (scalars) at `step`."""

@@ -189,4 +189,6 @@ def stop_script(cfg: argparse.Namespace) -> list[str]:
     # Only that process; waiting frees the TPU for the next run.
     return [f"if [ -f {pid} ]; then P=$(cat {pid}); kill $P 2>/dev/null || true; "
             "for i in $(seq 60); do kill -0 $P 2>/dev/null || break; sleep 1; done; "
-            f"rm -f {pid}; echo stopped $P; else echo not running; fi"]
+            "if kill -0 $P 2>/dev/null; then echo \"still running after 60 s: $P (it may "
+            "still be saving its checkpoint); stop again, or kill -9 $P\"; "
+            f"else rm -f {pid}; echo stopped $P; fi; else echo not running; fi"]

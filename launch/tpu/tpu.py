@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -87,6 +88,14 @@ COMMANDS = {
 RUNTIMES = {"v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5e": "v2-alpha-tpuv5-lite"}
 DEFAULT_RUNTIME = "tpu-ubuntu2204-base"  # v4 and older
+
+
+# (setting, the shape gcloud accepts, an example): checked before any command runs.
+_FORMATS = (
+    ("type", r"v\d+[a-z]*-[1-9]\d*", "an accelerator type such as v4-32 or v5litepod-16"),
+    ("zone", r"[a-z]+-[a-z]+\d+-[a-z]", "a zone such as us-central2-b"),
+    ("name", r"[a-z]([-a-z0-9]*[a-z0-9])?", "a TPU name (lower-case letters, digits, '-')"),
+)
 
 
 def _flag(dest: str) -> str:
@@ -163,6 +172,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise LaunchError(
                 f"{envs[dest]} is not set: export {envs[dest]}=... or pass {_flag(dest)} "
                 "(see launch/tpu/example.env)")
+    for dest, pattern, example in _FORMATS:
+        value = getattr(args, dest)
+        if value and not re.fullmatch(pattern, value):
+            raise LaunchError(f"{envs[dest]}={value!r} does not look like {example}")
     if args.queued and args.preemptible:
         raise LaunchError("queued resources take --spot, not --preemptible (TPU_PREEMPTIBLE)")
     args.queued_id = args.queued_id or f"{args.name}-qr"
