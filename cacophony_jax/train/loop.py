@@ -242,6 +242,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """
     check_config(config)
     workdir_path = epath.Path(workdir)
+    if workdir_path.exists() and not workdir_path.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file; name a folder (new or a run's)")
     workdir_path.mkdir(parents=True, exist_ok=True)
     config_json = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
