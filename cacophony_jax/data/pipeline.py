@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -195,8 +196,15 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
     iter_ds = iter_ds.batch(per_host, drop_remainder=True)
     if num_workers > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches)))
+            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches)),
+            worker_init_fn=_leave_interrupts_to_the_trainer)
     return iter_ds
+
+
+def _leave_interrupts_to_the_trainer(worker_index: int, worker_count: int) -> None:
+    """Grain workers ignore Ctrl-C: the training process saves and then stops them."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class PrepareEval(grain.transforms.Map):
