@@ -190,3 +190,24 @@ def test_global_batch_must_divide_over_processes(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         pipeline.host_batch_size(8)
+
+
+def test_worker_processes_give_the_same_batches_and_ignore_ctrl_c():
+    fmt = pipeline.ExampleFormat(clip_samples=CLIP)
+    threads = take(make(IndexSource(12)), 2)
+    it = iter(pipeline.train_dataset(IndexSource(12), fmt, global_batch_size=4, seed=0,
+                                     read_threads=2, num_workers=1))
+    try:
+        for a, b in zip(threads, take(it, 2), strict=True):
+            np.testing.assert_array_equal(a["audio"], b["audio"])
+    finally:
+        it.close()
+    # What the workers run first (here in this process, restored afterwards).
+    import signal
+
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        pipeline._leave_interrupts_to_the_trainer(0, 1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
