@@ -5,6 +5,7 @@ import os
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 from cacophony_jax import tasks
 from cacophony_jax.parallel import mesh as mesh_lib
@@ -46,6 +47,12 @@ def tiny_config(task: str, steps: int, **overrides):
         node[leaf] = value
     config.lock()
     return config
+
+
+def assert_trees_equal(a, b):
+    """Every leaf of two trees is bitwise equal."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def read_metrics(workdir):

@@ -2,11 +2,7 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 
 import jax
 import ml_collections
@@ -23,12 +19,13 @@ from cacophony_jax.train import checkpoint, flops, loop, stages
 from cacophony_jax.train import init as init_lib
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
-from tests.helpers import ROOT, read_metrics, restore_params, tiny_config, tokenizer_for
-
-
-def assert_trees_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+from tests.helpers import (
+    assert_trees_equal,
+    read_metrics,
+    restore_params,
+    tiny_config,
+    tokenizer_for,
+)
 
 
 def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
@@ -356,42 +353,6 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
     assert steps[-7:] == [6, 7, 8, 9, 10, 11, 12]  # resumed from step 5
 
 
-def _run_main(args, **kwargs):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, "-m", "cacophony_jax.main", *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kwargs)
-
-
-FAST_FLAGS = ["--config.audio.clip_seconds=1", "--config.audio.eval_clip_seconds=1",
-              "--config.data.synthetic_train_size=32", "--config.data.synthetic_eval_size=8",
-              "--config.data.global_batch_size=8", "--config.data.eval_batch_size=8",
-              "--config.optim.warmup_steps=1"]
-
-
-def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
-    cache = tmp_path / "xla_cache"
-    proc = _run_main(["--config=configs/mae.py:tiny,steps=2", f"--workdir={tmp_path}",
-                      f"--compilation_cache={cache}", *FAST_FLAGS])
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    assert "step 2/2" in out and "eval at step 2" in out
-    assert os.path.isdir(tmp_path / "checkpoints" / "2")
-    assert os.listdir(cache)  # the step (compiled for over a second) was cached
-    # Config mistakes end in one line naming the argument and the fix, no traceback.
-    for args, message in (
-            (["--config.optim.learnig_rate=1"], "--config.optim.learnig_rate=1: the config has "
-             "no field 'learnig_rate'; did you mean 'learning_rate'?"),
-            (["--config.nothing.x=1"], "--config.nothing.x=1: the config has no field 'nothing'"),
-            (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
-            (["--config=configs/mae.py:huge"], "unknown variant 'huge'; choose one of")):
-        proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 2 and out.startswith("error: ") and message in out, out
-        assert "Traceback" not in out and len(out.splitlines()) == 2
-
-
 def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     from configs import quickstart
 
@@ -406,24 +367,6 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
         loop.run(tiny_config("mae", 2, **{"train.log_every": 0}), str(tmp_path / "m"))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_checkpoints_and_exits_cleanly(signum, tmp_path):
-    proc = _run_main(["--config=configs/mae.py:tiny,steps=100000", f"--workdir={tmp_path}",
-                      "--config.train.checkpoint_every=100000", *FAST_FLAGS])
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        rows = read_metrics(tmp_path) if os.path.exists(tmp_path / "metrics.jsonl") else []
-        if any(r.get("step", 0) >= 3 for r in rows):
-            break
-        time.sleep(0.5)
-    proc.send_signal(signum)  # SIGINT: a first Ctrl-C
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    saved = [int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 3
-    assert "rerun the same command to resume" in out
-
-
 def test_sam_and_accumulation_are_config_switches(tmp_path):
     plain = tiny_config("mae", 2, **{"data.eval.kind": ""})
     sam = tiny_config("mae", 2, **{"data.eval.kind": "", "optim.sam.enabled": True,
@@ -436,32 +379,3 @@ def test_sam_and_accumulation_are_config_switches(tmp_path):
     assert any(not np.array_equal(x, y)
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "sam") if "loss" in r)
-
-
-@pytest.mark.slow
-def test_killed_process_resumes_bitwise_identically(tmp_path):
-    args = ["--config=configs/mae.py:tiny,steps=200", "--config.train.checkpoint_every=20",
-            "--config.data.eval.kind=", *FAST_FLAGS]
-    straight = _run_main([*args, f"--workdir={tmp_path / 'a'}"])
-    out, _ = straight.communicate(timeout=600)
-    assert straight.returncode == 0, out
-
-    killed = _run_main([*args, f"--workdir={tmp_path / 'b'}"])
-    first = tmp_path / "b" / "checkpoints" / "20"
-    deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    assert killed.poll() is None, "the run ended before it could be killed"
-    killed.kill()  # SIGKILL: no clean-up, possibly in the middle of a later save
-    killed.communicate(timeout=60)
-    assert killed.returncode == -signal.SIGKILL
-    done = [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r]
-    assert done[-1] < 200
-
-    resumed = _run_main([*args, f"--workdir={tmp_path / 'b'}"])
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
-    assert "resuming from" in out
-    config = tiny_config("mae", 200)
-    assert_trees_equal(restore_params(config, tmp_path / "a"),
-                       restore_params(config, tmp_path / "b"))

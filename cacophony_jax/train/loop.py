@@ -6,13 +6,9 @@ step -> loop (log, evaluate, checkpoint) -> final evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import queue
-import signal
-import threading
 import time
 
 import jax
@@ -22,12 +18,12 @@ import optax
 from etils import epath
 
 from cacophony_jax import tasks
-from cacophony_jax.data import pipeline, to_global
+from cacophony_jax.data import pipeline
 from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import checkpoint, flops, init, metrics
+from cacophony_jax.train import checkpoint, flops, host, init, metrics
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
 
@@ -59,131 +55,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if node < minimum:
             raise ValueError(f"config.{key}={node} must be >= {minimum}{why}")
     optimizer.make_optimizer(config.optim, config.train.steps)  # its settings, too
-
-
-class _Prefetcher:
-    """Pulls host batches in a thread, makes them global, remembers iterator states.
-
-    The iterator state recorded with each batch is the one to checkpoint after the
-    step that consumed it, so resuming replays exactly the following batches.
-    """
-
-    def __init__(self, data_iter, mesh, depth: int):
-        self._it, self._mesh = data_iter, mesh
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, daemon=True)
-        self._thread.start()
-
-    def _work(self):
-        try:
-            while not self._stop.is_set():
-                batch = next(self._it)
-                state = self._it.get_state()
-                failed = int(np.sum(batch.pop("num_failed", 0)))
-                item = (to_global.to_global(batch, self._mesh), state, failed)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            self._queue.put(e)
-
-    def next(self):
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class _Stop:
-    """SIGTERM or a first Ctrl-C (SIGINT) -> save a checkpoint at the next step and exit
-    cleanly; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
-        how = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
-        logging.warning("signal %d received: checkpointing at the next step and stopping%s",
-                        signum, how)
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """True when any process was asked to stop (all processes agree)."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class _Profiler:
-    """Captures a profiler trace of `num_steps` steps, after this run's first steps.
-
-    The first `PROFILE_AFTER` steps of a run (compilation, input warm-up) are left out;
-    the trace goes to `directory` (TensorBoard's profile plugin or Perfetto read it).
-    Stopping waits for the traced steps to finish, the only wait it adds.
-    """
-
-    PROFILE_AFTER = 3
-
-    def __init__(self, directory: epath.Path, num_steps: int, start: int, total: int):
-        self.directory, self.active = directory, False
-        self.first = min(start + self.PROFILE_AFTER, max(start, total - num_steps))
-        self.last = min(self.first + num_steps, total) if num_steps > 0 else -1
-
-    def annotate(self, step: int):
-        """Context for dispatching `step` (a step marker inside a trace)."""
-        if self.active:
-            return jax.profiler.StepTraceAnnotation("train", step_num=step)
-        return contextlib.nullcontext()
-
-    def before(self, step: int) -> None:
-        if step == self.first and step < self.last:
-            try:
-                jax.profiler.start_trace(str(self.directory))
-            except Exception as error:  # noqa: BLE001 - a diagnostic, not worth a failed run
-                logging.warning("no profiler trace (%s); training goes on", error)
-                return
-            self.active = True
-
-    def after(self, step: int, outputs) -> None:
-        if self.active and step >= self.last:
-            jax.block_until_ready(outputs)
-            if self.stop():
-                logging.info("profiler trace of steps %d-%d written to %s", self.first + 1,
-                             self.last, self.directory)
-
-    def stop(self) -> bool:
-        """Ends a running trace; True when it was written."""
-        if not self.active:
-            return False
-        self.active = False
-        try:
-            jax.profiler.stop_trace()
-        except Exception as error:  # noqa: BLE001 - a diagnostic, not worth a failed run
-            logging.warning("the profiler trace could not be written to %s (%s); training "
-                            "goes on", self.directory, error)
-            return False
-        return True
 
 
 def _check_finite(loss: float, norm: float, step: int, ckpt: checkpoint.Checkpointer) -> None:
@@ -306,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     ckpt = checkpoint.Checkpointer(workdir_path / "checkpoints",
                                    keep=config.train.keep_checkpoints,
                                    async_save=config.train.async_checkpoints)
-    stopper = _Stop()
+    stopper = host.StopSignal()
     prefetcher = profiler = None
     writer = metrics.MetricWriter(str(workdir_path))
     try:
@@ -330,8 +201,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         evaluate = task.evaluator(mesh, tokenizer)
 
         # Loop.
-        prefetcher = _Prefetcher(data_iter, mesh, config.data.prefetch_batches)
-        profiler = _Profiler(workdir_path / "profile", config.train.profile_steps, start,
+        prefetcher = host.Prefetcher(data_iter, mesh, config.data.prefetch_batches)
+        profiler = host.Profiler(workdir_path / "profile", config.train.profile_steps, start,
                              total)
         progress = metrics.Progress(total, start, config.data.global_batch_size,
                                     step_flops, peak)
