@@ -175,7 +175,7 @@ def optim_block(lr: float, warmup: int, b2: float, steps: int) -> mlc.ConfigDict
 def train_block(steps: int) -> mlc.ConfigDict:
     """Loop length, logging, evaluation and checkpoint cadence, and resumption."""
     return mlc.ConfigDict(dict(
-        steps=steps,  # total optimiser steps
+        steps=steps,  # total train steps (batches); optim.accum_steps of them make an update
         log_every=10,  # console/TensorBoard/JSONL metrics every N steps
         # Also log each step's update norm (on GPU ~300 more kernels per MAE base step).
         log_update_norm=False,

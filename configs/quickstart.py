@@ -13,8 +13,10 @@ from configs import cacophony, common, mae
 def get_config(arg: str | None = None):
     """Returns the two-stage quickstart recipe; `arg` may set steps1/steps2."""
     arg = common.parse_arg(arg, steps1=500, steps2=2000)
-    stage1 = mae.get_config("tiny")
-    stage2 = cacophony.get_config("tiny")
+    # The step counts go through the stage configs, which shorten a warmup longer than
+    # half the run.
+    stage1 = mae.get_config(f"tiny,steps={arg.steps1}")
+    stage2 = cacophony.get_config(f"tiny,steps={arg.steps2}")
     for stage in (stage1, stage2):
         stage.unlock()
         stage.audio.clip_seconds = 2.0
@@ -26,9 +28,7 @@ def get_config(arg: str | None = None):
         stage.train.log_every = 25
         stage.train.checkpoint_every = 500
         stage.audio.frontend_sub_batches = 8  # ~4 clips per piece on a CPU
-    stage1.train.steps = arg.steps1
     stage1.data.eval.kind = ""  # reconstruction loss is logged during training
-    stage2.train.steps = arg.steps2
     stage2.data.text_length = 32
     stage2.train.init_from = "previous"
     stage2.eval.caption_clips = 100  # greedy captions of held-out clips, scored

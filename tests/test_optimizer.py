@@ -116,11 +116,13 @@ def test_schedule_values(kind, expected):
 
 
 def test_schedule_with_accumulation_holds_per_update():
-    _, schedule = make_optimizer(make_cfg(schedule="linear", accum_steps=4), total_steps=110)
+    _, schedule = make_optimizer(make_cfg(schedule="linear", accum_steps=4), total_steps=112)
     # Train steps 4..7 feed the update that uses the value at step 4: 0.4.
     assert [learning_rate_at(schedule, s) for s in (3, 4, 7, 8)] == pytest.approx(
         [0.0, 0.4, 0.4, 0.8]
     )
+    with pytest.raises(ValueError, match="steps=110 is not a multiple of .*accum_steps=4"):
+        make_optimizer(make_cfg(schedule="linear", accum_steps=4), total_steps=110)
 
 
 def test_applied_learning_rate_follows_schedule():

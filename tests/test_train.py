@@ -86,6 +86,8 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
          "'mae' run, this is a 'cacophony' run .to start stage 2 .*init_from"),
         ("cacophony", {}, "mae/checkpoints", "belong to a 'mae' run.*another --workdir"),
         ("mae", {}, "mae/checkpoints", r"none of the checkpoints .* \(steps \[4\]\) fits"),
+        ("mae", {"optim.accum_steps": 2}, "mae/checkpoints",
+         r"it changes config.optim.accum_steps \(1 -> 2\), which the saved state"),
     ]
     for stage, overrides, folder, message in wrong:
         config = tiny_config(stage, 4, **overrides)
@@ -97,6 +99,11 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
         finally:
             reader.close()
     assert sorted(os.listdir(tmp_path / "mae" / "checkpoints")) == ["4"]  # left as it was
+    # Through the loop, a refused run leaves the workdir's config.json alone too.
+    before = (tmp_path / "caco" / "config.json").read_text()
+    with pytest.raises(checkpoint.CheckpointError, match="another --workdir"):
+        loop.run(tiny_config("mae", 4), str(tmp_path / "caco"))
+    assert (tmp_path / "caco" / "config.json").read_text() == before
 
 
 def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path):

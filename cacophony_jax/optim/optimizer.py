@@ -137,6 +137,10 @@ def make_optimizer(
     accum = int(cfg.accum_steps)
     if accum < 1:
         raise OptimizerConfigError(f"config.optim.accum_steps={accum} must be >= 1")
+    if total_steps % accum:
+        raise OptimizerConfigError(
+            f"config.train.steps={total_steps} is not a multiple of config.optim.accum_steps="
+            f"{accum}: the last {total_steps % accum} batch(es) would never make an update")
     if cfg.clip_norm < 0:
         raise OptimizerConfigError(f"config.optim.clip_norm={cfg.clip_norm} must be >= 0")
     base = _base_schedule(cfg, total_steps)

@@ -62,6 +62,10 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
         kwargs = dict(coordinator_address=address, num_processes=count, process_id=pid)
     # On Cloud TPU pods (where the worker list lives in the VM metadata, so 'auto'
     # cannot see it: pass --distributed=on) and SLURM, jax finds the coordinator.
+    count = kwargs.get("num_processes")
+    logging.info("starting the distributed runtime (%s): waiting for %s to connect; JAX "
+                 "gives up after about 5 minutes if one never starts", env,
+                 f"all {count} processes" if count else "every process")
     jax.distributed.initialize(**kwargs)
     logging.info("distributed runtime (%s): process %d of %d, %d local / %d global devices",
                  env, jax.process_index(), jax.process_count(), jax.local_device_count(),

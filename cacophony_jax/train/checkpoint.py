@@ -136,8 +136,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             # E.g. saved by a different number of processes: the model state is
             # still valid, only the data order restarts.
-            logging.warning("data iterator state of step %s not restored (%s); the "
-                            "input pipeline starts a fresh pass", step, _brief(e))
+            logging.warning("data iterator state of step %s not restored (%s): was it saved "
+                            "with another data.num_workers or number of processes? The model "
+                            "resumes, but the input pipeline starts a fresh pass, so examples "
+                            "from the start of the data are seen again", step, _brief(e))
 
     def save(self, step: int, state: Any, iterator_state: dict[str, Any] | None,
              config_json: dict[str, Any], force: bool = False) -> bool:

@@ -8,6 +8,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
@@ -120,12 +121,17 @@ class Profiler:
                 return
             self.active = True
 
-    def after(self, step: int, outputs) -> None:
-        if self.active and step >= self.last:
-            jax.block_until_ready(outputs)
-            if self.stop():
-                logging.info("profiler trace of steps %d-%d written to %s", self.first + 1,
-                             self.last, self.directory)
+    def after(self, step: int, outputs) -> float:
+        """Ends the trace after its last step; returns the seconds that took (writing
+        the trace is not training time), else 0."""
+        if not (self.active and step >= self.last):
+            return 0.0
+        jax.block_until_ready(outputs)  # the traced steps' own time stays training time
+        start = time.perf_counter()
+        if self.stop():
+            logging.info("profiler trace of steps %d-%d written to %s", self.first + 1,
+                         self.last, self.directory)
+        return time.perf_counter() - start
 
     def stop(self) -> bool:
         """Ends a running trace; True when it was written."""

@@ -58,6 +58,31 @@ def iter_captions(source: Any):
         yield from record.get("synthetic_captions") or ()
 
 
+# Config fields that change the train state's tree (parameters or optimiser state).
+STATE_FIELDS = ("model.variant", "model.scan", "model.sigmoid_bias", "optim.sam.enabled",
+                "optim.accum_steps", "optim.freeze", "optim.clip_norm")
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _changed_state_fields(config: ml_collections.ConfigDict,
+                          ckpt: checkpoint.Checkpointer) -> list[str]:
+    """'field (saved -> now)' for each of STATE_FIELDS the newest checkpoint's config
+    sets differently (empty when its config cannot be read)."""
+    try:
+        saved = ckpt.read_config(ckpt.steps()[-1])
+    except Exception:  # noqa: BLE001 - then the message stays general
+        return []
+    return [f"config.{key} ({_lookup(saved, key)!r} -> {_lookup(config, key)!r})"
+            for key in STATE_FIELDS if _lookup(saved, key) != _lookup(config, key)]
+
+
 def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                     plan: state_lib.StatePlan, ckpt: checkpoint.Checkpointer,
                     data_iter: Any) -> state_lib.TrainState:
@@ -73,10 +98,14 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
         return restored[0]
     if ckpt.steps():
         # Training from scratch here would later push these aside: say so instead.
+        changed = _changed_state_fields(config, ckpt)
+        why = (f"it changes {', '.join(changed)}, which the saved state's shape depends on"
+               if changed else "were they saved with another model variant or options? "
+               "(see the warnings above)")
         raise checkpoint.CheckpointError(
             f"none of the checkpoints in {ckpt.directory} (steps {ckpt.steps()}) fits this "
-            "config (see the warnings above): were they saved with another model variant "
-            "or options? Run with the config they were saved with, or use another --workdir")
+            f"config: {why}. Run with the values they were saved with, or use another "
+            "--workdir")
     if config.train.resume:
         try:
             directory, step = checkpoint.resolve(config.train.resume)

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from cacophony_jax import tasks
+from cacophony_jax import atomic_write, tasks
 from cacophony_jax.data import pipeline
 from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
@@ -117,8 +117,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         raise ValueError(f"--workdir {workdir} is a file; name a folder (new or a run's)")
     workdir_path.mkdir(parents=True, exist_ok=True)
     config_json = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
-        (workdir_path / "config.json").write_text(json.dumps(config_json, indent=2))
 
     # Mesh.
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -184,6 +182,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         state = init.restore_or_init(config, task, tx, plan, ckpt, data_iter)
         start = int(jax.device_get(state.step))
         writer.resume_at(start)
+        if jax.process_index() == 0:  # only once the workdir's checkpoints are known to fit
+            atomic_write.write_text(workdir_path / "config.json",
+                                    json.dumps(config_json, indent=2))
         total = config.train.steps
 
         # Step and evaluation.
@@ -221,7 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 state, step_metrics = train_step(state, batch)
             window.append(step_metrics)
             step += 1
-            profiler.after(step, (state, step_metrics))
+            progress.add_pause(profiler.after(step, (state, step_metrics)))
             last = step == total
             stop = stopper.agreed() if (jax.process_count() == 1 or step % 10 == 0) else False
             save = last or stop or step % config.train.checkpoint_every == 0
