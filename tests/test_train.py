@@ -11,6 +11,7 @@ import pytest
 
 from cacophony_jax import tasks
 from cacophony_jax.data import pipeline
+from cacophony_jax.models import stack
 from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
@@ -79,6 +80,20 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
         empty.close()
     assert_trees_equal(start.params["audio_encoder"],
                        restore_params(mae, tmp_path / "mae")["encoder"])
+    # A scanned stage 2 gets the same encoder, its blocks stacked.
+    scanned = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae"),
+                                             "model.scan": True})
+    scanned_task = tasks.build(scanned, tokenizer_for(caco, tmp_path / "caco"))
+    scanned_plan = state_lib.plan_state(scanned_task.init_params, tx, mesh,
+                                        partition.rules_from_config(caco.sharding_rules))
+    empty = checkpoint.Checkpointer(tmp_path / "empty", async_save=False)
+    try:
+        start = init_lib.restore_or_init(scanned, scanned_task, tx, scanned_plan, empty, None)
+    finally:
+        empty.close()
+    assert "blocks" in start.params["audio_encoder"]
+    assert_trees_equal(start.params["audio_encoder"],
+                       stack.stack_layers(restore_params(mae, tmp_path / "mae")["encoder"]))
     # The wrong kind of run is refused before any training, naming what to use instead.
     wrong = [
         ("cacophony", {"train.init_from": str(tmp_path / "caco")}, "empty", "stage-1 .mae. run"),

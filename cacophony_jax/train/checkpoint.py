@@ -199,6 +199,20 @@ class Checkpointer:
         self.manager.close()
 
 
+def saved_config(path: str) -> dict[str, Any] | None:
+    """The config saved with the checkpoint a user path names (the newest step of a
+    workdir), or None where there is none or it cannot be read."""
+    directory, step = resolve(path)
+    reader = Checkpointer(directory, read_only=True, async_save=False)
+    try:
+        step = reader.manager.latest_step() if step is None else step
+        return None if step is None else dict(reader.read_config(step))
+    except Exception:  # noqa: BLE001 - an unreadable config says nothing
+        return None
+    finally:
+        reader.close()
+
+
 def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
                     task: str | None = None) -> Any:
     """Restores one subtree of a saved state (e.g. the stage-1 encoder).
@@ -242,7 +256,7 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
         # A partial restore of a path the checkpoint lacks hands back the targets.
         if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(out)):
             raise CheckpointError(
-                f"checkpoint step {step} in {directory} holds no {'/'.join(keys)}. Is it "
+                f"checkpoint step {step} in {directory} holds no {'/'.join(keys)}: is it "
                 "a checkpoint of the right stage?")
         return out
     finally:
