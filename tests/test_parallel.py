@@ -53,6 +53,21 @@ def test_spec_for_maps_names_and_keeps_uneven_dims_replicated():
         partition.spec_for((8,), ("heads",), mesh, RULES)
 
 
+def test_unsplit_share_counts_what_the_fsdp_axis_leaves_whole():
+    mesh = mesh_lib.make_mesh(mesh_cfg(2, 4))
+    abstract = {"a": jax.ShapeDtypeStruct((16, 32), jnp.float32),   # split
+                "b": {"c": jax.ShapeDtypeStruct((10, 32), jnp.float32)},  # 10 % 4: whole
+                "d": jax.ShapeDtypeStruct((6,), jnp.float32)}  # no fsdp dimension
+    names = {"a": ("embed", "mlp"), "b": {"c": ("embed", "mlp")}, "d": ("mlp",)}
+    shardings = jax.tree.map(
+        lambda leaf, n: jax.sharding.NamedSharding(
+            mesh, partition.spec_for(leaf.shape, n, mesh, RULES)),
+        abstract, names, is_leaf=lambda x: isinstance(x, tuple))
+    share, largest = partition.unsplit_share(abstract, shardings, "fsdp")
+    assert share == pytest.approx((320 + 6) / (512 + 320 + 6))
+    assert largest == ["b/c", "d"]
+
+
 class Tiny(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -102,6 +102,31 @@ def param_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules) -> tuple[Any,
     return abstract, shardings
 
 
+def unsplit_share(abstract: Any, shardings: Any, axis: str) -> tuple[float, list[str]]:
+    """How much of a parameter tree a mesh axis leaves whole on every device.
+
+    Args:
+      abstract: parameter ShapeDtypeStructs.
+      shardings: their NamedShardings.
+      axis: a mesh axis name, e.g. "fsdp".
+
+    Returns:
+      (share of the parameters, by element count, not split over `axis`; the paths of
+      the largest such arrays, up to 3).
+    """
+    whole, total = [], 0
+    for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract),
+                                      jax.tree.leaves(shardings), strict=True):
+        size = math.prod(leaf.shape)
+        total += size
+        used = {a for part in sharding.spec if part
+                for a in (part if isinstance(part, tuple) else (part,))}
+        if axis not in used:
+            whole.append((size, "/".join(_dict_path(path))))
+    whole.sort(reverse=True)
+    return sum(n for n, _ in whole) / max(total, 1), [name for _, name in whole[:3]]
+
+
 def _dict_path(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
 

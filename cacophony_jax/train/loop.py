@@ -168,6 +168,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                         "intermediates in stacked buffers (about twice the memory of "
                         "scan=false on a GPU); set model.remat=dots or full, or "
                         "scan=false")
+    fsdp = dict(mesh.shape).get("fsdp", 1)
+    if fsdp > 1:
+        share, largest = partition.unsplit_share(plan.abstract.params, plan.shardings.params,
+                                                 "fsdp")
+        if share > 0.1:
+            logging.warning("%.0f%% of the parameters are not split over the %d-way fsdp "
+                            "axis, because their widths do not divide by %d (largest: %s): "
+                            "every device holds them whole; an fsdp size that divides the "
+                            "model's widths shards them", 100 * share, fsdp, fsdp,
+                            ", ".join(largest))
     logging.debug("parameter shardings:\n%s",
                   partition.describe(plan.abstract.params, plan.shardings.params))
 
