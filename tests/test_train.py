@@ -103,10 +103,13 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
         ("mae", {}, "mae/checkpoints", r"none of the checkpoints .* \(steps \[4\]\) fits"),
         ("mae", {"optim.accum_steps": 2}, "mae/checkpoints",
          r"it changes config.optim.accum_steps \(1 -> 2\), which the saved state"),
+        ("mae", {"optim.accum_steps": 2, "train.resume": str(tmp_path / "mae")}, "empty",
+         r"holds no checkpoint that fits this run: this run changes config.optim.accum_steps"),
     ]
     for stage, overrides, folder, message in wrong:
         config = tiny_config(stage, 4, **overrides)
-        # The last case hands a mae run's checkpoints a Cacophony state: a model mismatch.
+        # The "mae" cases offer a mae run's checkpoints a Cacophony state, so nothing
+        # fits; the message lists the state fields the two configs set differently.
         reader = checkpoint.Checkpointer(tmp_path / folder, async_save=False, read_only=True)
         try:
             with pytest.raises(checkpoint.CheckpointError, match=message):
@@ -121,7 +124,7 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
     assert (tmp_path / "caco" / "config.json").read_text() == before
 
 
-def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path):
+def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path, monkeypatch):
     import soundfile
 
     rows = []
@@ -133,7 +136,8 @@ def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path):
     (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = tiny_config("cacophony", 2, **{"data.eval.kind": "manifest",
                                             "data.eval.path": str(tmp_path / "eval.jsonl")})
-    final = loop.run(config, str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)
+    final = loop.run(config, "run")  # a relative workdir, as in the README's commands
     assert final["eval/num_clips"] == 6 and final["eval/skipped_clips"] == 1
     assert 0 <= final["eval/t2a_R@1"] <= 100
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")

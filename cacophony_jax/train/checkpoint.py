@@ -81,7 +81,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = epath.Path(directory)
+        # Orbax's array writer refuses relative paths (e.g. --workdir=runs/x).
+        text = os.fspath(directory)
+        self.directory = epath.Path(text if "://" in text else os.path.abspath(text))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=async_save,

@@ -144,11 +144,14 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                     f"config.train.resume={config.train.resume!r} is a {saved!r} run, this "
                     f"is a {config.task!r} run{hint}")
             restored = other.restore(plan.abstract, data_iter, step=step)
+            changed = _changed_state_fields(config, other) if restored is None else []
         finally:
             other.close()
         if restored is None:
+            why = f": this run changes {', '.join(changed)}" if changed else ""
             raise checkpoint.CheckpointError(
-                f"config.train.resume={config.train.resume!r} holds no readable checkpoint")
+                f"config.train.resume={config.train.resume!r} holds no checkpoint that fits "
+                f"this run{why}")
         logging.info("resuming from %s step %d", directory, restored[1])
         return restored[0]
     state = state_lib.create_state(task.init_params, tx, plan, config.seed)
