@@ -55,20 +55,22 @@ def _quiet_libraries() -> None:
         handler.addFilter(_Filter())
 
 
+def _config_arg(field: str) -> str:
+    """The --config.a.b=value argument that names `field`, else "--config"."""
+    return next((a for a in sys.argv[1:] if a.startswith("--config.") and
+                 re.search(rf"\.{re.escape(field)}(\.|=|$)", a)), "--config")
+
+
 def _one_line(error: BaseException) -> str:
     """A flag or config error as one line: the misspelt field, or the cause's last line."""
     text = str(error)
     guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
     if guess:
         right, wrong = guess.groups()
-        arg = next((a for a in sys.argv[1:] if a.startswith("--config.") and
-                    re.search(rf"\.{re.escape(wrong)}(=|$)", a)), "--config")
-        return f"{arg}: the config has no field {wrong!r}; did you mean {right!r}?"
+        return f"{_config_arg(wrong)}: the config has no field {wrong!r}; did you mean {right!r}?"
     if isinstance(error, (AttributeError, KeyError)):
         field = text.strip("\"'")
-        arg = next((a for a in sys.argv[1:] if a.startswith("--config.") and
-                    re.search(rf"\.{re.escape(field)}(\.|=|$)", a)), "--config")
-        return f"{arg}: the config has no field {field!r}"
+        return f"{_config_arg(field)}: the config has no field {field!r}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
 

@@ -213,8 +213,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
         # Loop.
         prefetcher = host.Prefetcher(data_iter, mesh, config.data.prefetch_batches)
-        profiler = host.Profiler(workdir_path / "profile", config.train.profile_steps, start,
-                             total)
+        profiler = host.Profiler(workdir_path / "profile", config.train.profile_steps,
+                                 start, total)
         progress = metrics.Progress(total, start, config.data.global_batch_size,
                                     step_flops, peak)
         window: list[dict[str, jax.Array]] = []
