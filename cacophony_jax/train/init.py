@@ -123,12 +123,12 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
         # Training from scratch here would later push these aside: say so instead.
         changed = _changed_state_fields(config, ckpt)
         why = (f"it changes {', '.join(changed)}, which the saved state's shape depends on"
-               if changed else "were they saved with another model variant or options? "
-               "(see the warnings above)")
+               if changed else "were they saved with another model variant or options, or "
+               "are they all damaged? (see the warnings above)")
         raise checkpoint.CheckpointError(
             f"none of the checkpoints in {ckpt.directory} (steps {ckpt.steps()}) fits this "
-            f"config: {why}. Run with the values they were saved with, or use another "
-            "--workdir")
+            f"config: {why}. Run with the values they were saved with, use another "
+            "--workdir, or move that checkpoints folder aside to start afresh")
     if config.train.resume:
         try:
             directory, step = checkpoint.resolve(config.train.resume)
