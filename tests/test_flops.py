@@ -122,3 +122,17 @@ def test_progress_reports_model_tflops_and_mfu(monkeypatch):
     no_flops = metrics.Progress(100, 0, 32)
     no_flops.rates(1)
     assert "perf/model_tflops_per_device" not in no_flops.rates(2)
+
+
+def test_metric_writer_resume_drops_later_and_cut_rows(tmp_path):
+    import json
+
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 4, "lo')  # cut short
+    writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+    writer.resume_at(2)  # steps 3 and 4 run again
+    writer.write(3, {"loss": 0.25})
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[-1])["loss"] == 0.25

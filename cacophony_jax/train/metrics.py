@@ -78,6 +78,8 @@ class MetricWriter:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
         kept = [line for line in lines if _row_step(line) <= step]
+        if kept and not kept[-1].endswith("\n"):  # a row cut short by a killed process
+            kept.pop()
         if len(kept) < len(lines):
             with atomic_write.replacing(path) as f:
                 f.writelines(kept)
