@@ -11,6 +11,7 @@ distributed runtime here; every process runs this same command.
 import os
 import re
 import sys
+import traceback
 
 # Grain worker processes inherit this; BLAS threads per worker would oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -58,7 +59,7 @@ def _quiet_libraries() -> None:
 def _config_arg(field: str) -> str:
     """The --config.a.b=value argument that names `field`, else "--config"."""
     return next((a for a in sys.argv[1:] if a.startswith("--config.") and
-                 re.search(rf"\.{re.escape(field)}(\.|=|$)", a)), "--config")
+                 re.search(rf"\.{re.escape(field)}(\.|$)", a.split("=", 1)[0])), "--config")
 
 
 def _one_line(error: BaseException) -> str:
@@ -70,7 +71,13 @@ def _one_line(error: BaseException) -> str:
         return f"{_config_arg(wrong)}: the config has no field {wrong!r}; did you mean {right!r}?"
     if isinstance(error, (AttributeError, KeyError)):
         field = text.strip("\"'")
-        return f"{_config_arg(field)}: the config has no field {field!r}"
+        arg = _config_arg(field)
+        if arg != "--config":
+            return f"{arg}: the config has no field {field!r}"
+        # No override names it: an error inside the config file itself.
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        return f"{type(error).__name__} {text} while building the config{where}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
 
@@ -102,9 +109,11 @@ def main(argv):
                            _PROCESS_ID.value, _CPU_COLLECTIVES.value)
     if not _VERBOSE_LIBS.value:
         _quiet_libraries()
-    from cacophony_jax.train import stages
+    from cacophony_jax.train import host, stages
     try:
         stages.run(_CONFIG.value, _WORKDIR.value)
+    except host.StopRequestedError as e:  # saved; no later stage ran: exit as the signal would
+        raise SystemExit(128 + e.signum) from None
     except (ValueError, OSError, FloatingPointError) as e:
         # Errors a user can cause (bad values, unreadable data, a workdir that cannot be
         # written) carry a message that names the thing; the traceback is only noise

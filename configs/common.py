@@ -145,12 +145,13 @@ def sharding_rules() -> tuple:
 def optim_block(lr: float, warmup: int, b2: float, steps: int) -> mlc.ConfigDict:
     """AdamW with linear warmup + cosine decay, clipping and optional SAM.
 
-    ``warmup`` is the recipe's; a run of at most twice that many ``steps`` (a smoke
-    test, say ``:tiny,steps=10``) warms up for a tenth of its steps instead.
+    ``warmup`` is the recipe's; a run shorter than twice that many ``steps`` (a smoke
+    test, say ``:tiny,steps=10``) warms up for half its steps instead. The rule follows
+    the config argument's ``steps=N``; ``--config.optim.warmup_steps`` sets it directly.
     """
     return mlc.ConfigDict(dict(
         learning_rate=lr,  # peak learning rate
-        warmup_steps=warmup if steps > 2 * warmup else steps // 10,  # linear from 0
+        warmup_steps=min(warmup, steps // 2),  # linear from 0
         schedule="cosine",  # cosine | linear | constant after warmup
         min_lr_ratio=0.0,  # final learning rate as a fraction of the peak
         b1=0.9,

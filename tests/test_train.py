@@ -16,7 +16,7 @@ from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.tasks import cacophony as cacophony_task
-from cacophony_jax.train import checkpoint, flops, loop, stages
+from cacophony_jax.train import checkpoint, flops, host, loop, stages
 from cacophony_jax.train import init as init_lib
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
@@ -141,6 +141,21 @@ def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path, monke
     assert final["eval/num_clips"] == 6 and final["eval/skipped_clips"] == 1
     assert 0 <= final["eval/t2a_R@1"] <= 100
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
+
+
+def test_a_stage_stopped_by_a_signal_ends_the_recipe(tmp_path, monkeypatch):
+    from configs import quickstart
+
+    ran = []
+
+    def run(config, workdir):
+        ran.append(config.task)
+        raise host.StopRequestedError(7, 2)
+
+    monkeypatch.setattr(loop, "run", run)
+    with pytest.raises(host.StopRequestedError, match="stopped at step 7 after signal 2"):
+        stages.run(quickstart.get_config("steps1=10,steps2=10"), str(tmp_path))
+    assert ran == ["mae"] and not (tmp_path / "results.json").exists()
 
 
 def test_caption_scores_by_hand():

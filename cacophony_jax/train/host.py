@@ -58,12 +58,26 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
+class StopRequestedError(Exception):
+    """Training stopped early on a signal, after saving a checkpoint at `step`.
+
+    Callers end there (a multi-stage run starts no later stage); the entry point exits
+    with 128 + `signum`, as a process ended by that signal would.
+    """
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped at step {step} after signal {signum}; rerun the same "
+                         "command to resume")
+        self.step, self.signum = step, signum
+
+
 class StopSignal:
-    """SIGTERM or a first Ctrl-C (SIGINT) -> save a checkpoint at the next step and exit
-    cleanly; a second Ctrl-C interrupts at once."""
+    """SIGTERM or a first Ctrl-C (SIGINT) -> save a checkpoint at the next step and stop
+    (`StopRequestedError`); a second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.requested = False
+        self.signum = int(signal.SIGTERM)  # what a stop agreed with other processes reports
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -76,7 +90,7 @@ class StopSignal:
         how = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
         logging.warning("signal %d received: checkpointing at the next step and stopping%s",
                         signum, how)
-        self.requested = True
+        self.requested, self.signum = True, int(signum)
 
     def agreed(self) -> bool:
         """True when any process was asked to stop (all processes agree)."""

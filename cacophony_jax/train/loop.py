@@ -255,8 +255,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 t0 = time.perf_counter()
                 ckpt.save(step, state, iter_state, config_json, force=True)
                 progress.add_pause(time.perf_counter() - t0)
-            if evaluate is not None and (last or (config.train.eval_every and
-                                                  step % config.train.eval_every == 0)):
+            due = last or (config.train.eval_every and step % config.train.eval_every == 0)
+            if evaluate is not None and due and not stop:  # a stopped run evaluates on rerun
                 t0 = time.perf_counter()
                 final = evaluate(state.params)
                 writer.write(step, final)
@@ -266,7 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if stop:
                 logging.warning("stopped at step %d after a termination signal; "
                                 "rerun the same command to resume", step)
-                return final
+                raise host.StopRequestedError(step, stopper.signum)
         if not final and evaluate is not None:  # e.g. rerun of a finished workdir
             final = evaluate(state.params)
             if jax.process_index() == 0:

@@ -20,6 +20,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
 
     Returns:
       stage name -> final evaluation metrics.
+
+    Raises:
+      host.StopRequestedError: a stage was stopped by a signal (after saving); no later stage runs.
     """
     if "stages" not in config:
         return {config.task: loop.run(config, workdir)}

@@ -166,17 +166,21 @@ def _env_int(name: str, *fallbacks: str) -> int | None:
     return None
 
 
+_ENV_NUMBERS = (("nodes", ("SLURM_JOB_NUM_NODES", "SLURM_NNODES")),
+                ("gpus_per_node", ("GPUS_PER_NODE", "SLURM_GPUS_ON_NODE")),
+                ("port", ("COORDINATOR_PORT",)), ("cpus_per_task", ("SLURM_CPUS_PER_TASK",)))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="render.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, default=_env_int("SLURM_JOB_NUM_NODES", "SLURM_NNODES"))
-    p.add_argument("--gpus-per-node", type=int,
-                   default=_env_int("GPUS_PER_NODE", "SLURM_GPUS_ON_NODE"))
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
     p.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST"))
     p.add_argument("--config", default=os.environ.get("CONFIG"))
     p.add_argument("--workdir", default=os.environ.get("WORKDIR"))
-    p.add_argument("--port", type=int, default=_env_int("COORDINATOR_PORT") or DEFAULT_PORT)
-    p.add_argument("--cpus-per-task", type=int, default=_env_int("SLURM_CPUS_PER_TASK"),
+    p.add_argument("--port", type=int)
+    p.add_argument("--cpus-per-task", type=int,
                    help="CPUs per process (default: the job's SLURM_CPUS_PER_TASK)")
     p.add_argument("--mode", choices=("slurm", "explicit"),
                    default=os.environ.get("LAUNCH_MODE", "slurm"))
@@ -206,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             hosts = expand_nodelist(args.first_host or args.expand)
             print("\n".join(hosts[:1] if args.first_host else hosts))
             return 0
+        # Numbers not given as flags come from the environment (checked only then).
+        for dest, names in _ENV_NUMBERS:
+            if getattr(args, dest) is None:
+                setattr(args, dest, _env_int(*names))
+        args.port = args.port or DEFAULT_PORT
         missing = [f"--{k.replace('_', '-')} ({env})" for k, env in (
             ("nodes", "SLURM_JOB_NUM_NODES"), ("gpus_per_node", "GPUS_PER_NODE"),
             ("nodelist", "SLURM_JOB_NODELIST"), ("config", "CONFIG"), ("workdir", "WORKDIR"))

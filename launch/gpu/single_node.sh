@@ -10,8 +10,8 @@
 # Settings (environment):
 #   CONFIG, WORKDIR  required
 #   VENV             virtual environment to activate (default: <repo>/.venv)
-#   DRY_RUN=1        print the command instead of running it (1/true/yes; 0/false/no
-#                    or unset runs)
+#   DRY_RUN=1        print the command instead of running it (1/true/yes/on, any
+#                    case; 0/false/no/off or unset runs)
 
 set -euo pipefail
 
@@ -27,10 +27,11 @@ CMD=(env -u SLURM_JOB_ID -u SLURM_STEP_NODELIST -u SLURM_NTASKS -u SLURM_PROCID
      -u PROCESS_ID -u JAX_LOCAL_DEVICE_IDS
      python -m cacophony_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
 
-case "${DRY_RUN:-0}" in
-  1|[Tt]rue|TRUE|[Yy]es|YES) DRY=1 ;;
-  0|[Ff]alse|FALSE|[Nn]o|NO|"") DRY=0 ;;
-  *) echo "single_node.sh: DRY_RUN must be 1/true/yes or 0/false/no, got '$DRY_RUN'" >&2; exit 2 ;;
+DRY_VALUE=$(printf '%s' "${DRY_RUN:-0}" | tr '[:upper:]' '[:lower:]')
+case "$DRY_VALUE" in  # the values the TPU launcher accepts
+  1|true|yes|on) DRY=1 ;;
+  0|false|no|off|"") DRY=0 ;;
+  *) echo "single_node.sh: DRY_RUN must be 1/true/yes/on or 0/false/no/off, got '$DRY_RUN'" >&2; exit 2 ;;
 esac
 if [[ $DRY == 1 ]]; then
   printf '%q ' "${CMD[@]}"

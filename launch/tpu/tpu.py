@@ -174,7 +174,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                 "(see launch/tpu/example.env)")
     for dest, pattern, example in _FORMATS:
         value = getattr(args, dest)
-        if value and not re.fullmatch(pattern, value):
+        if dest in needed and value and not re.fullmatch(pattern, value):
             raise LaunchError(f"{envs[dest]}={value!r} does not look like {example}")
     if args.queued and args.preemptible:
         raise LaunchError("queued resources take --spot, not --preemptible (TPU_PREEMPTIBLE)")
