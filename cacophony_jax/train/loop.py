@@ -264,6 +264,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     logging.info("eval at step %d: %s", step, metrics.format_eval(final))
                 progress.add_pause(time.perf_counter() - t0)
             if stop:
+                # Every process's part of the save is committed before any of them exits
+                # non-zero (srun --kill-on-bad-exit would kill the others).
+                ckpt.wait()
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+                    multihost_utils.sync_global_devices("stopped after a signal")
                 logging.warning("stopped at step %d after a termination signal; "
                                 "rerun the same command to resume", step)
                 raise host.StopRequestedError(step, stopper.signum)
