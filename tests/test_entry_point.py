@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from cacophony_jax.train import host, loop, stages
 from tests.helpers import ROOT, assert_trees_equal, read_metrics, restore_params, tiny_config
 
 
@@ -93,3 +94,18 @@ def test_killed_process_resumes_bitwise_identically(tmp_path):
     config = tiny_config("mae", 200)
     assert_trees_equal(restore_params(config, tmp_path / "a"),
                        restore_params(config, tmp_path / "b"))
+
+
+def test_a_stage_stopped_by_a_signal_ends_the_recipe(tmp_path, monkeypatch):
+    from configs import quickstart
+
+    ran = []
+
+    def run(config, workdir):
+        ran.append(config.task)
+        raise host.StopRequestedError(7, 2)
+
+    monkeypatch.setattr(loop, "run", run)
+    with pytest.raises(host.StopRequestedError, match="stopped at step 7 after signal 2"):
+        stages.run(quickstart.get_config("steps1=10,steps2=10"), str(tmp_path))
+    assert ran == ["mae"] and not (tmp_path / "results.json").exists()

@@ -2,8 +2,10 @@
 
 import math
 
+import numpy as np
 import pytest
 
+from cacophony_jax.data import pipeline
 from cacophony_jax.evals.captioning import (
     CaptionInputError,
     bleu,
@@ -13,6 +15,7 @@ from cacophony_jax.evals.captioning import (
     rouge_l,
     tokenize,
 )
+from cacophony_jax.tasks import cacophony as cacophony_task
 
 # The COCO BLEU scorer adds 1e-15 / 1e-9 to its fractions; allow for it.
 TOL = 1e-6
@@ -141,3 +144,16 @@ def test_scores_improve_as_the_caption_gets_closer():
 def test_bad_inputs_name_the_problem(predictions, references, match):
     with pytest.raises(CaptionInputError, match=match):
         caption_metrics(predictions, references)
+
+
+def test_caption_scores_by_hand():
+    texts = pipeline.EvalTexts(
+        captions=["a high beep repeats", "a dog barks", "a siren wails", "a bell rings"],
+        caption_clip=np.asarray([0, 0, 1, 1]), labels=[(0,), (1,)],
+        class_names=("beep", "siren"))
+    scores = cacophony_task.caption_scores({0: "a high beep repeats", 1: "a bell rings"},
+                                           texts)
+    # Clip 0's caption names "beep"; clip 1's names no siren: 1 of 2 clips.
+    assert scores["eval/caption_names_class"] == 50.0
+    assert scores["eval/caption_ROUGE-L"] == pytest.approx(1.0)  # both match a reference
+    assert scores["eval/caption_BLEU-1"] == pytest.approx(1.0)

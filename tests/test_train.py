@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 
 from cacophony_jax import tasks
-from cacophony_jax.data import pipeline
 from cacophony_jax.models import stack
 from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
-from cacophony_jax.tasks import cacophony as cacophony_task
-from cacophony_jax.train import checkpoint, flops, host, loop, stages
+from cacophony_jax.train import checkpoint, flops, loop, stages
 from cacophony_jax.train import init as init_lib
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
@@ -141,34 +139,6 @@ def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path, monke
     assert final["eval/num_clips"] == 6 and final["eval/skipped_clips"] == 1
     assert 0 <= final["eval/t2a_R@1"] <= 100
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
-
-
-def test_a_stage_stopped_by_a_signal_ends_the_recipe(tmp_path, monkeypatch):
-    from configs import quickstart
-
-    ran = []
-
-    def run(config, workdir):
-        ran.append(config.task)
-        raise host.StopRequestedError(7, 2)
-
-    monkeypatch.setattr(loop, "run", run)
-    with pytest.raises(host.StopRequestedError, match="stopped at step 7 after signal 2"):
-        stages.run(quickstart.get_config("steps1=10,steps2=10"), str(tmp_path))
-    assert ran == ["mae"] and not (tmp_path / "results.json").exists()
-
-
-def test_caption_scores_by_hand():
-    texts = pipeline.EvalTexts(
-        captions=["a high beep repeats", "a dog barks", "a siren wails", "a bell rings"],
-        caption_clip=np.asarray([0, 0, 1, 1]), labels=[(0,), (1,)],
-        class_names=("beep", "siren"))
-    scores = cacophony_task.caption_scores({0: "a high beep repeats", 1: "a bell rings"},
-                                           texts)
-    # Clip 0's caption names "beep"; clip 1's names no siren: 1 of 2 clips.
-    assert scores["eval/caption_names_class"] == 50.0
-    assert scores["eval/caption_ROUGE-L"] == pytest.approx(1.0)  # both match a reference
-    assert scores["eval/caption_BLEU-1"] == pytest.approx(1.0)
 
 
 def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
