@@ -261,3 +261,14 @@ def test_open_source_synthetic():
     synthetic = pytest.importorskip("cacophony_jax.data.synthetic")
     source = open_source("synthetic", split="train", size=3, clip_seconds=1.0, seed=0)
     assert isinstance(source, synthetic.SyntheticCorpus) and len(source) == 3
+
+
+def test_a_path_for_the_synthetic_kind_is_refused():
+    from cacophony_jax.tasks import common
+    from tests.helpers import tiny_config
+
+    config = tiny_config("mae", 2, **{"data.train.path": "data/train.jsonl"})
+    with pytest.raises(ValueError, match="config.data.train.path='data/train.jsonl' is set "
+                                         "but config.data.train.kind is 'synthetic'"):
+        common.open_train_source(config)
+    assert common.open_eval_source(config) is not None  # the eval block is untouched

@@ -93,7 +93,7 @@ class DecodedSource:
                 if self._failures <= self.WARN_FIRST or self._failures % self.WARN_EVERY == 0:
                     logging.warning("skipping record %d of %s (%d skipped so far%s): %s",
                                     (index + failed) % n, self.name, self._failures,
-                                    ", now warning every 1000th"
+                                    f", now warning every {self.WARN_EVERY}th"
                                     if self._failures == self.WARN_FIRST else "", e)
                 continue
             record["num_failed"] = int(failed > 0)

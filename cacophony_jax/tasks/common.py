@@ -36,11 +36,11 @@ def clip_samples(seconds: float) -> int:
     return samples
 
 
-def _open(config: ml_collections.ConfigDict, block: ml_collections.ConfigDict,
-          size: int, clip_seconds: float) -> Any:
+def _open(config: ml_collections.ConfigDict, which: str, size: int,
+          clip_seconds: float) -> Any:
+    block = config.data[which]
     options: dict[str, Any] = {}
     if block.kind == "synthetic" and block.path:
-        which = "train" if block is config.data.train else "eval"
         raise ValueError(f"config.data.{which}.path={block.path!r} is set but "
                          f"config.data.{which}.kind is 'synthetic', which reads no files: "
                          f"set config.data.{which}.kind (e.g. manifest or array_record)")
@@ -53,7 +53,7 @@ def _open(config: ml_collections.ConfigDict, block: ml_collections.ConfigDict,
 
 def open_train_source(config: ml_collections.ConfigDict) -> Any:
     """The training source named by `config.data.train`."""
-    return _open(config, config.data.train, config.data.synthetic_train_size,
+    return _open(config, "train", config.data.synthetic_train_size,
                  config.audio.clip_seconds)
 
 
@@ -61,7 +61,7 @@ def open_eval_source(config: ml_collections.ConfigDict) -> Any | None:
     """The evaluation source named by `config.data.eval`, or None when disabled."""
     if not config.data.eval.kind:
         return None
-    return _open(config, config.data.eval, config.data.synthetic_eval_size,
+    return _open(config, "eval", config.data.synthetic_eval_size,
                  config.audio.eval_clip_seconds)
 
 

@@ -180,16 +180,20 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore())).config
 
-    def saved_task(self, step: int | None = None) -> str | None:
-        """The task ('mae', 'cacophony') of the config saved with `step` (default the
-        newest), or None where that config cannot be read."""
+    def saved_config(self, step: int | None = None) -> dict[str, Any] | None:
+        """The config saved with `step` (default the newest), or None where there is
+        none or it cannot be read."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             return None
         try:
-            return self.read_config(step).get("task")
+            return dict(self.read_config(step))
         except Exception:  # noqa: BLE001 - an unreadable config says nothing
             return None
+
+    def saved_task(self, step: int | None = None) -> str | None:
+        """The task ('mae', 'cacophony') of the config saved with `step`, or None."""
+        return (self.saved_config(step) or {}).get("task")
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
@@ -207,10 +211,7 @@ def saved_config(path: str) -> dict[str, Any] | None:
     directory, step = resolve(path)
     reader = Checkpointer(directory, read_only=True, async_save=False)
     try:
-        step = reader.manager.latest_step() if step is None else step
-        return None if step is None else dict(reader.read_config(step))
-    except Exception:  # noqa: BLE001 - an unreadable config says nothing
-        return None
+        return reader.saved_config(step)
     finally:
         reader.close()
 

@@ -76,9 +76,8 @@ def _changed_state_fields(config: ml_collections.ConfigDict,
                           ckpt: checkpoint.Checkpointer) -> list[str]:
     """'field (saved -> now)' for each of STATE_FIELDS the newest checkpoint's config
     sets differently (empty when its config cannot be read)."""
-    try:
-        saved = ckpt.read_config(ckpt.steps()[-1])
-    except Exception:  # noqa: BLE001 - then the message stays general
+    saved = ckpt.saved_config(ckpt.steps()[-1])
+    if saved is None:  # then the message stays general
         return []
     return [f"config.{key} ({_lookup(saved, key)!r} -> {_lookup(config, key)!r})"
             for key in STATE_FIELDS if _lookup(saved, key) != _lookup(config, key)]
