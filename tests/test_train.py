@@ -141,8 +141,27 @@ def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path, monke
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
 
 
+def _manifest_with_broken_files(root):
+    import soundfile
+
+    rows = []
+    for k in range(10):
+        tone = (8000 * np.sin(np.arange(16000) * (0.05 + 0.02 * k))).astype(np.int16)
+        soundfile.write(root / f"t{k}.wav", tone, 16000, subtype="PCM_16")
+        rows.append({"audio": f"t{k}.wav", "caption": f"tone number {k}"})
+    (root / "junk.wav").write_bytes(b"RIFF....WAVEjunk")
+    rows[3:3] = [{"audio": "missing.wav", "caption": "gone"},
+                 {"audio": "junk.wav", "caption": "junk"}]
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(root / "train.jsonl")
+
+
 def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
-    straight = tiny_config("mae", 12, **{"train.checkpoint_every": 6})
+    # Unreadable files in the data: the resumed run skips the same draws, and its
+    # count of them carries on from the checkpoint.
+    straight = tiny_config("mae", 12, **{"train.checkpoint_every": 6,
+                                         "data.train.kind": "manifest",
+                                         "data.train.path": _manifest_with_broken_files(tmp_path)})
     loop.run(straight, str(tmp_path / "a"))
 
     real_jit = step_lib.jit_train_step
@@ -166,10 +185,14 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     loop.run(straight, str(tmp_path / "b"))
     assert_trees_equal(restore_params(straight, tmp_path / "a"),
                        restore_params(straight, tmp_path / "b"))
-    losses_a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r}
-    rows_b = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "b") if "loss" in r]
+    key = ("loss", "data/failed_records")
+    rows_a = {r["step"]: tuple(r[k] for k in key) for r in read_metrics(tmp_path / "a")
+              if "loss" in r}
+    rows_b = [(r["step"], tuple(r[k] for k in key)) for r in read_metrics(tmp_path / "b")
+              if "loss" in r]
     # Steps 7-8 ran twice; their rows from before the crash were replaced, not repeated.
-    assert rows_b == sorted(losses_a.items())
+    assert rows_b == sorted(rows_a.items())
+    assert 0 < rows_a[6][1] < rows_a[12][1]
 
 
 def test_state_is_initialised_with_the_threefry_kernel_setting_then_restored():

@@ -20,6 +20,7 @@ from etils import epath
 from grain import checkpoint as grain_ckpt
 
 ITEMS = ("state", "data_iter", "config")
+COUNTERS_KEY = "cacophony_host_counters"
 
 
 class CheckpointError(ValueError):
@@ -33,11 +34,34 @@ class _FrozenIteratorState:
     matches the saved model; we save the state recorded with the batch instead.
     """
 
-    def __init__(self, state: dict[str, Any]):
-        self._state = state
+    def __init__(self, state: dict[str, Any], counters: dict[str, int] | None = None):
+        self._state = dict(state, **{COUNTERS_KEY: counters}) if counters else state
 
     def get_state(self) -> bytes:
         return json.dumps(self._state, indent=1).encode()
+
+
+class IteratorTarget:
+    """The restore target for a Grain iterator whose saved state carries host counters.
+
+    The loop's own per-process counters (e.g. data/failed_records) ride in the saved
+    iterator state under COUNTERS_KEY, so they continue across a resume; states saved
+    without them restore as before, with counters of zero.
+    """
+
+    def __init__(self, iterator: Any):
+        self.iterator = iterator
+        self.counters: dict[str, int] = {}
+
+    def set_state(self, state: bytes | dict[str, Any]) -> None:
+        state = dict(json.loads(state) if isinstance(state, (bytes, str)) else state)
+        self.counters = {k: int(v) for k, v in (state.pop(COUNTERS_KEY, None) or {}).items()}
+        self.iterator.set_state(state)
+
+    def start_prefetch(self) -> None:
+        start = getattr(self.iterator, "start_prefetch", None)
+        if start is not None:
+            start()
 
 
 def _brief(error: BaseException, limit: int = 300) -> str:
@@ -105,7 +129,8 @@ class Checkpointer:
 
         Args:
           abstract_state: ShapeDtypeStructs with shardings (the restore target).
-          data_iter: a Grain DatasetIterator to set to the saved position, or None.
+          data_iter: a Grain DatasetIterator (or an IteratorTarget around one) to set
+            to the saved position, or None.
           step: a specific step; None tries the newest, then older ones.
 
         Returns:
@@ -144,8 +169,12 @@ class Checkpointer:
                             "from the start of the data are seen again", step, _brief(e))
 
     def save(self, step: int, state: Any, iterator_state: dict[str, Any] | None,
-             config_json: dict[str, Any], force: bool = False) -> bool:
+             config_json: dict[str, Any], force: bool = False,
+             counters: dict[str, int] | None = None) -> bool:
         """Starts saving `state` at `step` (asynchronously when configured).
+
+        `counters` (this process's, saved with its iterator state) come back in the
+        IteratorTarget given to `restore`.
 
         Returns:
           True if a save was started.
@@ -160,7 +189,7 @@ class Checkpointer:
         }
         if iterator_state is not None:
             items["data_iter"] = grain_ckpt.CheckpointSave(
-                _FrozenIteratorState(iterator_state))
+                _FrozenIteratorState(iterator_state, counters))
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def _move_aside(self, step: int) -> None:

@@ -189,7 +189,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     prefetcher = profiler = None
     writer = metrics.MetricWriter(str(workdir_path))
     try:
-        state = init.restore_or_init(config, task, tx, plan, ckpt, data_iter)
+        resumed_iter = checkpoint.IteratorTarget(data_iter)
+        state = init.restore_or_init(config, task, tx, plan, ckpt, resumed_iter)
         start = int(jax.device_get(state.step))
         writer.resume_at(start)
         if jax.process_index() == 0:  # only once the workdir's checkpoints are known to fit
@@ -218,7 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         progress = metrics.Progress(total, start, config.data.global_batch_size,
                                     step_flops, peak)
         window: list[dict[str, jax.Array]] = []
-        failed_records, iter_state, step = 0, None, start
+        failed_records = resumed_iter.counters.get("failed_records", 0)
+        iter_state, step = None, start
         final: dict[str, float] = {}
         if start >= total:
             logging.info("already trained for %d of %d steps", start, total)
@@ -253,7 +255,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                               step, ckpt)
             if save:  # before evaluating, so a failing evaluation loses no training
                 t0 = time.perf_counter()
-                ckpt.save(step, state, iter_state, config_json, force=True)
+                ckpt.save(step, state, iter_state, config_json, force=True,
+                          counters={"failed_records": failed_records})
                 progress.add_pause(time.perf_counter() - t0)
             due = last or (config.train.eval_every and step % config.train.eval_every == 0)
             if evaluate is not None and due and not stop:  # a stopped run evaluates on rerun
