@@ -240,20 +240,22 @@ class CacophonyModel:
         counts = np.bincount(owner, minlength=len(clips)).astype(np.float32)
         return _normalize(out / counts[:, None])
 
-    def embed_text(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    def embed_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
         """L2-normalised text embeddings.
 
         Args:
-          texts: the texts; each is cut to ``text_length`` tokens (bos/eos included).
+          texts: the texts, or one text (as one path is one clip for embed_audio); each
+            is cut to ``text_length`` tokens (bos/eos included).
           batch_size: the most texts run at once.
 
         Returns:
           float32 [n, embedding_size].
         """
         self._need_text("embed_text")
-        if isinstance(texts, str):
-            raise InferenceError("embed_text takes a list of texts; wrap a single text in a "
-                                 "list")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            kinds = sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
+            raise InferenceError(f"embed_text takes texts (str), got {', '.join(kinds)}")
         ids, mask = self.tokenizer.encode(list(texts), self.text_length)
         if ids.shape[0] == 0:
             return np.zeros((0, self.embedding_size), np.float32)

@@ -149,6 +149,8 @@ def test_embed_text_and_similarity(model, converted):
     np.testing.assert_allclose(sim, audio @ out.T, atol=1e-6)
     np.testing.assert_allclose(model.similarity(audio * 7.0, out * 0.1), sim, atol=1e-6)
     assert model.embed_text([]).shape == (0, 64)
+    # One text is one row, as one path is one clip for embed_audio.
+    np.testing.assert_allclose(model.embed_text("rain on a roof"), out[1:2], atol=1e-6)
 
 
 def test_caption_returns_strings(model):
@@ -239,8 +241,8 @@ def test_clear_errors(model, tmp_path):
         model.embed_audio([noise(0.1)], sample_rate=16000)
     with pytest.raises(io.AudioError, match="does not exist"):
         model.embed_audio([tmp_path / "nope.wav"])
-    with pytest.raises(inference.InferenceError, match="list of texts"):
-        model.embed_text("a dog")
+    with pytest.raises(inference.InferenceError, match="takes texts .str., got int"):
+        model.embed_text(["a dog", 3])
     with pytest.raises(inference.InferenceError, match="similarity"):
         model.similarity(np.zeros((2, 64)), np.zeros((2, 32)))
     assert jax.tree.leaves(model.params)[0].dtype == np.float32

@@ -292,7 +292,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                   "| set | model | " + " | ".join(titles) + " |",
                   "|---|---|" + "---|" * len(titles)]
         for name in retrieval:
-            display = DATASETS.get(name, (name,))[0]
+            display = _display(name, sets)
             rows = [("this model", sets[name]["metrics"]), *PUBLISHED.get(name, {}).items()]
             for model, values in rows:
                 cells = [_cell(values.get(k)) for k in _RETRIEVAL_KEYS]
@@ -305,7 +305,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         reference = [n for n, d in DATASETS.items() if d[1] == "zeroshot" and n not in zeroshot]
         for name in zeroshot + reference:
-            display = DATASETS.get(name, (name,))[0]
+            display = _display(name, sets)
             paper = PUBLISHED.get(name, {}).get("Cacophony (paper)", {}).get("top1")
             if name in sets:
                 m = sets[name]["metrics"]
@@ -325,6 +325,15 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if notes:
         lines += ["Incomplete sets:", "", *notes, ""]
     return "\n".join(lines)
+
+
+def _display(name: str, sets: Mapping[str, Any]) -> str:
+    # A copy missing clips is not the published set: its numbers are not comparable.
+    display = DATASETS.get(name, (name,))[0]
+    result = sets.get(name)
+    if result and (result["unreadable"] or result["missing"]):
+        display += " (incomplete copy, see below)"
+    return display
 
 
 def write_results(results: Mapping[str, Any], out_dir: str) -> None:
