@@ -124,15 +124,45 @@ def test_progress_reports_model_tflops_and_mfu(monkeypatch):
     assert "perf/model_tflops_per_device" not in no_flops.rates(2)
 
 
+def _tensorboard_events(path):
+    """The events of one TensorBoard file (records: u64 length, u32 crc, data, u32 crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, events, at = path.read_bytes(), [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[at + 12:at + 12 + length])
+        events.append(event)
+        at += 16 + length
+    return events
+
+
 def test_metric_writer_resume_drops_later_and_cut_rows(tmp_path):
     import json
 
-    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
-    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 4, "lo')  # cut short
+    earlier = metrics.MetricWriter(str(tmp_path), enabled=True)
+    for s in (1, 2, 3, 4):
+        earlier.write(s, {"loss": 1.0 / s})
+    earlier.close()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text()[:-5])  # the step-4 row cut short by a kill
+    (first,) = (tmp_path / "tensorboard").iterdir()
+    first.rename(first.with_name("events.out.tfevents.0000000001.earlier"))
     writer = metrics.MetricWriter(str(tmp_path), enabled=True)
     writer.resume_at(2)  # steps 3 and 4 run again
     writer.write(3, {"loss": 0.25})
     writer.close()
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines = path.read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert json.loads(lines[-1])["loss"] == 0.25
+    # TensorBoard: one new events file, which first hides the old events from step 3 on.
+    files = sorted((tmp_path / "tensorboard").iterdir())
+    assert len(files) == 2
+    new = _tensorboard_events(files[1])
+    starts = [i for i, e in enumerate(new) if e.session_log.status == e.session_log.START]
+    assert [new[i].step for i in starts] == [3] and starts[0] < len(new) - 1
+    assert [(e.step, v.tag, v.simple_value) for e in new for v in e.summary.value] == [
+        (3, "loss", 0.25)]

@@ -55,15 +55,20 @@ class MetricWriter:
         self._workdir = workdir
         self._jsonl = open(  # noqa: SIM115 - held open for the whole run
             os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        self._open_tensorboard()
+        # The events file is opened at the first write, with the purge step resume_at
+        # found (one file per process: two opened in the same second share a name).
+        self._purge_step: int | None = None
 
-    def _open_tensorboard(self, purge_step: int | None = None) -> None:
-        try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(self._workdir, "tensorboard"),
-                                     purge_step=purge_step)
-        except ImportError:  # pragma: no cover - tensorboardX is a requirement
-            logging.warning("tensorboardX missing: TensorBoard events are not written")
+    def _tensorboard(self) -> Any:
+        if self._tb is None:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(self._workdir, "tensorboard"),
+                                         purge_step=self._purge_step)
+            except ImportError:  # pragma: no cover - tensorboardX is a requirement
+                logging.warning("tensorboardX missing: TensorBoard events are not written")
+                self._tb = False
+        return self._tb
 
     def resume_at(self, step: int) -> None:
         """Drops the rows logged after `step` by an earlier, interrupted process.
@@ -85,9 +90,7 @@ class MetricWriter:
                 f.writelines(kept)
             logging.info("metrics.jsonl: dropped %d row(s) after step %d, logged before the "
                          "restart (those steps run again)", len(lines) - len(kept), step)
-            if self._tb is not None:
-                self._tb.close()
-                self._open_tensorboard(purge_step=step + 1)
+            self._purge_step = step + 1  # hides the old events from that step on
         self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -97,20 +100,21 @@ class MetricWriter:
         row = {k: _scalar(v) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb:
             for key, value in row.items():
                 # TensorBoard tag names allow no '@' ("t2a_R@10" -> "t2a_R10").
-                self._tb.add_scalar(key.replace("@", ""), value, int(step))
-            self._tb.flush()
+                tb.add_scalar(key.replace("@", ""), value, int(step))
+            tb.flush()
 
     def close(self) -> None:
         """Flushes and closes the files."""
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        if self._tb is not None:
+        if self._tb:
             self._tb.close()
-            self._tb = None
+        self._tb = None
 
 
 class Progress:
