@@ -21,8 +21,6 @@ counted (`unreadable`), so results on an incomplete copy of a set say so.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -31,48 +29,14 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from cacophony_jax import atomic_write
 from cacophony_jax.audio.files import map_records
 from cacophony_jax.audio.io import SAMPLE_RATE, AudioError
-from cacophony_jax.data import layouts
 from cacophony_jax.data.sources import SourceError
 from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate
-from cacophony_jax.evals.retrieval import MAP_K, RECALL_KS, retrieval_metrics
+from cacophony_jax.evals.report import DATASETS, results_markdown, write_results
+from cacophony_jax.evals.retrieval import retrieval_metrics
 from cacophony_jax.evals.zeroshot import prompts_for, zeroshot_metrics
 from cacophony_jax.progress import Progress
-
-# Published results of "Cacophony: An Improved Contrastive Audio-Text Model" (Zhu,
-# Darefsky, Duan; IEEE/ACM TASLP 32, 2024; arXiv 2402.06986): retrieval R@k in percent
-# (the AudioCaps row is the released weights'; LAION-CLAP is the paper's peer row) and
-# zero-shot top-1 accuracy in percent. TUT 2017 and VGGSound have no reader here.
-PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
-    "audiocaps": {
-        "Cacophony (paper)": {"t2a_R@1": 41.0, "t2a_R@5": 75.3, "t2a_R@10": 86.4,
-                              "a2t_R@1": 55.3, "a2t_R@5": 83.6, "a2t_R@10": 92.4},
-        "LAION-CLAP (paper)": {"t2a_R@1": 36.1, "t2a_R@5": 71.8, "t2a_R@10": 83.9,
-                               "a2t_R@1": 46.8, "a2t_R@5": 82.9, "a2t_R@10": 90.7},
-    },
-    "clotho": {
-        "Cacophony (paper)": {"t2a_R@1": 20.0, "t2a_R@5": 46.3, "t2a_R@10": 58.2,
-                              "a2t_R@1": 26.1, "a2t_R@5": 53.3, "a2t_R@10": 66.1},
-    },
-    "esc50": {"Cacophony (paper)": {"top1": 93.4}},
-    "urbansound8k": {"Cacophony (paper)": {"top1": 77.1}},
-    "tut2017": {"Cacophony (paper)": {"top1": 48.6}},
-    "vggsound": {"Cacophony (paper)": {"top1": 27.1}},
-}
-
-# Set name -> (display name, task, opener of the evaluated split from the dataset root).
-DATASETS: dict[str, tuple[str, str, Callable[[str], Any] | None]] = {
-    "audiocaps": ("AudioCaps test", "retrieval",
-                  lambda root: layouts.audiocaps_source(root, "test")),
-    "clotho": ("Clotho evaluation", "retrieval",
-               lambda root: layouts.clotho_source(root, "evaluation")),
-    "esc50": ("ESC-50 (5 folds)", "zeroshot", layouts.esc50_source),
-    "urbansound8k": ("UrbanSound8K (10 folds)", "zeroshot", layouts.urbansound8k_source),
-    "tut2017": ("TUT Acoustic Scenes 2017", "zeroshot", None),
-    "vggsound": ("VGGSound test", "zeroshot", None),
-}
 
 
 def open_datasets(roots: Mapping[str, str]) -> dict[str, Any]:
@@ -263,89 +227,6 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
     if out_dir:
         write_results(results, out_dir)
     return results
-
-
-def _cell(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{value:.1f}"
-
-
-_RETRIEVAL_KEYS = ([f"t2a_R@{k}" for k in RECALL_KS] + [f"t2a_mAP@{MAP_K}"]
-                   + [f"a2t_R@{k}" for k in RECALL_KS] + [f"a2t_mAP@{MAP_K}"])
-
-
-def results_markdown(results: Mapping[str, Any]) -> str:
-    """The results as Markdown: one table per task, this model next to the paper.
-
-    Args:
-      results: what `evaluate_bundle` returns.
-
-    Returns:
-      Markdown text.
-    """
-    sets = results["sets"]
-    lines = ["# Evaluation results", "", f"Bundle: `{results.get('bundle', '')}`", ""]
-    retrieval = [n for n, r in sets.items() if "retrieval" in r["tasks"]]
-    if retrieval:
-        titles = [k.replace("t2a_", "T→A ").replace("a2t_", "A→T ") for k in _RETRIEVAL_KEYS]
-        lines += ["## Text-audio retrieval (%)", "",
-                  "| set | model | " + " | ".join(titles) + " |",
-                  "|---|---|" + "---|" * len(titles)]
-        for name in retrieval:
-            display = _display(name, sets)
-            rows = [("this model", sets[name]["metrics"]), *PUBLISHED.get(name, {}).items()]
-            for model, values in rows:
-                cells = [_cell(values.get(k)) for k in _RETRIEVAL_KEYS]
-                lines.append(f"| {display} | {model} | " + " | ".join(cells) + " |")
-        lines.append("")
-    zeroshot = [n for n, r in sets.items() if "zeroshot" in r["tasks"]]
-    if zeroshot:
-        lines += ["## Zero-shot classification (%), prompt \"This is a sound of {label}.\"", "",
-                  "| set | top-1 this model | top-1 Cacophony (paper) | top-5 | mAP | clips |",
-                  "|---|---|---|---|---|---|"]
-        reference = [n for n, d in DATASETS.items() if d[1] == "zeroshot" and n not in zeroshot]
-        for name in zeroshot + reference:
-            display = _display(name, sets)
-            paper = PUBLISHED.get(name, {}).get("Cacophony (paper)", {}).get("top1")
-            if name in sets:
-                m = sets[name]["metrics"]
-                lines.append(f"| {display} | {_cell(m['top1'])} | {_cell(paper)} | "
-                             f"{_cell(m['top5'])} | {_cell(m['mAP'])} | {sets[name]['clips']} |")
-            else:
-                why = "not evaluated" if DATASETS[name][2] else "no reader"
-                lines.append(f"| {display} | — ({why}) | {_cell(paper)} | — | — | — |")
-        lines.append("")
-    mentions = {n: r["metrics"]["class_mention_rate"] for n, r in sets.items()
-                if "class_mention_rate" in r["metrics"]}
-    if mentions:
-        lines += ["## Captions naming the clip's class (%)", "", "| set | rate |", "|---|---|"]
-        lines += [f"| {n} | {_cell(v)} |" for n, v in mentions.items()] + [""]
-    notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped"
-             for n, r in sets.items() if r["unreadable"] or r["missing"]]
-    if notes:
-        lines += ["Incomplete sets:", "", *notes, ""]
-    return "\n".join(lines)
-
-
-def _display(name: str, sets: Mapping[str, Any]) -> str:
-    # A copy missing clips is not the published set: its numbers are not comparable.
-    display = DATASETS.get(name, (name,))[0]
-    result = sets.get(name)
-    if result and (result["unreadable"] or result["missing"]):
-        display += " (incomplete copy, see below)"
-    return display
-
-
-def write_results(results: Mapping[str, Any], out_dir: str) -> None:
-    """Writes results.json and results.md into `out_dir` (each replaced atomically).
-
-    Args:
-      results: what `evaluate_bundle` returns.
-      out_dir: the folder (created if needed).
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write.write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
-    atomic_write.write_text(os.path.join(out_dir, "results.md"), results_markdown(results))
 
 
 def add_arguments(parser: Any) -> None:
