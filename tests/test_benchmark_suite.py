@@ -1,0 +1,188 @@
+"""Smoke tests of the benchmark suite runner, the attention parity check and the GPU
+profile and kernel-timing tools, at tiny sizes on CPU."""
+
+import json
+import pathlib
+import sys
+
+import jax
+import pytest
+
+from benchmarks import attention_parity, norm_kernels, profile_summary, suite, tables
+from tests.helpers import cudnn_stand_in
+
+
+def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys):
+    out = tmp_path / "suite"
+    rows = suite.main(["--out", str(out), "--parts", "train-mae", "--variant", "tiny",
+                       "--batch", "8", "--train-steps", "6", "--log-every", "2",
+                       "--clips", "8", "--clip-seconds", "1", "--workers", "0",
+                       "--attention", "", "--peak-tflops", "2"])
+    (row,) = rows
+    assert row["kind"] == "train" and row["stage"] == "mae" and row["last_step"] == 6
+    assert row["windows"] == 2  # log windows ending at steps 4 and 6 (1 and 2 skipped)
+    assert row["mfu"] == pytest.approx(row["model_tflops_per_device"] / 2)
+    assert 0 <= row["input_wait_fraction"] <= 1 and row["failed_records"] == 0
+    assert "| mae tiny | 8 | 0 |" in (out / "summary.md").read_text()
+    assert (out / "logs" / "train-mae.log").read_text().count("step 6/6") == 1
+    capsys.readouterr()
+    suite.main(["--summarize", str(out / "rows.jsonl")])
+    assert "| mae tiny |" in capsys.readouterr().out
+
+
+def test_suite_plan_and_errors(tmp_path, capsys):
+    suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run"])
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 17 and not (tmp_path / "rows.jsonl").exists()
+    assert "attention_parity.py" in printed[0]
+    assert sum("--fuse-qkv" in line for line in printed) == 2
+    assert sum("--fused-norm" in line for line in printed) == 2
+    assert sum("norm_kernels.py" in line for line in printed) == 1
+    assert any("--attention xla" in line for line in printed)
+    assert any("--config.model.attention=cudnn" in line and "mae.py:base" in line
+               for line in printed)
+    with pytest.raises(ValueError, match="unknown part"):
+        suite.main(["--out", str(tmp_path), "--parts", "steps-mea"])
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "loss": 1.0, "perf/first_step_seconds": 30.0}, *(
+            {"step": s, "loss": 1.0, "perf/examples_per_sec": e,
+             "perf/input_wait_fraction": 0.1}
+            for s, e in ((10, 50.0), (20, 100.0), (30, 200.0)))]) + '\n{"step": 4')
+    steady = suite.steady_state(metrics)  # the cut last line of a killed run is skipped
+    assert steady["examples_per_sec"] == 150.0 and steady["windows"] == 2
+    capsys.readouterr()
+    assert suite.main(["--out", str(tmp_path), "--parts", "steps-mae,attention",
+                       "--budget", "20"]) == []
+    assert capsys.readouterr().out.count("s of --budget left") == 2
+    parity = {"stage": "mae", "variant": "base", "attention": "cudnn", "batch": 16,
+              "loss_rel": 1e-4, "grad_rel": 3e-3, "grad_leaf_median_rel": 2e-3, "same": True}
+    assert "| mae base, xla vs cudnn | 16 | 1.0e-04 | 3.0e-03 (2.0e-03) | same |" in (
+        tables.summarize([parity]))
+    profiled = {"stage": "mae", "attention": "cudnn", "batch": 256, "profile": {
+        "busy_fraction": 0.95, "product_tflops": 612.0,
+        "categories": {"matmul": {"ms_per_step": 120.0}, "fusion/other": {"ms_per_step": 60.5}}}}
+    assert "| mae cudnn | 256 | 95.0 % | 120.0 | 0.0 | 60.5 | 0.0 | 0.0 | 612 |" in (
+        tables.summarize([profiled]))
+
+
+def test_attention_parity_runs_both_stages_through_the_fused_path(monkeypatch):
+    """On CPU the fused path is the cuDNN stand-in (cuDNN's shape rules, XLA's maths),
+    so both runs must agree to float32 rounding; the MAE encoder's odd visible-patch
+    count goes through the padding."""
+    calls = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls))
+    rows = attention_parity.main(["--variant", "tiny", "--batch", "8", "--clip-seconds", "1"])
+    assert [r["stage"] for r in rows] == ["mae", "cacophony"] and "cudnn" in calls
+    for row in rows:
+        assert row["same"] and row["loss_rel"] < 1e-5 and row["grad_rel"] < 1e-4
+        assert row["grad_leaf_median_rel"] < 1e-4
+        assert len(row["loss_fused"]) == 2 and row["loss_fused"][1] != row["loss_fused"][0]
+
+
+def test_attention_parity_reports_a_difference(monkeypatch):
+    real = jax.nn.dot_product_attention
+
+    def wrong(query, key, value, mask=None, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            mask = None  # forgets the mask
+        return real(query, key, value, mask=mask, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", wrong)
+    with pytest.raises(ValueError, match="trains differently"):
+        attention_parity.main(["--stage", "cacophony", "--variant", "tiny", "--batch", "8",
+                               "--batches", "1", "--clip-seconds", "1"])
+
+
+def test_suite_command_environment_appends_xla_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_a=1")
+    show = suite.Command("show", [sys.executable, "-c",
+                                  "import os; print('got', os.environ['XLA_FLAGS'], "
+                                  "os.environ['OTHER'])"],
+                         env={"XLA_FLAGS": "--xla_b=", "OTHER": "x y"})
+    assert suite.run_command(show, tmp_path, timeout=60) == 0
+    out = capsys.readouterr().out
+    assert "== show: XLA_FLAGS=--xla_b= OTHER='x y' " in out
+    assert "got --xla_a=1 --xla_b= x y" in out
+
+
+def test_suite_stops_a_silent_command_at_its_timeout(tmp_path, capsys):
+    sleeper = suite.Command("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    assert suite.run_command(sleeper, tmp_path, timeout=0.5) != 0
+    assert "sleeper: stopped after 0.5 s" in capsys.readouterr().out
+
+
+# ---- profile_summary ---------------------------------------------------------------
+
+def _xevent(metadata_id: int, start_us: float, duration_us: float, hlo_op: str = "") -> str:
+    stats = f' stats {{ metadata_id: 1 str_value: "{hlo_op}" }}' if hlo_op else ""
+    return (f"events {{ metadata_id: {metadata_id} offset_ps: {int(start_us * 1e6)} "
+            f"duration_ps: {int(duration_us * 1e6)}{stats} }}")
+
+
+def _xline(line_id: int, name: str, *events: str) -> str:
+    return f'lines {{ id: {line_id} name: "{name}" timestamp_ns: 1000 {" ".join(events)} }}'
+
+
+# A GPU trace as the CUPTI tracer lays it out: kernels on "Stream #N" lines (two of
+# them overlapping), the same time again on the derived "XLA Ops" line, and a CUPTI
+# overhead line; times in microseconds here.
+_KERNELS = ("nvjet_hsh_256x128_2x1_v_bz_coopA_TNN",
+            "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "loop_add_fusion",
+            "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "custom-call.3")
+_GPU_XSPACE = "planes { id: 1 name: \"/device:GPU:0\" " + " ".join([
+    _xline(1, "Stream #7(Kernel)", _xevent(1, 0, 6, "custom-call.3"),
+           _xevent(2, 6, 2, "custom-call.9"), _xevent(3, 8, 1, "loop_add_fusion"),
+           _xevent(1, 12, 6, "custom-call.3")),
+    _xline(2, "Stream #9(MemcpyH2D,Kernel)", _xevent(4, 8.5, 1, "all-reduce.1")),
+    _xline(3, "XLA Ops", _xevent(5, 0, 6)),
+    _xline(4, "CUPTI overhead", _xevent(5, 0, 9)),
+    *(f'event_metadata {{ key: {i} value {{ id: {i} name: "{name}" }} }}'
+      for i, name in enumerate(_KERNELS, 1)),
+    'stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }',
+]) + " }"
+# A second GPU running the same program, listed first: only GPU 0 is read.
+_GPU_XSPACE = ('planes { id: 2 name: "/device:GPU:1" '
+               + _xline(1, "Stream #7(Kernel)", _xevent(1, 0, 6, "custom-call.3"))
+               + ' event_metadata { key: 1 value { id: 1 name: "nvjet_hsh" } }'
+               + ' stat_metadata { key: 1 value { id: 1 name: "hlo_op" } } } ' + _GPU_XSPACE)
+
+
+def test_profile_summary_sorts_gpu_kernels_and_counts_overlap_once():
+    from jax.profiler import ProfileData
+    profile = ProfileData.from_serialized_xspace(
+        ProfileData.text_proto_to_serialized_xspace(_GPU_XSPACE))
+    events, source = profile_summary.device_events(profile)
+    assert len(events) == 5 and "Stream #7(Kernel)" in source and "XLA Ops" not in source
+    assert source.startswith("/device:GPU:0")
+    summary = profile_summary.summarize(events, steps=2, model_gflop=10.0)
+    ms = {k: c["ms_per_step"] for k, c in summary["categories"].items()}
+    assert ms == pytest.approx({"matmul": 6e-3, "attention": 1e-3, "fusion/other": 5e-4,
+                                "collective": 5e-4})
+    # Busy: 0-9.5 us (the all-reduce overlaps the fusion) and 12-18 us; span 18 us.
+    assert summary["busy_ms_per_step"] == pytest.approx(15.5e-3 / 2)
+    assert summary["span_ms_per_step"] == pytest.approx(18e-3 / 2)
+    # 2 steps x 10 GFLOP in 14 us of products and attention.
+    assert summary["product_tflops"] == pytest.approx(20e9 / 14e-6 / 1e12)
+    assert summary["top_ops"][0] == pytest.approx(
+        {"category": "matmul", "op": "custom-call.3", "ms_per_step": 6e-3,
+         "calls_per_step": 1.0, "share": 12 / 16})
+    text = profile_summary.format_summary(summary, source)
+    assert "matmul" in text and "model TFLOP/s while running" in text
+    with pytest.raises(ValueError, match="no device events"):
+        profile_summary.summarize([])
+    with pytest.raises(FileNotFoundError, match="profile_steps"):
+        profile_summary.newest_trace(pathlib.Path(__file__).parent / "fixtures" / "official")
+
+
+def test_norm_kernels_times_xla_and_the_kernels_and_compares_gradients(tmp_path, capsys):
+    """A CPU smoke run (interpreted kernels): one XLA row, one per launch setting,
+    with gradients that match XLA's and a summary table."""
+    out = tmp_path / "rows.jsonl"
+    rows = norm_kernels.main(["--tokens", "24", "--width", "20", "--dtype", "float32",
+                              "--rows", "2,4", "--iters", "1", "--json", str(out)])
+    assert [(r["norm"], r["rows"]) for r in rows] == [("xla", 0), ("kernels", 2),
+                                                      ("kernels", 4)]
+    assert all(r["max_grad_rel"] < 1e-5 and r["grad_ms"] > 0 for r in rows)
+    assert "| kernels, rows 4, warps 4 | 24 x 20 |" in tables.summarize(
+        tables.read_rows([out]))
