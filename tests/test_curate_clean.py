@@ -86,7 +86,7 @@ def _write_jsonl(path, rows):
 
 
 def _read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line]
 
 
 def test_rules_backend_reports_bad_rows(tmp_path, caplog):
@@ -108,7 +108,7 @@ def test_rules_backend_reports_bad_rows(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         counts = clean.run_clean(str(src), str(out), progress=False)
     assert counts == dict(read=7, written=2, skipped=5, invalid=3, empty=1, duplicate=1,
-                          resumed=0, cached=0, requested=0)
+                          rejected=0, resumed=0, cached=0, requested=0)
     for line in (2, 3, 5, 6, 7):
         assert f"raw.jsonl line {line}:" in caplog.text
     assert "line 1:" not in caplog.text and "line 8:" not in caplog.text
@@ -119,6 +119,19 @@ def test_rules_backend_reports_bad_rows(tmp_path, caplog):
                                "user": "bob"}}
     assert rows[1]["id"] == "7" and rows[1]["audio"] == "/abs/f.wav"
     assert rows[1]["captions"] == ["Thunder roll."]
+
+
+def test_rows_with_unicode_line_separators_resume(tmp_path):
+    # U+2028/U+2029/U+0085 stay unescaped in the output; only "\n" ends a row.
+    src = tmp_path / "raw.jsonl"
+    _write_jsonl(src, [{"audio": f"{k}.wav", "title": f"Rain{sep}on a roof {k}"}
+                       for k, sep in enumerate(("\u2028", "\u2029", "\x85", " "))])
+    out = tmp_path / "out.jsonl"
+    first = clean.run_clean(str(src), str(out), progress=False)
+    assert first["written"] == 4 and "\u2028" in out.read_text(encoding="utf-8")
+    again = clean.run_clean(str(src), str(out), progress=False)
+    assert again["resumed"] == 4 and again["written"] == 0
+    assert [r["id"] for r in _read_jsonl(out)] == ["0.wav", "1.wav", "2.wav", "3.wav"]
 
 
 def test_user_errors_are_clear(tmp_path, monkeypatch):
@@ -147,6 +160,15 @@ def test_parse_caption():
         "Rain falls on a roof"
     assert llm.parse_caption("NONE") is None and llm.parse_caption("none.") is None
     assert llm.parse_caption("") is None
+    # Chat models' courtesy words are not the caption.
+    assert llm.parse_caption("Sure! Here is the caption:\nA dog barks.") == "A dog barks."
+    assert llm.parse_caption("Here's the rewritten caption: rain on a roof.") == \
+        "Rain on a roof."
+    assert llm.parse_caption("Okay, here is a caption: birds sing") == "Birds sing"
+    with pytest.raises(llm.RejectedError, match="declined"):
+        llm.parse_caption("I cannot help with that request.")
+    with pytest.raises(llm.RejectedError, match="not one short caption"):
+        llm.parse_caption("A very " + "very " * 200 + "loud dog.")
 
 
 class FakeChatServer:
@@ -175,14 +197,19 @@ class FakeChatServer:
                 time.sleep(owner.delay)
                 with owner.lock:
                     owner.in_flight -= 1
-                if code != 200:
+                user = body["messages"][-1]["content"]
+                title = user.split("\n")[0].removeprefix("Title: ")
+                if code == 200 and len(user) > 2000:
+                    code, reply = 400, {"error": "This model's maximum context length is "
+                                                 "4096 tokens; your request has 9000"}
+                elif code != 200:
                     # A careless server echoing the credentials back in its error body.
                     reply = {"error": f"status {code}",
                              "echo": self.headers.get("Authorization", "")}
                 else:
-                    user = body["messages"][-1]["content"]
-                    title = user.split("\n")[0].removeprefix("Title: ")
-                    text = "NONE" if "silence" in title else f"Caption: the sound of {title}."
+                    text = ("NONE" if "silence" in title else
+                            "I'm sorry, I can't help with that." if "refuse" in title else
+                            f"Caption: the sound of {title}.")
                     reply = {"choices": [{"index": 0, "message": {"role": "assistant",
                                                                   "content": text}}]}
                 data = json.dumps(reply).encode()
@@ -315,6 +342,67 @@ def test_llm_none_answer_skips_row(tmp_path, server):
                        {"audio": "b.wav", "title": "frogs"}])
     counts = clean.run_clean(str(src), str(tmp_path / "o.jsonl"), **_llm(server))
     assert counts["empty"] == 1 and counts["written"] == 1
+
+
+def test_llm_one_clip_refused_costs_that_clip_only(tmp_path, server, caplog):
+    src = tmp_path / "raw.jsonl"
+    _write_jsonl(src, [{"audio": "a.wav", "title": "frogs"},
+                       {"audio": "b.wav", "title": "x", "tags": ["t" * 50] * 200,
+                        "description": "d" * 5000},  # cut to fit: answered
+                       {"audio": "c.wav", "title": "please refuse"},
+                       {"audio": "d.wav", "title": "owls", "description": "é" * 1500},
+                       {"audio": "e.wav", "title": "bees"}])
+    server.fail = []
+    long_user = llm.user_message("owls", None, "é" * 1500)
+    assert len(long_user) > 1500
+    # The server's limit is 2,000 characters: the cut title, tags and description fit.
+    assert len(llm.user_message("x", ["t" * 50] * 200, "d" * 5000)) < 2500
+    out = tmp_path / "o.jsonl"
+    with caplog.at_level(logging.WARNING):
+        counts = clean.run_clean(str(src), str(out), **_llm(server))
+    assert "line 3: no caption from the language model: the model declined" in caplog.text
+    assert counts["rejected"] == counts["skipped"]
+    assert counts["written"] + counts["rejected"] == 5
+    assert [r["audio"] for r in _read_jsonl(out)][0] == "a.wav"
+
+
+def test_llm_context_length_refusal_skips_the_clip(tmp_path, server, caplog):
+    src = tmp_path / "raw.jsonl"
+    _write_jsonl(src, [{"audio": "a.wav", "title": "frogs"},
+                       {"audio": "b.wav", "title": "long", "description": "word " * 300,
+                        "tags": ["tag" * 30] * 20},
+                       {"audio": "c.wav", "title": "bees"}])
+    with caplog.at_level(logging.WARNING):
+        counts = clean.run_clean(str(src), str(tmp_path / "o.jsonl"), **_llm(server))
+    assert counts["written"] == 2 and counts["rejected"] == 1
+    assert "line 2: no caption from the language model: the server refused it as too long " \
+           "(HTTP 400" in caplog.text
+
+
+def test_llm_interruption_keeps_answers_and_drops_queued_requests(tmp_path, server,
+                                                                  monkeypatch):
+    src = _clips(tmp_path, 12)
+    cache = tmp_path / "cache.sqlite"
+    real_ask, calls = llm.LLMCaptioner._ask, []
+
+    def ask(self, user):
+        calls.append(user)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C while the fourth request is out
+        if len(calls) > 4:
+            time.sleep(0.5)  # time for the interrupted caller to drop the queue
+        return real_ask(self, user)
+
+    monkeypatch.setattr(llm.LLMCaptioner, "_ask", ask)
+    with pytest.raises(KeyboardInterrupt):
+        clean.run_clean(str(src), str(tmp_path / "o.jsonl"), cache_path=str(cache),
+                        workers=1, **_llm(server))
+    # Only the request in flight then (the fifth) may still go out; the rest are dropped.
+    assert len(server.requests) in (3, 4) and len(calls) in (4, 5)
+    monkeypatch.setattr(llm.LLMCaptioner, "_ask", real_ask)
+    counts = clean.run_clean(str(src), str(tmp_path / "o.jsonl"), cache_path=str(cache),
+                             **_llm(server))
+    assert counts["cached"] == 3 and counts["requested"] == 9 and counts["written"] == 12
 
 
 def test_api_key_never_leaks(tmp_path, server, monkeypatch, capsys, caplog):

@@ -132,7 +132,7 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
                      settings.base_url, settings.workers)
 
     counts = dict.fromkeys(("read", "written", "skipped", "invalid", "empty", "duplicate",
-                            "resumed", "cached", "requested"), 0)
+                            "rejected", "resumed", "cached", "requested"), 0)
     seen: dict[str, int] = {}
     in_dir, out_dir = (os.path.dirname(os.path.abspath(p)) for p in (input_path, output_path))
     with open(input_path, "rb") as f:
@@ -163,6 +163,9 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         for (line, row), caption in zip(batch, captions, strict=True):
             if caption is None:
                 skip("empty", line, "nothing about the sound in title, tags or description")
+                continue
+            if isinstance(caption, llm.RejectedError):
+                skip("rejected", line, f"no caption from the language model: {caption}")
                 continue
             out.write(json.dumps({"id": row["id"], "audio": row["audio"], "captions": [caption],
                                   "raw": row["raw"]}, ensure_ascii=False) + "\n")

@@ -53,6 +53,8 @@ file names and formats, licences, links and anything about the uploader.
 Answer with the caption only."""
 
 _DESCRIPTION_CHARS = 1500  # longer descriptions are cut: the start says what it is
+_TITLE_CHARS, _TAGS_CHARS = 300, 600  # so is a title or tag list, to keep within context
+_CAPTION_CHARS = 300  # a longer answer is not the one short sentence asked for
 
 
 class LLMError(RuntimeError):
@@ -61,6 +63,11 @@ class LLMError(RuntimeError):
 
 class LLMConfigError(ValueError):
     """The LLM backend is missing a setting (names the argument and variable)."""
+
+
+class RejectedError(ValueError):
+    """One clip's request or answer cannot give a caption (the clip is skipped): the
+    server refused its request as too long, or the answer is not a caption."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +128,8 @@ def user_message(title: str, tags: list[str] | str | None, description: str) -> 
     Args:
       title: clip title.
       tags: list or comma-separated string.
-      description: free text (cut to its first 1,500 characters).
+      description: free text (cut to its first 1,500 characters; the title to 300 and
+        the tags to 600).
 
     Returns:
       "Title: ...\\nTags: ...\\nDescription: ..." text.
@@ -129,7 +137,16 @@ def user_message(title: str, tags: list[str] | str | None, description: str) -> 
     tag_list = tags if isinstance(tags, list) else [t for t in (tags or "").split(",")]
     tag_text = ", ".join(t for t in (rules.scrub(str(t)) for t in tag_list) if t)
     desc = rules.scrub(description)[:_DESCRIPTION_CHARS]
-    return f"Title: {rules.scrub(title)}\nTags: {tag_text}\nDescription: {desc}"
+    return (f"Title: {rules.scrub(title)[:_TITLE_CHARS]}\nTags: {tag_text[:_TAGS_CHARS]}\n"
+            f"Description: {desc}")
+
+
+# A chat model's courtesy words before the answer ("Sure! Here is the caption: ...").
+_PREAMBLE = re.compile(r"^(?:(?:sure|certainly|of course|okay|ok)\b[!.,]?\s*)?"
+                       r"(?:here(?:'s| is) (?:the |a |your )?(?:\w+ )?caption\b[^:]*:\s*)?",
+                       re.I)
+_REFUSAL = re.compile(r"(?:i(?:'m| am) (?:sorry|unable|not able)|i can(?:not|'t| not)\b|"
+                      r"sorry\b|as an ai\b|unfortunately\b)", re.I)
 
 
 def parse_caption(text: str) -> str | None:
@@ -139,15 +156,33 @@ def parse_caption(text: str) -> str | None:
       text: `choices[0].message.content`.
 
     Returns:
-      The first line without labels, bullets or quotes, whitespace collapsed.
+      The first line after any courtesy line ("Sure! Here is the caption:"), without
+      labels, bullets or quotes, whitespace collapsed.
+
+    Raises:
+      RejectedError: a refusal, or an answer too long to be the one sentence asked for.
     """
     text = re.sub(r"<think>.*?</think>", "", text or "", flags=re.S)  # reasoning models
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    while len(lines) > 1 and lines[0].endswith(":"):
+        lines.pop(0)  # "Here is the caption:", the caption on the next line
+    line = _PREAMBLE.sub("", lines[0] if lines else "", count=1)
     line = re.sub(r"^(?:caption\s*:|[-*\u2022]|\d+[.)])\s*", "", line, flags=re.I)
     line = re.sub(r"\s+", " ", line.strip().strip("\"'`\u201c\u201d\u2018\u2019").strip())
     if not line or re.fullmatch(r"none\W*", line, flags=re.I):
         return None
-    return (line[0].upper() + line[1:])[:300]
+    if _REFUSAL.match(line):
+        raise RejectedError(f"the model declined: {line[:80]!r}")
+    if len(line) > _CAPTION_CHARS:
+        raise RejectedError(f"the answer is {len(line)} characters long, not one short caption")
+    return line[0].upper() + line[1:]
+
+
+def _too_long(code: int, detail: str) -> bool:
+    """Whether an HTTP error refuses this one request for its length (the clip is
+    skipped) rather than every request (the run stops)."""
+    return code in (400, 413, 422) and bool(re.search(
+        r"context|too long|too many tokens|maximum .*tokens|token limit|exceeds", detail, re.I))
 
 
 class ChatClient:
@@ -183,7 +218,8 @@ class ChatClient:
           `choices[0].message.content`.
 
         Raises:
-          LLMError: a 4xx other than 429, an answer without that field, or the last
+          RejectedError: the server refused this request as too long.
+          LLMError: another 4xx than 429, an answer without that field, or the last
             retry failed.
         """
         s = self.settings
@@ -203,6 +239,9 @@ class ChatClient:
                     retry_after = e.headers.get("Retry-After", "") if e.headers else ""
                     wait = float(retry_after) if retry_after.isdigit() else 0.0
                     continue
+                if _too_long(e.code, detail):
+                    raise RejectedError(f"the server refused it as too long (HTTP {e.code}: "
+                                   f"{detail[:120]})") from None
                 hint = (f"check {ENV_API_KEY}" if e.code in (401, 403) else
                         "check the base URL (most servers want .../v1) and the model name")
                 raise LLMError(f"LLM server {self.url} refused the request (HTTP {e.code}: "
@@ -271,17 +310,19 @@ class LLMCaptioner:
             {"role": "user", "content": user}]))
 
     def caption_many(self, clips: list[tuple[str, list[str] | str | None, str]]
-                     ) -> list[str | None]:
+                     ) -> list[str | None | RejectedError]:
         """Captions (title, tags, description) triples, in order.
 
         Args:
           clips: the metadata of each clip.
 
         Returns:
-          One caption (or None for "nothing audible") per clip.
+          One caption per clip: None for "nothing audible", a `RejectedError` where that
+          clip's request or answer gave none (not cached: a rerun asks again).
 
         Raises:
-          LLMError: a request failed for good; answers received before are cached.
+          LLMError: a request failed for good. Every answer is cached as it arrives,
+            so neither this nor an interruption (Ctrl-C) loses answers received.
         """
         users = [user_message(*clip) for clip in clips]
         keys = [CaptionCache.key(self.settings.model, self.system_prompt, u) for u in users]
@@ -294,24 +335,32 @@ class LLMCaptioner:
                 self.cached += 1
             elif key not in todo:
                 todo[key] = user
-        error, fresh = None, []
-        with concurrent.futures.ThreadPoolExecutor(self.settings.workers) as pool:
-            futures = {pool.submit(self._ask, user): key for key, user in todo.items()}
+        error = None
+        pool = concurrent.futures.ThreadPoolExecutor(self.settings.workers)
+        futures = {pool.submit(self._ask, user): key for key, user in todo.items()}
+        try:
             for future in concurrent.futures.as_completed(futures):
                 if future.cancelled():
                     continue
+                self.requested += 1
+                key = futures[future]
                 try:
-                    caption = future.result()
+                    answers[key] = future.result()
+                except RejectedError as e:
+                    answers[key] = e
+                    continue
                 except LLMError as e:
                     if error is None:  # stop early: the server is down or refusing
                         error = e
                         for other in futures:
                             other.cancel()
                     continue
-                answers[futures[future]] = caption
-                fresh.append((futures[future], self.settings.model, caption))
-        self.requested += sum(not f.cancelled() for f in futures)
-        self.cache.put(fresh)
+                self.cache.put([(key, self.settings.model, answers[key])])
+        except BaseException:
+            # Ctrl-C: drop the queued requests; only those in flight are waited for.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         if error is not None:
             raise error
         return [answers[key] for key in keys]

@@ -41,7 +41,9 @@ def prepare_output(path: str, overwrite: bool) -> set[str]:
             logging.warning("%s: dropping a partial last line left by an interrupted run", path)
             f.truncate(keep)
     done = set()
-    for number, line in enumerate(data[:keep].decode("utf-8", "replace").splitlines(), 1):
+    # Only "\n" ends a row: str.splitlines would also split inside captions holding
+    # U+2028, U+0085 and the like, which the writers leave unescaped.
+    for number, line in enumerate(data[:keep].decode("utf-8", "replace").split("\n"), 1):
         if not line.strip():
             continue
         try:
