@@ -121,11 +121,12 @@ def test_rules_backend_reports_bad_rows(tmp_path, caplog):
     assert rows[1]["captions"] == ["Thunder roll."]
 
 
-def test_rows_with_unicode_line_separators_resume(tmp_path):
+def test_rows_with_unicode_line_separators_and_a_bom_resume(tmp_path):
     # U+2028/U+2029/U+0085 stay unescaped in the output; only "\n" ends a row.
     src = tmp_path / "raw.jsonl"
     _write_jsonl(src, [{"audio": f"{k}.wav", "title": f"Rain{sep}on a roof {k}"}
                        for k, sep in enumerate(("\u2028", "\u2029", "\x85", " "))])
+    src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())  # a byte-order mark is no bad row
     out = tmp_path / "out.jsonl"
     first = clean.run_clean(str(src), str(out), progress=False)
     assert first["written"] == 4 and "\u2028" in out.read_text(encoding="utf-8")

@@ -100,6 +100,31 @@ def test_manifest_csv_merges_rows(tmp_path):
     assert source[1]["audio_path"] == str(tmp_path / "x" / "2.flac")
 
 
+def test_manifest_misspelt_names_a_bom_and_spaced_headers(tmp_path, caplog):
+    jsonl = tmp_path / "m.jsonl"
+    rows = [{"audio": "a.wav", "captoins": ["a dog"], "raw": {}},
+            {"audio": "b.wav", "caption": "rain", "lable": "rain"}]
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    with caplog.at_level(logging.WARNING):
+        source = ManifestSource(jsonl)
+    assert len(source) == 2 and source[0]["captions"] == []  # the BOM row is read
+    assert "key 'captoins' is not read; did you mean 'captions'?" in caplog.text
+    assert "key 'lable' is not read; did you mean 'label'?" in caplog.text
+    assert "'raw'" not in caplog.text  # other keys are ignored quietly
+    caplog.clear()
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("audio, caption , label\nx.wav,a bell,bell\n")
+    source = ManifestSource(spaced)
+    assert source[0]["captions"] == ["a bell"] and source.class_names == ("bell",)
+    misspelt = tmp_path / "misspelt.csv"
+    misspelt.write_text("audio,Caption,labels\nx.wav,a bell,bell\n")
+    with caplog.at_level(logging.WARNING):
+        ManifestSource(misspelt)
+    assert "column 'Caption' is not read; did you mean 'caption'?" in caplog.text
+    assert "column 'labels' is not read; did you mean 'label'?" in caplog.text
+    assert "has no caption column (columns: audio, Caption, labels)" in caplog.text
+
+
 def test_manifest_bad_rows(tmp_path, caplog):
     manifest = tmp_path / "m.jsonl"
     _jsonl(manifest, [

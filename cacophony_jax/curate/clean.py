@@ -174,7 +174,7 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         batch.clear()
 
     try:
-        with open(input_path, encoding="utf-8", errors="replace") as src, \
+        with open(input_path, encoding="utf-8-sig", errors="replace") as src, \
                 open(output_path, "a", encoding="utf-8", newline="\n") as out:
             batch: list[tuple[int, dict[str, Any]]] = []
             for line, text in enumerate(src, 1):

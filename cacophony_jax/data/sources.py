@@ -24,10 +24,13 @@ JSONL (``.jsonl`` / ``.json``), one object per line::
 - ``synthetic_captions`` (optional): list of strings from a captioning model.
 - ``label`` (optional): one class name or a list of them.
 - ``id`` (optional): defaults to the ``audio`` string.
-Other keys are ignored. Empty captions are dropped; a clip may have no captions.
+Other keys are ignored (one that looks like a misspelt key above gets a warning).
+Empty captions are dropped; a clip may have no captions. A leading byte-order mark
+is allowed.
 
-CSV (``.csv``) with a header: columns ``audio``, ``caption``, optional ``label``.
-Rows with the same ``audio`` are merged into one clip with several captions.
+CSV (``.csv``) with a header: columns ``audio``, ``caption``, optional ``label``
+(spaces around the names are ignored). Rows with the same ``audio`` are merged into
+one clip with several captions.
 
 Labels: a ``classes.txt`` next to the manifest (one name per line) fixes the class
 order; without it the class names are the sorted label strings.
@@ -239,15 +242,30 @@ def _string_list(row: dict, key: str) -> list[str]:
     return value
 
 
+_JSONL_KEYS = ("audio", "caption", "captions", "synthetic_captions", "label", "id")
+_CSV_COLUMNS = ("audio", "caption", "label")
+
+
+def _warn_misspelt(path: str, names: Iterable[str], known: Sequence[str], what: str) -> None:
+    for name in sorted(set(names) - set(known)):
+        close = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.75)
+        if close:
+            logging.warning("manifest %s: %s %r is not read; did you mean %r?", path, what,
+                            name, close[0])
+
+
 def _jsonl_rows(path: str, bad: list[str]):
+    keys: set[str] = set()
     with open(path, "rb") as f:
         for line, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8-sig" if line == 1 else "utf-8"))
                 if not isinstance(row, dict):
                     raise TypeError("a row must be a JSON object")
+                if len(keys) < 100:
+                    keys.update(row)
                 audio = row.get("audio")
                 if not isinstance(audio, str) or not audio:
                     raise TypeError('"audio" (a non-empty path string) is required')
@@ -264,6 +282,7 @@ def _jsonl_rows(path: str, bad: list[str]):
                 yield line, audio, captions, synthetic, labels, clip_id
             except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
                 bad.append(f"line {line}: {error}")
+    _warn_misspelt(path, keys, _JSONL_KEYS, "key")
 
 
 def _csv_rows(path: str, bad: list[str]):
@@ -271,9 +290,16 @@ def _csv_rows(path: str, bad: list[str]):
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
-            if "audio" not in (reader.fieldnames or []):
+            header = reader.fieldnames or []
+            reader.fieldnames = [name.strip() for name in header]
+            if "audio" not in reader.fieldnames:
                 raise ManifestError(f"CSV manifest {path} needs a header with columns audio, "
-                                    f"caption[, label]; it has {reader.fieldnames}")
+                                    f"caption[, label]; it has {header}")
+            _warn_misspelt(path, reader.fieldnames, _CSV_COLUMNS, "column")
+            if "caption" not in reader.fieldnames:
+                logging.warning("manifest %s has no caption column (columns: %s): its clips "
+                                "have no captions, which stage 2 cannot train on", path,
+                                ", ".join(reader.fieldnames))
             for row in reader:
                 audio = (row.get("audio") or "").strip()
                 if not audio:
