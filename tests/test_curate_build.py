@@ -165,9 +165,32 @@ def test_user_errors(corpus):
         build.run_build([("a", manifest)], str(out), min_seconds=100)
     with pytest.raises(BuildError, match="cannot read the ids file"):
         build.read_lines(str(corpus / "nope.txt"), "ids")
+    with pytest.raises(BuildError, match="--workers must be at least 1"):
+        build.run_build([("a", manifest)], str(out), workers=0)
     _build(corpus, out)
     with pytest.raises(BuildError, match="already holds split 'train'"):
         _build(corpus, out)
+
+
+def test_a_later_split_shares_the_labels_and_bad_settings_stop_before_hashing(
+        corpus, monkeypatch):
+    out = corpus / "out"
+    seen = []
+    _build(corpus, out, progress=lambda label, done, total: seen.append((label, done, total)))
+    assert ("write train", 3, 3) in seen  # the write pass reports too, not only hashing
+    (out / ".incomplete-val-x1").mkdir()  # left by a killed write
+    # b's labels are only "bell": the split keeps train's order (dog, bell).
+    build.run_build([("b", str(corpus / "b" / "m.csv"))], str(out), split="val", workers=2)
+    val = ArrayRecordSource(out, "val")
+    assert val.class_names == ("dog", "bell") and val[0]["labels"] == [1]
+    assert not (out / ".incomplete-val-x1").exists()
+    monkeypatch.setattr(build.hashing, "hash_source", lambda *a, **k: pytest.fail("hashed"))
+    with pytest.raises(BuildError, match="may only use letters"):
+        build.run_build([("b", str(corpus / "b" / "m.csv"))], str(out), split="dev-clean")
+    new_class = corpus / "new.jsonl"
+    new_class.write_text('{"audio": "a/dog.wav", "caption": "x", "label": "cat"}\n')
+    with pytest.raises(BuildError, match=r"this split adds \['cat'\]"):
+        build.run_build([("n", str(new_class))], str(out), split="test")
 
 
 def test_cli_build(corpus, capsys):

@@ -102,18 +102,27 @@ def _name_forms(name: str) -> set[str]:
     return {name, base, os.path.splitext(base)[0]}
 
 
-def _check_output(out_dir: str, split: str) -> None:
+def _check_output(out_dir: str, split: str) -> list[str] | None:
+    """Refuses an output that cannot take `split`; returns the class names of the
+    dataset already there (None when there is none)."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise BuildError(f"--split {split!r} may only use letters, digits and '_'")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BuildError(f"--out {out_dir} is a file; name a new or existing folder")
     info = os.path.join(out_dir, "dataset_info.json")
     if not os.path.isfile(info):
-        return
+        return None
     try:
         with open(info, encoding="utf-8") as f:
             names = [s.get("name") for s in json.load(f).get("splits", [])]
+        with open(os.path.join(out_dir, "metadata.json"), encoding="utf-8") as f:
+            classes = json.load(f).get("class_names", [])
     except (OSError, ValueError, AttributeError):
         raise BuildError(f"{info} is unreadable; choose an empty --out folder") from None
     if split in names:
         raise BuildError(f"{out_dir} already holds split {split!r}; choose another --out or "
                          f"--split, or delete the folder to rebuild it")
+    return [str(c) for c in classes]
 
 
 def run_build(
@@ -163,13 +172,25 @@ def run_build(
                          f"{max_seconds}")
     if num_shards < 1:
         raise BuildError(f"--num-shards must be at least 1, got {num_shards}")
+    if workers < 1:
+        raise BuildError(f"--workers must be at least 1, got {workers}")
     out_dir = os.path.abspath(out_dir)
-    _check_output(out_dir, split)
+    existing = _check_output(out_dir, split)
     try:
         sources = [(name, open_input(spec)) for name, spec in inputs]
         excluded_sources = [open_input(spec, default_split="test") for spec in exclude_sources]
     except SourceError as e:
         raise BuildError(str(e)) from None
+    # One label vocabulary for every split of the dataset: a later split keeps the
+    # first one's order and may use any part of it.
+    class_names: dict[str, int] = {c: i for i, c in enumerate(existing or [])}
+    for _, source in sources:
+        for c in source.class_names:
+            class_names.setdefault(c, len(class_names))
+    if existing is not None and len(class_names) > len(existing):
+        raise BuildError(f"{out_dir} has class names {existing}; this split adds "
+                         f"{list(class_names)[len(existing):]}, which its labels cannot "
+                         "name: build the splits together into a new --out folder")
     os.makedirs(out_dir, exist_ok=True)
     bad_hashes = {h.lower() for h in exclude_hashes}
     bad_ids = set().union(*(_name_forms(i) for i in exclude_ids)) if exclude_ids else set()
@@ -194,10 +215,6 @@ def run_build(
     finally:
         cache.close()
 
-    class_names: dict[str, int] = {}
-    for _, source, _ in hashed:
-        for c in source.class_names:
-            class_names.setdefault(c, len(class_names))
     # hash -> (output record, its source, index there); insertion order = input order
     kept: dict[str, tuple[dict[str, Any], Any, int]] = {}
     counts = {}
@@ -241,8 +258,10 @@ def run_build(
                 c["captions"] += len(out["captions"])
                 c["synthetic_captions"] += len(out["synthetic_captions"])
     if failures:
-        logging.warning("skipped %d unreadable clip(s), e.g.:\n  %s", len(failures),
-                        "\n  ".join(failures[:10]))
+        missing = sum(c["missing"] for c in counts.values()) - sum(
+            getattr(source, "num_missing", 0) for _, source, _ in hashed)
+        logging.warning("skipped %d clip(s) that could not be read (%d of them missing), "
+                        "e.g.:\n  %s", len(failures), missing, "\n  ".join(failures[:10]))
     if not kept:
         raise BuildError("no clip is left after filtering; check the inputs and the "
                          "--exclude-*/--min-seconds/--max-seconds settings")
@@ -252,7 +271,7 @@ def run_build(
             yield out if "audio_path" in out else {**out, "audio": source[index]["audio"]}
 
     write_array_record(records(), out_dir, split, num_shards, list(class_names),
-                       num_workers=workers)
+                       num_workers=workers, progress=progress, total=len(kept))
     with open(os.path.join(out_dir, f"{split}_hashes.txt"), "w", encoding="utf-8") as f:
         f.writelines(digest + "\n" for digest in kept)
     total: dict[str, float] = collections.Counter()

@@ -24,11 +24,12 @@ hidden folder, never a readable half split.
 from __future__ import annotations
 
 import collections
+import glob
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -79,6 +80,8 @@ def write_array_record(
     class_names: Sequence[str] = (),
     *,
     num_workers: int = 8,
+    progress: Callable[[str, int, int], None] | None = None,
+    total: int = 0,
 ) -> str:
     """Writes records as one split of a TFDS array_record dataset.
 
@@ -91,6 +94,8 @@ def write_array_record(
       num_shards: the number of shards (fewer when there are fewer records).
       class_names: the label vocabulary that "labels" index into.
       num_workers: threads decoding audio files.
+      progress: called as progress(label, done, total) as records are written.
+      total: the number of records (for progress).
 
     Returns:
       The dataset folder.
@@ -117,11 +122,16 @@ def write_array_record(
             )
         splits = list(info.splits.values())
     os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), f".incomplete-{split}-*")):
+        # Left by a writer that was killed: never part of the dataset.
+        logging.warning("removing %s, left by an interrupted write of split %r", stale, split)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = tempfile.mkdtemp(prefix=f".incomplete-{split}-", dir=out_dir)
     try:
         features = _features()
         shard_lengths, failures = _write_shards(
-            features, _decoded(records, num_workers), staging, split, num_shards, class_names)
+            features, _decoded(records, num_workers), staging, split, num_shards, class_names,
+            lambda done: progress(f"write {split}", done, total) if progress else None)
         if failures:
             shown = "\n  ".join(failures[:5])
             logging.warning("%s/%s: skipped %d clip(s) whose audio failed to decode:\n  %s",
@@ -154,7 +164,7 @@ def write_array_record(
     return out_dir
 
 
-def _write_shards(features, records, staging, split, num_shards, class_names):
+def _write_shards(features, records, staging, split, num_shards, class_names, report):
     from array_record.python.array_record_module import ArrayRecordWriter
 
     # "group_size:1" keeps every record individually addressable (what TFDS writes);
@@ -165,12 +175,14 @@ def _write_shards(features, records, staging, split, num_shards, class_names):
     count, failures = 0, []
     try:
         for record, audio in records:
+            report(count + len(failures))
             if isinstance(audio, Exception):
                 failures.append(f"{record.get('audio_path')}: {audio}")
                 continue
             example = _example(record, audio, class_names)
             writers[count % num_shards].write(features.serialize_example(example))
             count += 1
+        report(count + len(failures))
     finally:
         for writer in writers:
             writer.close()
