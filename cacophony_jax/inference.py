@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,6 +60,15 @@ from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models import decoding
 from cacophony_jax.models.audio_encoder import AudioEncoder
 from cacophony_jax.models.cacophony import Cacophony
+
+# Control characters, line separators and the replacement character a byte-level
+# tokenizer gives for a cut UTF-8 sequence: never wanted in a caption.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufffd]+")
+
+
+def printable(text: str) -> str:
+    """A generated caption without control characters or U+FFFD, spaces collapsed."""
+    return " ".join(_UNPRINTABLE.sub(" ", text).split())
 
 
 class InferenceError(ValueError):
@@ -322,7 +332,7 @@ class CacophonyModel:
                                      beam_size=beam_size)
 
         ids = self._over_windows(firsts, describe, batch_size)
-        return [text.strip() for text in self.tokenizer.decode(np.stack(ids))] if ids else []
+        return [printable(text) for text in self.tokenizer.decode(np.stack(ids))] if ids else []
 
     def audio_states(self, audio_batch: np.ndarray, sample_rate: int,
                      batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -142,7 +142,8 @@ def test_run_caption_folder(folder, tmp_path):
     out = tmp_path / "out" / "captioned.jsonl"
     counts = caption.run_caption(FakeCaptioner(), str(folder), str(out), num_captions=2,
                                  batch_size=3)
-    assert counts == {"clips": 7, "written": 5, "resumed": 0, "unreadable": 2, "captions": 10}
+    assert counts == {"clips": 7, "written": 5, "resumed": 0, "unreadable": 2, "captions": 10,
+                      "no_new_caption": 0}
     rows = _rows(out)
     assert [r["id"] for r in rows] == ["clip0.wav", "clip2.wav", "clip4.wav", "sub/clip1.wav",
                                        "sub/clip3.wav"]
@@ -195,6 +196,10 @@ def test_run_caption_user_errors(tmp_path, folder):
     (tmp_path / "m.jsonl").write_text('{"audio": "a.wav"}\n')
     with pytest.raises(CaptionError, match="overwrite the input"):
         caption.run_caption(model, str(tmp_path / "m.jsonl"), str(tmp_path / "m.jsonl"))
+    (tmp_path / "twice.jsonl").write_text('{"audio": "a.wav", "id": "x"}\n'
+                                          '{"audio": "b.wav", "id": "x"}\n')
+    with pytest.raises(CaptionError, match=r"gives 1 id\(s\) to more than one row, e.g. \['x'\]"):
+        caption.run_caption(model, str(tmp_path / "twice.jsonl"), str(tmp_path / "o.jsonl"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CaptionError, match="no audio files"):
         caption.run_caption(model, str(tmp_path / "empty"), str(tmp_path / "o.jsonl"))

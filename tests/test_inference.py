@@ -166,6 +166,9 @@ def test_caption_returns_strings(model):
     assert sampled == model.caption(clips, sample_rate=16000, method="sample", seed=3, max_len=8)
     with pytest.raises(inference.InferenceError, match="unknown decoding method .nucleus."):
         model.caption(clips, sample_rate=16000, method="nucleus")
+    # What a byte-level tokenizer gives for cut UTF-8 or control bytes is dropped.
+    assert all(inference.printable(c) == c for c in greedy + beam + sampled)
+    assert inference.printable(" car\ufffd\ufffdflac\x0e\bm\r\n a\u2028b ") == "car flac m a b"
 
 
 def test_bucketing_reuses_compiled_functions(bundles):

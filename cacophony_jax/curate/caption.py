@@ -21,6 +21,7 @@ the output (a cut-off last line is dropped). Unreadable files are skipped and co
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import zlib
@@ -98,7 +99,14 @@ def _input_records(input_path: str, extensions: Sequence[str]) -> tuple[list[dic
         source = ManifestSource(input_path, skip_bad_rows=True)
     except SourceError as e:
         raise CaptionError(str(e)) from None
-    return [source[i] for i in range(len(source))], source.class_names
+    records = [source[i] for i in range(len(source))]
+    counts = collections.Counter(r["id"] for r in records)
+    repeated = [clip_id for clip_id, n in counts.items() if n > 1]
+    if repeated:
+        raise CaptionError(f"manifest {input_path} gives {len(repeated)} id(s) to more than "
+                           f"one row, e.g. {repeated[:3]}; output rows are matched to input "
+                           "rows by id (to resume), so give each row its own \"id\"")
+    return records, source.class_names
 
 
 def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: int = 3,
@@ -126,7 +134,8 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       progress: called as progress(label, done, total).
 
     Returns:
-      Counts: clips, written, resumed, unreadable, captions (new captions written).
+      Counts: clips, written, resumed, unreadable, captions (new captions written),
+      no_new_caption (clips written without one: every caption drawn was empty).
     """
     _check_model(model)
     if method not in METHODS:
@@ -144,7 +153,8 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     except resume.OutputError as e:
         raise CaptionError(str(e)) from None
     out_dir = os.path.dirname(os.path.abspath(output_path))
-    counts = dict.fromkeys(("clips", "written", "resumed", "unreadable", "captions"), 0)
+    counts = dict.fromkeys(("clips", "written", "resumed", "unreadable", "captions",
+                            "no_new_caption"), 0)
     counts["clips"] = len(records_all)
     todo = [r for r in records_all if r["id"] not in done]
     counts["resumed"] = len(records_all) - len(todo)
@@ -171,6 +181,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
                     out.flush()  # a crash loses at most the row being written
                     counts["written"] += 1
                     counts["captions"] += len(new)
+                    counts["no_new_caption"] += not new
             counts["unreadable"] = len(failures)
             if progress:
                 progress("caption", counts["resumed"] + start, len(records_all))
