@@ -297,3 +297,15 @@ def test_a_path_for_the_synthetic_kind_is_refused():
                                          "but config.data.train.kind is 'synthetic'"):
         common.open_train_source(config)
     assert common.open_eval_source(config) is not None  # the eval block is untouched
+
+
+def test_synthetic_evaluation_of_a_run_on_real_data_is_pointed_out(caplog):
+    from cacophony_jax.tasks import common
+    from tests.helpers import tiny_config
+
+    with caplog.at_level(logging.WARNING):
+        common.open_eval_source(tiny_config("mae", 2))
+        assert "synthetic corpus" not in caplog.text
+        common.open_eval_source(tiny_config("mae", 2, **{"data.train.kind": "manifest"}))
+    assert "evaluating on the embedded synthetic corpus" in caplog.text
+    assert "while training on manifest data" in caplog.text

@@ -61,6 +61,11 @@ def open_eval_source(config: ml_collections.ConfigDict) -> Any | None:
     """The evaluation source named by `config.data.eval`, or None when disabled."""
     if not config.data.eval.kind:
         return None
+    if config.data.eval.kind == "synthetic" and config.data.train.kind != "synthetic":
+        logging.warning("evaluating on the embedded synthetic corpus (config.data.eval.kind="
+                        "synthetic) while training on %s data: set config.data.eval.kind and "
+                        ".path to a held-out set of yours, or config.data.eval.kind='' to "
+                        "skip evaluation", config.data.train.kind)
     return _open(config, "eval", config.data.synthetic_eval_size,
                  config.audio.eval_clip_seconds)
 
