@@ -313,7 +313,7 @@ def _curate_parsers(sub) -> None:
                  f"--base-url http://localhost:8000/v1 --model MODEL\n")
     clean.add_arguments(p)
     p = _command(steps, "caption", lambda args: caption.command(
-        args, load_model(args.bundle), ProgressLine(not args.quiet)),
+        args, lambda: load_model(args.bundle), ProgressLine(not args.quiet)),
                  "add synthetic captions from a bundle",
                  f"  {PROG} curate caption unlabeled/ captioned.jsonl --bundle B "
                  f"--num-captions 3\n"

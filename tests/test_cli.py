@@ -246,8 +246,9 @@ def test_curate_commands(bundles, sounds, tmp_path, capsys):
     assert code == 0 and json.loads(out)["written"] == 2
     assert [json.loads(line)["id"] for line in out_path.read_text().splitlines()] == [
         "tone1.wav", "tone2.wav"]
+    # Checked before the bundle is loaded (this one does not exist).
     code, _, err = _run(capsys, "curate", "caption", sounds / "deep", out_path, "--bundle",
-                        bundles["main"], "--method", "beam", "--num-captions", "0")
+                        tmp_path / "no_bundle", "--method", "beam", "--num-captions", "0")
     assert code == 2 and "--num-captions must be at least 1" in err.replace("--batch-size and ", "")
 
 

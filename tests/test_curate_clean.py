@@ -135,7 +135,7 @@ def test_rows_with_unicode_line_separators_and_a_bom_resume(tmp_path):
     assert [r["id"] for r in _read_jsonl(out)] == ["0.wav", "1.wav", "2.wav", "3.wav"]
 
 
-def test_user_errors_are_clear(tmp_path, monkeypatch):
+def test_user_errors_are_clear(tmp_path, monkeypatch, capsys):
     with pytest.raises(clean.CleanError, match="does not exist"):
         clean.run_clean(str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"))
     src = tmp_path / "raw.jsonl"
@@ -149,6 +149,22 @@ def test_user_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(clean.CleanError, match=llm.ENV_MODEL):
         clean.run_clean(str(src), str(tmp_path / "o.jsonl"), backend="llm",
                         base_url="http://127.0.0.1:1/v1", progress=False)
+    url = "http://127.0.0.1:1/v1"
+    for option, message in ((dict(workers=0), r"workers \(--workers\) must be at least 1"),
+                            (dict(max_retries=-1), r"max_retries \(--max-retries\)"),
+                            (dict(timeout_s=0.0), r"timeout_s \(--timeout\) must be positive"),
+                            (dict(temperature=float("nan")), r"temperature .* got nan")):
+        with pytest.raises(clean.CleanError, match=message):
+            clean.run_clean(str(src), str(tmp_path / "o.jsonl"), backend="llm", base_url=url,
+                            model="m", progress=False, **option)
+    (tmp_path / "meta.csv").write_text("audio,title\na.wav,Dog\n")
+    with pytest.raises(clean.CleanError, match="looks like a table; curate clean reads JSONL"):
+        clean.run_clean(str(tmp_path / "meta.csv"), str(tmp_path / "o.jsonl"))
+    for out in (tmp_path / "o.csv", tmp_path):
+        with pytest.raises(clean.CleanError, match="must be a .jsonl file"):
+            clean.run_clean(str(src), str(out))
+    assert clean.main([str(src), str(tmp_path / "o.jsonl"), "--model", "m"]) == 2
+    assert "--model only apply to --backend llm" in capsys.readouterr().err
     damaged = tmp_path / "damaged.jsonl"
     damaged.write_text('{"id": "x"}\nnot json\n{"id": "y"}\n')
     with pytest.raises(clean.CleanError, match="line 2 is not a manifest row"):

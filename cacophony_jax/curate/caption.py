@@ -25,7 +25,7 @@ import collections
 import json
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -109,6 +109,20 @@ def _input_records(input_path: str, extensions: Sequence[str]) -> tuple[list[dic
     return records, source.class_names
 
 
+def check_request(input_path: str, output_path: str, num_captions: int, method: str,
+                  batch_size: int) -> None:
+    """Raises CaptionError for a request that cannot run (before a bundle is loaded)."""
+    if method not in METHODS:
+        raise CaptionError(f"unknown captioning method {method!r}; use one of {METHODS}")
+    if batch_size < 1 or num_captions < 1:
+        raise CaptionError(f"--batch-size and --num-captions must be at least 1, got "
+                           f"{batch_size} and {num_captions}")
+    if not os.path.exists(input_path):
+        raise CaptionError(f"input {input_path} does not exist; pass a manifest or a folder")
+    if os.path.abspath(input_path) == os.path.abspath(output_path):
+        raise CaptionError(f"output {output_path} would overwrite the input; choose another")
+
+
 def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: int = 3,
                 method: str = "beam", beam_size: int = 4, temperature: float = 1.0,
                 max_len: int = 32, batch_size: int = 16, seed: int = 0,
@@ -137,16 +151,8 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       Counts: clips, written, resumed, unreadable, captions (new captions written),
       no_new_caption (clips written without one: every caption drawn was empty).
     """
+    check_request(input_path, output_path, num_captions, method, batch_size)
     _check_model(model)
-    if method not in METHODS:
-        raise CaptionError(f"unknown captioning method {method!r}; use one of {METHODS}")
-    if batch_size < 1 or num_captions < 1:
-        raise CaptionError(f"--batch-size and --num-captions must be at least 1, got "
-                           f"{batch_size} and {num_captions}")
-    if not os.path.exists(input_path):
-        raise CaptionError(f"input {input_path} does not exist; pass a manifest or a folder")
-    if os.path.abspath(input_path) == os.path.abspath(output_path):
-        raise CaptionError(f"output {output_path} would overwrite the input; choose another")
     records_all, class_names = _input_records(input_path, extensions)
     try:
         done = resume.prepare_output(output_path, overwrite)
@@ -214,17 +220,19 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--overwrite", action="store_true", help="start the output afresh")
 
 
-def command(args: Any, model: Any, progress: Progress | None) -> int:
+def command(args: Any, load: Callable[[], Any], progress: Progress | None) -> int:
     """Runs `curate caption` and prints its counts as JSON.
 
     Args:
       args: parsed options.
-      model: the loaded bundle.
+      load: loads the bundle (called once the options are checked).
       progress: called as progress(label, done, total).
 
     Returns:
       The exit status (0).
     """
+    check_request(args.input, args.output, args.num_captions, args.method, args.batch_size)
+    model = load()
     extensions = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip()]
     counts = run_caption(model, args.input, args.output, num_captions=args.num_captions,
                          method=args.method, beam_size=args.beam_size,

@@ -108,6 +108,12 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         raise CleanError(f"options {sorted(llm_options)} only apply to backend='llm'")
     if not os.path.isfile(input_path):
         raise CleanError(f"input file {input_path} does not exist; check the path")
+    if os.path.splitext(input_path)[1].lower() in (".csv", ".tsv"):
+        raise CleanError(f"input {input_path} looks like a table; curate clean reads JSONL, "
+                         "one object per line with audio, title, tags, description[, id]")
+    if os.path.isdir(output_path) or os.path.splitext(output_path)[1].lower() not in (
+            ".jsonl", ".json"):
+        raise CleanError(f"output {output_path} must be a .jsonl file (the manifest written)")
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise CleanError(f"output {output_path} would overwrite the input; choose another path")
     settings = None
@@ -225,10 +231,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help=f"served model name [{llm.ENV_MODEL}]")
     g.add_argument("--api-key", help=f"prefer the variable: command lines are visible to "
                                      f"other users [{llm.ENV_API_KEY}]")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--workers", type=int, default=4, help="requests in flight")
-    g.add_argument("--max-retries", type=int, default=5)
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--temperature", type=float, help="default 0 (repeatable answers)")
+    g.add_argument("--workers", type=int, help="requests in flight (default 4)")
+    g.add_argument("--max-retries", type=int, help="default 5")
+    g.add_argument("--timeout", type=float, help="seconds per request (default 120)")
     g.add_argument("--cache", help="cache file (default: OUTPUT.llm_cache.sqlite)")
 
 
@@ -238,12 +244,20 @@ def command(args: argparse.Namespace) -> None:
     Args:
       args: the parsed options.
     """
+    flags = {"--base-url": args.base_url, "--model": args.model, "--api-key": args.api_key,
+             "--temperature": args.temperature, "--workers": args.workers,
+             "--max-retries": args.max_retries, "--timeout": args.timeout,
+             "--cache": args.cache}
     options: dict[str, Any] = {}
     if args.backend == "llm":
         options = dict(base_url=args.base_url, model=args.model, api_key=args.api_key,
-                       temperature=args.temperature, workers=args.workers,
-                       max_retries=args.max_retries, timeout_s=args.timeout,
                        cache_path=args.cache)
+        named = dict(temperature=args.temperature, workers=args.workers,
+                     max_retries=args.max_retries, timeout_s=args.timeout)
+        options.update({k: v for k, v in named.items() if v is not None})
+    elif any(v is not None for v in flags.values()):
+        given = [name for name, v in flags.items() if v is not None]
+        raise CleanError(f"{', '.join(given)} only apply to --backend llm")
     counts = run_clean(args.input, args.output, args.backend, overwrite=args.overwrite,
                        progress=not args.quiet, **options)
     print(json.dumps(counts))

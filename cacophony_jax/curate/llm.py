@@ -119,7 +119,17 @@ class LLMSettings:
         unknown = sorted(set(options) - known)
         if unknown:
             raise LLMConfigError(f"unknown LLM option(s) {unknown}; known: {sorted(known)}")
-        return cls(base_url=base_url, model=model, api_key=api_key.strip(), **options)
+        settings = cls(base_url=base_url, model=model, api_key=api_key.strip(), **options)
+        for name, flag, ok, need in (
+                ("workers", "--workers", settings.workers >= 1, "at least 1"),
+                ("max_retries", "--max-retries", settings.max_retries >= 0, "at least 0"),
+                ("timeout_s", "--timeout", settings.timeout_s > 0, "positive"),
+                ("temperature", "--temperature", 0 <= settings.temperature <= 2, "in [0, 2]"),
+                ("max_tokens", "max_tokens", settings.max_tokens >= 1, "at least 1")):
+            if not ok:  # NaN fails every comparison, so it is refused too
+                raise LLMConfigError(f"{name} ({flag}) must be {need}, got "
+                                     f"{getattr(settings, name)}")
+        return settings
 
 
 def user_message(title: str, tags: list[str] | str | None, description: str) -> str:
