@@ -102,6 +102,10 @@ def main(argv):
 
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    if "://" in (_COMPILATION_CACHE.value or ""):
+        raise SystemExit(f"error: --compilation_cache={_COMPILATION_CACHE.value!r} is not a "
+                         "file-system path: mount the storage (e.g. gcsfuse) and pass the "
+                         "mount's path")
     if _COMPILATION_CACHE.value:  # before anything compiles
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     from cacophony_jax.parallel import distributed

@@ -84,17 +84,25 @@ def test_setup_installs_matching_jax_on_all_workers():
     # Without REPO_URL the checkout is copied to every worker first.
     code, (scp, ssh), _ = tpu("setup")
     assert scp[4] == "scp" and "--worker=all" in scp and scp[-1] != scp[5]
-    assert "tar -xzf" in _remote(ssh)
+    assert "tar -xzf" in _remote(ssh) and "apt-get install -y -qq gcsfuse" in _remote(ssh)
+    subprocess.run(["bash", "-n", "-c", _remote(ssh)], check=True)
 
 
 def test_run_starts_training_on_all_workers_and_streams_worker0():
-    code, (start, stream), _ = tpu("run", "--", "--config.train.steps=10", "--config.x=a b")
+    code, (start, stream), _ = tpu("run", "--", "--config.train.steps=10", "--config.x=a b",
+                                   "--config.data.train.path=gs://data-b/set",
+                                   TPU_ENV="JAX_COMPILATION_CACHE_DIR=gs://bucket/xla A=gs:")
     assert code == 0
     assert start[4] == "ssh" and "--worker=all" in start and "--project=proj-1" in start
     script = _remote(start)
+    # gs:// paths become the workers' Cloud Storage FUSE mounts, each bucket mounted once.
     assert ("python -m cacophony_jax.main --config=configs/cacophony.py:base "
-            "--workdir=gs://bucket/run1 --distributed=on --config.train.steps=10 "
-            "'--config.x=a b'") in script
+            "--workdir=/mnt/gcs/bucket/run1 --distributed=on --config.train.steps=10 "
+            "'--config.x=a b' --config.data.train.path=/mnt/gcs/data-b/set") in script
+    assert script.count("gcsfuse --implicit-dirs bucket /mnt/gcs/bucket") == 1
+    assert script.count("gcsfuse --implicit-dirs data-b /mnt/gcs/data-b") == 1
+    assert "export JAX_COMPILATION_CACHE_DIR=/mnt/gcs/bucket/xla" in script
+    assert "export A=gs:" in script
     assert "nohup" in script and '>> "$LOG"' in script and "-worker$W.log" in script
     assert "--worker=0" in stream and "tail" in _remote(stream)
     assert "-worker0.log" in _remote(stream)
@@ -142,7 +150,7 @@ def test_example_env_is_complete():
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                           env=_clean_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "--workdir=gs://my-bucket/cacophony/stage2" in proc.stdout
+    assert "--workdir=/mnt/gcs/my-bucket/cacophony/stage2" in proc.stdout
     assert '"$HOME"/cacophony_jax' in proc.stdout  # ~ left for the worker to expand
 
 

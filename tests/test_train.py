@@ -387,6 +387,17 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
     assert steps[-7:] == [6, 7, 8, 9, 10, 11, 12]  # resumed from step 5
 
 
+def test_remote_paths_are_refused_with_the_mount_to_use(tmp_path):
+    with pytest.raises(ValueError, match=r"--workdir='gs://b/run' is not a file-system path.*"
+                                         r"gcsfuse --implicit-dirs b /mnt/gcs/b"):
+        stages.run(tiny_config("mae", 2), "gs://b/run")
+    config = tiny_config("mae", 2, **{"data.train.kind": "manifest",
+                                      "data.train.path": "gs://data/train.jsonl"})
+    with pytest.raises(ValueError, match="config.data.train.path='gs://data/train.jsonl'"):
+        stages.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
 def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     from configs import quickstart
 

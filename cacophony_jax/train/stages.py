@@ -24,10 +24,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     Raises:
       host.StopRequestedError: a stage was stopped by a signal (after saving); no later stage runs.
     """
+    check_local("--workdir", workdir)
     if "stages" not in config:
+        check_paths(config)
         return {config.task: loop.run(config, workdir)}
     for name in config.stage_order:  # every stage's mistakes before any training
         try:
+            check_paths(config.stages[name])
             loop.check_config(config.stages[name])
         except ValueError as error:
             raise ValueError(f"stage {name!r}: {error}") from None
@@ -48,6 +51,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         (root / "results.json").write_text(json.dumps(results, indent=2))
         print(summary(results), flush=True)
     return results
+
+
+_PATH_KEYS = ("data.train.path", "data.eval.path", "train.init_from", "train.resume",
+              "tokenizer.path")
+
+
+def check_local(what: str, path: str) -> None:
+    """Refuses a remote (scheme://) path: training reads and writes file-system paths."""
+    if "://" in str(path):
+        bucket = str(path).split("://", 1)[1].split("/", 1)[0]
+        raise ValueError(
+            f"{what}={path!r} is not a file-system path: training reads and writes files in "
+            f"place, so mount the storage and pass the mount, e.g. `gcsfuse --implicit-dirs "
+            f"{bucket} /mnt/gcs/{bucket}` then /mnt/gcs/{bucket}/...; launch/tpu/tpu.py "
+            "mounts the gs:// paths it is given on every worker itself")
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+    """`check_local` for every path a config names."""
+    for key in _PATH_KEYS:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if node:
+            check_local(f"config.{key}", node)
 
 
 def summary(results: dict[str, dict[str, float]]) -> str:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -15,6 +16,10 @@ METADATA_WORKER = (
     "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
 )
 ARCHIVE_NAME = "cacophony_jax_src.tar.gz"  # the packed checkout, in each worker's home
+# Training reads and writes file-system paths: a gs:// bucket named in the workdir, in
+# TPU_ENV or in an override is mounted here on every worker (Cloud Storage FUSE).
+GCS_MOUNT = "/mnt/gcs"
+_GS_VALUE = re.compile(r"^(.*?=)?gs://([a-z0-9][-_.a-z0-9]*[a-z0-9])(/.*)?$")
 
 
 class LaunchError(ValueError):
@@ -103,12 +108,38 @@ def pid_file(cfg: argparse.Namespace) -> str:
     return f"{rpath(cfg.log_dir)}/{shlex.quote(cfg.run_name)}.pid"
 
 
-def train_command(cfg: argparse.Namespace, overrides: list[str]) -> str:
-    """The training command line every worker runs (quoted for a POSIX shell)."""
+def on_mount(value: str, buckets: set[str]) -> str:
+    """`value` (a path, KEY=PATH or --flag=PATH) with a gs://BUCKET/... path turned into
+    the workers' mount of it; the bucket is added to `buckets`."""
+    match = _GS_VALUE.match(value)
+    if not match:
+        return value
+    prefix, bucket, rest = match.group(1) or "", match.group(2), match.group(3) or ""
+    buckets.add(bucket)
+    return f"{prefix}{GCS_MOUNT}/{bucket}{rest}"
+
+
+def train_command(cfg: argparse.Namespace, overrides: list[str],
+                  buckets: set[str] | None = None) -> str:
+    """The training command line every worker runs (quoted for a POSIX shell), with
+    gs:// paths on their mounts (the buckets are added to `buckets`)."""
+    buckets = set() if buckets is None else buckets
     # --distributed=on: a pod's worker list lives in the VM metadata, which jax reads
     # itself once asked to start the distributed runtime.
     return shlex.join(["python", "-m", "cacophony_jax.main", f"--config={cfg.config}",
-                       f"--workdir={cfg.workdir}", "--distributed=on", *overrides])
+                       f"--workdir={on_mount(cfg.workdir, buckets)}", "--distributed=on",
+                       *(on_mount(o, buckets) for o in overrides)])
+
+
+def mount_lines(buckets: set[str]) -> list[str]:
+    """Shell lines that mount each bucket at GCS_MOUNT/<bucket> unless it already is."""
+    lines = []
+    for bucket in sorted(buckets):
+        where = shlex.quote(f"{GCS_MOUNT}/{bucket}")
+        lines += [f"sudo mkdir -p {where} && sudo chown \"$(id -u):$(id -g)\" {where}",
+                  f"mountpoint -q {where} || gcsfuse --implicit-dirs {shlex.quote(bucket)} "
+                  f"{where}"]
+    return lines
 
 
 def setup_script(cfg: argparse.Namespace, jax_version: str) -> list[str]:
@@ -141,6 +172,14 @@ def setup_script(cfg: argparse.Namespace, jax_version: str) -> list[str]:
         script += [f"mkdir -p {src}", f"tar -xzf ~/{ARCHIVE_NAME} -C {src}",
                    f"rm -f ~/{ARCHIVE_NAME}"]
     return script + [
+        # Cloud Storage FUSE, for gs:// workdirs and data (Google's apt repository).
+        "if ! command -v gcsfuse >/dev/null; then "
+        "echo \"deb https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main\" "
+        "| sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
+        "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg "
+        "| sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc >/dev/null && "
+        "sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+        "gcsfuse; fi",
         f"cd {src}",
         f"{py} -m venv .venv",
         ". .venv/bin/activate",
@@ -165,6 +204,9 @@ def run_script(cfg: argparse.Namespace, overrides: list[str]) -> list[str]:
     bad = [e for e in exports if "=" not in e]
     if bad:
         raise LaunchError(f"TPU_ENV entries must be KEY=VALUE, got {bad}")
+    buckets: set[str] = set()
+    command = train_command(cfg, overrides, buckets)
+    exports = [on_mount(e, buckets) for e in exports]
     pid = pid_file(cfg)
     return [
         "set -euo pipefail",
@@ -175,9 +217,10 @@ def run_script(cfg: argparse.Namespace, overrides: list[str]) -> list[str]:
         f"LOG={log_file(cfg, '$W')}",
         f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
         f'echo "worker $W: {cfg.run_name} is already running; use tpu.py stop" >&2; exit 1; fi',
+        *mount_lines(buckets),
         *(f"export {shlex.quote(e)}" for e in exports),
         # setsid + nohup: training outlives the ssh session; >> keeps earlier attempts' logs.
-        f'setsid nohup {train_command(cfg, overrides)} >> "$LOG" 2>&1 < /dev/null &',
+        f'setsid nohup {command} >> "$LOG" 2>&1 < /dev/null &',
         f"echo $! > {pid}",
         'echo "worker $W: started pid $!, log $LOG"',
     ]

@@ -51,7 +51,8 @@ SETTINGS = (
     ("project", "TPU_PROJECT", "Google Cloud project id", None),
     ("type", "TPU_TYPE", "accelerator type, e.g. v4-32, v5litepod-16, v6e-8", None),
     ("runtime_version", "TPU_RUNTIME_VERSION", "software version (default: by generation)", None),
-    ("workdir", "TPU_WORKDIR", "training workdir; gs://... so it survives the VM", None),
+    ("workdir", "TPU_WORKDIR", "training workdir; gs://... (mounted on every worker) so it "
+     "survives the VM", None),
     ("config", "TPU_CONFIG", "config, e.g. configs/cacophony.py:base", None),
     ("repo_url", "REPO_URL", "git URL cloned on the workers (unset: copy this checkout)", None),
     ("repo_ref", "REPO_REF", "branch, tag or commit of REPO_URL", "main"),
