@@ -47,7 +47,8 @@ def get_config(arg: str | None = None):
         config.train.log_every = 100
         config.train.eval_every = 5000
     config.eval = common.mlc.ConfigDict(dict(
-        caption_clips=0,  # clips to caption at evaluation (0 = skip captioning metrics)
+        caption_clips=0,  # clips to caption at evaluation, rounded up to whole evaluation
+        # batches (0 = skip captioning metrics)
         caption_max_len=32,  # decoded tokens per caption
     ))
     config.lock()

@@ -70,13 +70,14 @@ def model_block(variant: str, dtype: str) -> mlc.ConfigDict:
 
 
 def audio_block(clip_seconds: float, max_patches: int) -> mlc.ConfigDict:
-    """Clip length and patch dropout (the front end itself is fixed, see SPEC)."""
+    """Clip length and patch dropout (the front end itself is fixed: the release's)."""
     return mlc.ConfigDict(dict(
         clip_seconds=clip_seconds,  # training crop/pad length
         eval_clip_seconds=clip_seconds,  # evaluation crop/pad length (from the start)
         max_patches=max_patches,  # patch dropout: keep this many patches (0 = all)
         # Front end in this many interleaved pieces per device (same result); on CPU
-        # ~4 clips per piece keeps the DFT in cache, on GPU/TPU leave it at 1.
+        # pieces of about 10 s of audio keep the DFT in cache (RESULTS.md 1c: one 10 s
+        # clip per piece), on GPU/TPU leave it at 1.
         frontend_sub_batches=1,
     ))
 
@@ -186,6 +187,7 @@ def train_block(steps: int) -> mlc.ConfigDict:
         async_checkpoints=True,  # write checkpoints in the background
         resume="",  # a checkpoint folder (or step folder) to continue from
         init_from="",  # stage 2: a stage-1 checkpoint whose encoder initialises ours
+        # ('previous' in a multi-stage config: the stage before)
         # Profiler trace of this many steps, from the 4th step of a run (after compiling
         # and input warm-up), into workdir/profile (TensorBoard profile plugin, Perfetto).
         profile_steps=0,

@@ -1,8 +1,8 @@
 r"""Stage 1: masked-autoencoder pre-pretraining of the spectrogram ViT.
 
   python -m cacophony_jax.main --config=configs/mae.py:tiny --workdir=runs/mae
-  python -m cacophony_jax.main --config=configs/mae.py:base --workdir=gs://bucket/mae \
-      --config.data.train.kind=array_record --config.data.train.path=gs://bucket/data
+  python -m cacophony_jax.main --config=configs/mae.py:base --workdir=/mnt/gcs/bucket/mae \
+      --config.data.train.kind=array_record --config.data.train.path=/mnt/gcs/bucket/data
 
 The argument is 'variant[,steps=N][,batch=N]'. Settings not confirmed from the paper
 follow AudioMAE (mask ratio 0.8, b2 0.95, no normalised target).

@@ -16,7 +16,7 @@ from cacophony_jax.evals.reconstruction import (
 
 
 def _patchify_by_loops(spec):
-    """SPEC section 3, written out: patch k = (k // 8, k % 8), element t * 16 + f."""
+    """The release's patch order, written out: patch k = (k // 8, k % 8), element t * 16 + f."""
     num_time = spec.shape[0] // 16
     patches = np.zeros((num_time * 8, 256), spec.dtype)
     for k in range(num_time * 8):

@@ -19,7 +19,7 @@ def reference(official_dir):
 
 
 def reference_logmel(wave: np.ndarray) -> np.ndarray:
-    """The formula of SPEC.md section 2 in float64 numpy (checked against the fixture)."""
+    """The release's log-mel formula in float64 numpy (checked against the fixture)."""
     frames = -(-len(wave) // 160)
     padded = np.concatenate([wave.astype(np.float64), np.zeros(frames * 160 + 400)])
     windows = np.stack([padded[i * 160 : i * 160 + 400] for i in range(frames)])
