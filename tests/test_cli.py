@@ -86,6 +86,7 @@ def test_embed_search_caption(bundles, sounds, tmp_path, capsys):
                           "--batch-size", "2")
     assert code == 0 and "embedded 4 file(s) (2 unreadable, skipped)" in out
     assert "skipped 2 of 6 file(s)" in err and "broken.wav" in err and "tiny.wav" in err
+    assert "tiny.wav: the clip is" in err and "clip 0" not in err  # not its batch index
     assert "embed: 6/6 (100%)" in err  # the progress line's last report
     with np.load(index) as data:
         paths, emb = list(data["paths"]), data["embeddings"]

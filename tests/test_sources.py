@@ -92,6 +92,7 @@ def test_manifest_csv_merges_rows(tmp_path):
         ["x/2.flac", "birds sing", "bird"],
         ["x/1.wav", "a bell, ringing twice", "bell"],
         ["x/1.wav", "", ""],
+        ["x/1.wav", "a bell rings", "bell"],  # a repeated row
     ])
     source = ManifestSource(manifest)
     assert len(source) == 2 and source.class_names == ("bell", "bird")

@@ -131,7 +131,10 @@ def per_clip(fn: Callable[[list], Sequence], clips: list) -> list:
             try:
                 results.append(fn([clip])[0])
             except ValueError as e:
-                results.append(e)
+                # Alone in its call, the clip is "clip 0" there: not its place in the batch.
+                text = str(e)
+                results.append(type(e)("the clip" + text[6:]) if text.startswith("clip 0 ")
+                               else e)
         return results
 
 

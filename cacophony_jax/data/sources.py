@@ -306,7 +306,9 @@ def _csv_rows(path: str, bad: list[str]):
                     bad.append(f"line {reader.line_num}: the audio column is empty")
                     continue
                 _, captions, labels = clips.setdefault(audio, (reader.line_num, [], []))
-                captions.append(row.get("caption") or "")
+                caption = row.get("caption") or ""
+                if caption not in captions:  # a repeated row adds nothing
+                    captions.append(caption)
                 label = (row.get("label") or "").strip()
                 if label and label not in labels:
                     labels.append(label)
