@@ -55,6 +55,20 @@ def _quiet_libraries() -> None:
     for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
         handler.addFilter(_Filter())
 
+    # When Orbax gives up on an unreadable checkpoint (already reported in one line),
+    # TensorStore still completes that restore's pending reads and each completion
+    # finds Orbax's event loop closed: one traceback per array read, thousands for a
+    # large model. Only those are dropped.
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
 
 def _config_arg(field: str) -> str:
     """The --config.a.b=value argument that names `field`, else "--config"."""

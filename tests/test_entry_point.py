@@ -109,3 +109,24 @@ def test_a_stage_stopped_by_a_signal_ends_the_recipe(tmp_path, monkeypatch):
     with pytest.raises(host.StopRequestedError, match="stopped at step 7 after signal 2"):
         stages.run(quickstart.get_config("steps1=10,steps2=10"), str(tmp_path))
     assert ran == ["mae"] and not (tmp_path / "results.json").exists()
+
+
+def test_closed_loop_callbacks_after_an_unreadable_checkpoint_are_not_printed(monkeypatch):
+    import logging as std_logging
+    import types
+
+    from cacophony_jax import main
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    handlers = std_logging.getLogger().handlers + [main.logging.get_absl_handler()]
+    filters = {handler: list(handler.filters) for handler in handlers}
+    try:
+        main._quiet_libraries()
+        for error in (RuntimeError("Event loop is closed"), RuntimeError("other")):
+            sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+    finally:
+        for handler, kept in filters.items():
+            handler.filters[:] = kept
+    # TensorStore's late completions of a failed restore: dropped; anything else: kept.
+    assert [str(u.exc_value) for u in seen] == ["other"]
