@@ -56,14 +56,15 @@ def _quiet_libraries() -> None:
         handler.addFilter(_Filter())
 
     # When Orbax gives up on an unreadable checkpoint (already reported in one line),
-    # TensorStore still completes that restore's pending reads and each completion
-    # finds Orbax's event loop closed: one traceback per array read, thousands for a
-    # large model. Only those are dropped.
+    # the restore's other reads still end, each in a traceback nobody can catch: a read
+    # that failed too (with a 60-line TensorStore spec), or one whose completion finds
+    # Orbax's event loop closed. Thousands for a large model; only those are dropped.
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        text = str(unraisable.exc_value)
+        if text == "Event loop is closed" or text.startswith(
+                "Encountered error while reading array index"):
             return
         previous(unraisable)
 
