@@ -140,9 +140,9 @@ def main(argv):
         logging.debug("traceback", exc_info=True)
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit("interrupted without saving (one Ctrl-C saves a checkpoint "
-                         "first); rerun the same command to resume from the newest "
-                         "checkpoint") from None
+        print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun the "
+              "same command to resume from the newest checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None  # as a process ended by SIGINT
 
 
 if __name__ == "__main__":

@@ -71,6 +71,18 @@ def _check_finite(loss: float, norm: float, step: int, ckpt: checkpoint.Checkpoi
         "data")
 
 
+def _stop(ckpt: checkpoint.Checkpointer, step: int, signum: int, what: str) -> None:
+    """Ends a run stopped by a signal once its last checkpoint is committed."""
+    # Every process's part of the save is committed before any of them exits non-zero
+    # (srun --kill-on-bad-exit would kill the others).
+    ckpt.wait()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("stopped after a signal")
+    logging.warning("stopped at step %d after a termination signal; %s", step, what)
+    raise host.StopRequestedError(step, signum)
+
+
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
     fetched = jax.device_get(window)
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
@@ -238,7 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             last = step == total
             stop = stopper.agreed() if (jax.process_count() == 1 or step % 10 == 0) else False
             save = last or stop or step % config.train.checkpoint_every == 0
-            if step % config.train.log_every == 0 or last or step == start + 1:
+            if step % config.train.log_every == 0 or last or stop or step == start + 1:
                 row = _mean_metrics(window)
                 window = []
                 row["param_norm"] = float(param_norm(state.params))
@@ -267,19 +279,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     logging.info("eval at step %d: %s", step, metrics.format_eval(final))
                 progress.add_pause(time.perf_counter() - t0)
             if stop:
-                # Every process's part of the save is committed before any of them exits
-                # non-zero (srun --kill-on-bad-exit would kill the others).
-                ckpt.wait()
-                if jax.process_count() > 1:
-                    from jax.experimental import multihost_utils
-                    multihost_utils.sync_global_devices("stopped after a signal")
-                logging.warning("stopped at step %d after a termination signal; "
-                                "rerun the same command to resume", step)
-                raise host.StopRequestedError(step, stopper.signum)
+                _stop(ckpt, step, stopper.signum, "rerun the same command to resume")
         if not final and evaluate is not None:  # e.g. rerun of a finished workdir
             final = evaluate(state.params)
             if jax.process_index() == 0:
                 logging.info("eval at step %d: %s", step, metrics.format_eval(final))
+        ckpt.wait()
+        if stopper.agreed():  # during the last evaluation or save: training is complete
+            _stop(ckpt, step, stopper.signum, "training is complete; no later stage starts")
         return final
     finally:
         if profiler is not None:
