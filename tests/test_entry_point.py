@@ -152,3 +152,14 @@ def test_a_signal_during_the_final_evaluation_still_stops_the_recipe(tmp_path, m
         loop.run(config, str(tmp_path))
     rows = read_metrics(tmp_path)
     assert "eval/mse" in rows[-1] and os.path.isdir(tmp_path / "checkpoints" / "2")
+
+
+def test_a_second_run_on_a_busy_workdir_stops_before_touching_it(tmp_path):
+    import fcntl
+
+    (tmp_path / ".lock").write_text("pid 4242 on elsewhere\n")
+    with open(tmp_path / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run in another process
+        with pytest.raises(host.WorkdirBusyError, match="in use by pid 4242 on elsewhere"):
+            loop.run(tiny_config("mae", 2), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".lock"]  # nothing written

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import signal
 import threading
@@ -56,6 +57,51 @@ class Prefetcher:
     def close(self):
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: epath.Path):
+    """Holds `workdir/.lock` for a run, so a second run on the same workdir stops at once
+    instead of interleaving checkpoints and metrics with the first.
+
+    Only the first process locks (the others write what it coordinates); the lock goes
+    with the process, so a killed run leaves none behind. Where the file system has no
+    locks, the run goes on with a warning.
+    """
+    if jax.process_index() != 0 or "://" in str(workdir):
+        yield
+        return
+    import fcntl
+    import socket
+
+    path = os.path.join(str(workdir), ".lock")
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise WorkdirBusyError(
+                f"workdir {workdir} is in use by {holder}: two runs would interleave their "
+                "checkpoints and metrics; stop that run (it resumes from its newest "
+                "checkpoint) or use another --workdir") from None
+        except OSError as e:
+            logging.warning("workdir %s cannot be locked (%s): make sure no other run uses "
+                            "it", workdir, e)
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class WorkdirBusyError(ValueError):
+    """Another run holds the workdir."""
 
 
 class StopRequestedError(Exception):

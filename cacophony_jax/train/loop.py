@@ -128,6 +128,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if workdir_path.exists() and not workdir_path.is_dir():
         raise ValueError(f"--workdir {workdir} is a file; name a folder (new or a run's)")
     workdir_path.mkdir(parents=True, exist_ok=True)
+    with host.workdir_lock(workdir_path):
+        return _train(config, workdir_path)
+
+
+def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[str, float]:
+    """`run`'s phases, with the workdir made and locked."""
     config_json = json.loads(config.to_json_best_effort())
 
     # Mesh.
