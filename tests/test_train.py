@@ -378,6 +378,8 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
     longer = tiny_config("mae", 10, **{"train.steps": 12})
     loop.run(longer, str(tmp_path))
     assert "unreadable" in caplog.text
+    assert "resuming with config.train.steps (10 -> 12): the learning-rate schedule from " \
+           "step 6 on is the new one" in caplog.text
     names = sorted(os.listdir(ckpts))
     # Step 10 was saved again; the unreadable one was moved aside, not overwritten.
     assert {"10.corrupt-0", "10", "12"} <= set(names)

@@ -64,6 +64,12 @@ STATE_FIELDS = ("model.variant", "model.scan", "model.sigmoid_bias", "optim.sam.
                 "optim.accum_steps", "optim.freeze", "optim.clip_norm")
 
 
+# Config fields that shape the learning-rate schedule: a resume that changes them goes
+# on, but the steps already taken followed the old schedule.
+SCHEDULE_FIELDS = ("train.steps", "optim.learning_rate", "optim.warmup_steps",
+                   "optim.schedule", "optim.min_lr_ratio")
+
+
 def _lookup(tree: Any, key: str) -> Any:
     for part in key.split("."):
         if part not in tree:
@@ -72,15 +78,27 @@ def _lookup(tree: Any, key: str) -> Any:
     return tree
 
 
-def _changed_state_fields(config: ml_collections.ConfigDict,
-                          ckpt: checkpoint.Checkpointer) -> list[str]:
-    """'field (saved -> now)' for each of STATE_FIELDS the newest checkpoint's config
-    sets differently (empty when its config cannot be read)."""
-    saved = ckpt.saved_config(ckpt.steps()[-1])
+def _changed_state_fields(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
+                          fields: tuple[str, ...] = STATE_FIELDS,
+                          step: int | None = None) -> list[str]:
+    """'field (saved -> now)' for each of `fields` the config saved with `step` (default
+    the newest) sets differently (empty when that config cannot be read)."""
+    saved = ckpt.saved_config(ckpt.steps()[-1] if step is None else step)
     if saved is None:  # then the message stays general
         return []
     return [f"config.{key} ({_lookup(saved, key)!r} -> {_lookup(config, key)!r})"
-            for key in STATE_FIELDS if _lookup(saved, key) != _lookup(config, key)]
+            for key in fields if _lookup(saved, key) != _lookup(config, key)]
+
+
+def _resumed(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
+             step: int) -> None:
+    logging.info("resuming from %s step %d", ckpt.directory, step)
+    changed = _changed_state_fields(config, ckpt, SCHEDULE_FIELDS, step)
+    if changed:
+        logging.warning("resuming with %s: the learning-rate schedule from step %d on is "
+                        "the new one, the steps before followed the old one (not the run "
+                        "the new settings would have trained from the start)", ", ".join(changed),
+                        step + 1)
 
 
 def _stage1_encoder(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) -> Any:
@@ -116,7 +134,7 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
             f"is a {config.task!r} run: use another --workdir")
     restored = ckpt.restore(plan.abstract, data_iter)
     if restored is not None:
-        logging.info("resuming from %s step %d", ckpt.directory, restored[1])
+        _resumed(config, ckpt, restored[1])
         return restored[0]
     if ckpt.steps():
         # Training from scratch here would later push these aside: say so instead.
@@ -144,6 +162,8 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                     f"is a {config.task!r} run{hint}")
             restored = other.restore(plan.abstract, data_iter, step=step)
             changed = _changed_state_fields(config, other) if restored is None else []
+            if restored is not None:
+                _resumed(config, other, restored[1])
         finally:
             other.close()
         if restored is None:
@@ -151,7 +171,6 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
             raise checkpoint.CheckpointError(
                 f"config.train.resume={config.train.resume!r} holds no checkpoint that fits "
                 f"this run{why}")
-        logging.info("resuming from %s step %d", directory, restored[1])
         return restored[0]
     state = state_lib.create_state(task.init_params, tx, plan, config.seed)
     params = dict(state.params)
