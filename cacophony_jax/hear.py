@@ -47,10 +47,13 @@ from typing import Any
 import numpy as np
 
 from cacophony_jax import inference
-from cacophony_jax.audio import patches
+from cacophony_jax.audio import clips, patches
 
 ENV_VAR = "CACOPHONY_BUNDLE"
 STEP_MS = 160.0  # 16 frames of 10 ms
+# Step k's frames (25 ms windows every 10 ms, not centred) cover 160 k ms to
+# 160 k + 175 ms of the clip: its timestamp is the middle of that.
+CENTRE_MS = (STEP_MS - 10.0 + 25.0) / 2
 
 if importlib.util.find_spec("torch") is not None:
     import torch
@@ -159,12 +162,17 @@ def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
     """
     inner = _check_model(model)
     wave, source = _as_numpy(audio)
+    if not wave.shape[0]:  # an empty batch, as get_scene_embeddings allows
+        steps = clips.patch_steps(wave.shape[1]) if wave.shape[1] >= clips.MIN_SAMPLES else 0
+        empty = np.zeros((0, steps, model.timestamp_embedding_size), np.float32)
+        return _like(empty, source), _like(np.zeros((0, steps), np.float32), source)
     states, _, mask = inner.audio_states(wave, inner.sample_rate)
     n, length, width = states.shape
     steps = length // patches.FREQ_PATCHES
     states = states.reshape(n, steps, patches.FREQ_PATCHES, width)
     weight = mask.reshape(n, steps, patches.FREQ_PATCHES, 1).astype(np.float32)
     embeddings = (states * weight).sum(2) / np.maximum(weight.sum(2), 1.0)
-    centres = (np.arange(steps, dtype=np.float32) + 0.5) * np.float32(STEP_MS)
+    centres = (np.arange(steps, dtype=np.float32) * np.float32(STEP_MS)
+               + np.float32(CENTRE_MS))
     timestamps = np.broadcast_to(centres, (n, steps))
     return _like(embeddings.astype(np.float32), source), _like(timestamps, source)

@@ -62,9 +62,13 @@ def test_timestamp_embeddings(model, batch, seconds):
     assert emb.shape == (batch, steps, model.timestamp_embedding_size)
     assert isinstance(ts, np.ndarray) and ts.dtype == np.float32 and ts.shape == (batch, steps)
     assert np.isfinite(emb).all() and np.isfinite(ts).all()
-    np.testing.assert_array_equal(ts[0], 80.0 + 160.0 * np.arange(steps))
+    # The middle of the audio each step's frames cover: 160 k ms to 160 k + 175 ms.
+    np.testing.assert_array_equal(ts[0], 87.5 + 160.0 * np.arange(steps))
     assert np.all(np.abs(np.diff(ts, axis=1) - 160.0) < 1.0)  # evenly spaced within 1 ms
     assert ts[0, -1] < seconds * 1000.0
+    empty, empty_ts = hear.get_timestamp_embeddings(audio[:0], model)
+    assert empty.shape == (0, steps, model.timestamp_embedding_size)
+    assert empty_ts.shape == (0, steps)
     again, ts_again = hear.get_timestamp_embeddings(audio, model)
     np.testing.assert_array_equal(emb, again)
     np.testing.assert_array_equal(ts, ts_again)
