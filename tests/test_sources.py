@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+import unicodedata
 
 import numpy as np
 import pytest
@@ -198,6 +199,24 @@ def test_audiocaps(tmp_path, caplog):
         audiocaps_source(tmp_path, "validation")
     with pytest.raises(SourceError, match="splits"):
         audiocaps_source(tmp_path, "dev")
+    assert source.missing_ids == ["mno"]
+
+
+def test_audiocaps_as_downloaders_lay_it_out(tmp_path):
+    # root/test/<audiocap_id>.<ext> (no audio/ level), upper-case extensions.
+    _csv(str(tmp_path / "test.csv"), ["audiocap_id", "youtube_id", "start_time", "caption"],
+         [["101", "abc", "30", "a car"], ["102", "def", "0", "a dog"], ["103", "xyz", "0", "x"]])
+    _wav(str(tmp_path / "test" / "101.WAV"))
+    _wav(str(tmp_path / "test" / "def.flac"))
+    source = audiocaps_source(tmp_path, "test")
+    assert len(source) == 2 and source.missing_ids == ["xyz"]
+    assert source[0]["audio_path"] == str(tmp_path / "test" / "101.WAV")
+    os.remove(tmp_path / "test" / "101.WAV")
+    os.remove(tmp_path / "test" / "def.flac")
+    _wav(str(tmp_path / "test" / "abc_30.000_40.000.wav"))  # a naming not recognised
+    with pytest.raises(SourceError, match=r"no audio found under .*audio/test \(it does not "
+                                          r"exist; .*also looked in .*test"):
+        audiocaps_source(tmp_path, "test")
 
 
 def test_clotho(tmp_path):
@@ -216,6 +235,14 @@ def test_clotho(tmp_path):
     os.remove(tmp_path / "evaluation/c.wav")
     with pytest.raises(SourceError, match="no audio found"):
         clotho_source(tmp_path, "evaluation")
+    # Unpacked on macOS: names in decomposed Unicode (NFD), the CSV composed (NFC).
+    _csv(str(tmp_path / "clotho_captions_validation.csv"), header,
+         [["Café – Zürich.wav"] + [f"z{k}" for k in range(5)]])
+    nfd = unicodedata.normalize("NFD", "Café – Zürich.wav")
+    _wav(str(tmp_path / "clotho_audio_validation" / nfd))
+    found = clotho_source(tmp_path, "validation")
+    assert len(found) == 1 and found.num_missing == 0 and found[0]["id"] == "Café – Zürich.wav"
+    assert found[0]["audio_path"] == str(tmp_path / "clotho_audio_validation" / nfd)
 
 
 def test_esc50(tmp_path):

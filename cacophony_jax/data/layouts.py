@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 from absl import logging
@@ -37,18 +38,67 @@ def _read_layout_csv(path: str, columns: Sequence[str], layout: str) -> list[dic
     return rows
 
 
-def _listing(folder: str) -> set[str]:
+def _key(name: str) -> str:
+    """A file name as matched: Unicode NFC (macOS unpacks names as NFD), the extension in
+    lower case ("x.WAV" is "x.wav")."""
+    stem, ext = os.path.splitext(unicodedata.normalize("NFC", name))
+    return stem + ext.lower()
+
+
+def _listing(folder: str) -> dict[str, str]:
+    """Matched name (`_key`) -> the name on disk, of one folder (empty if absent)."""
     # One directory listing instead of a stat per clip (slow on network disks).
-    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    if not os.path.isdir(folder):
+        return {}
+    return {_key(name): name for name in os.listdir(folder)}
 
 
-def _report_missing(source: ClipSource, missing: int, where: str, tried: str) -> ClipSource:
-    source.num_missing = missing
+def _audio_folder(root: str, candidates: Sequence[str], wanted: Iterable[Iterable[str]]
+                  ) -> tuple[str, dict[str, str]]:
+    """The candidate folder (relative to `root`) holding most of the wanted clips.
+
+    Args:
+      root: the dataset folder.
+      candidates: folders the audio may be in, the documented one first.
+      wanted: per clip, the file names it may have (`_key` form).
+
+    Returns:
+      (folder, its listing); the documented folder when none holds any clip.
+    """
+    wanted = [list(names) for names in wanted]
+    best, best_count, best_listing = candidates[0], 0, _listing(os.path.join(root, candidates[0]))
+    for folder in candidates:
+        listing = best_listing if folder == best else _listing(os.path.join(root, folder))
+        count = sum(any(n in listing for n in names) for names in wanted)
+        if count > best_count:
+            best, best_count, best_listing = folder, count, listing
+    return best, best_listing
+
+
+def _report_missing(source: ClipSource, missing: list[str], where: str, tried: str,
+                    folders: Sequence[str] = ()) -> ClipSource:
+    """Sets `num_missing` and `missing_ids`; warns, or refuses a set with no audio.
+
+    Args:
+      source: the clips found.
+      missing: ids of the clips whose audio is absent.
+      where: the folder searched.
+      tried: the file names tried.
+      folders: every folder the audio was looked for in (for the message).
+    """
+    source.num_missing, source.missing_ids = len(missing), list(missing)
     if missing and not len(source):
-        raise SourceError(f"{source.name}: no audio found under {where} (tried {tried})")
+        looked = [f for f in folders if f != where] if folders else []
+        seen = sorted(os.listdir(where))[:3] if os.path.isdir(where) else []
+        found = (f"it holds e.g. {seen}" if seen else "it does not exist" if not
+                 os.path.isdir(where) else "it is empty")
+        also = f"; also looked in {looked}" if looked else ""
+        raise SourceError(f"{source.name}: no audio found under {where} ({found}; tried "
+                          f"{tried}{also})")
     if missing:
-        logging.warning("%s: %d of %d clips have no audio under %s (tried %s); skipped",
-                        source.name, missing, missing + len(source), where, tried)
+        logging.warning("%s: %d of %d clips have no audio under %s (tried %s), e.g. %s; "
+                        "skipped (all listed in the results as missing_ids)", source.name,
+                        len(missing), len(missing) + len(source), where, tried, missing[:3])
     return source
 
 
@@ -69,7 +119,8 @@ def audiocaps_source(root: str | os.PathLike, split: str) -> ClipSource:
     Args:
       root: folder with {train,val,test}.csv and audio/<split>/ files named
         {youtube_id}, {youtube_id}_{start_time}, Y{youtube_id} or {audiocap_id}
-        with a wav/flac/ogg/mp3 extension.
+        with a wav/flac/ogg/mp3 extension (any case); the audio may also be in
+        <split>/, audio/ or root itself (the folder holding most clips is used).
       split: "train", "val" or "test" ("validation" means "val").
 
     Returns:
@@ -86,20 +137,25 @@ def audiocaps_source(root: str | os.PathLike, split: str) -> ClipSource:
         captions.append(row["caption"])
         start = row["start_time"].strip()
         starts.update({start, start.split(".")[0]})  # "30.0" files are often named "30"
-    folder = os.path.join(root, "audio", split)
-    present = _listing(folder)
-    source = ClipSource(f"audiocaps/{split}", folder)
-    missing = 0
-    for yid, (ids, captions, starts) in clips.items():
+    def names(yid: str, ids: list[str], starts: set[str]) -> list[str]:
         stems = [yid, *(f"{yid}_{s}" for s in sorted(starts)), f"Y{yid}", *ids]
-        names = (f"{stem}.{ext}" for stem in stems for ext in AUDIO_EXTENSIONS)
-        found = next((name for name in names if name in present), None)
+        return [_key(f"{stem}.{ext}") for stem in stems for ext in AUDIO_EXTENSIONS]
+
+    wanted = {yid: names(yid, ids, starts) for yid, (ids, _, starts) in clips.items()}
+    folders = (os.path.join("audio", split), split, "audio", ".")
+    folder, present = _audio_folder(root, folders, wanted.values())
+    folder = os.path.normpath(os.path.join(root, folder))
+    source = ClipSource(f"audiocaps/{split}", folder)
+    missing = []
+    for yid, (_, captions, _) in clips.items():
+        found = next((present[n] for n in wanted[yid] if n in present), None)
         if found is None:
-            missing += 1
+            missing.append(yid)
         else:
             source.add(found, captions, clip_id=yid)
     tried = "{youtube_id}, {youtube_id}_{start_time}, Y{youtube_id}, {audiocap_id} + .wav/.flac/..."
-    return _report_missing(source, missing, folder, tried)
+    return _report_missing(source, missing, folder, tried,
+                           [os.path.normpath(os.path.join(root, f)) for f in folders])
 
 
 _CLOTHO = ("root/clotho_captions_<split>.csv (file_name, caption_1..caption_5), "
@@ -110,7 +166,8 @@ def clotho_source(root: str | os.PathLike, split: str) -> ClipSource:
     """Clotho: five captions per clip.
 
     Args:
-      root: folder with clotho_captions_<split>.csv and a <split>/ audio folder.
+      root: folder with clotho_captions_<split>.csv and a <split>/ audio folder (or
+        clotho_audio_<split>/, audio/<split>/, audio/, root itself).
       split: "development", "validation" or "evaluation" (also "train", "val", "test").
 
     Returns:
@@ -122,16 +179,19 @@ def clotho_source(root: str | os.PathLike, split: str) -> ClipSource:
     split = _pick_split(split, ("development", "validation", "evaluation"), aliases, "Clotho")
     columns = ("file_name", *(f"caption_{k}" for k in range(1, 6)))
     rows = _read_layout_csv(os.path.join(root, f"clotho_captions_{split}.csv"), columns, _CLOTHO)
-    folder = os.path.join(root, split)
-    present = _listing(folder)
+    folders = (split, f"clotho_audio_{split}", os.path.join("audio", split), "audio", ".")
+    folder, present = _audio_folder(root, folders, ([_key(r["file_name"])] for r in rows))
+    folder = os.path.normpath(os.path.join(root, folder))
     source = ClipSource(f"clotho/{split}", folder)
-    missing = 0
+    missing = []
     for row in rows:
-        if row["file_name"] not in present:
-            missing += 1
+        name = present.get(_key(row["file_name"]))
+        if name is None:
+            missing.append(row["file_name"])
             continue
-        source.add(row["file_name"], [row[c] or "" for c in columns[1:]])
-    return _report_missing(source, missing, folder, "<file_name>")
+        source.add(name, [row[c] or "" for c in columns[1:]], clip_id=row["file_name"])
+    return _report_missing(source, missing, folder, "<file_name>",
+                           [os.path.normpath(os.path.join(root, f)) for f in folders])
 
 
 def _labelled_source(
@@ -157,8 +217,8 @@ def _labelled_source(
     if not wanted <= set(all_folds):
         raise SourceError(f"{name} has folds {all_folds}; {sorted(wanted)} asked for")
     source = ClipSource(name, root, [names[i] for i in range(len(names))])
-    listings: dict[str, set[str]] = {}
-    missing = 0
+    listings: dict[str, dict[str, str]] = {}
+    missing = []
     for row in rows:
         if int(row[fold_col]) not in wanted:
             continue
@@ -166,10 +226,13 @@ def _labelled_source(
         folder, file_name = os.path.split(relative)
         if folder not in listings:
             listings[folder] = _listing(os.path.join(root, folder))
-        if file_name in listings[folder]:
-            source.add(relative, labels=[int(row[index_col])], clip_id=row[file_col])
+        on_disk = listings[folder].get(_key(file_name))
+        if on_disk is not None:
+            source.add(os.path.join(folder, on_disk), labels=[int(row[index_col])],
+                       clip_id=row[file_col])
         else:
-            missing += 1
+            missing.append(row[file_col])
+    source.folds = sorted(wanted)
     return _report_missing(source, missing, os.path.join(root, "audio"), "the listed file names")
 
 

@@ -99,6 +99,7 @@ class ClipSource:
     """A source over clips whose audio lives in files (records carry `audio_path`)."""
 
     num_missing = 0  # clips of a public layout skipped because their audio is absent
+    missing_ids: Sequence[str] = ()  # their ids
 
     def __init__(self, name: str, root: str, class_names: Sequence[str] = ()):
         """Creates an empty source; fill it with `add`.

@@ -187,6 +187,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
     return {"tasks": tasks, "metrics": metrics, "clips": len(embedded["ids"]),
             "captions": num_captions, "unreadable": len(embedded["failures"]),
             "missing": int(getattr(source, "num_missing", 0)),
+            "missing_ids": list(getattr(source, "missing_ids", ())),
+            **({"folds": list(source.folds)} if getattr(source, "folds", None) else {}),
             "seconds": round(time.monotonic() - start, 2)}
 
 

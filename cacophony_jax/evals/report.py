@@ -50,6 +50,10 @@ DATASETS: dict[str, tuple[str, str, Callable[[str], Any] | None]] = {
 }
 
 
+# Clips in the published sets (an evaluated copy with fewer is not comparable).
+PUBLISHED_CLIPS = {"clotho": 1045, "esc50": 2000, "urbansound8k": 8732}
+
+
 def _cell(value: float | None) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.1f}"
@@ -74,14 +78,17 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if retrieval:
         titles = [k.replace("t2a_", "T→A ").replace("a2t_", "A→T ") for k in _RETRIEVAL_KEYS]
         lines += ["## Text-audio retrieval (%)", "",
-                  "| set | model | " + " | ".join(titles) + " |",
-                  "|---|---|" + "---|" * len(titles)]
+                  "| set | model | clips | captions | " + " | ".join(titles) + " |",
+                  "|---|---|---|---|" + "---|" * len(titles)]
         for name in retrieval:
             display = _display(name, sets)
-            rows = [("this model", sets[name]["metrics"]), *PUBLISHED.get(name, {}).items()]
+            ours = sets[name]
+            rows = [("this model", ours["metrics"]), *PUBLISHED.get(name, {}).items()]
             for model, values in rows:
                 cells = [_cell(values.get(k)) for k in _RETRIEVAL_KEYS]
-                lines.append(f"| {display} | {model} | " + " | ".join(cells) + " |")
+                counts = (f"{ours['clips']} | {ours['captions']}" if values is ours["metrics"]
+                          else "— | —")
+                lines.append(f"| {display} | {model} | {counts} | " + " | ".join(cells) + " |")
         lines.append("")
     zeroshot = [n for n, r in sets.items() if "zeroshot" in r["tasks"]]
     if zeroshot:
@@ -104,19 +111,32 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                 if "class_mention_rate" in r["metrics"]}
     if mentions:
         lines += ["## Captions naming the clip's class (%)", "", "| set | rate |", "|---|---|"]
-        lines += [f"| {n} | {_cell(v)} |" for n, v in mentions.items()] + [""]
-    notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped"
+        lines += [f"| {_display(n, sets)} | {_cell(v)} |" for n, v in mentions.items()] + [""]
+    notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped "
+             "(results.json lists the missing ones)"
              for n, r in sets.items() if r["unreadable"] or r["missing"]]
+    for n, r in sets.items():
+        listed, published = _listed(r), PUBLISHED_CLIPS.get(n)
+        if published and listed < published:
+            folds = f" (folds {r['folds']})" if r.get("folds") else ""
+            notes.append(f"- {n}: the copy lists {listed} of the published set's {published} "
+                         f"clips{folds}")
     if notes:
         lines += ["Incomplete sets:", "", *notes, ""]
     return "\n".join(lines)
 
 
+def _listed(result: Mapping[str, Any]) -> int:
+    return result["clips"] + result["unreadable"] + result["missing"]
+
+
 def _display(name: str, sets: Mapping[str, Any]) -> str:
-    # A copy missing clips is not the published set: its numbers are not comparable.
+    # A copy missing clips, or trimmed, is not the published set: its numbers are not
+    # comparable with the paper's.
     display = DATASETS.get(name, (name,))[0]
     result = sets.get(name)
-    if result and (result["unreadable"] or result["missing"]):
+    if result and (result["unreadable"] or result["missing"]
+                   or _listed(result) < PUBLISHED_CLIPS.get(name, 0)):
         display += " (incomplete copy, see below)"
     return display
 
