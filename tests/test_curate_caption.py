@@ -212,6 +212,16 @@ def test_find_audio_files(folder):
     found = files.find_audio_files([str(folder)], ["WAV"])
     assert [name for _, name in found] == ["broken.wav", "clip0.wav", "clip2.wav", "clip4.wav",
                                            "tiny.wav", "sub/clip1.wav", "sub/clip3.wav"]
+    (folder / "elsewhere").mkdir()
+    (folder / "elsewhere" / "far.wav").write_bytes(b"")
+    (folder / "sub" / "far").symlink_to(folder / "elsewhere")  # a linked folder is followed
+    (folder / "sub" / "loop").symlink_to(folder)  # a link cycle ends, files listed once
+    found = [name for _, name in files.find_audio_files([str(folder)], ["wav"])]
+    assert found == ["broken.wav", "clip0.wav", "clip2.wav", "clip4.wav", "tiny.wav",
+                     "elsewhere/far.wav", "sub/clip1.wav", "sub/clip3.wav"]
+    linked_only = files.find_audio_files([str(folder / "sub")], ["wav"])
+    assert [name for _, name in linked_only][:2] == ["clip1.wav", "clip3.wav"]
+    assert "far/far.wav" in [name for _, name in linked_only]
     direct = str(folder / "notes.txt")
     assert files.find_audio_files([direct]) == [(direct, direct)]
     with pytest.raises(AudioError, match="does not exist"):

@@ -41,7 +41,13 @@ def find_audio_files(inputs: Sequence[str], extensions: Sequence[str] = AUDIO_EX
         if os.path.isfile(item):
             found.append((item, item))
         elif os.path.isdir(item):
-            for folder, subfolders, files in os.walk(item):
+            seen = set()  # linked folders are followed, each real folder once
+            for folder, subfolders, files in os.walk(item, followlinks=True):
+                real = os.path.realpath(folder)
+                if real in seen:
+                    subfolders.clear()
+                    continue
+                seen.add(real)
                 subfolders.sort()
                 for name in sorted(files):
                     if name.lower().endswith(suffixes) and not name.startswith("."):

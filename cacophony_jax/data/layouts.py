@@ -33,8 +33,11 @@ def _read_layout_csv(path: str, columns: Sequence[str], layout: str) -> list[dic
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as error:
         raise SourceError(f"{path} is not a readable UTF-8 CSV file ({error})") from None
-    if any(row[c] is None for row in rows for c in columns):
-        raise SourceError(f"{path} has rows with fewer fields than its header; it is corrupt")
+    short = next((n for n, row in enumerate(rows, 1) if any(row[c] is None for c in columns)),
+                 None)
+    if short is not None:
+        raise SourceError(f"{path}: data row {short} has fewer fields than the header; the file "
+                          "is corrupt (a caption with an unquoted comma or line break?)")
     return rows
 
 
