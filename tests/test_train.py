@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import threading
 
 import jax
@@ -92,6 +93,21 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
     assert "blocks" in start.params["audio_encoder"]
     assert_trees_equal(start.params["audio_encoder"],
                        stack.stack_layers(restore_params(mae, tmp_path / "mae")["encoder"]))
+    # A newer unreadable checkpoint of the stage-1 run: the encoder comes from step 4.
+    copied = tmp_path / "mae2" / "checkpoints"
+    shutil.copytree(tmp_path / "mae" / "checkpoints", copied)
+    shutil.copytree(copied / "4", copied / "9")
+    for path in (copied / "9" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    from_older = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae2")})
+    empty = checkpoint.Checkpointer(tmp_path / "empty", async_save=False)
+    try:
+        start = init_lib.restore_or_init(from_older, task, tx, plan, empty, None)
+    finally:
+        empty.close()
+    assert_trees_equal(start.params["audio_encoder"],
+                       restore_params(mae, tmp_path / "mae")["encoder"])
     # The wrong kind of run is refused before any training, naming what to use instead.
     wrong = [
         ("cacophony", {"train.init_from": str(tmp_path / "caco")}, "empty", "stage-1 .mae. run"),

@@ -262,10 +262,11 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
     directory, step = resolve(path)
     reader = Checkpointer(directory, read_only=True, async_save=False)
     try:
-        step = reader.manager.latest_step() if step is None else step
-        if step is None:
+        # A named step, or the newest readable one (as a workdir resumes).
+        candidates = list(reversed(reader.steps())) if step is None else [step]
+        if not candidates:
             raise CheckpointError(f"no checkpoint found under {path!r}")
-        saved = reader.saved_task(step)
+        saved = reader.saved_task(candidates[0])
         if task is not None and saved is not None and saved != task:
             raise CheckpointError(
                 f"{path!r} is a checkpoint of a {saved!r} run, not of a {task!r} run")
@@ -273,15 +274,24 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
         for key in reversed(keys):
             item = {key: item}
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-        try:
-            restored = reader.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                             partial_restore=True)))
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(
-                f"could not read {'/'.join(keys)} from checkpoint step {step} in "
-                f"{directory}: {_brief(e, 500)}. Is it a checkpoint of the right stage "
-                "and model variant?") from e
+        for step in candidates:
+            try:
+                restored = reader.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                 partial_restore=True)))
+                break
+            except Exception as e:  # noqa: BLE001
+                if step != candidates[-1]:
+                    logging.warning("checkpoint step %s in %s: %s unreadable (%s: %s); trying "
+                                    "an older one", step, directory, "/".join(keys),
+                                    type(e).__name__, _brief(e))
+                    continue
+                raise CheckpointError(
+                    f"could not read {'/'.join(keys)} from checkpoint step {step} in "
+                    f"{directory}{' (nor from any newer step)' if len(candidates) > 1 else ''}"
+                    f": {_brief(e, 500)}. Is it a checkpoint of the right stage and model "
+                    "variant?") from e
+        logging.info("read %s from %s step %d", "/".join(keys), directory, step)
         out = restored.state
         for key in keys:
             out = out[key]
