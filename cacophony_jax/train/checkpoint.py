@@ -3,8 +3,8 @@
 Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config}`. Saves are
 asynchronous and the manager is always closed (an unclosed async save hangs at
 exit). A step folder that cannot be restored is skipped with a warning in favour
-of the previous one and is never overwritten: it is renamed `<step>.corrupt-N`
-before a new save of the same step.
+of the previous one and is never overwritten or deleted: it is renamed
+`<step>.corrupt-N` at once, out of the keep-N count.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=ITEMS)
+        self.read_only = read_only
         self._bad_steps: set[int] = set()
 
     def steps(self) -> list[int]:
@@ -150,6 +151,9 @@ class Checkpointer:
                                 "an older one", candidate, self.directory,
                                 type(e).__name__, _brief(e))
                 self._bad_steps.add(candidate)
+                if not self.read_only:
+                    # Out of the keep-N count at once, so retention never deletes it.
+                    self._move_aside(candidate)
                 continue
             if data_iter is not None:
                 self._restore_iterator(candidate, data_iter)
@@ -199,8 +203,8 @@ class Checkpointer:
             while (self.directory / f"{step}.corrupt-{n}").exists():
                 n += 1
             src.rename(self.directory / f"{step}.corrupt-{n}")
-            logging.warning("moved unreadable checkpoint %s aside to %s.corrupt-%d",
-                            src, step, n)
+            logging.warning("moved unreadable checkpoint %s aside to %s.corrupt-%d (kept "
+                            "for inspection; rename it back to try it again)", src, step, n)
         self._bad_steps.discard(step)
         self.manager.reload()
 
