@@ -395,7 +395,7 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
     loop.run(longer, str(tmp_path))
     assert "unreadable" in caplog.text
     # Moved aside at once (out of the keep-N count), not when step 10 is saved again.
-    assert caplog.text.index("moved unreadable checkpoint") < caplog.text.index("resuming from")
+    assert caplog.text.index("moved unreadable") < caplog.text.index("resuming with config")
     assert "resuming with config.train.steps (10 -> 12): the learning-rate schedule from " \
            "step 6 on is the new one" in caplog.text
     names = sorted(os.listdir(ckpts))
