@@ -428,6 +428,9 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=rf"stage '{last}': config.train.keep_checkpoints=0"):
         stages.run(config, str(tmp_path / "q"))
     assert not (tmp_path / "q").exists()  # stage 1 did not start
+    with pytest.raises(ValueError, match=r"frontend_sub_batches=3 must divide config.data."
+                                         r"global_batch_size / optim.accum_steps \(8\)"):
+        loop.check_config(tiny_config("mae", 2, **{"audio.frontend_sub_batches": 3}))
     with pytest.raises(ValueError, match="config.train.log_every=0 must be >= 1"):
         loop.run(tiny_config("mae", 2, **{"train.log_every": 0}), str(tmp_path / "m"))
 

@@ -55,6 +55,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if node < minimum:
             raise ValueError(f"config.{key}={node} must be >= {minimum}{why}")
     optimizer.make_optimizer(config.optim, config.train.steps)  # its settings, too
+    pieces = config.audio.frontend_sub_batches
+    micro = config.data.global_batch_size // max(1, config.optim.accum_steps)
+    for name, batch in (("data.global_batch_size / optim.accum_steps", micro),
+                        ("data.eval_batch_size", config.data.eval_batch_size)):
+        if pieces < 1 or batch % pieces:
+            raise ValueError(f"config.audio.frontend_sub_batches={pieces} must divide "
+                             f"config.{name} ({batch}): set it to a divisor, or 1")
 
 
 def _check_finite(loss: float, norm: float, step: int, ckpt: checkpoint.Checkpointer) -> None:
