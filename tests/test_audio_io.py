@@ -122,6 +122,11 @@ def test_broken_files_name_the_file(tmp_path):
             audio_io.load_audio(tmp_path / name)
         with pytest.raises(AudioError, match=f"record-{name}"):
             audio_io.decode_audio_bytes(data, f"record-{name}")
+    # libsndfile calls a damaged MP3 it cannot parse a file that "does not exist".
+    (tmp_path / "damaged.mp3").write_bytes(np.random.default_rng(1).bytes(3000))
+    with pytest.raises(AudioError, match="damaged.mp3") as info:
+        audio_io.load_audio(tmp_path / "damaged.mp3")
+    assert "does not exist" not in str(info.value)
     with pytest.raises(AudioError, match="missing.wav.*does not exist"):
         audio_io.load_audio(tmp_path / "missing.wav")
     with pytest.raises(AudioError, match="folder"):

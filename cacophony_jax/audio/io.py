@@ -129,8 +129,12 @@ def _decode(
                 return audio
             wave = handle.read(limit, dtype="float32", always_2d=True)
     except sf.SoundFileError as err:
+        # libsndfile says "does not exist or is not a regular file" for some files it
+        # cannot parse (e.g. a damaged MP3); the file is there (checked before).
+        why = str(err).replace("File does not exist or is not a regular file (possibly a "
+                               "pipe?)", "not a file it can parse")
         raise AudioError(
-            f"cannot decode {name} ({err}); it may be corrupt or not {_FORMATS_HINT}: "
+            f"cannot decode {name} ({why}); it may be corrupt or not {_FORMATS_HINT}: "
             f"{_CONVERT_HINT}, or drop it"
         ) from err
     if wave.size == 0:
