@@ -184,6 +184,12 @@ def test_parse_caption():
     assert llm.parse_caption("Okay, here is a caption: birds sing") == "Birds sing"
     with pytest.raises(llm.RejectedError, match="declined"):
         llm.parse_caption("I cannot help with that request.")
+    with pytest.raises(llm.RejectedError, match="declined"):
+        llm.parse_caption("Sorry, there is nothing to describe.")
+    # Captions that merely start like one are kept.
+    for caption in ("Sorry-sounding groans echo in a hall.", "I can hear birds singing.",
+                    "Here is a dog barking twice."):
+        assert llm.parse_caption(caption) == caption
     with pytest.raises(llm.RejectedError, match="not one short caption"):
         llm.parse_caption("A very " + "very " * 200 + "loud dog.")
 

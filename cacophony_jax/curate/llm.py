@@ -156,7 +156,7 @@ _PREAMBLE = re.compile(r"^(?:(?:sure|certainly|of course|okay|ok)\b[!.,]?\s*)?"
                        r"(?:here(?:'s| is) (?:the |a |your )?(?:\w+ )?caption\b[^:]*:\s*)?",
                        re.I)
 _REFUSAL = re.compile(r"(?:i(?:'m| am) (?:sorry|unable|not able)|i can(?:not|'t| not)\b|"
-                      r"sorry\b|as an ai\b|unfortunately\b)", re.I)
+                      r"sorry[,.!]|as an ai\b|unfortunately,)", re.I)
 
 
 def parse_caption(text: str) -> str | None:
