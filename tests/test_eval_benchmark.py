@@ -105,6 +105,20 @@ def test_zeroshot_on_esc50_layout(esc50):
     assert model.audio_calls == 2  # batches of 3 + 1
 
 
+def test_clips_shorter_than_a_patch_are_padded_not_dropped(esc50):
+    class StrictModel(FakeModel):  # refuses a short clip as the real model does
+        def embed_audio(self, audio, sample_rate=None, batch_size=32):
+            if any(len(clip) < 2401 for clip in audio):
+                raise ValueError("clip 0 is too short")
+            return super().embed_audio(audio, sample_rate, batch_size)
+
+    _tone(esc50 / "audio" / "2-1-A-0.wav", "dog", seconds=0.05)  # 800 samples
+    result = benchmark.evaluate_source(StrictModel(), "esc50", benchmark.open_datasets(
+        {"esc50": str(esc50)})["esc50"], batch_size=4)
+    assert result["clips"] == 4 and result["unreadable"] == 0 and result["padded"] == 1
+    assert result["metrics"]["top1"] == pytest.approx(75.0)  # the short dog tone still heard
+
+
 def test_unreadable_clip_is_skipped_and_reported(esc50, tmp_path):
     (esc50 / "audio" / "3-3-A-1.wav").write_bytes(b"RIFF....WAVEjunk")
     results = benchmark.evaluate_bundle(FakeModel(), benchmark.open_datasets(

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from cacophony_jax.audio.clips import MIN_SAMPLES
 from cacophony_jax.audio.files import map_records
 from cacophony_jax.audio.io import SAMPLE_RATE, AudioError
 from cacophony_jax.data.sources import SourceError
@@ -80,10 +81,19 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
       {"audio_emb" [n, P], "captions" per clip, "labels" per clip, "ids",
        "failures": ["id: why", ...]}.
     """
-    total, done = len(source), 0
+    total, done, padded = len(source), 0, 0
+    batch_padded: set[int] = set()  # a batch refused whole is retried clip by clip
+
+    def embed(clips: list) -> Any:
+        # A clip shorter than one patch (0.15 s; some public sets have them) is padded
+        # with silence, so a complete copy of the set is evaluated whole.
+        short = [0 < len(c) < MIN_SAMPLES for c in clips]
+        batch_padded.update(id(c) for c, s in zip(clips, short, strict=True) if s)
+        clips = [np.pad(c, (0, MIN_SAMPLES - len(c))) if s else c
+                 for c, s in zip(clips, short, strict=True)]
+        return model.embed_audio(clips, sample_rate=SAMPLE_RATE, batch_size=batch_size)
+
     embeddings, captions, labels, ids, failures = [], [], [], [], []
-    embed = lambda clips: model.embed_audio(clips, sample_rate=SAMPLE_RATE,
-                                            batch_size=batch_size)
     for records, results in map_records(embed, source, total, batch_size, workers):
         for record, result in zip(records, results, strict=True):
             if isinstance(result, Exception):
@@ -93,14 +103,19 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
             captions.append(list(record["captions"]))
             labels.append(list(record["labels"]))
             ids.append(record["id"])
+        padded += len(batch_padded)
+        batch_padded.clear()
         done += len(records)
         if progress:
             progress(label or f"embed {source.name}", done, total)
     if not ids:
         raise AudioError(f"none of the {total} clips of {source.name} could be decoded "
                          f"(e.g. {failures[:1]}); check the dataset folder")
+    if padded:
+        logging.info("%s: %d clip(s) shorter than %d samples padded with silence",
+                      source.name, padded, MIN_SAMPLES)
     return {"audio_emb": np.stack(embeddings), "captions": captions, "labels": labels,
-            "ids": ids, "failures": failures}
+            "ids": ids, "failures": failures, "padded": padded}
 
 
 def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
@@ -186,6 +201,7 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
         metrics["caption_examples"] = report["examples"]
     return {"tasks": tasks, "metrics": metrics, "clips": len(embedded["ids"]),
             "captions": num_captions, "unreadable": len(embedded["failures"]),
+            "padded": embedded["padded"],
             "missing": int(getattr(source, "num_missing", 0)),
             "missing_ids": list(getattr(source, "missing_ids", ())),
             **({"folds": list(source.folds)} if getattr(source, "folds", None) else {}),

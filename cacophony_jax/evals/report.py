@@ -115,6 +115,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped "
              "(results.json lists the missing ones)"
              for n, r in sets.items() if r["unreadable"] or r["missing"]]
+    notes += [f"- {n}: {r['padded']} clip(s) shorter than 0.15 s padded with silence"
+              for n, r in sets.items() if r.get("padded")]
     for n, r in sets.items():
         listed, published = _listed(r), PUBLISHED_CLIPS.get(n)
         if published and listed < published:
@@ -122,7 +124,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             notes.append(f"- {n}: the copy lists {listed} of the published set's {published} "
                          f"clips{folds}")
     if notes:
-        lines += ["Incomplete sets:", "", *notes, ""]
+        lines += ["Notes on the sets:", "", *notes, ""]
     return "\n".join(lines)
 
 
