@@ -124,7 +124,9 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
         config = tiny_config(stage, 4, **overrides)
         # The "mae" cases offer a mae run's checkpoints a Cacophony state, so nothing
         # fits; the message lists the state fields the two configs set differently.
-        reader = checkpoint.Checkpointer(tmp_path / folder, async_save=False, read_only=True)
+        # Writable, as a run opens its workdir: checkpoints that do not fit this config
+        # must be refused, not moved aside as unreadable.
+        reader = checkpoint.Checkpointer(tmp_path / folder, async_save=False)
         try:
             with pytest.raises(checkpoint.CheckpointError, match=message):
                 init_lib.restore_or_init(config, task, tx, plan, reader, None)

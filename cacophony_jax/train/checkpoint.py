@@ -55,8 +55,9 @@ class IteratorTarget:
 
     def set_state(self, state: bytes | dict[str, Any]) -> None:
         state = dict(json.loads(state) if isinstance(state, (bytes, str)) else state)
-        self.counters = {k: int(v) for k, v in (state.pop(COUNTERS_KEY, None) or {}).items()}
+        counters = {k: int(v) for k, v in (state.pop(COUNTERS_KEY, None) or {}).items()}
         self.iterator.set_state(state)
+        self.counters = counters  # only with the position they belong to
 
     def start_prefetch(self) -> None:
         start = getattr(self.iterator, "start_prefetch", None)
@@ -138,6 +139,7 @@ class Checkpointer:
           (state, step) or None if there is nothing readable.
         """
         candidates = [step] if step is not None else list(reversed(self.steps()))
+        unreadable = []
         for candidate in candidates:
             try:
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(
@@ -151,10 +153,14 @@ class Checkpointer:
                                 "an older one", candidate, self.directory,
                                 type(e).__name__, _brief(e))
                 self._bad_steps.add(candidate)
-                if not self.read_only:
-                    # Out of the keep-N count at once, so retention never deletes it.
-                    self._move_aside(candidate)
+                unreadable.append(candidate)
                 continue
+            if not self.read_only:
+                # Once an older step has been read (so the newer ones are truly bad, not
+                # a run whose config no longer fits them all): out of the keep-N count,
+                # so retention never deletes them.
+                for bad in unreadable:
+                    self._move_aside(bad)
             if data_iter is not None:
                 self._restore_iterator(candidate, data_iter)
             return restored.state, candidate
@@ -205,6 +211,9 @@ class Checkpointer:
             src.rename(self.directory / f"{step}.corrupt-{n}")
             logging.warning("moved unreadable checkpoint %s aside to %s.corrupt-%d (kept "
                             "for inspection; rename it back to try it again)", src, step, n)
+        if jax.process_count() > 1:  # every process sees the rename before it reloads
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
         self._bad_steps.discard(step)
         self.manager.reload()
 
