@@ -188,8 +188,11 @@ def test_parse_caption():
         llm.parse_caption("Sorry, there is nothing to describe.")
     # Captions that merely start like one are kept.
     for caption in ("Sorry-sounding groans echo in a hall.", "I can hear birds singing.",
-                    "Here is a dog barking twice."):
+                    "Here is a dog barking twice.", "Sure-footed horse trotting.",
+                    "Okay lots of footsteps echo.", "Of course the rain falls."):
         assert llm.parse_caption(caption) == caption
+    assert llm.parse_caption("Sure!\n\nA dog barks.") == "A dog barks."
+    assert llm.parse_caption("Certainly. A dog barks.") == "A dog barks."
     with pytest.raises(llm.RejectedError, match="not one short caption"):
         llm.parse_caption("A very " + "very " * 200 + "loud dog.")
 

@@ -152,7 +152,7 @@ def user_message(title: str, tags: list[str] | str | None, description: str) -> 
 
 
 # A chat model's courtesy words before the answer ("Sure! Here is the caption: ...").
-_PREAMBLE = re.compile(r"^(?:(?:sure|certainly|of course|okay|ok)\b[!.,]?\s*)?"
+_PREAMBLE = re.compile(r"^(?:(?:sure|certainly|of course|okay|ok)[!.,:]\s*)?"
                        r"(?:here(?:'s| is) (?:the |a |your )?(?:\w+ )?caption\b[^:]*:\s*)?",
                        re.I)
 _REFUSAL = re.compile(r"(?:i(?:'m| am) (?:sorry|unable|not able)|i can(?:not|'t| not)\b|"
@@ -177,6 +177,8 @@ def parse_caption(text: str) -> str | None:
     while len(lines) > 1 and lines[0].endswith(":"):
         lines.pop(0)  # "Here is the caption:", the caption on the next line
     line = _PREAMBLE.sub("", lines[0] if lines else "", count=1)
+    if not line.strip() and len(lines) > 1:
+        line = lines[1]  # "Sure!" alone, the caption on the next line
     line = re.sub(r"^(?:caption\s*:|[-*\u2022]|\d+[.)])\s*", "", line, flags=re.I)
     line = re.sub(r"\s+", " ", line.strip().strip("\"'`\u201c\u201d\u2018\u2019").strip())
     if not line or re.fullmatch(r"none\W*", line, flags=re.I):

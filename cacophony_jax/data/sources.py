@@ -249,7 +249,7 @@ _CSV_COLUMNS = ("audio", "caption", "label")
 
 def _warn_misspelt(path: str, names: Iterable[str], known: Sequence[str], what: str) -> None:
     for name in sorted(set(names) - set(known)):
-        close = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.8)
         if close:
             logging.warning("manifest %s: %s %r is not read; did you mean %r?", path, what,
                             name, close[0])
