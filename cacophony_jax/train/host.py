@@ -10,6 +10,7 @@ import queue
 import signal
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -64,40 +65,56 @@ def workdir_lock(workdir: epath.Path):
     """Holds `workdir/.lock` for a run, so a second run on the same workdir stops at once
     instead of interleaving checkpoints and metrics with the first.
 
-    Only the first process locks (the others write what it coordinates); the lock goes
+    The first process locks (the others write what it coordinates) and tells the others
+    whether it could, so all of a refused run's processes stop together. The lock goes
     with the process, so a killed run leaves none behind. Where the file system has no
     locks, the run goes on with a warning.
     """
-    if jax.process_index() != 0 or "://" in str(workdir):
+    handle, holder = None, None
+    if jax.process_index() == 0 and "://" not in str(workdir):
+        handle, holder = _lock(workdir)
+    busy = holder is not None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
+    if busy:
+        raise WorkdirBusyError(
+            f"workdir {workdir} is in use by {holder or 'another run'}: two runs would "
+            "interleave their checkpoints and metrics; stop that run (it resumes from its "
+            "newest checkpoint) or use another --workdir")
+    try:
         yield
-        return
+    finally:
+        if handle is not None:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def _lock(workdir: epath.Path) -> tuple[Any, str | None]:
+    """(the open lock file or None, who holds it when it is taken)."""
     import fcntl
     import socket
 
-    path = os.path.join(str(workdir), ".lock")
-    with open(path, "a+", encoding="utf-8") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise WorkdirBusyError(
-                f"workdir {workdir} is in use by {holder}: two runs would interleave their "
-                "checkpoints and metrics; stop that run (it resumes from its newest "
-                "checkpoint) or use another --workdir") from None
-        except OSError as e:
-            logging.warning("workdir %s cannot be locked (%s): make sure no other run uses "
-                            "it", workdir, e)
-            yield
-            return
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    handle = open(os.path.join(str(workdir), ".lock"), "a+", encoding="utf-8")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return None, holder
+    except OSError as e:
+        logging.warning("workdir %s cannot be locked (%s): make sure no other run uses it",
+                        workdir, e)
+        handle.close()
+        return None, None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle, None
 
 
 class WorkdirBusyError(ValueError):

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from cacophony_jax.train import loop
+from cacophony_jax.train import host, loop
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
@@ -34,9 +34,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
             loop.check_config(config.stages[name])
         except ValueError as error:
             raise ValueError(f"stage {name!r}: {error}") from None
+    root = epath.Path(workdir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file; name a folder (new or a run's)")
+    root.mkdir(parents=True, exist_ok=True)
+    with host.workdir_lock(root):  # the recipe's own files (results.json) too
+        results = _run_stages(config, root)
+    if jax.process_index() == 0:
+        print(summary(results), flush=True)
+    return results
+
+
+def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
+                ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     previous = None
-    root = epath.Path(workdir)
     for name in config.stage_order:
         stage = config.stages[name]
         if stage.train.init_from == "previous":
@@ -49,12 +61,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         previous = name
     if jax.process_index() == 0:
         (root / "results.json").write_text(json.dumps(results, indent=2))
-        print(summary(results), flush=True)
     return results
 
 
 _PATH_KEYS = ("data.train.path", "data.eval.path", "train.init_from", "train.resume",
-              "tokenizer.path")
+              "tokenizer.path", "tokenizer.roberta_weights")
 
 
 def check_local(what: str, path: str) -> None:

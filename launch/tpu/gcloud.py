@@ -136,9 +136,10 @@ def mount_lines(buckets: set[str]) -> list[str]:
     lines = []
     for bucket in sorted(buckets):
         where = shlex.quote(f"{GCS_MOUNT}/{bucket}")
-        lines += [f"sudo mkdir -p {where} && sudo chown \"$(id -u):$(id -g)\" {where}",
-                  f"mountpoint -q {where} || gcsfuse --implicit-dirs {shlex.quote(bucket)} "
-                  f"{where}"]
+        # Already mounted by an earlier run: leave it (root cannot chown a FUSE mount).
+        lines.append(f"mountpoint -q {where} || {{ sudo mkdir -p {where} && sudo chown "
+                     f"\"$(id -u):$(id -g)\" {where} && gcsfuse --implicit-dirs "
+                     f"{shlex.quote(bucket)} {where}; }}")
     return lines
 
 
