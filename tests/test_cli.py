@@ -222,7 +222,9 @@ def test_eval_command(bundles, tmp_path, capsys):
         _tone(root / "audio" / name, k)
     code, out, err = _run(capsys, "eval", "--bundle", bundles["main"], "--esc50", root,
                           "--synthetic", "3", "--caption-clips", "2", "--out", tmp_path / "r")
-    assert code == 0 and "| ESC-50 (5 folds) |" in out and "93.4" in out
+    # A few clips of ESC-50: flagged, since the numbers do not compare with the paper's.
+    assert code == 0 and "| ESC-50 (5 folds) (incomplete copy, see below) |" in out
+    assert "93.4" in out and "the copy lists" in out
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["sets"]["esc50"]["clips"] == 4 and results["sets"]["synthetic"]["clips"] == 3
     assert 0.0 <= results["sets"]["esc50"]["metrics"]["top1"] <= 100.0

@@ -72,11 +72,14 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
         assert row["perf/model_tflops_per_device"] * 1e12 == pytest.approx(
             per_device * row["perf/steps_per_sec"], rel=1e-6)
         assert row["perf/mfu"] == pytest.approx(row["perf/model_tflops_per_device"] / 0.5)
-    empty = checkpoint.Checkpointer(tmp_path / "empty", async_save=False)
-    try:
-        start = init_lib.restore_or_init(caco, task, tx, plan, empty, None)
-    finally:
-        empty.close()
+    def start_from(config, task, plan):  # a fresh workdir
+        empty = checkpoint.Checkpointer(tmp_path / "empty", async_save=False)
+        try:
+            return init_lib.restore_or_init(config, task, tx, plan, empty, None)
+        finally:
+            empty.close()
+
+    start = start_from(caco, task, plan)
     assert_trees_equal(start.params["audio_encoder"],
                        restore_params(mae, tmp_path / "mae")["encoder"])
     # A scanned stage 2 gets the same encoder, its blocks stacked.
@@ -85,11 +88,7 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
     scanned_task = tasks.build(scanned, tokenizer_for(caco, tmp_path / "caco"))
     scanned_plan = state_lib.plan_state(scanned_task.init_params, tx, mesh,
                                         partition.rules_from_config(caco.sharding_rules))
-    empty = checkpoint.Checkpointer(tmp_path / "empty", async_save=False)
-    try:
-        start = init_lib.restore_or_init(scanned, scanned_task, tx, scanned_plan, empty, None)
-    finally:
-        empty.close()
+    start = start_from(scanned, scanned_task, scanned_plan)
     assert "blocks" in start.params["audio_encoder"]
     assert_trees_equal(start.params["audio_encoder"],
                        stack.stack_layers(restore_params(mae, tmp_path / "mae")["encoder"]))
@@ -101,12 +100,7 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
         if path.is_file():
             path.write_bytes(b"garbage")
     from_older = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae2")})
-    empty = checkpoint.Checkpointer(tmp_path / "empty", async_save=False)
-    try:
-        start = init_lib.restore_or_init(from_older, task, tx, plan, empty, None)
-    finally:
-        empty.close()
-    assert_trees_equal(start.params["audio_encoder"],
+    assert_trees_equal(start_from(from_older, task, plan).params["audio_encoder"],
                        restore_params(mae, tmp_path / "mae")["encoder"])
     # The wrong kind of run is refused before any training, naming what to use instead.
     wrong = [
