@@ -133,27 +133,6 @@ def test_closed_loop_callbacks_after_an_unreadable_checkpoint_are_not_printed(mo
     assert [str(u.exc_value) for u in seen] == ["other"]
 
 
-def test_a_signal_during_the_final_evaluation_still_stops_the_recipe(tmp_path, monkeypatch):
-    from cacophony_jax.tasks.mae import MAETask
-
-    real = MAETask.evaluator
-
-    def evaluator(self, mesh, tokenizer=None):
-        evaluate = real(self, mesh, tokenizer)
-
-        def signalled(params):
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the last evaluation runs
-            return evaluate(params)
-        return signalled
-
-    monkeypatch.setattr(MAETask, "evaluator", evaluator)
-    config = tiny_config("mae", 2, **{"train.log_every": 100})
-    with pytest.raises(host.StopRequestedError, match="stopped at step 2 after signal 15"):
-        loop.run(config, str(tmp_path))
-    rows = read_metrics(tmp_path)
-    assert "eval/mse" in rows[-1] and os.path.isdir(tmp_path / "checkpoints" / "2")
-
-
 def test_a_second_run_on_a_busy_workdir_stops_before_touching_it(tmp_path):
     import fcntl
 

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import threading
 
 import jax
@@ -15,7 +16,7 @@ from cacophony_jax.models import stack
 from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
-from cacophony_jax.train import checkpoint, flops, loop, stages
+from cacophony_jax.train import checkpoint, flops, host, loop, stages
 from cacophony_jax.train import init as init_lib
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
@@ -194,7 +195,24 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
         loop.run(straight, str(tmp_path / "b"))
     monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["6"]
-    loop.run(straight, str(tmp_path / "b"))
+    # And a stop signal arrives during the resumed run's last evaluation: training is
+    # complete and saved, the run ends as stopped (a recipe would start no later stage).
+    from cacophony_jax.tasks.mae import MAETask
+
+    real_evaluator = MAETask.evaluator
+
+    def evaluator(self, mesh, tokenizer=None):
+        evaluate = real_evaluator(self, mesh, tokenizer)
+
+        def signalled(params):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return evaluate(params)
+        return signalled
+
+    monkeypatch.setattr(MAETask, "evaluator", evaluator)
+    with pytest.raises(host.StopRequestedError, match="stopped at step 12 after signal 15"):
+        loop.run(straight, str(tmp_path / "b"))
+    assert "eval/mse" in read_metrics(tmp_path / "b")[-1]
     assert_trees_equal(restore_params(straight, tmp_path / "a"),
                        restore_params(straight, tmp_path / "b"))
     key = ("loss", "data/failed_records")
