@@ -108,11 +108,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         if len(args.queries) > 1:
             print(f"# {query}")
         for i, score in zip(top, scores, strict=True):
-            print(f"{score:.4f}\t{paths[i]}")
+            print(f"{score:.4f}\t{_field(paths[i])}")
     return 0
 
 
 # ------------------------------------------------------------------ caption / eval / export
+
+
+def _field(path: str) -> str:
+    """A path as one field of a tab-separated line (a tab or line break in a file name
+    is written escaped, as \\t, \\n)."""
+    return path.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -136,7 +142,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             if isinstance(text, Exception):
                 failures.append(f"{path}: {text}")
             else:
-                print(f"{path}\t{text}", flush=True)
+                print(f"{_field(path)}\t{text}", flush=True)
                 written += 1
     _report_failures(failures, len(files))
     if not written:

@@ -284,3 +284,10 @@ def test_export_from_a_training_run_then_embed(sounds, tmp_path, capsys):
     assert code == 0
     with np.load(tmp_path / "i.npz") as data:
         assert np.allclose(np.linalg.norm(data["embeddings"], axis=1), 1.0, atol=1e-3)
+
+
+def test_a_file_name_stays_one_field_of_a_tab_separated_line():
+    from cacophony_jax import cli
+
+    assert cli._field("a\tb\nc\r.wav") == "a\\tb\\nc\\r.wav"
+    assert cli._field("dir/plain name.wav") == "dir/plain name.wav"
