@@ -242,6 +242,10 @@ def test_clotho(tmp_path):
     _wav(str(tmp_path / "clotho_audio_validation" / nfd))
     found = clotho_source(tmp_path, "validation")
     assert len(found) == 1 and found.num_missing == 0 and found[0]["id"] == "Café – Zürich.wav"
+    _csv(str(tmp_path / "clotho_captions_validation.csv"), header,
+         [[name] + [f"z{k}" for k in range(5)] for name in ("Café – Zürich.wav",
+                                                             "Café – Zürich.WAV")])
+    assert len(clotho_source(tmp_path, "validation")) == 1  # one file, evaluated once
     assert found[0]["audio_path"] == str(tmp_path / "clotho_audio_validation" / nfd)
 
 

@@ -186,12 +186,17 @@ def clotho_source(root: str | os.PathLike, split: str) -> ClipSource:
     folder, present = _audio_folder(root, folders, ([_key(r["file_name"])] for r in rows))
     folder = os.path.normpath(os.path.join(root, folder))
     source = ClipSource(f"clotho/{split}", folder)
-    missing = []
+    missing, used = [], set()
     for row in rows:
         name = present.get(_key(row["file_name"]))
         if name is None:
             missing.append(row["file_name"])
             continue
+        if name in used:  # e.g. listed as x.WAV and x.wav: one clip, evaluated once
+            logging.warning("%s: %s is listed twice; its second row is skipped",
+                            source.name, row["file_name"])
+            continue
+        used.add(name)
         source.add(name, [row[c] or "" for c in columns[1:]], clip_id=row["file_name"])
     return _report_missing(source, missing, folder, "<file_name>",
                            [os.path.normpath(os.path.join(root, f)) for f in folders])
