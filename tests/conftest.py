@@ -15,6 +15,15 @@ import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Many tests train the same tiny steps: a compilation cache for this pytest process
+# (not its subprocesses, which never share it) compiles each of them once.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_CACHE = tempfile.mkdtemp(prefix="cacophony-test-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 # Grain and Orbax read absl flags; under pytest nobody parses them.
 if not flags.FLAGS.is_parsed():
     flags.FLAGS(sys.argv[:1], known_only=True)
