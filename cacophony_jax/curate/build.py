@@ -41,7 +41,7 @@ from absl import logging
 from cacophony_jax import atomic_write
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import hashing
-from cacophony_jax.data.array_record import write_array_record
+from cacophony_jax.data.array_record import SPLIT_NAME, write_array_record
 from cacophony_jax.data.sources import ManifestSource, SourceError, open_source
 from cacophony_jax.progress import Progress
 
@@ -105,7 +105,7 @@ def _name_forms(name: str) -> set[str]:
 def _check_output(out_dir: str, split: str) -> list[str] | None:
     """Refuses an output that cannot take `split`; returns the class names of the
     dataset already there (None when there is none)."""
-    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+    if not re.fullmatch(SPLIT_NAME, split):
         raise BuildError(f"--split {split!r} may only use letters, digits and '_'")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise BuildError(f"--out {out_dir} is a file; name a new or existing folder")

@@ -41,6 +41,7 @@ from cacophony_jax.data.sources import SourceError
 DATASET_NAME = "cacophony_clips"
 _VERSION = "1.0.0"
 _ORDER = "round_robin"
+SPLIT_NAME = r"[A-Za-z0-9_]+"  # what TFDS accepts as a split name
 _INFO_FILES = ("features.json", "metadata.json", "dataset_info.json")  # commit file last
 
 
@@ -102,7 +103,7 @@ def write_array_record(
     """
     tfds = _tfds()
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+    if not re.fullmatch(SPLIT_NAME, split):
         raise ArrayRecordError(f"split name {split!r} may only use letters, digits and '_'")
     if num_shards < 1:
         raise ArrayRecordError(f"num_shards must be at least 1, got {num_shards}")

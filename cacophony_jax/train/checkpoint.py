@@ -119,7 +119,6 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=ITEMS)
         self.read_only = read_only
-        self._bad_steps: set[int] = set()
 
     def steps(self) -> list[int]:
         """Saved steps, oldest first."""
@@ -152,7 +151,6 @@ class Checkpointer:
                 logging.warning("checkpoint step %s in %s is unreadable (%s: %s); trying "
                                 "an older one", candidate, self.directory,
                                 type(e).__name__, _brief(e))
-                self._bad_steps.add(candidate)
                 unreadable.append(candidate)
                 continue
             if not self.read_only:
@@ -190,9 +188,7 @@ class Checkpointer:
           True if a save was started.
         """
         if step in self.manager.all_steps():
-            if step not in self._bad_steps:
-                return False  # this exact step is already safely on disk
-            self._move_aside(step)
+            return False  # this exact step is already on disk (unreadable ones are moved)
         items = {
             "state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(config_json),
@@ -214,7 +210,6 @@ class Checkpointer:
         if jax.process_count() > 1:  # every process sees the rename before it reloads
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
-        self._bad_steps.discard(step)
         self.manager.reload()
 
     def read_config(self, step: int) -> dict[str, Any]:

@@ -60,6 +60,15 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
+def make_workdir(workdir: str) -> epath.Path:
+    """The workdir, created if needed; a file of that name is refused."""
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file; name a folder (new or a run's)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: epath.Path):
     """Holds `workdir/.lock` for a run, so a second run on the same workdir stops at once

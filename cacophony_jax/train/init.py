@@ -70,15 +70,17 @@ SCHEDULE_FIELDS = ("train.steps", "optim.learning_rate", "optim.warmup_steps",
                    "optim.schedule", "optim.min_lr_ratio")
 
 
-def _lookup(tree: Any, key: str) -> Any:
+def lookup(tree: Any, key: str) -> Any:
+    """The value at dotted `key` ("optim.sam.enabled") of a config or its JSON, or None
+    where the tree has no such field."""
     for part in key.split("."):
-        if part not in tree:
+        if not isinstance(tree, (dict, ml_collections.ConfigDict)) or part not in tree:
             return None
         tree = tree[part]
     return tree
 
 
-def _changed_state_fields(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
+def _changed_fields(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
                           fields: tuple[str, ...] = STATE_FIELDS,
                           step: int | None = None) -> list[str]:
     """'field (saved -> now)' for each of `fields` the config saved with `step` (default
@@ -86,14 +88,14 @@ def _changed_state_fields(config: ml_collections.ConfigDict, ckpt: checkpoint.Ch
     saved = ckpt.saved_config(ckpt.steps()[-1] if step is None else step)
     if saved is None:  # then the message stays general
         return []
-    return [f"config.{key} ({_lookup(saved, key)!r} -> {_lookup(config, key)!r})"
-            for key in fields if _lookup(saved, key) != _lookup(config, key)]
+    return [f"config.{key} ({lookup(saved, key)!r} -> {lookup(config, key)!r})"
+            for key in fields if lookup(saved, key) != lookup(config, key)]
 
 
 def _resumed(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
              step: int) -> None:
     logging.info("resuming from %s step %d", ckpt.directory, step)
-    changed = _changed_state_fields(config, ckpt, SCHEDULE_FIELDS, step)
+    changed = _changed_fields(config, ckpt, SCHEDULE_FIELDS, step)
     if changed:
         logging.warning("resuming with %s: the learning-rate schedule from step %d on is "
                         "the new one, the steps before followed the old one (not the run "
@@ -107,7 +109,7 @@ def _stage1_encoder(config: ml_collections.ConfigDict, plan: state_lib.StatePlan
     path, keys = config.train.init_from, ("params", "encoder")
     target = plan.abstract.params["audio_encoder"]
     saved = checkpoint.saved_config(path)
-    saved_scan = _lookup(saved, "model.scan") if saved else None
+    saved_scan = lookup(saved, "model.scan") if saved else None
     if saved_scan is None or bool(saved_scan) == bool(config.model.scan):
         return checkpoint.restore_subtree(path, keys, target, task="mae")
     # Read it whole in the saved layout (stacked or per block), then convert.
@@ -138,7 +140,7 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
         return restored[0]
     if ckpt.steps():
         # Training from scratch here would later push these aside: say so instead.
-        changed = _changed_state_fields(config, ckpt)
+        changed = _changed_fields(config, ckpt)
         why = (f"it changes {', '.join(changed)}, which the saved state's shape depends on"
                if changed else "were they saved with another model variant or options, or "
                "are they all damaged? (see the warnings above)")
@@ -161,7 +163,7 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                     f"config.train.resume={config.train.resume!r} is a {saved!r} run, this "
                     f"is a {config.task!r} run{hint}")
             restored = other.restore(plan.abstract, data_iter, step=step)
-            changed = _changed_state_fields(config, other) if restored is None else []
+            changed = _changed_fields(config, other) if restored is None else []
             if restored is not None:
                 _resumed(config, other, restored[1])
         finally:

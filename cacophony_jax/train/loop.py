@@ -49,11 +49,9 @@ _MINIMUMS = (
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Rejects counts the loop cannot run with, naming the key (before anything starts)."""
     for key, minimum, why in _MINIMUMS:
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        if node < minimum:
-            raise ValueError(f"config.{key}={node} must be >= {minimum}{why}")
+        value = init.lookup(config, key)
+        if value < minimum:
+            raise ValueError(f"config.{key}={value} must be >= {minimum}{why}")
     optimizer.make_optimizer(config.optim, config.train.steps)  # its settings, too
     pieces = config.audio.frontend_sub_batches
     micro = config.data.global_batch_size // max(1, config.optim.accum_steps)
@@ -131,10 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       The final evaluation metrics (empty when evaluation is disabled).
     """
     check_config(config)
-    workdir_path = epath.Path(workdir)
-    if workdir_path.exists() and not workdir_path.is_dir():
-        raise ValueError(f"--workdir {workdir} is a file; name a folder (new or a run's)")
-    workdir_path.mkdir(parents=True, exist_ok=True)
+    workdir_path = host.make_workdir(workdir)
     with host.workdir_lock(workdir_path):
         return _train(config, workdir_path)
 

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from cacophony_jax.train import host, loop
+from cacophony_jax.train import host, init, loop
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
@@ -34,10 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
             loop.check_config(config.stages[name])
         except ValueError as error:
             raise ValueError(f"stage {name!r}: {error}") from None
-    root = epath.Path(workdir)
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"--workdir {workdir} is a file; name a folder (new or a run's)")
-    root.mkdir(parents=True, exist_ok=True)
+    root = host.make_workdir(workdir)
     with host.workdir_lock(root):  # the recipe's own files (results.json) too
         results = _run_stages(config, root)
     if jax.process_index() == 0:
@@ -82,11 +79,9 @@ def check_local(what: str, path: str) -> None:
 def check_paths(config: ml_collections.ConfigDict) -> None:
     """`check_local` for every path a config names."""
     for key in _PATH_KEYS:
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-        if node:
-            check_local(f"config.{key}", node)
+        path = init.lookup(config, key)
+        if path:
+            check_local(f"config.{key}", path)
 
 
 def summary(results: dict[str, dict[str, float]]) -> str:
