@@ -106,3 +106,13 @@ def cudnn_stand_in(calls: list) -> Callable:
         return real(query, key, value, mask=mask, implementation="xla", **kwargs)
 
     return attention
+
+
+def write_jsonl(path, rows):
+    """Writes rows (dicts, or raw strings for broken lines) one a line."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def read_jsonl(path):
+    """The rows of a JSONL file (only "\n" ends a row, as in the tools' outputs)."""
+    return [json.loads(line) for line in path.read_text().split("\n") if line]
