@@ -223,6 +223,9 @@ def _command(sub, name: str, func, summary: str, examples: str) -> argparse.Argu
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=func)
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    # Also accepted after the command name; SUPPRESS keeps a --debug given before it.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks of errors")
     return p
 
 

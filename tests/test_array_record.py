@@ -115,6 +115,54 @@ def test_interrupted_write_leaves_nothing_readable(tmp_path):
     assert _shards(tmp_path / "ds", "test") == []
 
 
+def test_overwrite_replaces_one_split_and_keeps_the_old_until_done(tmp_path, monkeypatch):
+    ds = tmp_path / "ds"
+    write_array_record(_records(3), ds, "train", 2, CLASSES)
+    write_array_record(_records(2), ds, "test", 1, CLASSES)
+
+    def dies_midway(records):
+        yield from records
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_array_record(dies_midway(_records(5, seed=1)), ds, "train", 2, CLASSES,
+                           overwrite=True)
+    assert len(ArrayRecordSource(ds, "train")) == 3  # the old split is untouched
+    # A rewrite killed during its commit: the new shards were moved in, dataset_info.json
+    # was not replaced. The old split is still the one read.
+    real_replace = os.replace
+
+    def stop_at_commit(src, dst):
+        if os.path.basename(dst) == "dataset_info.json":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stop_at_commit)
+    with pytest.raises(KeyboardInterrupt):
+        write_array_record(_records(5, seed=1), ds, "train", 3, CLASSES, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(ArrayRecordSource(ds, "train")) == 3 and len(_shards(ds, "train")) == 5
+    # Rewritten for real: new records, new shard names; the test split is kept and the
+    # leftover and replaced shards are gone.
+    write_array_record(_records(5, seed=1), ds, "train", 3, CLASSES, overwrite=True)
+    train = ArrayRecordSource(ds, "train")
+    expected = _records(5, seed=1)
+    assert len(train) == 5 and all(
+        np.array_equal(train[i]["audio"], expected[i]["audio"]) for i in range(5))
+    assert _shards(ds, "train") == [
+        f"{DATASET_NAME}-train.array_record-r1-0000{s}-of-00003" for s in range(3)]
+    assert len(ArrayRecordSource(ds, "test")) == 2
+    write_array_record(_records(1), ds, "train", 1, CLASSES, overwrite=True)
+    assert _shards(ds, "train") == [f"{DATASET_NAME}-train.array_record-r2-00000-of-00001"]
+    # Other splits pin the class names; a dataset's only split may change them.
+    with pytest.raises(ArrayRecordError, match="same class names"):
+        write_array_record(_records(1), ds, "train", 1, ("dog",), overwrite=True)
+    write_array_record(_records(1), tmp_path / "one", "train", 1, CLASSES)
+    write_array_record([{**_records(1)[0], "labels": [0]}], tmp_path / "one", "train", 1,
+                       ("dog",), overwrite=True)
+    assert ArrayRecordSource(tmp_path / "one", "train").class_names == ("dog",)
+
+
 def test_bad_records(tmp_path):
     bad_label = _records(2)
     bad_label[1]["labels"] = [3]

@@ -193,6 +193,11 @@ def test_user_errors_are_one_line(bundles, sounds, official_dir, tmp_path, capsy
         assert "Traceback" not in err
     with pytest.raises(ValueError, match="no evaluation set"):
         cli.main(["--debug", "eval", "--bundle", bundles["main"]])
+    with pytest.raises(ValueError, match="no evaluation set"):  # after the command name
+        cli.main(["eval", "--bundle", bundles["main"], "--debug"])
+    with pytest.raises(ValueError, match="esc50.csv"):  # a curate step too
+        cli.main(["curate", "build", "--debug", "--input", f"x=esc50:{tmp_path / 'nope'}",
+                  "--out", str(tmp_path / "o")])
 
 
 def test_argument_errors_and_help(capsys):

@@ -168,8 +168,15 @@ def test_user_errors(corpus):
     with pytest.raises(BuildError, match="--workers must be at least 1"):
         build.run_build([("a", manifest)], str(out), workers=0)
     _build(corpus, out)
-    with pytest.raises(BuildError, match="already holds split 'train'"):
+    with pytest.raises(BuildError, match="already holds split 'train'.*--overwrite"):
         _build(corpus, out)
+    hashes = (out / "train_hashes.txt").read_text()
+    # --overwrite rebuilds it: a's clips without the filters now; the hash list follows.
+    build.run_build([("a", str(corpus / "a" / "m.jsonl"))], str(out), workers=2,
+                    overwrite=True)
+    assert len(ArrayRecordSource(out, "train")) == 7 != len(hashes.split())
+    assert len((out / "train_hashes.txt").read_text().split()) == len(
+        ArrayRecordSource(out, "train"))
 
 
 def test_a_later_split_shares_the_labels_and_bad_settings_stop_before_hashing(

@@ -102,9 +102,9 @@ def _name_forms(name: str) -> set[str]:
     return {name, base, os.path.splitext(base)[0]}
 
 
-def _check_output(out_dir: str, split: str) -> list[str] | None:
+def _check_output(out_dir: str, split: str, overwrite: bool) -> list[str] | None:
     """Refuses an output that cannot take `split`; returns the class names of the
-    dataset already there (None when there is none)."""
+    other splits already there (None when there are none)."""
     if not re.fullmatch(SPLIT_NAME, split):
         raise BuildError(f"--split {split!r} may only use letters, digits and '_'")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -119,10 +119,10 @@ def _check_output(out_dir: str, split: str) -> list[str] | None:
             classes = json.load(f).get("class_names", [])
     except (OSError, ValueError, AttributeError):
         raise BuildError(f"{info} is unreadable; choose an empty --out folder") from None
-    if split in names:
+    if split in names and not overwrite:
         raise BuildError(f"{out_dir} already holds split {split!r}; choose another --out or "
-                         f"--split, or delete the folder to rebuild it")
-    return [str(c) for c in classes]
+                         f"--split, or pass --overwrite to rebuild it")
+    return [str(c) for c in classes] if set(names) - {split} else None
 
 
 def run_build(
@@ -138,6 +138,7 @@ def run_build(
     max_seconds: float | None = None,
     workers: int = 8,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Merges, deduplicates and filters sources into one array_record split.
 
@@ -153,6 +154,8 @@ def run_build(
       max_seconds: longest clip kept (None: no limit).
       workers: threads decoding and hashing.
       progress: called as progress(label, done, total).
+      overwrite: rebuild `split` if `out_dir` holds it (it stays readable until the new
+        one is written).
 
     Returns:
       The summary: {"split", "out", "class_names", "sources": {name: counts},
@@ -175,7 +178,7 @@ def run_build(
     if workers < 1:
         raise BuildError(f"--workers must be at least 1, got {workers}")
     out_dir = os.path.abspath(out_dir)
-    existing = _check_output(out_dir, split)
+    existing = _check_output(out_dir, split, overwrite)
     try:
         sources = [(name, open_input(spec)) for name, spec in inputs]
         excluded_sources = [open_input(spec, default_split="test") for spec in exclude_sources]
@@ -271,9 +274,10 @@ def run_build(
             yield out if "audio_path" in out else {**out, "audio": source[index]["audio"]}
 
     write_array_record(records(), out_dir, split, num_shards, list(class_names),
-                       num_workers=workers, progress=progress, total=len(kept))
-    with open(os.path.join(out_dir, f"{split}_hashes.txt"), "w", encoding="utf-8") as f:
-        f.writelines(digest + "\n" for digest in kept)
+                       num_workers=workers, progress=progress, total=len(kept),
+                       overwrite=overwrite)
+    atomic_write.write_text(os.path.join(out_dir, f"{split}_hashes.txt"),
+                            "".join(digest + "\n" for digest in kept))
     total: dict[str, float] = collections.Counter()
     for c in counts.values():
         total.update(c)
@@ -346,6 +350,8 @@ def add_arguments(parser: Any) -> None:
     add("--split", default="train")
     add("--num-shards", type=int, default=16)
     add("--workers", type=int, default=8, help="threads decoding and hashing")
+    add("--overwrite", action="store_true",
+        help="rebuild --split if --out holds it (other splits are kept)")
 
 
 def command(args: Any, progress: Progress | None) -> int:
@@ -370,7 +376,8 @@ def command(args: Any, progress: Progress | None) -> int:
     summary = run_build(inputs, args.out, split=args.split, num_shards=args.num_shards,
                         exclude_ids=ids, exclude_hashes=hashes,
                         exclude_sources=args.exclude_source, min_seconds=args.min_seconds,
-                        max_seconds=args.max_seconds, workers=args.workers, progress=progress)
+                        max_seconds=args.max_seconds, workers=args.workers, progress=progress,
+                        overwrite=args.overwrite)
     print(summary_markdown(summary))
     print(f"wrote split {args.split!r} to {summary['out']} (summary.md, summary.json)")
     return 0

@@ -18,7 +18,9 @@ undoes the interleave, so its index k is the k-th record written.
 Atomicity: shards and metadata are written in a hidden staging folder inside the
 dataset folder; the split becomes visible only when dataset_info.json, which lists
 it, replaces the old one in a single rename. An interrupted write leaves at most a
-hidden folder, never a readable half split.
+hidden folder, never a readable half split. Rewriting a split (`overwrite=True`) gives
+its new shards new file names (``...-r<N>-<shard>-of-<n>``), so the old split stays
+readable until that same rename; its files are deleted after it.
 """
 
 from __future__ import annotations
@@ -69,8 +71,24 @@ def _features():
     })
 
 
-def _shard_name(split: str, shard: int, num_shards: int) -> str:
-    return f"{DATASET_NAME}-{split}.array_record-{shard:05d}-of-{num_shards:05d}"
+def _template(split: str, revision: int) -> str:
+    # TFDS's default file names; a rewritten split's revision keeps its names apart.
+    tag = f"r{revision}-" if revision else ""
+    return f"{{DATASET}}-{{SPLIT}}.{{FILEFORMAT}}-{tag}{{SHARD_X_OF_Y}}"
+
+
+def _shard_name(split: str, shard: int, num_shards: int, revision: int = 0) -> str:
+    return (_template(split, revision).format(DATASET=DATASET_NAME, SPLIT=split,
+                                              FILEFORMAT="array_record", SHARD_X_OF_Y="")
+            + f"{shard:05d}-of-{num_shards:05d}")
+
+
+def _split_files(out_dir: str, split: str) -> dict[str, int]:
+    # Every shard file name of `split` there -> its revision.
+    pattern = re.compile(re.escape(f"{DATASET_NAME}-{split}.array_record-")
+                         + r"(?:r(\d+)-)?\d{5,}-of-\d{5,}")
+    found = {n: pattern.fullmatch(n) for n in os.listdir(out_dir)}
+    return {n: int(m.group(1) or 0) for n, m in found.items() if m}
 
 
 def write_array_record(
@@ -83,6 +101,7 @@ def write_array_record(
     num_workers: int = 8,
     progress: Callable[[str, int, int], None] | None = None,
     total: int = 0,
+    overwrite: bool = False,
 ) -> str:
     """Writes records as one split of a TFDS array_record dataset.
 
@@ -91,12 +110,15 @@ def write_array_record(
         (decoded here with `load_audio`; clips that fail to decode are skipped, counted
         and reported in one warning).
       out_dir: the dataset folder (created if needed; may already hold other splits).
-      split: the split name (letters, digits, underscores); must not exist yet.
+      split: the split name (letters, digits, underscores); must not exist yet unless
+        `overwrite`.
       num_shards: the number of shards (fewer when there are fewer records).
       class_names: the label vocabulary that "labels" index into.
       num_workers: threads decoding audio files.
       progress: called as progress(label, done, total) as records are written.
       total: the number of records (for progress).
+      overwrite: replace the split if it exists (the old one stays readable until the
+        new one is complete).
 
     Returns:
       The dataset folder.
@@ -108,31 +130,39 @@ def write_array_record(
     if num_shards < 1:
         raise ArrayRecordError(f"num_shards must be at least 1, got {num_shards}")
     class_names = [str(c) for c in class_names]
-    splits = []
+    splits, listed = [], set()
     if os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
         info = _open_builder(out_dir).info
-        if split in info.splits:
+        if split in info.splits and not overwrite:
             raise ArrayRecordError(
                 f"{out_dir} already holds split {split!r}; write to another folder or split "
-                f"name, or delete the folder to rewrite it"
+                f"name, or pass overwrite=True (`curate build --overwrite`) to replace it"
             )
-        if list(info.metadata.get("class_names", [])) != class_names:
+        splits = [s for name, s in info.splits.items() if name != split]
+        if splits and list(info.metadata.get("class_names", [])) != class_names:
             raise ArrayRecordError(
                 f"{out_dir} has class names {list(info.metadata['class_names'])}; every split "
                 f"of a dataset must use the same class names, got {class_names}"
             )
-        splits = list(info.splits.values())
+        if split in info.splits:
+            listed = {os.path.basename(p) for p in info.splits[split].filepaths}
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(out_dir), f".incomplete-{split}-*")):
         # Left by a writer that was killed: never part of the dataset.
         logging.warning("removing %s, left by an interrupted write of split %r", stale, split)
         shutil.rmtree(stale, ignore_errors=True)
+    old_files = _split_files(out_dir, split)
+    for name in sorted(set(old_files) - listed):  # a write killed mid-commit left these
+        logging.warning("removing %s, a shard of split %r that no split lists", name, split)
+        os.remove(os.path.join(out_dir, name))
+    revision = max((old_files[n] for n in listed if n in old_files), default=-1) + 1
     staging = tempfile.mkdtemp(prefix=f".incomplete-{split}-", dir=out_dir)
     try:
         features = _features()
         shard_lengths, failures = _write_shards(
             features, _decoded(records, num_workers), staging, split, num_shards, class_names,
-            lambda done: progress(f"write {split}", done, total) if progress else None)
+            lambda done: progress(f"write {split}", done, total) if progress else None,
+            revision)
         if failures:
             shown = "\n  ".join(failures[:5])
             logging.warning("%s/%s: skipped %d clip(s) whose audio failed to decode:\n  %s",
@@ -141,7 +171,7 @@ def write_array_record(
             raise ArrayRecordError(f"no clips were written to {out_dir} split {split!r}: the "
                                    f"records were empty or none of their audio decoded")
         template = tfds.core.ShardedFileTemplate(
-            data_dir=out_dir, template=tfds.core.naming.DEFAULT_FILENAME_TEMPLATE,
+            data_dir=out_dir, template=_template(split, revision),
             dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record")
         num_bytes = sum(os.path.getsize(os.path.join(staging, f)) for f in os.listdir(staging))
         splits.append(tfds.core.SplitInfo(name=split, shard_lengths=shard_lengths,
@@ -160,18 +190,22 @@ def write_array_record(
                 os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
         for name in _INFO_FILES:  # dataset_info.json last: the commit point
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        for name in listed:  # the replaced split's shards
+            os.remove(os.path.join(out_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
-def _write_shards(features, records, staging, split, num_shards, class_names, report):
+def _write_shards(features, records, staging, split, num_shards, class_names, report,
+                  revision):
     from array_record.python.array_record_module import ArrayRecordWriter
 
     # "group_size:1" keeps every record individually addressable (what TFDS writes);
     # int16 audio barely compresses, and the default brotli halves read speed
     # (benchmarks/RESULTS.md), so records are stored uncompressed.
-    writers = [ArrayRecordWriter(os.path.join(staging, _shard_name(split, s, num_shards)),
+    writers = [ArrayRecordWriter(os.path.join(staging, _shard_name(split, s, num_shards,
+                                                                  revision)),
                                  "group_size:1,uncompressed") for s in range(num_shards)]
     count, failures = 0, []
     try:
@@ -191,9 +225,9 @@ def _write_shards(features, records, staging, split, num_shards, class_names, re
     lengths = [count // num_shards + (s < count % num_shards) for s in range(used)]
     # Round-robin leaves any empty shards last; drop them and renumber the others.
     for s in range(num_shards):
-        old = os.path.join(staging, _shard_name(split, s, num_shards))
+        old = os.path.join(staging, _shard_name(split, s, num_shards, revision))
         if s < used:
-            os.replace(old, os.path.join(staging, _shard_name(split, s, used)))
+            os.replace(old, os.path.join(staging, _shard_name(split, s, used, revision)))
         else:
             os.remove(old)
     return lengths, failures
