@@ -109,15 +109,21 @@ def test_rules_backend_reports_bad_rows(tmp_path, caplog):
     assert rows[1]["captions"] == ["Thunder roll."]
 
 
-def test_rows_with_unicode_line_separators_and_a_bom_resume(tmp_path):
+def test_rows_with_unicode_line_separators_and_a_bom_resume(tmp_path, caplog):
     # U+2028/U+2029/U+0085 stay unescaped in the output; only "\n" ends a row.
     src = tmp_path / "raw.jsonl"
     write_jsonl(src, [{"audio": f"{k}.wav", "title": f"Rain{sep}on a roof {k}"}
                        for k, sep in enumerate(("\u2028", "\u2029", "\x85", " "))])
-    src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())  # a byte-order mark is no bad row
+    # A byte-order mark is no bad row; a Latin-1 line is one, named, not a caption with
+    # U+FFFD in it.
+    src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes()
+                    + '{"audio": "5.wav", "title": "Caf\u00e9 noise"}\n'.encode("latin-1"))
     out = tmp_path / "out.jsonl"
-    first = clean.run_clean(str(src), str(out), progress=False)
-    assert first["written"] == 4 and "\u2028" in out.read_text(encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        first = clean.run_clean(str(src), str(out), progress=False)
+    assert first["written"] == 4 and first["invalid"] == 1
+    assert "raw.jsonl line 5: not UTF-8 text (byte 0xe9 at byte 33)" in caplog.text
+    assert "\u2028" in out.read_text(encoding="utf-8")
     again = clean.run_clean(str(src), str(out), progress=False)
     assert again["resumed"] == 4 and again["written"] == 0
     assert [r["id"] for r in read_jsonl(out)] == ["0.wav", "1.wav", "2.wav", "3.wav"]

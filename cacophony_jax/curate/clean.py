@@ -42,6 +42,14 @@ class CleanError(ValueError):
     """Bad input/output file or settings (the message says which and how to fix it)."""
 
 
+def _decode(data: bytes, first: bool) -> str:
+    try:
+        return data.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {data[e.start]:#04x} at byte {e.start + 1}); "
+                         f"save the file as UTF-8") from None
+
+
 def _parse_row(text: str, in_dir: str, out_dir: str) -> dict[str, Any]:
     """One input line -> the output row without its caption; ValueError says what is wrong."""
     try:
@@ -180,14 +188,17 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         batch.clear()
 
     try:
-        with open(input_path, encoding="utf-8-sig", errors="replace") as src, \
+        # Bytes, decoded a line at a time: a line that is not UTF-8 is skipped and named
+        # (reading with replacement would turn it into captions with U+FFFD in them).
+        with open(input_path, "rb") as src, \
                 open(output_path, "a", encoding="utf-8", newline="\n") as out:
             batch: list[tuple[int, dict[str, Any]]] = []
-            for line, text in enumerate(src, 1):
-                if not text.strip():
+            for line, data in enumerate(src, 1):
+                if not data.strip():
                     continue
                 counts["read"] += 1
                 try:
+                    text = _decode(data, first=line == 1)
                     row = _parse_row(text, in_dir, out_dir)
                 except ValueError as e:
                     skip("invalid", line, str(e))
