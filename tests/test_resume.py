@@ -8,6 +8,7 @@ import signal
 import numpy as np
 import pytest
 
+from cacophony_jax.tasks import common as task_common
 from cacophony_jax.train import host, loop
 from cacophony_jax.train import step as step_lib
 from tests.helpers import assert_trees_equal, read_metrics, restore_params, tiny_config
@@ -74,7 +75,7 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     assert "eval/mse" in read_metrics(tmp_path / "b")[-1]
     assert_trees_equal(restore_params(straight, tmp_path / "a"),
                        restore_params(straight, tmp_path / "b"))
-    key = ("loss", "data/failed_records")
+    key = ("loss", "data/failed_records", "data/examples_seen", "data/epochs")
     rows_a = {r["step"]: tuple(r[k] for k in key) for r in read_metrics(tmp_path / "a")
               if "loss" in r}
     rows_b = [(r["step"], tuple(r[k] for k in key)) for r in read_metrics(tmp_path / "b")
@@ -82,6 +83,9 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     # Steps 7-8 ran twice; their rows from before the crash were replaced, not repeated.
     assert rows_b == sorted(rows_a.items())
     assert 0 < rows_a[6][1] < rows_a[12][1]
+    assert rows_a[12][2] == 12 * straight.data.global_batch_size
+    clips = len(task_common.open_train_source(straight))
+    assert rows_a[12][3] == pytest.approx(rows_a[12][2] / clips)
 
 
 def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):

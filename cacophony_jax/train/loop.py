@@ -240,6 +240,10 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                                     step_flops, peak)
         window: list[dict[str, jax.Array]] = []
         failed_records = resumed_iter.counters.get("failed_records", 0)
+        # Global examples drawn so far (every process counts the same); a checkpoint from
+        # before this counter assumes the batch size has not changed.
+        examples_seen = resumed_iter.counters.get(
+            "examples_seen", start * config.data.global_batch_size)
         iter_state, step = None, start
         final: dict[str, float] = {}
         if start >= total:
@@ -249,6 +253,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
             batch, iter_state, failed = prefetcher.next()
             progress.add_wait(time.perf_counter() - t0)
             failed_records += failed
+            examples_seen += config.data.global_batch_size
             profiler.before(step)
             with profiler.annotate(step):
                 state, step_metrics = train_step(state, batch)
@@ -266,6 +271,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                 rates = progress.rates(step)
                 row.update(rates)
                 row["data/failed_records"] = failed_records
+                row["data/examples_seen"] = examples_seen
+                row["data/epochs"] = examples_seen / max(1, len(train_source))
                 writer.write(step, row)
                 if jax.process_index() == 0:
                     logging.info("%s", progress.line(step, row, rates))
@@ -276,7 +283,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
             if save:  # before evaluating, so a failing evaluation loses no training
                 t0 = time.perf_counter()
                 ckpt.save(step, state, iter_state, config_json, force=True,
-                          counters={"failed_records": failed_records})
+                          counters={"failed_records": failed_records,
+                                    "examples_seen": examples_seen})
                 progress.add_pause(time.perf_counter() - t0)
             due = last or (config.train.eval_every and step % config.train.eval_every == 0)
             if evaluate is not None and due and not stop:  # a stopped run evaluates on rerun
