@@ -178,7 +178,7 @@ def train_block(steps: int) -> mlc.ConfigDict:
     """Loop length, logging, evaluation and checkpoint cadence, and resumption."""
     return mlc.ConfigDict(dict(
         steps=steps,  # total train steps (batches); optim.accum_steps of them make an update
-        log_every=10,  # console/TensorBoard/JSONL metrics every N steps
+        log_every=10,  # console/TensorBoard/JSONL metrics: means over N steps
         # Also log each step's update norm (on GPU ~300 more kernels per MAE base step).
         log_update_norm=False,
         eval_every=0,  # evaluate every N steps (0 = only at the end)

@@ -263,9 +263,15 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
             last = step == total
             stop = stopper.agreed() if (jax.process_count() == 1 or step % 10 == 0) else False
             save = last or stop or step % config.train.checkpoint_every == 0
-            if step % config.train.log_every == 0 or last or stop or step == start + 1:
+            boundary = step % config.train.log_every == 0 or last or stop
+            if boundary or step == start + 1:
+                # A row at a multiple of log_every is the mean since the previous multiple,
+                # so a run resumed from such a step logs the rows an uninterrupted run
+                # does; the first step of a (re)start is shown as well, without ending
+                # the window.
                 row = _mean_metrics(window)
-                window = []
+                if boundary:
+                    window = []
                 row["param_norm"] = float(param_norm(state.params))
                 _check_finite(row["loss"], row["param_norm"], step, ckpt)
                 rates = progress.rates(step)
