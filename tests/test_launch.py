@@ -1,6 +1,7 @@
 """Launch scripts in dry-run mode: the gcloud commands of the Cloud TPU launcher, the
 SLURM srun rendering, and the shell scripts' syntax and output."""
 
+import argparse
 import importlib.util
 import os
 import pathlib
@@ -282,3 +283,41 @@ def test_setup_copy_leaves_environments_behind(tmp_path):
     assert "./cacophony_jax/__init__.py" in names and "./requirements.txt" in names
     assert not [n for n in names if any(p in (".venv", ".git", "__pycache__")
                                         for p in n.split("/"))]
+
+
+def test_recreate_after_a_failed_create_and_a_stop_that_times_out(tmp_path):
+    # A fake gcloud: the TPU is gone (deleted by an earlier try whose create found no
+    # capacity), so `resume --recreate` must not fail on the delete.
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {shlex.quote(str(calls))}\n"
+                    "case \"$*\" in *describe*) echo \"ERROR: NOT_FOUND: Resource was not "
+                    "found\" >&2; exit 1;; esac\nexit 0\n")
+    fake.chmod(0o755)
+    env = _clean_env(**TPU_ENV, REPO_URL="https://example.org/c.git")
+    env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([sys.executable, str(TPU), "resume", "--recreate", "--no-stream"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "does not exist; nothing to delete" in proc.stderr
+    verbs = [line.split()[3] for line in calls.read_text().splitlines()]
+    assert verbs == ["describe", "create", "ssh", "ssh"]
+    # `stop` on a worker whose training outlives TPU_STOP_WAIT fails (so `resume` starts
+    # nothing on a half-stopped slice); the worker script is run here for real.
+    spec = importlib.util.spec_from_file_location("launch_gcloud", TPU.parent / "gcloud.py")
+    gcloud = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gcloud)
+    stubborn = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 30"])
+    try:
+        cfg = argparse.Namespace(log_dir=str(tmp_path), run_name="train", stop_wait="1")
+        (tmp_path / "train.pid").write_text(f"{stubborn.pid}\n")
+        proc = subprocess.run(["bash", "-c", "; ".join(gcloud.stop_script(cfg))],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 1 and "still running after 1 s" in proc.stderr
+        assert (tmp_path / "train.pid").exists()
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+    code, _, err = tpu("stop", TPU_STOP_WAIT="soon")
+    assert code == 2 and "TPU_STOP_WAIT='soon' must be a whole number" in err

@@ -228,11 +228,15 @@ def run_script(cfg: argparse.Namespace, overrides: list[str]) -> list[str]:
 
 
 def stop_script(cfg: argparse.Namespace) -> list[str]:
-    """Shell lines that stop the run this launcher started (its pid file) and wait for it."""
+    """Shell lines that stop the run this launcher started (its pid file) and wait for it.
+
+    A worker whose process outlives `cfg.stop_wait` seconds exits 1, so `stop` fails
+    and `resume` starts nothing (a partial start would hang in jax.distributed)."""
     pid = pid_file(cfg)
+    wait = int(cfg.stop_wait)
     # Only that process; waiting frees the TPU for the next run.
     return [f"if [ -f {pid} ]; then P=$(cat {pid}); kill $P 2>/dev/null || true; "
-            "for i in $(seq 60); do kill -0 $P 2>/dev/null || break; sleep 1; done; "
-            "if kill -0 $P 2>/dev/null; then echo \"still running after 60 s: $P (it may "
-            "still be saving its checkpoint); stop again, or kill -9 $P\"; "
+            f"for i in $(seq {wait}); do kill -0 $P 2>/dev/null || break; sleep 1; done; "
+            f"if kill -0 $P 2>/dev/null; then echo \"still running after {wait} s: $P (it "
+            "may still be saving its checkpoint); stop again, or kill -9 $P\" >&2; exit 1; "
             f"else rm -f {pid}; echo stopped $P; fi; else echo not running; fi"]

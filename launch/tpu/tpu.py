@@ -65,6 +65,7 @@ SETTINGS = (
     ("ssh_flags", "TPU_SSH_FLAGS", "extra ssh/scp flags, e.g. --tunnel-through-iap", ""),
     ("create_flags", "TPU_CREATE_FLAGS", "extra create flags, e.g. --network=N --reserved", ""),
     ("train_env", "TPU_ENV", "extra KEY=VALUE words exported for training", ""),
+    ("stop_wait", "TPU_STOP_WAIT", "seconds `stop` waits for training to save and exit", "600"),
 )
 BOOL_SETTINGS = (
     ("queued", "TPU_QUEUED", "create through queued resources"),
@@ -177,6 +178,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, dest)
         if dest in needed and value and not re.fullmatch(pattern, value):
             raise LaunchError(f"{envs[dest]}={value!r} does not look like {example}")
+    if not re.fullmatch(r"[1-9]\d*", str(args.stop_wait)):
+        raise LaunchError(f"TPU_STOP_WAIT={args.stop_wait!r} must be a whole number of "
+                          "seconds, e.g. 600")
     if args.queued and args.preemptible:
         raise LaunchError("queued resources take --spot, not --preemptible (TPU_PREEMPTIBLE)")
     args.queued_id = args.queued_id or f"{args.name}-qr"
@@ -257,7 +261,23 @@ def _cmd_status(g: Gcloud) -> None:
         g.call(argv, check=False)
 
 
-def _cmd_delete(g: Gcloud) -> None:
+def _gone(g: Gcloud) -> bool:
+    """Whether the TPU (or queued resource) does not exist: gcloud answers NOT_FOUND."""
+    argv = g.queued("describe") if g.cfg.queued else g.tpu("describe")
+    try:
+        result = subprocess.run(argv + ["--format=value(name)"], capture_output=True,
+                                text=True)
+    except FileNotFoundError:
+        return False  # call() says how to install gcloud
+    return result.returncode != 0 and "NOT_FOUND" in result.stderr
+
+
+def _cmd_delete(g: Gcloud, missing_ok: bool = False) -> None:
+    if missing_ok and not g.cfg.dry_run and _gone(g):
+        # e.g. a `resume --recreate` whose create failed for want of capacity, rerun
+        what = f"queued resource {g.cfg.queued_id}" if g.cfg.queued else f"TPU {g.cfg.name}"
+        print(f"{what} does not exist; nothing to delete", file=sys.stderr)
+        return
     if g.cfg.queued:
         # --force also deletes the TPU VM the queued resource holds.
         g.call(g.queued("delete", "--force", "--quiet"))
@@ -283,8 +303,9 @@ def _wait_active(g: Gcloud) -> None:
 def _cmd_resume(g: Gcloud, overrides: list[str], stream: bool, recreate: bool) -> None:
     if recreate:
         # A preempted Spot TPU / queued resource cannot restart in place: delete, ask
-        # again, reinstall; the gs:// workdir still holds the checkpoints.
-        _cmd_delete(g)
+        # again, reinstall; the gs:// workdir still holds the checkpoints. Rerunnable:
+        # a TPU deleted by an earlier try that failed to create is not deleted again.
+        _cmd_delete(g, missing_ok=True)
         _cmd_create(g)
         if g.cfg.queued:
             _wait_active(g)
