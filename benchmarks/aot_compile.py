@@ -102,29 +102,37 @@ class TargetError(ValueError):
     """The requested compile target is unavailable or malformed."""
 
 
-def target_devices(target: str, count: int) -> tuple[list, str]:
-    """Devices to compile for, and a description of them.
+def target_devices(target: str, count: int) -> tuple[list, str, float | None]:
+    """Devices to compile for, a description of them, and their memory budget.
 
     Args:
       target: "cpu", "tpu:<topology name>" or "gpu:<part>[:N | :HOSTSxN]".
-      count: simulated CPU devices wanted for the cpu target (or the TPU fallback).
+      count: simulated CPU devices wanted for the cpu target.
 
     Returns:
-      (devices, description).
+      (devices, description, default per-device budget in bytes or None: by device
+      kind, see `default_budget`). A TPU target without libtpu falls back to one
+      simulated CPU device per chip of the topology, checked against the chip's HBM.
     """
+    budget = None
     if target.startswith("tpu:"):
         from jax.experimental import topologies
 
         name = target.removeprefix("tpu:")
         try:
             devices = list(topologies.get_topology_desc(name, platform="tpu").devices)
-            return devices, f"TPU topology {name} ({devices[0].device_kind}, compile-only)"
+            return (devices, f"TPU topology {name} ({devices[0].device_kind}, compile-only)",
+                    None)
         except Exception as error:  # libtpu missing or an unknown topology name
+            generation, chips, budget = tpu_stand_in(name)
+            count = chips or count
             print(f"cannot compile for TPU topology {name!r} ({error}); install libtpu "
                   f"(pip install 'jax[tpu]=={jax.__version__}') for a real TPU compile. "
-                  f"Using {count} simulated CPU devices as a stand-in.", flush=True)
+                  f"Using {count} simulated CPU devices as a stand-in, one per chip, against "
+                  f"{'the ' + generation + ' HBM' if budget else 'an 80 GB budget'}; its "
+                  f"temporaries are not what XLA:TPU would allocate.", flush=True)
     elif target.startswith("gpu:"):
-        return gpu_devices(target.removeprefix("gpu:"))
+        return (*gpu_devices(target.removeprefix("gpu:")), None)
     elif target != "cpu":
         raise TargetError(f"--target {target!r}: use 'cpu', 'tpu:<topology>' or "
                           f"'gpu:<part>[:N]'")
@@ -135,7 +143,20 @@ def target_devices(target: str, count: int) -> tuple[list, str]:
     if len(devices) < count:
         raise TargetError(f"only {len(devices)} CPU devices exist but {count} were asked for; "
                           f"run in a fresh process (JAX started before the flag was set)")
-    return devices[:count], f"{count} simulated CPU devices (stand-in)"
+    return devices[:count], f"{count} simulated CPU devices (stand-in)", budget
+
+
+def tpu_stand_in(name: str) -> tuple[str, int, float | None]:
+    """('TPU v5e', 16, 16e9) for 'v5e:4x4': the generation, its chips and HBM per chip
+    (0 chips / None HBM where the name does not say)."""
+    generation, _, dims = name.partition(":")
+    try:
+        chips = math.prod(int(d) for d in dims.lower().split("x")) if dims else 0
+    except ValueError:
+        chips = 0
+    kind = "TPU " + generation.lower().replace("litepod", "e")
+    budget = next((size for key, size in TPU_HBM_BYTES if key.lower() == kind.lower()), None)
+    return kind, max(chips, 0), budget
 
 
 def gpu_devices(spec: str) -> tuple[list, str]:
@@ -160,7 +181,7 @@ def gpu_devices(spec: str) -> tuple[list, str]:
 
 # HBM per chip in bytes by `device_kind` (first match): Google Cloud TPU pages.
 TPU_HBM_BYTES = (("TPU v5 lite", 16e9), ("TPU v5e", 16e9), ("TPU v5p", 95e9),
-                 ("TPU v5", 95e9), ("TPU v6 lite", 32e9), ("TPU v4", 32e9))
+                 ("TPU v5", 95e9), ("TPU v6 lite", 32e9), ("TPU v6e", 32e9), ("TPU v4", 32e9))
 
 
 def default_budget(device) -> float:
@@ -340,7 +361,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     stages = [s for s in args.stage.split(",") if s]
     batches = _per_device_batches(args.per_device_batch, stages)
-    devices, described = target_devices(args.target, args.devices)
+    devices, described, budget = target_devices(args.target, args.devices)
+    if budget and not args.device_memory_gb:  # a TPU's HBM, for its CPU stand-in
+        args.device_memory_gb = budget / 1e9
     if args.fused_norm and devices[0].platform not in ("cuda", "gpu"):
         raise TargetError("--fused-norm compiles Triton kernels for GPUs; elsewhere they "
                           "would be interpreted: use a gpu:<part> target")

@@ -247,9 +247,16 @@ def test_gpu_target_without_the_cuda_plugin_names_the_install():
 
 
 def test_tpu_target_without_libtpu_falls_back_to_cpu_devices():
-    devices, described = aot_compile.target_devices("tpu:v5e:2x4", 8)
-    assert len(devices) == 8
-    assert "stand-in" in described or "TPU topology" in described
+    devices, described, budget = aot_compile.target_devices("tpu:v5e:2x4", 1)
+    assert len(devices) == 8  # one per chip, whatever --devices says
+    if "stand-in" in described:
+        assert budget == 16e9  # a v5e chip's HBM, not the stand-in's 80 GB
+    else:
+        assert "TPU topology" in described and budget is None
+    assert aot_compile.tpu_stand_in("v4:2x2x2") == ("TPU v4", 8, 32e9)
+    assert aot_compile.tpu_stand_in("v5litepod:4x4") == ("TPU v5e", 16, 16e9)
+    assert aot_compile.tpu_stand_in("v6e:2x2")[1:] == (4, 32e9)
+    assert aot_compile.tpu_stand_in("v9:weird") == ("TPU v9", 0, None)
 
 
 def test_aot_compile_reports_memory():

@@ -187,7 +187,7 @@ def test_render_srun_command():
                            "--nodelist=gpu-[01-04]", "--config=configs/mae.py:base",
                            "--workdir=/shared/run", "--", "--config.train.steps=5")
     assert code == 0
-    assert "coordinator gpu-01:12345" in out and "= 32 processes" in out
+    assert "coordinator gpu-01:61440" in out and "= 32 processes" in out
     srun = shlex.split(out.splitlines()[-1])
     assert srun[:5] == ["srun", "--nodes=4", "--ntasks=32", "--ntasks-per-node=8",
                         "--kill-on-bad-exit=1"]
@@ -200,6 +200,13 @@ def test_render_srun_command():
     assert "export COORDINATOR_ADDRESS=n7:2222" in out and "export NUM_PROCESSES=8" in out
     per_task = shlex.split(out.splitlines()[-1])[-1]
     assert 'PROCESS_ID="$SLURM_PROCID"' in per_task and "--workdir=/w" in per_task
+    # The port JAX's SLURM detection would pick: jobs sharing a first node differ.
+    code, out, _ = _render("--dry-run", CONFIG="c", WORKDIR="w", SLURM_JOB_NUM_NODES="1",
+                           GPUS_PER_NODE="4", SLURM_JOB_NODELIST="n1", SLURM_JOB_ID="8197")
+    assert "export JAX_COORDINATOR_PORT=61445" in out
+    code, _, err = _render("--dry-run", "--port=0", CONFIG="c", WORKDIR="w",
+                           SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="4", SLURM_JOB_NODELIST="n1")
+    assert code == 2 and "port 0 is not in 1-65535" in err
     code, _, err = _render("--dry-run", "--nodes=3", "--gpus-per-node=8",
                            "--nodelist=gpu-[01-04]", "--config=c", "--workdir=w")
     assert code == 2 and "names 4 hosts but --nodes=3" in err
@@ -218,6 +225,7 @@ def test_shell_scripts_parse():
 @pytest.mark.parametrize("mode", ["slurm", "explicit"])
 def test_sbatch_matches_render(mode, tmp_path):
     slurm = dict(SLURM_JOB_NODELIST="gpu-[01-04]", SLURM_JOB_NUM_NODES="4", GPUS_PER_NODE="8",
+                 SLURM_JOB_ID="4242",
                  CONFIG="configs/cacophony.py:base", WORKDIR="/shared/run", LAUNCH_MODE=mode,
                  SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="12")
 

@@ -5,7 +5,7 @@ One training process per GPU. Two ways for the processes to find each other:
 
 - ``--mode=slurm`` (default): JAX reads SLURM's own variables (SLURM_STEP_NODELIST,
   SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID); the coordinator is the step's first node
-  on the fixed port ``JAX_COORDINATOR_PORT``; each process takes GPU ``SLURM_LOCALID``.
+  on port ``JAX_COORDINATOR_PORT``; each process takes GPU ``SLURM_LOCALID``.
 - ``--mode=explicit``: the same facts passed as COORDINATOR_ADDRESS, NUM_PROCESSES,
   PROCESS_ID (and JAX_LOCAL_DEVICE_IDS), for clusters where the automatic detection
   does not fit.
@@ -30,7 +30,12 @@ import os
 import shlex
 import sys
 
-DEFAULT_PORT = 12345
+
+def default_port() -> int:
+    """The coordinator port JAX's own SLURM detection uses: 61440 + job id % 4096, so
+    two jobs whose first node is the same do not collide (job id 0 outside a job)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return 61440 + (int(job) if job.isdigit() else 0) % 4096
 
 
 class NodeListError(ValueError):
@@ -103,7 +108,7 @@ def _expand_one(part: str, nodelist: str) -> list[str]:
 
 
 def render(nodes: int, gpus_per_node: int, nodelist: str, config: str, workdir: str,
-           overrides: list[str], port: int = DEFAULT_PORT, mode: str = "slurm",
+           overrides: list[str], port: int = 61440, mode: str = "slurm",
            cpus_per_task: int | None = None) -> tuple[dict[str, str], list[str]]:
     """The environment and srun command of a job with one process per GPU.
 
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         for dest, names in _ENV_NUMBERS:
             if getattr(args, dest) is None:
                 setattr(args, dest, _env_int(*names))
-        args.port = args.port or DEFAULT_PORT
+        if args.port is None:
+            args.port = default_port()
         missing = [f"--{k.replace('_', '-')} ({env})" for k, env in (
             ("nodes", "SLURM_JOB_NUM_NODES"), ("gpus_per_node", "GPUS_PER_NODE"),
             ("nodelist", "SLURM_JOB_NODELIST"), ("config", "CONFIG"), ("workdir", "WORKDIR"))
