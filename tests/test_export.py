@@ -218,3 +218,36 @@ def test_stage1_checkpoint_exports_a_mae_bundle(tmp_path):
     meta, params, tok = bundle_lib.read_bundle(out)
     assert meta["kind"] == "mae" and tok is None and meta["window_seconds"] == 1.0
     assert_same(params, unstack_layers(training_params(tmp_path / "run", mae_config("tiny"))))
+
+
+def test_training_keeps_its_tokenizer_and_export_reads_that_copy(
+        run, tokenizer_file, tmp_path, monkeypatch):
+    from etils import epath
+
+    from cacophony_jax.train import init
+
+    # A run configured with tokenizer.path keeps a copy in its workdir ...
+    config = tiny("cacophony", 1)
+    config.tokenizer.path = str(tokenizer_file)
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    trained_with = init.prepare_tokenizer(config, epath.Path(workdir), None)
+    assert Tokenizer.load(workdir / "tokenizer.json").fingerprint == trained_with.fingerprint
+    # ... so a resume whose path now holds another tokenizer is refused, naming both.
+    other = Tokenizer.train_bpe(CAPTIONS[:3], 300).save(tmp_path / "other.json")
+    config.tokenizer.path = str(other)
+    with pytest.raises(ValueError, match=f"not the tokenizer this workdir was trained with.*"
+                                         f"{trained_with.fingerprint}"):
+        init.prepare_tokenizer(config, epath.Path(workdir), None)
+    # Export reads the workdir's copy, not the config's path as it reads today.
+    real = export._training_config
+
+    def pointing_elsewhere(*args):
+        train_config = real(*args)
+        train_config["tokenizer"]["path"] = str(other)
+        return train_config
+
+    monkeypatch.setattr(export, "_training_config", pointing_elsewhere)
+    out = export.export_from_checkpoint(run, tmp_path / "bundle")
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["tokenizer_fingerprint"] == Tokenizer.load(run / "tokenizer.json").fingerprint

@@ -14,6 +14,7 @@ import pathlib
 from typing import Any
 
 import jax
+from absl import logging
 
 from cacophony_jax.convert import official
 from cacophony_jax.convert.bundle import (
@@ -113,13 +114,21 @@ def export_from_checkpoint(
         raise BundleError(f"cannot export task {task!r}; expected one of {KINDS}")
     tokenizer = None
     if task == "cacophony":
-        tokenizer_path = (train_config.get("tokenizer", {}).get("path")
-                          or str(directory.parent / TOKENIZER_JSON))
+        # The workdir's copy is the tokenizer the run trained with; runs from before
+        # copies were kept name it only by config path, which is read as it is now.
+        kept = directory.parent / TOKENIZER_JSON
+        tokenizer_path = (str(kept) if kept.exists()
+                          else train_config.get("tokenizer", {}).get("path") or str(kept))
         try:
             tokenizer = Tokenizer.load(tokenizer_path)
         except TokenizerError as e:
             raise BundleError(f"cannot load the run's tokenizer ({e}); a stage-2 workdir "
                               f"keeps it in {TOKENIZER_JSON}") from None
+        if tokenizer_path != str(kept):
+            logging.warning("%s has no %s (a run from before workdirs kept one): using "
+                            "config.tokenizer.path=%s as it reads now; it must be the "
+                            "tokenizer the run trained with", directory.parent,
+                            TOKENIZER_JSON, tokenizer_path)
     # One CPU device: export never needs accelerator memory, whatever trained it.
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),

@@ -26,16 +26,30 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
                       train_source: Any) -> tokenizer_lib.Tokenizer | None:
     """Loads the configured tokenizer, the workdir's, or trains one on the captions.
 
+    Whichever it is, the workdir keeps a copy (`tokenizer.json`): export and evaluation
+    read that, not a path that may since point elsewhere, and a resume whose
+    `tokenizer.path` now holds another tokenizer is refused.
+
     Returns:
       The tokenizer, or None for tasks without text.
     """
     if config.task != "cacophony":
         return None
-    if config.tokenizer.path:
-        return tokenizer_lib.Tokenizer.load(config.tokenizer.path)
     saved = workdir / TOKENIZER_FILE
-    if saved.exists():
-        return tokenizer_lib.Tokenizer.load(str(saved))
+    kept = tokenizer_lib.Tokenizer.load(str(saved)) if saved.exists() else None
+    if config.tokenizer.path:
+        tok = tokenizer_lib.Tokenizer.load(config.tokenizer.path)
+        if kept is not None and kept.fingerprint != tok.fingerprint:
+            raise ValueError(
+                f"config.tokenizer.path={config.tokenizer.path!r} is not the tokenizer this "
+                f"workdir was trained with ({saved}, fingerprint {kept.fingerprint}; the path "
+                f"holds {tok.fingerprint}): point it at that tokenizer, or leave it empty to "
+                "use the workdir's copy")
+        if kept is None and jax.process_index() == 0:
+            tok.save(str(saved))
+        return tok
+    if kept is not None:
+        return kept
     from cacophony_jax.models import variants
     vocab = (config.tokenizer.vocab_size
              or variants.cacophony_config(config.model.variant).text.vocab_size)
