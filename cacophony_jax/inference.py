@@ -45,6 +45,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -313,7 +314,9 @@ class CacophonyModel:
           max_len: the most tokens per caption, bos and eos included.
           beam_size: beams for "beam".
           temperature: sampling temperature for "sample".
-          seed: sampling seed (the same seed gives the same captions).
+          seed: sampling seed: the same seed gives a clip the same caption, whatever
+            other clips are captioned with it (each clip's draws are keyed by the seed
+            and its samples).
           batch_size: the most clips decoded at once.
 
         Returns:
@@ -327,8 +330,15 @@ class CacophonyModel:
 
         def describe(params, audio, lengths):
             states, mask, _ = self._encode_audio(params, audio, lengths)
+            keys = rng
+            if method == "sample":  # keyed by content, not by place in the batch
+                digests = [zlib.crc32(np.ascontiguousarray(row[:n]).tobytes())
+                           for row, n in zip(np.asarray(audio), np.asarray(lengths),
+                                             strict=True)]
+                keys = jax.vmap(jax.random.fold_in, (None, 0))(
+                    rng, jnp.asarray(digests, jnp.uint32))
             return decoding.generate(self.module, params, states, mask, method=method,
-                                     max_len=max_len, rng=rng, temperature=temperature,
+                                     max_len=max_len, rng=keys, temperature=temperature,
                                      beam_size=beam_size)
 
         ids = self._over_windows(firsts, describe, batch_size)

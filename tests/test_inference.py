@@ -164,6 +164,14 @@ def test_caption_returns_strings(model):
     sampled = model.caption(clips, sample_rate=16000, method="sample", seed=3, max_len=8)
     assert len(beam) == 3 and all(isinstance(c, str) for c in beam)
     assert sampled == model.caption(clips, sample_rate=16000, method="sample", seed=3, max_len=8)
+    # A clip's sampled caption depends on the seed and the clip, not on its batch mates.
+    alone = [model.caption([c], sample_rate=16000, method="sample", seed=3, max_len=8)[0]
+             for c in clips]
+    assert alone == sampled
+    assert model.caption(clips[::-1], sample_rate=16000, method="sample", seed=3,
+                         max_len=8) == sampled[::-1]
+    assert model.caption(clips, sample_rate=16000, method="sample", seed=4,
+                         max_len=8) != sampled
     with pytest.raises(inference.InferenceError, match="unknown decoding method .nucleus."):
         model.caption(clips, sample_rate=16000, method="nucleus")
     # What a byte-level tokenizer gives for cut UTF-8 or control bytes is dropped.

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -174,10 +173,11 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
             failures += [f"{r['id']}: {a}" for r, (_, a) in zip(records, batch, strict=True)
                          if isinstance(a, Exception)]
             if good:
-                batch_seed = seed + 1000 * (zlib.crc32(good[0][0]["id"].encode()) % 100_000)
+                # Sampled draws are keyed by each clip's samples and the seed, so a
+                # clip's captions do not depend on the batch it landed in.
                 captions = caption_batch(model, [a for _, a in good], num_captions, method,
                                          beam_size=beam_size, temperature=temperature,
-                                         max_len=max_len, seed=batch_seed)
+                                         max_len=max_len, seed=seed)
                 for (record, _), new in zip(good, captions, strict=True):
                     if isinstance(new, Exception):
                         failures.append(f"{record['id']}: {new}")

@@ -132,7 +132,8 @@ def generate(
         "beam" (``beam_size`` beams; ranking divides the summed log-probability by
         length ** ``length_penalty``, the length counting tokens up to eos).
       max_len: output length, bos included.
-      rng: PRNG key for sampling.
+      rng: PRNG key for sampling: one key, or one per example ([B] keys) so that an
+        example's draws do not depend on the others in its batch.
       temperature: sampling temperature (> 0).
       beam_size: beams per example.
       length_penalty: beam length-normalisation exponent (0 = plain log-probability).
@@ -156,9 +157,14 @@ def _generate(model, params, audio_states, audio_mask, rng, temperature, length_
         return _beam(model, params, audio_states, audio_mask, length_penalty, max_len, beam_size)
     text = model.config.text
     batch = audio_states.shape[0]
+    if rng.ndim == 0:  # one key: a key per row from it
+        rng = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(batch))
     cache = init_cache(model, params, audio_states, audio_mask, max_len)
     ids = jnp.full((batch, max_len), text.pad_id, jnp.int32).at[:, 0].set(text.bos_id)
     done = jnp.zeros((batch,), bool)
+
+    def draw(key, t, logits):
+        return jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
 
     def cond(state):
         t, _, done, _ = state
@@ -172,7 +178,7 @@ def _generate(model, params, audio_states, audio_mask, rng, temperature, length_
         if method == "greedy":
             token = jnp.argmax(logits, axis=-1)
         else:
-            token = jax.random.categorical(jax.random.fold_in(rng, t), logits / temperature)
+            token = jax.vmap(draw, (0, None, 0))(rng, t, logits)
         token = jnp.where(done, text.pad_id, token).astype(jnp.int32)
         ids = jax.lax.dynamic_update_slice(ids, token[:, None], (0, t + 1))
         return t + 1, ids, done | (token == text.eos_id), cache
