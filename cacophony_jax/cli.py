@@ -117,7 +117,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _field(path: str) -> str:
     """A path as one field of a tab-separated line (a tab or line break in a file name
-    is written escaped, as \\t, \\n)."""
+    is written escaped, as \\t, \\n; a byte of a name that is not UTF-8 as \\xNN)."""
+    path = os.fsencode(path).decode("utf-8", "backslashreplace")
     return path.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 

@@ -296,3 +296,24 @@ def test_a_file_name_stays_one_field_of_a_tab_separated_line():
 
     assert cli._field("a\tb\nc\r.wav") == "a\\tb\\nc\\r.wav"
     assert cli._field("dir/plain name.wav") == "dir/plain name.wav"
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(bundles, tmp_path, capsys):
+    # e.g. Latin-1 names unpacked from an old archive: Python sees lone surrogates.
+    folder = tmp_path / "latin1"
+    _tone(str(folder / "ok.wav"), 1)
+    name = os.fsdecode(os.path.join(os.fsencode(folder), b"caf\xe9.wav"))
+    _tone(str(folder / "tmp.wav"), 2)
+    os.rename(folder / "tmp.wav", name)
+    code, out, err = _run(capsys, "caption", folder, "--bundle", bundles["main"], "--max-len",
+                          "4", "--quiet")
+    assert code == 0, err
+    assert sorted(line.split("\t")[0] for line in out.splitlines()) == [
+        str(folder / "caf\\xe9.wav"), str(folder / "ok.wav")]
+    out_file = tmp_path / "captioned.jsonl"
+    code, _, err = _run(capsys, "curate", "caption", folder, out_file, "--bundle",
+                        bundles["main"], "--max-len", "4", "--method", "greedy", "--quiet")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
+    assert name in {row["audio"] for row in rows} | {
+        os.path.join(str(out_file.parent), row["audio"]) for row in rows}

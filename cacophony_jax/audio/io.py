@@ -17,6 +17,7 @@ import io
 import math
 import os
 import pathlib
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -115,7 +116,7 @@ def _check_request(sample_rate: int, max_seconds: float | None) -> None:
 
 
 def _decode(
-    source: str | io.BytesIO, name: str, sample_rate: int, max_seconds: float | None
+    source: str | io.BytesIO | BinaryIO, name: str, sample_rate: int, max_seconds: float | None
 ) -> np.ndarray:
     """Decodes an opened source (path or buffer) to mono int16 at `sample_rate`."""
     try:
@@ -176,6 +177,14 @@ def load_audio(
         raise AudioError(f"audio file {path} is empty (0 bytes); replace or drop it")
     if path.suffix.lower() == ".mp3" and not _MP3_SUPPORTED:
         raise AudioError(f"this libsndfile build cannot decode MP3 ({path}); {_CONVERT_HINT}")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        # A name that is not UTF-8 (e.g. Latin-1 bytes from an old archive): libsndfile
+        # only takes UTF-8 names, so it reads the file through Python instead.
+        with open(path, "rb") as f:
+            return _decode(f, os.fsencode(path).decode("utf-8", "backslashreplace"),
+                           sample_rate, max_seconds)
     return _decode(str(path), str(path), sample_rate, max_seconds)
 
 

@@ -182,8 +182,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
                     if isinstance(new, Exception):
                         failures.append(f"{record['id']}: {new}")
                         continue
-                    out.write(json.dumps(_row(record, new, class_names, out_dir),
-                                         ensure_ascii=False) + "\n")
+                    out.write(resume.json_line(_row(record, new, class_names, out_dir)))
                     out.flush()  # a crash loses at most the row being written
                     counts["written"] += 1
                     counts["captions"] += len(new)

@@ -181,8 +181,8 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
             if isinstance(caption, llm.RejectedError):
                 skip("rejected", line, f"no caption from the language model: {caption}")
                 continue
-            out.write(json.dumps({"id": row["id"], "audio": row["audio"], "captions": [caption],
-                                  "raw": row["raw"]}, ensure_ascii=False) + "\n")
+            out.write(resume.json_line({"id": row["id"], "audio": row["audio"],
+                                        "captions": [caption], "raw": row["raw"]}))
             out.flush()  # a crash loses at most the line being written
             counts["written"] += 1
         batch.clear()

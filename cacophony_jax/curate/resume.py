@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from absl import logging
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(row: dict) -> str:
+    """One JSONL row, text kept readable (not \\u-escaped) except lone surrogates: a
+    file name that is not UTF-8 reaches Python as those, and is written as JSON escapes
+    that read back as the same name (UTF-8 cannot hold them)."""
+    text = json.dumps(row, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 class OutputError(ValueError):
