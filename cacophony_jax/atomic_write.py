@@ -45,3 +45,27 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """
     with replacing(path) as f:
         f.write(text)
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Refuses, before any work, a file path that cannot be written.
+
+    Args:
+      path: the file to be written later (its missing folders will be created).
+      what: how the user named it, e.g. "--out".
+
+    Raises:
+      ValueError: `path` is a folder, or its nearest existing folder is a file or is
+        not writable; the message names the path and the fix.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder; name a file inside it")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what} {path} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} cannot be written: no write permission in {parent}; "
+                         f"choose another place")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cacophony_jax import embedding_index
+from cacophony_jax import atomic_write, embedding_index
 from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.progress import ProgressLine
@@ -65,6 +65,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """Embeds audio files into an index .npz."""
     if not args.out.endswith(".npz"):
         raise CommandError(f"--out {args.out} must be a .npz file name")
+    atomic_write.check_writable(args.out, "--out")  # before hours of embedding, not after
     files = [path for path, _ in _files(args.inputs, args.extensions)]
     model = load_model(args.bundle)
     progress = ProgressLine(not args.quiet)

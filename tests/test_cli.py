@@ -186,6 +186,15 @@ def test_user_errors_are_one_line(bundles, sounds, official_dir, tmp_path, capsy
         (["eval", "--bundle", bundles["main"], "--esc50", tmp_path / "nope"],
          "esc50.csv, which does not exist"),
     ]
+    cases += [
+        (["embed", sounds, "--bundle", bundles["main"], "--out",
+          sounds / "tone3.flac" / "i.npz"], "tone3.flac is a file, not a folder"),
+        (["embed", sounds, "--bundle", bundles["main"], "--out", tmp_path / "d.npz"],
+         "d.npz is a folder; name a file inside it"),
+        (["curate", "caption", sounds, sounds / "tone3.flac" / "o.jsonl", "--bundle",
+          bundles["main"]], "tone3.flac is a file, not a folder"),
+    ]
+    (tmp_path / "d.npz").mkdir()
     for argv, message in cases:
         code, _, err = _run(capsys, *argv)
         last = err.splitlines()[-1]  # after any per-file report

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from cacophony_jax import atomic_write
 from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import resume
@@ -120,6 +121,10 @@ def check_request(input_path: str, output_path: str, num_captions: int, method: 
         raise CaptionError(f"input {input_path} does not exist; pass a manifest or a folder")
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise CaptionError(f"output {output_path} would overwrite the input; choose another")
+    try:
+        atomic_write.check_writable(output_path, "output")
+    except ValueError as e:
+        raise CaptionError(str(e)) from None
 
 
 def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: int = 3,
