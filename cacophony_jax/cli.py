@@ -176,11 +176,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export.export_from_checkpoint(args.checkpoint, args.out, dtype=args.dtype,
                                             step=args.step, overwrite=args.overwrite)
     else:
+        if args.step is not None:
+            raise CommandError("--step applies to --checkpoint; a released file holds one "
+                               "set of weights")
         out = export.export_from_official(
             args.official, args.out, tokenizer_path=args.tokenizer, dtype=args.dtype,
             window_seconds=10.0 if args.window_seconds is None else args.window_seconds,
-            text_length=64 if args.text_length is None else args.text_length,
-            overwrite=args.overwrite)
+            text_length=args.text_length, overwrite=args.overwrite)
     print(f"wrote bundle {out}")
     return 0
 
@@ -351,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
       The exit status: 0 done, 1 a remote service failed, 2 a usage or input error.
     """
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        from cacophony_jax.train import checkpoint
+
+        checkpoint.quiet_abandoned_reads()  # a damaged checkpoint gives one error line
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # every user-caused error of the package

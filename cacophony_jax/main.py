@@ -55,20 +55,9 @@ def _quiet_libraries() -> None:
     for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
         handler.addFilter(_Filter())
 
-    # When Orbax gives up on an unreadable checkpoint (already reported in one line),
-    # the restore's other reads still end, each in a traceback nobody can catch: a read
-    # that failed too (with a 60-line TensorStore spec), or one whose completion finds
-    # Orbax's event loop closed. Thousands for a large model; only those are dropped.
-    previous = sys.unraisablehook
+    from cacophony_jax.train import checkpoint
 
-    def hook(unraisable) -> None:
-        text = str(unraisable.exc_value)
-        if text == "Event loop is closed" or text.startswith(
-                "Encountered error while reading array index"):
-            return
-        previous(unraisable)
-
-    sys.unraisablehook = hook
+    checkpoint.quiet_abandoned_reads()
 
 
 def _config_arg(field: str) -> str:

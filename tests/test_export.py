@@ -88,6 +88,20 @@ def test_step_selection(run, tmp_path):
         export.export_from_checkpoint(run, tmp_path / "d", step=7)
 
 
+def test_a_damaged_newest_step_names_an_older_one(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    shutil.copy(run / "tokenizer.json", copy / "tokenizer.json")
+    for path in (copy / "checkpoints" / "2" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    with pytest.raises(BundleError, match=r"export an older one: --step 1 \(saved steps: \[1\]"):
+        export.export_from_checkpoint(copy, tmp_path / "x")
+    assert export.export_from_checkpoint(copy, tmp_path / "y", step=1).is_dir()
+
+
 def test_bfloat16_bundle_stores_cast_params(run, tmp_path):
     f32 = bundle_lib.read_bundle(export.export_from_checkpoint(run, tmp_path / "f32"))[1]
     bf16 = bundle_lib.read_bundle(export.export_from_checkpoint(run, tmp_path / "bf16",
@@ -128,6 +142,15 @@ def test_export_refusals(official_dir, tokenizer_file, run, tmp_path):
     with pytest.raises(BundleError, match="AudioMAE.*takes no tokenizer"):
         export.export_from_official(official_dir / "AudioMAE_tiny.ckpt", tmp_path / "x",
                                     tokenizer_path=tokenizer_file)
+    with pytest.raises(BundleError, match="AudioMAE.*takes no text-length"):
+        export.export_from_official(official_dir / "AudioMAE_tiny.ckpt", tmp_path / "x",
+                                    text_length=16)
+    with pytest.raises(BundleError, match="is a folder; --official takes a released .ckpt"):
+        export.export_from_official(run, tmp_path / "x")
+    with pytest.raises(BundleError, match="is a file; .*goes to --official"):
+        export.export_from_checkpoint(ckpt, tmp_path / "x")
+    with pytest.raises(BundleError, match="is the folder of step 1 but step 2 was asked for"):
+        export.export_from_checkpoint(run / "checkpoints" / "1", tmp_path / "x", step=2)
     with pytest.raises(BundleError, match="no training checkpoints"):
         export.export_from_checkpoint(tmp_path, tmp_path / "x")
     with pytest.raises(BundleError, match="does not exist"):
@@ -159,6 +182,38 @@ def test_failed_write_leaves_nothing(official_dir, tokenizer_file, tmp_path, mon
         export.export_from_official(official_dir / "Cacophony_tiny.ckpt", tmp_path / "b",
                                     tokenizer_path=tokenizer_file, text_length=16)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_exports_leave_no_litter_and_no_lost_bundle(official_dir, tokenizer_file,
+                                                            tmp_path):
+    from cacophony_jax.embedding_index import bundle_fingerprint
+
+    def official(out, window_seconds=1.0):
+        return export.export_from_official(official_dir / "Cacophony_tiny.ckpt", out,
+                                           tokenizer_path=tokenizer_file, text_length=16,
+                                           window_seconds=window_seconds)
+
+    out = official(tmp_path / "b")
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # readable like a plain folder
+    fingerprint = bundle_fingerprint(str(out))
+    # A replace killed after moving the old bundle aside: the bundle is put back, and
+    # half-written folders of killed writes are removed.
+    aside = tmp_path / ".b.old-x1"
+    aside.mkdir()
+    out.rename(aside / "bundle")
+    (tmp_path / ".b.tmp-x2").mkdir()
+    with pytest.raises(BundleError, match="already exists"):  # restored, so refused
+        official(tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert bundle_fingerprint(str(out)) == fingerprint
+    with pytest.raises(BundleError, match="not a finite number"):
+        official(tmp_path / "c", window_seconds=float("inf"))
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _edit_meta(bundle, **changes):

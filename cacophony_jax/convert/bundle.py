@@ -20,7 +20,9 @@ front end, the tokenizer fingerprint and every parameter shape before anything r
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import linen as nn
 
 from cacophony_jax.audio import frontend
@@ -116,6 +119,9 @@ def abstract_params(config: ModelConfig, *, scan: bool = False) -> Params:
 def _check_request(config: ModelConfig, tokenizer: Tokenizer | None, dtype: str,
                    window_seconds: float, text_length: int) -> None:
     dtype_of(dtype)
+    if not math.isfinite(window_seconds):
+        raise BundleError(f"window of {window_seconds} s (--window-seconds) is not a finite "
+                          "number; use the clip length the model was trained on")
     if not window_seconds * frontend.SAMPLE_RATE >= MIN_WINDOW_SAMPLES:
         raise BundleError(f"window of {window_seconds} s (--window-seconds) is shorter "
                           "than one 16-frame "
@@ -132,8 +138,24 @@ def _check_request(config: ModelConfig, tokenizer: Tokenizer | None, dtype: str,
                           f"(got {found}, the model has {config.text.vocab_size} ids)")
 
 
+def _clean_up_after_killed_writes(out: pathlib.Path) -> None:
+    """Puts back a bundle a killed replace had moved aside, and removes the hidden
+    folders killed writes left next to `out`."""
+    pattern = glob.escape(out.name)
+    for old in sorted(out.parent.glob(f".{pattern}.old-*")):
+        if (old / "bundle").is_dir() and not out.exists():
+            # Killed between moving the old bundle aside and moving the new one in.
+            logging.warning("restoring %s from %s, left by an interrupted export", out, old)
+            (old / "bundle").rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in out.parent.glob(f".{pattern}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _replace_atomically(out: pathlib.Path, write: Any, overwrite: bool) -> None:
     """Calls ``write(tmp)`` on a fresh sibling folder, then renames it to ``out``."""
+    if out.parent.is_dir():
+        _clean_up_after_killed_writes(out)
     if out.exists():
         if not overwrite:
             raise BundleError(f"{out} already exists; pass --overwrite (overwrite=True in "
@@ -143,6 +165,9 @@ def _replace_atomically(out: pathlib.Path, write: Any, overwrite: bool) -> None:
                               "replace it, choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # as a plain mkdir would (mkdtemp makes it private)
     try:
         write(tmp)
         if out.exists():

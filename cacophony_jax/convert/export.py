@@ -46,9 +46,23 @@ def _training_config(directory: Any, step: int, reader: Any) -> dict[str, Any]:
                       f"and there is no {config_json}; export from the training workdir")
 
 
+def _saved_steps(directory: Any) -> list[int]:
+    from cacophony_jax.train import checkpoint
+
+    reader = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
+    try:
+        return list(reader.steps())
+    finally:
+        reader.close()
+
+
 def _find_step(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]:
     from cacophony_jax.train import checkpoint  # only export reads training checkpoints
 
+    if os.path.isfile(path):
+        raise BundleError(f"--checkpoint {path} is a file; it takes a training workdir, its "
+                          "checkpoints folder or a step folder (a released .ckpt file goes "
+                          "to --official)")
     try:
         directory, found = checkpoint.resolve(path)
     except checkpoint.CheckpointError as e:
@@ -57,6 +71,10 @@ def _find_step(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]:
     reader = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
     try:
         steps = reader.steps()
+        if found is not None and step is not None and int(step) != found:
+            raise BundleError(f"{path} is the folder of step {found} but step {step} was asked "
+                              "for (--step); pass the checkpoints folder with --step, or the "
+                              "step folder alone")
         step = found if step is None else step
         if not steps:
             stages = sorted(p.name for p in directory.iterdir()
@@ -136,7 +154,10 @@ def export_from_checkpoint(
     try:
         params = checkpoint.restore_subtree(str(directory / str(step)), ("params",), abstract)
     except checkpoint.CheckpointError as e:
-        raise BundleError(str(e)) from None
+        older = [s for s in _saved_steps(directory) if s < step]
+        hint = (f" If step {step} is damaged (e.g. its save was cut off), export an older "
+                f"one: --step {older[-1]} (saved steps: {older})." if older else "")
+        raise BundleError(f"{e}{hint}") from None
     params = jax.device_get(params)
     if scan:
         params = unstack_layers(params)
@@ -157,7 +178,7 @@ def export_from_official(
     tokenizer_path: str | os.PathLike | None = None,
     dtype: str = "float32",
     window_seconds: float = 10.0,
-    text_length: int = 64,
+    text_length: int | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Exports a released Cacophony.ckpt (stage 2) or AudioMAE.ckpt (stage 1) as a bundle.
@@ -169,7 +190,7 @@ def export_from_official(
         with vocab.json + merges.txt (the release has no tokenizer of its own).
       dtype: stored parameter dtype, "float32" or "bfloat16".
       window_seconds: clip length the model was trained on (10 s for the release).
-      text_length: tokens per text including bos/eos.
+      text_length: stage 2 only: tokens per text including bos/eos (default 64).
       overwrite: replace an existing bundle at ``out_dir``.
 
     Returns:
@@ -177,15 +198,21 @@ def export_from_official(
     """
     dtype_of(dtype)
     name = os.fspath(ckpt_path)
+    if os.path.isdir(name):
+        raise BundleError(f"{name} is a folder; --official takes a released .ckpt file (a "
+                          "training workdir or step folder goes to --checkpoint)")
     roots = {key.split("/")[0] for key in official.read_flat(name)}
     stage1 = bool(roots & set(official.STAGE1_ROOTS)) and "text_module" not in roots
     tokenizer = None
     if stage1:
-        if tokenizer_path is not None:
-            raise BundleError(f"{name} is a stage-1 (AudioMAE) checkpoint without a text "
-                              "tower; it takes no tokenizer (drop --tokenizer)")
+        for value, flag in ((tokenizer_path, "--tokenizer"), (text_length, "--text-length")):
+            if value is not None:
+                raise BundleError(f"{name} is a stage-1 (AudioMAE) checkpoint without a text "
+                                  f"tower; it takes no {flag.removeprefix('--')} (drop {flag})")
         config, params = official.load_official_mae(name)
+        text_length = 0
     else:
+        text_length = 64 if text_length is None else text_length
         if tokenizer_path is None:
             raise BundleError(
                 f"{name} is a stage-2 checkpoint and needs the RoBERTa tokenizer it was "
