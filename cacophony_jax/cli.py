@@ -132,6 +132,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
                            f"captioning decoder; use a stage-2 (cacophony) bundle")
     model.check_caption_options(args.method, args.max_len, args.beam_size, args.temperature,
                                 names=_DECODING_FLAGS)
+    # On a terminal the captions themselves show the progress (a redrawn line would
+    # run into them); redirected, the line reports on stderr.
+    progress = ProgressLine(not args.quiet and not sys.stdout.isatty())
     failures, written = [], 0
     for batch in decode_files(files, args.batch_size, args.workers):
         good = [(p, a) for p, a in batch if not isinstance(a, Exception)]
@@ -146,6 +149,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             else:
                 print(f"{_field(path)}\t{text}", flush=True)
                 written += 1
+        progress("caption", written + len(failures), len(files))
     _report_failures(failures, len(files))
     if not written:
         raise CommandError(f"none of the {len(files)} audio files could be read")

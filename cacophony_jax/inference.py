@@ -15,8 +15,10 @@ resampled to 16 kHz) or a 1-D numpy array (float in [-1, 1] or int16) at
 ``sample_rate`` Hz; ``sample_rate`` is required for arrays, which are resampled when
 it is not 16000. A 2-D array is a batch of equal-length clips [n, samples]; a single
 path or 1-D array is one clip. Float audio is clipped to [-1, 1] and quantised to
-int16, exactly like the training data. Multi-channel arrays are refused (average
-the channels first). A clip must hold one 16-frame patch: at least 2,401 samples
+int16, exactly like the training data. A [samples, channels] array (8 channels or
+fewer) is refused: average the channels first. A channel-first [channels, samples]
+array (torchaudio's layout) cannot be told from a batch and is taken as one: pass
+``audio.mean(axis=0)``. A clip must hold one 16-frame patch: at least 2,401 samples
 (0.15 s) at 16 kHz.
 
 Long audio: a clip longer than ``window_seconds`` (the clip length the model was
@@ -46,7 +48,7 @@ import collections
 import os
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -62,6 +64,7 @@ from cacophony_jax.models import decoding
 from cacophony_jax.models.audio_encoder import AudioEncoder
 from cacophony_jax.models.cacophony import Cacophony
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
 # Control characters, line separators and the replacement character a byte-level
 # tokenizer gives for a cut UTF-8 sequence: never wanted in a caption.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufffd]+")
@@ -263,10 +266,18 @@ class CacophonyModel:
           float32 [n, embedding_size].
         """
         self._need_text("embed_text")
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        if isinstance(texts, str):
+            texts = [texts]
+        elif isinstance(texts, Iterable) and not isinstance(texts, bytes):
+            texts = list(texts)
+        else:
+            raise InferenceError(f"embed_text takes a text or a list of texts, got "
+                                 f"{type(texts).__name__}")
         if not all(isinstance(t, str) for t in texts):
             kinds = sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
             raise InferenceError(f"embed_text takes texts (str), got {', '.join(kinds)}")
+        # Lone surrogates (bytes of a command line that are not UTF-8) -> U+FFFD.
+        texts = [_SURROGATES.sub("\ufffd", t) for t in texts]
         ids, mask = self.tokenizer.encode(list(texts), self.text_length)
         if ids.shape[0] == 0:
             return np.zeros((0, self.embedding_size), np.float32)

@@ -224,6 +224,10 @@ def test_find_audio_files(folder):
     assert "far/far.wav" in [name for _, name in linked_only]
     direct = str(folder / "notes.txt")
     assert files.find_audio_files([direct]) == [(direct, direct)]
+    # A file reached twice comes once, where it was first reached.
+    clip = str(folder / "clip0.wav")
+    twice = files.find_audio_files([clip, str(folder), clip, str(folder / "sub")], ["wav"])
+    assert len(twice) == len(found) and twice[0] == (clip, clip)
     with pytest.raises(AudioError, match="does not exist"):
         files.find_audio_files([str(folder / "missing")])
 

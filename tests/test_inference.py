@@ -151,6 +151,11 @@ def test_embed_text_and_similarity(model, converted):
     assert model.embed_text([]).shape == (0, 64)
     # One text is one row, as one path is one clip for embed_audio.
     np.testing.assert_allclose(model.embed_text("rain on a roof"), out[1:2], atol=1e-6)
+    for bad in (None, 3, b"bytes"):
+        with pytest.raises(inference.InferenceError, match="takes a text or a list"):
+            model.embed_text(bad)
+    # A command-line word that is not UTF-8 reaches Python with lone surrogates.
+    np.testing.assert_allclose(model.embed_text("a\udcffb"), model.embed_text("a\ufffdb"))
 
 
 def test_caption_returns_strings(model):

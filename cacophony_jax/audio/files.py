@@ -33,13 +33,23 @@ def find_audio_files(inputs: Sequence[str], extensions: Sequence[str] = AUDIO_EX
 
     Returns:
       (path, name) pairs: name is the path relative to its folder, or the path itself
-      for a file named directly.
+      for a file named directly. A file reached twice (named and also in a folder
+      given, a folder given twice, or through a link) comes once, where it was first
+      reached.
     """
     suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
     found = []
+    taken: set[str] = set()
+
+    def add(path: str, name: str) -> None:
+        key = os.path.realpath(path)
+        if key not in taken:
+            taken.add(key)
+            found.append((path, name))
+
     for item in inputs:
         if os.path.isfile(item):
-            found.append((item, item))
+            add(item, item)
         elif os.path.isdir(item):
             seen = set()  # linked folders are followed, each real folder once
             for folder, subfolders, files in os.walk(item, followlinks=True):
@@ -52,7 +62,7 @@ def find_audio_files(inputs: Sequence[str], extensions: Sequence[str] = AUDIO_EX
                 for name in sorted(files):
                     if name.lower().endswith(suffixes) and not name.startswith("."):
                         path = os.path.join(folder, name)
-                        found.append((path, os.path.relpath(path, item)))
+                        add(path, os.path.relpath(path, item))
         else:
             raise AudioError(f"{item} does not exist; pass audio files or folders")
     return found
