@@ -295,9 +295,12 @@ def test_profile_steps_writes_a_trace_of_the_chosen_steps(tmp_path, caplog, monk
     assert (tmp_path / "again" / "checkpoints" / "7").is_dir()
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
+def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
     config = tiny_config("mae", 5, **{"optim.learning_rate": float("nan"),
                                       "train.checkpoint_every": 1})
+    with pytest.raises(ValueError, match="config.optim.learning_rate=nan must be a number"):
+        loop.run(config, str(tmp_path))
+    monkeypatch.setattr(loop, "check_config", lambda config: None)  # diverge anyway
     with pytest.raises(FloatingPointError, match="by step 1 .*no checkpoint had been saved"):
         loop.run(config, str(tmp_path))
     assert not os.listdir(tmp_path / "checkpoints")
@@ -343,13 +346,41 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     last = config.stage_order[-1]
     with config.unlocked():
         config.stages[last].train.keep_checkpoints = 0
-    with pytest.raises(ValueError, match=rf"stage '{last}': config.train.keep_checkpoints=0"):
+    with pytest.raises(ValueError, match=rf"stage '{last}' .*: config.train.keep_checkpoints=0"):
         stages.run(config, str(tmp_path / "q"))
     assert not (tmp_path / "q").exists()  # stage 1 did not start
+    # Stage 2's mistakes, paths included, stop the recipe before stage 1 trains.
+    for key, value, message in (
+            ("loss.kind", "sigmoid", "needs config.model.sigmoid_bias=True"),
+            ("loss.kind", "infonce", r"config.loss.kind='infonce' is not one of"),
+            ("model.remat", "partial", "config.model.remat='partial' is not one of"),
+            ("data.text_length", 1, "config.data.text_length=1 must be a number >= 2"),
+            ("data.text_length", 41, "more than the tiny text tower's 40 positions"),
+            ("loss.chunk_size", 7, "config.loss.chunk_size=7 must divide"),
+            ("tokenizer.path", "no/such/tok", "config.tokenizer.path='no/such/tok' does not"),
+            ("data.eval.kind", "esc50", "config.data.eval.kind='esc50' reads files"),
+            ("optim.learning_rate", -1e-3, "learning_rate=-0.001 must be a number >= 0"),
+            ("optim.b2", 2.0, r"config.optim.b2=2.0 must be in \[0, 1\)"),
+            ("model.drop_path", 1.5, "drop_path=1.5 must be in"),
+            ("data.synthetic_prob", 3.0, "synthetic_prob=3.0 must be in"),
+            ("sharding_rules", (("batch", ("data", "fsdpp")),), r"maps 'batch' to \['fsdpp'\]")):
+        config = quickstart.get_config()
+        with config.unlocked():
+            target = config.stages[last]
+            *parents, leaf = key.split(".")
+            for part in parents:
+                target = target[part]
+            target[leaf] = value
+        with pytest.raises(ValueError, match=rf"stage '{last}' .*{message}"):
+            stages.run(config, str(tmp_path / "q"))
+        assert not (tmp_path / "q").exists()
+    # Accumulation spans steps: each step's front end still sees the whole batch.
     with pytest.raises(ValueError, match=r"frontend_sub_batches=3 must divide config.data."
-                                         r"global_batch_size / optim.accum_steps \(8\)"):
+                                         r"global_batch_size \(8\)"):
         loop.check_config(tiny_config("mae", 2, **{"audio.frontend_sub_batches": 3}))
-    with pytest.raises(ValueError, match="config.train.log_every=0 must be >= 1"):
+    loop.check_config(tiny_config("mae", 2, **{"audio.frontend_sub_batches": 8,
+                                               "optim.accum_steps": 2}))
+    with pytest.raises(ValueError, match="config.train.log_every=0 must be a number >= 1"):
         loop.run(tiny_config("mae", 2, **{"train.log_every": 0}), str(tmp_path / "m"))
 
 

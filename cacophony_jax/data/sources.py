@@ -353,6 +353,15 @@ _KINDS = {
 }
 
 
+def needs_path(kind: str) -> bool:
+    """Whether source `kind` reads files (SourceError names the kinds for an unknown one)."""
+    if kind not in _KINDS:
+        close = difflib.get_close_matches(kind, _KINDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SourceError(f"unknown source kind {kind!r}{hint}; valid kinds: {sorted(_KINDS)}")
+    return _KINDS[kind][2]
+
+
 def open_source(kind: str, path: str = "", split: str = "train", **options: Any):
     """Opens a source by kind.
 
@@ -368,14 +377,11 @@ def open_source(kind: str, path: str = "", split: str = "train", **options: Any)
     Returns:
       An object with __len__, __getitem__ -> record dict, name and class_names.
     """
-    if kind not in _KINDS:
-        close = difflib.get_close_matches(kind, _KINDS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise SourceError(f"unknown source kind {kind!r}{hint}; valid kinds: {sorted(_KINDS)}")
-    factory, allowed, needs_path = _KINDS[kind]
+    reads_files = needs_path(kind)
+    factory, allowed, _ = _KINDS[kind]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise SourceError(f"source kind {kind!r} takes options {list(allowed)}, not {unknown}")
-    if needs_path and not os.fspath(path):
+    if reads_files and not os.fspath(path):
         raise SourceError(f"source kind {kind!r} needs a path (its file or dataset folder)")
     return factory(os.fspath(path), split, **options)

@@ -99,7 +99,10 @@ def _changed_fields(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpoi
                           step: int | None = None) -> list[str]:
     """'field (saved -> now)' for each of `fields` the config saved with `step` (default
     the newest) sets differently (empty when that config cannot be read)."""
-    saved = ckpt.saved_config(ckpt.steps()[-1] if step is None else step)
+    steps = ckpt.steps()
+    if step is None and not steps:
+        return []
+    saved = ckpt.saved_config(steps[-1] if step is None else step)
     if saved is None:  # then the message stays general
         return []
     return [f"config.{key} ({lookup(saved, key)!r} -> {lookup(config, key)!r})"
@@ -115,6 +118,11 @@ def _resumed(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
                         "the new one, the steps before followed the old one (not the run "
                         "the new settings would have trained from the start)", ", ".join(changed),
                         step + 1)
+    changed = _changed_fields(config, ckpt, ("data.global_batch_size",), step)
+    if changed:
+        logging.warning("resuming with %s: steps from %d on see batches of the new size "
+                        "(the learning rate was tuned for the old one; see docs/scaling.md, "
+                        "'Global batch and learning rate')", ", ".join(changed), step + 1)
 
 
 def _stage1_encoder(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) -> Any:
@@ -169,6 +177,10 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
             raise checkpoint.CheckpointError(f"config.train.resume: {e}") from e
         other = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
         try:
+            if not other.steps():
+                raise checkpoint.CheckpointError(
+                    f"config.train.resume={config.train.resume!r}: no checkpoint found under "
+                    f"{directory}; name a training workdir, its checkpoints folder or a step")
             saved = other.saved_task(step)
             if saved is not None and saved != config.task:
                 hint = (" (to start stage 2 from a stage-1 run's encoder, set "

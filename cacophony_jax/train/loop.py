@@ -23,43 +23,14 @@ from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import checkpoint, flops, host, init, metrics
+from cacophony_jax.train import checkpoint, checks, flops, host, init, metrics
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
 
 HOST_ONLY_KEYS = ("num_failed",)
 
-# Counts a run cannot work with below these values: (config key, minimum, why).
-_MINIMUMS = (
-    ("train.steps", 1, ""),
-    ("train.log_every", 1, ""),
-    ("train.checkpoint_every", 1, ""),
-    ("train.keep_checkpoints", 1, " (0 would delete every checkpoint, the last included)"),
-    ("train.eval_every", 0, " (0 = only at the end)"),
-    ("train.profile_steps", 0, ""),
-    ("train.peak_tflops", 0, " (0 = the chip's datasheet value)"),
-    ("data.global_batch_size", 1, ""),
-    ("data.eval_batch_size", 1, ""),
-    ("data.num_workers", 0, " (0 = threads in the training process)"),
-    ("data.read_threads", 1, ""),
-    ("data.prefetch_batches", 0, ""),
-)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Rejects counts the loop cannot run with, naming the key (before anything starts)."""
-    for key, minimum, why in _MINIMUMS:
-        value = init.lookup(config, key)
-        if value < minimum:
-            raise ValueError(f"config.{key}={value} must be >= {minimum}{why}")
-    optimizer.make_optimizer(config.optim, config.train.steps)  # its settings, too
-    pieces = config.audio.frontend_sub_batches
-    micro = config.data.global_batch_size // max(1, config.optim.accum_steps)
-    for name, batch in (("data.global_batch_size / optim.accum_steps", micro),
-                        ("data.eval_batch_size", config.data.eval_batch_size)):
-        if pieces < 1 or batch % pieces:
-            raise ValueError(f"config.audio.frontend_sub_batches={pieces} must divide "
-                             f"config.{name} ({batch}): set it to a divisor, or 1")
+# Kept here for callers of `loop.check_config`; the rules live in `checks`.
+check_config = checks.check_config
 
 
 def _check_finite(loss: float, norm: float, step: int, ckpt: checkpoint.Checkpointer) -> None:

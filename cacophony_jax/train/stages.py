@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from cacophony_jax.train import host, init, loop
+from cacophony_jax.train import checks, host, init, loop
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
@@ -27,13 +27,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     check_local("--workdir", workdir)
     if "stages" not in config:
         check_paths(config)
+        checks.check_paths_exist(config)
         return {config.task: loop.run(config, workdir)}
     for name in config.stage_order:  # every stage's mistakes before any training
         try:
             check_paths(config.stages[name])
-            loop.check_config(config.stages[name])
+            checks.check_config(config.stages[name])
+            checks.check_paths_exist(config.stages[name])
         except ValueError as error:
-            raise ValueError(f"stage {name!r}: {error}") from None
+            raise ValueError(f"stage {name!r} (--config.stages.{name}.*): {error}") from None
     root = host.make_workdir(workdir)
     with host.workdir_lock(root):  # the recipe's own files (results.json) too
         results = _run_stages(config, root)

@@ -1,0 +1,178 @@
+"""Config checks that need no devices, data or compiles: run for every stage of a
+recipe before any of them trains, so a mistake in stage 2 does not wait for stage 1.
+
+Each failure is a ValueError naming the field (``config.optim.b2=2.0 ...``) and what
+it may be. The model, loss and data code check again where values are used; these are
+the same rules, earlier.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from cacophony_jax.optim import optimizer
+from cacophony_jax.train import init
+
+# Counts a run cannot work with below these values: (config key, minimum, why).
+_MINIMUMS = (
+    ("train.steps", 1, ""),
+    ("train.log_every", 1, ""),
+    ("train.checkpoint_every", 1, ""),
+    ("train.keep_checkpoints", 1, " (0 would delete every checkpoint, the last included)"),
+    ("train.eval_every", 0, " (0 = only at the end)"),
+    ("train.profile_steps", 0, ""),
+    ("train.peak_tflops", 0, " (0 = the chip's datasheet value)"),
+    ("data.global_batch_size", 1, ""),
+    ("data.eval_batch_size", 1, ""),
+    ("data.num_workers", 0, " (0 = threads in the training process)"),
+    ("data.read_threads", 1, ""),
+    ("data.prefetch_batches", 0, ""),
+    ("data.text_length", 2, " (bos + eos)"),
+    ("audio.max_patches", 0, " (0 = all)"),
+    ("optim.learning_rate", 0, ""),
+    ("optim.warmup_steps", 0, ""),
+    ("optim.weight_decay", 0, ""),
+    ("optim.sam.rho", 0, ""),
+    ("loss.contrastive_weight", 0, ""),
+    ("loss.caption_weight", 0, ""),
+    ("loss.chunk_size", 0, " (0 = the whole batch at once)"),
+)
+
+
+def _interval(low: float, high: float, closed_high: bool = False) -> Callable[[Any], bool]:
+    return lambda v: low <= v < high or (closed_high and v == high)
+
+
+# (config key, test, what it must be). Keys a config lacks (stage 1 has no loss block)
+# are skipped.
+_RANGES = (
+    ("optim.b1", _interval(0, 1), "in [0, 1)"),
+    ("optim.b2", _interval(0, 1), "in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "positive"),
+    ("optim.min_lr_ratio", _interval(0, 1, closed_high=True), "in [0, 1]"),
+    ("model.drop_path", _interval(0, 1), "in [0, 1)"),
+    ("mae.mask_ratio", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("data.synthetic_prob", _interval(0, 1, closed_high=True), "in [0, 1]"),
+    ("audio.clip_seconds", lambda v: v >= 0.15, "at least 0.15 (one 16-frame patch)"),
+    ("audio.eval_clip_seconds", lambda v: v >= 0.15, "at least 0.15 (one 16-frame patch)"),
+)
+
+
+def _choices() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    from cacophony_jax.losses import CONTRASTIVE_KINDS
+    from cacophony_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+    from cacophony_jax.models.stack import REMAT_OPTIONS
+    from cacophony_jax.models.variants import VARIANTS
+
+    return (("model.variant", VARIANTS), ("model.remat", REMAT_OPTIONS),
+            ("model.attention", ATTENTION_IMPLEMENTATIONS),
+            ("model.dtype", ("float32", "bfloat16", "float16")), ("loss.kind", CONTRASTIVE_KINDS))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Rejects settings a run cannot work with, naming the key.
+
+    Args:
+      config: one stage's config.
+
+    Raises:
+      ValueError: the first setting that is out of range, unknown or inconsistent.
+    """
+    for key, minimum, why in _MINIMUMS:
+        value = init.lookup(config, key)
+        if value is not None and not (value >= minimum and math.isfinite(value)):
+            raise ValueError(f"config.{key}={value} must be a number >= {minimum}{why}")
+    for key, test, what in _RANGES:
+        value = init.lookup(config, key)
+        if value is not None and not (math.isfinite(value) and test(value)):
+            raise ValueError(f"config.{key}={value} must be {what}")
+    for key, allowed in _choices():
+        value = init.lookup(config, key)
+        if value is not None and value not in allowed:
+            raise ValueError(f"config.{key}={value!r} is not one of {list(allowed)}")
+    optimizer.make_optimizer(config.optim, config.train.steps)  # its own rules, too
+    if init.lookup(config, "loss.kind") == "sigmoid" and not config.model.sigmoid_bias:
+        raise ValueError("config.loss.kind='sigmoid' needs config.model.sigmoid_bias=True "
+                         "(the learned bias of the sigmoid loss)")
+    chunk = init.lookup(config, "loss.chunk_size") or 0
+    if chunk and config.data.global_batch_size % chunk:
+        raise ValueError(f"config.loss.chunk_size={chunk} must divide "
+                         f"config.data.global_batch_size ({config.data.global_batch_size})")
+    if config.task == "cacophony":
+        from cacophony_jax.models.variants import cacophony_config
+
+        positions = cacophony_config(config.model.variant).text.max_positions
+        if config.data.text_length > positions:
+            raise ValueError(f"config.data.text_length={config.data.text_length} is more "
+                             f"than the {config.model.variant} text tower's {positions} "
+                             "positions")
+    # Optimiser accumulation spans steps: every step still sees the whole global batch.
+    pieces = config.audio.frontend_sub_batches
+    for key in ("data.global_batch_size", "data.eval_batch_size"):
+        batch = init.lookup(config, key)
+        if pieces < 1 or batch % pieces:
+            raise ValueError(f"config.audio.frontend_sub_batches={pieces} must divide "
+                             f"config.{key} ({batch}): set it to a divisor, or 1")
+    _check_sources(config)
+    _check_sharding_rules(config)
+
+
+def _check_sources(config: ml_collections.ConfigDict) -> None:
+    from cacophony_jax.data import sources
+
+    for which in ("train", "eval"):
+        block = config.data[which]
+        if which == "eval" and not block.kind:
+            continue  # evaluation off
+        try:
+            needs_path = sources.needs_path(block.kind)
+        except sources.SourceError as e:
+            raise ValueError(f"config.data.{which}.kind: {e}") from None
+        if needs_path and not block.path:
+            raise ValueError(f"config.data.{which}.kind={block.kind!r} reads files: set "
+                             f"config.data.{which}.path")
+
+
+def _check_sharding_rules(config: ml_collections.ConfigDict) -> None:
+    axes = {"data", "fsdp"}
+    for rule in config.sharding_rules:
+        if len(rule) != 2:
+            raise ValueError(f"config.sharding_rules entry {tuple(rule)} must be (logical "
+                             "axis, mesh axes)")
+        target = rule[1]
+        named = [target] if isinstance(target, str) else list(target or ())
+        unknown = [a for a in named if a not in axes]
+        if unknown:
+            raise ValueError(f"config.sharding_rules maps {rule[0]!r} to {unknown}, which "
+                             f"the mesh lacks; its axes are {sorted(axes)}")
+
+
+# Paths a config names and whether they must exist before training starts.
+_EXISTING_PATHS = ("tokenizer.path", "tokenizer.roberta_weights", "train.resume",
+                   "train.init_from")
+
+
+def check_paths_exist(config: ml_collections.ConfigDict) -> None:
+    """Refuses, up front, a path the run would fail to read later.
+
+    'previous' (a recipe's stage-1 output) is made by the recipe itself.
+
+    Raises:
+      ValueError: naming the field and the path.
+    """
+    for key in _EXISTING_PATHS:
+        path = init.lookup(config, key)
+        if path and path != "previous" and not os.path.exists(path):
+            raise ValueError(f"config.{key}={path!r} does not exist (relative paths are "
+                             f"read from {os.getcwd()})")
+    for which in ("train", "eval"):
+        block = config.data[which]
+        if block.kind and block.kind != "synthetic" and block.path and not os.path.exists(
+                block.path):
+            raise ValueError(f"config.data.{which}.path={block.path!r} does not exist "
+                             f"(relative paths are read from {os.getcwd()})")
