@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import pathlib
@@ -233,9 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--summarize", nargs="*", default=None, metavar="ROWS",
                    help="only print the summary of these rows.jsonl files")
     p.add_argument("--variant", default="base", choices=("tiny", "base"))
-    p.add_argument("--attention", default="cudnn",
-                   help="attention for all parts but steps-xla (cudnn for GPUs; xla on TPU; "
-                        "'' = the config's)")
+    p.add_argument("--attention", default=None,
+                   help="attention for all parts but steps-xla (default: cudnn where an "
+                        "NVIDIA GPU is present, else xla; '' = the config's)")
     p.add_argument("--step-batches", default="64,128,256", help="steps-* batch sweep")
     p.add_argument("--batch", type=int, default=128, help="batch of the other parts")
     p.add_argument("--parity-batch", type=int, default=16, help="attention check's batch")
@@ -255,6 +256,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "timeout is cut to what is left, and commands that would start with "
                         f"under {MIN_COMMAND_S} s left are skipped")
     args = p.parse_args(argv)
+    if args.attention is None:
+        # Looked up without starting JAX here: the parts run in their own processes, and
+        # this one must not take GPU memory they need.
+        args.attention = "cudnn" if glob.glob("/dev/nvidia[0-9]*") else "xla"
     args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
     if not args.step_batches or min(args.step_batches) < 1 or args.batch < 1:
         raise ValueError("--step-batches and --batch must be positive")

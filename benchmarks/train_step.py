@@ -332,6 +332,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
       The rows (see `measure`).
     """
     args = parse_args(argv)
+    platform = jax.devices()[0].platform
+    if args.attention == "cudnn" and platform != "gpu":
+        raise ValueError(f"--attention cudnn is cuDNN's fused attention, for NVIDIA GPUs; "
+                         f"this machine runs {platform}: use --attention xla")
     stages = [s for s in args.stage.split(",") if s]
     batches = [int(b) for b in args.sweep_batch.split(",") if b] or [args.batch]
     peaks: dict[str, tuple[float, str]] = {}
