@@ -29,7 +29,7 @@ from tests.helpers import (
 )
 
 
-def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
+def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
     mae = tiny_config("mae", 4, **{"data.eval.kind": "", "train.log_update_norm": True})
     caco = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae"),
                                           "eval.caption_clips": 4, "train.peak_tflops": 0.5})
@@ -122,11 +122,15 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path):
         # Writable, as a run opens its workdir: checkpoints that do not fit this config
         # must be refused, not moved aside as unreadable.
         reader = checkpoint.Checkpointer(tmp_path / folder, async_save=False)
+        caplog.clear()
         try:
             with pytest.raises(checkpoint.CheckpointError, match=message):
                 init_lib.restore_or_init(config, task, tx, plan, reader, None)
         finally:
             reader.close()
+        if "accum_steps" in overrides and "train.resume" not in overrides:
+            # Refused from the saved configs, without calling each step "unreadable".
+            assert "unreadable" not in caplog.text
     assert sorted(os.listdir(tmp_path / "mae" / "checkpoints")) == ["4"]  # left as it was
     # Through the loop, a refused run leaves the workdir's config.json alone too.
     before = (tmp_path / "caco" / "config.json").read_text()

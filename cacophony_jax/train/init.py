@@ -156,11 +156,21 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
         raise checkpoint.CheckpointError(
             f"the workdir's checkpoints ({ckpt.directory}) belong to a {saved!r} run, this "
             f"is a {config.task!r} run: use another --workdir")
+    steps = ckpt.steps()
+    changed_per_step = [_changed_fields(config, ckpt, step=step) for step in steps]
+    if steps and all(changed_per_step):  # (empty where a step's config is unreadable)
+        # Every step's saved config differs in a field the state's shape depends on:
+        # refuse now, not after a restore attempt per step reports each as "unreadable".
+        raise checkpoint.CheckpointError(
+            f"none of the checkpoints in {ckpt.directory} (steps {steps}) fits this config: "
+            f"it changes {', '.join(changed_per_step[-1])}, which the saved state's shape "
+            "depends on. Run with the values they were saved with, use another --workdir, "
+            "or move that checkpoints folder aside to start afresh")
     restored = ckpt.restore(plan.abstract, data_iter)
     if restored is not None:
         _resumed(config, ckpt, restored[1])
         return restored[0]
-    if ckpt.steps():
+    if steps:
         # Training from scratch here would later push these aside: say so instead.
         changed = _changed_fields(config, ckpt)
         why = (f"it changes {', '.join(changed)}, which the saved state's shape depends on"
