@@ -77,13 +77,23 @@ def _one_line(error: BaseException) -> str:
         field = text.strip("\"'")
         arg = _config_arg(field)
         if arg != "--config":
-            return f"{arg}: the config has no field {field!r}"
+            hint = ""
+            if field in _STAGE_BLOCKS and arg.startswith(f"--config.{field}."):
+                # A one-stage field given to a multi-stage recipe (configs/quickstart.py).
+                hint = (f"; in a multi-stage recipe a stage's settings are "
+                        f"--config.stages.<stage>.{arg.removeprefix('--config.')}")
+            return f"{arg}: the config has no field {field!r}{hint}"
         # No override names it: an error inside the config file itself.
         frames = traceback.extract_tb(error.__traceback__)
         where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
         return f"{type(error).__name__} {text} while building the config{where}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+# The blocks of one stage's config (configs/common.py).
+_STAGE_BLOCKS = ("model", "audio", "data", "tokenizer", "mesh", "optim", "train", "loss",
+                 "mae", "eval")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

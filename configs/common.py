@@ -75,7 +75,8 @@ def audio_block(clip_seconds: float, max_patches: int) -> mlc.ConfigDict:
         clip_seconds=clip_seconds,  # training crop/pad length
         eval_clip_seconds=clip_seconds,  # evaluation crop/pad length (from the start)
         max_patches=max_patches,  # patch dropout: keep this many patches (0 = all)
-        # Front end in this many interleaved pieces per device (same result); on CPU
+        # Front end in this many interleaved pieces of the global batch (same result; it
+        # must divide the training and evaluation batches); on CPU
         # pieces of about 10 s of audio keep the DFT in cache (RESULTS.md 1c: one 10 s
         # clip per piece), on GPU/TPU leave it at 1.
         frontend_sub_batches=1,

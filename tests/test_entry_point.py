@@ -42,6 +42,8 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
              "no field 'learnig_rate'; did you mean 'learning_rate'?"),
             (["--config.nothing.x=1"], "--config.nothing.x=1: the config has no field 'nothing'"),
             (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+            (["--config=configs/quickstart.py", "--config.optim.sam.enabled=true"],
+             "a stage's settings are --config.stages.<stage>.optim.sam.enabled=true"),
             (["--config=configs/mae.py:huge"], "unknown variant 'huge'; choose one of")):
         proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
         out, _ = proc.communicate(timeout=300)
