@@ -157,3 +157,19 @@ def test_write_audio_errors(tmp_path):
         audio_io.write_audio(tmp_path / "no_such_dir" / "x.wav", np.zeros(10, np.int16))
     with pytest.raises(AudioError, match="max_seconds"):
         audio_io.load_audio(tmp_path / "x.wav", max_seconds=0)
+
+
+def test_decoded_batches_are_bounded_by_audio_length(tmp_path):
+    from cacophony_jax.audio import files
+
+    paths = []
+    for name, seconds in (("a", 1.0), ("b", 1.0), ("c", 3.0), ("d", 0.5), ("e", 0.5)):
+        sf.write(tmp_path / f"{name}.wav", sine(440, seconds, 8000), 8000)
+        paths.append(str(tmp_path / f"{name}.wav"))
+    (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEjunk")  # no header: counts as 0 s
+    paths.append(str(tmp_path / "bad.wav"))
+    got = [[(p.rsplit("/", 1)[1], None if isinstance(a, Exception) else a.size) for p, a in b]
+           for b in files.decode_files(paths, batch_size=3, max_seconds=2.5)]
+    # a + b fit 2.5 s; c (3 s, longer than the bound) comes alone; then the count rules.
+    assert got == [[("a.wav", 16000), ("b.wav", 16000)], [("c.wav", 48000)],
+                   [("d.wav", 8000), ("e.wav", 8000), ("bad.wav", None)]]

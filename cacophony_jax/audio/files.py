@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 
 from cacophony_jax.audio.io import AudioError, load_audio, to_float32
 
@@ -100,7 +101,32 @@ def decode_record(record: dict[str, Any]) -> np.ndarray | Exception:
         return e
 
 
-def decode_files(paths: Sequence[str], batch_size: int, workers: int = 4
+def _seconds(path: str) -> float:
+    """The length of an audio file from its header (0 where it cannot be read)."""
+    try:
+        return float(sf.info(path).duration)
+    except Exception:  # noqa: BLE001 - decoding it reports what is wrong
+        return 0.0
+
+
+def _batches(paths: Sequence[str], batch_size: int, max_seconds: float) -> Iterator[list[str]]:
+    # Up to batch_size files, and fewer when they add up to more than max_seconds of
+    # audio: an archive of hour-long recordings must not be decoded 32 at a time.
+    batch: list[str] = []
+    seconds = 0.0
+    for path in paths:
+        length = _seconds(path)
+        if batch and (len(batch) >= batch_size or seconds + length > max_seconds):
+            yield batch
+            batch, seconds = [], 0.0
+        batch.append(path)
+        seconds += length
+    if batch:
+        yield batch
+
+
+def decode_files(paths: Sequence[str], batch_size: int, workers: int = 4,
+                 max_seconds: float = 1800.0
                  ) -> Iterator[list[tuple[str, np.ndarray | Exception]]]:
     """Decodes files to float32 at 16 kHz in threads, one batch ahead of the consumer.
 
@@ -108,11 +134,13 @@ def decode_files(paths: Sequence[str], batch_size: int, workers: int = 4
       paths: audio files.
       batch_size: files per yielded batch.
       workers: decoding threads.
+      max_seconds: audio per batch at most (by the files' headers; a longer file comes
+        alone), which bounds the memory two decoded batches take.
 
     Yields:
       Lists of (path, float32 audio or the error that stopped its decoding).
     """
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), max(1, batch_size))]
+    batches = _batches(paths, max(1, batch_size), max_seconds)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         ahead: collections.deque = collections.deque()
         for batch in batches:
