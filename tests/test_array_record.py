@@ -142,18 +142,18 @@ def test_overwrite_replaces_one_split_and_keeps_the_old_until_done(tmp_path, mon
         write_array_record(_records(5, seed=1), ds, "train", 3, CLASSES, overwrite=True)
     monkeypatch.setattr(os, "replace", real_replace)
     assert len(ArrayRecordSource(ds, "train")) == 3 and len(_shards(ds, "train")) == 5
-    # Rewritten for real: new records, new shard names; the test split is kept and the
-    # leftover and replaced shards are gone.
+    # Rewritten for real: new records, new shard names (past the killed write's r1); the
+    # test split is kept and the leftover and replaced shards are gone.
     write_array_record(_records(5, seed=1), ds, "train", 3, CLASSES, overwrite=True)
     train = ArrayRecordSource(ds, "train")
     expected = _records(5, seed=1)
     assert len(train) == 5 and all(
         np.array_equal(train[i]["audio"], expected[i]["audio"]) for i in range(5))
     assert _shards(ds, "train") == [
-        f"{DATASET_NAME}-train.array_record-r1-0000{s}-of-00003" for s in range(3)]
+        f"{DATASET_NAME}-train.array_record-r2-0000{s}-of-00003" for s in range(3)]
     assert len(ArrayRecordSource(ds, "test")) == 2
     write_array_record(_records(1), ds, "train", 1, CLASSES, overwrite=True)
-    assert _shards(ds, "train") == [f"{DATASET_NAME}-train.array_record-r2-00000-of-00001"]
+    assert _shards(ds, "train") == [f"{DATASET_NAME}-train.array_record-r3-00000-of-00001"]
     # Other splits pin the class names; a dataset's only split may change them.
     with pytest.raises(ArrayRecordError, match="same class names"):
         write_array_record(_records(1), ds, "train", 1, ("dog",), overwrite=True)

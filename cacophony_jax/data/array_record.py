@@ -20,12 +20,14 @@ dataset folder; the split becomes visible only when dataset_info.json, which lis
 it, replaces the old one in a single rename. An interrupted write leaves at most a
 hidden folder, never a readable half split. Rewriting a split (`overwrite=True`) gives
 its new shards new file names (``...-r<N>-<shard>-of-<n>``), so the old split stays
-readable until that same rename; its files are deleted after it.
+readable until that same rename; its files are deleted after it. One writer per
+dataset folder at a time: two processes writing the same folder are not coordinated.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import os
 import re
@@ -130,7 +132,7 @@ def write_array_record(
     if num_shards < 1:
         raise ArrayRecordError(f"num_shards must be at least 1, got {num_shards}")
     class_names = [str(c) for c in class_names]
-    splits, listed = [], set()
+    splits = []
     if os.path.isfile(os.path.join(out_dir, "dataset_info.json")):
         info = _open_builder(out_dir).info
         if split in info.splits and not overwrite:
@@ -144,18 +146,14 @@ def write_array_record(
                 f"{out_dir} has class names {list(info.metadata['class_names'])}; every split "
                 f"of a dataset must use the same class names, got {class_names}"
             )
-        if split in info.splits:
-            listed = {os.path.basename(p) for p in info.splits[split].filepaths}
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(out_dir), f".incomplete-{split}-*")):
         # Left by a writer that was killed: never part of the dataset.
         logging.warning("removing %s, left by an interrupted write of split %r", stale, split)
         shutil.rmtree(stale, ignore_errors=True)
-    old_files = _split_files(out_dir, split)
-    for name in sorted(set(old_files) - listed):  # a write killed mid-commit left these
-        logging.warning("removing %s, a shard of split %r that no split lists", name, split)
-        os.remove(os.path.join(out_dir, name))
-    revision = max((old_files[n] for n in listed if n in old_files), default=-1) + 1
+    # New names unlike any there (the split's current shards, or a killed write's):
+    # nothing readable is overwritten before the commit.
+    revision = max(_split_files(out_dir, split).values(), default=-1) + 1
     staging = tempfile.mkdtemp(prefix=f".incomplete-{split}-", dir=out_dir)
     try:
         features = _features()
@@ -190,8 +188,13 @@ def write_array_record(
                 os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
         for name in _INFO_FILES:  # dataset_info.json last: the commit point
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-        for name in listed:  # the replaced split's shards
-            os.remove(os.path.join(out_dir, name))
+        # Committed: the split's other shard files (the replaced ones, or a killed
+        # write's) are no longer part of the dataset.
+        written = {_shard_name(split, k, len(shard_lengths), revision)
+                   for k in range(len(shard_lengths))}
+        for name in sorted(set(_split_files(out_dir, split)) - written):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
