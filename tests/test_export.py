@@ -198,13 +198,14 @@ def test_killed_exports_leave_no_litter_and_no_lost_bundle(official_dir, tokeniz
     fingerprint = bundle_fingerprint(str(out))
     # A replace killed after moving the old bundle aside: the bundle is put back, and
     # half-written folders of killed writes are removed.
-    aside = tmp_path / ".b.old-x1"
+    aside = tmp_path / ".b.old-abcd_123"
     aside.mkdir()
     out.rename(aside / "bundle")
-    (tmp_path / ".b.tmp-x2").mkdir()
+    (tmp_path / ".b.tmp-wxyz9876").mkdir()
+    (tmp_path / ".b.old-v1.tmp-abcd1234").mkdir()  # bundle "b.old-v1"'s: not b's
     with pytest.raises(BundleError, match="already exists"):  # restored, so refused
         official(tmp_path / "b")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.old-v1.tmp-abcd1234", "b"]
     assert bundle_fingerprint(str(out)) == fingerprint
     with pytest.raises(BundleError, match="not a finite number"):
         official(tmp_path / "c", window_seconds=float("inf"))
