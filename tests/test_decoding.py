@@ -4,6 +4,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -138,6 +139,13 @@ def test_beam_of_one_and_cold_sampling_equal_greedy(setup):
     np.testing.assert_array_equal(cold, greedy)
     warm = [run(method="sample", rng=jax.random.key(s), temperature=5.0) for s in (1, 2)]
     assert not np.array_equal(warm[0], warm[1])
+    # A raw uint32 key is the same key; per-example keys make rows independent.
+    np.testing.assert_array_equal(run(method="sample", rng=jax.random.PRNGKey(1),
+                                      temperature=5.0), warm[0])
+    rows = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(1), jnp.arange(3))
+    np.testing.assert_array_equal(run(method="sample", rng=rows, temperature=5.0), warm[0])
+    with pytest.raises(ValueError, match="one key or one per example"):
+        run(method="sample", rng=rows[:2], temperature=5.0)
 
 
 def test_beam_search_matches_exhaustive_two_step_search(setup):

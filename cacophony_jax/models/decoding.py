@@ -145,6 +145,11 @@ def generate(
     if method == "sample" and rng is None:
         raise ValueError("method='sample' needs rng=jax.random.key(seed)")
     rng = jax.random.key(0) if rng is None else rng
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)  # a raw uint32 key, e.g. jax.random.PRNGKey
+    if rng.shape not in ((), (audio_states.shape[0],)):
+        raise ValueError(f"rng must be one key or one per example ({audio_states.shape[0]}), "
+                         f"got keys of shape {rng.shape}")
     return _generate(model, params, audio_states, audio_mask, rng, jnp.float32(temperature),
                      jnp.float32(length_penalty), method=method, max_len=max_len,
                      beam_size=beam_size if method == "beam" else 1)

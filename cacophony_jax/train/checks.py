@@ -58,8 +58,11 @@ _RANGES = (
     ("model.drop_path", _interval(0, 1), "in [0, 1)"),
     ("mae.mask_ratio", lambda v: 0 < v < 1, "in (0, 1)"),
     ("data.synthetic_prob", _interval(0, 1, closed_high=True), "in [0, 1]"),
-    ("audio.clip_seconds", lambda v: v >= 0.15, "at least 0.15 (one 16-frame patch)"),
-    ("audio.eval_clip_seconds", lambda v: v >= 0.15, "at least 0.15 (one 16-frame patch)"),
+    # tasks/common.clip_samples: a clip holds one 16-frame patch (2,560 samples).
+    ("audio.clip_seconds", lambda v: round(v * 16000) >= 2560,
+     "at least 0.16 (one 16-frame patch)"),
+    ("audio.eval_clip_seconds", lambda v: round(v * 16000) >= 2560,
+     "at least 0.16 (one 16-frame patch)"),
 )
 
 
