@@ -288,6 +288,8 @@ def test_training_keeps_its_tokenizer_and_export_reads_that_copy(
     workdir = tmp_path / "w"
     workdir.mkdir()
     trained_with = init.prepare_tokenizer(config, epath.Path(workdir), None)
+    assert not (workdir / "tokenizer.json").exists()  # not before the run is known to fit
+    init.keep_tokenizer(trained_with, epath.Path(workdir))
     assert Tokenizer.load(workdir / "tokenizer.json").fingerprint == trained_with.fingerprint
     # ... so a resume whose path now holds another tokenizer is refused, naming both.
     other = Tokenizer.train_bpe(CAPTIONS[:3], 300).save(tmp_path / "other.json")

@@ -26,9 +26,10 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
                       train_source: Any) -> tokenizer_lib.Tokenizer | None:
     """Loads the configured tokenizer, the workdir's, or trains one on the captions.
 
-    Whichever it is, the workdir keeps a copy (`tokenizer.json`): export and evaluation
-    read that, not a path that may since point elsewhere, and a resume whose
-    `tokenizer.path` now holds another tokenizer is refused.
+    Whichever it is, the workdir keeps a copy (`tokenizer.json`, written by `keep_tokenizer`
+    once the run's checkpoints are known to fit): export reads that, not a path that
+    may since point elsewhere, and a resume whose `tokenizer.path` now holds another
+    tokenizer is refused.
 
     Returns:
       The tokenizer, or None for tasks without text.
@@ -45,8 +46,6 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
                 f"workdir was trained with ({saved}, fingerprint {kept.fingerprint}; the path "
                 f"holds {tok.fingerprint}): point it at that tokenizer, or leave it empty to "
                 "use the workdir's copy")
-        if kept is None and jax.process_index() == 0:
-            tok.save(str(saved))
         return tok
     if kept is not None:
         return kept
@@ -58,10 +57,14 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
     if not texts:
         raise ValueError("the training data has no captions to train a tokenizer on; set "
                          "config.tokenizer.path to a tokenizer.json or RoBERTa folder")
-    tok = tokenizer_lib.Tokenizer.train_bpe(texts, vocab)
-    if jax.process_index() == 0:
-        tok.save(str(saved))
-    return tok
+    return tokenizer_lib.Tokenizer.train_bpe(texts, vocab)
+
+
+def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer | None, workdir: epath.Path) -> None:
+    """Writes the run's tokenizer to the workdir (process 0), unless it holds one."""
+    saved = workdir / TOKENIZER_FILE
+    if tokenizer is not None and jax.process_index() == 0 and not saved.exists():
+        tokenizer.save(str(saved))
 
 
 def iter_captions(source: Any):

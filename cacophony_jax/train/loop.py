@@ -187,6 +187,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         if jax.process_index() == 0:  # only once the workdir's checkpoints are known to fit
             atomic_write.write_text(workdir_path / "config.json",
                                     json.dumps(config_json, indent=2))
+        init.keep_tokenizer(tokenizer, workdir_path)
         total = config.train.steps
 
         # Step and evaluation.
