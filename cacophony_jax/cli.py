@@ -358,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     if not args.debug:
-        from cacophony_jax.train import checkpoint
+        from cacophony_jax import quiet
 
-        checkpoint.quiet_abandoned_reads()  # a damaged checkpoint gives one error line
+        quiet.quiet_abandoned_reads()  # a damaged checkpoint gives one error line
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # every user-caused error of the package

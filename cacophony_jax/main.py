@@ -55,9 +55,9 @@ def _quiet_libraries() -> None:
     for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
         handler.addFilter(_Filter())
 
-    from cacophony_jax.train import checkpoint
+    from cacophony_jax import quiet
 
-    checkpoint.quiet_abandoned_reads()
+    quiet.quiet_abandoned_reads()
 
 
 def _config_arg(field: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import jax
@@ -252,30 +251,6 @@ def saved_config(path: str) -> dict[str, Any] | None:
         return reader.saved_config(step)
     finally:
         reader.close()
-
-
-def quiet_abandoned_reads() -> None:
-    """Drops the uncatchable tracebacks an abandoned restore leaves (process-wide).
-
-    When Orbax gives up on an unreadable checkpoint (reported once, as an error), the
-    restore's other reads still end, each in a traceback printed by
-    `sys.unraisablehook`: a read that failed too (with a 60-line TensorStore spec), or
-    one whose completion finds Orbax's event loop closed. Thousands for a large model;
-    only those two kinds are dropped.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_abandoned_reads", False):
-        return
-
-    def hook(unraisable) -> None:
-        text = str(unraisable.exc_value)
-        if text == "Event loop is closed" or text.startswith(
-                "Encountered error while reading array index"):
-            return
-        previous(unraisable)
-
-    hook._drops_abandoned_reads = True
-    sys.unraisablehook = hook
 
 
 def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
