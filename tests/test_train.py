@@ -132,6 +132,18 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
             # Refused from the saved configs, without calling each step "unreadable".
             assert "unreadable" not in caplog.text
     assert sorted(os.listdir(tmp_path / "mae" / "checkpoints")) == ["4"]  # left as it was
+    # A change of a listed field that keeps the state's shapes resumes (with a warning).
+    gentler = tiny_config("mae", 4, **{"optim.clip_norm": 0.5})
+    mae_task = tasks.build(gentler, None)
+    mae_tx, _ = optimizer.make_optimizer(gentler.optim, gentler.train.steps)
+    mae_plan = state_lib.plan_state(mae_task.init_params, mae_tx, mesh,
+                                    partition.rules_from_config(gentler.sharding_rules))
+    reader = checkpoint.Checkpointer(tmp_path / "mae" / "checkpoints", async_save=False)
+    try:
+        state = init_lib.restore_or_init(gentler, mae_task, mae_tx, mae_plan, reader, None)
+    finally:
+        reader.close()
+    assert int(state.step) == 4 and "config.optim.clip_norm (1.0 -> 0.5)" in caplog.text
     # Through the loop, a refused run leaves the workdir's config.json alone too.
     before = (tmp_path / "caco" / "config.json").read_text()
     with pytest.raises(checkpoint.CheckpointError, match="another --workdir"):

@@ -160,15 +160,24 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
             f"the workdir's checkpoints ({ckpt.directory}) belong to a {saved!r} run, this "
             f"is a {config.task!r} run: use another --workdir")
     steps = ckpt.steps()
-    changed_per_step = [_changed_fields(config, ckpt, step=step) for step in steps]
-    if steps and all(changed_per_step):  # (empty where a step's config is unreadable)
-        # Every step's saved config differs in a field the state's shape depends on:
-        # refuse now, not after a restore attempt per step reports each as "unreadable".
-        raise checkpoint.CheckpointError(
-            f"none of the checkpoints in {ckpt.directory} (steps {steps}) fits this config: "
-            f"it changes {', '.join(changed_per_step[-1])}, which the saved state's shape "
-            "depends on. Run with the values they were saved with, use another --workdir, "
-            "or move that checkpoints folder aside to start afresh")
+    changed = _changed_fields(config, ckpt) if steps else []
+    if changed:
+        # The newest step was saved with other settings of fields the state's shape may
+        # depend on: try it alone. A change that keeps the shapes (clip_norm 1.0 -> 0.5)
+        # resumes; one that does not is refused now, not after every step has been
+        # reported unreadable.
+        try:
+            state, step = ckpt.restore(plan.abstract, data_iter, step=steps[-1])
+        except checkpoint.CheckpointError:
+            raise checkpoint.CheckpointError(
+                f"the newest checkpoint in {ckpt.directory} (step {steps[-1]}) does not fit "
+                f"this config: it changes {', '.join(changed)}, which the saved state's "
+                "shape depends on. Run with the values it was saved with, use another "
+                "--workdir, or move that checkpoints folder aside to start afresh") from None
+        logging.warning("resuming with %s: the saved state fits the new values",
+                        ", ".join(changed))
+        _resumed(config, ckpt, step)
+        return state
     restored = ckpt.restore(plan.abstract, data_iter)
     if restored is not None:
         _resumed(config, ckpt, restored[1])
