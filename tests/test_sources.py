@@ -231,8 +231,13 @@ def test_clotho(tmp_path):
     assert source[1]["audio_path"] == str(tmp_path / "evaluation" / "c.wav")
     with pytest.raises(SourceError, match="clotho_captions_development.csv"):
         clotho_source(tmp_path, "development")
+    # A copy split over two of the folders looked in is whole.
+    os.rename(tmp_path / "evaluation/c.wav", tmp_path / "c.wav")
+    split_copy = clotho_source(tmp_path, "evaluation")
+    assert len(split_copy) == 2 and split_copy.num_missing == 0
+    assert split_copy[1]["audio_path"] == str(tmp_path / "c.wav")
     os.remove(tmp_path / "evaluation/a b.wav")
-    os.remove(tmp_path / "evaluation/c.wav")
+    os.remove(tmp_path / "c.wav")
     with pytest.raises(SourceError, match="no audio found"):
         clotho_source(tmp_path, "evaluation")
     # Unpacked on macOS: names in decomposed Unicode (NFD), the CSV composed (NFC).

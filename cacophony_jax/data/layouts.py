@@ -58,7 +58,8 @@ def _listing(folder: str) -> dict[str, str]:
 
 def _audio_folder(root: str, candidates: Sequence[str], wanted: Iterable[Iterable[str]]
                   ) -> tuple[str, dict[str, str]]:
-    """The candidate folder (relative to `root`) holding most of the wanted clips.
+    """Where the wanted clips are: the candidate folder holding most of them, and every
+    clip's file among all the candidates (a copy split over two folders is whole).
 
     Args:
       root: the dataset folder.
@@ -66,16 +67,20 @@ def _audio_folder(root: str, candidates: Sequence[str], wanted: Iterable[Iterabl
       wanted: per clip, the file names it may have (`_key` form).
 
     Returns:
-      (folder, its listing); the documented folder when none holds any clip.
+      (main folder, matched name -> path relative to `root`); the main folder is the
+      documented one when none holds any clip. A name in several folders is taken
+      from the main folder, else the first candidate that has it.
     """
     wanted = [list(names) for names in wanted]
-    best, best_count, best_listing = candidates[0], 0, _listing(os.path.join(root, candidates[0]))
-    for folder in candidates:
-        listing = best_listing if folder == best else _listing(os.path.join(root, folder))
-        count = sum(any(n in listing for n in names) for names in wanted)
-        if count > best_count:
-            best, best_count, best_listing = folder, count, listing
-    return best, best_listing
+    listings = [(folder, _listing(os.path.join(root, folder))) for folder in candidates]
+    counts = [sum(any(n in listing for n in names) for names in wanted)
+              for _, listing in listings]
+    best = max(range(len(listings)), key=lambda i: (counts[i], -i))
+    present: dict[str, str] = {}
+    for folder, listing in [listings[best]] + listings[:best] + listings[best + 1:]:
+        for key, name in listing.items():
+            present.setdefault(key, os.path.normpath(os.path.join(folder, name)))
+    return listings[best][0], present
 
 
 def _report_missing(source: ClipSource, missing: list[str], where: str, tried: str,
@@ -148,7 +153,7 @@ def audiocaps_source(root: str | os.PathLike, split: str) -> ClipSource:
     folders = (os.path.join("audio", split), split, "audio", ".")
     folder, present = _audio_folder(root, folders, wanted.values())
     folder = os.path.normpath(os.path.join(root, folder))
-    source = ClipSource(f"audiocaps/{split}", folder)
+    source = ClipSource(f"audiocaps/{split}", root)
     missing = []
     for yid, (_, captions, _) in clips.items():
         found = next((present[n] for n in wanted[yid] if n in present), None)
@@ -185,7 +190,7 @@ def clotho_source(root: str | os.PathLike, split: str) -> ClipSource:
     folders = (split, f"clotho_audio_{split}", os.path.join("audio", split), "audio", ".")
     folder, present = _audio_folder(root, folders, ([_key(r["file_name"])] for r in rows))
     folder = os.path.normpath(os.path.join(root, folder))
-    source = ClipSource(f"clotho/{split}", folder)
+    source = ClipSource(f"clotho/{split}", root)
     missing, used = [], set()
     for row in rows:
         name = present.get(_key(row["file_name"]))
