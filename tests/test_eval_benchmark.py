@@ -237,7 +237,7 @@ def bundle(tmp_path_factory, official_dir):
 def test_real_bundle_matches_direct_scoring(bundle, clotho, esc50):
     from cacophony_jax import inference
     from cacophony_jax.evals.retrieval import retrieval_metrics
-    from cacophony_jax.evals.zeroshot import prompts_for, zeroshot_metrics
+    from cacophony_jax.evals.zeroshot import prompts_for, release_prompts, zeroshot_metrics
 
     model = inference.load(bundle)
     sets = benchmark.open_datasets({"clotho": str(clotho), "esc50": str(esc50)})
@@ -250,6 +250,16 @@ def test_real_bundle_matches_direct_scoring(bundle, clotho, esc50):
         assert results["clotho"]["metrics"][key] == pytest.approx(value, abs=1e-6), key
     source = sets["esc50"]
     audio = model.embed_audio([source[i]["audio_path"] for i in range(4)])
-    expected = zeroshot_metrics(audio, model.embed_text(prompts_for(source.class_names)),
-                                [source[i]["labels"] for i in range(4)])
+    labels = [source[i]["labels"] for i in range(4)]
+    # By default the prompts are the released evaluation code's (no full stop, ESC-50's
+    # metadata spelling); "sentence" is the paper's wording.
+    expected = zeroshot_metrics(audio, model.embed_text(
+        release_prompts(source.class_names, "esc50")), labels)
     assert results["esc50"]["metrics"]["top1"] == pytest.approx(expected["top1"])
+    assert results["esc50"]["metrics"]["mAP"] == pytest.approx(expected["mAP"])
+    sentence = benchmark.evaluate_bundle(model, {"esc50": source}, batch_size=2,
+                                         prompt="sentence")
+    expected = zeroshot_metrics(audio, model.embed_text(prompts_for(source.class_names)),
+                                labels)
+    assert sentence["sets"]["esc50"]["metrics"]["mAP"] == pytest.approx(expected["mAP"])
+    assert sentence["zeroshot_prompt"] == "sentence"

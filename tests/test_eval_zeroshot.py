@@ -9,6 +9,7 @@ from cacophony_jax.evals.zeroshot import (
     LabelError,
     average_precision,
     prompts_for,
+    release_prompts,
     zeroshot_metrics,
 )
 
@@ -34,6 +35,12 @@ def test_prompts():
         "This is a sound of dog.",
         "This is a sound of chirping birds.",
     ]
+    # As the released evaluation code wrote them: no full stop; ESC-50's metadata
+    # spelling (the layouts give names with spaces), UrbanSound8K's with spaces.
+    assert release_prompts(["dog", "chirping birds"], "esc50") == [
+        "This is a sound of dog", "This is a sound of chirping_birds"]
+    assert release_prompts(["car horn", "street_music"], "urbansound8k") == [
+        "This is a sound of car horn", "This is a sound of street music"]
 
 
 def test_metrics_by_hand():

@@ -9,8 +9,11 @@ Tasks, with the public layouts read by `cacophony_jax.data.layouts`:
   R@1/5/10 and mAP@10 (`evals.retrieval`); every caption of a clip is a query and
   an audio query is a hit when any of its captions is retrieved (Clotho semantics).
 * zero-shot classification (ESC-50 and UrbanSound8K, all folds): each class is
-  embedded as "This is a sound of {label}." and each clip takes the closest class
-  (`evals.zeroshot`); top-1 is the headline number.
+  embedded as a prompt and each clip takes the closest class (`evals.zeroshot`);
+  top-1 is the headline number. `--zeroshot-prompt release` (default) writes the
+  prompts as the released evaluation code that produced the paper's numbers did
+  ("This is a sound of chirping_birds"); `sentence` as the paper words it ("This is a
+  sound of chirping birds.").
 * any other set (e.g. the synthetic corpus's held-out split): retrieval when it has no
   class names, both tasks otherwise, and optionally the share of its clips whose
   generated caption names the clip's class (`class_mention_report`).
@@ -36,7 +39,7 @@ from cacophony_jax.data.sources import SourceError
 from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate
 from cacophony_jax.evals.report import DATASETS, results_markdown, write_results
 from cacophony_jax.evals.retrieval import retrieval_metrics
-from cacophony_jax.evals.zeroshot import prompts_for, zeroshot_metrics
+from cacophony_jax.evals.zeroshot import prompts_for, release_prompts, zeroshot_metrics
 from cacophony_jax.progress import Progress
 
 
@@ -156,7 +159,7 @@ def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
 
 
 def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
-                    workers: int = 4, caption_clips: int = 0,
+                    workers: int = 4, caption_clips: int = 0, prompt: str = "release",
                     progress: Progress | None = None) -> dict[str, Any]:
     """Runs the tasks of one set (see the module docstring).
 
@@ -168,10 +171,12 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
       workers: threads decoding audio.
       caption_clips: for a labelled set, caption this many clips and report
         "class_mention_rate" (0: skip).
+      prompt: zero-shot prompt style, "release" or "sentence" (module docstring).
       progress: called as progress(label, done, total).
 
     Returns:
-      {"tasks", "metrics": {...}, "clips", "captions", "unreadable", "missing", "seconds"}.
+      {"tasks", "metrics": {...}, "clips", "captions", "unreadable", "missing", "seconds"}
+      (and "prompts", the first three class prompts, for zero-shot).
     """
     start = time.monotonic()
     tasks = _tasks(name, source)
@@ -192,8 +197,11 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
         if progress:
             progress(f"{name}: captions", len(texts), len(texts))
         metrics.update(retrieval_metrics(embedded["audio_emb"], text_emb, mapping))
+    prompts: list[str] = []
     if "zeroshot" in tasks:
-        class_emb = np.asarray(model.embed_text(prompts_for(source.class_names)), np.float32)
+        prompts = (release_prompts(source.class_names, name) if prompt == "release"
+                   else prompts_for(source.class_names))
+        class_emb = np.asarray(model.embed_text(prompts), np.float32)
         metrics.update(zeroshot_metrics(embedded["audio_emb"], class_emb, embedded["labels"]))
     if caption_clips and source.class_names:
         report = class_mention_report(model, source, limit=caption_clips, batch_size=batch_size)
@@ -205,12 +213,14 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
             "missing": int(getattr(source, "num_missing", 0)),
             "missing_ids": list(getattr(source, "missing_ids", ())),
             **({"folds": list(source.folds)} if getattr(source, "folds", None) else {}),
+            **({"prompts": prompts[:3]} if prompts else {}),
             "seconds": round(time.monotonic() - start, 2)}
 
 
 def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None = None,
                     batch_size: int = 32, workers: int = 4, caption_clips: int = 0,
-                    bundle: str = "", progress: Progress | None = None) -> dict[str, Any]:
+                    bundle: str = "", prompt: str = "release",
+                    progress: Progress | None = None) -> dict[str, Any]:
     """Evaluates a bundle on several sets and writes results.json / results.md.
 
     Args:
@@ -221,10 +231,11 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
       workers: threads decoding audio.
       caption_clips: see `evaluate_source`.
       bundle: the bundle's path, recorded in the results.
+      prompt: zero-shot prompt style (see `evaluate_source`).
       progress: called as progress(label, done, total).
 
     Returns:
-      {"bundle": path, "sets": {name: evaluate_source(...)}}.
+      {"bundle": path, "zeroshot_prompt": style, "sets": {name: evaluate_source(...)}}.
     """
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise ValueError(f"bundle {bundle or ''} is a {model.kind!r} model without a text "
@@ -234,11 +245,16 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
     if batch_size < 1 or workers < 1:
         raise ValueError(f"--batch-size and --workers must be positive, got {batch_size} and "
                          f"{workers}")
-    results: dict[str, Any] = {"bundle": bundle, "sets": {}}
+    from cacophony_jax.evals.zeroshot import PROMPT_STYLES
+
+    if prompt not in PROMPT_STYLES:
+        raise ValueError(f"--zeroshot-prompt {prompt!r}: use one of {list(PROMPT_STYLES)}")
+    results: dict[str, Any] = {"bundle": bundle, "zeroshot_prompt": prompt, "sets": {}}
     for name, source in sets.items():
         logging.info("evaluating %s: %d clips", name, len(source))
         result = evaluate_source(model, name, source, batch_size=batch_size, workers=workers,
-                                 caption_clips=caption_clips, progress=progress)
+                                 caption_clips=caption_clips, prompt=prompt,
+                                 progress=progress)
         results["sets"][name] = result
         shown = {k: round(v, 2) for k, v in result["metrics"].items() if isinstance(v, float)}
         logging.info("%s (%d clips, %.0f s): %s", name, result["clips"], result["seconds"], shown)
@@ -266,6 +282,12 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--caption-clips", type=int, default=0, metavar="N",
                         help="caption N clips of each labelled set and report how often "
                              "the caption names the clip's class")
+    parser.add_argument("--zeroshot-prompt", choices=("release", "sentence"),
+                        default="release",
+                        help="zero-shot prompts as the released evaluation code wrote them "
+                             "('This is a sound of chirping_birds', default: comparable with "
+                             "the paper's numbers) or as the paper words them ('This is a "
+                             "sound of chirping birds.')")
     parser.add_argument("--out", help="folder for results.json and results.md")
     parser.add_argument("--batch-size", type=int, default=32, help="clips per model call")
     parser.add_argument("--workers", type=int, default=4, help="threads decoding audio")
@@ -303,7 +325,8 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
         sets["synthetic"] = SyntheticCorpus("eval", args.synthetic, seconds)
     results = evaluate_bundle(model, sets, out_dir=args.out, batch_size=args.batch_size,
                               workers=args.workers, caption_clips=args.caption_clips,
-                              bundle=os.path.abspath(args.bundle), progress=progress)
+                              bundle=os.path.abspath(args.bundle),
+                              prompt=args.zeroshot_prompt, progress=progress)
     print(results_markdown(results))
     if args.out:
         print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")

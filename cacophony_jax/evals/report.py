@@ -92,7 +92,11 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append("")
     zeroshot = [n for n, r in sets.items() if "zeroshot" in r["tasks"]]
     if zeroshot:
-        lines += ["## Zero-shot classification (%), prompt \"This is a sound of {label}.\"", "",
+        style = results.get("zeroshot_prompt", "sentence")
+        template = ("\"This is a sound of {label}\" (labels spelt as the released evaluation "
+                    "code read them)" if style == "release"
+                    else "\"This is a sound of {label}.\"")
+        lines += [f"## Zero-shot classification (%), prompt {template}", "",
                   "| set | top-1 this model | top-1 Cacophony (paper) | top-5 | mAP | clips |",
                   "|---|---|---|---|---|---|"]
         reference = [n for n, d in DATASETS.items() if d[1] == "zeroshot" and n not in zeroshot]

@@ -1,9 +1,13 @@
 """Zero-shot classification metrics: clips scored against embedded class prompts.
 
-Each class name becomes the prompt "This is a sound of {name}."; its text embedding
-is the class embedding. A clip's class scores are cosine similarities, so ranking
-them needs no logit scale. Ties are broken like a stable descending sort: among equal
-scores the lower class (or clip) index comes first.
+Each class name becomes a prompt, "This is a sound of {name}." (the paper's wording,
+`PROMPT`); its text embedding is the class embedding. The released evaluation code
+that produced the published ESC-50 and UrbanSound8K numbers wrote the prompt without
+the full stop and ESC-50's labels as its metadata spells them ("chirping_birds"):
+`release_prompts` gives those, for comparing with the paper's table. A clip's class
+scores are cosine similarities, so ranking them needs no logit scale. Ties are broken
+like a stable descending sort: among equal scores the lower class (or clip) index
+comes first.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ import numpy as np
 from cacophony_jax.evals.retrieval import EmbeddingError, l2_normalize
 
 PROMPT = "This is a sound of {}."
+RELEASE_PROMPT = "This is a sound of {}"  # the released evaluation code's: no full stop
+# How the released evaluation code spelled each set's class names: ESC-50's metadata
+# category as it is ("chirping_birds"), UrbanSound8K's with spaces for underscores.
+RELEASE_SPELLING = {"esc50": lambda name: name.replace(" ", "_"),
+                    "urbansound8k": lambda name: name.replace("_", " ")}
+PROMPT_STYLES = ("release", "sentence")
 TOP_KS: tuple[int, ...] = (1, 5)
 
 
@@ -38,6 +48,20 @@ def prompts_for(class_names: Sequence[str]) -> list[str]:
     if isinstance(class_names, str):
         raise LabelError("class_names must be a list of names, not one string")
     return [PROMPT.format(str(name).replace("_", " ").strip()) for name in class_names]
+
+
+def release_prompts(class_names: Sequence[str], dataset: str) -> list[str]:
+    """The prompts of the released evaluation code for `dataset` (see the module doc).
+
+    Args:
+      class_names: one name per class index (as the layouts give them: spaces).
+      dataset: "esc50", "urbansound8k" or another set (names with spaces).
+
+    Returns:
+      One prompt per class.
+    """
+    spell = RELEASE_SPELLING.get(dataset, lambda name: name.replace("_", " "))
+    return [RELEASE_PROMPT.format(spell(str(name).strip())) for name in class_names]
 
 
 def _label_sets(labels: Sequence[Sequence[int] | int], num_classes: int) -> list[set[int]]:
