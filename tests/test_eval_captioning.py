@@ -30,8 +30,25 @@ def _toks(*captions):
 
 
 def test_tokenize():
-    words = ["a", "dogs", "bark", "loud", "then", "high", "pitched", "its"]
+    # As COCO's evaluation sees PTB tokens: clitics split off, hyphenated words and
+    # numbers whole, the punctuation it drops dropped.
+    words = ["a", "dog", "'s", "bark", "loud", "then", "high-pitched", "it", "'s"]
     assert tokenize("A Dog's bark, LOUD!  then high-pitched... It\u2019s") == words
+    assert tokenize("don't can't") == ["do", "n't", "ca", "n't"]
+    assert tokenize('the dogs\' barks (loud) -- then "quiet"; 3.5 or 1,000?') == [
+        "the", "dogs", "barks", "loud", "then", "quiet", "3.5", "or", "1,000"]
+
+
+def test_hyphenated_words_score_as_coco_does():
+    # Worked with PTB-style tokens ("high-pitched" one token): 4-gram matches only in
+    # the first caption, so BLEU-4 is small; the values come from an independent
+    # implementation of the COCO formulas.
+    metrics = caption_metrics({1: "a high-pitched beep", 2: "a car passes"},
+                              {1: ["a high-pitched beep sounds twice"], 2: ["a car passes by"]})
+    assert metrics["BLEU-1"] == pytest.approx(0.606531, abs=1e-6)
+    assert metrics["BLEU-4"] == pytest.approx(0.019180, abs=1e-6)
+    assert metrics["ROUGE-L"] == pytest.approx(0.776632, abs=1e-6)
+    assert metrics["CIDEr-D"] == pytest.approx(5.239702, abs=1e-6)
 
 
 def test_identical_caption_scores_one():

@@ -15,10 +15,13 @@ AudioCaps papers report), re-implemented in numpy/Python:
   reference's; cosine similarity per n times a Gaussian length penalty (sigma 6, length
   in bigrams as in COCO's code); mean over n, mean over references, x10; mean over items.
 
-Tokenisation (`tokenize`) lower-cases, deletes apostrophes, turns every other
-punctuation character into a space and splits on white space. COCO runs the Stanford
-PTB tokenizer instead (which, e.g., splits "dog's" into "dog 's" and keeps "high-pitched"
-whole), so scores can differ slightly from the official scripts on such captions.
+Tokenisation (`tokenize`) follows what the COCO code does with the Stanford PTB
+tokenizer (lower-cased, then the punctuation tokens dropped), for the forms captions
+hold: clitics split off ("dog's" -> dog 's, "don't" -> do n't, "can't" -> ca n't),
+hyphenated words and numbers kept whole ("high-pitched", "3.5", "1,000"), every other
+punctuation mark a token of its own, and the marks COCO drops (. , ; : ? ! - -- ...
+quotes, brackets) dropped. Rarer PTB rules (abbreviations such as "a.m.", currency
+and unit splitting) are not copied.
 
 `class_mention_rate` measures how often captions name one of the clip's event classes:
 a cheap check of a captioner on labelled held-out clips, with no reference captions.
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -42,13 +44,22 @@ CIDER_SCALE = 10.0
 _BLEU_TINY = 1e-15
 _BLEU_SMALL = 1e-9
 
-_APOSTROPHES = "'\u2019"
-_PUNCTUATION = str.maketrans(
-    {
-        ch: ("" if ch in _APOSTROPHES else " ")
-        for ch in string.punctuation + "\u2019\u2018\u201c\u201d"
-    }
-)
+# Tokens the COCO evaluation removes after PTB tokenisation.
+_DROPPED = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",",
+            ":", "-", "--", "...", ";"}
+_BRACKETS_QUOTES = {'"', "(", ")", "{", "}"}
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+# A word (letters/digits, inner hyphens, inner periods/commas between digits), a clitic,
+# or one punctuation mark.
+_PTB = re.compile(r"""
+    n't\b                                   # the clitic of don't, can't
+  | '(?:s|re|ve|ll|d|m)\b                   # the clitics of dog's, they're ...
+  | \d+(?:[.,]\d+)+                          # 3.5, 1,000
+  | [^\W_]+(?:[-_][^\W_]+)*?(?=n't\b)         # "do" of don't (the clitic follows)
+  | [^\W_]+(?:[-_][^\W_]+)*                  # words, high-pitched
+  | \.\.\.|--                                 # ellipsis, dash
+  | [^\w\s]                                   # any other single mark
+""", re.VERBOSE)
 
 Ngram = tuple[str, ...]
 
@@ -58,15 +69,18 @@ class CaptionInputError(ValueError):
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens with punctuation removed.
+    """PTB-style word tokens as the COCO evaluation scores them (module docstring).
 
     Args:
       text: a caption.
 
     Returns:
-      Its tokens ("A dog's bark, loud!" -> ["a", "dogs", "bark", "loud"]).
+      Its tokens ("A dog's high-pitched bark, loud!" -> ["a", "dog", "'s",
+      "high-pitched", "bark", "loud"]).
     """
-    return text.lower().translate(_PUNCTUATION).split()
+    tokens = _PTB.findall(text.lower().translate(_QUOTES).replace('"', " \" "))
+    # PTB writes brackets as -LRB- ... (dropped by COCO) and quotes as `` '' (dropped).
+    return [t for t in tokens if t not in _DROPPED and t not in _BRACKETS_QUOTES]
 
 
 def ngram_counts(tokens: Sequence[str], max_n: int = MAX_N) -> Counter[Ngram]:
