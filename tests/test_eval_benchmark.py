@@ -153,13 +153,13 @@ def test_results_files_put_paper_numbers_next_to_ours(clotho, esc50, tmp_path):
 
 
 def test_published_table_matches_the_paper():
-    audiocaps = report.PUBLISHED["audiocaps"]["Cacophony (paper)"]
+    audiocaps = report.PUBLISHED["audiocaps"]["Cacophony (released weights)"]
     assert [audiocaps[k] for k in ("t2a_R@1", "t2a_R@5", "t2a_R@10", "a2t_R@1", "a2t_R@5",
                                    "a2t_R@10")] == [41.0, 75.3, 86.4, 55.3, 83.6, 92.4]
     clotho = report.PUBLISHED["clotho"]["Cacophony (paper)"]
     assert list(clotho.values()) == [20.0, 46.3, 58.2, 26.1, 53.3, 66.1]
     assert {k: v["Cacophony (paper)"]["top1"] for k, v in report.PUBLISHED.items()
-            if "top1" in v["Cacophony (paper)"]} == {
+            if "top1" in v.get("Cacophony (paper)", {})} == {
         "esc50": 93.4, "urbansound8k": 77.1, "tut2017": 48.6, "vggsound": 27.1}
 
 
