@@ -163,6 +163,39 @@ def test_overwrite_replaces_one_split_and_keeps_the_old_until_done(tmp_path, mon
     assert ArrayRecordSource(tmp_path / "one", "train").class_names == ("dog",)
 
 
+def test_damaged_shards_are_named_when_opened_and_a_bad_record_is_one_error(tmp_path):
+    ds = tmp_path / "ds"
+    write_array_record(_records(9), ds, "train", 3, CLASSES)
+    shards = [ds / name for name in _shards(ds, "train")]
+    middle = shards[1].read_bytes()
+    shards[1].unlink()  # deleted after the build
+    with pytest.raises(ArrayRecordError, match=r"shard 1 of split 'train' .* cannot be read "
+                                               r".*curate build --overwrite"):
+        ArrayRecordSource(ds, "train")
+    shards[1].write_bytes(middle[: len(middle) // 2])  # truncated (a copy cut short)
+    with pytest.raises(ArrayRecordError, match="shard 1 of split 'train'"):
+        ArrayRecordSource(ds, "train")
+    # Damaged inside a record's data: the source opens; that record is one
+    # ArrayRecordError (which training skips and counts), the others read.
+    records = _records(9)
+    records[4]["audio"] = np.full(4000, 12345, np.int16)  # in shard 1, found by its bytes
+    write_array_record(records, tmp_path / "ds2", "train", 3, CLASSES)
+    shard = tmp_path / "ds2" / _shards(tmp_path / "ds2", "train")[1]
+    data = bytearray(shard.read_bytes())
+    at = data.index(np.full(64, 12345, "<i2").tobytes()) + 1000
+    data[at:at + 16] = bytes(16)
+    shard.write_bytes(bytes(data))
+    source = ArrayRecordSource(tmp_path / "ds2", "train")
+    outcomes = []
+    for i in range(9):
+        try:
+            outcomes.append(source[i]["id"])
+        except ArrayRecordError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == "clip-0" and outcomes[3] == "clip-3"
+    assert "record" in outcomes[4] and "cannot be read" in outcomes[4]
+
+
 def test_bad_records(tmp_path):
     bad_label = _records(2)
     bad_label[1]["labels"] = [3]

@@ -8,7 +8,7 @@ import soundfile
 from cacophony_jax.audio import io
 from cacophony_jax.data import pipeline
 
-CLIP = 800
+CLIP = 2800  # samples: training skips clips under one patch (2,401)
 
 
 class IndexSource:
@@ -17,7 +17,7 @@ class IndexSource:
     name = "index"
     class_names = ("a", "b")
 
-    def __init__(self, n, length=1000):
+    def __init__(self, n, length=3000):
         self.n, self.length = n, length
 
     def __len__(self):
@@ -60,10 +60,10 @@ def make(source, seed=0, fmt=None, batch=4):
 def test_train_batches_follow_the_contract():
     fmt = pipeline.ExampleFormat(clip_samples=CLIP, text_length=12, synthetic_prob=0.0,
                                  tokenizer=FakeTokenizer())
-    batch = next(make(IndexSource(10, length=500), fmt=fmt))
+    batch = next(make(IndexSource(10, length=2500), fmt=fmt))
     assert batch["audio"].shape == (4, CLIP) and batch["audio"].dtype == np.int16
-    assert batch["audio_len"].tolist() == [500] * 4
-    assert np.all(batch["audio"][:, 500:] == 0)  # zero-padded past the clip
+    assert batch["audio_len"].tolist() == [2500] * 4
+    assert np.all(batch["audio"][:, 2500:] == 0)  # zero-padded past the clip
     assert batch["text_ids"].shape == (4, 12) and batch["text_mask"].dtype == np.int32
     assert batch["valid"].tolist() == [1.0] * 4
 
@@ -71,11 +71,11 @@ def test_train_batches_follow_the_contract():
 def test_long_clips_are_cropped_at_random_offsets():
     class Ramp(IndexSource):
         def __getitem__(self, i):
-            return {"id": str(i), "audio": np.arange(3000, dtype=np.int16), "captions": []}
+            return {"id": str(i), "audio": np.arange(9000, dtype=np.int16), "captions": []}
 
     starts = {int(row[0]) for b in take(make(Ramp(8)), 6) for row in b["audio"]}
     assert len(starts) > 3  # random crops, not always the start
-    assert all(0 <= s <= 3000 - CLIP for s in starts)
+    assert all(0 <= s <= 9000 - CLIP for s in starts)
 
 
 def test_same_seed_same_batches_other_seed_other_order():
@@ -94,11 +94,11 @@ def test_an_epoch_visits_every_record_once():
 def test_resume_from_state_gives_exactly_the_following_batches():
     fmt = pipeline.ExampleFormat(clip_samples=CLIP, text_length=8, synthetic_prob=0.5,
                                  tokenizer=FakeTokenizer())
-    it = make(IndexSource(13, length=2000), fmt=fmt)
+    it = make(IndexSource(13, length=6000), fmt=fmt)
     take(it, 3)
     state = it.get_state()
     expected = take(it, 4)
-    resumed = make(IndexSource(13, length=2000), fmt=fmt)
+    resumed = make(IndexSource(13, length=6000), fmt=fmt)
     resumed.set_state(state)
     for want, got in zip(expected, take(resumed, 4), strict=True):
         for key in want:
@@ -121,7 +121,7 @@ def test_undecodable_records_are_skipped_and_counted(tmp_path):
     from cacophony_jax.data import sources
 
     good = tmp_path / "good.wav"
-    soundfile.write(good, np.full(1000, 7, np.int16), 16000, subtype="PCM_16")
+    soundfile.write(good, np.full(3000, 7, np.int16), 16000, subtype="PCM_16")
     (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wav file")
     lines = ['{"audio": "good.wav", "captions": ["fine"]}',
              '{"audio": "broken.wav", "captions": ["bad"]}',
@@ -129,15 +129,33 @@ def test_undecodable_records_are_skipped_and_counted(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
     source = sources.ManifestSource(str(tmp_path / "m.jsonl"))
     batches = take(make(source, batch=3), 3)
-    assert all(np.all(b["audio"][:, :1000] == 7) for b in batches)
+    assert all(np.all(b["audio"][:, :CLIP] == 7) for b in batches)
     failed = sum(int(b["num_failed"].sum()) for b in batches)
     assert failed == 6  # each epoch (one batch of 3) draws both bad records once
     # Nothing readable: one error naming the cause, not an endless search.
     (tmp_path / "bad.jsonl").write_text("\n".join(lines[1:]) + "\n")
     source = sources.ManifestSource(str(tmp_path / "bad.jsonl"))
-    with pytest.raises(io.AudioError, match="consecutive records of bad failed to decode, the "
-                                            "last with: .*Check the data paths"):
+    with pytest.raises(io.AudioError, match="records of bad tried for one draw all failed .*"
+                                            "the last with: .*Check the data paths"):
         take(make(source, batch=2), 1)
+
+
+def test_a_run_of_bad_records_is_replaced_from_all_over_the_source():
+    class Gap(IndexSource):  # records 10-79 missing (a folder not downloaded), 5 too short
+        def __getitem__(self, i):
+            if 10 <= i < 80:
+                raise io.AudioError(f"clip {i} does not exist")
+            record = super().__getitem__(i)
+            if i == 5:
+                record["audio"] = record["audio"][:100]
+            return record
+
+    decoded = pipeline.DecodedSource(Gap(100))
+    stand_ins = [record_ids({"audio": decoded[i]["audio"][None]})[0] for i in range(5, 80)]
+    assert not {5, *range(10, 80)} & set(stand_ins)  # only usable records stand in
+    # Spread over the source, not the first good record after the gap 70 times.
+    assert max(stand_ins.count(r) for r in set(stand_ins)) <= 8 and len(set(stand_ins)) >= 15
+    assert decoded[3]["num_failed"] == 0 and decoded[40]["num_failed"] == 1
 
 
 def test_choose_caption_respects_synthetic_prob():

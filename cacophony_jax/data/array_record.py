@@ -339,6 +339,18 @@ class ArrayRecordSource:
         self._num_shards = len(lengths)
         self._offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self._round_robin = builder.info.metadata.get("shard_order") == _ORDER
+        # The shards open lazily: read each one's first record now, so a deleted or
+        # truncated shard stops the run here, not at its first batch after compiling.
+        for shard, (offset, length) in enumerate(zip(self._offsets, lengths, strict=True)):
+            if not length:
+                continue
+            try:
+                self._data[int(offset)]
+            except Exception as error:  # noqa: BLE001 - array_record raises plain errors
+                raise ArrayRecordError(
+                    f"shard {shard} of split {split!r} of {path} cannot be read "
+                    f"({_first_line(error)}); it is missing or damaged: rebuild the split "
+                    "(`curate build --overwrite`) or restore the file") from None
 
     def __len__(self) -> int:
         return len(self._data)
@@ -350,7 +362,11 @@ class ArrayRecordSource:
         if self._round_robin:
             shard, position = index % self._num_shards, index // self._num_shards
             index = int(self._offsets[shard]) + position
-        example = self._data[index]
+        try:
+            example = self._data[index]
+        except Exception as error:  # noqa: BLE001 - a damaged chunk: this record is lost
+            raise ArrayRecordError(f"{self.name} record {index} cannot be read "
+                                   f"({_first_line(error)})") from None
         audio = np.frombuffer(example["audio"], "<i2")
         if audio.size != example["num_samples"]:
             raise ArrayRecordError(f"{self.name} record {index} is corrupt: {audio.size} audio "
@@ -365,6 +381,10 @@ class ArrayRecordSource:
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self._path!r}, {len(self)} clips)"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def _text(value: bytes | str) -> str:

@@ -2,8 +2,9 @@
 
 Train: source -> this host's shard (ShardByJaxProcess semantics: every
 `process_count`-th record) -> seeded global shuffle, repeated with a new order per
-epoch -> decode (a record that fails is replaced by the next good one and counted)
--> random crop/pad to the clip length, caption choice, tokenise -> batch. The
+epoch -> decode (a record that fails, or is shorter than one patch, is replaced by
+another and counted) -> random crop/pad to the clip length, caption choice,
+tokenise -> batch. The
 iterator's state (`get_state`/`set_state`) resumes exactly.
 
 Eval: every record exactly once, in order, split over hosts; every host yields the
@@ -15,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,9 +28,13 @@ import jax
 import numpy as np
 
 from cacophony_jax.audio import io
+from cacophony_jax.audio.clips import MIN_SAMPLES
+from cacophony_jax.data.sources import SourceError
 
-# A record that fails to decode is replaced by one of the next records; give up
-# (and stop with a clear error) when this many in a row fail: the data is broken.
+# A record that fails to decode is replaced by another; give up (and stop with a clear
+# error) when this many tries for one draw fail: the data is broken. The tries hop
+# through the source by a stride near n / golden ratio, so a run of bad rows (a folder
+# not downloaded) neither stops training nor makes one clip stand in for all of them.
 MAX_CONSECUTIVE_FAILURES = 64
 
 
@@ -51,9 +59,10 @@ class DecodedSource:
     """A random-access source whose records carry decoded int16 audio.
 
     Records with an `audio_path` are decoded here (in Grain worker processes). A
-    record that cannot be decoded (or, when `needs_captions`, has no caption) is
-    replaced by the next usable record, and `num_failed` is 1 on the replacement (one
-    skipped draw), so training goes on and the loss of data is counted. The first
+    record that cannot be decoded, is shorter than one patch, or (when
+    `needs_captions`) has no caption is replaced by another usable record (see
+    `MAX_CONSECUTIVE_FAILURES`), and `num_failed` is 1 on the replacement (one skipped
+    draw), so training goes on and the loss of data is counted. The first
     `WARN_FIRST` failures of a process are logged one by one, then every
     `WARN_EVERY`-th with the running count.
     """
@@ -65,6 +74,11 @@ class DecodedSource:
         self._needs_captions = needs_captions
         self.name = getattr(source, "name", type(source).__name__)
         self._failures = 0
+        n = max(1, len(source))
+        stride = max(1, round(n * 0.6180339887)) | 1
+        while math.gcd(stride, n) != 1:
+            stride += 2
+        self._stride = stride % n or 1
 
     def __len__(self) -> int:
         return len(self._source)
@@ -85,22 +99,28 @@ class DecodedSource:
         n = len(self._source)
         error: Exception | None = None
         for failed in range(MAX_CONSECUTIVE_FAILURES):
+            current = (index + failed * self._stride) % n
             try:
-                record = self.load((index + failed) % n)
-            except (io.AudioError, OSError) as e:
+                record = self.load(current)
+                if record["audio"].size < MIN_SAMPLES:
+                    raise io.AudioError(
+                        f"record {record.get('id', current)!r} holds {record['audio'].size} "
+                        f"samples, less than one 16-frame patch ({MIN_SAMPLES})")
+            except (io.AudioError, OSError, SourceError) as e:
                 error = e
                 self._failures += 1
                 if self._failures <= self.WARN_FIRST or self._failures % self.WARN_EVERY == 0:
                     logging.warning("skipping record %d of %s (%d skipped so far%s): %s",
-                                    (index + failed) % n, self.name, self._failures,
+                                    current, self.name, self._failures,
                                     f", now warning every {self.WARN_EVERY}th"
                                     if self._failures == self.WARN_FIRST else "", e)
                 continue
             record["num_failed"] = int(failed > 0)
             return record
         raise io.AudioError(
-            f"{MAX_CONSECUTIVE_FAILURES} consecutive records of {self.name} failed to "
-            f"decode, the last with: {error}. Check the data paths")
+            f"{MAX_CONSECUTIVE_FAILURES} records of {self.name} tried for one draw all failed "
+            f"(spread over the source, so most of it is unusable), the last with: {error}. "
+            "Check the data paths")
 
 
 def crop_or_pad(audio: np.ndarray, length: int, start: int) -> tuple[np.ndarray, int]:
@@ -195,6 +215,10 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
         prefetch_buffer_size=max(read_threads, per_host * max(1, prefetch_batches))))
     iter_ds = iter_ds.batch(per_host, drop_remainder=True)
     if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # used from Python, not the command line:
+            flags.FLAGS.mark_as_parsed()  # Grain's workers read its flags' defaults
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches)),
             worker_init_fn=_leave_interrupts_to_the_trainer)
@@ -202,9 +226,42 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
 
 
 def _leave_interrupts_to_the_trainer(worker_index: int, worker_count: int) -> None:
-    """Grain workers ignore Ctrl-C: the training process saves and then stops them."""
+    """Grain workers ignore Ctrl-C: the training process saves and then stops them.
+
+    A worker whose training process is gone (killed with SIGKILL, or by the OOM
+    killer, which leaves no chance to stop it) exits by itself within a second or two
+    instead of running on, holding memory and shared-memory segments."""
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_when_orphaned() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, name="orphan-watch", daemon=True).start()
+
+
+def release_shared_memory() -> None:
+    """Frees the shared memory of batches the trainer has consumed, before exit.
+
+    With worker processes, Grain unlinks the shared memory of each consumed batch in
+    a background thread; batches still queued there at exit were reported by Python's
+    resource tracker as "leaked shared_memory objects". Waiting for that thread
+    (private Grain attributes, so only where they exist) removes them properly."""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    disable = getattr(SharedMemoryArray, "_disable_async_del", None)
+    if pool is None or disable is None:
+        return
+    disable()  # later frees unlink at once; a later stage's workers start a new pool
+    pool.close()
+    pool.join()
 
 
 class PrepareEval(grain.transforms.Map):
@@ -221,7 +278,7 @@ class PrepareEval(grain.transforms.Map):
             clip, length = crop_or_pad(record["audio"], self.clip_samples, 0)
             valid = 1.0
             labels = record.get("labels") or ()
-        except (io.AudioError, OSError) as e:
+        except (io.AudioError, OSError, SourceError) as e:
             logging.warning("evaluation record %d unusable: %s", index, e)
             clip, length, valid = np.zeros(self.clip_samples, np.int16), 0, 0.0
         return {

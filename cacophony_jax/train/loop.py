@@ -293,3 +293,4 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         close = getattr(data_iter, "close", None)
         if close is not None:
             close()
+        pipeline.release_shared_memory()
