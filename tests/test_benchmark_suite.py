@@ -30,8 +30,14 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
     assert "| mae tiny |" in capsys.readouterr().out
 
 
-def test_suite_plan_and_errors(tmp_path, capsys):
-    suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run"])
+def test_suite_plan_and_errors(tmp_path, capsys, monkeypatch):
+    # The default attention follows the machine: cuDNN only where NVIDIA devices exist.
+    monkeypatch.setattr(suite.glob, "glob", lambda pattern: [])
+    assert suite.parse_args([]).attention == "xla"
+    monkeypatch.setattr(suite.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    assert suite.parse_args([]).attention == "cudnn"
+    monkeypatch.undo()
+    suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run", "--attention", "cudnn"])
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 17 and not (tmp_path / "rows.jsonl").exists()
     assert "attention_parity.py" in printed[0]
@@ -53,7 +59,7 @@ def test_suite_plan_and_errors(tmp_path, capsys):
     assert steady["examples_per_sec"] == 150.0 and steady["windows"] == 2
     capsys.readouterr()
     assert suite.main(["--out", str(tmp_path), "--parts", "steps-mae,attention",
-                       "--budget", "20"]) == []
+                       "--attention", "cudnn", "--budget", "20"]) == []
     assert capsys.readouterr().out.count("s of --budget left") == 2
     parity = {"stage": "mae", "variant": "base", "attention": "cudnn", "batch": 16,
               "loss_rel": 1e-4, "grad_rel": 3e-3, "grad_leaf_median_rel": 2e-3, "same": True}
