@@ -123,8 +123,11 @@ def main(argv):
     if _COMPILATION_CACHE.value:  # before anything compiles
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     from cacophony_jax.parallel import distributed
-    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value, _CPU_COLLECTIVES.value)
+    try:
+        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value, _CPU_COLLECTIVES.value)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if not _VERBOSE_LIBS.value:
         _quiet_libraries()
     from cacophony_jax.train import host, stages

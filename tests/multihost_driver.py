@@ -33,4 +33,22 @@ flat = {jax.tree_util.keystr(k): np.asarray(multihost_utils.process_allgather(v,
         for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 if jax.process_index() == 0:
     np.savez(out, **flat)
+
+# A failure on one host stops both, each naming it; so does a config that differs.
+import json  # noqa: E402
+
+from cacophony_jax.train import agree  # noqa: E402
+
+try:
+    agree.agree("a check", ValueError("its disk lacks data/train.jsonl") if pid == 1 else None)
+except ValueError as e:
+    print(f"agree: {e}", flush=True)
+config_json = json.loads(config.to_json_best_effort())
+if pid == 1:
+    config_json["optim"]["learning_rate"] = 0.05
+try:
+    agree.check_same_run(config_json)
+except ValueError as e:
+    print(f"same run: {e}", flush=True)
+agree.check_same_run(json.loads(config.to_json_best_effort()))  # equal: passes
 print(f"process {pid} done", flush=True)

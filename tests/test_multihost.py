@@ -30,6 +30,14 @@ def test_two_processes_train_and_restore_on_one(tmp_path):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, text in zip(procs, outputs, strict=True):
         assert p.returncode == 0, text[-4000:]
+    # Both processes stopped on process 1's failure, and on its different config.
+    assert "agree: process 1 of 2 failed a check: its disk lacks data/train.jsonl" in outputs[0]
+    assert "agree: its disk lacks data/train.jsonl" in outputs[1]
+    for text in outputs:
+        assert ("process 1's config differs from process 0's: config.optim.learning_rate "
+                "(0.001 on process 0, 0.05 on process 1)") in text, text
+        assert "same run: " in text
+        assert "done" in text
     rows = [r for r in read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in rows)

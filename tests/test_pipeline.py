@@ -117,6 +117,28 @@ def test_process_shards_are_disjoint_and_complete(monkeypatch, count):
     assert sorted(everything.tolist()) == list(range(24))
 
 
+def test_hosts_take_turns_in_one_global_stream(monkeypatch):
+    # Host i's j-th row is element i + count * j of the one-host stream, crops included:
+    # a global batch is a run of that stream, not fixed groups of consecutive records
+    # with one shared crop (what per-host shards with one seed gave).
+    class Ramps(IndexSource):
+        def __getitem__(self, i):
+            record = super().__getitem__(i)
+            record["audio"] = (np.arange(9000) % 1000 + 1000 * i).astype(np.int16)
+            return record
+
+    single = np.concatenate([b["audio"][:, 0] for b in take(make(Ramps(20), batch=4), 10)])
+    count = 2
+    rows = []
+    for index in range(count):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        monkeypatch.setattr(jax, "process_count", lambda: count)
+        it = make(Ramps(20), batch=4)  # 2 rows per host per step
+        rows.append(np.concatenate([b["audio"][:, 0] for b in take(it, 10)]))
+    np.testing.assert_array_equal(rows[0], single[0::2])
+    np.testing.assert_array_equal(rows[1], single[1::2])
+
+
 def test_undecodable_records_are_skipped_and_counted(tmp_path):
     from cacophony_jax.data import sources
 

@@ -1,11 +1,10 @@
 """Grain input pipelines: per-host, numpy only, deterministic and resumable.
 
-Train: source -> this host's shard (ShardByJaxProcess semantics: every
-`process_count`-th record) -> seeded global shuffle, repeated with a new order per
-epoch -> decode (a record that fails, or is shorter than one patch, is replaced by
-another and counted) -> random crop/pad to the clip length, caption choice,
-tokenise -> batch. The
-iterator's state (`get_state`/`set_state`) resumes exactly.
+Train: source -> seeded global shuffle, repeated with a new order per epoch ->
+decode (a record that fails, or is shorter than one patch, is replaced by another
+and counted) -> random crop/pad to the clip length, caption choice, tokenise -> this
+host's elements of that one stream (every `process_count`-th, from its index) ->
+batch. The iterator's state (`get_state`/`set_state`) resumes exactly.
 
 Eval: every record exactly once, in order, split over hosts; every host yields the
 same number of batches, the last padded with rows whose `valid` is 0.
@@ -201,13 +200,15 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
         raise ValueError(f"training source {getattr(source, 'name', source)!r} is empty")
     decoded = DecodedSource(source, needs_captions=fmt.text_length > 0)
     index, count = jax.process_index(), jax.process_count()
-    ds = grain.MapDataset.source(decoded)
-    if count > 1:
-        if len(decoded) < count:
-            raise ValueError(f"{len(decoded)} training records cannot feed {count} hosts")
-        ds = ds[index::count]
-    ds = ds.seed(seed).shuffle().repeat(None)
+    if len(decoded) < count:
+        raise ValueError(f"{len(decoded)} training records cannot feed {count} hosts")
+    # One global stream (a new order every epoch, crops keyed by the position in it);
+    # host i takes its elements i, i + count, ...: a global batch is a run of that
+    # stream, whatever the number of hosts, and no two hosts share crops or groups.
+    ds = grain.MapDataset.source(decoded).seed(seed).shuffle().repeat(None)
     ds = ds.random_map(PrepareTrain(fmt))
+    if count > 1:
+        ds = ds[index::count]
     per_host = host_batch_size(global_batch_size)
     # Records are decoded by `read_threads` threads in parallel, then batched.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(

@@ -59,6 +59,13 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
                 "multi-process run needs a coordinator address, process count and "
                 "process id: pass --coordinator_address/--num_processes/--process_id or "
                 "set COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"coordinator address {address!r} must be HOST:PORT, e.g. "
+                             "node001:12345 (process 0's host and a free port)")
+        if pid >= count:
+            raise ValueError(f"process id {pid} is not below the process count {count}: "
+                             f"number the processes 0 to {count - 1}")
         kwargs = dict(coordinator_address=address, num_processes=count, process_id=pid)
     # On Cloud TPU pods (where the worker list lives in the VM metadata, so 'auto'
     # cannot see it: pass --distributed=on) and SLURM, jax finds the coordinator.

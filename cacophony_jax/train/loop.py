@@ -23,7 +23,7 @@ from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import checkpoint, checks, flops, host, init, metrics
+from cacophony_jax.train import agree, checkpoint, checks, flops, host, init, metrics
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
 
@@ -108,6 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[str, float]:
     """`run`'s phases, with the workdir made and locked."""
     config_json = json.loads(config.to_json_best_effort())
+    agree.check_same_run(config_json)  # one command on every host, and equal devices
 
     # Mesh.
     mesh = mesh_lib.make_mesh(config.mesh)

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from cacophony_jax.train import checks, host, init, loop
+from cacophony_jax.train import agree, checks, host, init, loop
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
@@ -24,18 +24,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     Raises:
       host.StopRequestedError: a stage was stopped by a signal (after saving); no later stage runs.
     """
-    check_local("--workdir", workdir)
+    error = None
+    try:  # every stage's mistakes before any training, on every process of the run
+        check_local("--workdir", workdir)
+        for name, stage in ([(None, config)] if "stages" not in config else
+                            [(n, config.stages[n]) for n in config.stage_order]):
+            try:
+                check_paths(stage)
+                checks.check_config(stage)
+                checks.check_paths_exist(stage)
+            except ValueError as e:
+                if name is None:
+                    raise
+                raise ValueError(f"stage {name!r} (--config.stages.{name}.*): {e}") from None
+    except ValueError as e:
+        error = e
+    agree.agree("the config checks", error)  # a host that lacks a path stops them all
     if "stages" not in config:
-        check_paths(config)
-        checks.check_paths_exist(config)
         return {config.task: loop.run(config, workdir)}
-    for name in config.stage_order:  # every stage's mistakes before any training
-        try:
-            check_paths(config.stages[name])
-            checks.check_config(config.stages[name])
-            checks.check_paths_exist(config.stages[name])
-        except ValueError as error:
-            raise ValueError(f"stage {name!r} (--config.stages.{name}.*): {error}") from None
     root = host.make_workdir(workdir)
     with host.workdir_lock(root):  # the recipe's own files (results.json) too
         results = _run_stages(config, root)
