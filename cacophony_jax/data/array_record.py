@@ -339,18 +339,16 @@ class ArrayRecordSource:
         self._num_shards = len(lengths)
         self._offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self._round_robin = builder.info.metadata.get("shard_order") == _ORDER
-        # The shards open lazily: read each one's first record now, so a deleted or
-        # truncated shard stops the run here, not at its first batch after compiling.
-        for shard, (offset, length) in enumerate(zip(self._offsets, lengths, strict=True)):
-            if not length:
-                continue
-            try:
-                self._data[int(offset)]
-            except Exception as error:  # noqa: BLE001 - array_record raises plain errors
-                raise ArrayRecordError(
-                    f"shard {shard} of split {split!r} of {path} cannot be read "
-                    f"({_first_line(error)}); it is missing or damaged: rebuild the split "
-                    "(`curate build --overwrite`) or restore the file") from None
+        # The data source opens shards lazily: check each one now (a throwaway reader,
+        # closed again, in a few threads), so a deleted or truncated shard stops the run
+        # here, not at its first batch after compiling.
+        paths = [str(p) for p in splits[split].filepaths]
+        with ThreadPoolExecutor(min(16, max(1, len(paths)))) as pool:
+            problems = list(pool.map(_shard_problem, paths, lengths))
+        for shard, problem in enumerate(problems):
+            if problem:
+                raise ArrayRecordError(f"shard {shard} of split {split!r} of {path} cannot be "
+                                       f"read ({problem})")
 
     def __len__(self) -> int:
         return len(self._data)
@@ -381,6 +379,33 @@ class ArrayRecordSource:
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self._path!r}, {len(self)} clips)"
+
+
+def _shard_problem(path: str, length: int) -> str | None:
+    """Why shard `path` (`length` records) cannot be read, or None when it can."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not os.path.isfile(path):
+        return ("the file is missing: rebuild the split (`curate build --overwrite`) or "
+                "restore the file")
+    reader = None
+    try:
+        reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+        if reader.num_records() != length:
+            return (f"it holds {reader.num_records()} records, the metadata says {length}: "
+                    "rebuild the split (`curate build --overwrite`) or restore the file")
+        if length:
+            reader.read([0])
+    except OSError as error:  # e.g. too many open files: not the shard's fault
+        return f"{_first_line(error)}; check the open-file limit (ulimit -n)"
+    except Exception as error:  # noqa: BLE001 - array_record raises plain errors
+        return (f"{_first_line(error)}; it is damaged: rebuild the split "
+                "(`curate build --overwrite`) or restore the file")
+    finally:
+        if reader is not None:
+            with contextlib.suppress(Exception):  # closing a damaged file raises too
+                reader.close()
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -256,13 +256,15 @@ def release_shared_memory() -> None:
         from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
     except ImportError:
         return
-    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
-    disable = getattr(SharedMemoryArray, "_disable_async_del", None)
-    if pool is None or disable is None:
+    lock = getattr(SharedMemoryArray, "_lock", None)
+    if lock is None or getattr(SharedMemoryArray, "_del_thread_pool", None) is None:
         return
-    disable()  # later frees unlink at once; a later stage's workers start a new pool
+    with lock:  # detach the pool: later frees unlink at once (a later stage's workers
+        pool = SharedMemoryArray._del_thread_pool  # start a new pool)
+        SharedMemoryArray._del_thread_pool = None
     pool.close()
-    pool.join()
+    pool.join()  # the queued unlinks still release the semaphore, so it goes last
+    SharedMemoryArray._outstanding_del_requests = None
 
 
 class PrepareEval(grain.transforms.Map):

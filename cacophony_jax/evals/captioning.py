@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -48,13 +49,16 @@ _BLEU_SMALL = 1e-9
 _DROPPED = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",",
             ":", "-", "--", "...", ";"}
 _BRACKETS_QUOTES = {'"', "(", ")", "{", "}"}
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+# Curly quotes as straight ones; Unicode dashes and the ellipsis as PTB writes them.
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
+                         "\u2013": " -- ", "\u2014": " -- ", "\u2026": " ... "})
 # A word (letters/digits, inner hyphens, inner periods/commas between digits), a clitic,
 # or one punctuation mark.
 _PTB = re.compile(r"""
     n't\b                                   # the clitic of don't, can't
   | '(?:s|re|ve|ll|d|m)\b                   # the clitics of dog's, they're ...
   | \d+(?:[.,]\d+)+                          # 3.5, 1,000
+  | [^\W_]+(?:'(?!(?:s|re|ve|ll|d|m|t)\b)[^\W_]+)+  # o'clock (an inner apostrophe)
   | [^\W_]+(?:[-_][^\W_]+)*?(?=n't\b)         # "do" of don't (the clitic follows)
   | [^\W_]+(?:[-_][^\W_]+)*                  # words, high-pitched
   | \.\.\.|--                                 # ellipsis, dash
@@ -78,7 +82,8 @@ def tokenize(text: str) -> list[str]:
       Its tokens ("A dog's high-pitched bark, loud!" -> ["a", "dog", "'s",
       "high-pitched", "bark", "loud"]).
     """
-    tokens = _PTB.findall(text.lower().translate(_QUOTES).replace('"', " \" "))
+    text = unicodedata.normalize("NFC", text.lower()).translate(_QUOTES)
+    tokens = _PTB.findall(text.replace('"', ' " '))
     # PTB writes brackets as -LRB- ... (dropped by COCO) and quotes as `` '' (dropped).
     return [t for t in tokens if t not in _DROPPED and t not in _BRACKETS_QUOTES]
 

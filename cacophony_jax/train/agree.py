@@ -16,6 +16,8 @@ import jax
 import numpy as np
 
 _MESSAGE_BYTES = 1024  # of each process's error message, shared with the others
+# Settings a host may choose for itself (its CPUs): left out of the comparison.
+HOST_LOCAL = ("data.num_workers", "data.read_threads", "data.prefetch_batches")
 
 
 class OtherProcessError(ValueError):
@@ -75,14 +77,14 @@ def check_same_run(config_json: dict[str, Any]) -> None:
 
     Raises:
       ValueError (on every process): naming the differing fields, or the device counts.
+      The `HOST_LOCAL` fields (worker and thread counts) may differ.
     """
     if jax.process_count() == 1:
         return
+    config_json = {k: v for k, v in _flat(config_json).items() if k not in HOST_LOCAL}
     text = json.dumps(config_json, sort_keys=True).encode()
-    digest = np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint8)
-    mine = np.concatenate([digest, np.asarray([jax.local_device_count(), len(text) % 256,
-                                               len(text) // 256 % 256, len(text) // 65536],
-                                              np.uint8)])
+    digest = np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint8).astype(np.int32)
+    mine = np.concatenate([digest, [jax.local_device_count(), len(text)]]).astype(np.int32)
     rows = _allgather(mine)
     devices = rows[:, 8].astype(int).tolist()
     if len(set(devices)) > 1:
@@ -94,13 +96,13 @@ def check_same_run(config_json: dict[str, Any]) -> None:
     # Some config differs: share process 0's, so each process can name the fields.
     from jax.experimental import multihost_utils
 
-    size = max(int(r[9]) + 256 * int(r[10]) + 65536 * int(r[11]) for r in rows)
+    size = int(rows[:, 9].max())
     buffer = np.zeros(size, np.uint8)
     if jax.process_index() == 0:
         buffer[:len(text)] = np.frombuffer(text, np.uint8)
     first = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-    reference = _flat(json.loads(bytes(first).rstrip(b"\0").decode()))
-    own = _flat(config_json)
+    reference = json.loads(bytes(first).rstrip(b"\0").decode())
+    own = config_json
     differ = sorted(k for k in set(reference) | set(own) if reference.get(k) != own.get(k))
     error = None
     if differ:

@@ -37,7 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
                 if name is None:
                     raise
                 raise ValueError(f"stage {name!r} (--config.stages.{name}.*): {e}") from None
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 - any failure here must reach `agree`
         error = e
     agree.agree("the config checks", error)  # a host that lacks a path stops them all
     if "stages" not in config:
