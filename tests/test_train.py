@@ -16,7 +16,7 @@ from cacophony_jax.models import stack
 from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
-from cacophony_jax.train import checkpoint, flops, loop, stages
+from cacophony_jax.train import checkpoint, checks, flops, loop, stages
 from cacophony_jax.train import init as init_lib
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
@@ -316,7 +316,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
                                       "train.checkpoint_every": 1})
     with pytest.raises(ValueError, match="config.optim.learning_rate=nan must be a number"):
         loop.run(config, str(tmp_path))
-    monkeypatch.setattr(loop, "check_config", lambda config: None)  # diverge anyway
+    monkeypatch.setattr(checks, "check_config", lambda config: None)  # diverge anyway
     with pytest.raises(FloatingPointError, match="by step 1 .*no checkpoint had been saved"):
         loop.run(config, str(tmp_path))
     assert not os.listdir(tmp_path / "checkpoints")
@@ -393,8 +393,8 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     # Accumulation spans steps: each step's front end still sees the whole batch.
     with pytest.raises(ValueError, match=r"frontend_sub_batches=3 must divide config.data."
                                          r"global_batch_size \(8\)"):
-        loop.check_config(tiny_config("mae", 2, **{"audio.frontend_sub_batches": 3}))
-    loop.check_config(tiny_config("mae", 2, **{"audio.frontend_sub_batches": 8,
+        checks.check_config(tiny_config("mae", 2, **{"audio.frontend_sub_batches": 3}))
+    checks.check_config(tiny_config("mae", 2, **{"audio.frontend_sub_batches": 8,
                                                "optim.accum_steps": 2}))
     with pytest.raises(ValueError, match="config.train.log_every=0 must be a number >= 1"):
         loop.run(tiny_config("mae", 2, **{"train.log_every": 0}), str(tmp_path / "m"))

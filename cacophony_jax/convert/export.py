@@ -46,17 +46,7 @@ def _training_config(directory: Any, step: int, reader: Any) -> dict[str, Any]:
                       f"and there is no {config_json}; export from the training workdir")
 
 
-def _saved_steps(directory: Any) -> list[int]:
-    from cacophony_jax.train import checkpoint
-
-    reader = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
-    try:
-        return list(reader.steps())
-    finally:
-        reader.close()
-
-
-def _find_step(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]:
+def _find_step(path: str, step: int | None) -> tuple[Any, int, list[int], dict[str, Any]]:
     from cacophony_jax.train import checkpoint  # only export reads training checkpoints
 
     if os.path.isfile(path):
@@ -86,7 +76,7 @@ def _find_step(path: str, step: int | None) -> tuple[Any, int, dict[str, Any]]:
         if step not in steps:
             raise BundleError(f"checkpoint step {step} does not exist under {path!r}; "
                               f"saved steps: {steps}")
-        return directory, step, _training_config(directory, step, reader)
+        return directory, step, steps, _training_config(directory, step, reader)
     finally:
         reader.close()
 
@@ -114,7 +104,7 @@ def export_from_checkpoint(
     from cacophony_jax.train import checkpoint
 
     dtype_of(dtype)
-    directory, step, train_config = _find_step(os.fspath(path), step)
+    directory, step, steps, train_config = _find_step(os.fspath(path), step)
     try:
         task, model_cfg = train_config["task"], train_config["model"]
         variant, scan = model_cfg["variant"], bool(model_cfg["scan"])
@@ -154,7 +144,7 @@ def export_from_checkpoint(
     try:
         params = checkpoint.restore_subtree(str(directory / str(step)), ("params",), abstract)
     except checkpoint.CheckpointError as e:
-        older = [s for s in _saved_steps(directory) if s < step]
+        older = [s for s in steps if s < step]
         hint = (f" If step {step} is damaged (e.g. its save was cut off), export an older "
                 f"one: --step {older[-1]} (saved steps: {older})." if older else "")
         raise BundleError(f"{e}{hint}") from None

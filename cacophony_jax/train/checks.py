@@ -155,27 +155,38 @@ def _check_sharding_rules(config: ml_collections.ConfigDict) -> None:
                              f"the mesh lacks; its axes are {sorted(axes)}")
 
 
-# Paths a config names and whether they must exist before training starts.
-_EXISTING_PATHS = ("tokenizer.path", "tokenizer.roberta_weights", "train.resume",
-                   "train.init_from")
+# Paths a config may name: training reads and writes them in place.
+_PATH_KEYS = ("data.train.path", "data.eval.path", "train.init_from", "train.resume",
+              "tokenizer.path", "tokenizer.roberta_weights")
 
 
-def check_paths_exist(config: ml_collections.ConfigDict) -> None:
-    """Refuses, up front, a path the run would fail to read later.
+def check_local(what: str, path: str) -> None:
+    """Refuses a remote (scheme://) path: training reads and writes file-system paths."""
+    if "://" in str(path):
+        bucket = str(path).split("://", 1)[1].split("/", 1)[0]
+        raise ValueError(
+            f"{what}={path!r} is not a file-system path: training reads and writes files in "
+            f"place, so mount the storage and pass the mount, e.g. `gcsfuse --implicit-dirs "
+            f"{bucket} /mnt/gcs/{bucket}` then /mnt/gcs/{bucket}/...; launch/tpu/tpu.py "
+            "mounts the gs:// paths it is given on every worker itself")
 
-    'previous' (a recipe's stage-1 output) is made by the recipe itself.
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+    """Refuses, up front, a remote path or one the run would fail to read later.
+
+    'previous' (a recipe's stage-1 output) is made by the recipe itself; a data path
+    is only read when its source kind reads files.
 
     Raises:
       ValueError: naming the field and the path.
     """
-    for key in _EXISTING_PATHS:
+    unused = {f"data.{w}.path" for w in ("train", "eval")
+              if config.data[w].kind in ("", "synthetic")}
+    for key in _PATH_KEYS:
         path = init.lookup(config, key)
-        if path and path != "previous" and not os.path.exists(path):
+        if not path:
+            continue
+        check_local(f"config.{key}", path)
+        if path != "previous" and key not in unused and not os.path.exists(path):
             raise ValueError(f"config.{key}={path!r} does not exist (relative paths are "
                              f"read from {os.getcwd()})")
-    for which in ("train", "eval"):
-        block = config.data[which]
-        if block.kind and block.kind != "synthetic" and block.path and not os.path.exists(
-                block.path):
-            raise ValueError(f"config.data.{which}.path={block.path!r} does not exist "
-                             f"(relative paths are read from {os.getcwd()})")

@@ -98,8 +98,8 @@ def lookup(tree: Any, key: str) -> Any:
 
 
 def _changed_fields(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
-                          fields: tuple[str, ...] = STATE_FIELDS,
-                          step: int | None = None) -> list[str]:
+                    fields: tuple[str, ...] = STATE_FIELDS,
+                    step: int | None = None) -> list[str]:
     """'field (saved -> now)' for each of `fields` the config saved with `step` (default
     the newest) sets differently (empty when that config cannot be read)."""
     steps = ckpt.steps()

@@ -29,10 +29,6 @@ from cacophony_jax.train import step as step_lib
 
 HOST_ONLY_KEYS = ("num_failed",)
 
-# Kept here for callers of `loop.check_config`; the rules live in `checks`.
-check_config = checks.check_config
-
-
 def _check_finite(loss: float, norm: float, step: int, ckpt: checkpoint.Checkpointer) -> None:
     """Stops the run when the loss or the parameters are no longer finite numbers."""
     if math.isfinite(loss) and math.isfinite(norm):
@@ -99,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     Returns:
       The final evaluation metrics (empty when evaluation is disabled).
     """
-    check_config(config)
+    checks.check_config(config)
     workdir_path = host.make_workdir(workdir)
     with host.workdir_lock(workdir_path):
         return _train(config, workdir_path)

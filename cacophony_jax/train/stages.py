@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from cacophony_jax.train import agree, checks, host, init, loop
+from cacophony_jax.train import agree, checks, host, loop
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
@@ -26,13 +26,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     """
     error = None
     try:  # every stage's mistakes before any training, on every process of the run
-        check_local("--workdir", workdir)
+        checks.check_local("--workdir", workdir)
         for name, stage in ([(None, config)] if "stages" not in config else
                             [(n, config.stages[n]) for n in config.stage_order]):
             try:
-                check_paths(stage)
                 checks.check_config(stage)
-                checks.check_paths_exist(stage)
+                checks.check_paths(stage)
             except ValueError as e:
                 if name is None:
                     raise
@@ -67,29 +66,6 @@ def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
     if jax.process_index() == 0:
         (root / "results.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-_PATH_KEYS = ("data.train.path", "data.eval.path", "train.init_from", "train.resume",
-              "tokenizer.path", "tokenizer.roberta_weights")
-
-
-def check_local(what: str, path: str) -> None:
-    """Refuses a remote (scheme://) path: training reads and writes file-system paths."""
-    if "://" in str(path):
-        bucket = str(path).split("://", 1)[1].split("/", 1)[0]
-        raise ValueError(
-            f"{what}={path!r} is not a file-system path: training reads and writes files in "
-            f"place, so mount the storage and pass the mount, e.g. `gcsfuse --implicit-dirs "
-            f"{bucket} /mnt/gcs/{bucket}` then /mnt/gcs/{bucket}/...; launch/tpu/tpu.py "
-            "mounts the gs:// paths it is given on every worker itself")
-
-
-def check_paths(config: ml_collections.ConfigDict) -> None:
-    """`check_local` for every path a config names."""
-    for key in _PATH_KEYS:
-        path = init.lookup(config, key)
-        if path:
-            check_local(f"config.{key}", path)
 
 
 def summary(results: dict[str, dict[str, float]]) -> str:
