@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bench", default=",".join(BENCHES), help="comma list of " + str(BENCHES))
     p.add_argument("--cores", type=int, default=0, help="pin to this many cores (0: as is)")
     p.add_argument("--clip-seconds", type=float, default=10.0, help="clip length")
+    p.add_argument("--file-seconds", type=float, default=0.0,
+                   help="length of the corpus files, cropped to --clip-seconds by the "
+                        "pipeline (0: the clip length)")
     p.add_argument("--num-clips", type=int, default=64, help="clips in the corpus")
     p.add_argument("--batch", type=int, default=32, help="clips per batch")
     p.add_argument("--seconds", type=float, default=4.0, help="timed seconds per host row")
@@ -160,9 +163,10 @@ def make_corpus(data_dir: pathlib.Path, num_clips: int, clip_seconds: float,
     """Writes (or reuses) the WAV corpus and its array_record copy.
 
     Args:
-      data_dir: folder for `wav/` and `array_record/`.
+      data_dir: folder for `wav/` and `array_record/` (`wav_<N>s/` and
+        `array_record_<N>s/` for files of N seconds other than 10).
       num_clips: clips to write.
-      clip_seconds: clip length.
+      clip_seconds: length of each file.
       benches: which sources are needed.
 
     Returns:
@@ -170,15 +174,16 @@ def make_corpus(data_dir: pathlib.Path, num_clips: int, clip_seconds: float,
     """
     from cacophony_jax.data import sources, synthetic
 
-    manifest = data_dir / "wav" / "manifest.jsonl"
+    suffix = "" if clip_seconds == 10.0 else f"_{clip_seconds:g}s"
+    manifest = data_dir / f"wav{suffix}" / "manifest.jsonl"
     if not manifest.exists():
-        synthetic.write_corpus(data_dir / "wav", "train", num_clips, clip_seconds)
+        synthetic.write_corpus(manifest.parent, "train", num_clips, clip_seconds)
     wav = sources.ManifestSource(manifest)
     out = {"wav": wav}
     if "array_record" in benches:
         from cacophony_jax.data import array_record
 
-        folder = data_dir / "array_record"
+        folder = data_dir / f"array_record{suffix}"
         if not (folder / "dataset_info.json").exists():
             records = (wav[i] for i in range(len(wav)))
             array_record.write_array_record(records, folder, "train", num_shards=4,
@@ -233,8 +238,8 @@ def time_host(source: Any, fmt: Any, args: argparse.Namespace, cores: int,
 def profile_host(source: Any, fmt: Any, batch: int, clips: int = 256) -> None:
     """Times each piece of the per-clip host work in this thread, then cProfiles it.
 
-    The pieces are the pipeline's own: DecodedSource (read + decode), PrepareTrain
-    (crop/pad, caption choice, tokenise) and the batch stack. A plain loop, not
+    The pieces are the pipeline's own: DecodedSource.draw (read, decode, crop),
+    PrepareTrain.example (pad, caption choice, tokenise) and the batch stack. A plain loop, not
     Grain's threads: allocator and cache effects (fresh pages for each 320 KB clip)
     can make the sum differ from the pipeline's cost per clip either way.
 
@@ -249,7 +254,7 @@ def profile_host(source: Any, fmt: Any, batch: int, clips: int = 256) -> None:
     from cacophony_jax.data import pipeline
 
     decoded = pipeline.DecodedSource(source, needs_captions=fmt.text_length > 0)
-    prepare = pipeline.PrepareTrain(fmt)
+    prepare = pipeline.PrepareTrain(fmt, decoded)
     rng = np.random.default_rng(0)
     parts = {"decode": 0.0, "prepare": 0.0, "stack": 0.0}
 
@@ -257,9 +262,9 @@ def profile_host(source: Any, fmt: Any, batch: int, clips: int = 256) -> None:
         rows = []
         for i in range(clips):
             t0 = time.perf_counter()
-            record = decoded[i % len(decoded)]
+            record = decoded.draw(i % len(decoded), fmt.clip_samples, rng)
             t1 = time.perf_counter()
-            rows.append(prepare.random_map(record, rng))
+            rows.append(prepare.example(record, rng))
             t2 = time.perf_counter()
             parts["decode"] += t1 - t0
             parts["prepare"] += t2 - t1
@@ -289,7 +294,8 @@ def run_host(benches: list[str], args: argparse.Namespace, cores: int) -> list[d
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = pathlib.Path(args.data_dir or tmp)
-        made = make_corpus(data_dir, args.num_clips, args.clip_seconds, benches)
+        made = make_corpus(data_dir, args.num_clips, args.file_seconds or args.clip_seconds,
+                           benches)
         clip = round(args.clip_seconds * frontend.SAMPLE_RATE)
         tok = None
         rows = []
@@ -401,13 +407,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--bench {unknown} unknown; choose from {BENCHES}")
     if args.batch < 1 or args.num_clips < 1 or args.seconds <= 0:
         raise ValueError("--batch, --num-clips and --seconds must be positive")
+    if args.file_seconds < 0 or args.clip_seconds <= 0:
+        raise ValueError("--clip-seconds must be positive and --file-seconds at least 0")
     cores = pin_cores(args.cores)
 
     from absl import flags
 
     if not flags.FLAGS.is_parsed():  # Grain reads absl flags
         flags.FLAGS(sys.argv[:1], known_only=True)
-    print(f"{cores} core(s) in the affinity set; {args.clip_seconds:g} s clips", flush=True)
+    files = f" cut from {args.file_seconds:g} s files" if args.file_seconds else ""
+    print(f"{cores} core(s) in the affinity set; {args.clip_seconds:g} s clips{files}",
+          flush=True)
     rows = []
     host = [b for b in benches if b != "frontend"]
     if host:

@@ -173,3 +173,56 @@ def test_decoded_batches_are_bounded_by_audio_length(tmp_path):
     # a + b fit 2.5 s; c (3 s, longer than the bound) comes alone; then the count rules.
     assert got == [[("a.wav", 16000), ("b.wav", 16000)], [("c.wav", 48000)],
                    [("d.wav", 8000), ("e.wav", 8000), ("bad.wav", None)]]
+
+
+def test_load_audio_clip_decodes_only_a_window_of_a_long_file(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    native = (rng.standard_normal(16000 * 40) * 3000).astype(np.int16)
+    sf.write(tmp_path / "native.wav", native, 16000)
+    stereo = (0.2 * rng.standard_normal((44100 * 40, 2))).astype(np.float32)
+    sf.write(tmp_path / "stereo.flac", stereo, 44100)  # resampled and mixed down
+    short = native[:16000 * 3]
+    sf.write(tmp_path / "short.wav", short, 16000)
+    read = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read",
+                        lambda self, frames=-1, **kw: read.append(frames)
+                        or real_read(self, frames, **kw))
+    length = 16000 * 2
+    for name in ("native.wav", "stereo.flac"):
+        whole = audio_io.load_audio(tmp_path / name)
+        for start in (0, 7, 123_457, whole.size - length, whole.size - 100):
+            read.clear()
+            seen = []
+            clip, total = audio_io.load_audio_clip(
+                tmp_path / name, length, lambda n, s=start, seen=seen: seen.append(n) or s)
+            assert seen == [whole.size] == [total]
+            want = whole[start:start + length]
+            assert clip.dtype == np.int16 and clip.shape == want.shape
+            # 16 kHz mono int16 is read exactly; a resampled window is the whole
+            # file's resampling to within one int16 step.
+            tolerance = 0 if name == "native.wav" else 1
+            assert np.abs(clip.astype(int) - want).max() <= tolerance, (name, start)
+            rate = 44100 if name == "stereo.flac" else 16000
+            assert 0 < read[0] <= (length + 2 * 800 + 320) * rate / 16000  # only a window
+    # A file under WINDOW_FACTOR clips long is decoded whole: exactly load_audio's slice.
+    clip, total = audio_io.load_audio_clip(tmp_path / "short.wav", 16000 * 2, lambda n: n - 5)
+    np.testing.assert_array_equal(clip, short[-5:])
+    assert total == short.size and read[-1] == -1
+    with pytest.raises(AudioError, match="length must be at least 1"):
+        audio_io.load_audio_clip(tmp_path / "short.wav", 0, lambda n: 0)
+    with pytest.raises(AudioError, match="does not exist"):
+        audio_io.load_audio_clip(tmp_path / "gone.wav", 100, lambda n: 0)
+
+
+def test_load_audio_clip_of_a_truncated_file_is_an_audio_error(tmp_path):
+    samples = (np.random.default_rng(1).standard_normal(44100 * 30) * 3000).astype(np.int16)
+    sf.write(tmp_path / "full.flac", samples, 44100)
+    data = (tmp_path / "full.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[:len(data) // 2])  # header: all 30 s
+    # A window in the part that is there decodes; one past the cut is an AudioError
+    # (skipped and counted by training), not a crash or silence.
+    clip, total = audio_io.load_audio_clip(tmp_path / "cut.flac", 16000, lambda n: 16000)
+    assert clip.size == 16000 and total == 16000 * 30
+    with pytest.raises(AudioError, match="cut.flac"):
+        audio_io.load_audio_clip(tmp_path / "cut.flac", 16000, lambda n: n - 16000)

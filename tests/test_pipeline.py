@@ -139,6 +139,38 @@ def test_hosts_take_turns_in_one_global_stream(monkeypatch):
     np.testing.assert_array_equal(rows[1], single[1::2])
 
 
+def test_long_files_are_cropped_from_a_decoded_window(tmp_path, monkeypatch):
+    from cacophony_jax.data import sources
+
+    # Sample i of the 60 s file holds i // 32 - 16384, so a clip shows where it starts.
+    ramp = (np.arange(16000 * 60) // 32 - 16384).astype(np.int16)
+    soundfile.write(tmp_path / "long.wav", ramp, 16000, subtype="PCM_16")
+    (tmp_path / "m.jsonl").write_text('{"audio": "long.wav", "captions": ["a"]}\n')
+    source = sources.ManifestSource(str(tmp_path / "m.jsonl"))
+    read = []
+    real_read = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, frames=-1, **kw:
+                        read.append(frames) or real_read(self, frames, **kw))
+    fmt = pipeline.ExampleFormat(clip_samples=16000)
+    rows = [row for b in take(make(source, fmt=fmt), 4) for row in b["audio"]]
+    starts = []
+    for row in rows:
+        start = (int(row[0]) + 16384) * 32
+        start += int(np.argmax(ramp[start:start + 32] == row[0]))
+        candidates = [s for s in range(start, start + 32) if np.array_equal(
+            ramp[s:s + 16000], row)]
+        assert candidates, "a crop that is not a slice of the file"
+        starts.append(candidates[0])
+    assert len(set(starts)) == len(rows) and max(starts) > 16000 * 30  # all over the file
+    assert read and set(read) == {16000}  # one clip decoded per draw, never the whole file
+    # Evaluation takes the file's first clip, also without decoding the rest (the
+    # training iterator's read-ahead threads may still be reading clips too).
+    read.clear()
+    batch = next(pipeline.eval_batches(source, 16000, global_batch_size=1, read_threads=1))
+    np.testing.assert_array_equal(batch["audio"][0], ramp[:16000])
+    assert read and set(read) == {16000}
+
+
 def test_undecodable_records_are_skipped_and_counted(tmp_path):
     from cacophony_jax.data import sources
 

@@ -13,10 +13,12 @@ message names the file and says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import pathlib
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -115,20 +117,11 @@ def _check_request(sample_rate: int, max_seconds: float | None) -> None:
         raise AudioError(f"max_seconds must be positive or None, got {max_seconds}")
 
 
-def _decode(
-    source: str | io.BytesIO | BinaryIO, name: str, sample_rate: int, max_seconds: float | None
-) -> np.ndarray:
-    """Decodes an opened source (path or buffer) to mono int16 at `sample_rate`."""
+@contextlib.contextmanager
+def _decode_errors(name: str) -> Iterator[None]:
+    """Turns libsndfile's errors into an AudioError that names the file and the fix."""
     try:
-        with sf.SoundFile(source) as handle:
-            rate = handle.samplerate
-            limit = -1 if max_seconds is None else math.ceil(max_seconds * rate)
-            if rate == sample_rate and handle.channels == 1 and handle.subtype == "PCM_16":
-                audio = handle.read(limit, dtype="int16")
-                if audio.size == 0:
-                    raise AudioError(f"{name} contains no audio samples; replace or drop it")
-                return audio
-            wave = handle.read(limit, dtype="float32", always_2d=True)
+        yield
     except sf.SoundFileError as err:
         # libsndfile says "does not exist or is not a regular file" for some files it
         # cannot parse (e.g. a damaged MP3); the file is there (checked before).
@@ -138,15 +131,116 @@ def _decode(
             f"cannot decode {name} ({why}); it may be corrupt or not {_FORMATS_HINT}: "
             f"{_CONVERT_HINT}, or drop it"
         ) from err
+
+
+def _to_mono_int16(wave: np.ndarray, name: str, rate: int, sample_rate: int) -> np.ndarray:
+    # float [S, channels] at `rate` -> mono int16 at `sample_rate`.
     if wave.size == 0:
         raise AudioError(f"{name} contains no audio samples; replace or drop it")
     if not np.isfinite(wave).all():
         raise AudioError(f"{name} holds NaN or infinite samples; re-export or drop it")
     mono = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
-    mono = resample(mono, rate, sample_rate)
+    return to_int16(resample(mono, rate, sample_rate))
+
+
+def _is_native(handle: sf.SoundFile, sample_rate: int) -> bool:
+    # Read straight into int16, no float round trip.
+    return handle.samplerate == sample_rate and handle.channels == 1 and handle.subtype == "PCM_16"
+
+
+def _read(handle: sf.SoundFile, name: str, sample_rate: int, frames: int = -1) -> np.ndarray:
+    # Up to `frames` input frames (-1: to the end) from the handle's position, as mono
+    # int16 at `sample_rate`.
+    if _is_native(handle, sample_rate):
+        audio = handle.read(frames, dtype="int16")
+        if audio.size == 0:
+            raise AudioError(f"{name} contains no audio samples; replace or drop it")
+        return audio
+    wave = handle.read(frames, dtype="float32", always_2d=True)
+    return _to_mono_int16(wave, name, handle.samplerate, sample_rate)
+
+
+def _decode(
+    source: str | io.BytesIO | BinaryIO, name: str, sample_rate: int, max_seconds: float | None
+) -> np.ndarray:
+    """Decodes an opened source (path or buffer) to mono int16 at `sample_rate`."""
+    with _decode_errors(name), sf.SoundFile(source) as handle:
+        limit = -1 if max_seconds is None else math.ceil(max_seconds * handle.samplerate)
+        audio = _read(handle, name, sample_rate, limit)
     if max_seconds is not None:
-        mono = mono[: math.ceil(max_seconds * sample_rate)]
-    return to_int16(mono)
+        audio = audio[: math.ceil(max_seconds * sample_rate)]
+    return audio
+
+
+def resampled_length(frames: int, orig_sr: int, target_sr: int) -> int:
+    """Samples `resample` makes of `frames` samples: frames * target / orig, rounded
+    half up (as soxr rounds)."""
+    return (2 * frames * target_sr + orig_sr) // (2 * orig_sr)
+
+
+# Only files at least this many times longer than the wanted clip are decoded in a
+# window; shorter ones are decoded whole and cropped (exactly as `load_audio` + slice).
+WINDOW_FACTOR = 2
+# Extra audio decoded on each side of a resampled window, so that the resampling
+# filter's edges fall outside the clip (50 ms; soxr's HQ filters are far shorter).
+_WINDOW_MARGIN_SECONDS = 0.05
+
+
+def _decode_clip(source: str | BinaryIO, name: str, sample_rate: int, length: int,
+                 choose_start: Callable[[int], int]) -> tuple[np.ndarray, int]:
+    with _decode_errors(name), sf.SoundFile(source) as handle:
+        rate, frames = handle.samplerate, handle.frames
+        total = resampled_length(frames, rate, sample_rate)
+        if frames <= 0 or total < WINDOW_FACTOR * length:
+            whole = _read(handle, name, sample_rate)
+            start = int(choose_start(whole.size))
+            return whole[start:start + length], whole.size
+        start = int(choose_start(total))
+        if _is_native(handle, sample_rate):
+            in_start, in_stop, offset = start, min(frames, start + length), 0
+        else:
+            # Decode from a point where the input and output sample grids meet (a
+            # multiple of rate / gcd), a margin before the clip, so the window's samples
+            # are those of the whole file's resampling.
+            g = math.gcd(rate, sample_rate)
+            step_in, step_out = rate // g, sample_rate // g
+            margin = math.ceil(_WINDOW_MARGIN_SECONDS * sample_rate)
+            block = max(0, start - margin) // step_out
+            in_start, offset = block * step_in, start - block * step_out
+            in_stop = min(frames, math.ceil((start + length + margin) * rate / sample_rate))
+        if in_stop <= in_start:
+            return np.zeros(0, np.int16), total  # starts past the end
+        handle.seek(in_start)
+        try:
+            audio = _read(handle, name, sample_rate, in_stop - in_start)
+        except AudioError as err:
+            if "no audio samples" not in str(err):
+                raise
+            raise AudioError(f"{name} holds fewer samples than its header says ({frames} at "
+                             f"{rate} Hz); it may be truncated: re-export or drop it") from None
+        return audio[offset:offset + length], total
+
+
+def _opened(path: str | os.PathLike) -> tuple[str | BinaryIO, str]:
+    """Checks an audio path; returns (what libsndfile opens, the name for messages)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise AudioError(f"audio file {path} does not exist; check the path")
+    if path.is_dir():
+        raise AudioError(f"{path} is a folder, not an audio file; pass a file path")
+    if not os.access(path, os.R_OK):
+        raise AudioError(f"audio file {path} is not readable; check its permissions")
+    if path.stat().st_size == 0:
+        raise AudioError(f"audio file {path} is empty (0 bytes); replace or drop it")
+    if path.suffix.lower() == ".mp3" and not _MP3_SUPPORTED:
+        raise AudioError(f"this libsndfile build cannot decode MP3 ({path}); {_CONVERT_HINT}")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        # A name that is not UTF-8 (e.g. Latin-1 bytes from an old archive): libsndfile
+        # only takes UTF-8 names, so the file is read through Python instead.
+        return open(path, "rb"), os.fsencode(path).decode("utf-8", "backslashreplace")
+    return str(path), str(path)
 
 
 def load_audio(
@@ -166,26 +260,48 @@ def load_audio(
       AudioError: if the file is missing, unreadable, corrupt, empty or non-finite.
     """
     _check_request(sample_rate, max_seconds)
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise AudioError(f"audio file {path} does not exist; check the path")
-    if path.is_dir():
-        raise AudioError(f"{path} is a folder, not an audio file; pass a file path")
-    if not os.access(path, os.R_OK):
-        raise AudioError(f"audio file {path} is not readable; check its permissions")
-    if path.stat().st_size == 0:
-        raise AudioError(f"audio file {path} is empty (0 bytes); replace or drop it")
-    if path.suffix.lower() == ".mp3" and not _MP3_SUPPORTED:
-        raise AudioError(f"this libsndfile build cannot decode MP3 ({path}); {_CONVERT_HINT}")
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        # A name that is not UTF-8 (e.g. Latin-1 bytes from an old archive): libsndfile
-        # only takes UTF-8 names, so it reads the file through Python instead.
-        with open(path, "rb") as f:
-            return _decode(f, os.fsencode(path).decode("utf-8", "backslashreplace"),
-                           sample_rate, max_seconds)
-    return _decode(str(path), str(path), sample_rate, max_seconds)
+    source, name = _opened(path)
+    with contextlib.ExitStack() as stack:
+        if not isinstance(source, str):
+            stack.enter_context(source)
+        return _decode(source, name, sample_rate, max_seconds)
+
+
+def load_audio_clip(path: str | os.PathLike, length: int,
+                    choose_start: Callable[[int], int],
+                    sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+    """Reads `length` samples of an audio file from a start chosen by its length.
+
+    A file at least `WINDOW_FACTOR` times longer than `length` (by its header) has
+    only that window decoded, so a training clip cut from an hour-long recording costs
+    what a short file does. Shorter files are decoded whole, which gives exactly
+    `load_audio(path)[start:start + length]`; a resampled window matches the whole
+    file's resampling to a few int16 steps. Compressed formats start where their
+    decoder seeks to (libsndfile's Vorbis seeks into a file's last page land a few
+    milliseconds late).
+
+    Args:
+      path: a WAV, FLAC, OGG or MP3 file.
+      length: samples wanted at `sample_rate`.
+      choose_start: called once with the file's length in samples at `sample_rate`;
+        returns where the clip starts (0 <= start; past the end gives a short clip).
+      sample_rate: output rate in Hz.
+
+    Returns:
+      (int16 [<= length] audio from the start, the file's length in samples). The
+      audio is shorter than `length` when the file ends first.
+
+    Raises:
+      AudioError: as `load_audio`, and for a file shorter than its header says.
+    """
+    _check_request(sample_rate, None)
+    if length < 1:
+        raise AudioError(f"load_audio_clip: length must be at least 1 sample, got {length}")
+    source, name = _opened(path)
+    with contextlib.ExitStack() as stack:
+        if not isinstance(source, str):
+            stack.enter_context(source)
+        return _decode_clip(source, name, sample_rate, length, choose_start)
 
 
 def decode_audio_bytes(

@@ -1,8 +1,9 @@
 """Grain input pipelines: per-host, numpy only, deterministic and resumable.
 
-Train: source -> seeded global shuffle, repeated with a new order per epoch ->
-decode (a record that fails, or is shorter than one patch, is replaced by another
-and counted) -> random crop/pad to the clip length, caption choice, tokenise -> this
+Train: record indices -> seeded global shuffle, repeated with a new order per epoch
+-> random crop of the record's audio, decoding only that window of a long file (a
+record that fails, or is shorter than one patch, is replaced by another and counted)
+-> pad to the clip length, caption choice, tokenise -> this
 host's elements of that one stream (every `process_count`-th, from its index) ->
 batch. The iterator's state (`get_state`/`set_state`) resumes exactly.
 
@@ -19,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -82,29 +83,62 @@ class DecodedSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def load(self, index: int) -> dict[str, Any]:
-        """Returns record `index` with int16 `audio`; raises io.AudioError."""
+    def load(self, index: int, length: int | None = None,
+             choose_start: Callable[[int], int] | None = None,
+             min_samples: int = 1) -> dict[str, Any]:
+        """Record `index` with int16 `audio`; raises io.AudioError.
+
+        Args:
+          index: the record.
+          length: if set, only `length` samples from `choose_start(total)` are kept
+            (and, for a long file, only those decoded: see `io.load_audio_clip`).
+          choose_start: picks the start from the audio's length; None: 0.
+          min_samples: shorter audio is refused (before `choose_start` is called).
+        """
         record = dict(self._source[index])
-        if "audio" not in record:
-            record["audio"] = io.load_audio(record.pop("audio_path"))
-        if record["audio"].size == 0:
-            raise io.AudioError(f"record {record.get('id', index)!r} has empty audio")
+        name = record.get("id", index)
         if self._needs_captions and not (record.get("captions")
                                          or record.get("synthetic_captions")):
-            raise io.AudioError(f"record {record.get('id', index)!r} has no caption")
+            raise io.AudioError(f"record {name!r} has no caption")
+
+        def start_of(total: int) -> int:
+            if total < min_samples:
+                raise io.AudioError(
+                    f"record {name!r} has empty audio" if not total else
+                    f"record {name!r} holds {total} samples, less than one 16-frame "
+                    f"patch ({MIN_SAMPLES})")
+            return 0 if choose_start is None else choose_start(total)
+
+        if "audio" in record:
+            audio = np.asarray(record["audio"])
+            start = start_of(audio.size)
+            record["audio"] = audio if length is None else audio[start:start + length]
+        elif length is None:
+            record["audio"] = io.load_audio(record.pop("audio_path"))
+            start_of(record["audio"].size)
+        else:
+            record["audio"], _ = io.load_audio_clip(record.pop("audio_path"), length,
+                                                    start_of)
         return record
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def draw(self, index: int, length: int | None = None,
+             rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """A usable record for draw `index`: record `index`, or its replacement.
+
+        With `length`, `audio` is a random `length`-sample crop (from `rng`) of the
+        record's audio, or all of it when shorter; without, the whole audio."""
         n = len(self._source)
         error: Exception | None = None
+
+        def random_start(total: int) -> int:
+            excess = total - length
+            return int(rng.integers(excess + 1)) if excess > 0 else 0
+
         for failed in range(MAX_CONSECUTIVE_FAILURES):
             current = (index + failed * self._stride) % n
             try:
-                record = self.load(current)
-                if record["audio"].size < MIN_SAMPLES:
-                    raise io.AudioError(
-                        f"record {record.get('id', current)!r} holds {record['audio'].size} "
-                        f"samples, less than one 16-frame patch ({MIN_SAMPLES})")
+                record = self.load(current, length, random_start if length else None,
+                                   min_samples=MIN_SAMPLES)
             except (io.AudioError, OSError, SourceError) as e:
                 error = e
                 self._failures += 1
@@ -120,6 +154,9 @@ class DecodedSource:
             f"{MAX_CONSECUTIVE_FAILURES} records of {self.name} tried for one draw all failed "
             f"(spread over the source, so most of it is unusable), the last with: {error}. "
             "Check the data paths")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.draw(index)
 
 
 def crop_or_pad(audio: np.ndarray, length: int, start: int) -> tuple[np.ndarray, int]:
@@ -144,16 +181,18 @@ def choose_caption(record: dict[str, Any], synthetic_prob: float,
 
 
 class PrepareTrain(grain.transforms.RandomMap):
-    """Random crop/pad, caption choice and tokenisation of one training record."""
+    """Draw `index`: decode (a random crop), caption choice and tokenisation."""
 
-    def __init__(self, fmt: ExampleFormat):
+    def __init__(self, fmt: ExampleFormat, decoded: DecodedSource):
         self.fmt = fmt
+        self.decoded = decoded
 
-    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
-        audio = record["audio"]
-        excess = audio.size - self.fmt.clip_samples
-        start = int(rng.integers(excess + 1)) if excess > 0 else 0
-        clip, length = crop_or_pad(audio, self.fmt.clip_samples, start)
+    def random_map(self, index: int, rng: np.random.Generator) -> dict:
+        return self.example(self.decoded.draw(int(index), self.fmt.clip_samples, rng), rng)
+
+    def example(self, record: dict[str, Any], rng: np.random.Generator) -> dict:
+        """The example of a drawn record (its `audio` already cropped)."""
+        clip, length = crop_or_pad(record["audio"], self.fmt.clip_samples, 0)
         out = {
             "audio": clip,
             "audio_len": np.int32(length),
@@ -205,8 +244,10 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
     # One global stream (a new order every epoch, crops keyed by the position in it);
     # host i takes its elements i, i + count, ...: a global batch is a run of that
     # stream, whatever the number of hosts, and no two hosts share crops or groups.
-    ds = grain.MapDataset.source(decoded).seed(seed).shuffle().repeat(None)
-    ds = ds.random_map(PrepareTrain(fmt))
+    # The records are decoded in `PrepareTrain`, once the crop is drawn, so that only
+    # the crop of a long file is decoded.
+    ds = grain.MapDataset.range(len(decoded)).seed(seed).shuffle().repeat(None)
+    ds = ds.random_map(PrepareTrain(fmt, decoded))
     if count > 1:
         ds = ds[index::count]
     per_host = host_batch_size(global_batch_size)
@@ -277,7 +318,7 @@ class PrepareEval(grain.transforms.Map):
     def map(self, index: int) -> dict:
         labels = ()
         try:
-            record = self.decoded.load(int(index))
+            record = self.decoded.load(int(index), self.clip_samples)
             clip, length = crop_or_pad(record["audio"], self.clip_samples, 0)
             valid = 1.0
             labels = record.get("labels") or ()
