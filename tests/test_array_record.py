@@ -38,7 +38,12 @@ def _records(n, seed=0):
 
 
 def _shards(path, split):
-    return sorted(f for f in os.listdir(path) if f.startswith(f"{DATASET_NAME}-{split}."))
+    return sorted(f for f in os.listdir(path)
+                  if f.startswith(f"{DATASET_NAME}-{split}.array_record"))
+
+
+def _texts(path, split):
+    return sorted(f for f in os.listdir(path) if f.startswith(f"{DATASET_NAME}-{split}.texts"))
 
 
 def test_round_trip_bit_exact(tmp_path):
@@ -65,6 +70,34 @@ def test_round_trip_bit_exact(tmp_path):
         f"clip-{k}".encode() for k in (0, 3, 6, 1, 4, 2, 5)]
     reopened = open_source("array_record", path, split="train")
     assert reopened[2]["captions"] == records[2]["captions"]
+
+
+def test_captions_and_labels_are_read_without_the_audio(tmp_path, monkeypatch, caplog):
+    records = _records(7)
+    path = write_array_record(iter(records), tmp_path / "ds", "train", 3, CLASSES)
+    source = ArrayRecordSource(path, "train")
+    want = [{key: r[key] for key in r if key != "audio"} for r in records]
+    reads = []
+    real_getitem = ArrayRecordSource.__getitem__
+    monkeypatch.setattr(ArrayRecordSource, "__getitem__",
+                        lambda self, i: reads.append(i) or real_getitem(self, i))
+    assert list(source.iter_metadata()) == want
+    assert len(reads) == 2  # the first and last ids, to check the texts file fits
+    assert [row["id"] for row in open_source("array_record", path, "train").iter_metadata()
+            ] == [r["id"] for r in records]
+    # A texts file that does not match its split (or a split written without one) is
+    # not trusted: the records are read instead, with a warning that says how to fix it.
+    texts = tmp_path / "ds" / _texts(path, "train")[0]
+    lines = texts.read_text().splitlines(keepends=True)
+    for broken in (lines[:-1], [lines[1], *lines[1:]], lines[:3] + ["{not json\n"] + lines[4:]):
+        texts.write_text("".join(broken))
+        reads.clear()
+        caplog.clear()
+        assert list(ArrayRecordSource(path, "train").iter_metadata()) == want
+        assert len(reads) >= 7 and "curate build --overwrite" in caplog.text
+    texts.unlink()
+    assert list(ArrayRecordSource(path, "train").iter_metadata()) == want
+    assert "no texts file" in caplog.text
 
 
 def test_shards_balanced(tmp_path):
@@ -151,6 +184,8 @@ def test_overwrite_replaces_one_split_and_keeps_the_old_until_done(tmp_path, mon
         np.array_equal(train[i]["audio"], expected[i]["audio"]) for i in range(5))
     assert _shards(ds, "train") == [
         f"{DATASET_NAME}-train.array_record-r2-0000{s}-of-00003" for s in range(3)]
+    assert _texts(ds, "train") == [f"{DATASET_NAME}-train.texts-r2.jsonl"]
+    assert [r["id"] for r in train.iter_metadata()] == [r["id"] for r in expected]
     assert len(ArrayRecordSource(ds, "test")) == 2
     write_array_record(_records(1), ds, "train", 1, CLASSES, overwrite=True)
     assert _shards(ds, "train") == [f"{DATASET_NAME}-train.array_record-r3-00000-of-00001"]

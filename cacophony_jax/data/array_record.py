@@ -9,7 +9,10 @@ features.json, metadata.json), so `tfds.builder_from_directory(path)` and its
 Stored features per clip: ``id`` (text), ``audio`` (the int16 samples as raw
 little-endian bytes: a tf.Example int64 list would take up to 10 bytes per sample),
 ``num_samples``, ``captions`` and ``synthetic_captions`` (lists of text) and
-``labels`` (int64 list). The class names live in metadata.json.
+``labels`` (int64 list). The class names live in metadata.json. Each split also has
+a texts file (``cacophony_clips-<split>.texts-r<N>.jsonl``: id, captions and labels,
+one JSON line per record in index order), so training a tokenizer or collecting the
+evaluation captions reads kilobytes instead of every clip's audio.
 
 Records are dealt to the shards in turn (record k -> shard k % n), which keeps the
 shards balanced without knowing the record count in advance; `ArrayRecordSource`
@@ -19,7 +22,7 @@ Atomicity: shards and metadata are written in a hidden staging folder inside the
 dataset folder; the split becomes visible only when dataset_info.json, which lists
 it, replaces the old one in a single rename. An interrupted write leaves at most a
 hidden folder, never a readable half split. Rewriting a split (`overwrite=True`) gives
-its new shards new file names (``...-r<N>-<shard>-of-<n>``), so the old split stays
+its new shards and texts file new names (``...-r<N>-<shard>-of-<n>``), so the old split stays
 readable until that same rename; its files are deleted after it. One writer per
 dataset folder at a time: two processes writing the same folder are not coordinated.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -47,6 +51,10 @@ _VERSION = "1.0.0"
 _ORDER = "round_robin"
 SPLIT_NAME = r"[A-Za-z0-9_]+"  # what TFDS accepts as a split name
 _INFO_FILES = ("features.json", "metadata.json", "dataset_info.json")  # commit file last
+
+
+# The fields of a record besides its audio (the texts file's fields).
+_TEXT_FIELDS = ("id", "captions", "synthetic_captions", "labels")
 
 
 class ArrayRecordError(SourceError):
@@ -85,11 +93,18 @@ def _shard_name(split: str, shard: int, num_shards: int, revision: int = 0) -> s
             + f"{shard:05d}-of-{num_shards:05d}")
 
 
+def _texts_name(split: str, revision: int = 0) -> str:
+    # The split's captions and labels without audio, one JSON line per record in index
+    # order: what tokenizer training and evaluation texts read (see `iter_metadata`).
+    return f"{DATASET_NAME}-{split}.texts-r{revision}.jsonl"
+
+
 def _split_files(out_dir: str, split: str) -> dict[str, int]:
-    # Every shard file name of `split` there -> its revision.
-    pattern = re.compile(re.escape(f"{DATASET_NAME}-{split}.array_record-")
-                         + r"(?:r(\d+)-)?\d{5,}-of-\d{5,}")
-    found = {n: pattern.fullmatch(n) for n in os.listdir(out_dir)}
+    # Every shard and texts file name of `split` there -> its revision.
+    shard = re.compile(re.escape(f"{DATASET_NAME}-{split}.array_record-")
+                       + r"(?:r(\d+)-)?\d{5,}-of-\d{5,}")
+    texts = re.compile(re.escape(f"{DATASET_NAME}-{split}.texts-r") + r"(\d+)\.jsonl")
+    found = {n: shard.fullmatch(n) or texts.fullmatch(n) for n in os.listdir(out_dir)}
     return {n: int(m.group(1) or 0) for n, m in found.items() if m}
 
 
@@ -191,7 +206,7 @@ def write_array_record(
         # Committed: the split's other shard files (the replaced ones, or a killed
         # write's) are no longer part of the dataset.
         written = {_shard_name(split, k, len(shard_lengths), revision)
-                   for k in range(len(shard_lengths))}
+                   for k in range(len(shard_lengths))} | {_texts_name(split, revision)}
         for name in sorted(set(_split_files(out_dir, split)) - written):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, name))
@@ -211,19 +226,24 @@ def _write_shards(features, records, staging, split, num_shards, class_names, re
                                                                   revision)),
                                  "group_size:1,uncompressed") for s in range(num_shards)]
     count, failures = 0, []
-    try:
-        for record, audio in records:
+    with open(os.path.join(staging, _texts_name(split, revision)), "w",
+              encoding="ascii") as texts:
+        try:
+            for record, audio in records:
+                report(count + len(failures))
+                if isinstance(audio, Exception):
+                    failures.append(f"{record.get('audio_path')}: {audio}")
+                    continue
+                example = _example(record, audio, class_names)
+                writers[count % num_shards].write(features.serialize_example(example))
+                row = {key: example[key] for key in _TEXT_FIELDS}
+                row["labels"] = row["labels"].tolist()
+                texts.write(json.dumps(row) + "\n")
+                count += 1
             report(count + len(failures))
-            if isinstance(audio, Exception):
-                failures.append(f"{record.get('audio_path')}: {audio}")
-                continue
-            example = _example(record, audio, class_names)
-            writers[count % num_shards].write(features.serialize_example(example))
-            count += 1
-        report(count + len(failures))
-    finally:
-        for writer in writers:
-            writer.close()
+        finally:
+            for writer in writers:
+                writer.close()
     used = min(count, num_shards)
     lengths = [count // num_shards + (s < count % num_shards) for s in range(used)]
     # Round-robin leaves any empty shards last; drop them and renumber the others.
@@ -343,6 +363,9 @@ class ArrayRecordSource:
         # closed again, in a few threads), so a deleted or truncated shard stops the run
         # here, not at its first batch after compiling.
         paths = [str(p) for p in splits[split].filepaths]
+        revision = _split_files(path, split).get(os.path.basename(paths[0]), 0) if paths else 0
+        texts = os.path.join(path, _texts_name(split, revision))
+        self._texts_path = texts if os.path.isfile(texts) else None
         with ThreadPoolExecutor(min(16, max(1, len(paths)))) as pool:
             problems = list(pool.map(_shard_problem, paths, lengths))
         for shard, problem in enumerate(problems):
@@ -377,6 +400,57 @@ class ArrayRecordSource:
             "audio": audio.astype(np.int16),  # native order, and a writable copy
         }
 
+    def iter_metadata(self) -> Iterator[dict[str, Any]]:
+        """Every record in index order without its audio (id, captions, labels).
+
+        Read from the split's texts file, so a caption-only pass (tokenizer training,
+        evaluation captions) does not read the audio. A split written before texts
+        files existed, or whose texts file does not match it, is read record by
+        record instead (with a warning)."""
+        rows = self._texts_rows()
+        if rows is None:
+            for i in range(len(self)):
+                record = self[i]
+                del record["audio"]
+                yield record
+            return
+        yield from rows
+
+    def _texts_rows(self) -> Iterator[dict[str, Any]] | None:
+        # The texts file's rows, streamed, once it is known to match the split; None
+        # (after a warning) when it does not.
+        path, problem = self._texts_path, None
+        if path is None:
+            problem = "it has no texts file (written by an older version)"
+        else:
+            try:
+                count, first, last = 0, None, None
+                with open(path, encoding="ascii") as f:
+                    for line in f:  # every row must parse
+                        last = _row(line)
+                        first = first or last
+                        count += 1
+                if count != len(self):
+                    problem = f"{path} holds {count} rows for {len(self)} records"
+                elif count and (first["id"] != self[0]["id"]
+                                or last["id"] != self[count - 1]["id"]):
+                    problem = f"the ids in {path} are not the records' ids"
+            except (OSError, ValueError) as error:
+                problem = f"{path} cannot be read ({_first_line(error)})"
+        if problem is not None:
+            logging.warning("%s: reading captions and labels from the records, audio "
+                            "included, because %s; rewrite the split (`curate build "
+                            "--overwrite`) to make caption-only passes fast", self.name,
+                            problem)
+            return None
+
+        def rows() -> Iterator[dict[str, Any]]:
+            with open(path, encoding="ascii") as f:
+                for line in f:
+                    yield _row(line)
+
+        return rows()
+
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self._path!r}, {len(self)} clips)"
 
@@ -406,6 +480,17 @@ def _shard_problem(path: str, length: int) -> str | None:
             with contextlib.suppress(Exception):  # closing a damaged file raises too
                 reader.close()
     return None
+
+
+def _row(line: str) -> dict[str, Any]:
+    # One texts-file line as a record without audio; ValueError when malformed.
+    try:
+        row = json.loads(line)
+        return {"id": str(row["id"]), "captions": list(row["captions"]),
+                "synthetic_captions": list(row["synthetic_captions"]),
+                "labels": [int(v) for v in row["labels"]]}
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"malformed row: {error!r}") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 
 from cacophony_jax.audio import io
 from cacophony_jax.audio.clips import MIN_SAMPLES
-from cacophony_jax.data.sources import SourceError
+from cacophony_jax.data.sources import SourceError, metadata_rows
 
 # A record that fails to decode is replaced by another; give up (and stop with a clear
 # error) when this many tries for one draw fail: the data is broken. The tries hop
@@ -392,9 +392,7 @@ def eval_texts(source: Any) -> EvalTexts:
     """Collects captions and labels of an evaluation source (no audio decoding
     when the source stores paths)."""
     captions, clip_of, labels = [], [], []
-    metadata = getattr(source, "metadata", None)  # records without audio, if offered
-    for i in range(len(source)):
-        record = metadata(i) if metadata is not None else source[i]
+    for i, record in enumerate(metadata_rows(source)):
         for caption in record.get("captions") or ():
             captions.append(caption)
             clip_of.append(i)

@@ -43,7 +43,7 @@ import difflib
 import json
 import os
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from absl import logging
@@ -351,6 +351,17 @@ _KINDS = {
     "urbansound8k": (lambda path, split, **o: _layouts().urbansound8k_source(path, **o),
                      ("folds",), True),
 }
+
+
+def metadata_rows(source: Any) -> Iterator[dict[str, Any]]:
+    """Every record of a source in index order, without decoding or reading audio
+    where the source can avoid it (`iter_metadata` or `metadata(i)`)."""
+    if hasattr(source, "iter_metadata"):
+        yield from source.iter_metadata()
+        return
+    metadata = getattr(source, "metadata", None)
+    for i in range(len(source)):
+        yield metadata(i) if metadata is not None else source[i]
 
 
 def needs_path(kind: str) -> bool:

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from cacophony_jax.data import sources
 from cacophony_jax.data import tokenizer as tokenizer_lib
 from cacophony_jax.models import stack
 from cacophony_jax.train import checkpoint
@@ -69,9 +70,7 @@ def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer | None, workdir: epath.Pat
 
 def iter_captions(source: Any):
     """Every real and synthetic caption of a source, without decoding audio."""
-    metadata = getattr(source, "metadata", None)  # records without audio, if offered
-    for i in range(len(source)):
-        record = metadata(i) if metadata is not None else source[i]
+    for record in sources.metadata_rows(source):
         yield from record.get("captions") or ()
         yield from record.get("synthetic_captions") or ()
 
