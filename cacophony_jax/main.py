@@ -27,6 +27,12 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "init_timeout", 300, "Seconds the processes of a multi-process run wait for each other "
+    "to start (raise it where hosts start minutes apart, e.g. a large pod installing).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a multi-process run "
+    "takes a process for dead and stops every process (JAX's default: 100).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulated CPU devices (testing).")
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "", "gloo|mpi for CPU multi-process.")
 _COMPILATION_CACHE = flags.DEFINE_string(
@@ -125,7 +131,9 @@ def main(argv):
     from cacophony_jax.parallel import distributed
     try:
         distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value, _CPU_COLLECTIVES.value)
+                               _PROCESS_ID.value, _CPU_COLLECTIVES.value,
+                               init_timeout=_INIT_TIMEOUT.value,
+                               heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if not _VERBOSE_LIBS.value:

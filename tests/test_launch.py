@@ -329,3 +329,18 @@ def test_recreate_after_a_failed_create_and_a_stop_that_times_out(tmp_path):
         stubborn.wait()
     code, _, err = tpu("stop", TPU_STOP_WAIT="soon")
     assert code == 2 and "TPU_STOP_WAIT='soon' must be a whole number" in err
+
+
+def test_distributed_timeouts_reach_jax(monkeypatch):
+    import jax
+
+    from cacophony_jax.parallel import distributed
+
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    assert distributed.initialize("auto", "node1:1234", 2, 1, init_timeout=900,
+                                  heartbeat_timeout=20)
+    assert seen == dict(coordinator_address="node1:1234", num_processes=2, process_id=1,
+                        initialization_timeout=900, heartbeat_timeout_seconds=20)
+    with pytest.raises(ValueError, match="--heartbeat_timeout=0: give a number of seconds"):
+        distributed.initialize("auto", "node1:1234", 2, 1, heartbeat_timeout=0)

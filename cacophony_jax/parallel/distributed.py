@@ -25,7 +25,8 @@ def detected_environment() -> str | None:
 
 
 def initialize(mode: str = "auto", coordinator_address: str = "", num_processes: int = 0,
-               process_id: int = -1, cpu_collectives: str = "") -> bool:
+               process_id: int = -1, cpu_collectives: str = "", *, init_timeout: int = 300,
+               heartbeat_timeout: int = 100) -> bool:
     """Calls `jax.distributed.initialize` when the run spans several processes.
 
     Args:
@@ -36,6 +37,9 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
       num_processes: process count (else NUM_PROCESSES env).
       process_id: this process (else PROCESS_ID env).
       cpu_collectives: 'gloo' or 'mpi' for multi-process CPU runs (tests, debugging).
+      init_timeout: seconds to wait for every process to connect.
+      heartbeat_timeout: seconds without a heartbeat after which a process is taken
+        for dead (and every process stops).
 
     Returns:
       True if the distributed runtime was started.
@@ -47,6 +51,9 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
         env = "explicit"
     if env is None:
         return False
+    for name, value in (("init_timeout", init_timeout), ("heartbeat_timeout", heartbeat_timeout)):
+        if value < 1:
+            raise ValueError(f"--{name}={value}: give a number of seconds, at least 1")
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     kwargs = {}
@@ -71,9 +78,10 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     # cannot see it: pass --distributed=on) and SLURM, jax finds the coordinator.
     count = kwargs.get("num_processes")
     logging.info("starting the distributed runtime (%s): waiting for %s to connect; JAX "
-                 "gives up after about 5 minutes if one never starts", env,
-                 f"all {count} processes" if count else "every process")
-    jax.distributed.initialize(**kwargs)
+                 "gives up after %d s if one never starts (--init_timeout)", env,
+                 f"all {count} processes" if count else "every process", init_timeout)
+    jax.distributed.initialize(**kwargs, initialization_timeout=init_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
     logging.info("distributed runtime (%s): process %d of %d, %d local / %d global devices",
                  env, jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
