@@ -144,3 +144,14 @@ def test_clips_without_captions_are_not_audio_queries():
 def test_bad_inputs_name_the_problem(audio, text, mapping, match):
     with pytest.raises(EmbeddingError, match=match):
         retrieval_metrics(audio, text, mapping)
+
+
+def test_too_few_clips_for_a_recall_cutoff_is_warned(caplog):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((6, 4))
+    metrics = retrieval_metrics(emb, emb[::-1], np.arange(6))
+    assert metrics["t2a_R@10"] == 100.0
+    assert "retrieval over 6 clips: t2a R@10 is 100 whatever the model" in caplog.text
+    caplog.clear()
+    retrieval_metrics(rng.standard_normal((11, 4)), rng.standard_normal((11, 4)), np.arange(11))
+    assert "whatever the model" not in caplog.text

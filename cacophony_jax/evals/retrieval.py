@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
 MAP_K = 10
@@ -205,6 +206,11 @@ def retrieval_metrics(
     )
     best = np.where(a2t_ranks > 0, a2t_ranks, np.iinfo(np.int64).max).min(axis=1)
 
+    trivial = [k for k in RECALL_KS if k >= audio.shape[0]]
+    if trivial:  # every clip ranks within k: these recalls say nothing
+        logging.warning("retrieval over %d clips: t2a R@%s is 100 whatever the model; "
+                        "evaluate on more clips than %d", audio.shape[0],
+                        "/".join(map(str, trivial)), max(trivial))
     metrics: dict[str, float] = {}
     for k in RECALL_KS:
         metrics[f"t2a_R@{k}"] = 100.0 * float(np.mean(t2a_ranks <= k))
