@@ -168,3 +168,26 @@ def test_mae_mask_with_too_few_valid_patches():
     assert not out.masked_mask.any()
     with pytest.raises(ValueError, match="num_visible"):
         P.mae_mask(jax.random.key(0), *sequence(1, 16, valid=[2]), 16)
+
+
+def test_mae_mask_hides_the_same_share_of_a_short_clip():
+    # V = 4 slots of 16 at ratio 0.75. Row 1 has 10 valid patches: 2 shown (not 4),
+    # the other 8 masked and scored; row 2 has 2: 1 shown, 1 masked.
+    seq = sequence(3, 16, valid=[16, 10, 2])
+    masking_at = jax.jit(P.mae_mask, static_argnums=(5, 6))
+    for key in range(5):
+        out = masking_at(jax.random.key(key), *seq, 4, 0.75)
+        assert out.visible_patches.shape == (3, 4, 2) and out.masked_target.shape == (3, 12, 2)
+        for b, (valid, shown) in enumerate([(16, 4), (10, 2), (2, 1)]):
+            vis = np.asarray(out.visible_index[b])[np.asarray(out.visible_mask[b])]
+            hid = np.asarray(out.masked_index[b])[np.asarray(out.masked_mask[b])]
+            assert len(vis) == shown and len(hid) == valid - shown
+            assert sorted(np.concatenate([vis, hid])) == list(range(valid))
+            np.testing.assert_array_equal(out.masked_target[b, :len(hid), 1], hid)
+            # Empty visible slots carry no patch: the encoder cannot see a masked one.
+            assert not np.asarray(out.visible_patches[b])[~np.asarray(out.visible_mask[b])].any()
+    assert P.visible_counts(16, 0.75) == [1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4]
+    counts = P.visible_counts(496, 0.8)
+    assert counts[496] == P.num_visible_for(496, 0.8) == 99 and counts[248] == 49
+    hidden = [n - k for n, k in enumerate(counts)]
+    assert all(np.diff(counts) >= 0) and all(np.diff(hidden) >= 0)

@@ -138,15 +138,14 @@ def _random_rank(rng: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.argsort(jnp.where(mask, draw, 2.0), axis=-1).astype(jnp.int32)
 
 
-def _in_sequence_order(index: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sorts chosen positions [B, K] into sequence order, valid ones first.
+def _in_sequence_order(index: jax.Array, valid: jax.Array,
+                       length: int) -> tuple[jax.Array, jax.Array]:
+    """Sorts chosen positions [B, K] (each < length) into sequence order, valid first.
 
     Returns the sorted positions and their validity.
     """
-    length = mask.shape[1]
-    chosen_valid = jnp.take_along_axis(mask, index, axis=1)
-    # One sort on a combined key: position, plus `length` for padding patches.
-    key = jnp.sort(index + length * (~chosen_valid).astype(index.dtype), axis=-1)
+    # One sort on a combined key: position, plus `length` for invalid ones.
+    key = jnp.sort(index + length * (~valid).astype(index.dtype), axis=-1)
     return key % length, key < length
 
 
@@ -190,13 +189,25 @@ def patch_dropout(
     if max_patches >= patches.shape[1]:
         return patches, time_idx, freq_idx, mask
     chosen = _random_rank(rng, mask)[:, :max_patches]
-    index, valid = _in_sequence_order(chosen, mask)
+    index, valid = _in_sequence_order(chosen, jnp.take_along_axis(mask, chosen, axis=1),
+                                      mask.shape[1])
     return (
         _gather(patches, index),
         _gather(time_idx, index),
         _gather(freq_idx, index),
         valid,
     )
+
+
+def visible_counts(num_patches: int, mask_ratio: float) -> list[int]:
+    """Visible patches of an example with n valid patches, for n = 0 .. num_patches.
+
+    `num_visible_for(n, mask_ratio)` for n >= 2 (1 below): the same share is hidden
+    from a short clip as from a full one. Non-decreasing in n, so an example with fewer
+    valid patches never has more visible or more masked ones than a full example.
+    """
+    return [1] + [num_visible_for(n, mask_ratio) if n >= 2 else 1
+                  for n in range(1, num_patches + 1)]
 
 
 def mae_mask(
@@ -206,13 +217,17 @@ def mae_mask(
     freq_idx: jax.Array,
     mask: jax.Array,
     num_visible: int,
+    mask_ratio: float | None = None,
 ) -> MaskedPatches:
     """Splits patches into a visible group and a masked group for the MAE.
 
     The visible patches are a uniformly random subset of the valid patches; padding
     patches go to the masked group with masked_mask False, so they never count in
-    the loss. (Only if a clip has fewer than `num_visible` valid patches must some
-    padding fill visible slots, with visible_mask False.)
+    the loss. With `mask_ratio`, an example with n valid patches shows
+    `num_visible_for(n, mask_ratio)` of them (a short clip is masked at the same
+    ratio as a full one) and its other visible slots are empty (visible_mask False,
+    zero patches); without it every example shows up to `num_visible`. Either way
+    the shapes are static: V visible and N - V masked entries.
 
     Args:
       rng: PRNG key.
@@ -220,8 +235,9 @@ def mae_mask(
       time_idx: int32 [B, N].
       freq_idx: int32 [B, N].
       mask: bool [B, N], True on valid patches.
-      num_visible: static number of visible patches V, 1 <= V < N
-        (see `num_visible_for`).
+      num_visible: static number of visible slots V, 1 <= V < N
+        (`num_visible_for(N, mask_ratio)`).
+      mask_ratio: the share of each example's valid patches to mask, or None.
 
     Returns:
       MaskedPatches with V visible and N - V masked entries.
@@ -234,11 +250,27 @@ def mae_mask(
         raise ValueError(
             f"num_visible must be in [1, {length - 1}] for {length} patches, got {num_visible}"
         )
-    rank = _random_rank(rng, mask)
-    visible_index, visible_mask = _in_sequence_order(rank[:, :num_visible], mask)
-    masked_index, masked_mask = _in_sequence_order(rank[:, num_visible:], mask)
+    rank = _random_rank(rng, mask)  # valid patches first, in random order
+    chosen = rank[:, :num_visible]
+    chosen_valid = jnp.take_along_axis(mask, chosen, axis=1)
+    if mask_ratio is None:
+        hidden = rank[:, num_visible:]
+    else:
+        table = jnp.asarray(visible_counts(length, mask_ratio), jnp.int32)
+        shown = jnp.minimum(table[jnp.sum(mask, axis=1)], num_visible)  # [B]
+        slots = jnp.arange(num_visible, dtype=jnp.int32)
+        chosen_valid &= slots < shown[:, None]
+        # The masked group starts right after the shown patches in the ranking: it
+        # holds every other valid patch (at most N - V of them, as counts only grow).
+        start = shown[:, None] + jnp.arange(length - num_visible, dtype=jnp.int32)
+        hidden = jnp.take_along_axis(rank, jnp.minimum(start, length - 1), axis=1)
+    visible_index, visible_mask = _in_sequence_order(chosen, chosen_valid, length)
+    masked_index, masked_mask = _in_sequence_order(
+        hidden, jnp.take_along_axis(mask, hidden, axis=1), length)
+    visible_patches = _gather(patches, visible_index)
     return MaskedPatches(
-        visible_patches=_gather(patches, visible_index),
+        # An empty slot may hold a patch that is masked: the encoder must not see it.
+        visible_patches=jnp.where(visible_mask[..., None], visible_patches, 0),
         visible_time=_gather(time_idx, visible_index),
         visible_freq=_gather(freq_idx, visible_index),
         visible_mask=visible_mask,

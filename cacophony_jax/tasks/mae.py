@@ -51,7 +51,7 @@ class MAETask:
             sub_batches=self.config.audio.frontend_sub_batches)
         p, t, f, m = patches.patchify(logmel, frame_valid)
         m = m & (batch["valid"][:, None] > 0)
-        return patches.mae_mask(rng, p, t, f, m, num_visible)
+        return patches.mae_mask(rng, p, t, f, m, num_visible, self.config.mae.mask_ratio)
 
     def features(self, batch: dict[str, jax.Array], rng: jax.Array,
                  train: bool) -> patches.MaskedPatches:
