@@ -226,3 +226,48 @@ def test_load_audio_clip_of_a_truncated_file_is_an_audio_error(tmp_path):
     assert clip.size == 16000 and total == 16000 * 30
     with pytest.raises(AudioError, match="cut.flac"):
         audio_io.load_audio_clip(tmp_path / "cut.flac", 16000, lambda n: n - 16000)
+
+
+@pytest.mark.skipif(not audio_io._MP3_SUPPORTED, reason="libsndfile without MP3")
+def test_load_audio_clip_of_a_file_shorter_than_its_header_decodes_it_whole(tmp_path):
+    noise = (0.2 * np.random.default_rng(2).standard_normal(44100 * 30)).astype(np.float32)
+    sf.write(tmp_path / "full.mp3", noise, 44100, format="MP3")
+    data = (tmp_path / "full.mp3").read_bytes()
+    (tmp_path / "cut.mp3").write_bytes(data[:len(data) // 3])  # its header: all 30 s
+    real = audio_io.load_audio(tmp_path / "cut.mp3").size
+    assert real < 16000 * 12
+    for start in (16000 * 20, 16000 * 27):  # past the real end
+        seen = []
+
+        def choose(n, s=start, seen=seen):
+            seen.append(n)
+            return min(s, n - 32000)
+
+        clip, total = audio_io.load_audio_clip(tmp_path / "cut.mp3", 32000, choose)
+        assert clip.size == 32000 and total == real
+        assert seen[0] > real and seen[1] == real  # the header's length, then the real one
+
+
+def test_load_audio_of_a_flac_without_a_length_is_one_clear_error(tmp_path):
+    sf.write(tmp_path / "a.flac", np.zeros(44100, np.int16), 44100)
+    data = bytearray((tmp_path / "a.flac").read_bytes())
+    data[21] &= 0xF0  # STREAMINFO's 36-bit total-samples field: 0 = unknown
+    data[22:26] = bytes(4)
+    (tmp_path / "a.flac").write_bytes(bytes(data))
+    for load in (lambda p: audio_io.load_audio(p),
+                 lambda p: audio_io.load_audio_clip(p, 16000, lambda n: 0)):
+        with pytest.raises(AudioError, match="a.flac: its header does not give its length"):
+            load(tmp_path / "a.flac")
+
+
+@pytest.mark.skipif(not audio_io._MP3_SUPPORTED, reason="libsndfile without MP3")
+def test_low_rate_mp3s_are_not_seeked(tmp_path, monkeypatch):
+    # libmpg123 prints a warning on stderr for most seeks in an MPEG-2 (under 32 kHz)
+    # stream; such files are decoded whole, quietly.
+    sf.write(tmp_path / "low.mp3", np.zeros(16000 * 10, np.float32), 16000, format="MP3")
+    reads = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, **kw: reads.append(
+        (self.tell(), frames)) or real_read(self, frames, **kw))
+    clip, total = audio_io.load_audio_clip(tmp_path / "low.mp3", 16000, lambda n: n // 2)
+    assert clip.size == 16000 and total >= 16000 * 10 and reads == [(0, -1)]

@@ -19,11 +19,12 @@ import math
 import os
 import pathlib
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
 import soxr
+from absl import logging
 
 SAMPLE_RATE = 16_000
 
@@ -148,15 +149,44 @@ def _is_native(handle: sf.SoundFile, sample_rate: int) -> bool:
     return handle.samplerate == sample_rate and handle.channels == 1 and handle.subtype == "PCM_16"
 
 
+# libsndfile reports a length of 2**63 - 1 frames for a stream whose header does not
+# say (e.g. a FLAC piped out of ffmpeg); such files are read block by block.
+_UNKNOWN_FRAMES = 2**62
+_BLOCK_FRAMES = 1 << 20
+
+
+def _known_length(handle: sf.SoundFile) -> bool:
+    return 0 < handle.frames < _UNKNOWN_FRAMES
+
+
+def _read_frames(handle: sf.SoundFile, frames: int, name: str, **kw: Any) -> np.ndarray:
+    # handle.read, except that "to the end" of a file of unknown length reads blocks
+    # until the end instead of allocating 2**63 frames.
+    if frames >= 0 or _known_length(handle):
+        return handle.read(frames, **kw)
+    blocks = []
+    try:
+        while True:
+            block = handle.read(_BLOCK_FRAMES, **kw)
+            blocks.append(block)
+            if len(block) < _BLOCK_FRAMES:
+                return np.concatenate(blocks)
+    except sf.SoundFileError as err:  # libsndfile cannot step through such a FLAC
+        raise AudioError(
+            f"cannot decode {name}: its header does not give its length (e.g. a FLAC "
+            f"written to a pipe) and libsndfile cannot read it ({err}); re-encode it "
+            "to a file (`ffmpeg -i IN OUT.flac`) or drop it") from None
+
+
 def _read(handle: sf.SoundFile, name: str, sample_rate: int, frames: int = -1) -> np.ndarray:
     # Up to `frames` input frames (-1: to the end) from the handle's position, as mono
     # int16 at `sample_rate`.
     if _is_native(handle, sample_rate):
-        audio = handle.read(frames, dtype="int16")
+        audio = _read_frames(handle, frames, name, dtype="int16")
         if audio.size == 0:
             raise AudioError(f"{name} contains no audio samples; replace or drop it")
         return audio
-    wave = handle.read(frames, dtype="float32", always_2d=True)
+    wave = _read_frames(handle, frames, name, dtype="float32", always_2d=True)
     return _to_mono_int16(wave, name, handle.samplerate, sample_rate)
 
 
@@ -189,36 +219,69 @@ _WINDOW_MARGIN_SECONDS = 0.05
 def _decode_clip(source: str | BinaryIO, name: str, sample_rate: int, length: int,
                  choose_start: Callable[[int], int]) -> tuple[np.ndarray, int]:
     with _decode_errors(name), sf.SoundFile(source) as handle:
-        rate, frames = handle.samplerate, handle.frames
-        total = resampled_length(frames, rate, sample_rate)
-        if frames <= 0 or total < WINDOW_FACTOR * length:
+        if _windowed(handle, sample_rate, length):
+            total = resampled_length(handle.frames, handle.samplerate, sample_rate)
+            start = int(choose_start(total))
+            clip = _window(handle, name, sample_rate, start, length)
+            if clip.size >= min(length, total - start):
+                return clip, total
+            # Fewer samples than the header promised (a VBR MP3 without a length
+            # header, a partly downloaded file): its length is found by decoding it.
+            logging.debug("%s: the header says %d frames, which it lacks; decoding it "
+                          "whole", name, handle.frames)
+        else:
             whole = _read(handle, name, sample_rate)
             start = int(choose_start(whole.size))
             return whole[start:start + length], whole.size
-        start = int(choose_start(total))
-        if _is_native(handle, sample_rate):
-            in_start, in_stop, offset = start, min(frames, start + length), 0
-        else:
-            # Decode from a point where the input and output sample grids meet (a
-            # multiple of rate / gcd), a margin before the clip, so the window's samples
-            # are those of the whole file's resampling.
-            g = math.gcd(rate, sample_rate)
-            step_in, step_out = rate // g, sample_rate // g
-            margin = math.ceil(_WINDOW_MARGIN_SECONDS * sample_rate)
-            block = max(0, start - margin) // step_out
-            in_start, offset = block * step_in, start - block * step_out
-            in_stop = min(frames, math.ceil((start + length + margin) * rate / sample_rate))
-        if in_stop <= in_start:
-            return np.zeros(0, np.int16), total  # starts past the end
+    if not isinstance(source, str):
+        source.seek(0)
+    whole = _decode(source, name, sample_rate, None)
+    start = int(choose_start(whole.size))
+    return whole[start:start + length], whole.size
+
+
+def _windowed(handle: sf.SoundFile, sample_rate: int, length: int) -> bool:
+    # Whether to decode only a window: a file of known length at least WINDOW_FACTOR
+    # clips long. Not MPEG-2/2.5 MP3 (under 32 kHz), whose seeks make libmpg123 print
+    # "part2_3_length ... too large" on stderr (harmless, but it floods the log).
+    if not _known_length(handle):
+        return False
+    if handle.format == "MP3" and handle.samplerate < 32000:
+        return False
+    return resampled_length(handle.frames, handle.samplerate, sample_rate) >= (
+        WINDOW_FACTOR * length)
+
+
+def _window(handle: sf.SoundFile, name: str, sample_rate: int, start: int,
+            length: int) -> np.ndarray:
+    # Samples [start, start + length) at `sample_rate`; fewer (maybe none) when the
+    # file is shorter than its header says.
+    rate, frames = handle.samplerate, handle.frames
+    if _is_native(handle, sample_rate):
+        in_start, in_stop, offset = start, min(frames, start + length), 0
+    else:
+        # Decode from a point where the input and output sample grids meet (a multiple
+        # of rate / gcd), a margin before the clip, so the window's samples are those
+        # of the whole file's resampling.
+        g = math.gcd(rate, sample_rate)
+        step_in, step_out = rate // g, sample_rate // g
+        margin = math.ceil(_WINDOW_MARGIN_SECONDS * sample_rate)
+        block = max(0, start - margin) // step_out
+        in_start, offset = block * step_in, start - block * step_out
+        in_stop = min(frames, math.ceil((start + length + margin) * rate / sample_rate))
+    empty = np.zeros(0, np.int16)
+    if in_stop <= in_start:
+        return empty
+    try:
         handle.seek(in_start)
-        try:
-            audio = _read(handle, name, sample_rate, in_stop - in_start)
-        except AudioError as err:
-            if "no audio samples" not in str(err):
-                raise
-            raise AudioError(f"{name} holds fewer samples than its header says ({frames} at "
-                             f"{rate} Hz); it may be truncated: re-export or drop it") from None
-        return audio[offset:offset + length], total
+        audio = _read(handle, name, sample_rate, in_stop - in_start)
+    except sf.SoundFileError:
+        return empty  # e.g. a seek past where a truncated file ends
+    except AudioError as err:
+        if "no audio samples" not in str(err):
+            raise
+        return empty
+    return audio[offset:offset + length]
 
 
 def _opened(path: str | os.PathLike) -> tuple[str | BinaryIO, str]:
@@ -276,9 +339,13 @@ def load_audio_clip(path: str | os.PathLike, length: int,
     only that window decoded, so a training clip cut from an hour-long recording costs
     what a short file does. Shorter files are decoded whole, which gives exactly
     `load_audio(path)[start:start + length]`; a resampled window matches the whole
-    file's resampling to a few int16 steps. Compressed formats start where their
-    decoder seeks to (libsndfile's Vorbis seeks into a file's last page land a few
-    milliseconds late).
+    file's resampling to one int16 step. Compressed formats start where their decoder
+    seeks to: libsndfile's Vorbis seeks into a file's last page land a few
+    milliseconds late, and an Opus window differs from the whole decode by tens of
+    steps for its first second or two while the decoder settles. A file that turns
+    out shorter than its header says, or whose header gives no length, is decoded
+    whole; so are MP3s under 32 kHz (their seeks flood stderr with libmpg123
+    warnings).
 
     Args:
       path: a WAV, FLAC, OGG or MP3 file.
