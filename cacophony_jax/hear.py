@@ -8,7 +8,8 @@ r"""The HEAR 2021 API (hear-eval-kit) over an inference bundle.
 
 ``audio`` is a batch of mono waveforms in [-1, 1] at 16 kHz, all of one length:
 a numpy array or a torch tensor [n, samples]. Torch input gives torch output (on
-the input's device), numpy input numpy output; embeddings are float32.
+the input's device), numpy input numpy output; embeddings are float32. Clips shorter
+than one 16-frame step (2,401 samples, 0.15 s) are padded with silence to one.
 
 Scene embedding: for a stage-2 ("cacophony") bundle the pooled audio embedding, for
 a stage-1 ("mae") bundle the mean of the valid encoder states, L2-normalised either
@@ -119,7 +120,14 @@ def _as_numpy(audio: Any) -> tuple[np.ndarray, Any]:
                         f"{audio.shape}")
     if not np.issubdtype(audio.dtype, np.floating):
         raise HearError(f"HEAR audio must be float in [-1, 1], got {audio.dtype}")
-    return audio.astype(np.float32, copy=False), source
+    audio = audio.astype(np.float32, copy=False)
+    if 0 < audio.shape[1] < clips.MIN_SAMPLES:
+        # HEAR tasks choose the clip length: shorter than one patch step (0.15 s) is
+        # padded with silence to one, which gives one timestamp.
+        audio = np.pad(audio, ((0, 0), (0, clips.MIN_SAMPLES - audio.shape[1])))
+    elif not audio.shape[1] and audio.shape[0]:
+        raise HearError(f"HEAR audio of shape {audio.shape} holds no samples")
+    return audio, source
 
 
 def _like(value: np.ndarray, source: Any) -> Any:
@@ -163,7 +171,7 @@ def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
     inner = _check_model(model)
     wave, source = _as_numpy(audio)
     if not wave.shape[0]:  # an empty batch, as get_scene_embeddings allows
-        steps = clips.patch_steps(wave.shape[1]) if wave.shape[1] >= clips.MIN_SAMPLES else 0
+        steps = clips.patch_steps(wave.shape[1]) if wave.shape[1] else 0  # padded above
         empty = np.zeros((0, steps, model.timestamp_embedding_size), np.float32)
         return _like(empty, source), _like(np.zeros((0, steps), np.float32), source)
     states, _, mask = inner.audio_states(wave, inner.sample_rate)
@@ -174,5 +182,5 @@ def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
     embeddings = (states * weight).sum(2) / np.maximum(weight.sum(2), 1.0)
     centres = (np.arange(steps, dtype=np.float32) * np.float32(STEP_MS)
                + np.float32(CENTRE_MS))
-    timestamps = np.broadcast_to(centres, (n, steps))
+    timestamps = np.tile(centres, (n, 1))  # writable, one row per clip
     return _like(embeddings.astype(np.float32), source), _like(timestamps, source)

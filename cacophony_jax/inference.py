@@ -145,7 +145,8 @@ class CacophonyModel:
         self._window_steps = clips_lib.patch_steps(self._window)
         self._encode_audio = jax.jit(self._encode_audio_impl)
         self._encode_patches = jax.jit(self._encode_patches_impl)
-        self._states = jax.jit(self._states_impl, static_argnames=("chunks", "chunk_steps"))
+        self._patches = jax.jit(self._patches_impl)
+        self._chunk_states = jax.jit(self._chunk_states_impl)
         self._encode_text = jax.jit(self._encode_text_impl)
 
     # ---- traced functions ------------------------------------------------------------
@@ -172,23 +173,17 @@ class CacophonyModel:
         states, emb = self._audio_tower(params, *feats)
         return states, feats[3], emb
 
-    def _states_impl(self, params, audio, audio_len, *, chunks: int, chunk_steps: int):
-        """Whole-clip log-mel, patches encoded in ``chunks`` chunks of ``chunk_steps``."""
+    def _patches_impl(self, params, audio, audio_len):
+        """Clips -> (patches, time index, frequency index, mask) of the whole clip."""
+        del params
+        self.trace_counts["audio_patches"] += 1
+        return patches.patchify(*frontend.log_mel(audio, audio_len))
+
+    def _chunk_states_impl(self, params, patch, time_idx, freq_idx, mask):
+        """Encoder states of window-sized chunks, each encoded as a clip of its own."""
         self.trace_counts["audio_states"] += 1
-        patch, time_idx, freq_idx, mask = patches.patchify(*frontend.log_mel(audio, audio_len))
-        batch, length = patch.shape[0], chunk_steps * patches.FREQ_PATCHES
-        n = chunks * length
-
-        def split(x):
-            return x[:, :n].reshape(batch * chunks, length, *x.shape[2:])
-
-        # Each chunk is encoded as if it were a clip of its own, starting at time 0.
-        offset = (jnp.arange(chunks, dtype=jnp.int32) * chunk_steps)[None, :, None]
-        local_time = (time_idx[:, :n].reshape(batch, chunks, length) - offset).reshape(
-            batch * chunks, length)
-        states = self._encoder.apply({"params": params[self._encoder_key]}, split(patch),
-                                     local_time, split(freq_idx), split(mask))
-        return states.reshape(batch, n, -1).astype(jnp.float32), mask[:, :n]
+        return self._encoder.apply({"params": params[self._encoder_key]}, patch, time_idx,
+                                   freq_idx, mask).astype(jnp.float32)
 
     def _encode_text_impl(self, params, ids, mask):
         self.trace_counts["encode_text"] += 1
@@ -362,7 +357,7 @@ class CacophonyModel:
         Args:
           audio_batch: float32 (or int16) [n, samples] mono clips of equal length.
           sample_rate: their rate in Hz.
-          batch_size: the most clips run at once.
+          batch_size: the most clips, or window-sized chunks of long clips, encoded at once.
 
         Returns:
           states float32 [n, N, state_size], time_idx int32 [n, N] (patch step from the
@@ -372,6 +367,8 @@ class CacophonyModel:
         clips = clips_lib.to_clips(np.asarray(audio_batch), sample_rate)
         if not clips:
             raise io.AudioError("audio_states got an empty batch; pass [n, samples] with n >= 1")
+        if batch_size < 1:
+            raise InferenceError(f"batch_size must be at least 1, got {batch_size}")
         samples = clips[0].shape[0]
         steps = clips_lib.patch_steps(samples)
         if samples <= self._window:
@@ -380,19 +377,41 @@ class CacophonyModel:
         else:
             chunk_steps = self._window_steps
             chunks = -(-steps // chunk_steps)
-            # One spare step keeps every clip that needs `chunks` chunks at one shape.
-            padded = (chunks * chunk_steps + 1) * STEP_SAMPLES
-        audio = np.zeros((len(clips), padded), np.int16)
-        for row, clip in enumerate(clips):
-            audio[row, :samples] = clip
-        lengths = np.full(len(clips), samples, np.int32)
-        states, mask = self._batched(
-            lambda p, a, n: self._states(p, a, n, chunks=chunks, chunk_steps=chunk_steps),
-            (audio, lengths), batch_size)
+            # Front-end lengths in powers of two of chunks (one spare step), so clips of
+            # many lengths share a few compiled shapes.
+            padded = ((1 << (chunks - 1).bit_length()) * chunk_steps + 1) * STEP_SAMPLES
+        length = chunk_steps * patches.FREQ_PATCHES
+        used = chunks * length
+        # The encoder runs on at most `batch_size` chunks at once, however long the clips:
+        # clips go through the front end a few at a time, their chunks in batches.
+        per_call = max(1, batch_size // chunks)
+        offset = (np.arange(chunks, dtype=np.int32) * chunk_steps)[None, :, None]
+        states, masks = [], []
+        for start in range(0, len(clips), per_call):
+            group = clips[start:start + per_call]
+            audio = np.zeros((len(group), padded), np.int16)
+            for row, clip in enumerate(group):
+                audio[row, :samples] = clip
+            lengths = np.full(len(group), samples, np.int32)
+            patch, time_idx, freq_idx, mask = self._batched(self._patches, (audio, lengths),
+                                                            per_call)
+            rows = len(group) * chunks
+
+            def split(x, rows=rows):
+                return x[:, :used].reshape(rows, length, *x.shape[2:])
+
+            # Each chunk is encoded as if it were a clip of its own, starting at time 0.
+            local_time = (time_idx[:, :used].reshape(len(group), chunks, length)
+                          - offset).reshape(rows, length)
+            out = self._batched(self._chunk_states, (split(patch), local_time,
+                                                     split(freq_idx), split(mask)), batch_size)
+            states.append(out.reshape(len(group), used, -1))
+            masks.append(mask[:, :used])
         n = steps * patches.FREQ_PATCHES
         time_idx = np.broadcast_to(np.arange(n, dtype=np.int32) // patches.FREQ_PATCHES,
                                    (len(clips), n)).copy()
-        return states[:, :n], time_idx, mask[:, :n].astype(bool)
+        return (np.concatenate(states)[:, :n], time_idx,
+                np.concatenate(masks)[:, :n].astype(bool))
 
     def encode_patches(self, patch: np.ndarray, time_idx: np.ndarray, freq_idx: np.ndarray,
                        mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -100,3 +100,20 @@ def test_bad_audio_is_refused(model):
         hear.get_timestamp_embeddings((noise(1, 1.0) * 1000).astype(np.int32), model)
     with pytest.raises(hear.HearError, match="load_model"):
         hear.get_scene_embeddings(noise(1, 1.0), object())
+    with pytest.raises(hear.HearError, match="holds no samples"):
+        hear.get_scene_embeddings(np.zeros((2, 0), np.float32), model)
+
+
+def test_clips_shorter_than_a_step_are_padded_and_timestamps_are_writable(model):
+    for samples in (1, 8, 2400):  # 8 samples used to pass for 8 channels
+        audio = noise(2, 1.0)[:, :samples]
+        scene = hear.get_scene_embeddings(audio, model)
+        emb, ts = hear.get_timestamp_embeddings(audio, model)
+        assert scene.shape == (2, 64) and np.isfinite(scene).all()
+        assert emb.shape == (2, 1, 64) and ts.tolist() == [[87.5], [87.5]]
+        padded = np.pad(audio, ((0, 0), (0, 2401 - samples)))
+        np.testing.assert_array_equal(scene, hear.get_scene_embeddings(padded, model))
+        empty, empty_ts = hear.get_timestamp_embeddings(audio[:0], model)
+        assert empty.shape == (0, 1, 64) and empty_ts.shape == (0, 1)
+    ts -= 87.5  # a caller may shift its own timestamps in place
+    assert not ts.any()

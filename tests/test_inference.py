@@ -221,6 +221,26 @@ def test_audio_states_chunk_long_clips(model, converted):
     np.testing.assert_allclose(states[0], direct(converted, short)[0], atol=1e-5)
 
 
+def test_audio_states_of_long_clips_encode_a_bounded_number_of_chunks(model, monkeypatch):
+    rows = []
+    real = model._chunk_states
+    monkeypatch.setattr(model, "_chunk_states", lambda p, patch, *a: rows.append(
+        patch.shape[0]) or real(p, patch, *a))
+    clip = noise(14.0, 3)  # 1400 frames = 87 steps: 10 chunks of a 1.5 s window
+    whole = model.audio_states(np.stack([clip, clip * 0.5, clip * 0.25]), 16000)
+    rows.clear()
+    small = model.audio_states(np.stack([clip, clip * 0.5, clip * 0.25]), 16000, batch_size=4)
+    assert max(rows) <= 4 and sum(rows) >= 30  # never all 30 chunks at once
+    for got, want in zip(small, whole, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # Longer clips reuse the compiled encoder: its shapes are chunk batches of 1, 2 or 4
+    # rows, not one per clip length.
+    traced = model.trace_counts["audio_states"]
+    for seconds in (15.5, 17.0, 19.0, 21.0, 25.0, 30.0):
+        model.audio_states(noise(seconds, 4)[None], 16000, batch_size=4)
+    assert model.trace_counts["audio_states"] <= traced + 2
+
+
 def test_mae_bundle(bundles, official_dir):
     model = inference.load(bundles[1])
     assert model.kind == "mae" and model.tokenizer is None and model.embedding_size == 64
