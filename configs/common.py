@@ -165,6 +165,9 @@ def optim_block(lr: float, warmup: int, b2: float, steps: int) -> mlc.ConfigDict
         decay_exclude=(r"(^|/)(bias|scale|embedding|freq_table|type_embed|query|"
                        r"logit_scale|logit_bias)$"),
         clip_norm=1.0,  # global-norm clipping (0 = off)
+        # Ceiling of a `logit_scale` parameter: ln 100, so the contrastive temperature
+        # stays >= 0.01 as in CLIP; updates never take it above (0 = no ceiling).
+        max_logit_scale=4.6052,
         freeze="",  # regex of parameter paths to keep frozen ('' = none)
         accum_steps=1,  # gradient accumulation (optax.MultiSteps) when > 1
         sam=mlc.ConfigDict(dict(

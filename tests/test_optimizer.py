@@ -32,6 +32,7 @@ def make_cfg(**overrides):
             "decay_exclude": r"(bias|scale)$",
             "freeze": "",
             "accum_steps": 1,
+            "max_logit_scale": 0.0,
             "sam": {"enabled": False, "rho": 0.05, "adaptive": False},
         }
     )
@@ -246,3 +247,24 @@ def test_config_errors_are_clear():
     tx, _ = make_optimizer(make_cfg(freeze="encodr"), total_steps=100)
     with pytest.raises(OptimizerConfigError, match="matches no parameter.*params/encoder"):
         tx.init(tiny_params())
+
+
+def test_logit_scale_stops_at_its_ceiling():
+    # Gradients that always push the logit scale up: it climbs to ln 100 and stays.
+    cfg = make_cfg(schedule="constant", warmup_steps=0, learning_rate=0.5,
+                   max_logit_scale=4.6052)
+    tx, _ = make_optimizer(cfg, total_steps=20)
+    params = {"logit_scale": jnp.asarray(2.0), "head": {"logit_scale_net": jnp.ones(2)}}
+    state = tx.init(params)
+    seen = []
+    for _ in range(20):
+        grads = jax.tree.map(lambda p: -jnp.ones_like(p), params)
+        updates, state = tx.update(grads, state, params, grad_fn=None)
+        params = optax.apply_updates(params, updates)
+        seen.append(float(params["logit_scale"]))
+    assert seen[0] < 4.6 and max(seen) == pytest.approx(4.6052) and seen[-1] == seen[-2]
+    assert float(params["head"]["logit_scale_net"][0]) > 5  # only that parameter
+    # The ceiling keeps the optimiser state as it is: checkpoints are unchanged.
+    free, _ = make_optimizer(make_cfg(schedule="constant", warmup_steps=0,
+                                      learning_rate=0.5), total_steps=20)
+    assert jax.tree.structure(free.init(params)) == jax.tree.structure(tx.init(params))

@@ -1,7 +1,8 @@
 """The optimiser built from config: schedule, SAM, clipping, AdamW, masks, freezing.
 
 The chain, in order of application to a gradient ([...] = only when configured;
-the partition only when `freeze` is set):
+the partition only when `freeze` is set; then a `logit_scale` parameter's update is
+capped so it stays at most `max_logit_scale`):
 
     [zero frozen grads, with SAM] -> [sam] -> partition(
         trainable: [MultiSteps]( [clip_by_global_norm] -> adamw(schedule, decay mask) ),
@@ -123,6 +124,7 @@ def make_optimizer(
     Args:
       cfg: the optimizer config block with fields learning_rate, warmup_steps,
         schedule, min_lr_ratio, b1, b2, eps, weight_decay, clip_norm (0 = off),
+        max_logit_scale (ceiling of `logit_scale` parameters; 0 = none),
         decay_exclude (regex on '/'-joined param paths exempt from weight decay;
         "" = none), freeze (regex of params kept fixed; "" = none), accum_steps,
         sam.enabled, sam.rho, sam.adaptive.
@@ -176,11 +178,36 @@ def make_optimizer(
     if cfg.sam.enabled:
         links.append(sam(rho=cfg.sam.rho, adaptive=cfg.sam.adaptive))
     tx = optax.chain(*links, inner)
+    if cfg.max_logit_scale > 0:
+        tx = _with_ceiling(tx, re.compile(r"(^|/)logit_scale$"), float(cfg.max_logit_scale))
 
     def schedule(step: jax.Array) -> jax.Array:
         return base((jnp.asarray(step) // accum) * accum)
 
     return tx, schedule
+
+
+def _with_ceiling(tx: optax.GradientTransformationExtraArgs, pattern: re.Pattern,
+                  ceiling: float) -> optax.GradientTransformationExtraArgs:
+    """`tx` whose updates never take a parameter matching `pattern` above `ceiling`.
+
+    CLIP clamps its logit scale at ln 100 after every step; this is that clamp as part
+    of the update (a value already above is not pulled down). The state is `tx`'s own,
+    so checkpoints are the same with or without it."""
+
+    def update(updates, state, params=None, **extra):
+        updates, state = tx.update(updates, state, params, **extra)
+        if params is None:
+            raise ValueError("the logit-scale ceiling needs params in tx.update")
+
+        def cap(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
+            if pattern.search(path) is None:
+                return u
+            return jnp.minimum(u, jnp.maximum(ceiling - p, 0).astype(u.dtype))
+
+        return jax.tree.map(cap, param_paths(params), updates, params), state
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _freeze_labels(pattern: re.Pattern, text: str):

@@ -38,6 +38,7 @@ _MINIMUMS = (
     ("optim.warmup_steps", 0, ""),
     ("optim.weight_decay", 0, ""),
     ("optim.sam.rho", 0, ""),
+    ("optim.max_logit_scale", 0, " (0 = no ceiling)"),
     ("loss.contrastive_weight", 0, ""),
     ("loss.caption_weight", 0, ""),
     ("loss.chunk_size", 0, " (0 = the whole batch at once)"),
