@@ -13,7 +13,11 @@ capped so it stays at most `max_logit_scale`):
   trained parameters.
 - Accumulation (`MultiSteps`) sits behind SAM: every micro-batch gets its own
   SAM gradient (two gradient evaluations per micro-step), the accumulated mean is
-  clipped and applied every `accum_steps` calls, exactly like one big-batch step.
+  clipped and applied every `accum_steps` calls. That is one big-batch step when the
+  loss is a mean over equal micro-batches; it is not exactly one for the MAE loss
+  (a mean over each micro-batch's masked patches, whose counts differ with clip
+  lengths), the contrastive loss (no negatives across micro-batches) or SAM (one
+  perturbation per micro-batch).
 - Frozen parameters get exactly zero updates and AdamW keeps no moments for
   them (`optax.partition` hands them to `set_to_zero`).
 
