@@ -253,7 +253,8 @@ def _decoding_options(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--method", choices=("greedy", "beam", "sample"), default=method)
     p.add_argument("--beam-size", type=_positive, default=4)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--max-len", type=_positive, default=32, help="tokens per caption at most")
+    p.add_argument("--max-len", type=_positive, default=None,
+                   help="tokens per caption at most (default: the bundle's text length)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 

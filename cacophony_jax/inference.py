@@ -303,13 +303,14 @@ class CacophonyModel:
         ``names`` says how the message names each option (e.g. {"max_len": "--max-len"}).
         """
         try:
-            decoding.check_options(self.config.text.max_positions, method, max_len,
+            decoding.check_options(self.config.text.max_positions, method,
+                                   max_len or self.text_length,
                                    temperature, beam_size, names)
         except ValueError as e:
             raise InferenceError(str(e)) from e
 
     def caption(self, audio: AudioInput, sample_rate: int | None = None, method: str = "greedy",
-                max_len: int = 32, beam_size: int = 4, temperature: float = 1.0,
+                max_len: int | None = None, beam_size: int = 4, temperature: float = 1.0,
                 seed: int = 0, batch_size: int = 32) -> list[str]:
         """Captions of the first window of each clip.
 
@@ -317,7 +318,8 @@ class CacophonyModel:
           audio: clips (paths or arrays), see the module docstring.
           sample_rate: rate of array inputs in Hz (required for arrays).
           method: "greedy", "beam" or "sample".
-          max_len: the most tokens per caption, bos and eos included.
+          max_len: the most tokens per caption, bos and eos included (None: the text
+            length the model was trained with, `text_length`).
           beam_size: beams for "beam".
           temperature: sampling temperature for "sample".
           seed: sampling seed: the same seed gives a clip the same caption, whatever
@@ -329,6 +331,7 @@ class CacophonyModel:
           One caption per clip.
         """
         self._need_text("caption")
+        max_len = max_len or self.text_length
         self.check_caption_options(method, max_len, beam_size, temperature)
         firsts = [clips_lib.split_windows(clip, self._window)[0]
                   for clip in clips_lib.to_clips(audio, sample_rate)]

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None):
     config.eval = common.mlc.ConfigDict(dict(
         caption_clips=0,  # clips to caption at evaluation, rounded up to whole evaluation
         # batches (0 = skip captioning metrics)
-        caption_max_len=32,  # decoded tokens per caption
+        caption_max_len=0,  # decoded tokens per caption (0 = data.text_length)
     ))
     config.lock()
     return config

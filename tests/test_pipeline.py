@@ -32,7 +32,7 @@ class IndexSource:
 class FakeTokenizer:
     vocab_size = 100
 
-    def encode(self, texts, length):
+    def encode(self, texts, length, eos_when_cut=True):
         ids = np.ones((len(texts), length), np.int32)
         mask = np.zeros((len(texts), length), np.int32)
         for r, t in enumerate(texts):

@@ -59,6 +59,14 @@ def test_empty_and_truncation(trained):
     assert ids[1, 0] == 0 and ids[1, -1] == 2 and mask[1].sum() == 8
     full, _ = trained.encode(["the dog is barking while cars pass by " * 5], 200)
     assert ids[1, 1:7].tolist() == full[0, 1:7].tolist()
+    # Training captions that are cut carry no eos: the row is bos and 7 tokens. Ones
+    # that fit are encoded the same either way.
+    cut, cut_mask = trained.encode(["a dog", "the dog is barking while cars pass by " * 5], 8,
+                                   eos_when_cut=False)
+    assert cut[1].tolist() == [0, *full[0, 1:8].tolist()] and cut_mask[1].sum() == 8
+    assert 2 not in cut[1].tolist()
+    fits, fits_mask = trained.encode(["a dog"], 8)
+    assert cut[0].tolist() == fits[0].tolist() and cut_mask[0].tolist() == fits_mask[0].tolist()
     with pytest.raises(TokenizerError, match="at least 2"):
         trained.encode(["x"], 1)
 

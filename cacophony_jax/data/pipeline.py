@@ -201,7 +201,8 @@ class PrepareTrain(grain.transforms.RandomMap):
         }
         if self.fmt.text_length:
             caption = choose_caption(record, self.fmt.synthetic_prob, rng)
-            ids, mask = self.fmt.tokenizer.encode([caption], self.fmt.text_length)
+            ids, mask = self.fmt.tokenizer.encode([caption], self.fmt.text_length,
+                                                  eos_when_cut=False)
             out["text_ids"] = ids[0].astype(np.int32)
             out["text_mask"] = mask[0].astype(np.int32)
         return out

@@ -146,13 +146,17 @@ class Tokenizer:
         os.replace(tmp, path)  # Why: a reader never sees a half-written file.
         return path
 
-    def encode(self, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: Sequence[str], length: int,
+               eos_when_cut: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Encodes captions as bos, tokens, eos, pad... of a fixed length.
 
         Args:
           texts: B captions; an empty caption gives [bos, eos].
           length: T, the sequence length (>= 2); longer captions are cut so that the
             sequence still starts with bos and ends with eos.
+          eos_when_cut: False: a caption that is cut fills the row with its tokens and
+            has no eos. Training captions are encoded so, or the captioning decoder
+            would learn to end a caption where it was cut, mid-phrase.
 
         Returns:
           ids int32 [B, T] and mask int32 [B, T] (1 on bos, tokens and eos).
@@ -169,12 +173,16 @@ class Tokenizer:
         room = length - 2
         encodings = self._backend.encode_batch_fast(texts, add_special_tokens=False)
         for row, encoding in enumerate(encodings):
+            ids[row, 0] = BOS_ID
+            mask[row] = 1
+            if len(encoding.ids) > room and not eos_when_cut:
+                ids[row, 1:] = encoding.ids[:length - 1]
+                continue
             tokens = encoding.ids[:room]
             n = len(tokens)
-            ids[row, 0] = BOS_ID
             ids[row, 1 : n + 1] = tokens
             ids[row, n + 1] = EOS_ID
-            mask[row, : n + 2] = 1
+            mask[row, n + 2:] = 0
         return ids, mask
 
     def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:

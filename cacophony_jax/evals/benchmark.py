@@ -123,7 +123,7 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
 
 def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
                          method: str = "beam", beam_size: int = 4, batch_size: int = 16,
-                         max_len: int = 32) -> dict[str, Any]:
+                         max_len: int | None = None) -> dict[str, Any]:
     """Captions labelled clips and measures `evals.captioning.class_mention_rate` on them.
 
     Args:
@@ -133,7 +133,7 @@ def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
       method: "beam", "greedy" or "sample".
       beam_size: beams for "beam".
       batch_size: clips captioned at once.
-      max_len: tokens per caption at most.
+      max_len: tokens per caption at most (None: the bundle's text length).
 
     Returns:
       {"clips": n, "class_mention_rate": fraction, "examples": up to 5

@@ -150,7 +150,8 @@ class CacophonyTask:
             return np.concatenate(rows)[:len(captions)]
 
         caption_clips = self.config.eval.caption_clips
-        embed_and_caption = (self.embed_and_caption_fn(self.config.eval.caption_max_len)
+        embed_and_caption = (self.embed_and_caption_fn(
+            self.config.eval.caption_max_len or self.config.data.text_length)
                              if caption_clips else None)
 
         def evaluate(params) -> dict[str, float]:
