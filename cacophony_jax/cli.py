@@ -230,8 +230,9 @@ def _command(sub, name: str, func, summary: str, examples: str) -> argparse.Argu
                        epilog="examples:\n" + examples,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=func)
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    # Also accepted after the command name; SUPPRESS keeps a --debug given before it.
+    # Both also accepted before the command name; SUPPRESS keeps one given there.
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress line")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks of errors")
     return p
@@ -272,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     p = _command(sub, "embed", cmd_embed, "embed audio files into a searchable index",

@@ -209,6 +209,17 @@ def test_user_errors_are_one_line(bundles, sounds, official_dir, tmp_path, capsy
                   "--out", str(tmp_path / "o")])
 
 
+def test_quiet_and_debug_go_before_or_after_the_command():
+    parser = cli.build_parser()
+    for argv, quiet in ((["--quiet", "embed", "x", "--bundle", "b", "--out", "i.npz"], True),
+                        (["embed", "x", "--bundle", "b", "--out", "i.npz", "--quiet"], True),
+                        (["curate", "build", "--input", "a=m.jsonl", "--out", "o", "--quiet"],
+                         True),
+                        (["embed", "x", "--bundle", "b", "--out", "i.npz"], False)):
+        args = parser.parse_args(argv)
+        assert args.quiet is quiet and args.debug is False, argv
+
+
 def test_argument_errors_and_help(capsys):
     for argv in (["embed"], ["frobnicate"], ["search", "x", "--top-k", "many"],
                  ["search", "x", "--index", "i", "--bundle", "b", "--top-k", "0"],
