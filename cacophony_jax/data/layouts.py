@@ -224,7 +224,9 @@ def _labelled_source(
             raise SourceError(f"{csv_path}: class {label} is named both {names[label]!r} "
                               f"and {text!r}; the file is corrupt")
     if sorted(names) != list(range(len(names))):
-        raise SourceError(f"{csv_path}: class indices {sorted(names)} are not 0..{len(names) - 1}")
+        raise SourceError(f"{csv_path}: class indices {sorted(names)} are not 0..{len(names) - 1}; "
+                          "keep the full metadata file (clips missing on disk are skipped "
+                          "and counted)")
     all_folds = sorted({int(row[fold_col]) for row in rows})
     wanted = set(all_folds if folds is None else (int(f) for f in folds))
     if not wanted <= set(all_folds):
