@@ -115,6 +115,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def _fail(message: str) -> None:
+    """Ends the run on an error the user can fix: one line, exit status 2 (as for a
+    flag or config-key mistake)."""
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -123,9 +130,8 @@ def main(argv):
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     if "://" in (_COMPILATION_CACHE.value or ""):
-        raise SystemExit(f"error: --compilation_cache={_COMPILATION_CACHE.value!r} is not a "
-                         "file-system path: mount the storage (e.g. gcsfuse) and pass the "
-                         "mount's path")
+        _fail(f"--compilation_cache={_COMPILATION_CACHE.value!r} is not a file-system path: "
+              "mount the storage (e.g. gcsfuse) and pass the mount's path")
     if _COMPILATION_CACHE.value:  # before anything compiles
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     from cacophony_jax.parallel import distributed
@@ -135,7 +141,7 @@ def main(argv):
                                init_timeout=_INIT_TIMEOUT.value,
                                heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        _fail(str(e))
     if not _VERBOSE_LIBS.value:
         _quiet_libraries()
     from cacophony_jax.train import host, stages
@@ -148,7 +154,7 @@ def main(argv):
         # written) carry a message that names the thing; the traceback is only noise
         # then (rerun with --verbosity=1 to see it).
         logging.debug("traceback", exc_info=True)
-        raise SystemExit(f"error: {e}") from None
+        _fail(str(e))
     except KeyboardInterrupt:
         print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun the "
               "same command to resume from the newest checkpoint", file=sys.stderr)

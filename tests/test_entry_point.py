@@ -44,7 +44,8 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
             (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
             (["--config=configs/quickstart.py", "--config.optim.sam.enabled=true"],
              "a stage's settings are --config.stages.<stage>.optim.sam.enabled=true"),
-            (["--config=configs/mae.py:huge"], "unknown variant 'huge'; choose one of")):
+            (["--config=configs/mae.py:huge"], "unknown variant 'huge'; choose one of"),
+            (["--config.optim.learning_rate=-1"], "config.optim.learning_rate")):
         proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2 and out.startswith("error: ") and message in out, out
