@@ -228,7 +228,7 @@ class SyntheticCorpus:
 
     def __init__(self, split: str, size: int, clip_seconds: float, seed: int = 0,
                  sample_rate: int = 16_000):
-        """Describes the corpus; clips are made on demand.
+        """Describes the corpus; clips are made on demand (and kept, see CACHE_BYTES).
 
         Args:
           split: "train" or "eval" (disjoint random streams and descriptions).
@@ -257,6 +257,12 @@ class SyntheticCorpus:
         self.sample_rate = int(sample_rate)
         self.name = f"synthetic_{split}"
         self.class_names: tuple[str, ...] = EVENT_CLASSES
+        self._cache: dict[int, dict[str, Any]] = {}
+        self._cached_bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes get the description, not this process's rendered clips.
+        return {**self.__dict__, "_cache": {}, "_cached_bytes": 0}
 
     def __len__(self) -> int:
         return self.size
@@ -305,7 +311,7 @@ class SyntheticCorpus:
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Synthesises clip `index`.
+        """Synthesises clip `index` (once: later calls return the kept clip).
 
         Args:
           index: clip number in [-len, len).
@@ -315,8 +321,21 @@ class SyntheticCorpus:
           "synthetic_captions": 2 str, "labels": class indices in time order,
           "events": attribute dicts, "background": {"colour", "level", "level_db"}}.
         """
+        index = self._check_index(index)
+        record = self._cache.get(index)
+        if record is None:
+            record = self._render(index)
+            if self._cached_bytes + record["audio"].nbytes <= CACHE_BYTES:
+                self._cache[index] = record
+                self._cached_bytes += record["audio"].nbytes
+        return {**record, "events": [dict(e) for e in record["events"]],
+                "captions": list(record["captions"]),
+                "synthetic_captions": list(record["synthetic_captions"]),
+                "labels": list(record["labels"]), "background": dict(record["background"])}
+
+    def _render(self, index: int) -> dict[str, Any]:
         record = self.metadata(index)
-        sound = self._rng(self._check_index(index), 1)
+        sound = self._rng(index, 1)
         n = int(round(self.clip_seconds * self.sample_rate))
         bg = record["background"]
         mix = background_noise(sound, n, bg["colour"], bg["level_db"], self.sample_rate)
@@ -331,8 +350,15 @@ class SyntheticCorpus:
                 samples *= np.float32(_EVENT_PEAK / peak)
             mix[start:start + length] += samples
             event.update({k: round(v, 2) for k, v in params.items()})
-        record["audio"] = np.clip(np.rint(mix * 32767.0), -32768, 32767).astype(np.int16)
+        audio = np.clip(np.rint(mix * 32767.0), -32768, 32767).astype(np.int16)
+        audio.setflags(write=False)  # shared by every draw of the clip
+        record["audio"] = audio
         return record
+
+
+# Rendered clips each corpus object keeps (per process), so that training draws a clip
+# many times but synthesises it once: the quickstart's 4,000 2 s clips take 256 MB.
+CACHE_BYTES = 512 << 20
 
 
 def _replace_atomically(path: pathlib.Path, write: Any) -> None:
