@@ -3,6 +3,7 @@ backend is tested in test_curate_llm.py)."""
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -76,6 +77,31 @@ def test_rules_helpers():
         == "Rain & wind by, see or mail"
     assert rules.has_sound("dogs barking") and not rules.has_sound("my new camera")
 
+
+# Odd metadata that took seconds each while patterns were retried from every character
+# of a long run, or dangling words were stripped one per pass over the whole text.
+ODD_METADATA = ["a." * 5000, "( " * 5000 + "dog", "a" * 5000 + "@", "a-" * 5000 + ".wav",
+                "dog " + "with " * 5000, "<" * 5000, "a.a" * 2000 + "@x.com",
+                "zoom" + " " * 5000 + "h4", "dog" + " " * 5000 + "- barks", "1, " * 3000]
+
+
+def test_rules_take_linear_time_on_odd_metadata():
+    start = time.perf_counter()
+    for text in ODD_METADATA:
+        rules.compose_caption(text, text, text)
+        rules.compose_caption("", "", [text, text])
+        rules.scrub(text)  # what the LLM backend sees: the whole field
+    assert time.perf_counter() - start < 1.0
+
+
+def test_rules_cut_long_fields_and_strip_dangling_words():
+    assert rules.compose_caption("", "A dog barks. " + "x" * 3 * rules.MAX_FIELD_CHARS,
+                                 None) == "A dog barks."
+    assert rules.compose_caption("", "x " * rules.MAX_FIELD_CHARS + "A dog barks.", None) \
+        is None  # past the cut
+    assert rules.compose_caption("", "dog " + "with " * 100, None) == "Dog."
+    assert rules.clean_text("with and rain on the roof of the") == "rain on the roof"
+    assert rules.clean_text("rain on the roof. with the") == "rain on the roof."
 
 def test_rules_backend_reports_bad_rows(tmp_path, caplog):
     src = tmp_path / "in" / "raw.jsonl"

@@ -5,8 +5,10 @@ full of things that are not about the sound: links, licences, the recorder and i
 settings, file names, dates, greetings. `compose_caption` removes those, takes the
 first description sentence that names a sound (else the title), adds up to two
 salient tags when that is short, falls back to the tags alone, and returns None when
-nothing about the sound is left. Everything here is deterministic; the vocabulary of
-sounds is English (metadata in other languages wants the LLM backend).
+nothing about the sound is left. Everything here is deterministic and takes time
+linear in the text's length (each field is first cut to `MAX_FIELD_CHARS`, the tags to
+`MAX_TAGS`); the vocabulary of sounds is English (metadata in other languages wants
+the LLM backend).
 """
 
 from __future__ import annotations
@@ -64,8 +66,20 @@ highway road railway construction factory workshop
 STRONG_WORDS = frozenset(_STRONG.split())
 PLACE_WORDS = frozenset(_PLACES.split())
 
-_URL = r"(?:https?://|www\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|edu|gov|io|co|uk|de|fr|nl|es|it|ru|jp|info|me|tv|fm)\b(?:/\S*)?"  # noqa: E501
-_EMAIL = r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"
+# Longer fields are cut before cleaning: a caption comes from the first sentences and
+# tags, and the cut bounds the time one clip of odd metadata can take.
+MAX_FIELD_CHARS = 4000
+MAX_TAGS = 64
+
+# Dotted names (links, file names, e-mail addresses) are only looked for from the start
+# of a run of name characters, its leading dots and dashes included in the match: tried
+# from every character of a long run ("a.a.a...") each try would rescan the rest of the
+# run, which takes time quadratic in its length. Dots inside a name may repeat.
+_DOTTED = r"(?<![\w.-])[.-]*+[\w-]+(?:\.+[\w-]+)*"
+_URL = (r"(?:https?://|www\.)\S+|" + _DOTTED + r"\.(?:com|org|net|edu|gov|io|co|uk|de|fr|nl|"
+        r"es|it|ru|jp|info|me|tv|fm)\b(?:/\S*)?")
+# Possessive: the address part cannot contain the "@" that has to follow it.
+_EMAIL = r"(?<![\w.+-])[.+-]*+[\w.+-]++@[\w-]+(?:\.[\w-]+)+\b"
 _AUDIO_EXT = r"(?:wav|wave|mp3|flac|aiff?|ogg|m4a|wma|aac|mp4|mov|zip)"
 # Whole sentences about rights, credits or the uploader: nothing about the sound.
 _DROP_SENTENCE = re.compile(
@@ -79,12 +93,12 @@ _LEAD_IN = re.compile(
     r"hydrophone|close[\s-]?up|short|long|quick)\s+)*(?:recordings?|samples?|clips?|sfx|"
     r"sound\s+effects?|audio)\s+(?:of|from)\s+", re.I)
 _SUBS = [re.compile(p, re.I) for p in (
-    r"<[^>]+>",
+    r"<[^<>]+>",  # not "[^>]+": a run of "<" without ">" would be rescanned from each
     _EMAIL,  # before _URL, which would take its domain
     _URL,
     r"(?<![\w@])@\w+",
     r"(?<![\w&])#\w+",
-    rf"\b[\w-]+(?:\.[\w-]+)*\.{_AUDIO_EXT}\b",
+    rf"{_DOTTED}\.{_AUDIO_EXT}\b",
     # ", recorded at 5am with ..." trails off into metadata; "recorded with X" is gear.
     r"[,;]\s*(?:recorded|captured|taken|made|shot|uploaded)\b[^.;!?]*",
     r"\b(?:recorded|captured|taken|made|shot)\s+(?:with|using|via|through|on\s+(?:a|my))\b"
@@ -122,9 +136,11 @@ _SUBS = [re.compile(p, re.I) for p in (
 _SENTENCE_END = re.compile(
     r"(?<!\bSt\.)(?<!\bMr\.)(?<!\bDr\.)(?<!\bMt\.)(?<!\bvs\.)(?<!e\.g\.)(?<!i\.e\.)"
     r"(?<=[.!?])\s+|\n+|\s+-\s+")
-_FUNCTION_WORDS = r"with|using|on|at|in|of|and|or|by|from|a|an|the|to|for|via|while"
-_TRAILING = re.compile(rf"(?:\s+|^)(?:{_FUNCTION_WORDS})\s*$", re.I)
-_LEADING = re.compile(r"^(?:with|and|or|of|by|using|from|via)\b\s*", re.I)
+# Words a caption may not end with, or begin with: left dangling by the removals.
+_TRAILING = frozenset({"with", "using", "on", "at", "in", "of", "and", "or", "by", "from", "a",
+                       "an", "the", "to", "for", "via", "while"})
+_LEADING = re.compile(r"(?:with|and|or|of|by|using|from|via)\b\s*", re.I)
+_CLOSING = {")": "(", "]": "["}
 # Category tags: true of a whole collection, never news about one clip.
 _GENERIC = """sound sounds noise audio ambience ambiance ambient atmosphere atmos soundscape
 nature animal animals environment outdoor outdoors indoor indoors foley effect effects"""
@@ -183,21 +199,72 @@ def _drop_numbers(text: str) -> str:
     return " ".join(kept)
 
 
+def _brackets(text: str) -> str:
+    """Drops pairs of brackets with no word left inside (with their inside)."""
+    if not any(c in text for c in "()[]"):
+        return text
+    out: list[str] = []
+    open_: list[list] = []  # per open bracket: [bracket, its index in out, word inside]
+    for c in text:
+        if c in "([":
+            open_.append([c, len(out), False])
+            out.append(c)
+        elif c in _CLOSING:
+            if not open_ or open_[-1][0] != _CLOSING[c]:
+                out.append(c)  # closes nothing (or crosses another pair)
+                continue
+            _, at, word = open_.pop()
+            if word:
+                out.append(c)
+                if open_:
+                    open_[-1][2] = True
+            else:
+                del out[at:]  # each character is deleted at most once: linear
+                out.append(" ")
+        else:
+            out.append(c)
+            if open_ and (c.isalnum() or c == "_"):
+                open_[-1][2] = True
+    return "".join(out)
+
+
+def _strip_function_words(text: str) -> str:
+    """Drops dangling function words from both ends ("dog barking with" -> "dog
+    barking"), keeping a final [.!?]; one pass, however many there are."""
+    body, end = text, ""
+    start, stop = 0, len(body)
+    while True:
+        if not end and stop > start and body[stop - 1] in ".!?":
+            # "dog barks. with": once "with" is gone, "." ends the caption.
+            end, stop = body[stop - 1], stop - 1
+        before = start, stop
+        while stop > start and body[stop - 1] in " ,;:":
+            stop -= 1
+        word_at = body.rfind(" ", start, stop) + 1 or start
+        if body[word_at:stop].lower() in _TRAILING:
+            stop = word_at
+        leading = _LEADING.match(body, start, stop)
+        if leading:
+            start = leading.end()
+        while start < stop and body[start] in " ,;:":
+            start += 1
+        while stop > start and body[stop - 1] in " ,;:":
+            stop -= 1
+        if (start, stop) == before:
+            break
+    return body[start:stop] + end if stop > start else ""
+
+
 def _tidy(text: str) -> str:
     """Collapses whitespace and punctuation left behind by the removals."""
-    text = re.sub(r"[\[(]\s*[^\w\])]*\s*[\])]", " ", text)  # emptied brackets
+    text = _brackets(text)
     text = re.sub(r"(?<=\s)[-/|~*+=_]+(?=\s)", " ", text)
     text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
-    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
-    text = re.sub(r"[,;:]?\s*([.!?])(?:\s*[.!?,;:])*", r"\1", text)
-    text = re.sub(r"^[\s\-/|~*+,;:.!?]+|[\s\-/|~*+,;:]+$", "", text)
-    while True:
-        body, end = re.match(r"^(.*?)([.!?]?)$", text).groups()
-        stripped = _LEADING.sub("", _TRAILING.sub("", body.rstrip(" ,;:"))).strip(" ,;:")
-        if stripped == body:
-            return text
-        text = stripped + end if stripped else ""
+    text = re.sub(r" ([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(?: ?[,;:])+", r"\1", text)
+    text = re.sub(r"[,;:]? ?([.!?])(?: ?[.!?,;:])*", r"\1", text)
+    text = text.lstrip(" -/|~*+,;:.!?").rstrip(" -/|~*+,;:")
+    return _strip_function_words(text)
 
 
 def clean_text(text: str) -> str:
@@ -212,6 +279,9 @@ def clean_text(text: str) -> str:
     text = _SUBS[0].sub(" ", html.unescape(text or ""))  # markup first: '<' is a symbol
     # Emoji and other symbols carry no words; keep letters, digits, punctuation, spaces.
     text = "".join(c if unicodedata.category(c)[0] in "LNPZ" else " " for c in text)
+    # One space between words: patterns like "zoom\s*-?\s*h4" would otherwise try every
+    # split of a long run of spaces.
+    text = re.sub(r"\s+", " ", text)
     if text.isupper():
         text = text.lower()
     text = _LEAD_IN.sub("", _PRESENTING.sub("", text.strip()))
@@ -223,6 +293,9 @@ def clean_text(text: str) -> str:
 def sentences(description: str) -> list[str]:
     """The description's sentences without licence/credit/promotion ones, each cleaned."""
     text = re.sub(r"<br\s*/?>|</p>", "\n", html.unescape(description or ""), flags=re.I)
+    # Each run of whitespace as one "\n" or " ": " - " (a sentence break) would otherwise
+    # be looked for from every character of a long run.
+    text = re.sub(r"\s+", lambda m: "\n" if "\n" in m.group() else " ", text)
     out = []
     for raw in _SENTENCE_END.split(text):
         if raw.strip() and not _DROP_SENTENCE.search(raw):
@@ -262,13 +335,13 @@ def split_tags(tags: list[str] | str | None) -> list[str]:
             tags = tags.split()
         else:
             tags = re.split(r"[,;]", tags)
-    out: list[str] = []
+    out: dict[str, None] = {}  # ordered, and quick to look up however many tags
     for tag in tags:
         tag = re.sub(r"[-_#]+", " ", tag).strip()
         tag = clean_text(_split_camel(tag)).lower().strip(".")
-        if tag and tag not in out:
-            out.append(tag)
-    return out
+        if tag:
+            out[tag] = None
+    return list(out)
 
 
 def _salient(tags: list[str], caption: str) -> list[str]:
@@ -303,6 +376,15 @@ def _shorten(text: str, max_words: int) -> str:
     return _tidy(head)
 
 
+def _cap(text: str) -> str:
+    """`text` cut to `MAX_FIELD_CHARS`, before the word the limit falls in."""
+    if len(text) <= MAX_FIELD_CHARS:
+        return text
+    head = text[:MAX_FIELD_CHARS]
+    cut = max(head.rfind(" "), head.rfind("\n"))
+    return head[:cut] if cut > 0 and not text[MAX_FIELD_CHARS].isspace() else head
+
+
 def _finish(text: str) -> str:
     text = text.rstrip(" .!?,;:")
     return text[:1].upper() + text[1:] + "."
@@ -311,6 +393,9 @@ def _finish(text: str) -> str:
 def compose_caption(title: str, description: str, tags: list[str] | str | None,
                     max_words: int = 20, short_words: int = 8) -> str | None:
     """One short sound-focused caption from a clip's web metadata.
+
+    Each field is cut to its first `MAX_FIELD_CHARS` characters (at a space) and the
+    tags to the first `MAX_TAGS` before cleaning, which bounds the time one clip takes.
 
     Args:
       title: the clip's title (often a file name).
@@ -322,10 +407,14 @@ def compose_caption(title: str, description: str, tags: list[str] | str | None,
     Returns:
       The caption, or None when nothing about the sound is left.
     """
-    tag_list = split_tags(tags)
-    main = next((s for s in sentences(description) if has_sound(s)), None)
+    if isinstance(tags, str):
+        tags = _cap(tags)
+    elif tags is not None:
+        tags = [_cap(t) for t in tags[:MAX_TAGS]]
+    tag_list = split_tags(tags)[:MAX_TAGS]
+    main = next((s for s in sentences(_cap(description or "")) if has_sound(s)), None)
     if main is None:
-        title_text = clean_title(title)
+        title_text = clean_title(_cap(title or ""))
         main = title_text if has_sound(title_text) else None
     if main is None:
         sounds = _salient(tag_list, "")
