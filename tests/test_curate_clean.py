@@ -103,6 +103,25 @@ def test_rules_cut_long_fields_and_strip_dangling_words():
     assert rules.clean_text("with and rain on the roof of the") == "rain on the roof"
     assert rules.clean_text("rain on the roof. with the") == "rain on the roof."
 
+@pytest.mark.parametrize(("description", "expected"), [
+    ("( ( dog barks", "Dog barks."), ("[ dog barks", "Dog barks."),
+    ("dog barks) loudly]", "Dog barks loudly."), ("( " * 22 + "dog barks", "Dog barks."),
+    ("dog barks (far away", "Dog barks far away."),
+    ("dog barks (far away)", "Dog barks (far away)."),
+    ("dog barks [far (away] now", "Dog barks far away now."),
+])
+def test_rules_drop_unmatched_brackets(description, expected):
+    assert rules.compose_caption("", description, None) == expected
+
+
+def test_rules_caption_names_a_sound_after_the_cut():
+    # The only sound word lies past the 20-word cut: the next candidate is taken.
+    long = "quite " * 25 + "a dog barks."
+    assert rules.compose_caption("", long + " Birds sing.", None) == "Birds sing."
+    assert rules.compose_caption("Rain on roof", long, None) == "Rain on roof."
+    assert rules.compose_caption("", long, "thunder") == "The sound of thunder."
+    assert rules.compose_caption("", long, None) is None
+
 def test_rules_backend_reports_bad_rows(tmp_path, caplog):
     src = tmp_path / "in" / "raw.jsonl"
     src.parent.mkdir()

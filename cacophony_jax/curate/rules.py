@@ -3,12 +3,12 @@
 Web sound collections describe a clip with a title, tags and a free-text description
 full of things that are not about the sound: links, licences, the recorder and its
 settings, file names, dates, greetings. `compose_caption` removes those, takes the
-first description sentence that names a sound (else the title), adds up to two
-salient tags when that is short, falls back to the tags alone, and returns None when
-nothing about the sound is left. Everything here is deterministic and takes time
-linear in the text's length (each field is first cut to `MAX_FIELD_CHARS`, the tags to
-`MAX_TAGS`); the vocabulary of sounds is English (metadata in other languages wants
-the LLM backend).
+first description sentence that still names a sound once cut to length (else the
+title), adds up to two salient tags when that is short, falls back to the tags alone,
+and returns None when nothing about the sound is left. Everything here is
+deterministic and takes time linear in the text's length (each field is first cut to
+`MAX_FIELD_CHARS`, the tags to `MAX_TAGS`); the vocabulary of sounds is English
+(metadata in other languages wants the LLM backend).
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def _drop_numbers(text: str) -> str:
 
 
 def _brackets(text: str) -> str:
-    """Drops pairs of brackets with no word left inside (with their inside)."""
+    """Drops unmatched brackets, and pairs with no word left inside (with their inside)."""
     if not any(c in text for c in "()[]"):
         return text
     out: list[str] = []
@@ -211,7 +211,7 @@ def _brackets(text: str) -> str:
             out.append(c)
         elif c in _CLOSING:
             if not open_ or open_[-1][0] != _CLOSING[c]:
-                out.append(c)  # closes nothing (or crosses another pair)
+                out.append(" ")  # closes nothing (or crosses another pair)
                 continue
             _, at, word = open_.pop()
             if word:
@@ -225,6 +225,8 @@ def _brackets(text: str) -> str:
             out.append(c)
             if open_ and (c.isalnum() or c == "_"):
                 open_[-1][2] = True
+    for _, at, _ in open_:
+        out[at] = " "
     return "".join(out)
 
 
@@ -398,8 +400,9 @@ def compose_caption(title: str, description: str, tags: list[str] | str | None,
     tags to the first `MAX_TAGS` before cleaning, which bounds the time one clip takes.
 
     Args:
-      title: the clip's title (often a file name).
-      description: free text; its first sentence that names a sound is used.
+      title: the clip's title (often a file name); used when no sentence will do.
+      description: free text; its first sentence that names a sound, still once cut
+        to `max_words`, is used.
       tags: list or comma-separated string.
       max_words: longer sentences are cut (at a comma when possible).
       short_words: captions shorter than this get up to two salient tags added.
@@ -412,14 +415,17 @@ def compose_caption(title: str, description: str, tags: list[str] | str | None,
     elif tags is not None:
         tags = [_cap(t) for t in tags[:MAX_TAGS]]
     tag_list = split_tags(tags)[:MAX_TAGS]
-    main = next((s for s in sentences(_cap(description or "")) if has_sound(s)), None)
-    if main is None:
-        title_text = clean_title(_cap(title or ""))
-        main = title_text if has_sound(title_text) else None
+    main = None
+    for text in [*sentences(_cap(description or "")), clean_title(_cap(title or ""))]:
+        # Checked again once cut: the sound may be named only past the cut.
+        if has_sound(text):
+            text = _shorten(text, max_words).rstrip(" .!?,;:")
+            if has_sound(text):
+                main = text
+                break
     if main is None:
         sounds = _salient(tag_list, "")
         return _finish("the sound of " + _join(sounds[:4])) if sounds else None
-    main = _shorten(main, max_words).rstrip(" .!?,;:")
     if len(main.split()) < short_words:
         extra = _salient(tag_list, main)[:2]
         if extra:
