@@ -169,6 +169,38 @@ def test_run_caption_resumes_after_a_cut(folder, tmp_path):
     assert caption.run_caption(model, str(folder), str(out), overwrite=True)["written"] == 5
 
 
+class FailingCaptioner(FakeCaptioner):
+    """Fails for good (not a clip's fault) after `calls_left` calls."""
+
+    def __init__(self, calls_left):
+        super().__init__()
+        self.calls_left = calls_left
+
+    def caption(self, audio, **options):
+        if self.calls_left == 0:
+            raise RuntimeError("device lost")
+        self.calls_left -= 1
+        return super().caption(audio, **options)
+
+
+def test_run_caption_overwrite_keeps_the_old_output_until_complete(folder, tmp_path):
+    out = tmp_path / "captioned.jsonl"
+    out.write_text('{"id": "old", "audio": "old.wav", "captions": ["An old caption."]}\n')
+    old = out.read_text()
+    with pytest.raises(RuntimeError, match="device lost"):
+        caption.run_caption(FailingCaptioner(1), str(folder), str(out), num_captions=1,
+                            batch_size=2, overwrite=True, workers=1)
+    assert out.read_text() == old
+    partial = tmp_path / "captioned.jsonl.partial"
+    assert [r["id"] for r in _rows(partial)] == ["clip0.wav"]  # batch 1: it and broken.wav
+    with pytest.raises(CaptionError, match=r"\.partial .*--overwrite"):
+        caption.run_caption(FakeCaptioner(), str(folder), str(out), num_captions=1)
+    counts = caption.run_caption(FakeCaptioner(), str(folder), str(out), num_captions=1,
+                                 overwrite=True)
+    assert counts["resumed"] == 1 and counts["written"] == 4
+    assert len(_rows(out)) == 5 and "old" not in out.read_text() and not partial.exists()
+
+
 def test_run_caption_manifest_keeps_existing_fields(tmp_path):
     _tone(tmp_path / "clips" / "a.wav", "rain")
     _tone(tmp_path / "clips" / "b.wav", "car")

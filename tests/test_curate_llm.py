@@ -177,6 +177,29 @@ def test_llm_gives_up_with_clear_error(tmp_path, server):
     assert SECRET not in str(info.value) and "[redacted]" in str(info.value)
 
 
+def test_llm_failure_while_overwriting_keeps_the_old_output(tmp_path, server):
+    src = _clips(tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "old", "audio": "old.wav", "captions": ["An old caption."]}\n')
+    old = out.read_text()
+    server.fail = [200, 500]  # the first clip is answered, then the server is down
+    with pytest.raises(llm.LLMError, match=r"rerun the same command.*new rows are in "
+                                           r".*out\.jsonl\.partial.*stays as it was"):
+        clean.run_clean(str(src), str(out), overwrite=True, workers=1, chunk_size=1,
+                        max_retries=0, **_llm(server))
+    assert out.read_text() == old
+    partial = tmp_path / "out.jsonl.partial"
+    assert [r["id"] for r in read_jsonl(partial)] == ["c0"]
+    # Without --overwrite the unfinished new output is not silently left behind.
+    with pytest.raises(clean.CleanError, match=r"out\.jsonl\.partial .*--overwrite"):
+        clean.run_clean(str(src), str(out), **_llm(server))
+    before = len(server.requests)
+    counts = clean.run_clean(str(src), str(out), overwrite=True, **_llm(server))
+    assert counts["resumed"] == 1 and counts["written"] == 2
+    assert len(server.requests) - before == 2  # c0 is continued, not asked again
+    assert [r["id"] for r in read_jsonl(out)] == ["c0", "c1", "c2"]
+    assert not partial.exists()
+
 def test_llm_cache_makes_reruns_free(tmp_path, server):
     src = _clips(tmp_path, 5)
     cache = str(tmp_path / "cache.sqlite")

@@ -16,7 +16,9 @@ synthetic captions and labels are kept. How the K captions are drawn:
 Identical captions of one clip are kept once, so a confident decoder may give fewer
 than K. Output rows are the project's manifest rows (audio paths relative to the
 output's folder), flushed one by one; rerunning continues after the ids already in
-the output (a cut-off last line is dropped). Unreadable files are skipped and counted.
+the output (a cut-off last line is dropped). With `overwrite` the new rows go to
+OUTPUT.partial, which replaces OUTPUT only once complete (a rerun with `overwrite`
+continues it). Unreadable files are skipped and counted.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       max_len: tokens per caption at most.
       batch_size: clips captioned at once.
       seed: base sampling seed.
-      overwrite: start the output afresh instead of continuing it.
+      overwrite: write a new output instead of continuing it; it replaces the old one
+        once complete (see `resume.prepare_output`).
       workers: threads decoding audio.
       extensions: audio suffixes collected from a folder.
       progress: called as progress(label, done, total).
@@ -159,7 +162,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     _check_model(model)
     records_all, class_names = _input_records(input_path, extensions)
     try:
-        done = resume.prepare_output(output_path, overwrite)
+        writing, done = resume.prepare_output(output_path, overwrite)
     except resume.OutputError as e:
         raise CaptionError(str(e)) from None
     out_dir = os.path.dirname(os.path.abspath(output_path))
@@ -169,7 +172,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     todo = [r for r in records_all if r["id"] not in done]
     counts["resumed"] = len(records_all) - len(todo)
     failures = []
-    with open(output_path, "a", encoding="utf-8", newline="\n") as out:
+    with open(writing, "a", encoding="utf-8", newline="\n") as out:
         start = 0
         for batch in decode_files([r["audio_path"] for r in todo], batch_size, workers):
             records, start = todo[start:start + len(batch)], start + len(batch)
@@ -195,6 +198,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
             counts["unreadable"] = len(failures)
             if progress:
                 progress("caption", counts["resumed"] + start, len(records_all))
+    resume.finish_output(output_path, writing)
     if failures:
         logging.warning("skipped %d unreadable file(s):\n  %s%s", len(failures),
                         "\n  ".join(failures[:_SHOWN_FAILURES]),
@@ -221,7 +225,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("output", help="manifest JSONL to write; continued when it exists")
     parser.add_argument("--bundle", required=True, help="stage-2 inference bundle")
     parser.add_argument("--num-captions", type=int, default=3, help="new captions per clip (K)")
-    parser.add_argument("--overwrite", action="store_true", help="start the output afresh")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write a new output, which replaces the old one once complete")
 
 
 def command(args: Any, load: Callable[[], Any], progress: Progress | None) -> int:

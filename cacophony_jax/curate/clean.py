@@ -18,7 +18,9 @@ Relative audio paths are rewritten to stay correct from the output's folder. Bad
 are reported with their line number and skipped; so are clips with nothing audible in
 their metadata. Each output row is flushed as it is written; rerunning the same
 command continues after the rows already there (a cut-off last line is dropped), and
-the LLM backend's cache answers every request made before.
+the LLM backend's cache answers every request made before. With --overwrite the new
+rows go to OUTPUT.partial, which replaces OUTPUT only once complete (a rerun with
+--overwrite continues it), so a failed run never loses the old output.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
       input_path: JSONL with "audio", "title", "tags", "description", optional "id".
       output_path: manifest JSONL to write (appended to when it exists: resume).
       backend: "rules" (deterministic, local) or "llm" (OpenAI-compatible server).
-      overwrite: start the output afresh instead of resuming.
+      overwrite: write a new output instead of resuming; it replaces the old one
+        once complete (see `resume.prepare_output`).
       progress: draw a progress line on stderr.
       chunk_size: rows per round of LLM requests (default 8 x workers).
       cache_path: LLM cache file (default: output_path + ".llm_cache.sqlite").
@@ -108,7 +111,8 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
 
     Raises:
       CleanError: missing input, unknown backend, damaged output, bad LLM settings.
-      llm.LLMError: the LLM server failed for good (rerun to resume).
+      llm.LLMError: the LLM server failed for good (rerun to resume; the message says
+        where the rows so far are).
     """
     if backend not in BACKENDS:
         raise CleanError(f"unknown backend {backend!r}; use one of {BACKENDS}")
@@ -133,7 +137,7 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         chunk_size = chunk_size or 8 * settings.workers
     chunk_size = max(1, chunk_size or 256)
     try:
-        done = resume.prepare_output(output_path, overwrite)
+        writing, done = resume.prepare_output(output_path, overwrite)
     except resume.OutputError as e:
         raise CleanError(str(e)) from None
     captioner = None
@@ -191,7 +195,7 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         # Bytes, decoded a line at a time: a line that is not UTF-8 is skipped and named
         # (reading with replacement would turn it into captions with U+FFFD in them).
         with open(input_path, "rb") as src, \
-                open(output_path, "a", encoding="utf-8", newline="\n") as out:
+                open(writing, "a", encoding="utf-8", newline="\n") as out:
             batch: list[tuple[int, dict[str, Any]]] = []
             for line, data in enumerate(src, 1):
                 if not data.strip():
@@ -216,10 +220,16 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
                     flush(batch, out)
                 show(final=False)
             flush(batch, out)
+    except llm.LLMError as e:
+        if writing != output_path:
+            raise llm.LLMError(f"{e} (the new rows are in {writing}; {output_path} stays as "
+                               f"it was until the run completes)") from None
+        raise
     finally:
         if captioner is not None:
             captioner.close()
         show(final=True)
+    resume.finish_output(output_path, writing)
     if counts["skipped"] > _SHOWN_BAD_ROWS:
         logging.warning("%s: %d rows skipped in all (only the first %d shown)", input_path,
                         counts["skipped"], _SHOWN_BAD_ROWS)
@@ -235,7 +245,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="metadata JSONL (audio, title, tags, description, id)")
     parser.add_argument("output", help="manifest JSONL to write; resumed when it exists")
     parser.add_argument("--backend", choices=BACKENDS, default="rules")
-    parser.add_argument("--overwrite", action="store_true", help="start the output afresh")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write a new output, which replaces the old one once complete")
     g = parser.add_argument_group("llm backend")
     g.add_argument("--base-url", help=f"server, e.g. http://localhost:8000/v1 "
                                       f"[{llm.ENV_BASE_URL}]")
