@@ -10,7 +10,7 @@ import soundfile
 
 from cacophony_jax.curate import build, hashing
 from cacophony_jax.curate.build import BuildError
-from cacophony_jax.data.array_record import ArrayRecordSource
+from cacophony_jax.data.array_record import ArrayRecordSource, write_array_record
 
 
 def _clip(seed, seconds=1.0):
@@ -147,6 +147,24 @@ def test_array_record_input_and_default_split(corpus):
     assert source[0]["id"] == "prev/a/dog" and source[0]["labels"] == [0, 1]
     assert source.class_names == ("dog", "bell")
 
+
+def test_one_id_for_two_clips_is_refused_before_anything_is_written(corpus):
+    a, out = corpus / "a", corpus / "out"
+    _jsonl(a / "ids.jsonl", [{"audio": "dog.wav", "id": "x"}, {"audio": "rain.wav", "id": "y"},
+                             {"audio": "dog.wav", "id": "x"},  # the same clip: merged
+                             {"audio": "rain.wav", "id": "x"}])
+    with pytest.raises(BuildError, match=r"input a=.*ids\.jsonl gives id 'x' to two "
+                                         r"different clips \(lines 1 and 4\)"):
+        build.run_build([("a", str(a / "ids.jsonl"))], str(out))
+    assert not out.exists()
+    # Inline audio (an older build's split) is told apart by its hash.
+    old = corpus / "old"
+    write_array_record([{"id": "x", "captions": ["c"], "synthetic_captions": [], "labels": [],
+                         "audio": _clip(k)} for k in (1, 2)], str(old), "train", 1, [])
+    with pytest.raises(BuildError, match=r"gives id 'x' to two different clips \(clips 1 "
+                                         r"and 2\)"):
+        build.run_build([("old", f"array_record:{old}")], str(out))
+    assert not (out / "dataset_info.json").exists()
 
 def test_user_errors(corpus):
     out = corpus / "out"

@@ -15,7 +15,10 @@ it (lossy re-encodings change the samples and are not caught). Clips are dropped
 this order, when unreadable, when they overlap an evaluation set (ids or file names,
 with or without extension; hashes; the hashes of whole evaluation sources), when
 shorter than `min_seconds` or longer than `max_seconds`, and as duplicates. Output
-ids are ``<input name>/<clip id>``; class names are the union of the inputs'.
+ids are ``<input name>/<clip id>``, so an input that gives one id to two different
+clips is refused, naming the id and its lines: before any audio is read when the clips
+are files, and before the split is written when their audio is inline (told apart by
+its hash). Class names are the union of the inputs'.
 Train on the result with ``--config.data.train.kind=array_record
 --config.data.train.path=OUT --config.data.train.split=SPLIT``.
 
@@ -42,7 +45,7 @@ from cacophony_jax import atomic_write
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import hashing
 from cacophony_jax.data.array_record import SPLIT_NAME, write_array_record
-from cacophony_jax.data.sources import ManifestSource, SourceError, open_source
+from cacophony_jax.data.sources import ManifestSource, SourceError, metadata_rows, open_source
 from cacophony_jax.progress import Progress
 
 CACHE_NAME = ".build_hash_cache.jsonl"
@@ -100,6 +103,39 @@ def read_lines(path: str, what: str) -> set[str]:
 def _name_forms(name: str) -> set[str]:
     base = os.path.basename(name)
     return {name, base, os.path.splitext(base)[0]}
+
+
+def _check_ids(name: str, spec: str, source: Any, clips: Iterable[tuple[str, Any]]) -> None:
+    """Refuses an input that gives one id to two different clips: their output ids,
+    ``<name>/<id>``, would clash.
+
+    Args:
+      name: the input's name.
+      spec: its path or ``kind:path[:split]``.
+      source: the opened input.
+      clips: per clip in source order, its id and what identifies its audio (a path
+        or a hash; None when unknown, and then not compared).
+
+    Raises:
+      BuildError: naming the first such id, its lines (clip numbers when the input
+        is not a manifest) and how many ids clash.
+    """
+    lines = getattr(source, "lines", None)
+    first: dict[str, tuple[Any, int]] = {}
+    clashes = []
+    for i, (clip_id, audio) in enumerate(clips):
+        if audio is None:
+            continue
+        at = lines[i] if lines is not None else i + 1
+        seen = first.setdefault(clip_id, (audio, at))
+        if seen[0] != audio:
+            clashes.append((clip_id, seen[1], at))
+    if clashes:
+        clip_id, a, b = clashes[0]
+        more = f" (and {len(clashes) - 1} more id(s) like it)" if len(clashes) > 1 else ""
+        raise BuildError(f"input {name}={spec} gives id {clip_id!r} to two different clips "
+                         f"({'lines' if lines is not None else 'clips'} {a} and {b}){more}; "
+                         f"output ids are <input name>/<id>, so give each clip its own id")
 
 
 def _check_output(out_dir: str, split: str, overwrite: bool) -> list[str] | None:
@@ -184,6 +220,9 @@ def run_build(
         excluded_sources = [open_input(spec, default_split="test") for spec in exclude_sources]
     except SourceError as e:
         raise BuildError(str(e)) from None
+    for (name, spec), (_, source) in zip(inputs, sources, strict=True):
+        _check_ids(name, spec, source, ((r["id"], r.get("audio_path"))
+                                        for r in metadata_rows(source)))
     # One label vocabulary for every split of the dataset: a later split keeps the
     # first one's order and may use any part of it.
     class_names: dict[str, int] = {c: i for i, c in enumerate(existing or [])}
@@ -217,6 +256,10 @@ def run_build(
                       for name, source in sources]
     finally:
         cache.close()
+    # Clips with inline audio have no path to tell them apart before they are hashed.
+    for (name, spec), (_, source, entries) in zip(inputs, hashed, strict=True):
+        _check_ids(name, spec, source, ((e["record"]["id"], None if "audio_path" in e["record"]
+                                         else e.get("sha256")) for e in entries))
 
     # hash -> (output record, its source, index there); insertion order = input order
     kept: dict[str, tuple[dict[str, Any], Any, int]] = {}

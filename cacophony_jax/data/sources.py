@@ -186,6 +186,7 @@ class ManifestSource(ClipSource):
         classes = _read_classes(os.path.join(self._root, "classes.txt"))
         index = {name: i for i, name in enumerate(classes)}
         bad: list[str] = []
+        self.lines = array("q")  # per clip, its (first) line in the file, for messages
         rows = _jsonl_rows(path, bad) if kind != ".csv" else _csv_rows(path, bad)
         for line, audio, captions, synthetic, label_names, clip_id in rows:
             if classes and any(name not in index for name in label_names):
@@ -194,6 +195,7 @@ class ManifestSource(ClipSource):
                 continue
             labels = [index.setdefault(name, len(index)) for name in label_names]
             self.add(audio, captions, synthetic, labels, clip_id)
+            self.lines.append(line)
         self.num_skipped = len(bad)
         if bad:
             shown = "\n  ".join(bad[:_SHOW_BAD_ROWS])
