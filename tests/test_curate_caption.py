@@ -142,7 +142,9 @@ def test_run_caption_folder(folder, tmp_path):
     out = tmp_path / "out" / "captioned.jsonl"
     counts = caption.run_caption(FakeCaptioner(), str(folder), str(out), num_captions=2,
                                  batch_size=3)
-    assert counts == {"clips": 7, "written": 5, "resumed": 0, "unreadable": 2, "captions": 10,
+    # broken.wav cannot be read and tiny.wav is too short: a folder's files are skipped.
+    assert counts == {"clips": 7, "written": 5, "resumed": 0, "unreadable": 1,
+                      "uncaptioned": 1, "passed_through": 0, "captions": 10,
                       "no_new_caption": 0}
     rows = _rows(out)
     assert [r["id"] for r in rows] == ["clip0.wav", "clip2.wav", "clip4.wav", "sub/clip1.wav",
@@ -220,6 +222,29 @@ def test_run_caption_manifest_keeps_existing_fields(tmp_path):
                      "synthetic_captions": ["a rain sound", "rain 1"]}  # no duplicate
     assert second["id"] == "clips/b.wav" and second["captions"] == ["a car"]
 
+
+def test_run_caption_passes_manifest_rows_it_cannot_caption_through(tmp_path, caplog):
+    _tone(tmp_path / "clips" / "a.wav", "rain")
+    _tone(tmp_path / "clips" / "tiny.wav", "dog", samples=400)
+    rows = [{"audio": "clips/gone.wav", "id": "gone", "captions": ["a door slams"],
+             "label": "door", "synthetic_captions": ["a door"]},
+            {"audio": "clips/a.wav", "id": "a", "caption": "rain"},
+            {"audio": "clips/tiny.wav", "id": "tiny", "caption": "a yelp", "label": "dog"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    counts = caption.run_caption(FakeCaptioner(), str(tmp_path / "in.jsonl"), str(out),
+                                 num_captions=1)
+    assert counts == {"clips": 3, "written": 3, "resumed": 0, "unreadable": 1,
+                      "uncaptioned": 1, "passed_through": 2, "captions": 1,
+                      "no_new_caption": 0}
+    gone, a, tiny = _rows(out)
+    assert gone == {"id": "gone", "audio": os.path.join("clips", "gone.wav"),
+                    "captions": ["a door slams"], "synthetic_captions": ["a door"],
+                    "label": ["door"]}
+    assert a["synthetic_captions"] == ["a rain sound"]
+    assert tiny == {"id": "tiny", "audio": os.path.join("clips", "tiny.wav"),
+                    "captions": ["a yelp"], "synthetic_captions": [], "label": ["dog"]}
+    assert "2 clip(s) could not be captioned, written unchanged" in caplog.text
 
 def test_run_caption_user_errors(tmp_path, folder):
     model = FakeCaptioner()

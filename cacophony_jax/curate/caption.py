@@ -18,7 +18,14 @@ than K. Output rows are the project's manifest rows (audio paths relative to the
 output's folder), flushed one by one; rerunning continues after the ids already in
 the output (a cut-off last line is dropped). With `overwrite` the new rows go to
 OUTPUT.partial, which replaces OUTPUT only once complete (a rerun with `overwrite`
-continues it). Unreadable files are skipped and counted.
+continues it).
+
+A clip that cannot be captioned, because its audio cannot be read or the decoder
+refuses it (shorter than one patch, 0.15 s), gets no new captions and is counted and
+named. A manifest row is then written unchanged, so its captions and labels are never
+lost (being in the output, it is not retried by a rerun: fix its audio and rerun with
+`overwrite`); a file of a folder has nothing to keep and is skipped. Short clips are
+not padded: captions of mostly silence would only teach the model silence.
 """
 
 from __future__ import annotations
@@ -155,7 +162,9 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       progress: called as progress(label, done, total).
 
     Returns:
-      Counts: clips, written, resumed, unreadable, captions (new captions written),
+      Counts: clips, written, resumed, unreadable (audio missing or undecodable),
+      uncaptioned (refused by the decoder, e.g. too short), passed_through (manifest
+      rows of those two kinds written unchanged), captions (new captions written),
       no_new_caption (clips written without one: every caption drawn was empty).
     """
     check_request(input_path, output_path, num_captions, method, batch_size)
@@ -166,8 +175,9 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     except resume.OutputError as e:
         raise CaptionError(str(e)) from None
     out_dir = os.path.dirname(os.path.abspath(output_path))
-    counts = dict.fromkeys(("clips", "written", "resumed", "unreadable", "captions",
-                            "no_new_caption"), 0)
+    from_manifest = not os.path.isdir(input_path)
+    counts = dict.fromkeys(("clips", "written", "resumed", "unreadable", "uncaptioned",
+                            "passed_through", "captions", "no_new_caption"), 0)
     counts["clips"] = len(records_all)
     todo = [r for r in records_all if r["id"] not in done]
     counts["resumed"] = len(records_all) - len(todo)
@@ -176,31 +186,39 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
         start = 0
         for batch in decode_files([r["audio_path"] for r in todo], batch_size, workers):
             records, start = todo[start:start + len(batch)], start + len(batch)
-            good = [(r, a) for r, (_, a) in zip(records, batch, strict=True)
-                    if not isinstance(a, Exception)]
-            failures += [f"{r['id']}: {a}" for r, (_, a) in zip(records, batch, strict=True)
-                         if isinstance(a, Exception)]
+            # Per clip: its new captions, or why it has none.
+            results: list[list[str] | Exception] = [a for _, a in batch]
+            good = [i for i, a in enumerate(results) if not isinstance(a, Exception)]
+            counts["unreadable"] += len(results) - len(good)
             if good:
                 # Sampled draws are keyed by each clip's samples and the seed, so a
                 # clip's captions do not depend on the batch it landed in.
-                captions = caption_batch(model, [a for _, a in good], num_captions, method,
-                                         beam_size=beam_size, temperature=temperature,
-                                         max_len=max_len, seed=seed)
-                for (record, _), new in zip(good, captions, strict=True):
-                    if isinstance(new, Exception):
-                        failures.append(f"{record['id']}: {new}")
+                captions = caption_batch(model, [results[i] for i in good], num_captions,
+                                         method, beam_size=beam_size,
+                                         temperature=temperature, max_len=max_len, seed=seed)
+                for i, new in zip(good, captions, strict=True):
+                    results[i] = new
+                    counts["uncaptioned"] += isinstance(new, Exception)
+            for record, new in zip(records, results, strict=True):
+                if isinstance(new, Exception):
+                    failures.append(f"{record['id']}: {new}")
+                    if not from_manifest:
                         continue
-                    out.write(resume.json_line(_row(record, new, class_names, out_dir)))
-                    out.flush()  # a crash loses at most the row being written
-                    counts["written"] += 1
+                    counts["passed_through"] += 1
+                    new = []
+                else:
                     counts["captions"] += len(new)
                     counts["no_new_caption"] += not new
-            counts["unreadable"] = len(failures)
+                out.write(resume.json_line(_row(record, new, class_names, out_dir)))
+                out.flush()  # a crash loses at most the row being written
+                counts["written"] += 1
             if progress:
                 progress("caption", counts["resumed"] + start, len(records_all))
     resume.finish_output(output_path, writing)
     if failures:
-        logging.warning("skipped %d unreadable file(s):\n  %s%s", len(failures),
+        what = ("written unchanged, without new captions (fix their audio and rerun with "
+                "--overwrite to caption them)" if from_manifest else "skipped")
+        logging.warning("%d clip(s) could not be captioned, %s:\n  %s%s", len(failures), what,
                         "\n  ".join(failures[:_SHOWN_FAILURES]),
                         "\n  ..." if len(failures) > _SHOWN_FAILURES else "")
     return counts
