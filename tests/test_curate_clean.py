@@ -136,13 +136,14 @@ def test_rules_backend_reports_bad_rows(tmp_path, caplog):
          "description": "Recorded with a Zoom H6."},  # line 6: nothing audible
         {"id": "a", "audio": "clips/e.flac", "title": "Cat meowing"},  # line 7: duplicate
         {"id": 7, "audio": "/abs/f.wav", "title": "Thunder_roll.wav"},
+        {"audio": "clips/g.flac", "title": " ", "tags": []},  # line 9: nothing to read
     ])
     out = tmp_path / "out" / "manifest.jsonl"
     with caplog.at_level(logging.WARNING):
         counts = clean.run_clean(str(src), str(out), progress=False)
-    assert counts == dict(read=7, written=2, skipped=5, invalid=3, empty=1, duplicate=1,
+    assert counts == dict(read=8, written=2, skipped=6, invalid=3, empty=2, duplicate=1,
                           rejected=0, resumed=0, cached=0, requested=0)
-    for line in (2, 3, 5, 6, 7):
+    for line in (2, 3, 5, 6, 7, 9):
         assert f"raw.jsonl line {line}:" in caplog.text
     assert "line 1:" not in caplog.text and "line 8:" not in caplog.text
     rows = read_jsonl(out)

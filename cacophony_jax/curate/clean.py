@@ -44,6 +44,10 @@ class CleanError(ValueError):
     """Bad input/output file or settings (the message says which and how to fix it)."""
 
 
+class _NoMetadataError(ValueError):
+    """A well-formed row without title, tags or description: counted as empty."""
+
+
 def _decode(data: bytes, first: bool) -> str:
     try:
         return data.decode("utf-8-sig" if first else "utf-8")
@@ -79,7 +83,7 @@ def _parse_row(text: str, in_dir: str, out_dir: str) -> dict[str, Any]:
     has_tags = bool(tags.strip()) if isinstance(tags, str) else bool(tags)
     if not ((row.get("title") or "").strip() or (row.get("description") or "").strip()
             or has_tags):
-        raise ValueError("no title, tags or description to caption from")
+        raise _NoMetadataError("no title, tags or description to caption from")
     if not os.path.isabs(audio) and os.path.abspath(in_dir) != os.path.abspath(out_dir):
         audio = os.path.relpath(os.path.join(in_dir, audio), out_dir)
     raw = {k: v for k, v in row.items() if k not in ("id", "audio")}
@@ -105,9 +109,11 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         default to the CACOPHONY_LLM_* variables).
 
     Returns:
-      Counts: read, written, skipped (= invalid + empty + duplicate), invalid, empty
-      (nothing audible), duplicate, resumed (already in the output), cached and
-      requested (LLM clips answered from the cache / sent to the server).
+      Counts: read, written, skipped (= invalid + empty + duplicate + rejected),
+      invalid (not a usable row), empty (no title, tags or description, or nothing
+      audible in them), duplicate (an id seen before), rejected (the language model
+      gave no caption), resumed (already in the output), cached and requested (LLM
+      clips answered from the cache / sent to the server).
 
     Raises:
       CleanError: missing input, unknown backend, damaged output, bad LLM settings.
@@ -204,6 +210,9 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
                 try:
                     text = _decode(data, first=line == 1)
                     row = _parse_row(text, in_dir, out_dir)
+                except _NoMetadataError as e:
+                    skip("empty", line, str(e))
+                    continue
                 except ValueError as e:
                     skip("invalid", line, str(e))
                     continue
