@@ -91,7 +91,9 @@ def test_rules_take_linear_time_on_odd_metadata():
         rules.compose_caption(text, text, text)
         rules.compose_caption("", "", [text, text])
         rules.scrub(text)  # what the LLM backend sees: the whole field
-    assert time.perf_counter() - start < 1.0
+    # About 0.3 s on a 2-core CPU; the quadratic versions took over a minute in all, so
+    # the generous bound only fails on a return to them, not on a slow machine.
+    assert time.perf_counter() - start < 15.0
 
 
 def test_rules_cut_long_fields_and_strip_dangling_words():

@@ -62,7 +62,7 @@ def _check_model(model: Any) -> None:
 
 def caption_batch(model: Any, audio: Sequence[np.ndarray], num_captions: int = 1,
                   method: str = "beam", *, beam_size: int = 4, temperature: float = 1.0,
-                  max_len: int = 32, seed: int = 0) -> list[list[str] | ValueError]:
+                  max_len: int | None = None, seed: int = 0) -> list[list[str] | ValueError]:
     """Up to `num_captions` distinct captions per clip (see the module docstring).
 
     Args:
@@ -72,7 +72,7 @@ def caption_batch(model: Any, audio: Sequence[np.ndarray], num_captions: int = 1
       method: "beam", "greedy" or "sample" (how the first caption is drawn).
       beam_size: beams for "beam".
       temperature: sampling temperature.
-      max_len: tokens per caption at most.
+      max_len: tokens per caption at most (None: the bundle's text length).
       seed: base seed of the sampled captions.
 
     Returns:
@@ -138,7 +138,7 @@ def check_request(input_path: str, output_path: str, num_captions: int, method: 
 
 def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: int = 3,
                 method: str = "beam", beam_size: int = 4, temperature: float = 1.0,
-                max_len: int = 32, batch_size: int = 16, seed: int = 0,
+                max_len: int | None = None, batch_size: int = 16, seed: int = 0,
                 overwrite: bool = False, workers: int = 4,
                 extensions: Sequence[str] = AUDIO_EXTENSIONS,
                 progress: Progress | None = None) -> dict[str, int]:
@@ -152,7 +152,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       method: how the first caption is drawn: "beam", "greedy" or "sample".
       beam_size: beams for "beam".
       temperature: sampling temperature.
-      max_len: tokens per caption at most.
+      max_len: tokens per caption at most (None: the bundle's text length).
       batch_size: clips captioned at once.
       seed: base sampling seed.
       overwrite: write a new output instead of continuing it; it replaces the old one
