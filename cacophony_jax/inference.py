@@ -377,17 +377,19 @@ class CacophonyModel:
         if samples <= self._window:
             padded = clips_lib.bucket_samples(samples, self._window)
             chunks, chunk_steps = 1, clips_lib.patch_steps(padded)
+            bucketed = 1
         else:
             chunk_steps = self._window_steps
             chunks = -(-steps // chunk_steps)
             # Front-end lengths in powers of two of chunks (one spare step), so clips of
             # many lengths share a few compiled shapes.
-            padded = ((1 << (chunks - 1).bit_length()) * chunk_steps + 1) * STEP_SAMPLES
+            bucketed = 1 << (chunks - 1).bit_length()
+            padded = (bucketed * chunk_steps + 1) * STEP_SAMPLES
         length = chunk_steps * patches.FREQ_PATCHES
         used = chunks * length
         # The encoder runs on at most `batch_size` chunks at once, however long the clips:
         # clips go through the front end a few at a time, their chunks in batches.
-        per_call = max(1, batch_size // chunks)
+        per_call = max(1, batch_size // bucketed)  # by the bucket: one shape per bucket
         offset = (np.arange(chunks, dtype=np.int32) * chunk_steps)[None, :, None]
         states, masks = [], []
         for start in range(0, len(clips), per_call):

@@ -165,6 +165,12 @@ def test_one_id_for_two_clips_is_refused_before_anything_is_written(corpus):
                                          r"and 2\)"):
         build.run_build([("old", f"array_record:{old}")], str(out))
     assert not (out / "dataset_info.json").exists()
+    # One file named two ways ("dog.wav", "./dog.wav") is one clip, merged as before.
+    _jsonl(a / "same.jsonl", [{"audio": "dog.wav", "id": "x", "caption": "one"},
+                              {"audio": "./dog.wav", "id": "x", "caption": "two"}])
+    summary = build.run_build([("a", str(a / "same.jsonl"))], str(corpus / "same"))
+    assert len(ArrayRecordSource(str(corpus / "same"), "train")) == 1, summary
+
 
 def test_user_errors(corpus):
     out = corpus / "out"
@@ -233,3 +239,4 @@ def test_cli_build(corpus, capsys):
     assert len(ArrayRecordSource(out, "train")) == 5
     assert cli.main(["curate", "build", "--input", "oops", "--out", str(out)]) == 2
     assert "error: --input 'oops' must be NAME=PATH" in capsys.readouterr().err
+

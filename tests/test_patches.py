@@ -191,3 +191,5 @@ def test_mae_mask_hides_the_same_share_of_a_short_clip():
     assert counts[496] == P.num_visible_for(496, 0.8) == 99 and counts[248] == 49
     hidden = [n - k for n, k in enumerate(counts)]
     assert all(np.diff(counts) >= 0) and all(np.diff(hidden) >= 0)
+    with pytest.raises(ValueError, match="num_visible=6 is not num_visible_for"):
+        P.mae_mask(jax.random.key(0), *seq, 6, 0.75)  # the masked group would be short

@@ -372,6 +372,9 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
             ("model.remat", "partial", "config.model.remat='partial' is not one of"),
             ("data.text_length", 1, "config.data.text_length=1 must be a number >= 2"),
             ("data.text_length", 41, "more than the tiny text tower's 40 positions"),
+            ("eval.caption_max_len", 64, r"caption_max_len=64 must be 0 \(the text length\) "
+             r"or in \[2, 40\]"),
+            ("optim.max_logit_scale", -1.0, "max_logit_scale=-1.0 must be a number >= 0"),
             ("loss.chunk_size", 7, "config.loss.chunk_size=7 must divide"),
             ("tokenizer.path", "no/such/tok", "config.tokenizer.path='no/such/tok' does not"),
             ("data.eval.kind", "esc50", "config.data.eval.kind='esc50' reads files"),

@@ -350,8 +350,10 @@ def load_audio_clip(path: str | os.PathLike, length: int,
     Args:
       path: a WAV, FLAC, OGG or MP3 file.
       length: samples wanted at `sample_rate`.
-      choose_start: called once with the file's length in samples at `sample_rate`;
+      choose_start: called with the file's length in samples at `sample_rate`;
         returns where the clip starts (0 <= start; past the end gives a short clip).
+        Called once, or twice when the header's length proves wrong (then with the
+        real length).
       sample_rate: output rate in Hz.
 
     Returns:
@@ -359,7 +361,8 @@ def load_audio_clip(path: str | os.PathLike, length: int,
       audio is shorter than `length` when the file ends first.
 
     Raises:
-      AudioError: as `load_audio`, and for a file shorter than its header says.
+      AudioError: as `load_audio` (e.g. a truncated FLAC whose missing part the
+        window or the whole decode reaches).
     """
     _check_request(sample_rate, None)
     if length < 1:

@@ -250,6 +250,10 @@ def mae_mask(
         raise ValueError(
             f"num_visible must be in [1, {length - 1}] for {length} patches, got {num_visible}"
         )
+    if mask_ratio is not None and num_visible != num_visible_for(length, mask_ratio):
+        raise ValueError(f"num_visible={num_visible} is not num_visible_for({length}, "
+                         f"{mask_ratio}) = {num_visible_for(length, mask_ratio)}: the masked "
+                         "group would not hold every hidden patch")
     rank = _random_rank(rng, mask)  # valid patches first, in random order
     chosen = rank[:, :num_visible]
     chosen_valid = jnp.take_along_axis(mask, chosen, axis=1)

@@ -221,7 +221,9 @@ def run_build(
     except SourceError as e:
         raise BuildError(str(e)) from None
     for (name, spec), (_, source) in zip(inputs, sources, strict=True):
-        _check_ids(name, spec, source, ((r["id"], r.get("audio_path"))
+        # One file named two ways ("a.wav", "./a.wav", a link) is one clip.
+        _check_ids(name, spec, source, ((r["id"], r.get("audio_path") and
+                                         os.path.realpath(r["audio_path"]))
                                         for r in metadata_rows(source)))
     # One label vocabulary for every split of the dataset: a later split keeps the
     # first one's order and may use any part of it.

@@ -244,7 +244,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--bundle", required=True, help="stage-2 inference bundle")
     parser.add_argument("--num-captions", type=int, default=3, help="new captions per clip (K)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write a new output, which replaces the old one once complete")
+                        help="write a new output, which replaces the old one once complete "
+                             "(an interrupted one is continued from OUTPUT.partial)")
 
 
 def command(args: Any, load: Callable[[], Any], progress: Progress | None) -> int:

@@ -255,7 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="manifest JSONL to write; resumed when it exists")
     parser.add_argument("--backend", choices=BACKENDS, default="rules")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write a new output, which replaces the old one once complete")
+                        help="write a new output, which replaces the old one once complete "
+                             "(an interrupted one is continued from OUTPUT.partial)")
     g = parser.add_argument_group("llm backend")
     g.add_argument("--base-url", help=f"server, e.g. http://localhost:8000/v1 "
                                       f"[{llm.ENV_BASE_URL}]")

@@ -65,7 +65,8 @@ def prepare_output(path: str, overwrite: bool) -> tuple[str, set[str]]:
         open(target, "w").close()
         return target, set()
     if overwrite:
-        logging.info("continuing the unfinished --overwrite run in %s", target)
+        logging.warning("continuing the unfinished --overwrite run in %s (its rows are kept; "
+                        "delete it to start the new output from scratch)", target)
     fix = (f"delete {target} to start the new output again" if overwrite else
            "pass --overwrite (or overwrite=True) to write a new one, or choose another output")
     with open(target, "rb+") as f:

@@ -46,7 +46,8 @@ class ExampleFormat:
       clip_samples: samples per clip at 16 kHz (crop or zero-pad).
       text_length: tokens per caption; 0 for audio-only tasks (stage 1).
       synthetic_prob: chance of using a synthetic caption when the clip has one.
-      tokenizer: a picklable tokenizer with `encode(texts, length)`; None if no text.
+      tokenizer: a picklable tokenizer with `encode(texts, length, eos_when_cut=...)`
+        (see data/tokenizer.py); None if no text.
     """
 
     clip_samples: int

@@ -115,6 +115,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.data.text_length={config.data.text_length} is more "
                              f"than the {config.model.variant} text tower's {positions} "
                              "positions")
+        max_len = init.lookup(config, "eval.caption_max_len")
+        if max_len is not None and max_len != 0 and not 2 <= max_len <= positions:
+            raise ValueError(f"config.eval.caption_max_len={max_len} must be 0 (the text "
+                             f"length) or in [2, {positions}] (bos, eos and the tokens the "
+                             f"{config.model.variant} text tower has positions for)")
     # Optimiser accumulation spans steps: every step still sees the whole global batch.
     pieces = config.audio.frontend_sub_batches
     for key in ("data.global_batch_size", "data.eval_batch_size"):
