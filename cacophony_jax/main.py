@@ -47,7 +47,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 # Libraries that log every checkpoint write at INFO; their warnings still show.
-_CHATTY = ("orbax", "jax/_src", "grain", "tensorboardX", "absl/")
+_CHATTY = ("orbax", "jax/_src", "grain", "tensorboardX", "absl/", "tensorflow_datasets")
 
 
 def _quiet_libraries() -> None:
