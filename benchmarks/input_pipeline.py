@@ -2,7 +2,8 @@
 
 Three measurements, each a table row:
 
-- ``wav``: 16 kHz 16-bit WAV files (written with `data.synthetic.write_corpus`) read
+- ``wav``: 16 kHz 16-bit WAV files (FLAC with ``--audio-format flac``; written with
+  `data.synthetic.write_corpus`, ``--file-seconds`` long, cropped per draw) read
   through a `ManifestSource` and the real Grain train pipeline
   (`data.pipeline.train_dataset`: decode, shuffle, crop/pad, tokenise, batch).
 - ``array_record``: the same clips written with `data.array_record.write_array_record`
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--file-seconds", type=float, default=0.0,
                    help="length of the corpus files, cropped to --clip-seconds by the "
                         "pipeline (0: the clip length)")
+    p.add_argument("--audio-format", default="wav", choices=("wav", "flac"),
+                   help="the corpus files' format (the 'wav' rows read these files)")
     p.add_argument("--num-clips", type=int, default=64, help="clips in the corpus")
     p.add_argument("--batch", type=int, default=32, help="clips per batch")
     p.add_argument("--seconds", type=float, default=4.0, help="timed seconds per host row")
@@ -159,7 +162,7 @@ class VirtualSize:
 
 
 def make_corpus(data_dir: pathlib.Path, num_clips: int, clip_seconds: float,
-                benches: list[str]) -> dict[str, Any]:
+                benches: list[str], audio_format: str = "wav") -> dict[str, Any]:
     """Writes (or reuses) the WAV corpus and its array_record copy.
 
     Args:
@@ -168,6 +171,7 @@ def make_corpus(data_dir: pathlib.Path, num_clips: int, clip_seconds: float,
       num_clips: clips to write.
       clip_seconds: length of each file.
       benches: which sources are needed.
+      audio_format: "wav" or "flac" files (FLAC in `flac.../`, decoded per draw).
 
     Returns:
       {"wav": ManifestSource, "array_record": ArrayRecordSource} as requested.
@@ -175,9 +179,10 @@ def make_corpus(data_dir: pathlib.Path, num_clips: int, clip_seconds: float,
     from cacophony_jax.data import sources, synthetic
 
     suffix = "" if clip_seconds == 10.0 else f"_{clip_seconds:g}s"
-    manifest = data_dir / f"wav{suffix}" / "manifest.jsonl"
+    manifest = data_dir / f"{audio_format}{suffix}" / "manifest.jsonl"
     if not manifest.exists():
-        synthetic.write_corpus(manifest.parent, "train", num_clips, clip_seconds)
+        synthetic.write_corpus(manifest.parent, "train", num_clips, clip_seconds,
+                               audio_format=audio_format)
     wav = sources.ManifestSource(manifest)
     out = {"wav": wav}
     if "array_record" in benches:
@@ -295,7 +300,7 @@ def run_host(benches: list[str], args: argparse.Namespace, cores: int) -> list[d
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = pathlib.Path(args.data_dir or tmp)
         made = make_corpus(data_dir, args.num_clips, args.file_seconds or args.clip_seconds,
-                           benches)
+                           benches, args.audio_format)
         clip = round(args.clip_seconds * frontend.SAMPLE_RATE)
         tok = None
         rows = []
