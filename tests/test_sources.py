@@ -272,6 +272,14 @@ def test_esc50(tmp_path):
     assert fold1.class_names == source.class_names
     with pytest.raises(SourceError, match=r"folds \[1, 2\]"):
         esc50_source(tmp_path, folds=[7])
+    # A split names folds (as `curate build --input x=esc50:PATH:fold1` gives it).
+    from cacophony_jax.data.sources import open_source
+
+    assert len(open_source("esc50", str(tmp_path), "fold1")) == 2
+    assert len(open_source("esc50", str(tmp_path), "folds1-2")) == 3
+    assert len(open_source("esc50", str(tmp_path), "train")) == 3
+    with pytest.raises(SourceError, match="esc50 has folds, not splits: 'fold_a' names none"):
+        open_source("esc50", str(tmp_path), "fold_a")
     with pytest.raises(SourceError, match=r"meta.esc50\.csv, which does not exist"):
         esc50_source(tmp_path / "nowhere")
     _csv(str(tmp_path / "bad/meta/esc50.csv"), ["filename", "fold", "target", "category"],

@@ -42,6 +42,7 @@ import csv
 import difflib
 import json
 import os
+import re
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -349,10 +350,33 @@ _KINDS = {
     "array_record": (_array_record, (), True),
     "audiocaps": (lambda path, split: _layouts().audiocaps_source(path, split), (), True),
     "clotho": (lambda path, split: _layouts().clotho_source(path, split), (), True),
-    "esc50": (lambda path, split, **o: _layouts().esc50_source(path, **o), ("folds",), True),
-    "urbansound8k": (lambda path, split, **o: _layouts().urbansound8k_source(path, **o),
-                     ("folds",), True),
+    "esc50": (lambda path, split, **o: _layouts().esc50_source(
+        path, **_fold_split("esc50", split, **o)), ("folds",), True),
+    "urbansound8k": (lambda path, split, **o: _layouts().urbansound8k_source(
+        path, **_fold_split("urbansound8k", split, **o)), ("folds",), True),
 }
+
+# Split names that mean "every fold" for the fold-based layouts (the defaults the
+# configs and tools pass).
+_ALL_FOLDS = ("", "train", "test", "eval", "all")
+
+
+def _fold_split(kind: str, split: str, folds: Any = None) -> dict[str, Any]:
+    """The folds a split of a fold-based layout names: 'fold1', 'fold1,3', 'folds1-4'."""
+    if split in _ALL_FOLDS:
+        return {"folds": folds}
+    match = re.fullmatch(r"folds?(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)", split)
+    if match is None:
+        raise SourceError(f"{kind} has folds, not splits: {split!r} names none; give "
+                          f"'fold1', 'fold1,3' or 'folds1-4' (or one of {list(_ALL_FOLDS[1:])} "
+                          "for every fold)")
+    chosen = []
+    for part in match.group(1).split(","):
+        low, _, high = part.partition("-")
+        chosen += range(int(low), int(high or low) + 1)
+    if folds is not None and sorted(set(folds)) != sorted(set(chosen)):
+        raise SourceError(f"{kind}: split {split!r} and folds={list(folds)} disagree; give one")
+    return {"folds": sorted(set(chosen))}
 
 
 def metadata_rows(source: Any) -> Iterator[dict[str, Any]]:
@@ -383,7 +407,9 @@ def open_source(kind: str, path: str = "", split: str = "train", **options: Any)
         "esc50", "urbansound8k".
       path: the manifest file, array_record dataset folder or dataset root (unused
         for "synthetic").
-      split: the split ("manifest", "esc50" and "urbansound8k" have none and ignore it).
+      split: the split ("manifest" has none and ignores it; for "esc50" and
+        "urbansound8k" 'fold1', 'fold1,3' or 'folds1-4' chooses folds, and "train",
+        "test", "eval", "all" or "" means every fold).
       **options: synthetic: size, clip_seconds, seed; manifest: skip_bad_rows;
         esc50/urbansound8k: folds.
 
