@@ -283,3 +283,26 @@ def test_worker_processes_give_the_same_batches_and_ignore_ctrl_c():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def test_a_source_without_captions_is_refused_for_text_training(caplog):
+    fmt = pipeline.ExampleFormat(clip_samples=CLIP, text_length=12, tokenizer=FakeTokenizer())
+
+    class Labels(IndexSource):  # labelled clips, as a classification set gives them
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "captions": [], "synthetic_captions": []}
+
+    with pytest.raises(ValueError, match="training source 'index' has no captions"):
+        pipeline.train_dataset(Labels(10), fmt, global_batch_size=4, seed=0)
+
+    class Half(IndexSource):
+        def __getitem__(self, i):
+            record = super().__getitem__(i)
+            return record if i % 2 else {**record, "captions": [], "synthetic_captions": []}
+
+    batch = next(iter(pipeline.train_dataset(Half(10), fmt, global_batch_size=4, seed=0)))
+    assert "about 50% of the records of index have no caption" in caplog.text
+    assert np.all(record_ids(batch) % 2 == 1)  # only captioned records are drawn
+    # Audio-only training (stage 1) does not care.
+    pipeline.train_dataset(Labels(10), pipeline.ExampleFormat(clip_samples=CLIP),
+                           global_batch_size=4, seed=0)

@@ -239,6 +239,8 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
     """
     if len(source) == 0:
         raise ValueError(f"training source {getattr(source, 'name', source)!r} is empty")
+    if fmt.text_length > 0:
+        check_captions(source)
     decoded = DecodedSource(source, needs_captions=fmt.text_length > 0)
     index, count = jax.process_index(), jax.process_count()
     if len(decoded) < count:
@@ -267,6 +269,40 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
             num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_batches)),
             worker_init_fn=_leave_interrupts_to_the_trainer)
     return iter_ds
+
+
+# Records looked at (spread over the source) to tell how many have captions.
+CAPTION_SAMPLE = 2000
+
+
+def check_captions(source: Any) -> None:
+    """Refuses a source with no captions; warns when some records have none.
+
+    Stage 2 skips (and counts) a record without captions on every draw, so a set of
+    labelled clips without captions would fail only after compiling, as if its files
+    were missing. A spread of `CAPTION_SAMPLE` records is looked at; when none has a
+    caption, all are.
+    """
+    n = len(source)
+    metadata = getattr(source, "metadata", None)
+
+    def captioned(record: dict[str, Any]) -> bool:
+        return bool(record.get("captions") or record.get("synthetic_captions"))
+
+    step = max(1, n // CAPTION_SAMPLE)
+    sample = [captioned(metadata(i) if metadata is not None else source[i])
+              for i in range(0, n, step)]
+    name = getattr(source, "name", type(source).__name__)
+    if not any(sample) and not any(captioned(r) for r in metadata_rows(source)):
+        raise ValueError(
+            f"training source {name!r} has no captions (its {n} records carry labels or "
+            "nothing), and stage 2 trains on captions: add them (`curate clean` for web "
+            "metadata, `curate caption` for synthetic ones) or train on a captioned set")
+    missing = 1.0 - sum(sample) / len(sample)
+    if missing > 0:
+        logging.warning("about %.0f%% of the records of %s have no caption; stage 2 skips "
+                        "them on every draw (counted in data/failed_records)",
+                        100 * missing, name)
 
 
 def _leave_interrupts_to_the_trainer(worker_index: int, worker_count: int) -> None:
