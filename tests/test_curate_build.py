@@ -165,6 +165,13 @@ def test_one_id_for_two_clips_is_refused_before_anything_is_written(corpus):
                                          r"and 2\)"):
         build.run_build([("old", f"array_record:{old}")], str(out))
     assert not (out / "dataset_info.json").exists()
+    # A clip under one patch (0.15 s) is dropped and counted even without --min-seconds.
+    _write(a / "blip.wav", _clip(9, 0.05))
+    _jsonl(a / "blip.jsonl", [{"audio": "blip.wav", "id": "b", "caption": "a blip"},
+                              {"audio": "dog.wav", "id": "d", "caption": "a dog"}])
+    summary = build.run_build([("a", str(a / "blip.jsonl"))], str(corpus / "blip"))
+    assert len(ArrayRecordSource(str(corpus / "blip"), "train")) == 1
+    assert "too_short" in json.dumps(summary) and '"too_short": 1' in json.dumps(summary)
     # One file named two ways ("dog.wav", "./dog.wav") is one clip, merged as before.
     _jsonl(a / "same.jsonl", [{"audio": "dog.wav", "id": "x", "caption": "one"},
                               {"audio": "./dog.wav", "id": "x", "caption": "two"}])

@@ -42,6 +42,7 @@ from typing import Any
 from absl import logging
 
 from cacophony_jax import atomic_write
+from cacophony_jax.audio.clips import MIN_SAMPLES
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import hashing
 from cacophony_jax.data.array_record import SPLIT_NAME, write_array_record
@@ -186,7 +187,7 @@ def run_build(
       exclude_ids: ids or file names of evaluation clips to drop.
       exclude_hashes: `hashing.audio_hash` values of clips to drop.
       exclude_sources: ``kind:path[:split]`` specs whose clips' hashes are dropped.
-      min_seconds: shortest clip kept.
+      min_seconds: shortest clip kept (clips under one patch, 0.15 s, never are).
       max_seconds: longest clip kept (None: no limit).
       workers: threads decoding and hashing.
       progress: called as progress(label, done, total).
@@ -238,7 +239,9 @@ def run_build(
     os.makedirs(out_dir, exist_ok=True)
     bad_hashes = {h.lower() for h in exclude_hashes}
     bad_ids = set().union(*(_name_forms(i) for i in exclude_ids)) if exclude_ids else set()
-    min_samples = min_seconds * SAMPLE_RATE
+    # Shorter than one 16-frame patch (0.15 s) is never usable: training would skip the
+    # clip on every draw, so it is dropped and counted here whatever --min-seconds says.
+    min_samples = max(min_seconds * SAMPLE_RATE, MIN_SAMPLES)
     max_samples = float("inf") if max_seconds is None else max_seconds * SAMPLE_RATE
 
     cache = hashing.HashCache(os.path.join(out_dir, CACHE_NAME))
@@ -389,7 +392,8 @@ def add_arguments(parser: Any) -> None:
         help="audio hashes to drop, one a line (e.g. another build's <split>_hashes.txt)")
     add("--exclude-source", action="append", default=[], metavar="KIND:PATH[:SPLIT]",
         help="evaluation set whose clips are dropped (split default: test)")
-    add("--min-seconds", type=float, default=0.0)
+    add("--min-seconds", type=float, default=0.0,
+        help="shortest clip kept (under 0.15 s, one patch, are always dropped)")
     add("--max-seconds", type=float, default=None)
     add("--out", required=True, help="dataset folder")
     add("--split", default="train")
