@@ -100,9 +100,10 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
         for name in files:  # corrupt every file of the newest state
             with open(os.path.join(dirpath, name), "wb") as f:
                 f.write(b"garbage")
-    longer = tiny_config("mae", 10, **{"train.steps": 12})
+    longer = tiny_config("mae", 10, **{"train.steps": 12, "data.synthetic_train_size": 40})
     loop.run(longer, str(tmp_path))
     assert "unreadable" in caplog.text
+    assert "resuming with config.data.synthetic_train_size" in caplog.text  # other data
     # Moved aside at once (out of the keep-N count), not when step 10 is saved again.
     assert caplog.text.index("moved unreadable") < caplog.text.index("resuming with config")
     assert "resuming with config.train.steps (10 -> 12): the learning-rate schedule from " \

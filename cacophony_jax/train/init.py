@@ -85,6 +85,11 @@ STATE_FIELDS = ("model.variant", "model.scan", "model.sigmoid_bias", "optim.sam.
 SCHEDULE_FIELDS = ("train.steps", "optim.learning_rate", "optim.warmup_steps",
                    "optim.schedule", "optim.min_lr_ratio")
 
+# Config fields that say which training data is read: a resume that changes them goes
+# on from the old data's saved position.
+DATA_FIELDS = ("data.train.kind", "data.train.path", "data.train.split", "data.synthetic_seed",
+               "data.synthetic_train_size")
+
 
 def lookup(tree: Any, key: str) -> Any:
     """The value at dotted `key` ("optim.sam.enabled") of a config or its JSON, or None
@@ -125,6 +130,11 @@ def _resumed(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
         logging.warning("resuming with %s: steps from %d on see batches of the new size "
                         "(the learning rate was tuned for the old one; see docs/scaling.md, "
                         "'Global batch and learning rate')", ", ".join(changed), step + 1)
+    changed = _changed_fields(config, ckpt, DATA_FIELDS, step)
+    if changed:
+        logging.warning("resuming with %s: the saved input-pipeline position belongs to the "
+                        "old data, so the new data is read from that position of its own "
+                        "order, not from its start", ", ".join(changed))
 
 
 def _stage1_encoder(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) -> Any:
