@@ -128,7 +128,7 @@ def test_unreadable_clip_is_skipped_and_reported(esc50, tmp_path):
     assert esc["metrics"]["top1"] == 100.0
     text = (tmp_path / "out" / "results.md").read_text()
     assert "esc50: 1 unreadable" in text
-    assert "| ESC-50 (5 folds) (incomplete copy, see below) | 100.0 | 93.4 |" in text
+    assert "| ESC-50 (folds 1, 2, 3) (incomplete copy, see below) | 100.0 | 93.4 |" in text
 
 
 def test_results_files_put_paper_numbers_next_to_ours(clotho, esc50, tmp_path):
@@ -143,7 +143,7 @@ def test_results_files_put_paper_numbers_next_to_ours(clotho, esc50, tmp_path):
     clotho_row = "| Clotho evaluation (incomplete copy, see below) |"
     assert f"{clotho_row} this model | 3 | 15 | 80.0 | 100.0 | 100.0 | 86.7 | 100.0 |" in text
     assert f"{clotho_row} Cacophony (paper) | — | — | 20.0 | 46.3 | 58.2 | — | 26.1 |" in text
-    assert "| ESC-50 (5 folds) (incomplete copy, see below) | 75.0 | 93.4 | 100.0 |" in text
+    assert "| ESC-50 (folds 1, 2, 3) (incomplete copy, see below) | 75.0 | 93.4 | 100.0 |" in text
     assert "- clotho: the copy lists 3 of the published set's 1045 clips" in text
     assert "- esc50: the copy lists 4 of the published set's 2000 clips (folds [1, 2, 3])" in text
     assert "| UrbanSound8K (10 folds) | — (not evaluated) | 77.1 |" in text

@@ -145,6 +145,10 @@ def _display(name: str, sets: Mapping[str, Any]) -> str:
     # comparable with the paper's.
     display = DATASETS.get(name, (name,))[0]
     result = sets.get(name)
+    folds = (result or {}).get("folds")
+    every = {"esc50": 5, "urbansound8k": 10}.get(name)
+    if folds and every and len(folds) != every:  # "ESC-50 (5 folds)" -> "(folds 1, 2, 3)"
+        display = display.split(" (")[0] + f" (folds {', '.join(map(str, folds))})"
     if result and (result["unreadable"] or result["missing"]
                    or _listed(result) < PUBLISHED_CLIPS.get(name, 0)):
         display += " (incomplete copy, see below)"
