@@ -205,6 +205,9 @@ def test_other_sets_and_class_mentions():
     assert result["tasks"] == ["retrieval", "zeroshot"]
     assert result["metrics"]["t2a_R@1"] == 100.0 and result["metrics"]["top1"] == 100.0
     assert result["metrics"]["class_mention_rate"] == 100.0
+    assert result["metrics"]["captioned_clips"] == 2
+    text = report.results_markdown({"sets": {"tones": result}})
+    assert "| tones | 100.0 | 2 |" in text
 
 
 def test_user_errors(tmp_path):

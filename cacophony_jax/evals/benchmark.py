@@ -206,6 +206,7 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
     if caption_clips and source.class_names:
         report = class_mention_report(model, source, limit=caption_clips, batch_size=batch_size)
         metrics["class_mention_rate"] = 100.0 * report["class_mention_rate"]
+        metrics["captioned_clips"] = report["clips"]  # readable ones of the first N
         metrics["caption_examples"] = report["examples"]
     return {"tasks": tasks, "metrics": metrics, "clips": len(embedded["ids"]),
             "captions": num_captions, "unreadable": len(embedded["failures"]),

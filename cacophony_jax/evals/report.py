@@ -115,11 +115,13 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                 why = "not evaluated" if DATASETS[name][2] else "no reader"
                 lines.append(f"| {display} | — ({why}) | {_cell(paper)} | — | — | — |")
         lines.append("")
-    mentions = {n: r["metrics"]["class_mention_rate"] for n, r in sets.items()
+    mentions = {n: r["metrics"] for n, r in sets.items()
                 if "class_mention_rate" in r["metrics"]}
     if mentions:
-        lines += ["## Captions naming the clip's class (%)", "", "| set | rate |", "|---|---|"]
-        lines += [f"| {_display(n, sets)} | {_cell(v)} |" for n, v in mentions.items()] + [""]
+        lines += ["## Captions naming the clip's class (%)", "", "| set | rate | clips |",
+                  "|---|---|---|"]
+        lines += [f"| {_display(n, sets)} | {_cell(m['class_mention_rate'])} | "
+                  f"{m.get('captioned_clips', '—')} |" for n, m in mentions.items()] + [""]
     notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped "
              "(results.json lists the missing ones)"
              for n, r in sets.items() if r["unreadable"] or r["missing"]]
