@@ -148,7 +148,7 @@ def test_array_record_input_and_default_split(corpus):
     assert source.class_names == ("dog", "bell")
 
 
-def test_one_id_for_two_clips_is_refused_before_anything_is_written(corpus):
+def test_one_id_for_two_clips_is_refused_before_anything_is_written(corpus, caplog):
     a, out = corpus / "a", corpus / "out"
     _jsonl(a / "ids.jsonl", [{"audio": "dog.wav", "id": "x"}, {"audio": "rain.wav", "id": "y"},
                              {"audio": "dog.wav", "id": "x"},  # the same clip: merged
@@ -172,6 +172,12 @@ def test_one_id_for_two_clips_is_refused_before_anything_is_written(corpus):
     summary = build.run_build([("a", str(a / "blip.jsonl"))], str(corpus / "blip"))
     assert len(ArrayRecordSource(str(corpus / "blip"), "train")) == 1
     assert "too_short" in json.dumps(summary) and '"too_short": 1' in json.dumps(summary)
+    # A second split sharing clips with the first is warned about, with the fix.
+    _jsonl(a / "val.jsonl", [{"audio": "dog.wav", "id": "d", "caption": "a dog"}])
+    with caplog.at_level("WARNING"):
+        build.run_build([("a", str(a / "val.jsonl"))], str(corpus / "blip"), split="val")
+    assert "1 clip(s) of split 'val' are also in split 'train'" in caplog.text
+    assert "--exclude-hashes" in caplog.text
     # One file named two ways ("dog.wav", "./dog.wav") is one clip, merged as before.
     _jsonl(a / "same.jsonl", [{"audio": "dog.wav", "id": "x", "caption": "one"},
                               {"audio": "./dog.wav", "id": "x", "caption": "two"}])

@@ -35,7 +35,7 @@ import collections
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -317,6 +317,8 @@ def run_build(
         raise BuildError("no clip is left after filtering; check the inputs and the "
                          "--exclude-*/--min-seconds/--max-seconds settings")
 
+    _warn_shared_clips(out_dir, split, kept)
+
     def records() -> Iterator[dict[str, Any]]:
         for out, source, index in kept.values():
             yield out if "audio_path" in out else {**out, "audio": source[index]["audio"]}
@@ -339,6 +341,24 @@ _COLUMNS = (("clips", "clips"), ("hours", "hours"), ("captions", "captions"),
             ("synthetic_captions", "synthetic"), ("duplicate", "duplicate"),
             ("overlap", "overlap"), ("too_short", "too short"), ("too_long", "too long"),
             ("unreadable", "unreadable"), ("bad_rows", "bad rows"), ("missing", "missing"))
+
+
+def _warn_shared_clips(out_dir: str, split: str, kept: Mapping[str, Any]) -> None:
+    """Warns when clips of `split` are also in another split of the dataset (a test
+    split overlapping train makes its numbers meaningless)."""
+    if not os.path.isdir(out_dir):
+        return
+    for name in sorted(os.listdir(out_dir)):
+        other = name.removesuffix("_hashes.txt")
+        if other in (name, split):
+            continue
+        path = os.path.join(out_dir, name)
+        with open(path, encoding="utf-8") as f:
+            shared = sum(1 for line in f if line.strip() in kept)
+        if shared:
+            logging.warning("%d clip(s) of split %r are also in split %r (the same audio); "
+                            "pass --exclude-hashes %s to leave them out", shared, split,
+                            other, path)
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
