@@ -309,3 +309,35 @@ def test_training_keeps_its_tokenizer_and_export_reads_that_copy(
     out = export.export_from_checkpoint(run, tmp_path / "bundle")
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["tokenizer_fingerprint"] == Tokenizer.load(run / "tokenizer.json").fingerprint
+
+
+def test_a_run_resumed_from_another_workdir_keeps_that_runs_tokenizer(tokenizer_file, tmp_path,
+                                                                       caplog):
+    from etils import epath
+
+    from cacophony_jax.train import init
+
+    # Run A trained with its own tokenizer; run B continues A's checkpoint elsewhere.
+    a = tmp_path / "a"
+    (a / "checkpoints" / "20").mkdir(parents=True)
+    (a / "config.json").write_text("{}")
+    Tokenizer.load(tokenizer_file).save(a / "tokenizer.json")
+    config = tiny("cacophony", 1)
+    config.tokenizer.path = ""
+    (tmp_path / "b").mkdir()
+
+    class Captions:  # what a new BPE would be trained on: other captions
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"captions": [CAPTIONS[i] + " entirely different words"]}
+
+    for resume in (a, a / "checkpoints", a / "checkpoints" / "20"):
+        config.train.resume = str(resume)
+        tok = init.prepare_tokenizer(config, epath.Path(tmp_path / "b"), Captions())
+        assert tok.fingerprint == Tokenizer.load(a / "tokenizer.json").fingerprint, resume
+    # A resumed run that kept none: a new tokenizer, with a warning saying what to pass.
+    (a / "tokenizer.json").unlink()
+    init.prepare_tokenizer(config, epath.Path(tmp_path / "b"), Captions())
+    assert "kept no tokenizer.json, so a new tokenizer is trained" in caplog.text

@@ -38,6 +38,10 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
     if config.task != "cacophony":
         return None
     saved = workdir / TOKENIZER_FILE
+    if not saved.exists() and config.train.resume:
+        # A run continued from another workdir's checkpoint: its token ids are that
+        # run's, so its tokenizer comes along (a new BPE would renumber them).
+        saved = _resumed_tokenizer(config.train.resume) or saved
     kept = tokenizer_lib.Tokenizer.load(str(saved)) if saved.exists() else None
     if config.tokenizer.path:
         tok = tokenizer_lib.Tokenizer.load(config.tokenizer.path)
@@ -49,7 +53,14 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
                 "use the workdir's copy")
         return tok
     if kept is not None:
+        if saved.parent != workdir:
+            logging.info("using the tokenizer of the resumed run, %s", saved)
         return kept
+    if config.train.resume:
+        logging.warning("config.train.resume=%r: the run it continues kept no %s, so a new "
+                        "tokenizer is trained; if that run trained on other captions, pass "
+                        "its tokenizer as config.tokenizer.path", config.train.resume,
+                        TOKENIZER_FILE)
     from cacophony_jax.models import variants
     vocab = (config.tokenizer.vocab_size
              or variants.cacophony_config(config.model.variant).text.vocab_size)
@@ -59,6 +70,16 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
         raise ValueError("the training data has no captions to train a tokenizer on; set "
                          "config.tokenizer.path to a tokenizer.json or RoBERTa folder")
     return tokenizer_lib.Tokenizer.train_bpe(texts, vocab)
+
+
+def _resumed_tokenizer(resume: str) -> epath.Path | None:
+    """The tokenizer kept by the run that `resume` (its workdir, checkpoint folder or
+    step folder) belongs to, or None."""
+    folder = epath.Path(resume)
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / TOKENIZER_FILE).exists() and (candidate / "config.json").exists():
+            return candidate / TOKENIZER_FILE
+    return None
 
 
 def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer | None, workdir: epath.Path) -> None:
