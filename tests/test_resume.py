@@ -115,3 +115,19 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
     assert kept and all(p.read_bytes() == b"garbage" for p in kept)
     steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
     assert steps[-7:] == [6, 7, 8, 9, 10, 11, 12]  # resumed from step 5
+
+
+def test_a_damaged_input_position_falls_back_to_an_older_step(tmp_path, caplog):
+    config = tiny_config("mae", 10)
+    loop.run(config, str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    position = ckpts / "10" / "data_iter" / "process_0-of-1.json"
+    position.write_text(position.read_text()[:20])  # cut off mid-write, say
+    loop.run(tiny_config("mae", 10, **{"train.steps": 12}), str(tmp_path))
+    assert "input-pipeline position" in caplog.text and "damaged" in caplog.text
+    # Resumed exactly from step 5 (not from 10 with a fresh pass over the data); the
+    # damaged step is kept aside.
+    assert "10.corrupt-0" in os.listdir(ckpts)
+    assert "schedule from step 6 on is the new one" in caplog.text  # resumed at step 5
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps == list(range(1, 13))

@@ -141,6 +141,11 @@ class Checkpointer:
         unreadable = []
         for candidate in candidates:
             try:
+                if data_iter is not None and step is None and jax.process_count() == 1:
+                    # A damaged position would make the resume silently inexact; an
+                    # older step resumes exactly. (Several processes must agree on the
+                    # step, so there each only warns, in `_restore_iterator`.)
+                    self._check_iterator_file(candidate)
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
             except Exception as e:  # noqa: BLE001 - any failure means unreadable
@@ -163,6 +168,22 @@ class Checkpointer:
                 self._restore_iterator(candidate, data_iter)
             return restored.state, candidate
         return None
+
+    def _iterator_file(self, step: int) -> epath.Path:
+        return (self.directory / str(step) / "data_iter"
+                / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+
+    def _check_iterator_file(self, step: int) -> None:
+        """Raises CheckpointError when this process's saved input position is there but
+        damaged (not JSON); a missing one is a changed process count, not damage."""
+        path = self._iterator_file(step)
+        if not path.exists():
+            return
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"its input-pipeline position {path} is damaged "
+                                  f"({_brief(e)})") from None
 
     def _restore_iterator(self, step: int, data_iter: Any) -> None:
         try:
