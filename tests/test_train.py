@@ -103,6 +103,13 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
     from_older = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae2")})
     assert_trees_equal(start_from(from_older, task, plan).params["audio_encoder"],
                        restore_params(mae, tmp_path / "mae")["encoder"])
+    # A stage-1 run that had not finished (its newest step is 2 of 4) is warned about.
+    unfinished = tmp_path / "mae3" / "checkpoints"
+    shutil.copytree(tmp_path / "mae" / "checkpoints" / "4", unfinished / "2")
+    with caplog.at_level("WARNING"):
+        start_from(tiny_config("cacophony", 4, **{"train.init_from": str(unfinished)}),
+                   task, plan)
+    assert "from step 2 of" in caplog.text and "configured for 4 steps" in caplog.text
     # The wrong kind of run is refused before any training, naming what to use instead.
     wrong = [
         ("cacophony", {"train.init_from": str(tmp_path / "caco")}, "empty", "stage-1 .mae. run"),

@@ -321,6 +321,11 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
                     f": {_brief(e, 500)}. Is it a checkpoint of the right stage and model "
                     "variant?") from e
         logging.info("read %s from %s step %d", "/".join(keys), directory, step)
+        planned = (reader.saved_config(step) or {}).get("train", {}).get("steps")
+        if isinstance(planned, int) and step < planned:
+            logging.warning("read %s from step %d of %s, a run configured for %d steps: it "
+                            "had not finished (still training, stopped, or its newer steps "
+                            "are unreadable)", "/".join(keys), step, directory, planned)
         out = restored.state
         for key in keys:
             out = out[key]
