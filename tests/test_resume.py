@@ -131,3 +131,21 @@ def test_a_damaged_input_position_falls_back_to_an_older_step(tmp_path, caplog):
     assert "schedule from step 6 on is the new one" in caplog.text  # resumed at step 5
     steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
     assert steps == list(range(1, 13))
+
+
+def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path):
+    config = tiny_config("mae", 4)
+    loop.run(config, str(tmp_path))
+    path = tmp_path / "metrics.jsonl"
+
+    def eval_rows():
+        return [r for r in read_metrics(tmp_path) if "eval/mse" in r]
+
+    assert [r["step"] for r in eval_rows()] == [4]
+    # Killed during the final evaluation: step 4 was saved, its eval row never written.
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if "eval/mse" not in line))
+    loop.run(config, str(tmp_path))  # "already trained": evaluates, and now logs it
+    assert [r["step"] for r in eval_rows()] == [4]
+    loop.run(config, str(tmp_path))  # once only, however often it is rerun
+    assert [r["step"] for r in eval_rows()] == [4]

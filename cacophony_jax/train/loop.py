@@ -273,6 +273,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                 _stop(ckpt, step, stopper.signum, "rerun the same command to resume")
         if not final and evaluate is not None:  # e.g. rerun of a finished workdir
             final = evaluate(state.params)
+            if final and not writer.logged(step, final):  # killed while evaluating before
+                writer.write(step, final)
             if jax.process_index() == 0:
                 logging.info("eval at step %d: %s", step, metrics.format_eval(final))
         ckpt.wait()

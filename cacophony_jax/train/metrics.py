@@ -93,6 +93,23 @@ class MetricWriter:
             self._purge_step = step + 1  # hides the old events from that step on
         self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
+    def logged(self, step: int, keys: Any) -> bool:
+        """Whether metrics.jsonl holds a row at `step` with all of `keys` (True where
+        this process writes no metrics)."""
+        if not self.enabled:
+            return True
+        self._jsonl.flush()
+        keys = set(keys)
+        with open(self._jsonl.name, encoding="utf-8") as f:
+            for line in f:
+                if _row_step(line) == step:
+                    try:
+                        if keys <= set(json.loads(line)):
+                            return True
+                    except ValueError:
+                        continue
+        return False
+
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Records `metrics` (scalars) at `step`."""
         if not self.enabled:
