@@ -68,7 +68,8 @@ class IteratorTarget:
 def _brief(error: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, cut to `limit` characters (Orbax's and
     TensorStore's run to many lines of specs)."""
-    return " ".join(str(error).split())[:limit]
+    text = str(error).split("See full TensorStore details")[0]  # a method's repr follows
+    return " ".join(text.split())[:limit]
 
 
 def resolve(path: str) -> tuple[epath.Path, int | None]:
