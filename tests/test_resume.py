@@ -133,7 +133,7 @@ def test_a_damaged_input_position_falls_back_to_an_older_step(tmp_path, caplog):
     assert steps == list(range(1, 13))
 
 
-def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path):
+def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, caplog):
     config = tiny_config("mae", 4)
     loop.run(config, str(tmp_path))
     path = tmp_path / "metrics.jsonl"
@@ -149,3 +149,9 @@ def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path):
     assert [r["step"] for r in eval_rows()] == [4]
     loop.run(config, str(tmp_path))  # once only, however often it is rerun
     assert [r["step"] for r in eval_rows()] == [4]
+    # A rerun of the finished run with other settings trains nothing: config.json stays
+    # the one it trained with, and no "resuming with ..." warning says otherwise.
+    saved = (tmp_path / "config.json").read_text()
+    loop.run(tiny_config("mae", 2, **{"optim.learning_rate": 0.5}), str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved
+    assert "resuming with" not in caplog.text

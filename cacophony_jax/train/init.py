@@ -140,6 +140,8 @@ def _changed_fields(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpoi
 def _resumed(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
              step: int) -> None:
     logging.info("resuming from %s step %d", ckpt.directory, step)
+    if step >= config.train.steps:
+        return  # nothing left to train: changed settings change nothing
     changed = _changed_fields(config, ckpt, SCHEDULE_FIELDS, step)
     if changed:
         logging.warning("resuming with %s: the learning-rate schedule from step %d on is "

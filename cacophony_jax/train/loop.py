@@ -181,9 +181,12 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         state = init.restore_or_init(config, task, tx, plan, ckpt, resumed_iter)
         start = int(jax.device_get(state.step))
         writer.resume_at(start)
-        if jax.process_index() == 0:  # only once the workdir's checkpoints are known to fit
-            atomic_write.write_text(workdir_path / "config.json",
-                                    json.dumps(config_json, indent=2))
+        config_file = workdir_path / "config.json"
+        # Only once the workdir's checkpoints are known to fit, and only if this run
+        # trains: a rerun of a finished run with other settings trains nothing with them.
+        if jax.process_index() == 0 and (start < config.train.steps
+                                         or not config_file.exists()):
+            atomic_write.write_text(config_file, json.dumps(config_json, indent=2))
         init.keep_tokenizer(tokenizer, workdir_path)
         total = config.train.steps
 
