@@ -341,3 +341,31 @@ def test_a_run_resumed_from_another_workdir_keeps_that_runs_tokenizer(tokenizer_
     (a / "tokenizer.json").unlink()
     init.prepare_tokenizer(config, epath.Path(tmp_path / "b"), Captions())
     assert "kept no tokenizer.json, so a new tokenizer is trained" in caplog.text
+
+
+def test_a_vocabulary_smaller_than_asked_is_reported(tmp_path, caplog):
+    from etils import epath
+
+    from cacophony_jax.train import init
+
+    config = tiny("cacophony", 1)
+    config.tokenizer.path = ""
+
+    class Captions:
+        def __len__(self):
+            return len(CAPTIONS)
+
+        def __getitem__(self, i):
+            return {"captions": [CAPTIONS[i]]}
+
+    config.tokenizer.vocab_size = 5000
+    with caplog.at_level("INFO"):
+        tok = init.prepare_tokenizer(config, epath.Path(tmp_path), Captions())
+    assert tok.vocab_size < 5000
+    warned = [r for r in caplog.records if "not the 5000 asked for" in r.getMessage()]
+    assert warned and warned[0].levelname == "WARNING"
+    caplog.clear()
+    config.tokenizer.vocab_size = tok.vocab_size  # what the captions can give: no message
+    with caplog.at_level("INFO"):
+        init.prepare_tokenizer(config, epath.Path(tmp_path), Captions())
+    assert "asked for" not in caplog.text

@@ -69,7 +69,14 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
     if not texts:
         raise ValueError("the training data has no captions to train a tokenizer on; set "
                          "config.tokenizer.path to a tokenizer.json or RoBERTa folder")
-    return tokenizer_lib.Tokenizer.train_bpe(texts, vocab)
+    tok = tokenizer_lib.Tokenizer.train_bpe(texts, vocab)
+    if tok.vocab_size < vocab:
+        # BPE stops when no pair of tokens repeats; the model keeps its `vocab` rows.
+        log = logging.warning if config.tokenizer.vocab_size else logging.info
+        log("the training captions gave a %d-token vocabulary, not the %d asked for: BPE "
+            "ran out of repeated pairs (%d captions); the model's unused embedding rows "
+            "stay untrained", tok.vocab_size, vocab, len(texts))
+    return tok
 
 
 def _resumed_tokenizer(resume: str) -> epath.Path | None:
