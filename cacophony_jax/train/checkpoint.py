@@ -19,6 +19,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from grain import checkpoint as grain_ckpt
 
+from cacophony_jax.train import agree
+
 ITEMS = ("state", "data_iter", "config")
 COUNTERS_KEY = "cacophony_host_counters"
 
@@ -142,11 +144,10 @@ class Checkpointer:
         unreadable = []
         for candidate in candidates:
             try:
-                if data_iter is not None and step is None and jax.process_count() == 1:
+                if data_iter is not None and step is None:
                     # A damaged position would make the resume silently inexact; an
-                    # older step resumes exactly. (Several processes must agree on the
-                    # step, so there each only warns, in `_restore_iterator`.)
-                    self._check_iterator_file(candidate)
+                    # older step resumes exactly.
+                    self._check_iterator_files(candidate)
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
             except Exception as e:  # noqa: BLE001 - any failure means unreadable
@@ -185,6 +186,19 @@ class Checkpointer:
         except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"its input-pipeline position {path} is damaged "
                                   f"({_brief(e)})") from None
+
+    def _check_iterator_files(self, step: int) -> None:
+        """`_check_iterator_file` on every process: all skip `step` when any one's
+        position is damaged, as they must resume from the same step."""
+        error = None
+        try:
+            self._check_iterator_file(step)
+        except CheckpointError as e:
+            error = e
+        try:
+            agree.agree(f"reading step {step}'s input positions", error)
+        except agree.OtherProcessError as e:
+            raise CheckpointError(str(e)) from None
 
     def _restore_iterator(self, step: int, data_iter: Any) -> None:
         try:
