@@ -200,6 +200,13 @@ def test_audiocaps(tmp_path, caplog):
     with pytest.raises(SourceError, match="splits"):
         audiocaps_source(tmp_path, "dev")
     assert source.missing_ids == ["mno"]
+    # AudioSet's segment names, as AudioSet downloaders write them.
+    _csv(str(tmp_path / "val.csv"), header, [["21", "abc", "30", "x"], ["22", "-d_e", "0", "y"]])
+    _wav(str(tmp_path / "audio/val/Yabc_30.000_40.000.wav"))
+    _wav(str(tmp_path / "audio/val/-d_e_0.000_10.000.flac"))
+    val = audiocaps_source(tmp_path, "val")
+    assert [os.path.basename(val[i]["audio_path"]) for i in range(2)] == [
+        "Yabc_30.000_40.000.wav", "-d_e_0.000_10.000.flac"]
 
 
 def test_audiocaps_as_downloaders_lay_it_out(tmp_path):
@@ -213,7 +220,7 @@ def test_audiocaps_as_downloaders_lay_it_out(tmp_path):
     assert source[0]["audio_path"] == str(tmp_path / "test" / "101.WAV")
     os.remove(tmp_path / "test" / "101.WAV")
     os.remove(tmp_path / "test" / "def.flac")
-    _wav(str(tmp_path / "test" / "abc_30.000_40.000.wav"))  # a naming not recognised
+    _wav(str(tmp_path / "test" / "abc-30.wav"))  # a naming not recognised
     with pytest.raises(SourceError, match=r"no audio found under .*audio/test \(it does not "
                                           r"exist; .*also looked in .*test"):
         audiocaps_source(tmp_path, "test")

@@ -10,6 +10,7 @@ without audio are counted in `num_missing` and skipped. `open_source` in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import unicodedata
@@ -126,8 +127,9 @@ def audiocaps_source(root: str | os.PathLike, split: str) -> ClipSource:
 
     Args:
       root: folder with {train,val,test}.csv and audio/<split>/ files named
-        {youtube_id}, {youtube_id}_{start_time}, Y{youtube_id} or {audiocap_id}
-        with a wav/flac/ogg/mp3 extension (any case); the audio may also be in
+        {youtube_id}, {youtube_id}_{start_time}, AudioSet's
+        {youtube_id}_{start:.3f}_{end:.3f}, any of these with a Y prefix, or
+        {audiocap_id}, with a wav/flac/ogg/mp3 extension (any case); the audio may also be in
         <split>/, audio/ or root itself (the folder holding most clips is used).
       split: "train", "val" or "test" ("validation" means "val").
 
@@ -145,8 +147,12 @@ def audiocaps_source(root: str | os.PathLike, split: str) -> ClipSource:
         captions.append(row["caption"])
         start = row["start_time"].strip()
         starts.update({start, start.split(".")[0]})  # "30.0" files are often named "30"
+        with contextlib.suppress(ValueError):  # AudioSet's <id>_30.000_40.000 (10 s clips)
+            starts.add(f"{float(start):.3f}_{float(start) + 10:.3f}")
+
     def names(yid: str, ids: list[str], starts: set[str]) -> list[str]:
-        stems = [yid, *(f"{yid}_{s}" for s in sorted(starts)), f"Y{yid}", *ids]
+        stems = [yid, *(f"{yid}_{s}" for s in sorted(starts)), f"Y{yid}",
+                 *(f"Y{yid}_{s}" for s in sorted(starts)), *ids]
         return [_key(f"{stem}.{ext}") for stem in stems for ext in AUDIO_EXTENSIONS]
 
     wanted = {yid: names(yid, ids, starts) for yid, (ids, _, starts) in clips.items()}
@@ -161,7 +167,8 @@ def audiocaps_source(root: str | os.PathLike, split: str) -> ClipSource:
             missing.append(yid)
         else:
             source.add(found, captions, clip_id=yid)
-    tried = "{youtube_id}, {youtube_id}_{start_time}, Y{youtube_id}, {audiocap_id} + .wav/.flac/..."
+    tried = ("{youtube_id}, {youtube_id}_{start_time}, {youtube_id}_{start:.3f}_{end:.3f}, "
+             "the same with a Y prefix, {audiocap_id} + .wav/.flac/...")
     return _report_missing(source, missing, folder, tried,
                            [os.path.normpath(os.path.join(root, f)) for f in folders])
 
