@@ -69,6 +69,10 @@ def test_empty_and_truncation(trained):
     assert cut[0].tolist() == fits[0].tolist() and cut_mask[0].tolist() == fits_mask[0].tolist()
     with pytest.raises(TokenizerError, match="at least 2"):
         trained.encode(["x"], 1)
+    # token_counts says which texts a length cuts.
+    counts = trained.token_counts(["", "a dog", "the dog is barking while cars pass by " * 5])
+    assert counts[0] == 0 and counts[1] == int(fits_mask[0].sum()) - 2
+    assert counts[2] == int((full[0] > 2).sum()) > 6
 
 
 def test_decode_stops_at_first_eos(trained):

@@ -185,6 +185,21 @@ class Tokenizer:
             mask[row, n + 2:] = 0
         return ids, mask
 
+    def token_counts(self, texts: Sequence[str]) -> np.ndarray:
+        """How many tokens each text takes, bos and eos not counted: a text fits
+        `encode(..., length)` uncut when its count is at most ``length - 2``.
+
+        Args:
+          texts: N texts.
+
+        Returns:
+          int64 [N].
+        """
+        if isinstance(texts, str):
+            raise TokenizerError("token_counts takes a sequence of texts, not one string")
+        encodings = self._backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        return np.asarray([len(e.ids) for e in encodings], np.int64)
+
     def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
         """Turns id rows back into text, stopping at the first eos and skipping specials.
 
