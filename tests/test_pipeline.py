@@ -194,6 +194,52 @@ def test_undecodable_records_are_skipped_and_counted(tmp_path):
         take(make(source, batch=2), 1)
 
 
+def test_a_record_that_fails_to_decode_is_not_read_again(tmp_path, monkeypatch, caplog):
+    from cacophony_jax.data import sources
+
+    soundfile.write(tmp_path / "good.wav", np.full(3000, 7, np.int16), 16000, subtype="PCM_16")
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    # long.wav fails once its crop is drawn (a damaged window: another crop may decode).
+    soundfile.write(tmp_path / "long.wav", np.full(48000, 5, np.int16), 16000, subtype="PCM_16")
+    rows = ["good", "broken", "long"]
+    (tmp_path / "m.jsonl").write_text("".join(
+        f'{{"audio": "{name}.wav", "captions": ["x"]}}\n' for name in rows))
+    opened = []
+    real = io.load_audio_clip
+
+    def load_audio_clip(path, length, choose_start, **kw):
+        opened.append(path.rsplit("/", 1)[-1])
+        if path.endswith("long.wav"):
+            choose_start(48000)
+            raise io.AudioError(f"cannot decode the window of {path}")
+        return real(path, length, choose_start, **kw)
+
+    monkeypatch.setattr(io, "load_audio_clip", load_audio_clip)
+    decoded = pipeline.DecodedSource(sources.ManifestSource(str(tmp_path / "m.jsonl")))
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING"):
+        draws = [decoded.draw(1, CLIP, rng) for _ in range(4)]
+    # Every draw is replaced and counted; the file is read (and warned about) once.
+    assert [d["num_failed"] for d in draws] == [1] * 4
+    assert all(np.all(d["audio"] == 7) for d in draws)
+    assert opened.count("broken.wav") == 1
+    assert len(caplog.records) == 1
+    assert "skipping record 1 of m, now and on its later draws without reading it " \
+           "again (failure 1 of this process): cannot decode" in caplog.text
+    # A failure after the crop is drawn may not recur with another crop: tried again.
+    for _ in range(3):
+        assert decoded.draw(2, CLIP, rng)["num_failed"] == 1
+    assert opened.count("long.wav") == 3
+    # Nothing usable: still one clear error after the tries, also from memory.
+    (tmp_path / "bad.jsonl").write_text('{"audio": "broken.wav", "captions": ["x"]}\n')
+    decoded = pipeline.DecodedSource(sources.ManifestSource(str(tmp_path / "bad.jsonl")))
+    opened.clear()
+    for _ in range(2):
+        with pytest.raises(io.AudioError, match="tried for one draw all failed.*broken.wav"):
+            decoded.draw(0, CLIP, rng)
+    assert opened == ["broken.wav"]
+
+
 def test_a_run_of_bad_records_is_replaced_from_all_over_the_source():
     class Gap(IndexSource):  # records 10-79 missing (a folder not downloaded), 5 too short
         def __getitem__(self, i):

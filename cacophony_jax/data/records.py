@@ -36,6 +36,15 @@ class DecodedSource:
     draw), so training goes on and the loss of data is counted. The first
     `WARN_FIRST` failures of a process are logged one by one, then every
     `WARN_EVERY`-th with the running count.
+
+    A record that fails whatever crop is drawn (it cannot be opened or decoded whole,
+    is too short, lacks a caption, is a corrupt array_record entry) is remembered by
+    this process (each Grain worker has its own memory) and skipped on its later
+    draws without being read again, and without another warning. Such a draw is still
+    counted in `num_failed`, so the count is that of draws replaced, the same as if the
+    record were tried again each time. A failure of one window of a long file (another
+    crop may decode) and an `OSError` (perhaps a passing fault) are tried again on
+    the next draw.
     """
 
     WARN_FIRST, WARN_EVERY = 20, 1000
@@ -45,6 +54,8 @@ class DecodedSource:
         self._needs_captions = needs_captions
         self.name = getattr(source, "name", type(source).__name__)
         self._failures = 0
+        # Record index -> why it is unusable, for records that fail whatever the crop.
+        self._unusable: dict[int, str] = {}
         n = max(1, len(source))
         stride = max(1, round(n * 0.6180339887)) | 1
         while math.gcd(stride, n) != 1:
@@ -99,25 +110,33 @@ class DecodedSource:
         With `length`, `audio` is a random `length`-sample crop (from `rng`) of the
         record's audio, or all of it when shorter; without, the whole audio."""
         n = len(self._source)
-        error: Exception | None = None
+        error: Exception | str | None = None
+        cropped = False
 
         def random_start(total: int) -> int:
+            nonlocal cropped
+            cropped = True
             excess = total - length
             return int(rng.integers(excess + 1)) if excess > 0 else 0
 
         for failed in range(MAX_CONSECUTIVE_FAILURES):
             current = (index + failed * self._stride) % n
+            known = self._unusable.get(current)
+            if known is not None:  # failed before, whatever the crop: not read again
+                error = known
+                continue
+            cropped = False
             try:
                 record = self.load(current, length, random_start if length else None,
                                    min_samples=MIN_SAMPLES)
             except (io.AudioError, OSError, SourceError) as e:
                 error = e
-                self._failures += 1
-                if self._failures <= self.WARN_FIRST or self._failures % self.WARN_EVERY == 0:
-                    logging.warning("skipping record %d of %s (%d skipped so far%s): %s",
-                                    current, self.name, self._failures,
-                                    f", now warning every {self.WARN_EVERY}th"
-                                    if self._failures == self.WARN_FIRST else "", e)
+                # Failed before a crop was drawn (no random numbers used): the same on
+                # every draw, so skipping it unread changes neither records nor crops.
+                remember = not cropped and isinstance(e, (io.AudioError, SourceError))
+                if remember:
+                    self._unusable[current] = str(e)
+                self._warn(current, e, remember)
                 continue
             record["num_failed"] = int(failed > 0)
             return record
@@ -128,6 +147,16 @@ class DecodedSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.draw(index)
+
+    def _warn(self, index: int, error: Exception, remembered: bool) -> None:
+        self._failures += 1
+        if self._failures <= self.WARN_FIRST or self._failures % self.WARN_EVERY == 0:
+            logging.warning("skipping record %d of %s%s (failure %d of this process%s): "
+                            "%s", index, self.name,
+                            ", now and on its later draws without reading it again"
+                            if remembered else "", self._failures,
+                            f", now warning every {self.WARN_EVERY}th"
+                            if self._failures == self.WARN_FIRST else "", error)
 
 
 def crop_or_pad(audio: np.ndarray, length: int, start: int) -> tuple[np.ndarray, int]:
