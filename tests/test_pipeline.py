@@ -224,8 +224,8 @@ def test_a_record_that_fails_to_decode_is_not_read_again(tmp_path, monkeypatch, 
     assert all(np.all(d["audio"] == 7) for d in draws)
     assert opened.count("broken.wav") == 1
     assert len(caplog.records) == 1
-    assert "skipping record 1 of m, now and on its later draws without reading it " \
-           "again (failure 1 of this process): cannot decode" in caplog.text
+    assert "skipping record 1 of m from now on, without reading it again (failure 1 of " \
+           "this process): cannot decode" in caplog.text
     # A failure after the crop is drawn may not recur with another crop: tried again.
     for _ in range(3):
         assert decoded.draw(2, CLIP, rng)["num_failed"] == 1
@@ -238,6 +238,33 @@ def test_a_record_that_fails_to_decode_is_not_read_again(tmp_path, monkeypatch, 
         with pytest.raises(io.AudioError, match="tried for one draw all failed.*broken.wav"):
             decoded.draw(0, CLIP, rng)
     assert opened == ["broken.wav"]
+
+
+@pytest.mark.skipif(not io._MP3_SUPPORTED, reason="libsndfile without MP3")
+def test_a_damaged_mp3_is_decoded_and_reported_once(tmp_path, capfd, caplog):
+    from cacophony_jax.data import sources
+
+    wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(22050) / 44100)
+    soundfile.write(tmp_path / "damaged.mp3", wave, 44100, format="MP3",
+                    subtype="MPEG_LAYER_III")
+    data = bytearray((tmp_path / "damaged.mp3").read_bytes())
+    middle = len(data) // 2
+    data[middle - 1200:middle + 1200] = b"\x55" * 2400  # no frame sync to resume at
+    (tmp_path / "damaged.mp3").write_bytes(bytes(data))
+    soundfile.write(tmp_path / "good.wav", np.full(3000, 7, np.int16), 16000, subtype="PCM_16")
+    (tmp_path / "m.jsonl").write_text('{"audio": "good.wav", "captions": ["x"]}\n'
+                                      '{"audio": "damaged.mp3", "captions": ["x"]}\n')
+    decoded = pipeline.DecodedSource(sources.ManifestSource(str(tmp_path / "m.jsonl")))
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING"):
+        assert decoded.draw(1, 16000, rng)["num_failed"] == 1
+        capfd.readouterr()  # libmpg123's lines about the file, written by the C library
+        assert [decoded.draw(1, 16000, rng)["num_failed"] for _ in range(3)] == [1] * 3
+    assert capfd.readouterr().err == ""  # not decoded again, so not heard from again
+    [warning] = caplog.records
+    assert "damaged.mp3" in warning.getMessage()
+    assert "from now on, without reading it again" in warning.getMessage()
+    assert "libmpg123 may have printed lines about it on stderr" in warning.getMessage()
 
 
 def test_a_run_of_bad_records_is_replaced_from_all_over_the_source():

@@ -34,6 +34,12 @@ _INT16_SCALE = 32768.0
 _FORMATS_HINT = "WAV, FLAC, OGG (Vorbis/Opus) or MP3"
 _CONVERT_HINT = "convert it to 16 kHz mono WAV (e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`)"
 _MP3_SUPPORTED = "MP3" in sf.available_formats()
+# A damaged MP3 makes libmpg123 (inside libsndfile) write lines of its own to the
+# process's stderr. They cannot be silenced from here: libsndfile gives no way to set
+# its quiet flag, and redirecting file descriptor 2 around a decode would also take
+# what other threads (Grain's readers, the trainer) write meanwhile. The error says
+# whose lines they are; training decodes such a file only once per process.
+_MP3_NOISE = "libmpg123 may have printed lines about it on stderr"
 
 # Output container and encoding for each suffix `write_audio` accepts.
 _WRITE_FORMATS = {
@@ -128,6 +134,8 @@ def _decode_errors(name: str) -> Iterator[None]:
         # cannot parse (e.g. a damaged MP3); the file is there (checked before).
         why = str(err).replace("File does not exist or is not a regular file (possibly a "
                                "pipe?)", "not a file it can parse")
+        if name.lower().endswith(".mp3"):
+            why += f"; {_MP3_NOISE}"
         raise AudioError(
             f"cannot decode {name} ({why}); it may be corrupt or not {_FORMATS_HINT}: "
             f"{_CONVERT_HINT}, or drop it"

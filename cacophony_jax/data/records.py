@@ -153,8 +153,8 @@ class DecodedSource:
         if self._failures <= self.WARN_FIRST or self._failures % self.WARN_EVERY == 0:
             logging.warning("skipping record %d of %s%s (failure %d of this process%s): "
                             "%s", index, self.name,
-                            ", now and on its later draws without reading it again"
-                            if remembered else "", self._failures,
+                            " from now on, without reading it again" if remembered else "",
+                            self._failures,
                             f", now warning every {self.WARN_EVERY}th"
                             if self._failures == self.WARN_FIRST else "", error)
 
