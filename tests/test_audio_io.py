@@ -274,3 +274,15 @@ def test_low_rate_mp3s_are_not_seeked(tmp_path, monkeypatch):
         (self.tell(), frames)) or real_read(self, frames, **kw))
     clip, total = audio_io.load_audio_clip(tmp_path / "low.mp3", 16000, lambda n: n // 2)
     assert clip.size == 16000 and total >= 16000 * 10 and reads == [(0, -1)]
+
+
+def test_sample_conversions_are_a_module_of_their_own_and_still_io_names():
+    import inspect
+
+    from cacophony_jax.audio import samples
+
+    for name in ("SAMPLE_RATE", "AudioError", "to_int16", "to_float32", "resample",
+                 "resampled_length"):
+        assert getattr(audio_io, name) is getattr(samples, name)
+    for module in (audio_io, samples):  # the house cap on a module's length
+        assert len(inspect.getsource(module).splitlines()) <= 400, module.__name__

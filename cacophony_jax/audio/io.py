@@ -1,10 +1,13 @@
-"""Host-side audio decoding and encoding (numpy, soundfile, soxr).
+"""Host-side audio decoding and encoding of files and encoded bytes (soundfile).
 
 Everything the model sees is 16 kHz mono int16: `load_audio` and
 `decode_audio_bytes` decode WAV/FLAC/OGG/MP3, average channels to mono, resample with
 soxr (high quality), clip to [-1, 1] and convert to int16. A 16 kHz mono 16-bit file
 is read straight into int16 with no float round trip, which keeps the common case
-(pre-converted corpora) cheap.
+(pre-converted corpora) cheap. `load_audio_clip` decodes one clip of a long file,
+only its window. The conversions of samples in memory (`to_int16`, `to_float32`,
+`resample`, `resampled_length`) and `AudioError` are `audio/samples.py`'s, and
+importable from here too.
 
 Every problem a user can cause (missing path, unreadable or corrupt file, no
 samples, non-finite samples, unknown suffix) raises `AudioError`, a ValueError whose
@@ -23,13 +26,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
-import soxr
 from absl import logging
 
-SAMPLE_RATE = 16_000
-
-# int16 <-> float scale of the front end: x / 32768, so int16 -> float -> int16 is exact.
-_INT16_SCALE = 32768.0
+from cacophony_jax.audio.samples import (  # noqa: F401 - part of this module's API
+    SAMPLE_RATE,
+    AudioError,
+    resample,
+    resampled_length,
+    to_float32,
+    to_int16,
+)
 
 _FORMATS_HINT = "WAV, FLAC, OGG (Vorbis/Opus) or MP3"
 _CONVERT_HINT = "convert it to 16 kHz mono WAV (e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`)"
@@ -49,72 +55,6 @@ _WRITE_FORMATS = {
 }
 if _MP3_SUPPORTED:
     _WRITE_FORMATS[".mp3"] = ("MP3", "MPEG_LAYER_III")
-
-
-class AudioError(ValueError):
-    """An audio file or buffer that cannot be used; the message names it and the fix."""
-
-
-def to_int16(wave: np.ndarray) -> np.ndarray:
-    """Float audio in [-1, 1] to int16 (clipped, x * 32768 rounded).
-
-    Args:
-      wave: float array of any shape; int16 input is returned unchanged.
-
-    Returns:
-      int16 array of the same shape.
-
-    Raises:
-      AudioError: if the audio holds NaN or infinite values.
-    """
-    wave = np.asarray(wave)
-    if wave.dtype == np.int16:
-        return wave
-    if not np.isfinite(wave).all():
-        raise AudioError("audio holds NaN or infinite samples; fix or drop the clip")
-    scaled = np.rint(np.clip(wave, -1.0, 1.0) * _INT16_SCALE)
-    return np.clip(scaled, -32768, 32767).astype(np.int16)
-
-
-def to_float32(audio: np.ndarray) -> np.ndarray:
-    """int16 audio to float32 in [-1, 1) (x / 32768, exact).
-
-    Args:
-      audio: int16 array of any shape.
-
-    Returns:
-      float32 array of the same shape.
-
-    Raises:
-      AudioError: if the input is not int16.
-    """
-    audio = np.asarray(audio)
-    if audio.dtype != np.int16:
-        raise AudioError(f"to_float32 expects int16 audio, got {audio.dtype}; use to_int16 first")
-    return audio.astype(np.float32) * np.float32(1.0 / _INT16_SCALE)
-
-
-def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Resamples float audio with soxr at high quality.
-
-    Args:
-      wave: float [S] or [S, channels].
-      orig_sr: sample rate of `wave` in Hz.
-      target_sr: wanted sample rate in Hz.
-
-    Returns:
-      float32 audio at `target_sr`, length about S * target_sr / orig_sr.
-
-    Raises:
-      AudioError: if a sample rate is not a positive integer.
-    """
-    for label, rate in (("orig_sr", orig_sr), ("target_sr", target_sr)):
-        if int(rate) != rate or rate <= 0:
-            raise AudioError(f"resample: {label} must be a positive integer in Hz, got {rate}")
-    wave = np.asarray(wave, dtype=np.float32)
-    if orig_sr == target_sr or wave.shape[0] == 0:
-        return wave
-    return np.asarray(soxr.resample(wave, int(orig_sr), int(target_sr), quality="HQ"), np.float32)
 
 
 def _check_request(sample_rate: int, max_seconds: float | None) -> None:
@@ -208,12 +148,6 @@ def _decode(
     if max_seconds is not None:
         audio = audio[: math.ceil(max_seconds * sample_rate)]
     return audio
-
-
-def resampled_length(frames: int, orig_sr: int, target_sr: int) -> int:
-    """Samples `resample` makes of `frames` samples: frames * target / orig, rounded
-    half up (as soxr rounds)."""
-    return (2 * frames * target_sr + orig_sr) // (2 * orig_sr)
 
 
 # Only files at least this many times longer than the wanted clip are decoded in a
