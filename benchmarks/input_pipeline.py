@@ -6,7 +6,7 @@ Three measurements, each a table row:
   `data.synthetic.write_corpus`, ``--file-seconds`` long, cropped per draw) read
   through a `ManifestSource` and the real Grain train pipeline
   (`data.pipeline.train_dataset`: decode, shuffle, crop/pad, tokenise, batch).
-- ``array_record``: the same clips written with `data.array_record.write_array_record`
+- ``array_record``: the same clips written with `data.array_record_write.write_array_record`
   and read back through `ArrayRecordSource` and the same pipeline.
 - ``frontend``: the jitted device front end (`audio.frontend.log_mel` then
   `audio.patches.patchify`) on 10 s int16 clips.
@@ -186,13 +186,13 @@ def make_corpus(data_dir: pathlib.Path, num_clips: int, clip_seconds: float,
     wav = sources.ManifestSource(manifest)
     out = {"wav": wav}
     if "array_record" in benches:
-        from cacophony_jax.data import array_record
+        from cacophony_jax.data import array_record, array_record_write
 
         folder = data_dir / f"array_record{suffix}"
         if not (folder / "dataset_info.json").exists():
             records = (wav[i] for i in range(len(wav)))
-            array_record.write_array_record(records, folder, "train", num_shards=4,
-                                            class_names=wav.class_names)
+            array_record_write.write_array_record(records, folder, "train", num_shards=4,
+                                                  class_names=wav.class_names)
         out["array_record"] = array_record.ArrayRecordSource(folder, "train")
     return out
 

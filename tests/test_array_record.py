@@ -14,8 +14,8 @@ from cacophony_jax.data.array_record import (
     DATASET_NAME,
     ArrayRecordError,
     ArrayRecordSource,
-    write_array_record,
 )
+from cacophony_jax.data.array_record_write import write_array_record
 from cacophony_jax.data.sources import open_source
 
 CLASSES = ("dog", "rain", "car horn")

@@ -10,7 +10,8 @@ import soundfile
 
 from cacophony_jax.curate import build, hashing
 from cacophony_jax.curate.build import BuildError
-from cacophony_jax.data.array_record import ArrayRecordSource, write_array_record
+from cacophony_jax.data.array_record import ArrayRecordSource
+from cacophony_jax.data.array_record_write import write_array_record
 
 
 def _clip(seed, seconds=1.0):

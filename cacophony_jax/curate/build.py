@@ -45,7 +45,8 @@ from cacophony_jax import atomic_write
 from cacophony_jax.audio.clips import MIN_SAMPLES
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import hashing
-from cacophony_jax.data.array_record import SPLIT_NAME, write_array_record
+from cacophony_jax.data.array_record import SPLIT_NAME
+from cacophony_jax.data.array_record_write import write_array_record
 from cacophony_jax.data.sources import ManifestSource, SourceError, metadata_rows, open_source
 from cacophony_jax.progress import Progress
 
