@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from cacophony_jax.curate import build, hashing
-from cacophony_jax.curate.build import BuildError
+from cacophony_jax.curate import build, build_inputs, hashing
+from cacophony_jax.curate.build_inputs import BuildError
 from cacophony_jax.data.array_record import ArrayRecordSource
 from cacophony_jax.data.array_record_write import write_array_record
 
@@ -71,8 +71,8 @@ def corpus(tmp_path):
 def _build(corpus, out, **options):
     return build.run_build(
         [("a", str(corpus / "a" / "m.jsonl")), ("b", str(corpus / "b" / "m.csv"))], str(out),
-        exclude_ids=build.read_lines(str(corpus / "ids.txt"), "ids"),
-        exclude_hashes=build.read_lines(str(corpus / "hashes.txt"), "hashes"),
+        exclude_ids=build_inputs.read_lines(str(corpus / "ids.txt"), "ids"),
+        exclude_hashes=build_inputs.read_lines(str(corpus / "hashes.txt"), "hashes"),
         exclude_sources=[f"clotho:{corpus / 'clotho'}"], min_seconds=0.5, max_seconds=2.0,
         workers=2, num_shards=2, **options)
 
@@ -202,7 +202,7 @@ def test_user_errors(corpus):
     with pytest.raises(BuildError, match="no clip is left"):
         build.run_build([("a", manifest)], str(out), min_seconds=100)
     with pytest.raises(BuildError, match="cannot read the ids file"):
-        build.read_lines(str(corpus / "nope.txt"), "ids")
+        build_inputs.read_lines(str(corpus / "nope.txt"), "ids")
     with pytest.raises(BuildError, match="--workers must be at least 1"):
         build.run_build([("a", manifest)], str(out), workers=0)
     _build(corpus, out)

@@ -32,10 +32,9 @@ split is written atomically by `write_array_record`. OUT also receives
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,122 +44,22 @@ from cacophony_jax import atomic_write
 from cacophony_jax.audio.clips import MIN_SAMPLES
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import hashing
-from cacophony_jax.data.array_record import SPLIT_NAME
+from cacophony_jax.curate.build_inputs import (
+    BuildError,
+    check_ids,
+    check_output,
+    name_forms,
+    open_input,
+    read_lines,
+    warn_shared_clips,
+)
+from cacophony_jax.curate.build_summary import summary_markdown, write_summary
 from cacophony_jax.data.array_record_write import write_array_record
-from cacophony_jax.data.sources import ManifestSource, SourceError, metadata_rows, open_source
+from cacophony_jax.data.sources import SourceError, metadata_rows
 from cacophony_jax.progress import Progress
 
 CACHE_NAME = ".build_hash_cache.jsonl"
-_MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
 _DROPS = ("unreadable", "overlap", "too_short", "too_long", "duplicate")
-
-
-class BuildError(ValueError):
-    """Bad build inputs or settings (the message names the thing and the fix)."""
-
-
-def open_input(spec: str, default_split: str = "train") -> Any:
-    """Opens a manifest path or a ``kind:path[:split]`` source.
-
-    Args:
-      spec: a .jsonl/.json/.csv manifest, or e.g. "clotho:data/clotho:evaluation".
-      default_split: split when `spec` names none.
-
-    Returns:
-      A source (manifests skip bad rows, which are reported with line numbers).
-    """
-    kind, sep, rest = spec.partition(":")
-    if os.path.splitext(spec)[1].lower() in _MANIFEST_SUFFIXES and (
-            not sep or os.path.isfile(spec)):
-        return ManifestSource(spec, skip_bad_rows=True)
-    if not sep:
-        raise BuildError(f"input {spec!r} is neither a manifest (.jsonl, .json, .csv) nor "
-                         f"kind:path[:split], e.g. clotho:data/clotho:evaluation")
-    path, split = rest, default_split
-    head, sep, tail = rest.rpartition(":")
-    if sep and head and re.fullmatch(r"\w+", tail) and not os.path.exists(rest):
-        path, split = head, tail
-    options = {"skip_bad_rows": True} if kind == "manifest" else {}
-    return open_source(kind, path, split, **options)
-
-
-def read_lines(path: str, what: str) -> set[str]:
-    """Non-empty stripped lines of a text file (ids or hashes), '#' comments skipped.
-
-    Args:
-      path: the file.
-      what: what the lines are, for the error message.
-
-    Returns:
-      The set of lines.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            return {s for s in (line.strip() for line in f) if s and not s.startswith("#")}
-    except (OSError, UnicodeDecodeError) as e:
-        raise BuildError(f"cannot read the {what} file {path} ({e}); pass a UTF-8 text "
-                         f"file with one entry per line") from None
-
-
-def _name_forms(name: str) -> set[str]:
-    base = os.path.basename(name)
-    return {name, base, os.path.splitext(base)[0]}
-
-
-def _check_ids(name: str, spec: str, source: Any, clips: Iterable[tuple[str, Any]]) -> None:
-    """Refuses an input that gives one id to two different clips: their output ids,
-    ``<name>/<id>``, would clash.
-
-    Args:
-      name: the input's name.
-      spec: its path or ``kind:path[:split]``.
-      source: the opened input.
-      clips: per clip in source order, its id and what identifies its audio (a path
-        or a hash; None when unknown, and then not compared).
-
-    Raises:
-      BuildError: naming the first such id, its lines (clip numbers when the input
-        is not a manifest) and how many ids clash.
-    """
-    lines = getattr(source, "lines", None)
-    first: dict[str, tuple[Any, int]] = {}
-    clashes = []
-    for i, (clip_id, audio) in enumerate(clips):
-        if audio is None:
-            continue
-        at = lines[i] if lines is not None else i + 1
-        seen = first.setdefault(clip_id, (audio, at))
-        if seen[0] != audio:
-            clashes.append((clip_id, seen[1], at))
-    if clashes:
-        clip_id, a, b = clashes[0]
-        more = f" (and {len(clashes) - 1} more id(s) like it)" if len(clashes) > 1 else ""
-        raise BuildError(f"input {name}={spec} gives id {clip_id!r} to two different clips "
-                         f"({'lines' if lines is not None else 'clips'} {a} and {b}){more}; "
-                         f"output ids are <input name>/<id>, so give each clip its own id")
-
-
-def _check_output(out_dir: str, split: str, overwrite: bool) -> list[str] | None:
-    """Refuses an output that cannot take `split`; returns the class names of the
-    other splits already there (None when there are none)."""
-    if not re.fullmatch(SPLIT_NAME, split):
-        raise BuildError(f"--split {split!r} may only use letters, digits and '_'")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise BuildError(f"--out {out_dir} is a file; name a new or existing folder")
-    info = os.path.join(out_dir, "dataset_info.json")
-    if not os.path.isfile(info):
-        return None
-    try:
-        with open(info, encoding="utf-8") as f:
-            names = [s.get("name") for s in json.load(f).get("splits", [])]
-        with open(os.path.join(out_dir, "metadata.json"), encoding="utf-8") as f:
-            classes = json.load(f).get("class_names", [])
-    except (OSError, ValueError, AttributeError):
-        raise BuildError(f"{info} is unreadable; choose an empty --out folder") from None
-    if split in names and not overwrite:
-        raise BuildError(f"{out_dir} already holds split {split!r}; choose another --out or "
-                         f"--split, or pass --overwrite to rebuild it")
-    return [str(c) for c in classes] if set(names) - {split} else None
 
 
 def run_build(
@@ -216,7 +115,7 @@ def run_build(
     if workers < 1:
         raise BuildError(f"--workers must be at least 1, got {workers}")
     out_dir = os.path.abspath(out_dir)
-    existing = _check_output(out_dir, split, overwrite)
+    existing = check_output(out_dir, split, overwrite)
     try:
         sources = [(name, open_input(spec)) for name, spec in inputs]
         excluded_sources = [open_input(spec, default_split="test") for spec in exclude_sources]
@@ -224,9 +123,9 @@ def run_build(
         raise BuildError(str(e)) from None
     for (name, spec), (_, source) in zip(inputs, sources, strict=True):
         # One file named two ways ("a.wav", "./a.wav", a link) is one clip.
-        _check_ids(name, spec, source, ((r["id"], r.get("audio_path") and
-                                         os.path.realpath(r["audio_path"]))
-                                        for r in metadata_rows(source)))
+        check_ids(name, spec, source, ((r["id"], r.get("audio_path") and
+                                        os.path.realpath(r["audio_path"]))
+                                       for r in metadata_rows(source)))
     # One label vocabulary for every split of the dataset: a later split keeps the
     # first one's order and may use any part of it.
     class_names: dict[str, int] = {c: i for i, c in enumerate(existing or [])}
@@ -239,7 +138,7 @@ def run_build(
                          "name: build the splits together into a new --out folder")
     os.makedirs(out_dir, exist_ok=True)
     bad_hashes = {h.lower() for h in exclude_hashes}
-    bad_ids = set().union(*(_name_forms(i) for i in exclude_ids)) if exclude_ids else set()
+    bad_ids = set().union(*(name_forms(i) for i in exclude_ids)) if exclude_ids else set()
     # Shorter than one 16-frame patch (0.15 s) is never usable: training would skip the
     # clip on every draw, so it is dropped and counted here whatever --min-seconds says.
     min_samples = max(min_seconds * SAMPLE_RATE, MIN_SAMPLES)
@@ -264,8 +163,8 @@ def run_build(
         cache.close()
     # Clips with inline audio have no path to tell them apart before they are hashed.
     for (name, spec), (_, source, entries) in zip(inputs, hashed, strict=True):
-        _check_ids(name, spec, source, ((e["record"]["id"], None if "audio_path" in e["record"]
-                                         else e.get("sha256")) for e in entries))
+        check_ids(name, spec, source, ((e["record"]["id"], None if "audio_path" in e["record"]
+                                        else e.get("sha256")) for e in entries))
 
     # hash -> (output record, its source, index there); insertion order = input order
     kept: dict[str, tuple[dict[str, Any], Any, int]] = {}
@@ -283,8 +182,8 @@ def run_build(
                 absent = "audio_path" in record and not os.path.exists(record["audio_path"])
                 c["missing" if absent else "unreadable"] += 1
                 failures.append(f"{name}: {entry['error']}")
-            elif (entry["sha256"] in bad_hashes or _name_forms(record["id"]) & bad_ids
-                  or "audio_path" in record and _name_forms(record["audio_path"]) & bad_ids):
+            elif (entry["sha256"] in bad_hashes or name_forms(record["id"]) & bad_ids
+                  or "audio_path" in record and name_forms(record["audio_path"]) & bad_ids):
                 c["overlap"] += 1
             elif entry["samples"] < min_samples:
                 c["too_short"] += 1
@@ -318,7 +217,7 @@ def run_build(
         raise BuildError("no clip is left after filtering; check the inputs and the "
                          "--exclude-*/--min-seconds/--max-seconds settings")
 
-    _warn_shared_clips(out_dir, split, kept)
+    warn_shared_clips(out_dir, split, kept)
 
     def records() -> Iterator[dict[str, Any]]:
         for out, source, index in kept.values():
@@ -334,68 +233,8 @@ def run_build(
         total.update(c)
     summary = {"split": split, "out": out_dir, "class_names": list(class_names),
                "sources": counts, "total": dict(total)}
-    _write_summary(out_dir, summary)
+    write_summary(out_dir, summary)
     return summary
-
-
-_COLUMNS = (("clips", "clips"), ("hours", "hours"), ("captions", "captions"),
-            ("synthetic_captions", "synthetic"), ("duplicate", "duplicate"),
-            ("overlap", "overlap"), ("too_short", "too short"), ("too_long", "too long"),
-            ("unreadable", "unreadable"), ("bad_rows", "bad rows"), ("missing", "missing"))
-
-
-def _warn_shared_clips(out_dir: str, split: str, kept: Mapping[str, Any]) -> None:
-    """Warns when clips of `split` are also in another split of the dataset (a test
-    split overlapping train makes its numbers meaningless)."""
-    if not os.path.isdir(out_dir):
-        return
-    for name in sorted(os.listdir(out_dir)):
-        other = name.removesuffix("_hashes.txt")
-        if other in (name, split):
-            continue
-        path = os.path.join(out_dir, name)
-        with open(path, encoding="utf-8") as f:
-            shared = sum(1 for line in f if line.strip() in kept)
-        if shared:
-            logging.warning("%d clip(s) of split %r are also in split %r (the same audio); "
-                            "pass --exclude-hashes %s to leave them out", shared, split,
-                            other, path)
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary as a Markdown table (one row per input and a total).
-
-    Args:
-      summary: what `run_build` returns.
-
-    Returns:
-      Markdown text.
-    """
-    head = "| source | " + " | ".join(title for _, title in _COLUMNS) + " |"
-    lines = [f"### split `{summary['split']}`", "", head,
-             "|" + "---|" * (len(_COLUMNS) + 1)]
-    rows = [*summary["sources"].items(), ("**total**", summary["total"])]
-    for name, c in rows:
-        cells = [f"{c.get(key, 0):.2f}" if key == "hours" else str(int(c.get(key, 0)))
-                 for key, _ in _COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _write_summary(out_dir: str, summary: dict[str, Any]) -> None:
-    # One summary per folder, one section per split: building "val" keeps "train"'s.
-    path = os.path.join(out_dir, "summary.json")
-    every: dict[str, Any] = {}
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                every = json.load(f)
-        except (OSError, ValueError):
-            every = {}
-    every[summary["split"]] = summary
-    atomic_write.write_text(path, json.dumps(every, indent=1))
-    atomic_write.write_text(os.path.join(out_dir, "summary.md"), "# Dataset build summary\n\n"
-                            + "\n".join(summary_markdown(s) for s in every.values()))
 
 
 def add_arguments(parser: Any) -> None:
