@@ -39,30 +39,27 @@ Speed: all model work runs in jit-compiled functions on one device. Clip lengths
 padded up to a few buckets (powers of two of 16-frame patches, topped by the window
 itself) and batches up to a power of two (at most ``batch_size``) by repeating a row
 whose result is discarded, so calls with new lengths mostly reuse compiled code;
-``trace_counts`` counts the compilations.
+``trace_counts`` counts the compilations. That machinery, the jitted functions and
+their batching, is `cacophony_jax.inference_runtime`.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cacophony_jax.audio import clips as clips_lib
-from cacophony_jax.audio import frontend, io, patches
-from cacophony_jax.audio.clips import SAMPLE_RATE, STEP_SAMPLES, AudioInput
+from cacophony_jax.audio import io
+from cacophony_jax.audio.clips import AudioInput
 from cacophony_jax.convert import bundle
-from cacophony_jax.data.tokenizer import Tokenizer
+from cacophony_jax.inference_runtime import InferenceError, ModelRuntime
 from cacophony_jax.models import decoding
-from cacophony_jax.models.audio_encoder import AudioEncoder
-from cacophony_jax.models.cacophony import Cacophony
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # Control characters, line separators and the replacement character a byte-level
@@ -73,10 +70,6 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufffd]+")
 def printable(text: str) -> str:
     """A generated caption without control characters or U+FFFD, spaces collapsed."""
     return " ".join(_UNPRINTABLE.sub(" ", text).split())
-
-
-class InferenceError(ValueError):
-    """A request the loaded model cannot serve; the message says what to do instead."""
 
 
 def load(bundle_path: str | os.PathLike, *, device: jax.Device | None = None) -> CacophonyModel:
@@ -98,7 +91,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-class CacophonyModel:
+class CacophonyModel(ModelRuntime):
     """A loaded bundle: audio/text embeddings, similarity, captions, encoder states.
 
     Attributes:
@@ -112,115 +105,6 @@ class CacophonyModel:
       meta: the bundle's metadata.
       trace_counts: how often each jitted function was traced (compiled).
     """
-
-    def __init__(self, meta: dict[str, Any], params: Any, tokenizer: Tokenizer | None = None):
-        """Wraps parameters read by ``bundle.read_bundle`` (prefer ``load``).
-
-        Args:
-          meta: the bundle metadata.
-          params: the unrolled parameter tree, placed on the device to run on.
-          tokenizer: the bundle's tokenizer (None for "mae").
-        """
-        self.meta = meta
-        self.kind: str = meta["kind"]
-        self.config = bundle.model_config(meta)
-        self.sample_rate: int = SAMPLE_RATE
-        self.window_seconds: float = float(meta["window_seconds"])
-        self.text_length: int = int(meta["text_length"])
-        self.tokenizer = tokenizer
-        self.params = params
-        self.trace_counts: collections.Counter[str] = collections.Counter()
-        dtype = bundle.DTYPES[meta["dtype"]]
-        if self.kind == "cacophony":
-            self.module: Cacophony | None = Cacophony(self.config, dtype=dtype)
-            audio_cfg, self._encoder_key = self.config.audio, "audio_encoder"
-            self.embedding_size: int = self.config.projection
-        else:
-            self.module = None
-            audio_cfg, self._encoder_key = self.config.encoder, "encoder"
-            self.embedding_size = audio_cfg.hidden
-        self.state_size: int = audio_cfg.hidden
-        self._encoder = AudioEncoder(audio_cfg, dtype=dtype)
-        self._window = round(self.window_seconds * SAMPLE_RATE)
-        self._window_steps = clips_lib.patch_steps(self._window)
-        self._encode_audio = jax.jit(self._encode_audio_impl)
-        self._encode_patches = jax.jit(self._encode_patches_impl)
-        self._patches = jax.jit(self._patches_impl)
-        self._chunk_states = jax.jit(self._chunk_states_impl)
-        self._encode_text = jax.jit(self._encode_text_impl)
-
-    # ---- traced functions ------------------------------------------------------------
-
-    def _audio_tower(self, params, patch, time_idx, freq_idx, mask):
-        """(states [B, N, D] float32, unnormalised embedding [B, P] float32)."""
-        if self.module is not None:
-            states, emb = self.module.apply({"params": params}, patch, time_idx, freq_idx,
-                                            mask, method=Cacophony.encode_audio)
-            return states.astype(jnp.float32), emb
-        states = self._encoder.apply({"params": params[self._encoder_key]}, patch, time_idx,
-                                     freq_idx, mask).astype(jnp.float32)
-        weight = mask.astype(jnp.float32)[..., None]
-        return states, jnp.sum(states * weight, 1) / jnp.maximum(jnp.sum(weight, 1), 1.0)
-
-    def _encode_patches_impl(self, params, patch, time_idx, freq_idx, mask):
-        self.trace_counts["encode_patches"] += 1
-        return self._audio_tower(params, patch, time_idx, freq_idx, mask)
-
-    def _encode_audio_impl(self, params, audio, audio_len):
-        """Windows -> (states, patch mask, unnormalised embedding)."""
-        self.trace_counts["encode_audio"] += 1
-        feats = patches.patchify(*frontend.log_mel(audio, audio_len))
-        states, emb = self._audio_tower(params, *feats)
-        return states, feats[3], emb
-
-    def _patches_impl(self, params, audio, audio_len):
-        """Clips -> (patches, time index, frequency index, mask) of the whole clip."""
-        del params
-        self.trace_counts["audio_patches"] += 1
-        return patches.patchify(*frontend.log_mel(audio, audio_len))
-
-    def _chunk_states_impl(self, params, patch, time_idx, freq_idx, mask):
-        """Encoder states of window-sized chunks, each encoded as a clip of its own."""
-        self.trace_counts["audio_states"] += 1
-        return self._encoder.apply({"params": params[self._encoder_key]}, patch, time_idx,
-                                   freq_idx, mask).astype(jnp.float32)
-
-    def _encode_text_impl(self, params, ids, mask):
-        self.trace_counts["encode_text"] += 1
-        states, emb = self.module.apply({"params": params}, ids, mask,
-                                        method=Cacophony.encode_text)
-        return states.astype(jnp.float32), emb
-
-    # ---- host-side helpers -----------------------------------------------------------
-
-    def _batched(self, fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> Any:
-        """Runs ``fn(params, *rows)`` over row chunks padded to a bucketed batch size."""
-        if batch_size < 1:
-            raise InferenceError(f"batch_size must be at least 1, got {batch_size}")
-        outs = []
-        for start in range(0, arrays[0].shape[0], batch_size):
-            chunk = [a[start:start + batch_size] for a in arrays]
-            rows = chunk[0].shape[0]
-            out = jax.device_get(fn(self.params, *clips_lib.pad_rows(chunk, batch_size)))
-            outs.append(jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], out))
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
-
-    def _over_windows(self, windows: list[np.ndarray], fn: Callable,
-                      batch_size: int) -> list[Any]:
-        """``fn`` on every window, grouped by length bucket; results in input order."""
-        results: list[Any] = [None] * len(windows)
-        for index, audio, lengths in clips_lib.length_groups(windows, self._window):
-            out = self._batched(fn, (audio, lengths), batch_size)
-            for row, i in enumerate(index):
-                results[i] = out[row]
-        return results
-
-    def _need_text(self, what: str) -> None:
-        if self.kind != "cacophony":
-            raise InferenceError(f"{what} needs a stage-2 (cacophony) bundle; this is a "
-                                 f"{self.kind!r} bundle, which only embeds audio")
-
-    # ---- public API ------------------------------------------------------------------
 
     def embed_audio(self, audio: AudioInput, sample_rate: int | None = None,
                     batch_size: int = 32) -> np.ndarray:
@@ -372,51 +256,7 @@ class CacophonyModel:
             raise io.AudioError("audio_states got an empty batch; pass [n, samples] with n >= 1")
         if batch_size < 1:
             raise InferenceError(f"batch_size must be at least 1, got {batch_size}")
-        samples = clips[0].shape[0]
-        steps = clips_lib.patch_steps(samples)
-        if samples <= self._window:
-            padded = clips_lib.bucket_samples(samples, self._window)
-            chunks, chunk_steps = 1, clips_lib.patch_steps(padded)
-            bucketed = 1
-        else:
-            chunk_steps = self._window_steps
-            chunks = -(-steps // chunk_steps)
-            # Front-end lengths in powers of two of chunks (one spare step), so clips of
-            # many lengths share a few compiled shapes.
-            bucketed = 1 << (chunks - 1).bit_length()
-            padded = (bucketed * chunk_steps + 1) * STEP_SAMPLES
-        length = chunk_steps * patches.FREQ_PATCHES
-        used = chunks * length
-        # The encoder runs on at most `batch_size` chunks at once, however long the clips:
-        # clips go through the front end a few at a time, their chunks in batches.
-        per_call = max(1, batch_size // bucketed)  # by the bucket: one shape per bucket
-        offset = (np.arange(chunks, dtype=np.int32) * chunk_steps)[None, :, None]
-        states, masks = [], []
-        for start in range(0, len(clips), per_call):
-            group = clips[start:start + per_call]
-            audio = np.zeros((len(group), padded), np.int16)
-            for row, clip in enumerate(group):
-                audio[row, :samples] = clip
-            lengths = np.full(len(group), samples, np.int32)
-            patch, time_idx, freq_idx, mask = self._batched(self._patches, (audio, lengths),
-                                                            per_call)
-            rows = len(group) * chunks
-
-            def split(x, rows=rows):
-                return x[:, :used].reshape(rows, length, *x.shape[2:])
-
-            # Each chunk is encoded as if it were a clip of its own, starting at time 0.
-            local_time = (time_idx[:, :used].reshape(len(group), chunks, length)
-                          - offset).reshape(rows, length)
-            out = self._batched(self._chunk_states, (split(patch), local_time,
-                                                     split(freq_idx), split(mask)), batch_size)
-            states.append(out.reshape(len(group), used, -1))
-            masks.append(mask[:, :used])
-        n = steps * patches.FREQ_PATCHES
-        time_idx = np.broadcast_to(np.arange(n, dtype=np.int32) // patches.FREQ_PATCHES,
-                                   (len(clips), n)).copy()
-        return (np.concatenate(states)[:, :n], time_idx,
-                np.concatenate(masks)[:, :n].astype(bool))
+        return self._chunked_states(clips, batch_size)
 
     def encode_patches(self, patch: np.ndarray, time_idx: np.ndarray, freq_idx: np.ndarray,
                        mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
