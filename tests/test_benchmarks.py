@@ -14,7 +14,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from benchmarks import (
     accounting,
     aot_compile,
+    cpu_time,
     gpu_targets,
+    host_pipeline,
     input_pipeline,
     train_step,
 )
@@ -26,12 +28,12 @@ from cacophony_jax.data import spec
 def test_virtual_size_repeats_the_source():
     base = types.SimpleNamespace(name="b", class_names=("x",))
     records = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
-    source = input_pipeline.VirtualSize(_ListSource(records, base), 10)
+    source = host_pipeline.VirtualSize(_ListSource(records, base), 10)
     assert len(source) == 10
     assert [source[i]["id"] for i in (0, 4, 8, 9)] == ["a", "b", "c", "a"]
     assert source.class_names == ("x",)
     # Never smaller than the source itself.
-    assert len(input_pipeline.VirtualSize(_ListSource(records, base), 2)) == 3
+    assert len(host_pipeline.VirtualSize(_ListSource(records, base), 2)) == 3
 
 
 class _ListSource:
@@ -46,11 +48,11 @@ class _ListSource:
 
 
 def test_cpu_seconds_counts_work_done():
-    before = input_pipeline.cpu_seconds()
+    before = cpu_time.cpu_seconds()
     end = time.process_time() + 0.05
     while time.process_time() < end:
         pass
-    assert input_pipeline.cpu_seconds() - before >= 0.05
+    assert cpu_time.cpu_seconds() - before >= 0.05
 
 
 def test_format_row_says_whether_the_target_is_met():
