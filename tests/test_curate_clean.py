@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cacophony_jax.curate import clean, llm, rules
+from cacophony_jax.curate import clean, llm, rules, rules_text, rules_words
 from tests.helpers import read_jsonl, write_jsonl
 
 # (title, tags, description, expected caption): realistic messy metadata.
@@ -70,12 +70,12 @@ def test_rules_return_none_when_nothing_is_audible():
 
 
 def test_rules_helpers():
-    assert rules.split_tags("Dog-Bark, field_recording; #rain, 24bit, ZoomH4n, ,") == [
+    assert rules_text.split_tags("Dog-Bark, field_recording; #rain, 24bit, ZoomH4n, ,") == [
         "dog bark", "rain"]
-    assert rules.split_tags("#seagulls #birds") == ["seagulls", "birds"]
-    assert rules.scrub("<b>Rain</b> &amp; wind by @bob, see http://x.org/a or mail a@b.com") \
+    assert rules_text.split_tags("#seagulls #birds") == ["seagulls", "birds"]
+    assert rules_text.scrub("<b>Rain</b> &amp; wind by @bob, see http://x.org/a or mail a@b.com") \
         == "Rain & wind by, see or mail"
-    assert rules.has_sound("dogs barking") and not rules.has_sound("my new camera")
+    assert rules_words.has_sound("dogs barking") and not rules_words.has_sound("my new camera")
 
 
 # Odd metadata that took seconds each while patterns were retried from every character
@@ -90,7 +90,7 @@ def test_rules_take_linear_time_on_odd_metadata():
     for text in ODD_METADATA:
         rules.compose_caption(text, text, text)
         rules.compose_caption("", "", [text, text])
-        rules.scrub(text)  # what the LLM backend sees: the whole field
+        rules_text.scrub(text)  # what the LLM backend sees: the whole field
     # About 0.3 s on a 2-core CPU; the quadratic versions took over a minute in all, so
     # the generous bound only fails on a return to them, not on a slow machine.
     assert time.perf_counter() - start < 15.0
@@ -102,8 +102,8 @@ def test_rules_cut_long_fields_and_strip_dangling_words():
     assert rules.compose_caption("", "x " * rules.MAX_FIELD_CHARS + "A dog barks.", None) \
         is None  # past the cut
     assert rules.compose_caption("", "dog " + "with " * 100, None) == "Dog."
-    assert rules.clean_text("with and rain on the roof of the") == "rain on the roof"
-    assert rules.clean_text("rain on the roof. with the") == "rain on the roof."
+    assert rules_text.clean_text("with and rain on the roof of the") == "rain on the roof"
+    assert rules_text.clean_text("rain on the roof. with the") == "rain on the roof."
 
 @pytest.mark.parametrize(("description", "expected"), [
     ("( ( dog barks", "Dog barks."), ("[ dog barks", "Dog barks."),

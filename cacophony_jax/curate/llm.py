@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 
-from cacophony_jax.curate import rules
+from cacophony_jax.curate import rules_text
 
 ENV_BASE_URL = "CACOPHONY_LLM_BASE_URL"
 ENV_MODEL = "CACOPHONY_LLM_MODEL"
@@ -145,9 +145,9 @@ def user_message(title: str, tags: list[str] | str | None, description: str) -> 
       "Title: ...\\nTags: ...\\nDescription: ..." text.
     """
     tag_list = tags if isinstance(tags, list) else [t for t in (tags or "").split(",")]
-    tag_text = ", ".join(t for t in (rules.scrub(str(t)) for t in tag_list) if t)
-    desc = rules.scrub(description)[:_DESCRIPTION_CHARS]
-    return (f"Title: {rules.scrub(title)[:_TITLE_CHARS]}\nTags: {tag_text[:_TAGS_CHARS]}\n"
+    tag_text = ", ".join(t for t in (rules_text.scrub(str(t)) for t in tag_list) if t)
+    desc = rules_text.scrub(description)[:_DESCRIPTION_CHARS]
+    return (f"Title: {rules_text.scrub(title)[:_TITLE_CHARS]}\nTags: {tag_text[:_TAGS_CHARS]}\n"
             f"Description: {desc}")
 
 
