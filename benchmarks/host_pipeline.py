@@ -55,14 +55,15 @@ def make_corpus(data_dir: pathlib.Path, num_clips: int, clip_seconds: float,
     Returns:
       {"wav": ManifestSource, "array_record": ArrayRecordSource} as requested.
     """
-    from cacophony_jax.data import sources, synthetic
+    from cacophony_jax.data import manifest as manifest_lib
+    from cacophony_jax.data import synthetic
 
     suffix = "" if clip_seconds == 10.0 else f"_{clip_seconds:g}s"
     manifest = data_dir / f"{audio_format}{suffix}" / "manifest.jsonl"
     if not manifest.exists():
         synthetic.write_corpus(manifest.parent, "train", num_clips, clip_seconds,
                                audio_format=audio_format)
-    wav = sources.ManifestSource(manifest)
+    wav = manifest_lib.ManifestSource(manifest)
     out = {"wav": wav}
     if "array_record" in benches:
         from cacophony_jax.data import array_record, array_record_write

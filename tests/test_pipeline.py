@@ -140,13 +140,13 @@ def test_hosts_take_turns_in_one_global_stream(monkeypatch):
 
 
 def test_long_files_are_cropped_from_a_decoded_window(tmp_path, monkeypatch):
-    from cacophony_jax.data import sources
+    from cacophony_jax.data import manifest
 
     # Sample i of the 60 s file holds i // 32 - 16384, so a clip shows where it starts.
     ramp = (np.arange(16000 * 60) // 32 - 16384).astype(np.int16)
     soundfile.write(tmp_path / "long.wav", ramp, 16000, subtype="PCM_16")
     (tmp_path / "m.jsonl").write_text('{"audio": "long.wav", "captions": ["a"]}\n')
-    source = sources.ManifestSource(str(tmp_path / "m.jsonl"))
+    source = manifest.ManifestSource(str(tmp_path / "m.jsonl"))
     read = []
     real_read = soundfile.SoundFile.read
     monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, frames=-1, **kw:
@@ -172,7 +172,7 @@ def test_long_files_are_cropped_from_a_decoded_window(tmp_path, monkeypatch):
 
 
 def test_undecodable_records_are_skipped_and_counted(tmp_path):
-    from cacophony_jax.data import sources
+    from cacophony_jax.data import manifest
 
     good = tmp_path / "good.wav"
     soundfile.write(good, np.full(3000, 7, np.int16), 16000, subtype="PCM_16")
@@ -181,14 +181,14 @@ def test_undecodable_records_are_skipped_and_counted(tmp_path):
              '{"audio": "broken.wav", "captions": ["bad"]}',
              '{"audio": "missing.wav", "captions": ["gone"]}']
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
-    source = sources.ManifestSource(str(tmp_path / "m.jsonl"))
+    source = manifest.ManifestSource(str(tmp_path / "m.jsonl"))
     batches = take(make(source, batch=3), 3)
     assert all(np.all(b["audio"][:, :CLIP] == 7) for b in batches)
     failed = sum(int(b["num_failed"].sum()) for b in batches)
     assert failed == 6  # each epoch (one batch of 3) draws both bad records once
     # Nothing readable: one error naming the cause, not an endless search.
     (tmp_path / "bad.jsonl").write_text("\n".join(lines[1:]) + "\n")
-    source = sources.ManifestSource(str(tmp_path / "bad.jsonl"))
+    source = manifest.ManifestSource(str(tmp_path / "bad.jsonl"))
     with pytest.raises(io.AudioError, match="records of bad tried for one draw all failed .*"
                                             "the last with: .*Check the data paths"):
         take(make(source, batch=2), 1)

@@ -17,13 +17,8 @@ from cacophony_jax.data.layouts import (
     esc50_source,
     urbansound8k_source,
 )
-from cacophony_jax.data.sources import (
-    ClipSource,
-    ManifestError,
-    ManifestSource,
-    SourceError,
-    open_source,
-)
+from cacophony_jax.data.manifest import ManifestError, ManifestSource
+from cacophony_jax.data.sources import ClipSource, SourceError, open_source
 
 
 def _wav(path, n=160):

@@ -4,7 +4,7 @@
         --input ac=audiocaps:data/audiocaps:train --exclude-source audiocaps:data/audiocaps \
         --exclude-source clotho:data/clotho --max-seconds 30 --out data/train --num-shards 64
 
-An input is a manifest (``.jsonl``/``.json``/``.csv``, see `cacophony_jax.data.sources`)
+An input is a manifest (``.jsonl``/``.json``/``.csv``, see `cacophony_jax.data.manifest`)
 or ``kind:path[:split]`` (a kind of `open_source`; the split defaults to "train" for
 inputs and "test" for exclusions).
 

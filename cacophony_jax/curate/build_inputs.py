@@ -17,7 +17,8 @@ from typing import Any
 from absl import logging
 
 from cacophony_jax.data.array_record import SPLIT_NAME
-from cacophony_jax.data.sources import ManifestSource, open_source
+from cacophony_jax.data.manifest import ManifestSource
+from cacophony_jax.data.sources import open_source
 
 _MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
 

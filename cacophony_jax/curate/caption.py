@@ -3,7 +3,7 @@
     python -m cacophony_jax.cli curate caption unlabeled/ captioned.jsonl \
         --bundle bundles/cacophony --num-captions 3 --method beam
 
-The input is a manifest (see `cacophony_jax.data.sources`) or a folder searched
+The input is a manifest (see `cacophony_jax.data.manifest`) or a folder searched
 recursively for audio files (ids are the paths relative to it). Every clip gets up
 to `num_captions` new captions in ``synthetic_captions``; its captions, earlier
 synthetic captions and labels are kept. How the K captions are drawn:
@@ -43,7 +43,8 @@ from cacophony_jax import atomic_write
 from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import resume
-from cacophony_jax.data.sources import ManifestSource, SourceError
+from cacophony_jax.data.manifest import ManifestSource
+from cacophony_jax.data.sources import SourceError
 from cacophony_jax.progress import Progress
 
 METHODS = ("beam", "greedy", "sample")

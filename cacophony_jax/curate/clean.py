@@ -9,7 +9,7 @@ Input, one JSON object a line::
     {"audio": "clips/123.flac", "title": "...", "tags": ["..."] or "a, b",
      "description": "...", "id": "123"}          # "id" optional (default: audio)
 
-Output, the project's manifest (see `cacophony_jax.data.sources`)::
+Output, the project's manifest (see `cacophony_jax.data.manifest`)::
 
     {"id": "123", "audio": "clips/123.flac", "captions": ["A dog barks nearby."],
      "raw": {"title": ..., "tags": ..., "description": ..., <other input keys>}}
