@@ -9,7 +9,9 @@ two clips apart in retrieval needs the attributes, not only the class.
 A clip is a pure function of (seed, split, index): any worker process regenerates
 it, nothing is stored, and `write_corpus` can put a copy on disk as audio files and
 a JSONL manifest. Three separate random streams draw the scene, its sound and its
-wording, so rewording the captions never changes the audio.
+wording, so rewording the captions never changes the audio. The sounds are made by
+`cacophony_jax.data.synthetic_events`, the captions by
+`cacophony_jax.data.synthetic_wording`.
 
 Train and eval are disjoint in their full descriptions: a description (classes and
 attributes in order, plus the position of a lone event) is hashed into one of five
@@ -39,6 +41,7 @@ from cacophony_jax.data.synthetic_events import (
     background_noise,
     synthesize_event,
 )
+from cacophony_jax.data.synthetic_wording import captions, pick, synthetic_captions
 
 __all__ = ["EVENT_CLASSES", "SPLITS", "SyntheticCorpus", "description_key", "write_corpus"]
 
@@ -55,42 +58,6 @@ _POSITION_CENTRE = {"start": (0.0, 0.3), "middle": (0.4, 0.6), "end": (0.7, 1.0)
 _EVENT_PEAK = 0.9  # impulsive events are turned down to this peak instead of clipping
 _MIN_CLIP_SECONDS = 1.0
 _AUDIO_FORMATS = ("wav", "flac")
-
-# name -> (takes an article, verb, captioner-style gerund phrase)
-_GRAMMAR: dict[str, tuple[bool, str, str]] = {
-    "beep": (True, "pulses", "beeping"),
-    "siren": (True, "wails", "a siren wailing"),
-    "rising chirp": (True, "sweeps upward", "rising chirps"),
-    "falling chirp": (True, "sweeps downward", "falling chirps"),
-    "hiss": (True, "surges", "hissing"),
-    "ticking": (False, "repeats", "ticking"),
-    "drum": (True, "beats", "a drum beating"),
-    "bell": (True, "rings", "a bell ringing"),
-    "engine hum": (True, "throbs", "an engine humming"),
-    "whistle": (True, "warbles", "whistling"),
-    "bird trill": (True, "sings", "a bird trilling"),
-    "knocking": (False, "repeats", "knocking"),
-    "crackle": (False, "pops", "crackling"),
-    "buzzer": (True, "buzzes", "a buzzer buzzing"),
-}
-# The first word of each list is the canonical one used by the first caption.
-_PITCH_WORDS = {"low": ("low", "low-pitched", "deep"), "high": ("high", "high-pitched", "shrill")}
-_LOUD_WORDS = {"quiet": ("quiet", "soft", "gentle"), "loud": ("loud", "strong", "powerful")}
-_SPEED_ADVERBS = {"slow": ("slowly", "at a slow pace", "unhurriedly"),
-                  "fast": ("quickly", "rapidly", "at a fast pace")}
-_SPEED_ADJECTIVES = {"slow": ("slow", "unhurried"), "fast": ("fast", "rapid", "quick")}
-_DURATION_ADJECTIVES = {"short": ("short", "brief"), "long": ("long", "lengthy", "extended")}
-_LASTING = {"short": ("a short while", "only briefly", "a moment"),
-            "long": ("a long while", "a long time", "a good while")}
-_POSITION_WORDS = {"start": ("at the start", "at the beginning", "early on"),
-                   "middle": ("in the middle", "midway through", "halfway through"),
-                   "end": ("at the end", "near the end", "late in the clip")}
-_ORDINALS = {2: (("first", "then"), ("first", "afterwards")),
-             3: (("first", "next", "finally"), ("first", "then", "lastly"))}
-_JOINS = ("; then ", "; after that, ", ", followed by ")
-_BACKGROUND_WORDS = {"white": "white noise", "pink": "pink noise", "brown": "rumbling noise"}
-_BACKGROUND_LEVEL_WORDS = {"faint": ("faint", "barely audible"),
-                           "noticeable": ("noticeable", "steady")}
 
 
 def description_key(events: list[dict[str, Any]]) -> tuple:
@@ -114,10 +81,6 @@ def _belongs_to(split: str, key: tuple) -> bool:
     return is_eval == (split == "eval")
 
 
-def _pick(rng: np.random.Generator, options: tuple) -> Any:
-    return options[int(rng.integers(len(options)))]
-
-
 def _draw_attributes(rng: np.random.Generator, split: str) -> list[dict[str, Any]]:
     """Draws classes and discrete attributes until the description fits the split."""
     while True:
@@ -125,10 +88,10 @@ def _draw_attributes(rng: np.random.Generator, split: str) -> list[dict[str, Any
         classes = rng.choice(len(EVENT_CLASSES), size=count, replace=False)
         events = [{
             "class": EVENT_CLASSES[c], "class_index": int(c),
-            "pitch": _pick(rng, PITCHES), "speed": _pick(rng, SPEEDS),
-            "loudness": _pick(rng, tuple(_LOUDNESS_DB)),
-            "duration": _pick(rng, tuple(_DURATION_SHARE)),
-            "position": _pick(rng, tuple(_POSITION_CENTRE)),
+            "pitch": pick(rng, PITCHES), "speed": pick(rng, SPEEDS),
+            "loudness": pick(rng, tuple(_LOUDNESS_DB)),
+            "duration": pick(rng, tuple(_DURATION_SHARE)),
+            "position": pick(rng, tuple(_POSITION_CENTRE)),
         } for c in classes]
         if _belongs_to(split, description_key(events)):
             return events
@@ -152,70 +115,6 @@ def _place(rng: np.random.Generator, events: list[dict[str, Any]], clip_seconds:
         if len(events) > 1:
             centre = onset + length / 2
             event["position"] = "start" if centre < 1 / 3 else "end" if centre > 2 / 3 else "middle"
-
-
-def _noun_phrase(event: dict[str, Any], adjectives: list[str]) -> str:
-    name = event["class"]
-    phrase = " ".join([*adjectives, name])
-    if not _GRAMMAR[name][0]:
-        return phrase
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _sentence(text: str) -> str:
-    return text[0].upper() + text[1:] + "."
-
-
-def _captions(rng: np.random.Generator, events: list[dict[str, Any]],
-              background: dict[str, str]) -> list[str]:
-    """Three paraphrases: canonical words first, then synonyms and other orders."""
-    lone = len(events) == 1
-    canonical = ", then ".join(
-        f"{_noun_phrase(e, [_LOUD_WORDS[e['loudness']][0], _PITCH_WORDS[e['pitch']][0]])} "
-        f"{_GRAMMAR[e['class']][1]} {_SPEED_ADVERBS[e['speed']][0]} "
-        f"for a {e['duration']} time" for e in events)
-    if lone:
-        canonical += " " + _POSITION_WORDS[events[0]["position"]][0]
-
-    clauses = [f"{_noun_phrase(e, [_pick(rng, _PITCH_WORDS[e['pitch']])])}, "
-               f"{_pick(rng, _LOUD_WORDS[e['loudness']])} and "
-               f"{_pick(rng, _SPEED_ADJECTIVES[e['speed']])}, "
-               f"lasting {_pick(rng, _LASTING[e['duration']])}" for e in events]
-    listed = clauses[0]
-    for clause in clauses[1:]:
-        listed += _pick(rng, _JOINS) + clause
-    if lone:
-        listed = f"{_pick(rng, _POSITION_WORDS[events[0]['position']])}, {listed}"
-
-    lead = ((_pick(rng, _POSITION_WORDS[events[0]["position"]]),) if lone
-            else _pick(rng, _ORDINALS[len(events)]))
-    ordered = "; ".join(
-        f"{word}, " + _noun_phrase(e, [_pick(rng, _DURATION_ADJECTIVES[e["duration"]]),
-                                       _pick(rng, _LOUD_WORDS[e["loudness"]]),
-                                       _pick(rng, _PITCH_WORDS[e["pitch"]])])
-        + f" {_GRAMMAR[e['class']][1]} {_pick(rng, _SPEED_ADVERBS[e['speed']])}"
-        for word, e in zip(lead, events, strict=True))
-    ordered += (f", over {_pick(rng, _BACKGROUND_LEVEL_WORDS[background['level']])} "
-                f"{_BACKGROUND_WORDS[background['colour']]}")
-    return [_sentence(canonical), _sentence(listed), _sentence(ordered)]
-
-
-def _synthetic_captions(rng: np.random.Generator, events: list[dict[str, Any]]) -> list[str]:
-    """Two terse lower-case captions in the style of an audio captioning model.
-
-    Like a real captioner they sometimes miss a later event and mostly drop the
-    attributes.
-    """
-    kept = list(events)
-    if len(kept) > 1 and rng.random() < 0.3:
-        kept.pop(int(rng.integers(1, len(kept))))
-    gerunds = [_GRAMMAR[e["class"]][2] for e in kept]
-    first = f"{gerunds[0]} {_SPEED_ADVERBS[kept[0]['speed']][0]}"
-    if len(gerunds) > 1:
-        first += " followed by " + " and ".join(gerunds[1:])
-    if rng.random() < 0.5:
-        first += " with background noise"
-    return [" and ".join(gerunds), first]
 
 
 class SyntheticCorpus:
@@ -297,14 +196,14 @@ class SyntheticCorpus:
         scene = self._rng(index, 0)
         events = _draw_attributes(scene, self.split)
         _place(scene, events, self.clip_seconds)
-        level = _pick(scene, tuple(_BACKGROUND_DB))
-        background = {"colour": _pick(scene, tuple(NOISE_COLOURS)), "level": level,
+        level = pick(scene, tuple(_BACKGROUND_DB))
+        background = {"colour": pick(scene, tuple(NOISE_COLOURS)), "level": level,
                       "level_db": round(float(scene.uniform(*_BACKGROUND_DB[level])), 2)}
         wording = self._rng(index, 2)
         return {
             "id": f"synthetic_{self.split}_s{self.seed}_{index:06d}",
-            "captions": _captions(wording, events, background),
-            "synthetic_captions": _synthetic_captions(wording, events),
+            "captions": captions(wording, events, background),
+            "synthetic_captions": synthetic_captions(wording, events),
             "labels": [e["class_index"] for e in events],
             "events": events,
             "background": background,
