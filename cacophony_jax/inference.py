@@ -26,7 +26,9 @@ trained on) is cut into consecutive non-overlapping windows of that length; the
 last window is kept (zero-padded) when it is at least 1 s long and dropped
 otherwise. Every window is embedded, the unnormalised window embeddings averaged
 and the mean L2-normalised. A clip no longer than one window is zero-padded and its
-true length masks the padding. ``caption`` describes the first window of each clip.
+true length masks the padding. ``embed_audio(..., window_seconds=30)`` embeds clips of
+up to 30 s in one pass instead, as the released evaluation code did for Clotho.
+``caption`` describes the first window of each clip.
 ``audio_states`` instead computes the log-mel of the whole clip and encodes its
 patches in chunks of one window's patch steps (time indices restart at 0 in each
 chunk, as in training; the returned ``time_idx`` counts steps from the clip start).
@@ -53,6 +55,7 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from cacophony_jax.audio import clips as clips_lib
 from cacophony_jax.audio import io
@@ -107,28 +110,33 @@ class CacophonyModel(ModelRuntime):
     """
 
     def embed_audio(self, audio: AudioInput, sample_rate: int | None = None,
-                    batch_size: int = 32) -> np.ndarray:
+                    batch_size: int = 32, window_seconds: float | None = None) -> np.ndarray:
         """L2-normalised audio embeddings (long clips: windows averaged, see the module doc).
 
         Args:
           audio: clips (paths or arrays), see the module docstring.
           sample_rate: rate of array inputs in Hz (required for arrays).
           batch_size: the most windows run at once.
+          window_seconds: the longest piece embedded in one pass; None: the bundle's
+            ``window_seconds``. The released evaluation embedded clips of up to 30 s
+            (Clotho's) in one pass: ``window_seconds=30`` does the same (the time
+            positions are sinusoidal, so any length has them).
 
         Returns:
           float32 [n, embedding_size].
         """
+        window = self._window if window_seconds is None else self._window_for(window_seconds)
         clips = clips_lib.to_clips(audio, sample_rate)
         windows, owner = [], []
         for i, clip in enumerate(clips):
-            for window in clips_lib.split_windows(clip, self._window):
-                windows.append(window)
+            for window_clip in clips_lib.split_windows(clip, window):
+                windows.append(window_clip)
                 owner.append(i)
         out = np.zeros((len(clips), self.embedding_size), np.float32)
         if not clips:
             return out
         pooled = self._over_windows(windows, lambda p, a, n: self._encode_audio(p, a, n)[2],
-                                    batch_size)
+                                    batch_size, window)
         np.add.at(out, np.asarray(owner), np.stack(pooled).astype(np.float32))
         counts = np.bincount(owner, minlength=len(clips)).astype(np.float32)
         return _normalize(out / counts[:, None])
@@ -160,6 +168,13 @@ class CacophonyModel(ModelRuntime):
         ids, mask = self.tokenizer.encode(list(texts), self.text_length)
         if ids.shape[0] == 0:
             return np.zeros((0, self.embedding_size), np.float32)
+        counts = self.tokenizer.token_counts(texts)
+        cut = np.flatnonzero(counts > self.text_length - 2)
+        if cut.size:
+            logging.warning(
+                "%d of %d texts are longer than the model's %d tokens (bos and eos "
+                "included) and were cut, e.g. text %d (%d tokens): %r", cut.size, len(texts),
+                self.text_length, cut[0], counts[cut[0]] + 2, printable(texts[cut[0]])[:120])
         emb = self._batched(lambda p, i, m: self._encode_text(p, i, m)[1], (ids, mask),
                             batch_size)
         return _normalize(emb)

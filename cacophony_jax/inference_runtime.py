@@ -25,6 +25,10 @@ from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models.audio_encoder import AudioEncoder
 from cacophony_jax.models.cacophony import Cacophony
 
+# Bounds of a window given to `embed_audio`: a second (at least a few patch steps) to
+# ten minutes (attention over one window's patches grows with its square).
+MIN_WINDOW_SECONDS, MAX_WINDOW_SECONDS = 1.0, 600.0
+
 
 class InferenceError(ValueError):
     """A request the loaded model cannot serve; the message says what to do instead."""
@@ -128,11 +132,20 @@ class ModelRuntime:
             outs.append(jax.tree.map(lambda x, r=rows: np.asarray(x)[:r], out))
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
+    def _window_for(self, seconds: float) -> int:
+        """Samples of a `seconds`-long embedding window (checked)."""
+        if not MIN_WINDOW_SECONDS <= seconds <= MAX_WINDOW_SECONDS:
+            raise InferenceError(
+                f"window_seconds={seconds} is outside [{MIN_WINDOW_SECONDS}, "
+                f"{MAX_WINDOW_SECONDS}]; the bundle's own window is {self.window_seconds} s")
+        return round(seconds * SAMPLE_RATE)
+
     def _over_windows(self, windows: list[np.ndarray], fn: Callable,
-                      batch_size: int) -> list[Any]:
-        """``fn`` on every window, grouped by length bucket; results in input order."""
+                      batch_size: int, window: int | None = None) -> list[Any]:
+        """``fn`` on every window, grouped by length bucket; results in input order.
+        `window`: the longest window in samples (default: the bundle's)."""
         results: list[Any] = [None] * len(windows)
-        for index, audio, lengths in clips_lib.length_groups(windows, self._window):
+        for index, audio, lengths in clips_lib.length_groups(windows, window or self._window):
             out = self._batched(fn, (audio, lengths), batch_size)
             for row, i in enumerate(index):
                 results[i] = out[row]

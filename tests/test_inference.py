@@ -124,6 +124,14 @@ def test_long_audio_windows_are_averaged(model, converted):
     np.testing.assert_allclose(out[1], want, atol=2e-5)
     # Averaging windows is not the same as embedding the first window.
     assert not np.allclose(out[1], unit(direct(converted, dropped[:w])[1]), atol=1e-3)
+    # window_seconds: the whole clip in one pass (as the release evaluated Clotho).
+    whole = model.embed_audio([kept, dropped], sample_rate=16000, window_seconds=4.0)
+    for row, clip in zip(whole, (kept, dropped), strict=True):
+        np.testing.assert_allclose(row, unit(direct(converted, clip)[1]), atol=2e-5)
+    np.testing.assert_allclose(model.embed_audio([kept], sample_rate=16000,
+                                                 window_seconds=WINDOW), out[:1], atol=1e-6)
+    with pytest.raises(inference.InferenceError, match=r"window_seconds=0.5 is outside"):
+        model.embed_audio([kept], sample_rate=16000, window_seconds=0.5)
 
 
 def test_determinism_and_batch_size_invariance(model):
@@ -134,7 +142,7 @@ def test_determinism_and_batch_size_invariance(model):
                                atol=2e-5)
 
 
-def test_embed_text_and_similarity(model, converted):
+def test_embed_text_and_similarity(model, converted, caplog):
     texts = ["a dog barks", "rain on a roof", "an engine"]
     out = model.embed_text(texts)
     assert out.shape == (3, 64) and out.dtype == np.float32
@@ -154,6 +162,12 @@ def test_embed_text_and_similarity(model, converted):
     for bad in (None, 3, b"bytes"):
         with pytest.raises(inference.InferenceError, match="takes a text or a list"):
             model.embed_text(bad)
+    # A text longer than the model's text length is cut, and the caller told so.
+    long = " ".join(["a dog barks loudly"] * 10)
+    with caplog.at_level("WARNING"):
+        model.embed_text(["rain", long])
+    assert "1 of 2 texts are longer than the model's 16 tokens" in caplog.text
+    assert "e.g. text 1" in caplog.text
     # A command-line word that is not UTF-8 reaches Python with lone surrogates.
     np.testing.assert_allclose(model.embed_text("a\udcffb"), model.embed_text("a\ufffdb"))
 
