@@ -183,6 +183,8 @@ def test_user_errors_are_one_line(bundles, sounds, official_dir, tmp_path, capsy
         (["search", " ", "--index", tmp_path / "i.npz", "--bundle", bundles["main"]],
          "a search query is empty"),
         (["eval", "--bundle", bundles["main"]], "no evaluation set given"),
+        (["eval", "--bundle", bundles["main"], "--synthetic", "2", "--window-seconds", "0.5"],
+         "--window-seconds 0.5 must be between 1 and 600"),
         (["eval", "--bundle", bundles["main"], "--esc50", tmp_path / "nope"],
          "esc50.csv, which does not exist"),
     ]
@@ -255,6 +257,7 @@ def test_eval_command(bundles, tmp_path, capsys):
     assert 0.0 <= results["sets"]["esc50"]["metrics"]["top1"] <= 100.0
     assert "class_mention_rate" in results["sets"]["synthetic"]["metrics"]
     assert "esc50: audio: 4/4" in err
+    assert results["window_seconds"] == 30.0  # the release's default
 
 
 def test_curate_commands(bundles, sounds, tmp_path, capsys):

@@ -35,9 +35,10 @@ class FakeModel:
     def __init__(self):
         self.audio_calls = 0
 
-    def embed_audio(self, audio, sample_rate=None, batch_size=32):
+    def embed_audio(self, audio, sample_rate=None, batch_size=32, window_seconds=None):
         assert sample_rate == 16000
         self.audio_calls += 1
+        self.window_seconds_used = window_seconds
         out = np.zeros((len(audio), 4), np.float32)
         for row, clip in enumerate(audio):
             peak = np.argmax(np.abs(np.fft.rfft(clip))) * 16000 / len(clip)
@@ -134,8 +135,15 @@ def test_unreadable_clip_is_skipped_and_reported(esc50, tmp_path):
 def test_results_files_put_paper_numbers_next_to_ours(clotho, esc50, tmp_path):
     out = tmp_path / "results"
     sets = benchmark.open_datasets({"clotho": str(clotho), "esc50": str(esc50)})
-    results = benchmark.evaluate_bundle(FakeModel(), sets, out_dir=str(out), bundle="B")
+    model = FakeModel()
+    results = benchmark.evaluate_bundle(model, sets, out_dir=str(out), bundle="B",
+                                        window_seconds=30.0)
+    assert model.window_seconds_used == 30.0
     saved = json.loads((out / "results.json").read_text())
+    assert saved["window_seconds"] == 30.0
+    assert "Clips of up to 30 s are embedded in one pass" in (out / "results.md").read_text()
+    benchmark.evaluate_bundle(model, sets, bundle="B")  # None: the model's own window
+    assert model.window_seconds_used is None
     assert saved["bundle"] == "B" and set(saved["sets"]) == {"clotho", "esc50"}
     assert saved["sets"]["esc50"]["metrics"]["top1"] == results["sets"]["esc50"]["metrics"]["top1"]
     text = (out / "results.md").read_text()

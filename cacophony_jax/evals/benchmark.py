@@ -18,8 +18,12 @@ Tasks, with the public layouts read by `cacophony_jax.data.layouts`:
   class names, both tasks otherwise, and optionally the share of its clips whose
   generated caption names the clip's class (`class_mention_report`).
 
-Clips are embedded at their full length; files that fail to decode are skipped and
-counted (`unreadable`), so results on an incomplete copy of a set say so.
+Long clips: the released evaluation code embedded each clip of up to 30 s (all of
+Clotho's) in one pass, and so does `eval` by default (`--window-seconds 30`); longer
+clips are cut into 30-s windows whose embeddings are averaged. `--window-seconds 0`
+uses the bundle's training window (10 s) instead, as `embed_audio` does by default.
+Files that fail to decode are skipped and counted (`unreadable`), so results on an
+incomplete copy of a set say so.
 """
 
 from __future__ import annotations
@@ -68,8 +72,13 @@ def _tasks(name: str, source: Any) -> list[str]:
     return ["retrieval", "zeroshot"] if source.class_names else ["retrieval"]
 
 
+# The longest clip the released evaluation code embedded in one pass (Clotho's 30 s).
+RELEASE_WINDOW_SECONDS = 30.0
+
+
 def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int = 4,
-                 label: str = "", progress: Progress | None = None) -> dict[str, Any]:
+                 label: str = "", progress: Progress | None = None,
+                 window_seconds: float | None = None) -> dict[str, Any]:
     """Embeds every decodable clip of a source, keeping its captions and labels.
 
     Args:
@@ -79,6 +88,8 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
       workers: threads decoding audio.
       label: progress label.
       progress: called as progress(label, done, total).
+      window_seconds: the longest piece of a clip embedded in one pass (longer clips:
+        windows averaged); None: the bundle's window.
 
     Returns:
       {"audio_emb" [n, P], "captions" per clip, "labels" per clip, "ids",
@@ -94,7 +105,9 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
         batch_padded.update(id(c) for c, s in zip(clips, short, strict=True) if s)
         clips = [np.pad(c, (0, MIN_SAMPLES - len(c))) if s else c
                  for c, s in zip(clips, short, strict=True)]
-        return model.embed_audio(clips, sample_rate=SAMPLE_RATE, batch_size=batch_size)
+        window = {} if window_seconds is None else {"window_seconds": window_seconds}
+        return model.embed_audio(clips, sample_rate=SAMPLE_RATE, batch_size=batch_size,
+                                 **window)
 
     embeddings, captions, labels, ids, failures = [], [], [], [], []
     for records, results in map_records(embed, source, total, batch_size, workers):
@@ -160,7 +173,8 @@ def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
 
 def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
                     workers: int = 4, caption_clips: int = 0, prompt: str = "release",
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None,
+                    window_seconds: float | None = None) -> dict[str, Any]:
     """Runs the tasks of one set (see the module docstring).
 
     Args:
@@ -173,6 +187,7 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
         "class_mention_rate" (0: skip).
       prompt: zero-shot prompt style, "release" or "sentence" (module docstring).
       progress: called as progress(label, done, total).
+      window_seconds: see `embed_source`.
 
     Returns:
       {"tasks", "metrics": {...}, "clips", "captions", "unreadable", "missing", "seconds"}
@@ -181,7 +196,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
     start = time.monotonic()
     tasks = _tasks(name, source)
     embedded = embed_source(model, source, batch_size=batch_size, workers=workers,
-                            label=f"{name}: audio", progress=progress)
+                            label=f"{name}: audio", progress=progress,
+                            window_seconds=window_seconds)
     if embedded["failures"]:
         logging.warning("%s: skipped %d unreadable clip(s), e.g. %s", name,
                         len(embedded["failures"]), embedded["failures"][:3])
@@ -221,7 +237,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
 def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None = None,
                     batch_size: int = 32, workers: int = 4, caption_clips: int = 0,
                     bundle: str = "", prompt: str = "release",
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None,
+                    window_seconds: float | None = None) -> dict[str, Any]:
     """Evaluates a bundle on several sets and writes results.json / results.md.
 
     Args:
@@ -234,9 +251,11 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
       bundle: the bundle's path, recorded in the results.
       prompt: zero-shot prompt style (see `evaluate_source`).
       progress: called as progress(label, done, total).
+      window_seconds: see `embed_source`.
 
     Returns:
-      {"bundle": path, "zeroshot_prompt": style, "sets": {name: evaluate_source(...)}}.
+      {"bundle": path, "zeroshot_prompt": style, "window_seconds": the window used,
+       "sets": {name: evaluate_source(...)}}.
     """
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise ValueError(f"bundle {bundle or ''} is a {model.kind!r} model without a text "
@@ -250,12 +269,14 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
 
     if prompt not in PROMPT_STYLES:
         raise ValueError(f"--zeroshot-prompt {prompt!r}: use one of {list(PROMPT_STYLES)}")
-    results: dict[str, Any] = {"bundle": bundle, "zeroshot_prompt": prompt, "sets": {}}
+    window = window_seconds or float(getattr(model, "window_seconds", 0.0))
+    results: dict[str, Any] = {"bundle": bundle, "zeroshot_prompt": prompt,
+                               "window_seconds": window, "sets": {}}
     for name, source in sets.items():
         logging.info("evaluating %s: %d clips", name, len(source))
         result = evaluate_source(model, name, source, batch_size=batch_size, workers=workers,
                                  caption_clips=caption_clips, prompt=prompt,
-                                 progress=progress)
+                                 progress=progress, window_seconds=window_seconds)
         results["sets"][name] = result
         shown = {k: round(v, 2) for k, v in result["metrics"].items() if isinstance(v, float)}
         logging.info("%s (%d clips, %.0f s): %s", name, result["clips"], result["seconds"], shown)
@@ -289,6 +310,13 @@ def add_arguments(parser: Any) -> None:
                              "('This is a sound of chirping_birds', default: comparable with "
                              "the paper's numbers) or as the paper words them ('This is a "
                              "sound of chirping birds.')")
+    parser.add_argument("--window-seconds", type=float, default=RELEASE_WINDOW_SECONDS,
+                        metavar="S",
+                        help="embed each clip's first S seconds in one pass, and average "
+                             "the embeddings of S-second windows of longer clips (default "
+                             f"{RELEASE_WINDOW_SECONDS:g}: as the released evaluation code, "
+                             "which embedded Clotho's 15-30 s clips whole; 0: the bundle's "
+                             "training window)")
     parser.add_argument("--out", help="folder for results.json and results.md")
     parser.add_argument("--batch-size", type=int, default=32, help="clips per model call")
     parser.add_argument("--workers", type=int, default=4, help="threads decoding audio")
@@ -317,6 +345,10 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
     if args.synthetic and seconds and not 1.0 <= seconds <= 600.0:
         raise ValueError(f"--synthetic-seconds {seconds} must be between 1 and 600 "
                          "(or 0 for the bundle's window)")
+    if args.window_seconds and not 1.0 <= args.window_seconds <= 600.0 \
+            or args.window_seconds < 0:
+        raise ValueError(f"--window-seconds {args.window_seconds:g} must be between 1 and 600 "
+                         "(or 0 for the bundle's training window)")
     sets = open_datasets(roots)
     model = load_model(args.bundle)
     if args.synthetic:
@@ -327,7 +359,8 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
     results = evaluate_bundle(model, sets, out_dir=args.out, batch_size=args.batch_size,
                               workers=args.workers, caption_clips=args.caption_clips,
                               bundle=os.path.abspath(args.bundle),
-                              prompt=args.zeroshot_prompt, progress=progress)
+                              prompt=args.zeroshot_prompt, progress=progress,
+                              window_seconds=args.window_seconds or None)
     print(results_markdown(results))
     if args.out:
         print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")

@@ -78,6 +78,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     """
     sets = results["sets"]
     lines = ["# Evaluation results", "", f"Bundle: `{results.get('bundle', '')}`", ""]
+    if results.get("window_seconds"):
+        lines[-1:] = [f"Clips of up to {results['window_seconds']:g} s are embedded in one "
+                      "pass; longer ones as the mean of windows of that length.", ""]
     retrieval = [n for n, r in sets.items() if "retrieval" in r["tasks"]]
     if retrieval:
         titles = [k.replace("t2a_", "T→A ").replace("a2t_", "A→T ") for k in _RETRIEVAL_KEYS]
