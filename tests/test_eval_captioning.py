@@ -35,6 +35,7 @@ def test_tokenize():
     words = ["a", "dog", "'s", "bark", "loud", "then", "high-pitched", "it", "'s"]
     assert tokenize("A Dog's bark, LOUD!  then high-pitched... It\u2019s") == words
     assert tokenize("don't can't") == ["do", "n't", "ca", "n't"]
+    assert tokenize("Cannot, gonna") == ["can", "not", "gon", "na"]
     assert tokenize("o'clock \u2014 cafe\u0301\u2026") == ["o'clock", "caf\u00e9"]
     assert tokenize('the dogs\' barks (loud) -- then "quiet"; 3.5 or 1,000?') == [
         "the", "dogs", "barks", "loud", "then", "quiet", "3.5", "or", "1,000"]

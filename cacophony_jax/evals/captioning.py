@@ -65,6 +65,10 @@ _PTB = re.compile(r"""
   | [^\w\s]                                   # any other single mark
 """, re.VERBOSE)
 
+# Words the PTB tokenizer writes as two tokens.
+_PTB_SPLITS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
+               "wanna": ("wan", "na"), "gimme": ("gim", "me"), "lemme": ("lem", "me")}
+
 Ngram = tuple[str, ...]
 
 
@@ -85,7 +89,8 @@ def tokenize(text: str) -> list[str]:
     text = unicodedata.normalize("NFC", text.lower()).translate(_QUOTES)
     tokens = _PTB.findall(text.replace('"', ' " '))
     # PTB writes brackets as -LRB- ... (dropped by COCO) and quotes as `` '' (dropped).
-    return [t for t in tokens if t not in _DROPPED and t not in _BRACKETS_QUOTES]
+    return [part for t in tokens if t not in _DROPPED and t not in _BRACKETS_QUOTES
+            for part in _PTB_SPLITS.get(t, (t,))]
 
 
 def ngram_counts(tokens: Sequence[str], max_n: int = MAX_N) -> Counter[Ngram]:
