@@ -189,6 +189,7 @@ def test_audiocaps(tmp_path, caplog):
          [[str(k), "abc", "30.0", f"caption {k}"] for k in range(5)])
     _wav(str(tmp_path / "audio/test/abc_30.wav"))
     test = audiocaps_source(tmp_path, "test")
+    assert audiocaps_source(tmp_path, "eval").name == "audiocaps/test"  # the config default
     assert len(test) == 1 and test[0]["captions"] == [f"caption {k}" for k in range(5)]
     with pytest.raises(SourceError, match=r"val\.csv, which does not exist"):
         audiocaps_source(tmp_path, "validation")

@@ -131,13 +131,15 @@ def audiocaps_source(root: str | os.PathLike, split: str) -> ClipSource:
         {youtube_id}_{start:.3f}_{end:.3f}, any of these with a Y prefix, or
         {audiocap_id}, with a wav/flac/ogg/mp3 extension (any case); the audio may also be in
         <split>/, audio/ or root itself (the folder holding most clips is used).
-      split: "train", "val" or "test" ("validation" means "val").
+      split: "train", "val" or "test" ("validation" means "val", "eval" "test", as
+        for Clotho).
 
     Returns:
       A ClipSource named "audiocaps/<split>" with `num_missing` set.
     """
     root = os.fspath(root)
-    split = _pick_split(split, ("train", "val", "test"), {"validation": "val"}, "AudioCaps")
+    split = _pick_split(split, ("train", "val", "test"),
+                        {"validation": "val", "valid": "val", "eval": "test"}, "AudioCaps")
     rows = _read_layout_csv(os.path.join(root, f"{split}.csv"),
                             ("audiocap_id", "youtube_id", "start_time", "caption"), _AUDIOCAPS)
     clips: dict[str, tuple[list[str], list[str], set[str]]] = {}
