@@ -190,7 +190,7 @@ def train_block(steps: int) -> mlc.ConfigDict:
         keep_checkpoints=3,  # newest checkpoints kept
         async_checkpoints=True,  # write checkpoints in the background
         resume="",  # a checkpoint folder (or step folder) to continue from
-        init_from="",  # stage 2: a stage-1 checkpoint whose encoder initialises ours
+        init_from="",  # stage 2: a stage-1 run, released .ckpt or bundle: its audio encoder
         # ('previous' in a multi-stage config: the stage before)
         # Profiler trace of this many steps, from the 4th step of a run (after compiling
         # and input warm-up), into workdir/profile (TensorBoard profile plugin, Perfetto).

@@ -375,3 +375,46 @@ def test_a_vocabulary_smaller_than_asked_is_reported(tmp_path, caplog):
     with caplog.at_level("INFO"):
         init.prepare_tokenizer(config, epath.Path(tmp_path), Captions())
     assert "asked for" not in caplog.text
+
+
+def test_stage2_starts_from_released_files_and_bundles(official_dir, tokenizer_file, tmp_path):
+    from cacophony_jax import tasks
+    from cacophony_jax.models.stack import stack_layers
+    from cacophony_jax.optim import optimizer
+    from cacophony_jax.parallel import mesh as mesh_lib
+    from cacophony_jax.parallel import partition
+    from cacophony_jax.train import init
+    from cacophony_jax.train import state as state_lib
+
+    mae_ckpt, caco_ckpt = official_dir / "AudioMAE_tiny.ckpt", official_dir / "Cacophony_tiny.ckpt"
+    want_mae = official.load_official_mae(mae_ckpt)[1]["encoder"]
+    want_caco = official.load_official_cacophony(caco_ckpt)[1]["audio_encoder"]
+    bundle = export.export_from_official(caco_ckpt, tmp_path / "b", tokenizer_path=tokenizer_file,
+                                         text_length=16)
+    mesh = mesh_lib.make_mesh(tiny_config("cacophony", 1).mesh)
+    empty = checkpoint.Checkpointer(tmp_path / "empty", async_save=False)
+    try:
+        for path, want, scan in ((mae_ckpt, want_mae, False), (caco_ckpt, want_caco, True),
+                                 (bundle, want_caco, False)):
+            config = tiny_config("cacophony", 2, **{"train.init_from": str(path),
+                                                    "model.scan": scan})
+            task = tasks.build(config, Tokenizer.load(tokenizer_file))
+            tx, _ = optimizer.make_optimizer(config.optim, config.train.steps)
+            plan = state_lib.plan_state(task.init_params, tx, mesh,
+                                        partition.rules_from_config(config.sharding_rules))
+            state = init.restore_or_init(config, task, tx, plan, empty, None)
+            assert_same(jax.device_get(state.params["audio_encoder"]),
+                        stack_layers(want) if scan else want)
+        # A file that is not a release checkpoint, and an encoder of another size.
+        from cacophony_jax.train import encoder_init
+
+        (tmp_path / "notes.txt").write_text("hello")
+        config = tiny_config("cacophony", 1, **{"train.init_from": str(tmp_path / "notes.txt")})
+        with pytest.raises(checkpoint.CheckpointError, match="not a released checkpoint"):
+            encoder_init.audio_encoder(config, plan)
+        wider = jax.tree.map(lambda a: np.zeros(a.shape[:-1] + (2 * a.shape[-1],)), want_mae)
+        with pytest.raises(checkpoint.CheckpointError,
+                           match="does not fit this run's model.variant='tiny'"):
+            encoder_init._place(wider, config, plan, "wide.ckpt")
+    finally:
+        empty.close()

@@ -16,8 +16,7 @@ from etils import epath
 
 from cacophony_jax.data import sources
 from cacophony_jax.data import tokenizer as tokenizer_lib
-from cacophony_jax.models import stack
-from cacophony_jax.train import checkpoint
+from cacophony_jax.train import checkpoint, encoder_init
 from cacophony_jax.train import state as state_lib
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -167,28 +166,6 @@ def _resumed(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
                         "order, not from its start", ", ".join(changed))
 
 
-def _stage1_encoder(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) -> Any:
-    """The audio encoder of the stage-1 run `config.train.init_from`, in this run's
-    layout and shardings, whether or not the two runs scan their blocks."""
-    path, keys = config.train.init_from, ("params", "encoder")
-    target = plan.abstract.params["audio_encoder"]
-    saved = checkpoint.saved_config(path)
-    saved_scan = lookup(saved, "model.scan") if saved else None
-    if saved_scan is None or bool(saved_scan) == bool(config.model.scan):
-        return checkpoint.restore_subtree(path, keys, target, task="mae")
-    # Read it whole in the saved layout (stacked or per block), then convert.
-    to_saved, to_target = ((stack.stack_layers, stack.unstack_layers) if saved_scan
-                           else (stack.unstack_layers, stack.stack_layers))
-    mesh = jax.tree.leaves(plan.shardings.params)[0].mesh
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    layout = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole),
-                          jax.eval_shape(to_saved, target))
-    encoder = to_target(checkpoint.restore_subtree(path, keys, layout, task="mae"))
-    logging.info("stage-1 encoder converted from model.scan=%s to model.scan=%s",
-                 bool(saved_scan), bool(config.model.scan))
-    return jax.device_put(encoder, plan.shardings.params["audio_encoder"])
-
-
 def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                     plan: state_lib.StatePlan, ckpt: checkpoint.Checkpointer,
                     data_iter: Any) -> state_lib.TrainState:
@@ -268,11 +245,12 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
             raise ValueError("config.train.init_from is for stage 2 (initialising the audio "
                              "encoder from a stage-1 run); use train.resume to continue")
         try:
-            params["audio_encoder"] = _stage1_encoder(config, plan)
+            params["audio_encoder"] = encoder_init.audio_encoder(config, plan)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(
-                f"config.train.init_from: {e} (it takes a stage-1 (mae) run; to continue "
-                "a stage-2 run, use config.train.resume)") from e
+                f"config.train.init_from: {e} (it takes a stage-1 (mae) run, a released "
+                "AudioMAE or Cacophony .ckpt file, or an exported bundle; to continue a "
+                "stage-2 run, use config.train.resume)") from e
         logging.info("audio encoder initialised from %s", config.train.init_from)
     roberta = config.tokenizer.roberta_weights
     if roberta:
