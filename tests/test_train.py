@@ -14,7 +14,7 @@ from cacophony_jax.models import stack
 from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
-from cacophony_jax.train import checkpoint, checks, flops, loop, stages
+from cacophony_jax.train import checkpoint, checks, encoder_init, flops, loop, stages
 from cacophony_jax.train import init as init_lib
 from cacophony_jax.train import state as state_lib
 from tests.helpers import (
@@ -107,6 +107,11 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
         start_from(tiny_config("cacophony", 4, **{"train.init_from": str(unfinished)}),
                    task, plan)
     assert "from step 2 of" in caplog.text and "configured for 4 steps" in caplog.text
+    # A stage-1 run of another size is refused from its saved config, before any read.
+    base = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae"),
+                                          "model.variant": "base"})
+    with pytest.raises(checkpoint.CheckpointError, match="is a model.variant='tiny' run"):
+        encoder_init.audio_encoder(base, None)
     # The wrong kind of run is refused before any training, naming what to use instead.
     wrong = [
         ("cacophony", {"train.init_from": str(tmp_path / "caco")}, "empty", "stage-1 .mae. run"),

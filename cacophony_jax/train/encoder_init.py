@@ -15,6 +15,7 @@ before anything is read in full.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,7 +30,7 @@ from cacophony_jax.train import state as state_lib
 
 def _lookup(tree: Any, key: str) -> Any:
     for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
+        if not isinstance(tree, Mapping) or part not in tree:
             return None
         tree = tree[part]
     return tree
@@ -107,7 +108,6 @@ def _place(encoder: Any, config: ml_collections.ConfigDict, plan: state_lib.Stat
 def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) -> Any:
     """The encoder of the stage-1 run `config.train.init_from`."""
     path, keys = config.train.init_from, ("params", "encoder")
-    target = plan.abstract.params["audio_encoder"]
     saved = checkpoint.saved_config(path)
     saved_variant = _lookup(saved, "model.variant") if saved else None
     if saved_variant is not None and saved_variant != config.model.variant:
@@ -116,6 +116,7 @@ def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) ->
             f"model.variant={config.model.variant!r}: set model.variant={saved_variant!r}, "
             "or start from a run of this size")
     saved_scan = _lookup(saved, "model.scan") if saved else None
+    target = plan.abstract.params["audio_encoder"]
     if saved_scan is None or bool(saved_scan) == bool(config.model.scan):
         return checkpoint.restore_subtree(path, keys, target, task="mae")
     # Read it whole in the saved layout (stacked or per block), then convert.
