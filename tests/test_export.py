@@ -298,6 +298,7 @@ def test_training_keeps_its_tokenizer_and_export_reads_that_copy(
     init.keep_tokenizer(trained_with, epath.Path(workdir))
     assert Tokenizer.load(workdir / "tokenizer.json").fingerprint == trained_with.fingerprint
     # ... so a resume whose path now holds another tokenizer is refused, naming both.
+    (workdir / "checkpoints" / "1").mkdir(parents=True)
     other = Tokenizer.train_bpe(CAPTIONS[:3], 300).save(tmp_path / "other.json")
     config.tokenizer.path = str(other)
     with pytest.raises(ValueError, match=f"not the tokenizer this workdir was trained with.*"
@@ -418,3 +419,38 @@ def test_stage2_starts_from_released_files_and_bundles(official_dir, tokenizer_f
             encoder_init._place(wider, config, plan, "wide.ckpt")
     finally:
         empty.close()
+
+
+def test_a_tokenizer_kept_by_an_attempt_without_checkpoints_is_not_reused(tmp_path, caplog):
+    from etils import epath
+
+    from cacophony_jax.train import init
+
+    class Captions:
+        def __init__(self, words):
+            self.words = words
+
+        def __len__(self):
+            return len(CAPTIONS)
+
+        def __getitem__(self, i):
+            return {"captions": [f"{CAPTIONS[i]} {self.words}"]}
+
+    config = tiny("cacophony", 1)
+    config.tokenizer.path = ""
+    workdir = epath.Path(tmp_path)
+    # A first attempt kept its tokenizer, then failed before saving a checkpoint.
+    first = init.prepare_tokenizer(config, workdir, Captions("zebra quokka"))
+    init.keep_tokenizer(first, workdir)
+    with caplog.at_level("INFO"):
+        second = init.prepare_tokenizer(config, workdir, Captions("violin trumpet"))
+    assert second.fingerprint != first.fingerprint
+    assert "kept by an attempt that saved no checkpoint" in caplog.text
+    init.keep_tokenizer(second, workdir)
+    assert Tokenizer.load(tmp_path / "tokenizer.json").fingerprint == second.fingerprint
+    # Once a checkpoint exists, the kept tokenizer is the run's.
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    third = init.prepare_tokenizer(config, workdir, Captions("drum bass"))
+    init.keep_tokenizer(third, workdir)
+    assert third.fingerprint == second.fingerprint
+    assert Tokenizer.load(tmp_path / "tokenizer.json").fingerprint == second.fingerprint

@@ -36,12 +36,19 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
     """
     if config.task != "cacophony":
         return None
-    saved = workdir / TOKENIZER_FILE
-    if not saved.exists() and config.train.resume:
+    saved: epath.Path | None = workdir / TOKENIZER_FILE
+    if not saved.exists():
+        saved = None
+    elif not has_checkpoints(workdir):
+        # Kept by an attempt that failed before its first checkpoint: nothing was
+        # trained with it, and today's data or settings may differ.
+        logging.info("%s was kept by an attempt that saved no checkpoint: not used", saved)
+        saved = None
+    if saved is None and config.train.resume:
         # A run continued from another workdir's checkpoint: its token ids are that
         # run's, so its tokenizer comes along (a new BPE would renumber them).
-        saved = _resumed_tokenizer(config.train.resume) or saved
-    kept = tokenizer_lib.Tokenizer.load(str(saved)) if saved.exists() else None
+        saved = _resumed_tokenizer(config.train.resume)
+    kept = tokenizer_lib.Tokenizer.load(str(saved)) if saved is not None else None
     if config.tokenizer.path:
         tok = tokenizer_lib.Tokenizer.load(config.tokenizer.path)
         if kept is not None and kept.fingerprint != tok.fingerprint:
@@ -89,10 +96,19 @@ def _resumed_tokenizer(resume: str) -> epath.Path | None:
 
 
 def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer | None, workdir: epath.Path) -> None:
-    """Writes the run's tokenizer to the workdir (process 0), unless it holds one."""
+    """Writes the run's tokenizer to the workdir (process 0), unless it holds the one
+    its checkpoints were trained with."""
     saved = workdir / TOKENIZER_FILE
-    if tokenizer is not None and jax.process_index() == 0 and not saved.exists():
-        tokenizer.save(str(saved))
+    if tokenizer is None or jax.process_index() != 0:
+        return
+    if not saved.exists() or not has_checkpoints(workdir):
+        tokenizer.save(str(saved))  # atomic: a reader never sees half a file
+
+
+def has_checkpoints(workdir: epath.Path) -> bool:
+    """Whether the workdir holds a saved step (finished or not: a step folder)."""
+    folder = workdir / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def iter_captions(source: Any):
