@@ -228,6 +228,21 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
         with pytest.raises(ValueError, match=rf"stage '{last}' .*{message}"):
             stages.run(config, str(tmp_path / "q"))
         assert not (tmp_path / "q").exists()
+    # Stage 2's data is opened too (its lists, not its audio): a manifest without the
+    # columns, a split a layout lacks.
+    (tmp_path / "rows.jsonl").write_text('{"path": "a.wav", "text": "a dog"}\n')
+    (tmp_path / "ac").mkdir()
+    for block, settings, message in (
+            ("train", dict(kind="manifest", path=str(tmp_path / "rows.jsonl")),
+             r"config.data.train \(kind='manifest', .*has no usable rows"),
+            ("eval", dict(kind="audiocaps", path=str(tmp_path / "ac"), split="dev"),
+             r"config.data.eval \(kind='audiocaps', .*split='dev'\): AudioCaps has splits")):
+        config = quickstart.get_config()
+        with config.unlocked():
+            config.stages[last].data[block].update(settings)
+        with pytest.raises(ValueError, match=rf"stage '{last}' .*{message}"):
+            stages.run(config, str(tmp_path / "q"))
+        assert not (tmp_path / "q").exists()
     # Accumulation spans steps: each step's front end still sees the whole batch.
     with pytest.raises(ValueError, match=r"frontend_sub_batches=3 must divide config.data."
                                          r"global_batch_size \(8\)"):

@@ -36,8 +36,9 @@ def clip_samples(seconds: float) -> int:
     return samples
 
 
-def _open(config: ml_collections.ConfigDict, which: str, size: int,
-          clip_seconds: float) -> Any:
+def open_block(config: ml_collections.ConfigDict, which: str, size: int,
+               clip_seconds: float) -> Any:
+    """The source of `config.data.<which>` ("train" or "eval"); errors name the block."""
     block = config.data[which]
     options: dict[str, Any] = {}
     if block.kind == "synthetic" and block.path:
@@ -48,12 +49,16 @@ def _open(config: ml_collections.ConfigDict, which: str, size: int,
         options = dict(size=size, clip_seconds=clip_seconds, seed=config.data.synthetic_seed)
     elif block.kind == "manifest":
         options = dict(skip_bad_rows=config.data.skip_bad_rows)
-    return sources.open_source(block.kind, path=block.path, split=block.split, **options)
+    try:
+        return sources.open_source(block.kind, path=block.path, split=block.split, **options)
+    except sources.SourceError as e:
+        where = ", ".join(f"{k}={block[k]!r}" for k in ("kind", "path", "split") if block[k])
+        raise type(e)(f"config.data.{which} ({where}): {e}") from None
 
 
 def open_train_source(config: ml_collections.ConfigDict) -> Any:
     """The training source named by `config.data.train`."""
-    return _open(config, "train", config.data.synthetic_train_size,
+    return open_block(config, "train", config.data.synthetic_train_size,
                  config.audio.clip_seconds)
 
 
@@ -66,7 +71,7 @@ def open_eval_source(config: ml_collections.ConfigDict) -> Any | None:
                         "synthetic) while training on %s data: set config.data.eval.kind and "
                         ".path to a held-out set of yours, or config.data.eval.kind='' to "
                         "skip evaluation", config.data.train.kind)
-    return _open(config, "eval", config.data.synthetic_eval_size,
+    return open_block(config, "eval", config.data.synthetic_eval_size,
                  config.audio.eval_clip_seconds)
 
 

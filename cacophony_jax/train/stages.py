@@ -32,6 +32,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
             try:
                 checks.check_config(stage)
                 checks.check_paths(stage)
+                if name is not None:  # a single stage opens its data at once anyway
+                    _open_data(stage)
             except ValueError as e:
                 if name is None:
                     raise
@@ -47,6 +49,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     if jax.process_index() == 0:
         print(summary(results), flush=True)
     return results
+
+
+def _open_data(stage: ml_collections.ConfigDict) -> None:
+    """Opens a stage's training and evaluation data (reads their lists, not their
+    audio), so a wrong layout, split or column stops the recipe before stage 1 trains."""
+    from cacophony_jax.tasks import common
+
+    opened = [common.open_train_source(stage)]
+    if stage.data.eval.kind:  # (not open_eval_source: its warnings come when it trains)
+        opened.append(common.open_block(stage, "eval", stage.data.synthetic_eval_size,
+                                        stage.audio.eval_clip_seconds))
+    for source in opened:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
