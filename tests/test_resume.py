@@ -1,15 +1,17 @@
 """Resume: a crashed or stopped run continues bitwise identically, and unreadable
 checkpoints are skipped, kept and moved aside."""
 
+import errno
 import json
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
 
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import host, loop
+from cacophony_jax.train import host, loop, metrics
 from cacophony_jax.train import step as step_lib
 from tests.helpers import assert_trees_equal, read_metrics, restore_params, tiny_config
 
@@ -175,3 +177,29 @@ def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, c
     loop.run(tiny_config("mae", 2, **{"optim.learning_rate": 0.5}), str(tmp_path))
     assert (tmp_path / "config.json").read_text() == saved
     assert "resuming with" not in caplog.text
+
+
+def test_a_metric_write_on_a_full_disk_names_the_file(tmp_path):
+    writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+    writer.write(1, {"loss": 1.0})
+    real = writer._jsonl
+
+    class Full:
+        name = real.name
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            real.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    writer._jsonl = Full()
+    with pytest.raises(OSError) as raised:
+        writer.write(2, {"loss": 0.5})
+    assert raised.value.filename == str(tmp_path / "metrics.jsonl")
+    assert raised.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        writer.close()  # closes the events file too, raising the first error
+    assert real.closed and writer._tb is None
+    assert not [t for t in threading.enumerate() if "EventLogger" in type(t).__name__]

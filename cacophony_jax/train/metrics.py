@@ -5,10 +5,12 @@ Only process 0 writes; other processes get a writer that drops everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import socket
 import time
 from typing import Any
 
@@ -42,13 +44,60 @@ def format_duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
+class _EventFile:
+    """A TensorBoard events file, written in the calling thread.
+
+    tensorboardX's SummaryWriter writes from a thread of its own and closes the file at
+    exit: a write that fails (a full disk) printed tracebacks from both and reached the
+    training loop late, if at all. Here it fails in the call that wrote, naming the file.
+    The records are the ones SummaryWriter writes (file version, the purge marker of a
+    resumed run, one scalar summary per value).
+    """
+
+    def __init__(self, directory: str, purge_step: int | None):
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import RecordWriter
+
+        self._event = Event
+        os.makedirs(directory, exist_ok=True)
+        # tensorboardX's name for it (one per process: two in the same second share it).
+        self.path = os.path.join(directory, f"events.out.tfevents.{str(time.time())[:10]}."
+                                            f"{socket.gethostname()}")
+        self._records = RecordWriter(self.path)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:  # hides the events of an earlier process from there on
+            self._write(Event(wall_time=time.time(), step=purge_step,
+                              file_version="brain.Event:2"))
+            self._write(Event(wall_time=time.time(), step=purge_step,
+                              session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+
+    def add_scalars(self, step: int, values: dict[str, float]) -> None:
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        for key, value in values.items():
+            # TensorBoard tag names allow no '@' ("t2a_R@10" -> "t2a_R10").
+            self._write(self._event(wall_time=now, step=step,
+                                    summary=scalar(key.replace("@", ""), value)))
+        self._records.flush()
+
+    def close(self) -> None:
+        self._records.close()
+
+
 class MetricWriter:
-    """Writes scalar metrics to `workdir/metrics.jsonl` and TensorBoard events."""
+    """Writes scalar metrics to `workdir/metrics.jsonl` and TensorBoard events.
+
+    A write that fails raises OSError naming the file (a full disk, say).
+    """
 
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
-        self._tb = None
+        self._tb: _EventFile | None = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -56,18 +105,14 @@ class MetricWriter:
         self._jsonl = open(  # noqa: SIM115 - held open for the whole run
             os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         # The events file is opened at the first write, with the purge step resume_at
-        # found (one file per process: two opened in the same second share a name).
+        # found.
         self._purge_step: int | None = None
 
-    def _tensorboard(self) -> Any:
+    def _tensorboard(self) -> _EventFile:
         if self._tb is None:
-            try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(self._workdir, "tensorboard"),
-                                         purge_step=self._purge_step)
-            except ImportError:  # pragma: no cover - tensorboardX is a requirement
-                logging.warning("tensorboardX missing: TensorBoard events are not written")
-                self._tb = False
+            directory = os.path.join(self._workdir, "tensorboard")
+            with _naming(directory):
+                self._tb = _EventFile(directory, self._purge_step)
         return self._tb
 
     def resume_at(self, step: int) -> None:
@@ -115,23 +160,38 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {k: _scalar(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
-        self._jsonl.flush()
+        with _naming(self._jsonl.name):
+            self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
+            self._jsonl.flush()
         tb = self._tensorboard()
-        if tb:
-            for key, value in row.items():
-                # TensorBoard tag names allow no '@' ("t2a_R@10" -> "t2a_R10").
-                tb.add_scalar(key.replace("@", ""), value, int(step))
-            tb.flush()
+        with _naming(tb.path):
+            tb.add_scalars(int(step), row)
 
     def close(self) -> None:
-        """Flushes and closes the files."""
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb:
-            self._tb.close()
-        self._tb = None
+        """Flushes and closes the files (every one, even when one of them fails)."""
+        error = None
+        for file in (self._jsonl, self._tb):
+            if file is None:
+                continue
+            try:
+                with _naming(getattr(file, "path", None) or file.name):
+                    file.close()
+            except OSError as e:
+                error = error or e
+        self._jsonl = self._tb = None
+        if error is not None:
+            raise error
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """Adds `path` to an OSError raised without a file name (a failed write or flush)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, path) from error
 
 
 class Progress:
