@@ -64,6 +64,7 @@ def _quiet_libraries() -> None:
     from cacophony_jax import quiet
 
     quiet.quiet_abandoned_reads()
+    quiet.quiet_abandoned_saves()
 
 
 def _config_arg(field: str) -> str:
@@ -151,8 +152,8 @@ def main(argv):
         raise SystemExit(128 + e.signum) from None
     except (ValueError, OSError, FloatingPointError) as e:
         # Errors a user can cause (bad values, unreadable data, a workdir that cannot be
-        # written) carry a message that names the thing; the traceback is only noise
-        # then (rerun with --verbosity=1 to see it).
+        # written, or whose disk is full: train.disk) carry a message that names the
+        # thing; the traceback is only noise then (rerun with --verbosity=1 to see it).
         logging.debug("traceback", exc_info=True)
         _fail(str(e))
     except KeyboardInterrupt:

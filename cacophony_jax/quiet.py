@@ -6,6 +6,7 @@ Standard library only, so the command line can install them without starting JAX
 from __future__ import annotations
 
 import sys
+import warnings
 
 
 def quiet_abandoned_reads() -> None:
@@ -30,3 +31,14 @@ def quiet_abandoned_reads() -> None:
 
     hook._drops_abandoned_reads = True
     sys.unraisablehook = hook
+
+
+def quiet_abandoned_saves() -> None:
+    """Drops the warnings an abandoned save leaves at exit (process-wide).
+
+    When a checkpoint save fails part-way (a full disk, reported once, as an error),
+    Orbax never runs the coroutines of its items not yet written; each is reported as
+    "coroutine '...CheckpointHandler.async_save' was never awaited" when collected.
+    """
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"coroutine '\w+\.async_save' was never awaited")

@@ -1,17 +1,22 @@
-"""Resume: a crashed or stopped run continues bitwise identically, and unreadable
-checkpoints are skipped, kept and moved aside."""
+"""Resume: a crashed or stopped run continues bitwise identically, unreadable
+checkpoints are skipped, kept and moved aside, and a run stopped by a full disk keeps
+what it saved."""
 
 import errno
+import gc
 import json
+import logging
 import os
 import signal
 import threading
+import warnings
 
 import numpy as np
 import pytest
+from etils import epath
 
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import host, loop, metrics
+from cacophony_jax.train import disk, host, loop, metrics
 from cacophony_jax.train import step as step_lib
 from tests.helpers import assert_trees_equal, read_metrics, restore_params, tiny_config
 
@@ -135,26 +140,6 @@ def test_a_damaged_input_position_falls_back_to_an_older_step(tmp_path, caplog):
     assert steps == list(range(1, 13))
 
 
-def test_a_position_damaged_on_another_process_makes_every_process_go_back(
-        tmp_path, caplog, monkeypatch):
-    from cacophony_jax.train import agree
-
-    loop.run(tiny_config("mae", 10), str(tmp_path))
-    real = agree.agree
-
-    def two_processes(stage, error):  # process 1 finds step 10's position damaged
-        if stage == "reading step 10's input positions":
-            raise agree.OtherProcessError(f"process 1 of 2 failed {stage}: damaged")
-        real(stage, error)
-
-    monkeypatch.setattr(agree, "agree", two_processes)
-    loop.run(tiny_config("mae", 10, **{"train.steps": 12}), str(tmp_path))
-    assert "process 1 of 2 failed reading step 10's input positions" in caplog.text
-    assert "schedule from step 6 on is the new one" in caplog.text  # resumed at step 5
-    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
-    assert steps == list(range(1, 13))
-
-
 def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, caplog):
     config = tiny_config("mae", 4)
     loop.run(config, str(tmp_path))
@@ -177,6 +162,69 @@ def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, c
     loop.run(tiny_config("mae", 2, **{"optim.learning_rate": 0.5}), str(tmp_path))
     assert (tmp_path / "config.json").read_text() == saved
     assert "resuming with" not in caplog.text
+
+
+# What TensorStore raised when a tmpfs filled during a save (Orbax's array writes).
+_TENSORSTORE_FULL = (
+    'RESOURCE_EXHAUSTED: Error writing "opt_state.0.1.0.mu.decoder.block_0.attn.value.'
+    'kernel/0.0.0" in OCDBT database at local file "{ckpts}/4.orbax-checkpoint-tmp/state.'
+    'orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "{ckpts}/4.orbax-checkpoint-'
+    'tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/d/d617": Failed to write 198873 bytes '
+    "to file 9: No space left on device [os_error_code='28']")
+
+
+def test_a_full_disk_is_recognised_in_every_writers_error(tmp_path, monkeypatch):
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "2").mkdir(parents=True)
+    (ckpts / "4.orbax-checkpoint-tmp").mkdir()  # the save the disk cut short
+    found = disk.failure(ValueError(_TENSORSTORE_FULL.format(ckpts=ckpts)))
+    assert found == disk.Failure(errno.ENOSPC, f"{ckpts}/4.orbax-checkpoint-tmp/state.orbax"
+                                               "-checkpoint-tmp/ocdbt.process_0/")
+    message = disk.describe(found, tmp_path, ckpts)
+    assert message == (
+        f"saving checkpoint step 4 failed: the disk that holds the workdir {tmp_path} is "
+        f"full; the checkpoints saved before it are intact (newest: step 2 in {ckpts}). To "
+        "go on, free space on that disk (or move the run's --workdir to a disk with room "
+        "and point --workdir there), then rerun the same command: it resumes from step 2")
+    # A plain write, behind another error; the file-size limit (ulimit -f) and quotas.
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m.jsonl"))
+        except OSError as e:
+            raise RuntimeError("while logging") from e
+    except RuntimeError as e:
+        wrapped = e
+    assert disk.failure(wrapped) == disk.Failure(errno.ENOSPC, str(tmp_path / "m.jsonl"))
+    big = disk.failure(ValueError("OUT_OF_RANGE: ... File too large [os_error_code='27']"))
+    assert "raise the limit (ulimit -f unlimited)" in disk.describe(big, tmp_path, ckpts)
+    assert disk.failure(OSError(errno.EDQUOT, "Disk quota exceeded")).errno == errno.EDQUOT
+    assert disk.failure(ValueError("config.data.path is missing")) is None
+    assert disk.failure(OSError(errno.ENOENT, "No such file or directory")) is None
+    # Full, but not the workdir's disk (shared memory under the input pipeline, say).
+    assert not disk.in_workdir(disk.Failure(errno.ENOSPC, "/dev/shm/grain-1"), tmp_path)
+    assert disk.in_workdir(found, tmp_path)
+    # An error that names no file (a failed write) is the workdir's if its disk is full.
+    unnamed = disk.Failure(errno.ENOSPC, None)
+    assert not disk.in_workdir(unnamed, tmp_path)  # this disk has room
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096,) * 2 + (0,) * 8))
+    assert disk.in_workdir(unnamed, tmp_path)
+
+
+def _fill_the_disk(monkeypatch, full):
+    """From now on every file Orbax writes for which `full(path)` fails with ENOSPC
+    (raised in its save threads, as a full disk does)."""
+    cls = type(epath.Path(os.sep))
+    real = {name: getattr(cls, name) for name in ("write_text", "write_bytes")}
+
+    def failing(name):
+        def write(self, *args, **kwargs):
+            if full(str(self)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+            return real[name](self, *args, **kwargs)
+        return write
+
+    for name in real:
+        monkeypatch.setattr(cls, name, failing(name))
 
 
 def test_a_metric_write_on_a_full_disk_names_the_file(tmp_path):
@@ -203,3 +251,33 @@ def test_a_metric_write_on_a_full_disk_names_the_file(tmp_path):
         writer.close()  # closes the events file too, raising the first error
     assert real.closed and writer._tb is None
     assert not [t for t in threading.enumerate() if "EventLogger" in type(t).__name__]
+
+
+def test_a_run_on_a_full_disk_stops_with_one_error_and_resumes_on_the_rerun(
+        tmp_path, caplog, monkeypatch):
+    config = tiny_config("mae", 6, **{"train.checkpoint_every": 2, "data.eval.kind": ""})
+    # The disk fills once step 2 is saved: the step-4 save fails in Orbax's threads.
+    _fill_the_disk(monkeypatch, lambda path: "/4.orbax-checkpoint-tmp" in path)
+    with pytest.raises(disk.DiskFullError) as raised:
+        loop.run(config, str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    assert str(raised.value).startswith(
+        f"saving checkpoint step 4 failed: the disk that holds the workdir {tmp_path} is "
+        f"full; the checkpoints saved before it are intact (newest: step 2 in {ckpts})")
+    assert "rerun the same command: it resumes from step 2" in str(raised.value)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert sorted(os.listdir(ckpts)) == ["2", "4.orbax-checkpoint-tmp"]
+    saved = restore_params(config, tmp_path)
+    monkeypatch.undo()
+    del raised  # and with it the coroutines of the items the failed save never wrote
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        gc.collect()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        loop.run(config, str(tmp_path))  # with space again
+    assert f"resuming from {ckpts} step 2" in caplog.text
+    assert sorted(os.listdir(ckpts)) == ["2", "4", "6"]  # the unfinished save is gone
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # rows after step 2 were logged once, by the rerun
+    assert_trees_equal(saved, restore_params(tiny_config("mae", 2), ckpts / "2"))

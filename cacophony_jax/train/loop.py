@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 
 import jax
@@ -23,7 +24,7 @@ from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import agree, checkpoint, checks, flops, host, init, metrics
+from cacophony_jax.train import agree, checkpoint, checks, disk, flops, host, init, metrics
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
 
@@ -96,9 +97,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       The final evaluation metrics (empty when evaluation is disabled).
     """
     checks.check_config(config)
-    workdir_path = host.make_workdir(workdir)
-    with host.workdir_lock(workdir_path):
-        return _train(config, workdir_path)
+    try:
+        workdir_path = host.make_workdir(workdir)
+        with host.workdir_lock(workdir_path):
+            return _train(config, workdir_path)
+    except Exception as error:
+        found = None if isinstance(error, disk.DiskFullError) else disk.failure(error)
+        if found is None or not disk.in_workdir(found, workdir):
+            raise
+        # Every save has ended by now (`_train` closed the checkpointer): the steps on
+        # disk are the complete ones.
+        checkpoints = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+        raise disk.DiskFullError(disk.describe(found, workdir, checkpoints)) from error
 
 
 def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[str, float]:
@@ -176,6 +186,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
     stopper = host.StopSignal()
     prefetcher = profiler = None
     writer = metrics.MetricWriter(str(workdir_path))
+    failing = True  # until it returns: then an error while closing is the run's error
     try:
         resumed_iter = checkpoint.IteratorTarget(data_iter)
         state = init.restore_or_init(config, task, tx, plan, ckpt, resumed_iter)
@@ -283,16 +294,30 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         ckpt.wait()
         if stopper.agreed():  # during the last evaluation or save: training is complete
             _stop(ckpt, step, stopper.signum, "training is complete; no later stage starts")
+        failing = False
         return final
     finally:
-        if profiler is not None:
-            profiler.stop()
-        stopper.restore()
-        if prefetcher is not None:
-            prefetcher.close()
-        ckpt.close()
-        writer.close()
-        close = getattr(data_iter, "close", None)
-        if close is not None:
+        _close_all([profiler.stop if profiler is not None else None, stopper.restore,
+                    prefetcher.close if prefetcher is not None else None, ckpt.close,
+                    writer.close, getattr(data_iter, "close", None),
+                    pipeline.release_shared_memory], failing)
+
+
+def _close_all(closers: list, failing: bool) -> None:
+    """Runs every closer, even after one fails (each releases something of its own).
+
+    The first closer's error is raised when the run itself succeeded; when it is
+    already failing, their errors (often the same cause again: a full disk fails the
+    final flush too) are only logged at debug level, not raised over the run's error.
+    """
+    first = None
+    for close in closers:
+        if close is None:
+            continue
+        try:
             close()
-        pipeline.release_shared_memory()
+        except Exception as error:  # noqa: BLE001 - the others must still run
+            logging.debug("closing after the run: %s", error, exc_info=True)
+            first = first or error
+    if first is not None and not failing:
+        raise first
