@@ -11,12 +11,13 @@ import signal
 import threading
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from etils import epath
 
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import disk, host, loop, metrics
+from cacophony_jax.train import checkpoint, disk, host, loop, metrics
 from cacophony_jax.train import step as step_lib
 from tests.helpers import assert_trees_equal, read_metrics, restore_params, tiny_config
 
@@ -225,6 +226,35 @@ def _fill_the_disk(monkeypatch, full):
 
     for name in real:
         monkeypatch.setattr(cls, name, failing(name))
+
+
+def test_a_save_on_a_full_disk_fails_once_and_keeps_the_saved_steps(tmp_path, caplog,
+                                                                     monkeypatch):
+    state = {"w": np.arange(8.0, dtype=np.float32)}
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
+    ckpt.save(1, state, None, {"task": "mae"})
+    ckpt.wait()
+    # (Its metadata, written last: none of its array writes is still running after it.)
+    _fill_the_disk(monkeypatch, lambda path: path.endswith(".orbax-checkpoint-tmp/"
+                                                          "_CHECKPOINT_METADATA"))
+    ckpt.save(2, state, None, {"task": "mae"})
+    with pytest.raises(OSError) as raised:
+        ckpt.close()  # waits for the save, and releases Orbax's threads all the same
+    assert disk.failure(raised.value).errno == errno.ENOSPC
+    # Reported once, by the caller: none of Orbax's save threads logs its traceback.
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    monkeypatch.undo()
+    # Step 1 was not deleted to keep 1 step (step 2 never completed), and reads back.
+    reopened = checkpoint.Checkpointer(tmp_path, keep=1)
+    assert reopened.steps() == [1]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, step = reopened.restore(abstract)
+    assert step == 1
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    # The unfinished save is deleted before the next one.
+    reopened.save(3, state, None, {"task": "mae"})
+    reopened.close()
+    assert sorted(os.listdir(tmp_path)) == ["3"]
 
 
 def test_a_metric_write_on_a_full_disk_names_the_file(tmp_path):

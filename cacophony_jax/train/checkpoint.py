@@ -4,7 +4,9 @@ Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config}`. Saves are
 asynchronous and the manager is always closed (an unclosed async save hangs at
 exit). A step folder that cannot be restored is skipped with a warning in favour
 of the previous one and is never overwritten or deleted: it is renamed
-`<step>.corrupt-N` at once, out of the keep-N count.
+`<step>.corrupt-N` at once, out of the keep-N count. A save that never finished (a
+`<step>.orbax-checkpoint-tmp` folder, e.g. of a run stopped by a full disk) is not a
+step: a run that opens the workdir again deletes it (before its first save).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,
             save_interval_steps=0 if read_only else 1,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -273,9 +276,22 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves and releases the manager (also after a failed save,
+        whose error is raised once)."""
+        waited = False
+        try:
+            self.manager.wait_until_finished()
+            waited = True
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                # After a failed save Orbax raises its error again here, before it
+                # releases its threads and stores (left running, they fail at exit with
+                # tracebacks of their own); a second close releases them.
+                self.manager.close()
+                if waited:
+                    raise
 
 
 def saved_config(path: str) -> dict[str, Any] | None:
