@@ -96,6 +96,15 @@ def test_sam_doubles_the_model_flops():
     assert 1.999 < ratio < 2.0
 
 
+def test_datasheet_peaks_by_device_name():
+    # JAX's device_kind strings; the NVL cards have fewer TFLOP/s than the SXM ones.
+    for kind, tflops in (("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                         ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+                         ("NVIDIA H200 NVL", 835), ("TPU v5 lite", 197), ("TPU v5p", 459)):
+        assert flops.datasheet_peak(kind)[0] == tflops * 1e12, kind
+    assert flops.datasheet_peak("cpu") is None
+
+
 def test_progress_reports_model_tflops_and_mfu(monkeypatch):
     # Each Progress: its start, its first step (compiling), then a window.
     clock = iter([0.0, 30.0, 32.0, 0.0, 9.0, 10.5, 0.0, 4.0, 5.0])

@@ -41,13 +41,16 @@ from cacophony_jax.train import step as step_lib
 
 # Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` in this order
 # (first substring wins). Sources: NVIDIA H100 datasheet (SXM 1,979 TFLOP/s with 2:4
-# sparsity = 989 dense; PCIe 1,513 = 756 dense); NVIDIA H200 datasheet (same tensor
-# cores as H100 SXM: 989); NVIDIA A100 datasheet (312); Google Cloud TPU system
-# architecture pages, bf16 per chip: v4 275, v5e 197, v5p 459, v6e (Trillium) 918.
+# sparsity = 989 dense; PCIe 1,513 = 756 dense; NVL 1,671 = 835 dense); NVIDIA H200
+# datasheet (SXM as H100 SXM: 989; NVL 1,671 = 835); NVIDIA A100 datasheet (312);
+# Google Cloud TPU system architecture pages, bf16 per chip: v4 275, v5e 197, v5p 459,
+# v6e (Trillium) 918.
 # JAX names v5e "TPU v5 lite" and v6e "TPU v6 lite".
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),
+    ("H200 NVL", 835.0),
     ("H200", 989.0),
     ("A100", 312.0),
     ("TPU v4", 275.0),
