@@ -195,7 +195,7 @@ def test_undecodable_records_are_skipped_and_counted(tmp_path):
 
 
 def test_a_record_that_fails_to_decode_is_not_read_again(tmp_path, monkeypatch, caplog):
-    from cacophony_jax.data import sources
+    from cacophony_jax.data import manifest
 
     soundfile.write(tmp_path / "good.wav", np.full(3000, 7, np.int16), 16000, subtype="PCM_16")
     (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wav file")
@@ -215,7 +215,7 @@ def test_a_record_that_fails_to_decode_is_not_read_again(tmp_path, monkeypatch, 
         return real(path, length, choose_start, **kw)
 
     monkeypatch.setattr(io, "load_audio_clip", load_audio_clip)
-    decoded = pipeline.DecodedSource(sources.ManifestSource(str(tmp_path / "m.jsonl")))
+    decoded = pipeline.DecodedSource(manifest.ManifestSource(str(tmp_path / "m.jsonl")))
     rng = np.random.default_rng(0)
     with caplog.at_level("WARNING"):
         draws = [decoded.draw(1, CLIP, rng) for _ in range(4)]
@@ -232,7 +232,7 @@ def test_a_record_that_fails_to_decode_is_not_read_again(tmp_path, monkeypatch, 
     assert opened.count("long.wav") == 3
     # Nothing usable: still one clear error after the tries, also from memory.
     (tmp_path / "bad.jsonl").write_text('{"audio": "broken.wav", "captions": ["x"]}\n')
-    decoded = pipeline.DecodedSource(sources.ManifestSource(str(tmp_path / "bad.jsonl")))
+    decoded = pipeline.DecodedSource(manifest.ManifestSource(str(tmp_path / "bad.jsonl")))
     opened.clear()
     for _ in range(2):
         with pytest.raises(io.AudioError, match="tried for one draw all failed.*broken.wav"):
@@ -242,7 +242,7 @@ def test_a_record_that_fails_to_decode_is_not_read_again(tmp_path, monkeypatch, 
 
 @pytest.mark.skipif(not io._MP3_SUPPORTED, reason="libsndfile without MP3")
 def test_a_damaged_mp3_is_decoded_and_reported_once(tmp_path, capfd, caplog):
-    from cacophony_jax.data import sources
+    from cacophony_jax.data import manifest
 
     wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(22050) / 44100)
     soundfile.write(tmp_path / "damaged.mp3", wave, 44100, format="MP3",
@@ -254,7 +254,7 @@ def test_a_damaged_mp3_is_decoded_and_reported_once(tmp_path, capfd, caplog):
     soundfile.write(tmp_path / "good.wav", np.full(3000, 7, np.int16), 16000, subtype="PCM_16")
     (tmp_path / "m.jsonl").write_text('{"audio": "good.wav", "captions": ["x"]}\n'
                                       '{"audio": "damaged.mp3", "captions": ["x"]}\n')
-    decoded = pipeline.DecodedSource(sources.ManifestSource(str(tmp_path / "m.jsonl")))
+    decoded = pipeline.DecodedSource(manifest.ManifestSource(str(tmp_path / "m.jsonl")))
     rng = np.random.default_rng(0)
     with caplog.at_level("WARNING"):
         assert decoded.draw(1, 16000, rng)["num_failed"] == 1
