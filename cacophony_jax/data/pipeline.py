@@ -95,6 +95,31 @@ def host_batch_size(global_batch_size: int) -> int:
     return global_batch_size // count
 
 
+class HostRows(grain.MapDataset):
+    """Host `index`'s rows of every global batch of a stream: its element j is the
+    stream's element (j // P * count + index) * P + j % P, with P rows per host."""
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, per_host: int):
+        super().__init__(parent)
+        self._index, self._count, self._per_host = index, count, per_host
+        self._length = len(parent) // count // per_host * per_host
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _position(self, j: int) -> int:
+        batch, row = divmod(j, self._per_host)
+        return (batch * self._count + self._index) * self._per_host + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            raise TypeError("HostRows cannot be sliced")
+        return self._parent[self._position(index)]
+
+    def __str__(self) -> str:
+        return f"HostRows(host {self._index} of {self._count}, {self._per_host} rows each)"
+
+
 def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, seed: int,
                   num_workers: int = 0, read_threads: int = 4,
                   prefetch_batches: int = 2) -> grain.IterDataset:
@@ -121,15 +146,16 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
     if len(decoded) < count:
         raise ValueError(f"{len(decoded)} training records cannot feed {count} hosts")
     # One global stream (a new order every epoch, crops keyed by the position in it);
-    # host i takes its elements i, i + count, ...: a global batch is a run of that
-    # stream, whatever the number of hosts, and no two hosts share crops or groups.
+    # global batch b is the stream's run [b * G, (b + 1) * G) in that order, host i
+    # holding its rows [i * P, (i + 1) * P): the same batches, rows in the same order,
+    # whatever the number of hosts, and no two hosts share crops or groups.
     # The records are decoded in `PrepareTrain`, once the crop is drawn, so that only
     # the crop of a long file is decoded.
     ds = grain.MapDataset.range(len(decoded)).seed(seed).shuffle().repeat(None)
     ds = ds.random_map(PrepareTrain(fmt, decoded))
-    if count > 1:
-        ds = ds[index::count]
     per_host = host_batch_size(global_batch_size)
+    if count > 1:
+        ds = HostRows(ds, index, count, per_host)
     # Records are decoded by `read_threads` threads in parallel, then batched.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=read_threads,
