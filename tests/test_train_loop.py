@@ -158,6 +158,12 @@ def test_profile_steps_writes_a_trace_of_the_chosen_steps(tmp_path, caplog, monk
              str(tmp_path / "again"))
     assert "the profiler trace could not be written" in caplog.text
     assert (tmp_path / "again" / "checkpoints" / "7").is_dir()
+    # Processes of one run (maybe on one host, whose name names the files) trace apart.
+    from cacophony_jax.train import host
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert host.Profiler(tmp_path / "p", 2, 0, 10).directory == tmp_path / "p" / "process_1"
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):

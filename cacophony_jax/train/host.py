@@ -188,6 +188,8 @@ class Profiler:
     PROFILE_AFTER = 3
 
     def __init__(self, directory: epath.Path, num_steps: int, start: int, total: int):
+        if jax.process_count() > 1:  # trace files are named by host: one folder each
+            directory = directory / f"process_{jax.process_index()}"
         self.directory, self.active = directory, False
         self.first = min(start + self.PROFILE_AFTER, max(start, total - num_steps))
         self.last = min(self.first + num_steps, total) if num_steps > 0 else -1
