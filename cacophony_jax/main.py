@@ -37,10 +37,11 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulated CPU devices (te
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "", "gloo|mpi for CPU multi-process.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "",
-    "Folder (local, or gs://... on Cloud TPU) for JAX's persistent compilation cache: a "
-    "restarted or resumed run loads the programs it compiled before instead of compiling "
-    "them again. The same as setting JAX_COMPILATION_CACHE_DIR. Only share it with "
-    "people you trust: a cache entry is code that runs.")
+    "Local folder (for a bucket, its mounted path) for JAX's persistent compilation "
+    "cache: a restarted or resumed run loads the programs it compiled before instead of "
+    "compiling them again. The same as setting JAX_COMPILATION_CACHE_DIR. Not used by "
+    "multi-process CPU runs (their processes would load and compile at different "
+    "speeds). Only share it with people you trust: a cache entry is code that runs.")
 _VERBOSE_LIBS = flags.DEFINE_bool("verbose_libraries", False,
                                   "Show INFO logs of Orbax/JAX/Grain too.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -133,8 +134,6 @@ def main(argv):
     if "://" in (_COMPILATION_CACHE.value or ""):
         _fail(f"--compilation_cache={_COMPILATION_CACHE.value!r} is not a file-system path: "
               "mount the storage (e.g. gcsfuse) and pass the mount's path")
-    if _COMPILATION_CACHE.value:  # before anything compiles
-        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     from cacophony_jax.parallel import distributed
     try:
         distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
@@ -143,8 +142,47 @@ def main(argv):
                                heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
     except ValueError as e:
         _fail(str(e))
+    if _COMPILATION_CACHE.value:  # before anything compiles
+        if jax.process_count() > 1 and jax.default_backend() == "cpu":
+            # JAX keys CPU programs per process and only process 0 writes entries: with a
+            # warm cache process 0 loads the step while the others compile it, and the
+            # first collective times out.
+            logging.warning("--compilation_cache is not used by multi-process CPU runs")
+        else:
+            jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     if not _VERBOSE_LIBS.value:
         _quiet_libraries()
+    try:
+        _train()
+    except SystemExit as e:
+        if jax.process_count() > 1 and e.code not in (0, None) and not _stopped(e.code):
+            _exit_now(e.code)  # not JAX's shutdown barrier: the others wait in a collective
+        raise
+    except BaseException:  # noqa: BLE001 - a crash: its traceback, then the same exit
+        if jax.process_count() > 1:
+            traceback.print_exc()
+            _exit_now(1)
+        raise
+
+
+def _stopped(code: int) -> bool:
+    """Whether `code` is the exit of a run every process stopped on a signal."""
+    import signal
+
+    return code in (128 + signal.SIGTERM, 128 + signal.SIGINT)
+
+
+def _exit_now(code: int) -> None:
+    """Ends a failed process of a multi-process run at once. JAX's shutdown would wait
+    minutes at a barrier the other processes never reach (they wait in a collective);
+    once this process is gone they notice it within --heartbeat_timeout and stop."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.flush()
+    os._exit(code)
+
+
+def _train() -> None:
     from cacophony_jax.train import host, stages
     try:
         stages.run(_CONFIG.value, _WORKDIR.value)

@@ -51,4 +51,13 @@ try:
 except ValueError as e:
     print(f"same run: {e}", flush=True)
 agree.check_same_run(json.loads(config.to_json_best_effort()))  # equal: passes
+# A recipe: a host-local setting may differ, the workdir may not.
+recipe = {"stages": {"mae": json.loads(config.to_json_best_effort())},
+          "workdir": "runs/a" if pid == 0 else "runs/b"}
+recipe["stages"]["mae"]["data"]["num_workers"] = pid
+agree.check_devices()  # equal: passes
+try:
+    agree.check_same_run(recipe)
+except ValueError as e:
+    print(f"recipe: {e}", flush=True)
 print(f"process {pid} done", flush=True)

@@ -37,6 +37,8 @@ def test_two_processes_train_and_restore_on_one(tmp_path):
         assert ("process 1's config differs from process 0's: config.optim.learning_rate "
                 "(0.001 on process 0, 0.05 on process 1)") in text, text
         assert "same run: " in text
+        assert "--workdir ('runs/a' on process 0, 'runs/b' on process 1)" in text, text
+        assert "num_workers" not in text.split("recipe: ")[-1]
         assert "done" in text
     rows = [r for r in read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]

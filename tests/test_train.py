@@ -200,6 +200,8 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=rf"stage '{last}' .*: config.train.keep_checkpoints=0"):
         stages.run(config, str(tmp_path / "q"))
     assert not (tmp_path / "q").exists()  # stage 1 did not start
+    with pytest.raises(ValueError, match="--workdir is empty"):
+        stages.run(quickstart.get_config(), " ")
     # Stage 2's mistakes, paths included, stop the recipe before stage 1 trains.
     for key, value, message in (
             ("loss.kind", "sigmoid", "needs config.model.sigmoid_bias=True"),

@@ -8,6 +8,7 @@ process that failed and its reason. With one process they cost nothing.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 from typing import Any
@@ -22,6 +23,23 @@ HOST_LOCAL = ("data.num_workers", "data.read_threads", "data.prefetch_batches")
 
 class OtherProcessError(ValueError):
     """Another process of this run failed; this one stops with it."""
+
+
+def check_devices() -> None:
+    """Refuses processes with unequal local device counts, from the global device
+    list (no collective: the collectives of `agree` need equal counts to work).
+
+    Raises:
+      ValueError (on every process): the device counts, by process.
+    """
+    if jax.process_count() == 1:
+        return
+    counts = collections.Counter(d.process_index for d in jax.devices())
+    devices = [counts.get(p, 0) for p in range(jax.process_count())]
+    if len(set(devices)) > 1:
+        raise ValueError(f"the processes of this run have different numbers of local devices "
+                         f"({devices}, by process): give every host the same devices "
+                         "(CUDA_VISIBLE_DEVICES, --cpu_devices)")
 
 
 def _allgather(array: np.ndarray) -> np.ndarray:
@@ -81,7 +99,8 @@ def check_same_run(config_json: dict[str, Any]) -> None:
     """
     if jax.process_count() == 1:
         return
-    config_json = {k: v for k, v in _flat(config_json).items() if k not in HOST_LOCAL}
+    config_json = {k: v for k, v in _flat(config_json).items()
+                   if not any(k == h or k.endswith(f".{h}") for h in HOST_LOCAL)}
     text = json.dumps(config_json, sort_keys=True).encode()
     digest = np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint8).astype(np.int32)
     mine = np.concatenate([digest, [jax.local_device_count(), len(text)]]).astype(np.int32)
@@ -107,8 +126,8 @@ def check_same_run(config_json: dict[str, Any]) -> None:
     error = None
     if differ:
         me = jax.process_index()
-        shown = ", ".join(f"config.{k} ({reference.get(k)!r} on process 0, {own.get(k)!r} "
-                          f"on process {me})" for k in differ[:5])
+        shown = ", ".join(f"{'--' if k == 'workdir' else 'config.'}{k} ({reference.get(k)!r} "
+                          f"on process 0, {own.get(k)!r} on process {me})" for k in differ[:5])
         error = ValueError(f"process {me}'s config differs from process 0's: {shown}; start "
                            "every process with the same command")
     agree("the config comparison", error)

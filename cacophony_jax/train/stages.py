@@ -24,8 +24,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     Raises:
       host.StopRequestedError: a stage was stopped by a signal (after saving); no later stage runs.
     """
+    agree.check_devices()
     error = None
     try:  # every stage's mistakes before any training, on every process of the run
+        if not workdir.strip():
+            raise ValueError("--workdir is empty: name the folder for the run's "
+                             "checkpoints and metrics (e.g. --workdir=runs/mae)")
         checks.check_local("--workdir", workdir)
         for name, stage in ([(None, config)] if "stages" not in config else
                             [(n, config.stages[n]) for n in config.stage_order]):
@@ -41,6 +45,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     except Exception as e:  # noqa: BLE001 - any failure here must reach `agree`
         error = e
     agree.agree("the config checks", error)  # a host that lacks a path stops them all
+    # Every stage's settings, and the workdir, the same on every process (a later
+    # stage's too, before the first trains).
+    agree.check_same_run({**json.loads(config.to_json_best_effort()), "workdir": workdir})
     if "stages" not in config:
         return {config.task: loop.run(config, workdir)}
     root = host.make_workdir(workdir)
