@@ -117,10 +117,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+# "[process i] " in front of this process's lines in a multi-process run, else "".
+_TAG = ""
+
+
+def _tag_lines(index: int) -> None:
+    """Starts this process's log and error lines with its index (every process of a
+    multi-process run logs, often into one file)."""
+    import logging as std_logging
+
+    global _TAG
+    _TAG = f"[process {index}] "
+
+    class _Tag(std_logging.Filter):
+        def filter(self, record: std_logging.LogRecord) -> bool:
+            if not getattr(record, "process_tagged", False):
+                record.msg, record.process_tagged = f"{_TAG}{record.msg}", True
+            return True
+
+    logging.get_absl_handler().addFilter(_Tag())
+
+
 def _fail(message: str) -> None:
     """Ends the run on an error the user can fix: one line, exit status 2 (as for a
     flag or config-key mistake)."""
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"{_TAG}error: {message}\n")
     raise SystemExit(2)
 
 
@@ -142,6 +163,8 @@ def main(argv):
                                heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
     except ValueError as e:
         _fail(str(e))
+    if jax.process_count() > 1:
+        _tag_lines(jax.process_index())
     if _COMPILATION_CACHE.value:  # before anything compiles
         if jax.process_count() > 1 and jax.default_backend() == "cpu":
             # JAX keys CPU programs per process and only process 0 writes entries: with a

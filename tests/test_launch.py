@@ -189,9 +189,9 @@ def test_render_srun_command():
     assert code == 0
     assert "coordinator gpu-01:61440" in out and "= 32 processes" in out
     srun = shlex.split(out.splitlines()[-1])
-    assert srun[:5] == ["srun", "--nodes=4", "--ntasks=32", "--ntasks-per-node=8",
-                        "--kill-on-bad-exit=1"]
-    assert srun[5:] == ["python", "-m", "cacophony_jax.main", "--config=configs/mae.py:base",
+    assert srun[:6] == ["srun", "--nodes=4", "--ntasks=32", "--ntasks-per-node=8",
+                        "--kill-on-bad-exit=1", "--label"]  # lines start with the task id
+    assert srun[6:] == ["python", "-m", "cacophony_jax.main", "--config=configs/mae.py:base",
                         "--workdir=/shared/run", "--config.train.steps=5"]
     code, out, _ = _render("--dry-run", "--mode=explicit", "--port=2222", CONFIG="c.py:tiny",
                            WORKDIR="/w", SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="4",

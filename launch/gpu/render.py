@@ -144,7 +144,7 @@ def render(nodes: int, gpus_per_node: int, nodelist: str, config: str, workdir: 
     # No --gpus-per-task: every task sees all GPUs of its node and JAX picks the one
     # at index SLURM_LOCALID; a one-GPU mask would leave only index 0 visible.
     srun = ["srun", f"--nodes={nodes}", f"--ntasks={num_processes}",
-            f"--ntasks-per-node={gpus_per_node}", "--kill-on-bad-exit=1"]
+            f"--ntasks-per-node={gpus_per_node}", "--kill-on-bad-exit=1", "--label"]
     if cpus_per_task:
         srun.append(f"--cpus-per-task={cpus_per_task}")
     if mode == "slurm":
