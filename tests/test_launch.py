@@ -336,11 +336,28 @@ def test_distributed_timeouts_reach_jax(monkeypatch):
 
     from cacophony_jax.parallel import distributed
 
-    seen = {}
+    seen, probed = {}, []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed, "wait_for_coordinator", lambda *a: probed.append(a))
     assert distributed.initialize("auto", "node1:1234", 2, 1, init_timeout=900,
                                   heartbeat_timeout=20)
+    assert probed == [("node1", 1234, 900)]  # process 0 serves it: only the others wait
     assert seen == dict(coordinator_address="node1:1234", num_processes=2, process_id=1,
                         initialization_timeout=900, heartbeat_timeout_seconds=20)
     with pytest.raises(ValueError, match="--heartbeat_timeout=0: give a number of seconds"):
         distributed.initialize("auto", "node1:1234", 2, 1, heartbeat_timeout=0)
+    monkeypatch.undo()
+    # A coordinator that is not there: one clear error, not JAX's abort.
+    with pytest.raises(ValueError, match="cannot be resolved"):
+        distributed.wait_for_coordinator("nosuchhost.invalid", 1234, 2)
+    import socket
+
+    with socket.socket() as listener:  # a port nobody listens on, once closed
+        listener.bind(("localhost", 0))
+        port = listener.getsockname()[1]
+    with pytest.raises(ValueError, match=rf"nothing answered at .*:{port} within 1 s"):
+        distributed.wait_for_coordinator("localhost", port, 1)
+    with socket.socket() as listener:  # and one that answers
+        listener.bind(("localhost", 0))
+        listener.listen()
+        distributed.wait_for_coordinator("localhost", listener.getsockname()[1], 1)

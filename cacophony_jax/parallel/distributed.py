@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 
 import jax
 
@@ -74,6 +76,8 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
             raise ValueError(f"process id {pid} is not below the process count {count}: "
                              f"number the processes 0 to {count - 1}")
         kwargs = dict(coordinator_address=address, num_processes=count, process_id=pid)
+        if pid > 0:  # process 0 serves the address; JAX would abort without a word
+            wait_for_coordinator(host, int(port), init_timeout)
     # On Cloud TPU pods (where the worker list lives in the VM metadata, so 'auto'
     # cannot see it: pass --distributed=on) and SLURM, jax finds the coordinator.
     count = kwargs.get("num_processes")
@@ -86,3 +90,30 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
                  env, jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
     return True
+
+
+def wait_for_coordinator(host: str, port: int, timeout: float) -> None:
+    """Waits until process 0's coordinator accepts connections at host:port.
+
+    Raises:
+      ValueError: the host name does not resolve, or nothing answered in `timeout` s
+        (JAX itself would abort the process with a C++ stack dump).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout)):
+                return
+        except socket.gaierror as e:  # no such name; or no answer yet (EAI_AGAIN): wait
+            if e.errno != socket.EAI_AGAIN or time.monotonic() >= deadline:
+                raise ValueError(f"the coordinator host {host!r} of --coordinator_address "
+                                 f"{host}:{port} cannot be resolved ({e.strerror}): give "
+                                 "process 0's host name or address") from None
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"nothing answered at the coordinator address {host}:{port} within "
+                    f"{timeout:g} s ({e.strerror or e}): start process 0 with the same "
+                    "--coordinator_address, check that the port is open between the hosts, "
+                    "or raise --init_timeout where hosts start minutes apart") from None
+        time.sleep(1.0)
