@@ -40,9 +40,16 @@ def parse_arg(arg: str | None, **known: object) -> mlc.ConfigDict:
         if isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, int):
+            if not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(f"config argument {key}={value!r} in {arg!r} must be a "
+                                 "positive whole number (leave it out for the default)")
             out[key] = int(value)
         elif isinstance(default, float):
-            out[key] = float(value)
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"config argument {key}={value!r} in {arg!r} must be a "
+                                 "number") from None
         else:
             out[key] = value
     if "variant" in out and out.variant not in VARIANTS:

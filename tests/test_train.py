@@ -245,6 +245,23 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
         with pytest.raises(ValueError, match=rf"stage '{last}' .*{message}"):
             stages.run(config, str(tmp_path / "q"))
         assert not (tmp_path / "q").exists()
+    # One stage's settings that would fail late, or be ignored, are refused up front.
+    for task, overrides, message in (
+            ("mae", {"mesh.fsdp": 0}, r"config.mesh.fsdp=0 must be a device count >= 1"),
+            ("mae", {"mesh.data": -1, "mesh.fsdp": -1}, "both -1"),
+            ("mae", {"audio.max_patches": 1}, "max_patches=1 is stage 2's patch dropout"),
+            ("mae", {"data.synthetic_eval_size": -3}, "synthetic_eval_size=-3 must be"),
+            ("mae", {"data.synthetic_eval_size": 0}, "eval.kind='' turns evaluation off"),
+            ("cacophony", {"tokenizer.vocab_size": -5}, "vocab_size=-5 must be 0"),
+            ("cacophony", {"eval.caption_clips": -5}, "caption_clips=-5 must be a number"),
+            ("mae", {"sharding_rules": ((1, 2),)}, r"entry \(1, 2\) must be \(logical")):
+        with pytest.raises(ValueError, match=message):
+            checks.check_config(tiny_config(task, 2, **overrides))
+    from configs import mae as mae_config
+
+    for arg in ("tiny,steps=abc", "tiny,steps=0", "tiny,batch=-2"):
+        with pytest.raises(ValueError, match=r"must be a positive whole number"):
+            mae_config.get_config(arg)
     # Accumulation spans steps: each step's front end still sees the whole batch.
     with pytest.raises(ValueError, match=r"frontend_sub_batches=3 must divide config.data."
                                          r"global_batch_size \(8\)"):

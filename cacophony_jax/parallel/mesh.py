@@ -30,6 +30,9 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, i
       (data, fsdp) with data * fsdp == num_devices.
     """
     data, fsdp = int(cfg.data), int(cfg.fsdp)
+    for name, size in (("data", data), ("fsdp", fsdp)):
+        if size < 1 and size != -1:
+            raise MeshError(f"config.mesh.{name}={size} must be a device count >= 1, or -1")
     if data == -1 and fsdp == -1:
         raise MeshError("config.mesh: only one of data and fsdp may be -1")
     if data == -1:

@@ -33,6 +33,9 @@ _MINIMUMS = (
     ("data.read_threads", 1, ""),
     ("data.prefetch_batches", 0, ""),
     ("data.text_length", 2, " (bos + eos)"),
+    ("data.synthetic_train_size", 0, ""),
+    ("data.synthetic_eval_size", 0, ""),
+    ("eval.caption_clips", 0, " (0 = no captioning metrics)"),
     ("audio.max_patches", 0, " (0 = all)"),
     ("optim.learning_rate", 0, ""),
     ("optim.warmup_steps", 0, ""),
@@ -127,8 +130,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if pieces < 1 or batch % pieces:
             raise ValueError(f"config.audio.frontend_sub_batches={pieces} must divide "
                              f"config.{key} ({batch}): set it to a divisor, or 1")
+    if config.task == "mae" and init.lookup(config, "audio.max_patches"):
+        raise ValueError(f"config.audio.max_patches={config.audio.max_patches} is stage 2's "
+                         "patch dropout; stage 1 keeps 1 - config.mae.mask_ratio of the "
+                         "patches instead: leave max_patches at 0")
+    vocab = init.lookup(config, "tokenizer.vocab_size")
+    if vocab and vocab < 261:
+        raise ValueError(f"config.tokenizer.vocab_size={vocab} must be 0 (the model's "
+                         "vocabulary) or at least 261 (256 bytes + 5 special tokens)")
+    for which in ("train", "eval"):
+        size = init.lookup(config, f"data.synthetic_{which}_size")
+        if config.data[which].kind == "synthetic" and size == 0:
+            off = " (config.data.eval.kind='' turns evaluation off)" if which == "eval" else ""
+            raise ValueError(f"config.data.synthetic_{which}_size=0: the synthetic "
+                             f"{which} split needs clips{off}")
+    _check_mesh(config)
     _check_sources(config)
     _check_sharding_rules(config)
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp") if axis in config.mesh}
+    for axis, size in sizes.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"config.mesh.{axis}={size} must be a device count >= 1, or -1 "
+                             "(the devices the other axis leaves); fsdp=1 turns FSDP off")
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError("config.mesh.data and config.mesh.fsdp are both -1: give one of "
+                         "them a count")
 
 
 def _check_sources(config: ml_collections.ConfigDict) -> None:
@@ -150,10 +179,15 @@ def _check_sources(config: ml_collections.ConfigDict) -> None:
 def _check_sharding_rules(config: ml_collections.ConfigDict) -> None:
     axes = {"data", "fsdp"}
     for rule in config.sharding_rules:
-        if len(rule) != 2:
-            raise ValueError(f"config.sharding_rules entry {tuple(rule)} must be (logical "
-                             "axis, mesh axes)")
-        target = rule[1]
+        target = rule[1] if isinstance(rule, (tuple, list)) and len(rule) == 2 else None
+        if (not isinstance(rule, (tuple, list)) or len(rule) != 2
+                or not isinstance(rule[0], str)
+                or not (target is None or isinstance(target, str) or (
+                    isinstance(target, (tuple, list))
+                    and all(isinstance(a, str) for a in target)))):
+            raise ValueError(f"config.sharding_rules entry {rule!r} must be (logical axis "
+                             "name, mesh axis name or tuple of them or None), e.g. "
+                             "('batch', ('data', 'fsdp'))")
         named = [target] if isinstance(target, str) else list(target or ())
         unknown = [a for a in named if a not in axes]
         if unknown:
