@@ -245,6 +245,10 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
         with pytest.raises(ValueError, match=rf"stage '{last}' .*{message}"):
             stages.run(config, str(tmp_path / "q"))
         assert not (tmp_path / "q").exists()
+    # The recipe's summary: chance is k / clips, at most 100 %.
+    table = stages.summary({"s": {"eval/num_clips": 8.0, "eval/t2a_R@1": 50.0,
+                                  "eval/t2a_R@10": 100.0}})
+    assert "| s | t2a_R@1 | 50 | 12.5 |" in table and "| s | t2a_R@10 | 100 | 100 |" in table
     # One stage's settings that would fail late, or be ignored, are refused up front.
     for task, overrides, message in (
             ("mae", {"mesh.fsdp": 0}, r"config.mesh.fsdp=0 must be a device count >= 1"),

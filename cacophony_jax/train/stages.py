@@ -106,8 +106,8 @@ def summary(results: dict[str, dict[str, float]]) -> str:
             name = key.removeprefix("eval/")
             chance = ""
             if name.startswith("t2a_R@") and clips:
-                chance = f"{100 * int(name.split('@')[1]) / clips:.3g}"
+                chance = f"{100 * min(int(name.split('@')[1]) / clips, 1):.3g}"
             elif name.startswith("zeroshot_top") and classes:
-                chance = f"{100 * int(name.removeprefix('zeroshot_top')) / classes:.3g}"
+                chance = f"{100 * min(int(name.removeprefix('zeroshot_top')) / classes, 1):.3g}"
             lines.append(f"| {stage} | {name} | {value:.4g} | {chance} |")
     return "\n".join(lines)
