@@ -155,6 +155,8 @@ def test_manifest_unusable(tmp_path):
         ManifestSource(empty, skip_bad_rows=True)
     with pytest.raises(ManifestError, match="does not exist"):
         ManifestSource(tmp_path / "missing.jsonl")
+    with pytest.raises(ManifestError, match="is a folder; a manifest is a .jsonl or .csv"):
+        ManifestSource(tmp_path)
     (tmp_path / "m.txt").write_text("a.wav\n")
     with pytest.raises(ManifestError, match="unknown extension"):
         ManifestSource(tmp_path / "m.txt")

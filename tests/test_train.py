@@ -202,6 +202,9 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     assert not (tmp_path / "q").exists()  # stage 1 did not start
     with pytest.raises(ValueError, match="--workdir is empty"):
         stages.run(quickstart.get_config(), " ")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"--workdir .*afile/sub cannot be created \(Not a dir"):
+        stages.run(quickstart.get_config(), str(tmp_path / "afile" / "sub"))
     # Stage 2's mistakes, paths included, stop the recipe before stage 1 trains.
     for key, value, message in (
             ("loss.kind", "sigmoid", "needs config.model.sigmoid_bias=True"),

@@ -56,6 +56,9 @@ class ManifestSource(ClipSource):
             ManifestError.
         """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ManifestError(f"manifest {path} is a folder; a manifest is a .jsonl or "
+                                ".csv file listing the clips (see this module's docstring)")
         if not os.path.isfile(path):
             raise ManifestError(f"manifest {path} does not exist; check the path")
         kind = os.path.splitext(path)[1].lower()

@@ -65,7 +65,13 @@ def make_workdir(workdir: str) -> epath.Path:
     path = epath.Path(workdir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--workdir {workdir} is a file; name a folder (new or a run's)")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission, a read-only disk
+        raise ValueError(f"--workdir {workdir} cannot be created ({e.strerror or e}): name a "
+                         "folder you can write") from None
+    if "://" not in workdir and not os.access(path, os.W_OK):
+        raise ValueError(f"--workdir {workdir} is not writable: name a folder you can write")
     return path
 
 
