@@ -86,10 +86,16 @@ def _one_line(error: BaseException) -> str:
         arg = _config_arg(field)
         if arg != "--config":
             hint = ""
-            if field in _STAGE_BLOCKS and arg.startswith(f"--config.{field}."):
-                # A one-stage field given to a multi-stage recipe (configs/quickstart.py).
-                hint = (f"; in a multi-stage recipe a stage's settings are "
-                        f"--config.stages.<stage>.{arg.removeprefix('--config.')}")
+            config = _plain_config()
+            if config is not None and "stages" in config:
+                if field in _STAGE_BLOCKS and arg.startswith(f"--config.{field}."):
+                    # A one-stage field given to a multi-stage recipe.
+                    hint = (f"; in a multi-stage recipe a stage's settings are "
+                            f"--config.stages.<stage>.{arg.removeprefix('--config.')}")
+                elif arg.startswith(f"--config.stages.{field}."):
+                    hint = f"; its stages are {', '.join(config.stage_order)}"
+            elif config is not None and arg.startswith(f"--config.{field}."):
+                hint = f"; its top-level fields are {', '.join(sorted(config.keys()))}"
             return f"{arg}: the config has no field {field!r}{hint}"
         # No override names it: an error inside the config file itself.
         frames = traceback.extract_tb(error.__traceback__)
@@ -97,6 +103,22 @@ def _one_line(error: BaseException) -> str:
         return f"{type(error).__name__} {text} while building the config{where}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+def _plain_config():
+    """The --config file's config without overrides, or None where it cannot be built."""
+    import importlib.util
+
+    given = next((a.split("=", 1)[1] for a in reversed(sys.argv[1:])  # the last one counts
+                  if a.startswith("--config=")), "")
+    path, _, arg = given.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_given_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - then the message goes without a hint
+        return None
 
 
 # The blocks of one stage's config (configs/common.py).

@@ -45,12 +45,18 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
             (["--config=configs/quickstart.py", "--config.optim.sam.enabled=true"],
              "a stage's settings are --config.stages.<stage>.optim.sam.enabled=true"),
             (["--config=configs/mae.py:huge"], "unknown variant 'huge'; choose one of"),
+            (["--config.loss.kind=sigmoid"],
+             "the config has no field 'loss'; its top-level fields are audio, data,"),
             (["--config.optim.learning_rate=-1"], "config.optim.learning_rate")):
         proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2 and out.startswith("error: ") and message in out, out
         # The flag parser adds a line saying where the flags and fields are listed.
         assert "Traceback" not in out and len(out.splitlines()) <= 2
+    proc = _run_main(["--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                      "--config.stages.stage2.train.steps=1"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "no field 'stage2'; its stages are mae, cacophony" in out
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
