@@ -11,6 +11,11 @@ from typing import Any
 def emit(row: dict[str, Any], line: str, json_path: str | None) -> None:
     """Prints `line` and appends `row` to `json_path` (if given) as one JSON line."""
     print(line, flush=True)
+    append(row, json_path)
+
+
+def append(row: dict[str, Any], json_path: str | None) -> None:
+    """Appends `row` to `json_path` (if given) as one JSON line."""
     if json_path:
         with open(json_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -29,18 +29,22 @@ def summarize(rows: list[dict]) -> str:
               "same" if r["same"] else "DIFFERENT"] for r in parity])
     steps = [r for r in rows if "step_s" in r]
     if steps:
-        def used_gib(mem: dict) -> float:
-            return mem.get("peak_bytes_in_use", mem.get("total", 0)) / 2**30
+        def used_gib(mem: dict) -> str:
+            # The device's peak where it reported one for this row (GPU/TPU), else
+            # the compiled program's footprint; never an earlier row's peak.
+            if "peak_bytes_in_use" in mem:
+                return f"{mem['peak_bytes_in_use'] / 2**30:.1f}"
+            return f"{mem.get('total', 0) / 2**30:.1f} (compiled)"
         out += _table(
             ["stage", "batch", "attention", "remat", "SAM", "step ms", "examples/s", "MFU",
-             "peak GiB", "loss, step 1"],
+             "memory GiB", "loss, step 1"],
             [[r["stage"] + (" fused qkv" if r.get("fuse_qkv") else "")
               + (" fused norm" if r.get("fused_norm") else "")
               + (f" ({r['xla_flags']})" if r.get("xla_flags") else ""),
               str(r["batch"]), r["attention"], r["remat"],
               "yes" if r["sam"] else "no", f"{1e3 * r['step_s']:.1f}",
               f"{r['examples_per_s']:.1f}", f"{100 * r['mfu']:.1f} %",
-              f"{used_gib(r['memory']):.1f}",
+              used_gib(r["memory"]),
               f"{r['first_loss']:.5g}" if "first_loss" in r else "n/a"] for r in steps])
     profiled = [r for r in rows if "profile" in r]
     if profiled:

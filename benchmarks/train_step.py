@@ -22,6 +22,14 @@ beside it (`xla_flops_per_example`), but it counts loop bodies once, remat as wo
 and custom calls (cuDNN attention) as nothing. MFU = model FLOPs per device per
 second / the device's peak (flops.PEAK_TFLOPS, dense bf16; on CPU a measured matmul
 peak).
+
+More than one row (`--sweep-batch`, or several stages) runs each row in its own
+process: the script starts itself once per row and collects the rows. A device's
+`peak_bytes_in_use` is the process's high-water mark since it started, and JAX cannot
+reset it, so in one process a row after a larger one would report the larger one's
+memory. `--in-process` measures every row in this process instead (faster, and the
+compiled memory per row is still right); a row whose peak did not rise above the
+earlier rows' then has no peak of its own (`peak_not_attributable`).
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import dataclasses
 import math
 import os
 import pathlib
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -42,7 +52,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import accounting, profile_summary, report  # noqa: E402
+from benchmarks import accounting, profile_summary, report, tables  # noqa: E402
 from cacophony_jax import tasks  # noqa: E402
 from cacophony_jax.data import spec, to_global  # noqa: E402
 from cacophony_jax.optim import optimizer  # noqa: E402
@@ -85,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and summarise where the device time went (profile_summary.py)")
     p.add_argument("--profile-steps", type=int, default=3, help="steps traced by --profile")
     p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every row in this process instead of one process per row "
+                        "(a device's peak memory is then only attributable to a row that "
+                        "raised it)")
+    # Set by the parent for its row processes: the source of --peak-tflops, so that
+    # every row of a sweep is measured against the peak the first one measured.
+    p.add_argument("--peak-source", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -242,6 +259,8 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
     """
     built = build_step(config)
     devices = list(built.mesh.devices.flat)
+    # The process's high-water mark so far: this row's peak is only its own if it rises.
+    before = device_memory_stats(devices[0])
     start = time.perf_counter()
     compiled = built.step.lower(built.plan.abstract, abstract_batch(built)).compile()
     compile_s = time.perf_counter() - start
@@ -281,9 +300,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
     batch_size = config.data.global_batch_size
     achieved = flops / step_s
     mem = accounting.memory_bytes(compiled)
-    stats = devices[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        mem["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    mem.update(row_peak_memory(before, device_memory_stats(devices[0])))
     return {
         "stage": config.task, "variant": config.model.variant, "device": devices[0].device_kind,
         "devices": len(devices), "mesh": dict(built.mesh.shape), "batch": batch_size,
@@ -304,11 +321,49 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
     }
 
 
+def device_memory_stats(device) -> dict:
+    """`device.memory_stats()`, or {} where the backend has none (CPU)."""
+    return device.memory_stats() or {}
+
+
+def row_peak_memory(before: dict, after: dict) -> dict[str, int | bool]:
+    """The device-memory fields of one row from `memory_stats()` before and after it.
+
+    `peak_bytes_in_use` is the process's high-water mark, which JAX cannot reset. If
+    it rose during the row, the new mark is the row's peak (with whatever earlier rows
+    left allocated, `bytes_in_use_before`). If it did not, the row's own peak is
+    unknown (an earlier row's was at least as high): the mark is kept as
+    `process_peak_bytes_in_use` and `peak_not_attributable` is set, so that no row is
+    ever labelled with another row's peak.
+
+    Args:
+      before, after: `device_memory_stats` of the row's device before and after it.
+
+    Returns:
+      {} where the backend has no memory statistics.
+    """
+    if "peak_bytes_in_use" not in after:
+        return {}
+    peak, earlier = int(after["peak_bytes_in_use"]), before.get("peak_bytes_in_use")
+    if earlier is None or peak > int(earlier):
+        return {"peak_bytes_in_use": peak,
+                "bytes_in_use_before": int(before.get("bytes_in_use", 0))}
+    return {"process_peak_bytes_in_use": peak, "peak_not_attributable": True}
+
+
+def memory_label(mem: dict) -> tuple[int, str]:
+    """(bytes, label) of a row's memory column: the row's peak where the device
+    reported one for this row, else the compiled program's footprint."""
+    if "peak_bytes_in_use" in mem:
+        return mem["peak_bytes_in_use"], "peak"
+    if mem.get("peak_not_attributable"):
+        return mem.get("total", 0), "compiled; the process peak is an earlier row's"
+    return mem.get("total", 0), "compiled"
+
+
 def format_row(row: dict) -> str:
     """One fixed-width table line."""
-    mem = row["memory"]
-    used = mem.get("peak_bytes_in_use", mem.get("total", 0))
-    label = "peak" if "peak_bytes_in_use" in mem else "compiled"
+    used, label = memory_label(row["memory"])
     return (f"{row['stage']:9s} {row['variant']:4s} {row['devices']:2d} dev batch "
             f"{row['batch']:5d} {row['dtype']:8s} scan={str(row['scan'])[0]} "
             f"remat={row['remat']:7s} attn={row['attention']:5s} {'SAM ' if row['sam'] else ''}"
@@ -322,6 +377,16 @@ def format_row(row: dict) -> str:
             f"compile {row['compile_s']:.1f} s")
 
 
+def config_from_args(args: argparse.Namespace, stage: str, batch: int
+                     ) -> ml_collections.ConfigDict:
+    """The config of one row (`stage` at global batch `batch`) from the flags."""
+    return make_config(stage, args.variant, batch, dtype=args.dtype, scan=args.scan == "true",
+                       remat=args.remat, fsdp=args.fsdp, clip_seconds=args.clip_seconds,
+                       text_length=args.text_length, sub_batches=args.frontend_sub_batches,
+                       attention=args.attention, sam=args.sam, fuse_qkv=args.fuse_qkv,
+                       fused_norm=args.fused_norm)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Measures every requested stage and batch size and prints a table.
 
@@ -331,35 +396,90 @@ def main(argv: list[str] | None = None) -> list[dict]:
     Returns:
       The rows (see `measure`).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    stages = [s for s in args.stage.split(",") if s]
+    batches = [int(b) for b in args.sweep_batch.split(",") if b] or [args.batch]
+    cells = [(stage, batch) for stage in stages for batch in batches]
+    for stage, batch in cells:  # bad flags fail here, before anything runs
+        config_from_args(args, stage, batch)
+    if len(cells) > 1 and not args.in_process:
+        # Before this process starts a backend: on a GPU it would take the memory, on a
+        # TPU the chips, that the row processes need.
+        dtypes = [config_from_args(args, *cell).model.dtype for cell in cells]
+        return run_rows_apart(argv, cells, dtypes, args.json)
     platform = jax.devices()[0].platform
     if args.attention == "cudnn" and platform != "gpu":
         raise ValueError(f"--attention cudnn is cuDNN's fused attention, for NVIDIA GPUs; "
                          f"this machine runs {platform}: use --attention xla")
-    stages = [s for s in args.stage.split(",") if s]
-    batches = [int(b) for b in args.sweep_batch.split(",") if b] or [args.batch]
     peaks: dict[str, tuple[float, str]] = {}
     rows = []
-    for stage in stages:
-        for batch in batches:
-            config = make_config(stage, args.variant, batch, dtype=args.dtype,
-                                 scan=args.scan == "true", remat=args.remat, fsdp=args.fsdp,
-                                 clip_seconds=args.clip_seconds, text_length=args.text_length,
-                                 sub_batches=args.frontend_sub_batches,
-                                 attention=args.attention, sam=args.sam,
-                                 fuse_qkv=args.fuse_qkv, fused_norm=args.fused_norm)
-            dtype = config.model.dtype
-            if dtype not in peaks:
-                peaks[dtype] = accounting.peak_flops_per_device(jax.devices(), dtype,
-                                                                args.peak_tflops)
-                print(f"peak {peaks[dtype][0] / 1e12:.4f} TFLOP/s per device "
-                      f"({peaks[dtype][1]}, {jax.devices()[0].device_kind})", flush=True)
-            profile_dir = ""
-            if args.profile:
-                profile_dir = str(pathlib.Path(args.profile) / f"{stage}-{batch}")
-            rows.append(measure(config, args.steps, args.warmup, peaks[dtype],
-                                profile_dir=profile_dir, profile_steps=args.profile_steps))
-            report.emit(rows[-1], format_row(rows[-1]), args.json)
+    for stage, batch in cells:
+        config = config_from_args(args, stage, batch)
+        dtype = config.model.dtype
+        if dtype not in peaks:
+            peaks[dtype] = accounting.peak_flops_per_device(jax.devices(), dtype,
+                                                            args.peak_tflops)
+            if args.peak_source and args.peak_tflops > 0:
+                peaks[dtype] = (peaks[dtype][0], args.peak_source)
+            print(f"peak {peaks[dtype][0] / 1e12:.4f} TFLOP/s per device "
+                  f"({peaks[dtype][1]}, {jax.devices()[0].device_kind})", flush=True)
+        profile_dir = ""
+        if args.profile:
+            profile_dir = str(pathlib.Path(args.profile) / f"{stage}-{batch}")
+        rows.append(measure(config, args.steps, args.warmup, peaks[dtype],
+                            profile_dir=profile_dir, profile_steps=args.profile_steps))
+        report.emit(rows[-1], format_row(rows[-1]), args.json)
+    return rows
+
+
+def run_rows_apart(argv: list[str], cells: list[tuple[str, int]], dtypes: list[str],
+                   json_path: str) -> list[dict]:
+    """Measures each (stage, batch) row in a process of its own and collects the rows.
+
+    Each process is this script with the same flags for one row; it prints its own
+    line. Rows of one compute dtype share the peak FLOP/s that the first of them
+    measured (on CPU a matmul timing), as they would in one process. A row that fails
+    (say, out of memory at the largest batch) is reported and the others still run.
+
+    Args:
+      argv: the command line (without the program name).
+      cells: (stage, global batch) of every row, in order.
+      dtypes: each row's compute dtype (the peak FLOP/s depends on it).
+      json_path: where the rows are appended ("" = nowhere).
+
+    Returns:
+      The rows that were measured.
+
+    Raises:
+      ValueError: after the last row, if any row failed.
+    """
+    print(f"{len(cells)} rows, each in its own process (so that its peak memory is its "
+          f"own; --in-process runs them all in this one)", flush=True)
+    rows, failed, peaks = [], [], {}
+    with tempfile.TemporaryDirectory(prefix="train-step-rows-") as folder:
+        for i, ((stage, batch), dtype) in enumerate(zip(cells, dtypes, strict=True)):
+            out = pathlib.Path(folder) / f"row-{i}.jsonl"
+            extra = ["--stage", stage, "--batch", str(batch), "--sweep-batch", "",
+                     "--json", str(out), "--in-process"]
+            if dtype in peaks:
+                tflops, source = peaks[dtype]
+                extra += ["--peak-tflops", repr(tflops), "--peak-source", source]
+            code = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()),
+                                   *argv, *extra], check=False).returncode
+            got = tables.read_rows([out])
+            if code or not got:
+                failed.append(f"{stage} batch {batch} (exit {code})")
+                print(f"{stage} batch {batch}: its process failed (exit {code}); the other "
+                      f"rows go on", flush=True)
+                continue
+            for row in got:
+                if math.isfinite(row["peak_tflops"]):
+                    peaks.setdefault(row["dtype"], (row["peak_tflops"], row["peak_source"]))
+                report.append(row, json_path)
+            rows += got
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(cells)} rows failed: {', '.join(failed)}")
     return rows
 
 

@@ -2,6 +2,7 @@
 of their arithmetic with hand-computed values."""
 
 import json
+import sys
 import time
 import types
 
@@ -18,6 +19,7 @@ from benchmarks import (
     gpu_targets,
     host_pipeline,
     input_pipeline,
+    tables,
     train_step,
 )
 from cacophony_jax.data import spec
@@ -139,7 +141,84 @@ def test_measured_cpu_peak_is_positive():
     assert accounting.measured_matmul_peak(jax.devices(), "float32", size=64, reps=1) > 0
 
 
-def test_train_step_measures_the_contrastive_stage(tmp_path):
+def _step_row(**memory) -> dict:
+    """A train_step.py row with the given memory fields (for the printed line)."""
+    return {"stage": "mae", "variant": "base", "devices": 1, "batch": 64, "dtype": "bfloat16",
+            "scan": False, "remat": "none", "attention": "cudnn", "sam": False,
+            "frontend_sub_batches": 1, "step_s": 0.1, "examples_per_s": 640.0,
+            "model_flops_per_example": 3e11, "tflops_per_device": 192.0, "mfu": 0.19,
+            "compile_s": 20.0, "first_loss": 1.5, "xla_flags": "",
+            "memory": {"total": 10 * 2**30, **memory}}
+
+
+def test_a_row_never_reports_an_earlier_rows_peak_memory():
+    # The device's high-water mark rose during the row: that is the row's peak.
+    first = train_step.row_peak_memory({"peak_bytes_in_use": 0, "bytes_in_use": 0},
+                                       {"peak_bytes_in_use": 40 * 2**30})
+    assert first == {"peak_bytes_in_use": 40 * 2**30, "bytes_in_use_before": 0}
+    # A smaller row after it leaves the mark where it was: not this row's peak.
+    second = train_step.row_peak_memory({"peak_bytes_in_use": 40 * 2**30},
+                                        {"peak_bytes_in_use": 40 * 2**30})
+    assert second == {"process_peak_bytes_in_use": 40 * 2**30, "peak_not_attributable": True}
+    assert train_step.row_peak_memory({}, {}) == {}  # CPU: no memory statistics
+    assert "40960.0 MiB (peak)" in train_step.format_row(_step_row(**first))
+    line = train_step.format_row(_step_row(**second))
+    assert "10240.0 MiB (compiled; the process peak is an earlier row's)" in line
+    assert "40960" not in line
+    table = tables.summarize([_step_row(**first), _step_row(**second)])
+    assert "| 40.0 |" in table and "| 10.0 (compiled) |" in table and "memory GiB" in table
+
+
+def test_train_step_runs_each_sweep_row_in_its_own_process(tmp_path, monkeypatch):
+    """With several rows the script starts itself once per row (never a backend of
+    its own, which would hold the accelerator) and collects their rows."""
+    calls = []
+
+    def fake_run(command, check):
+        args = train_step.parse_args(command[2:])
+        calls.append((command, args))
+        if (args.stage, args.batch) == ("mae", 32):
+            return types.SimpleNamespace(returncode=1)  # out of memory, say
+        peak = args.peak_tflops or 0.25  # the first row "measures" 0.25
+        row = {"stage": args.stage, "batch": args.batch, "dtype": "float32",
+               "peak_tflops": peak, "peak_source": args.peak_source or "measured"}
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return types.SimpleNamespace(returncode=0)
+
+    def no_backend(*a, **k):
+        raise AssertionError("the parent process started a backend")
+
+    monkeypatch.setattr(train_step.subprocess, "run", fake_run)
+    monkeypatch.setattr(train_step.jax, "devices", no_backend)
+    out = tmp_path / "rows.jsonl"
+    with pytest.raises(ValueError, match="1 of 4 rows failed: mae batch 32"):
+        train_step.main(["--stage", "mae,cacophony", "--sweep-batch", "16,32",
+                         "--variant", "tiny", "--json", str(out)])
+    assert [(a.stage, a.batch) for _, a in calls] == [("mae", 16), ("mae", 32),
+                                                     ("cacophony", 16), ("cacophony", 32)]
+    for command, args in calls:
+        assert command[0] == sys.executable and command[1].endswith("train_step.py")
+        assert args.in_process and args.sweep_batch == "" and args.variant == "tiny"
+        assert args.json != str(out)  # each row process writes a file of its own
+    # Later rows are measured against the first row's peak, as in one process.
+    assert calls[0][1].peak_tflops == 0
+    assert (calls[2][1].peak_tflops, calls[2][1].peak_source) == (0.25, "measured")
+    rows = tables.read_rows([out])
+    assert [(r["stage"], r["batch"]) for r in rows] == [("mae", 16), ("cacophony", 16),
+                                                         ("cacophony", 32)]
+    # Bad flags fail before any row starts.
+    calls.clear()
+    with pytest.raises(ValueError, match="unknown stage"):
+        train_step.main(["--stage", "mae,cocophony", "--sweep-batch", "16,32"])
+    assert not calls
+
+
+def test_train_step_measures_the_contrastive_stage(tmp_path, monkeypatch):
+    # A device with memory statistics, as on a GPU: the row's peak is what it raised.
+    stats = iter([{"peak_bytes_in_use": 0, "bytes_in_use": 0},
+                  {"peak_bytes_in_use": 123 * 2**20, "bytes_in_use": 0}])
+    monkeypatch.setattr(train_step, "device_memory_stats", lambda device: next(stats))
     rows = train_step.main(["--stage", "cacophony", "--batch", "8", "--steps", "1",
                             "--warmup", "1", "--clip-seconds", "1", "--text-length", "16",
                             "--peak-tflops", "2", "--profile", str(tmp_path),
@@ -159,6 +238,7 @@ def test_train_step_measures_the_contrastive_stage(tmp_path):
     assert row["tflops_per_device"] == pytest.approx(achieved)
     assert row["mfu"] == pytest.approx(row["tflops_per_device"] / 2.0)
     assert row["memory"]["total"] > 0
+    assert row["memory"]["peak_bytes_in_use"] == 123 * 2**20
 
 
 @pytest.mark.slow
