@@ -18,6 +18,14 @@ Which events count:
 - CPU (no device plane): the host threads' events that ran an XLA operation (those
   carrying an `hlo_op` statistic).
 
+The summary is meant for GPU (and TPU) profiles. On CPU the names do not tell the
+matrix products apart: XLA:CPU runs most of them inside YNNPACK fusions
+(`ynn_fusion.N`), as it runs many reductions. Given the compiled step's HLO text
+(`--hlo`; `train_step.py --profile` passes its own), every operation whose fused
+computation holds a dot or a convolution is sorted as a product. Without it a CPU
+trace's fusions stay "fusion/other", the products' rate is left out (it would
+divide the model FLOPs by the few unfused dots' time), and the summary says so.
+
 Only device 0 is read (the first device plane with events; on CPU, the events whose
 `device_ordinal` is 0): every device of an SPMD step runs the same program.
 
@@ -35,6 +43,7 @@ import collections
 import dataclasses
 import json
 import pathlib
+import re
 import sys
 from collections.abc import Iterable
 
@@ -52,13 +61,67 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 OTHER = "fusion/other"
 
 
-def category(kernel: str, hlo_op: str = "") -> str:
-    """The category of one event from its kernel name and HLO op name."""
+def category(kernel: str, hlo_op: str = "", products: dict[str, str] | None = None) -> str:
+    """The category of one event from its kernel name and HLO op name.
+
+    `products` (from `product_ops`) sorts the operations whose names do not say that
+    they hold a matrix product or convolution (XLA:CPU's `ynn_fusion.N`).
+    """
     names = (kernel.lower(), hlo_op.lower())
     for label, fragments in CATEGORIES:
         if any(f in name for name in names for f in fragments):
+            if label == "copy" and products and hlo_op in products:
+                return products[hlo_op]
             return label
+    if products and hlo_op in products:
+        return products[hlo_op]
     return OTHER
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) \(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = .*? ([a-z][a-z0-9\-]*)\(")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%([\w.\-]+)")
+_PRODUCT_OPCODES = {"dot": "matmul", "convolution": "convolution"}
+
+
+def product_ops(hlo_text: str) -> dict[str, str]:
+    """Operation name -> "matmul" or "convolution" for every instruction of an
+    optimised HLO module (`compiled.as_text()`) that is, or calls a computation that
+    holds, a dot or a convolution: e.g. XLA:CPU's `ynn_fusion.N` around a product."""
+    holds: dict[str, set[str]] = collections.defaultdict(set)  # computation -> opcodes
+    callees: dict[str, list[str]] = collections.defaultdict(list)  # computation -> called
+    instructions: list[tuple[str, str, list[str]]] = []
+    computation = ""
+    for line in hlo_text.splitlines():
+        match = _COMPUTATION.match(line)
+        if match:
+            computation = match.group(1)
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and computation:
+            called = _CALLED.findall(line)
+            holds[computation].add(match.group(2))
+            callees[computation] += called
+            instructions.append((match.group(1), match.group(2), called))
+    memo: dict[str, str] = {}
+
+    def kind(computation: str, seen: frozenset = frozenset()) -> str:
+        if computation not in memo:
+            found = next((_PRODUCT_OPCODES[o] for o in _PRODUCT_OPCODES
+                          if o in holds[computation]), "")
+            for called in callees[computation]:
+                if found or called in seen:
+                    break
+                found = kind(called, seen | {computation})
+            memo[computation] = found
+        return memo[computation]
+
+    out = {}
+    for name, opcode, called in instructions:
+        found = _PRODUCT_OPCODES.get(opcode) or next(filter(None, map(kind, called)), "")
+        if found:
+            out[name] = found
+    return out
 
 
 @dataclasses.dataclass
@@ -133,8 +196,20 @@ def union_ns(events: Iterable[Event]) -> float:
 
 
 def summarize(events: list[Event], steps: int = 1, model_gflop: float = 0.0,
-              top: int = 15) -> dict:
-    """Per-step milliseconds by category and by operation, busy time and span."""
+              top: int = 15, products: dict[str, str] | None = None,
+              host: bool = False) -> dict:
+    """Per-step milliseconds by category and by operation, busy time and span.
+
+    Args:
+      events: device 0's events (`device_events`).
+      steps: steps the trace holds.
+      model_gflop: model GFLOP of one step on one device (adds the products' rate).
+      top: operations listed.
+      products: `product_ops` of the step's HLO, to sort operations whose names do
+        not say what they hold.
+      host: the events are a CPU's host threads (see the module docstring): without
+        `products` the products' rate is left out and a note says why.
+    """
     if not events:
         raise ValueError("the trace holds no device events (was the step run inside "
                          "the trace, and did the run reach the profiled steps?)")
@@ -142,7 +217,7 @@ def summarize(events: list[Event], steps: int = 1, model_gflop: float = 0.0,
     by_cat: dict[str, float] = collections.defaultdict(float)
     by_op: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
-        label = category(e.name, e.hlo_op)
+        label = category(e.name, e.hlo_op, products)
         by_cat[label] += e.duration_ns
         entry = by_op[(label, e.hlo_op or e.name)]
         entry[0] += e.duration_ns
@@ -162,7 +237,14 @@ def summarize(events: list[Event], steps: int = 1, model_gflop: float = 0.0,
                                                        key=lambda kv: -kv[1][0])[:top]],
     }
     product_ns = by_cat.get("matmul", 0.0) + by_cat.get("attention", 0.0)
-    if model_gflop > 0 and product_ns > 0:
+    if host:
+        out["note"] = (
+            "a CPU trace (host threads): XLA:CPU's fusions hold products and other work "
+            "alike, " + ("sorted here by the step's HLO" if products is not None else
+                         "and without the step's HLO (--hlo) they stay fusion/other, so "
+                         "the products' rate is left out")
+            + "; this summary is meant for GPU profiles")
+    if model_gflop > 0 and product_ns > 0 and not (host and products is None):
         # Model FLOPs are (almost all) matrix products: their rate while they ran.
         out["product_tflops"] = model_gflop * steps / (product_ns / 1e9) / 1e3
     return out
@@ -172,6 +254,8 @@ def format_summary(summary: dict, source: str = "") -> str:
     lines = []
     if source:
         lines.append(f"device time from {source}")
+    if "note" in summary:
+        lines.append(f"note: {summary['note']}")
     lines.append(f"per step: busy {summary['busy_ms_per_step']:.2f} ms of a "
                  f"{summary['span_ms_per_step']:.2f} ms span "
                  f"({100 * summary['busy_fraction']:.1f} % busy), "
@@ -180,7 +264,7 @@ def format_summary(summary: dict, source: str = "") -> str:
     for label, c in summary["categories"].items():
         lines.append(f"{label:<14} {c['ms_per_step']:9.2f} {100 * c['share']:6.1f}%")
     if "product_tflops" in summary:
-        lines.append(f"matrix products + attention ran at {summary['product_tflops']:.0f} "
+        lines.append(f"matrix products + attention ran at {summary['product_tflops']:.3g} "
                      "model TFLOP/s while running")
     lines.append(f"{'top operations':<48} {'ms/step':>9} {'calls':>6} {'share':>7}")
     for op in summary["top_ops"]:
@@ -191,13 +275,16 @@ def format_summary(summary: dict, source: str = "") -> str:
 
 
 def summarize_trace(path: str | pathlib.Path, steps: int = 1, model_gflop: float = 0.0,
-                    top: int = 15) -> tuple[dict, str]:
-    """(summary, text) of the newest trace under `path`."""
+                    top: int = 15, hlo_text: str = "") -> tuple[dict, str]:
+    """(summary, text) of the newest trace under `path`; `hlo_text` is the traced
+    step's optimised HLO, if known (see `product_ops`)."""
     from jax.profiler import ProfileData
 
     trace = newest_trace(pathlib.Path(path))
     events, source = device_events(ProfileData.from_file(str(trace)))
-    summary = summarize(events, steps, model_gflop, top)
+    summary = summarize(events, steps, model_gflop, top,
+                        product_ops(hlo_text) if hlo_text else None,
+                        host=source.startswith("host threads"))
     summary["trace"] = str(trace)
     return summary, format_summary(summary, source)
 
@@ -209,9 +296,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model-gflop", type=float, default=0.0,
                    help="model GFLOP of one step on one device (adds the products' rate)")
     p.add_argument("--top", type=int, default=15, help="operations listed")
+    p.add_argument("--hlo", default="",
+                   help="the traced step's optimised HLO text (compiled.as_text(), "
+                        "aot_compile.py --dump-hlo): sorts CPU fusions holding products")
     p.add_argument("--json", default="", help="append the summary to this JSON-lines file")
     args = p.parse_args(argv)
-    summary, text = summarize_trace(args.trace, args.steps, args.model_gflop, args.top)
+    hlo_text = pathlib.Path(args.hlo).read_text() if args.hlo else ""
+    summary, text = summarize_trace(args.trace, args.steps, args.model_gflop, args.top,
+                                    hlo_text)
     print(text)
     if args.json:
         with open(args.json, "a") as f:

@@ -56,7 +56,7 @@ def summarize(rows: list[dict]) -> str:
               f"{100 * r['profile']['busy_fraction']:.1f} %",
               *(f"{r['profile']['categories'].get(k, {}).get('ms_per_step', 0.0):.1f}"
                 for k in labels),
-              f"{r['profile'].get('product_tflops', float('nan')):.0f}"] for r in profiled])
+              f"{r['profile'].get('product_tflops', float('nan')):.3g}"] for r in profiled])
     runs = [r for r in rows if r.get("kind") == "train"]
     if runs:
         out += _table(

@@ -292,8 +292,10 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
             for _ in range(profile_steps):
                 state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
+        # The compiled step's HLO sorts XLA:CPU's fusions that hold products.
         profile, text = profile_summary.summarize_trace(profile_dir, profile_steps,
-                                                        flops / 1e9)
+                                                        flops / 1e9,
+                                                        hlo_text=compiled.as_text())
         print(text, flush=True)
     if peak is None:
         peak = accounting.peak_flops_per_device(devices, config.model.dtype, override_tflops)

@@ -181,6 +181,60 @@ def test_profile_summary_sorts_gpu_kernels_and_counts_overlap_once():
         profile_summary.newest_trace(pathlib.Path(__file__).parent / "fixtures" / "official")
 
 
+# Two XLA:CPU fusions as the optimised HLO prints them (backend configs left out): one
+# around a matrix product (YNNPACK), one around a reduction; their events look alike.
+_CPU_HLO = """\
+%add.1 (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add.2 = f32[] add(%x, %y)
+}
+
+%fused_computation.1 (param_0: f32[8,4], param_1: f32[4,2]) -> f32[8,2] {
+  %param_0 = f32[8,4]{1,0} parameter(0)
+  %param_1 = f32[4,2]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,2]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}
+}
+
+%fused_computation.2 (param_0.1: f32[8,2]) -> f32[8] {
+  %param_0.1 = f32[8,2]{1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[8]{0} reduce(%param_0.1, %constant.1), dimensions={1}, to_apply=%add.1
+}
+
+ENTRY %main.3 (a: f32[8,4], b: f32[4,2]) -> f32[8] {
+  %a = f32[8,4]{1,0} parameter(0)
+  %b = f32[4,2]{1,0} parameter(1)
+  %ynn_fusion.1 = f32[8,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.1
+  ROOT %ynn_fusion.2 = f32[8]{0} fusion(%ynn_fusion.1), kind=kCustom, calls=%fused_computation.2
+}
+"""
+
+
+def test_profile_summary_sorts_cpu_fusions_by_the_hlo():
+    """XLA:CPU's products run in `ynn_fusion.N` kernels, as do reductions: only the
+    step's HLO tells them apart, and without it no products' rate is made up."""
+    assert profile_summary.product_ops(_CPU_HLO) == {"ynn_fusion.1": "matmul",
+                                                     "dot.1": "matmul"}
+    events = [profile_summary.Event("ynn_fusion.1", "ynn_fusion.1", 0, 3000),
+              profile_summary.Event("ynn_fusion.2", "ynn_fusion.2", 3000, 1000)]
+    sorted_ = profile_summary.summarize(events, model_gflop=1e-3, host=True,
+                                        products=profile_summary.product_ops(_CPU_HLO))
+    assert sorted_["categories"]["matmul"]["ms_per_step"] == pytest.approx(3e-3)
+    assert sorted_["product_tflops"] == pytest.approx(1e6 / 3e-6 / 1e12)
+    assert "sorted here by the step's HLO" in sorted_["note"]
+    unsorted = profile_summary.summarize(events, model_gflop=1e-3, host=True)
+    assert set(unsorted["categories"]) == {"fusion/other"}
+    assert "product_tflops" not in unsorted and "--hlo" in unsorted["note"]
+    text = profile_summary.format_summary(unsorted)
+    assert "meant for GPU profiles" in text and "TFLOP/s" not in text
+    # A real XLA:CPU compile: its product is found, whatever XLA named it.
+    compiled = jax.jit(lambda a, b: (a @ b).sum(-1)).lower(
+        jax.ShapeDtypeStruct((64, 32), "float32"),
+        jax.ShapeDtypeStruct((32, 16), "float32")).compile()
+    assert "matmul" in profile_summary.product_ops(compiled.as_text()).values()
+
+
 def test_norm_kernels_times_xla_and_the_kernels_and_compares_gradients(tmp_path, capsys):
     """A CPU smoke run (interpreted kernels): one XLA row, one per launch setting,
     with gradients that match XLA's and a summary table."""

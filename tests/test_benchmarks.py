@@ -229,6 +229,9 @@ def test_train_step_measures_the_contrastive_stage(tmp_path, monkeypatch):
     assert profile["steps"] == 2 and profile["events"] > 0
     assert 0 < profile["busy_ms_per_step"] <= profile["span_ms_per_step"]
     assert sum(c["share"] for c in profile["categories"].values()) == pytest.approx(1.0)
+    # The step's HLO sorted XLA:CPU's fused products as products.
+    assert profile["categories"]["matmul"]["ms_per_step"] > 0
+    assert "sorted here by the step's HLO" in profile["note"] and profile["product_tflops"] > 0
     assert (tmp_path / "cacophony-8").is_dir()
     assert row["devices"] == 8 and row["batch"] == 8 and row["peak_tflops"] == 2.0
     assert row["examples_per_s"] == pytest.approx(8 / row["step_s"])
