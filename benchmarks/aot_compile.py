@@ -28,6 +28,10 @@ Usage (the script sets the CPU device count itself before JAX starts):
         --per-device-batch mae=64,cacophony=128 --mesh 1x8 --dtype bfloat16
     python benchmarks/aot_compile.py --target tpu:v5e:4x4 --mesh 1x16
     python benchmarks/aot_compile.py --target gpu:h100:8 --mesh 1x8
+    # stage 2's contrastive loss unblocked and in blocks of 4096 rows, compared
+    python benchmarks/aot_compile.py --stage cacophony --variant tiny --mesh 8x1 \\
+        --per-device-batch 4096 --dtype float32 --clip-seconds 1 --text-length 16 \\
+        --loss-chunk-size 0,4096
 """
 
 from __future__ import annotations
@@ -88,6 +92,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fused-norm", action="store_true",
                    help="the audio blocks' LayerNorms as Pallas kernels (model.fused_norm)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
+    p.add_argument("--text-length", type=int, default=0,
+                   help="caption tokens, stage 2 (0: the config's)")
+    p.add_argument("--loss-kind", default="", choices=("", *train_step.LOSS_KINDS),
+                   help="stage 2's contrastive loss (loss.kind; sigmoid also sets "
+                        "model.sigmoid_bias); default: the config's, softmax")
+    p.add_argument("--loss-chunk-size", default="0",
+                   help="stage 2's contrastive loss in blocks of this many rows "
+                        "(loss.chunk_size, must divide the global batch; 0: unblocked); a "
+                        "comma list compiles stage 2 once per size, to compare them")
     p.add_argument("--device-memory-gb", type=float, default=0.0,
                    help="per-device memory budget in GB (10^9 bytes); 0: the target's "
                         "(see default_budget)")
@@ -226,15 +239,20 @@ def per_device_bytes(tree) -> int:
 
 
 def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
-                  per_device: int) -> dict:
-    """AOT-compiles one stage's step on `mesh` and returns its memory row."""
+                  per_device: int, chunk_size: int = 0) -> dict:
+    """AOT-compiles one stage's step on `mesh` and returns its memory row.
+
+    `chunk_size` is stage 2's `loss.chunk_size` (0: unblocked).
+    """
     devices = mesh.devices.size
     batch = per_device * devices
     config = train_step.make_config(stage, args.variant, batch, dtype=args.dtype,
                                      scan=args.scan == "true", remat=args.remat,
-                                     clip_seconds=args.clip_seconds, attention=args.attention,
+                                     clip_seconds=args.clip_seconds,
+                                     text_length=args.text_length, attention=args.attention,
                                      sam=args.sam, fuse_qkv=args.fuse_qkv,
-                                     fused_norm=args.fused_norm)
+                                     fused_norm=args.fused_norm, loss_kind=args.loss_kind,
+                                     loss_chunk_size=chunk_size)
     built = train_step.build_step(config, mesh)
     state_bytes = per_device_bytes(built.plan.abstract)
     params_bytes = per_device_bytes(built.plan.abstract.params)
@@ -265,6 +283,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
         "scan": config.model.scan, "remat": config.model.remat,
         "attention": config.model.attention, "sam": bool(config.optim.sam.enabled),
         "fuse_qkv": bool(config.model.fuse_qkv), "fused_norm": bool(config.model.fused_norm),
+        **train_step.loss_fields(config), "text_length": config.data.get("text_length"),
         "clip_seconds": config.audio.clip_seconds, "params": num_params,
         "params_bytes_per_device": params_bytes, "state_bytes_per_device": state_bytes,
         "memory": mem, "compile_s": compile_s,
@@ -300,7 +319,8 @@ def format_row(row: dict) -> str:
         f"{row['dtype']}, scan={row['scan']}, remat={row['remat']}, "
         f"attention={row['attention']}{', SAM' if row['sam'] else ''}"
         f"{', fused qkv' if row['fuse_qkv'] else ''}"
-        f"{', fused norm' if row.get('fused_norm') else ''}, "
+        f"{', fused norm' if row.get('fused_norm') else ''}"
+        f"{', ' + train_step.loss_label(row) if train_step.loss_label(row) else ''}, "
         f"compiled in {row['compile_s']:.0f} s",
         f"  state per device (params + optimiser, exact): {gib(row['state_bytes_per_device'])}"
         f" (params {gib(row['params_bytes_per_device'])})",
@@ -339,6 +359,15 @@ def format_row(row: dict) -> str:
     return "\n".join(lines)
 
 
+def _chunk_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise TargetError(f"--loss-chunk-size {text!r}: a number or a comma list of "
+                          "numbers") from None
+    return sizes or [0]
+
+
 def _per_device_batches(text: str, stages: list[str]) -> dict[str, int]:
     if "=" not in text:
         return dict.fromkeys(stages, int(text))
@@ -361,6 +390,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     stages = [s for s in args.stage.split(",") if s]
     batches = _per_device_batches(args.per_device_batch, stages)
+    chunks = _chunk_sizes(args.loss_chunk_size)
+    if (args.loss_kind or any(chunks)) and "cacophony" not in stages:
+        raise TargetError("--loss-kind and --loss-chunk-size set stage 2's contrastive "
+                          "loss; add --stage cacophony")
     devices, described, budget = target_devices(args.target, args.devices)
     if budget and not args.device_memory_gb:  # a TPU's HBM, for its CPU stand-in
         args.device_memory_gb = budget / 1e9
@@ -368,11 +401,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise TargetError("--fused-norm compiles Triton kernels for GPUs; elsewhere they "
                           "would be interpreted: use a gpu:<part> target")
     mesh = make_mesh(devices, args.mesh)
+    if "cacophony" in stages:  # a chunk size that does not divide fails before any compile
+        for chunk in chunks:
+            train_step.make_config("cacophony", args.variant,
+                                   batches["cacophony"] * mesh.devices.size,
+                                   loss_chunk_size=chunk)
     print(f"target: {described}; mesh {dict(mesh.shape)}", flush=True)
     rows = []
     for stage in stages:
-        rows.append(compile_stage(stage, args, mesh, batches[stage]))
-        report.emit(rows[-1], format_row(rows[-1]), args.json)
+        for chunk in chunks if stage == "cacophony" else [0]:
+            rows.append(compile_stage(stage, args, mesh, batches[stage], chunk))
+            report.emit(rows[-1], format_row(rows[-1]), args.json)
     return rows
 
 

@@ -13,6 +13,8 @@ Usage:
     python benchmarks/train_step.py --stage mae --variant tiny --sweep-batch 8,16,32
     python benchmarks/train_step.py --stage cacophony --variant base --batch 64 \\
         --dtype bfloat16 --remat dots          # on a GPU/TPU
+    python benchmarks/train_step.py --stage cacophony --variant tiny --batch 64 \\
+        --loss-kind sigmoid --loss-chunk-size 16
 
 Model FLOPs are counted from the traced step (cacophony_jax/train/flops.py: every
 matrix product and convolution, loops times their trip count), traced without remat
@@ -53,7 +55,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import accounting, profile_summary, report, tables  # noqa: E402
-from cacophony_jax import tasks  # noqa: E402
+from cacophony_jax import losses, tasks  # noqa: E402
 from cacophony_jax.data import spec, to_global  # noqa: E402
 from cacophony_jax.optim import optimizer  # noqa: E402
 from cacophony_jax.parallel import mesh as mesh_lib  # noqa: E402
@@ -63,6 +65,7 @@ from cacophony_jax.train import state as state_lib  # noqa: E402
 from cacophony_jax.train import step as step_lib  # noqa: E402
 
 STAGES = ("mae", "cacophony")
+LOSS_KINDS = losses.CONTRASTIVE_KINDS
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line (see the module docstring)."""
@@ -81,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fused-norm", action="store_true",
                    help="the audio blocks' LayerNorms as Pallas kernels (model.fused_norm)")
     p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp size (data takes the rest)")
+    p.add_argument("--loss-kind", default="", choices=("", *LOSS_KINDS),
+                   help="stage 2's contrastive loss (loss.kind; sigmoid also sets "
+                        "model.sigmoid_bias); default: the config's, softmax")
+    p.add_argument("--loss-chunk-size", type=int, default=0,
+                   help="stage 2's contrastive loss in blocks of this many rows "
+                        "(loss.chunk_size, must divide the global batch; 0: unblocked)")
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--text-length", type=int, default=0, help="0: the config's")
     p.add_argument("--frontend-sub-batches", type=int, default=0,
@@ -108,8 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: bool = False,
                 remat: str = "none", fsdp: int = 1, clip_seconds: float = 0.0,
                 text_length: int = 0, sub_batches: int = 0, attention: str = "",
-                sam: bool = False, fuse_qkv: bool = False,
-                fused_norm: bool = False) -> ml_collections.ConfigDict:
+                sam: bool = False, fuse_qkv: bool = False, fused_norm: bool = False,
+                loss_kind: str = "", loss_chunk_size: int = 0) -> ml_collections.ConfigDict:
     """The training config of `stage`/`variant` with the benchmark's overrides.
 
     Args:
@@ -124,6 +133,12 @@ def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: 
       sam: enable SAM (a second gradient per step; the paper's stage-2 recipe).
       fuse_qkv: project query, key and value in one matrix product (model.fuse_qkv).
       fused_norm: the audio blocks' LayerNorms as Pallas kernels (model.fused_norm).
+      loss_kind: stage 2's contrastive loss, "softmax" or "sigmoid" ("" keeps the
+        config's); "sigmoid" also adds the model's learned logit bias
+        (model.sigmoid_bias), which that loss needs.
+      loss_chunk_size: stage 2's contrastive loss in blocks of this many rows
+        (loss.chunk_size; must divide `batch`; 0 keeps the config's, unblocked).
+        Stage 1 has no contrastive loss: both are ignored for it.
 
     Returns:
       A locked ConfigDict.
@@ -150,6 +165,17 @@ def make_config(stage: str, variant: str, batch: int, *, dtype: str = "", scan: 
         config.data.text_length = text_length
     if sub_batches:
         config.audio.frontend_sub_batches = sub_batches
+    if stage == "cacophony":
+        if loss_kind:
+            if loss_kind not in LOSS_KINDS:
+                raise ValueError(f"loss kind {loss_kind!r}: use one of {LOSS_KINDS}")
+            config.loss.kind = loss_kind
+            config.model.sigmoid_bias = loss_kind == "sigmoid"
+        if loss_chunk_size < 0 or (loss_chunk_size and batch % loss_chunk_size):
+            raise ValueError(f"loss chunk size {loss_chunk_size} (config.loss.chunk_size) "
+                             f"must be 0 (unblocked) or divide the global batch {batch}")
+        if loss_chunk_size:
+            config.loss.chunk_size = loss_chunk_size
     config.lock()
     return config
 
@@ -309,7 +335,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "dtype": config.model.dtype, "scan": bool(config.model.scan),
         "remat": config.model.remat, "attention": config.model.attention,
         "fuse_qkv": bool(config.model.fuse_qkv), "fused_norm": bool(config.model.fused_norm),
-        "sam": bool(config.optim.sam.enabled),
+        "sam": bool(config.optim.sam.enabled), **loss_fields(config),
         "clip_seconds": config.audio.clip_seconds,
         "frontend_sub_batches": config.audio.frontend_sub_batches, "compile_s": compile_s,
         "step_s": step_s, "examples_per_s": batch_size / step_s, "first_loss": first_loss,
@@ -321,6 +347,21 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "peak_source": peak[1], "mfu": achieved / peak[0], "memory": mem,
         **({"profile": profile} if profile else {}),
     }
+
+
+def loss_fields(config: ml_collections.ConfigDict) -> dict:
+    """Stage 2's contrastive-loss settings for a row (none for stage 1)."""
+    if "loss" not in config:
+        return {}
+    return {"loss_kind": config.loss.kind, "loss_chunk_size": config.loss.chunk_size}
+
+
+def loss_label(row: dict) -> str:
+    """'sigmoid loss', 'softmax loss in chunks of 4096', ...; '' for the default loss."""
+    kind, chunk = row.get("loss_kind", "softmax"), row.get("loss_chunk_size")
+    if kind == "softmax" and not chunk:
+        return ""
+    return f"{kind} loss" + (f" in chunks of {chunk}" if chunk else "")
 
 
 def device_memory_stats(device) -> dict:
@@ -371,6 +412,7 @@ def format_row(row: dict) -> str:
             f"remat={row['remat']:7s} attn={row['attention']:5s} {'SAM ' if row['sam'] else ''}"
             f"{'fused-qkv ' if row.get('fuse_qkv') else ''}"
             f"{'fused-norm ' if row.get('fused_norm') else ''}"
+            f"{loss_label(row) + ' ' if loss_label(row) else ''}"
             f"fe_sub={row['frontend_sub_batches']:<3d} "
             f"step {1e3 * row['step_s']:9.1f} ms "
             f"{row['examples_per_s']:9.1f} ex/s {row['model_flops_per_example'] / 1e9:8.2f} "
@@ -386,7 +428,8 @@ def config_from_args(args: argparse.Namespace, stage: str, batch: int
                        remat=args.remat, fsdp=args.fsdp, clip_seconds=args.clip_seconds,
                        text_length=args.text_length, sub_batches=args.frontend_sub_batches,
                        attention=args.attention, sam=args.sam, fuse_qkv=args.fuse_qkv,
-                       fused_norm=args.fused_norm)
+                       fused_norm=args.fused_norm, loss_kind=args.loss_kind,
+                       loss_chunk_size=args.loss_chunk_size)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -403,6 +446,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stages = [s for s in args.stage.split(",") if s]
     batches = [int(b) for b in args.sweep_batch.split(",") if b] or [args.batch]
     cells = [(stage, batch) for stage in stages for batch in batches]
+    if (args.loss_kind or args.loss_chunk_size) and "cacophony" not in stages:
+        raise ValueError("--loss-kind and --loss-chunk-size set stage 2's contrastive loss; "
+                         "add --stage cacophony")
     for stage, batch in cells:  # bad flags fail here, before anything runs
         config_from_args(args, stage, batch)
     if len(cells) > 1 and not args.in_process:

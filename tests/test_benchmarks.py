@@ -169,6 +169,29 @@ def test_a_row_never_reports_an_earlier_rows_peak_memory():
     assert "| 40.0 |" in table and "| 10.0 (compiled) |" in table and "memory GiB" in table
 
 
+def test_loss_flags_set_stage_twos_contrastive_loss():
+    config = train_step.make_config("cacophony", "tiny", 64, loss_kind="sigmoid",
+                                    loss_chunk_size=16)
+    assert (config.loss.kind, config.loss.chunk_size) == ("sigmoid", 16)
+    assert config.model.sigmoid_bias  # the sigmoid loss's learned bias comes with it
+    plain = train_step.make_config("cacophony", "tiny", 64)
+    assert (plain.loss.kind, plain.loss.chunk_size, plain.model.sigmoid_bias) == (
+        "softmax", 0, False)
+    assert train_step.loss_fields(plain) == {"loss_kind": "softmax", "loss_chunk_size": 0}
+    # Stage 1 has no contrastive loss: nothing to set, nothing in its rows.
+    mae = train_step.make_config("mae", "tiny", 64, loss_kind="sigmoid", loss_chunk_size=16)
+    assert "loss" not in mae and train_step.loss_fields(mae) == {}
+    with pytest.raises(ValueError, match="must be 0 .* or divide the global batch 64"):
+        train_step.make_config("cacophony", "tiny", 64, loss_chunk_size=24)
+    with pytest.raises(ValueError, match="add --stage cacophony"):
+        train_step.main(["--stage", "mae", "--loss-chunk-size", "4"])
+    with pytest.raises(ValueError, match="add --stage cacophony"):
+        aot_compile.main(["--stage", "mae", "--loss-kind", "sigmoid"])
+    with pytest.raises(ValueError, match="divide the global batch 8"):
+        aot_compile.main(["--stage", "cacophony", "--variant", "tiny", "--per-device-batch",
+                          "1", "--loss-chunk-size", "0,3"])
+
+
 def test_train_step_runs_each_sweep_row_in_its_own_process(tmp_path, monkeypatch):
     """With several rows the script starts itself once per row (never a backend of
     its own, which would hold the accelerator) and collects their rows."""
@@ -222,8 +245,11 @@ def test_train_step_measures_the_contrastive_stage(tmp_path, monkeypatch):
     rows = train_step.main(["--stage", "cacophony", "--batch", "8", "--steps", "1",
                             "--warmup", "1", "--clip-seconds", "1", "--text-length", "16",
                             "--peak-tflops", "2", "--profile", str(tmp_path),
-                            "--profile-steps", "2"])
+                            "--profile-steps", "2", "--loss-kind", "sigmoid",
+                            "--loss-chunk-size", "4"])
     (row,) = rows
+    assert (row["loss_kind"], row["loss_chunk_size"]) == ("sigmoid", 4)
+    assert "sigmoid loss in chunks of 4 " in train_step.format_row(row)
     # The traced steps' XLA ops (on CPU: host threads running them) were summarised.
     profile = row["profile"]
     assert profile["steps"] == 2 and profile["events"] > 0
@@ -347,9 +373,13 @@ def test_tpu_target_without_libtpu_falls_back_to_cpu_devices():
 def test_aot_compile_reports_memory():
     rows = aot_compile.main(["--stage", "cacophony", "--variant", "tiny", "--per-device-batch",
                              "1", "--mesh", "1x8", "--dtype", "float32", "--clip-seconds", "1",
-                             "--device-memory-gb", "1e-6"])
-    assert [r["stage"] for r in rows] == ["cacophony"]
+                             "--text-length", "16", "--device-memory-gb", "1e-6",
+                             "--loss-chunk-size", "0,4"])
+    # One compile per chunk size of stage 2's contrastive loss, to compare them.
+    assert [(r["stage"], r["loss_chunk_size"]) for r in rows] == [("cacophony", 0),
+                                                                  ("cacophony", 4)]
     for row in rows:
+        assert row["loss_kind"] == "softmax" and row["text_length"] == 16
         assert row["global_batch"] == 8 and row["mesh"] == {"data": 1, "fsdp": 8}
         assert row["memory"]["temp"] > 0
         # Donated state: the outputs alias the state arguments.
