@@ -10,13 +10,15 @@ Targets:
 
 - ``tpu:<topology>`` (e.g. ``tpu:v5e:4x4``, ``tpu:v4:2x2x2``) compiles for real TPU
   devices through `jax.experimental.topologies.get_topology_desc`. That needs libtpu
-  (`pip install "jax[tpu]==<jax version>"`); without it the script says so and uses
-  the stand-in.
+  (`pip install "jax[tpu]==<jax version>"`); without it the script says so and compiles
+  the CPU stand-in below, one device per chip against the chip's HBM, and its verdict
+  and rows say that it is a stand-in (`"stand_in": true`).
 - ``gpu:<part>[:N | :HOSTSxN]`` (e.g. ``gpu:h100``, ``gpu:h100:8``, ``gpu:h200:2x8``)
   compiles with XLA:GPU for GPUs that are not there, described by `gpu_targets.py`.
   That needs the CUDA plugin and tool chain (`pip install "jax[cuda12]==<jax
-  version>"`); no GPU or driver. XLA:GPU's compile-only path reports memory but no
-  cost analysis, so FLOPs are left out for it.
+  version>"`); no GPU or driver. Without it the script stops with that install
+  command. XLA:GPU's compile-only path reports memory but no cost analysis, so
+  FLOPs are left out for it.
 - ``cpu`` (default) compiles for `--devices` simulated CPU devices as a stand-in: the
   sharding plan and the parameter/optimiser/batch sizes are exact, but XLA:CPU
   schedules, fuses and rematerialises differently from GPU/TPU compilers (and may
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import pathlib
@@ -127,7 +130,6 @@ def target_devices(target: str, count: int) -> tuple[list, str, float | None]:
       kind, see `default_budget`). A TPU target without libtpu falls back to one
       simulated CPU device per chip of the topology, checked against the chip's HBM.
     """
-    budget = None
     if target.startswith("tpu:"):
         from jax.experimental import topologies
 
@@ -137,18 +139,38 @@ def target_devices(target: str, count: int) -> tuple[list, str, float | None]:
             return (devices, f"TPU topology {name} ({devices[0].device_kind}, compile-only)",
                     None)
         except Exception as error:  # libtpu missing or an unknown topology name
+            if _installed("libtpu"):
+                raise TargetError(f"cannot compile for TPU topology {name} with libtpu "
+                                  f"({error}); check the topology name, e.g. v5e:4x4") from None
             generation, chips, budget = tpu_stand_in(name)
             count = chips or count
-            print(f"cannot compile for TPU topology {name!r} ({error}); install libtpu "
-                  f"(pip install 'jax[tpu]=={jax.__version__}') for a real TPU compile. "
-                  f"Using {count} simulated CPU devices as a stand-in, one per chip, against "
+            print(f"cannot compile for TPU topology {name} without libtpu ({error}); install "
+                  f'it with pip install "jax[tpu]=={jax.__version__}" (no TPU needed). '
+                  f"Going on with a CPU stand-in: {count} simulated CPU devices, one per "
+                  f"chip, against "
                   f"{'the ' + generation + ' HBM' if budget else 'an 80 GB budget'}; its "
-                  f"temporaries are not what XLA:TPU would allocate.", flush=True)
-    elif target.startswith("gpu:"):
+                  f"temporaries are not what XLA:TPU would allocate, and its verdict says "
+                  f"so.", flush=True)
+            devices, _ = cpu_devices(count)
+            return (devices, f"{count} simulated CPU devices, a stand-in for TPU topology "
+                             f"{name} (not the TPU compiler)", budget)
+    if target.startswith("gpu:"):
         return (*gpu_devices(target.removeprefix("gpu:")), None)
-    elif target != "cpu":
+    if target != "cpu":
         raise TargetError(f"--target {target!r}: use 'cpu', 'tpu:<topology>' or "
                           f"'gpu:<part>[:N]'")
+    return (*cpu_devices(count), None)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cpu_devices(count: int) -> tuple[list, str]:
+    """`count` simulated CPU devices, the stand-in for any target, and their description."""
     # Raises once the CPU backend has started (e.g. under pytest): then use what exists.
     with contextlib.suppress(RuntimeError):
         jax.config.update("jax_num_cpu_devices", count)
@@ -156,7 +178,7 @@ def target_devices(target: str, count: int) -> tuple[list, str, float | None]:
     if len(devices) < count:
         raise TargetError(f"only {len(devices)} CPU devices exist but {count} were asked for; "
                           f"run in a fresh process (JAX started before the flag was set)")
-    return devices[:count], f"{count} simulated CPU devices (stand-in)", budget
+    return devices[:count], f"{count} simulated CPU devices (stand-in)"
 
 
 def tpu_stand_in(name: str) -> tuple[str, int, float | None]:
@@ -187,7 +209,9 @@ def gpu_devices(spec: str) -> tuple[list, str]:
     except Exception as error:  # no CUDA plugin, or its tool chain is incomplete
         raise TargetError(
             f"cannot compile for {part.name} without the CUDA plugin ({error}); install it "
-            f'with pip install "jax[cuda12]=={jax.__version__}" (no GPU needed)') from None
+            f'with pip install "jax[cuda12]=={jax.__version__}" (no GPU needed). GPU targets '
+            f"have no CPU stand-in (--target cpu compiles one, whose temporaries are an "
+            f"estimate)") from None
     devices = list(topology.devices)
     return devices, f"{len(devices)} x {part.name} ({hosts} host(s), compile-only)"
 
@@ -242,7 +266,8 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
                   per_device: int, chunk_size: int = 0) -> dict:
     """AOT-compiles one stage's step on `mesh` and returns its memory row.
 
-    `chunk_size` is stage 2's `loss.chunk_size` (0: unblocked).
+    `chunk_size` is stage 2's `loss.chunk_size` (0: unblocked). A compile for CPU
+    devices is a stand-in (`stand_in` in the row), whatever the target.
     """
     devices = mesh.devices.size
     batch = per_device * devices
@@ -278,6 +303,7 @@ def compile_stage(stage: str, args: argparse.Namespace, mesh: jax.sharding.Mesh,
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(built.plan.abstract.params))
     return {
         "stage": stage, "variant": args.variant, "mesh": dict(mesh.shape),
+        "target": args.target, "stand_in": mesh.devices.flat[0].platform == "cpu",
         "device": mesh.devices.flat[0].device_kind, "global_batch": batch,
         "per_device_batch": per_device, "dtype": config.model.dtype,
         "scan": config.model.scan, "remat": config.model.remat,
@@ -332,7 +358,7 @@ def format_row(row: dict) -> str:
         verdict = "fits" if row["fits"] else "does NOT fit"
         lines.append(f"  total per device {gib(m['total'])}: {verdict} in "
                      f"{row['budget_bytes'] / 1e9:.1f} GB ({row['budget_bytes'] / GIB:.1f} "
-                     f"GiB)")
+                     f"GiB){stand_in_note(row)}")
     if row["collectives"]:
         parts = [f"{kind} {c['bytes'] / GIB:.2f} GiB ({c['count']}"
                  + (f", {c['unread']} unread)" if c.get("unread") else ")")
@@ -357,6 +383,17 @@ def format_row(row: dict) -> str:
                      f"{row['non_product_bytes'] / 1e9:.1f} GB, in products "
                      f"{row['kernel_bytes'].get('product', 0.0) / 1e9:.1f} GB")
     return "\n".join(lines)
+
+
+def stand_in_note(row: dict) -> str:
+    """What the verdict of a CPU stand-in compile is worth ('' for a real target)."""
+    if not row.get("stand_in"):
+        return ""
+    target = row.get("target", "cpu")
+    if target.startswith("tpu:"):
+        return (f" (CPU stand-in for {target}, not the TPU compiler: its temporaries "
+                f"differ from XLA:TPU's)")
+    return " (CPU stand-in, not a GPU/TPU compiler: its temporaries are an estimate)"
 
 
 def _chunk_sizes(text: str) -> list[int]:

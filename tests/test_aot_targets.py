@@ -30,9 +30,39 @@ def test_tpu_topology_compile(monkeypatch):
                              "--device-memory-gb", "16", *TINY])
     (row,) = rows
     assert row["device"] == "TPU v5 lite" and row["mesh"] == {"data": 1, "fsdp": 4}
+    assert not row["stand_in"]
     assert row["fits"] and row["memory"]["temp"] > 0
     config = train_step.make_config("mae", "tiny", 8, clip_seconds=1.0)
     assert row["flops_per_example"] == train_step.model_flops_per_example(config)
+
+
+@pytest.mark.skipif(_installed("libtpu"), reason="libtpu is installed: no stand-in")
+def test_tpu_target_without_libtpu_is_a_marked_cpu_stand_in(capsys):
+    """Without libtpu a TPU target compiles on CPU devices; the warning, the verdict
+    and the row all say that it is a stand-in, not XLA:TPU. (8 chips: the stand-in
+    sets the CPU device count, and the tests' processes have 8 devices.)"""
+    rows = aot_compile.main(["--target", "tpu:v5e:2x4", "--mesh", "1x8", "--stage", "mae",
+                             *TINY])
+    (row,) = rows
+    out = capsys.readouterr().out
+    assert "without libtpu" in out and 'pip install "jax[tpu]==' in out
+    assert row["stand_in"] and row["target"] == "tpu:v5e:2x4" and row["device"] == "cpu"
+    assert row["budget_bytes"] == 16e9  # the v5e chip's HBM
+    verdict = next(line for line in out.splitlines() if "total per device" in line)
+    assert "fits in 16.0 GB" in verdict
+    assert verdict.endswith("(CPU stand-in for tpu:v5e:2x4, not the TPU compiler: its "
+                            "temporaries differ from XLA:TPU's)")
+
+
+def test_target_wording_and_a_bad_topology_with_libtpu(monkeypatch):
+    # With libtpu installed, a topology it rejects is an error, not a stand-in.
+    monkeypatch.setattr(aot_compile, "_installed", lambda module: True)
+    with pytest.raises(aot_compile.TargetError, match="check the topology name"):
+        aot_compile.target_devices("tpu:v99:3x3", 1)
+    # Real targets have no note; the plain CPU target is a stand-in too.
+    assert aot_compile.stand_in_note({"stand_in": False, "target": "gpu:h100"}) == ""
+    assert "CPU stand-in, not a GPU/TPU compiler" in aot_compile.stand_in_note(
+        {"stand_in": True, "target": "cpu"})
 
 
 @pytest.mark.skipif(not _installed("jax_plugins.xla_cuda12"),
@@ -42,6 +72,7 @@ def test_gpu_compile_without_a_gpu_with_cudnn_attention():
                              "--attention", "cudnn", *TINY])
     (row,) = rows
     assert row["device"] == "NVIDIA H100 80GB HBM3" and row["attention"] == "cudnn"
+    assert not row["stand_in"] and "stand-in" not in aot_compile.format_row(row)
     assert row["fits"] and row["memory"]["temp"] > 0
     assert row["xla_flops_per_example"] is None  # XLA:GPU has no cost analysis here
     assert row["flops_per_example"] > 0

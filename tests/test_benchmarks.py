@@ -378,6 +378,10 @@ def test_aot_compile_reports_memory():
     # One compile per chunk size of stage 2's contrastive loss, to compare them.
     assert [(r["stage"], r["loss_chunk_size"]) for r in rows] == [("cacophony", 0),
                                                                   ("cacophony", 4)]
+    # The CPU target is a stand-in, and its verdict says so.
+    assert all(r["stand_in"] and r["target"] == "cpu" for r in rows)
+    assert "does NOT fit in 0.0 GB (0.0 GiB) (CPU stand-in, not a GPU/TPU compiler" in (
+        aot_compile.format_row(rows[0]))
     for row in rows:
         assert row["loss_kind"] == "softmax" and row["text_length"] == 16
         assert row["global_batch"] == 8 and row["mesh"] == {"data": 1, "fsdp": 8}
