@@ -22,7 +22,9 @@ Targets:
 - ``cpu`` (default) compiles for `--devices` simulated CPU devices as a stand-in: the
   sharding plan and the parameter/optimiser/batch sizes are exact, but XLA:CPU
   schedules, fuses and rematerialises differently from GPU/TPU compilers (and may
-  compute some bf16 ops in f32), so its temporaries are an estimate.
+  compute some bf16 ops in f32), so its temporaries are an estimate. It also keeps
+  about the same temporaries with and without `model.remat`, so it cannot show what
+  remat saves (the report says so when `--remat` is set).
 
 Usage (the script sets the CPU device count itself before JAX starts):
 
@@ -359,6 +361,10 @@ def format_row(row: dict) -> str:
         lines.append(f"  total per device {gib(m['total'])}: {verdict} in "
                      f"{row['budget_bytes'] / 1e9:.1f} GB ({row['budget_bytes'] / GIB:.1f} "
                      f"GiB){stand_in_note(row)}")
+        if row.get("stand_in") and row["remat"] != "none":
+            lines.append(f"  remat={row['remat']} on the CPU stand-in: XLA:CPU keeps about the "
+                         "same temporaries with and without remat, so this compile cannot "
+                         "show what remat saves; compile for a gpu: or tpu: target")
     if row["collectives"]:
         parts = [f"{kind} {c['bytes'] / GIB:.2f} GiB ({c['count']}"
                  + (f", {c['unread']} unread)" if c.get("unread") else ")")

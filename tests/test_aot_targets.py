@@ -42,7 +42,7 @@ def test_tpu_target_without_libtpu_is_a_marked_cpu_stand_in(capsys):
     and the row all say that it is a stand-in, not XLA:TPU. (8 chips: the stand-in
     sets the CPU device count, and the tests' processes have 8 devices.)"""
     rows = aot_compile.main(["--target", "tpu:v5e:2x4", "--mesh", "1x8", "--stage", "mae",
-                             *TINY])
+                             "--remat", "full", *TINY])
     (row,) = rows
     out = capsys.readouterr().out
     assert "without libtpu" in out and 'pip install "jax[tpu]==' in out
@@ -52,6 +52,8 @@ def test_tpu_target_without_libtpu_is_a_marked_cpu_stand_in(capsys):
     assert "fits in 16.0 GB" in verdict
     assert verdict.endswith("(CPU stand-in for tpu:v5e:2x4, not the TPU compiler: its "
                             "temporaries differ from XLA:TPU's)")
+    # XLA:CPU barely changes its temporaries with remat: the report says so.
+    assert "remat=full on the CPU stand-in" in out and "cannot show what remat saves" in out
 
 
 def test_target_wording_and_a_bad_topology_with_libtpu(monkeypatch):
