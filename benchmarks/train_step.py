@@ -508,11 +508,12 @@ def run_rows_apart(argv: list[str], cells: list[tuple[str, int]], dtypes: list[s
     with tempfile.TemporaryDirectory(prefix="train-step-rows-") as folder:
         for i, ((stage, batch), dtype) in enumerate(zip(cells, dtypes, strict=True)):
             out = pathlib.Path(folder) / f"row-{i}.jsonl"
-            extra = ["--stage", stage, "--batch", str(batch), "--sweep-batch", "",
-                     "--json", str(out), "--in-process"]
+            # "--flag=value": a value may itself start with "--" (the source "--peak-tflops").
+            extra = [f"--stage={stage}", f"--batch={batch}", "--sweep-batch=", f"--json={out}",
+                     "--in-process"]
             if dtype in peaks:
                 tflops, source = peaks[dtype]
-                extra += ["--peak-tflops", repr(tflops), "--peak-source", source]
+                extra += [f"--peak-tflops={tflops!r}", f"--peak-source={source}"]
             code = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()),
                                    *argv, *extra], check=False).returncode
             got = tables.read_rows([out])

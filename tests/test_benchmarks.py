@@ -204,7 +204,7 @@ def test_train_step_runs_each_sweep_row_in_its_own_process(tmp_path, monkeypatch
             return types.SimpleNamespace(returncode=1)  # out of memory, say
         peak = args.peak_tflops or 0.25  # the first row "measures" 0.25
         row = {"stage": args.stage, "batch": args.batch, "dtype": "float32",
-               "peak_tflops": peak, "peak_source": args.peak_source or "measured"}
+               "peak_tflops": peak, "peak_source": args.peak_source or "--peak-tflops"}
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
         return types.SimpleNamespace(returncode=0)
@@ -226,7 +226,7 @@ def test_train_step_runs_each_sweep_row_in_its_own_process(tmp_path, monkeypatch
         assert args.json != str(out)  # each row process writes a file of its own
     # Later rows are measured against the first row's peak, as in one process.
     assert calls[0][1].peak_tflops == 0
-    assert (calls[2][1].peak_tflops, calls[2][1].peak_source) == (0.25, "measured")
+    assert (calls[2][1].peak_tflops, calls[2][1].peak_source) == (0.25, "--peak-tflops")
     rows = tables.read_rows([out])
     assert [(r["stage"], r["batch"]) for r in rows] == [("mae", 16), ("cacophony", 16),
                                                          ("cacophony", 32)]
