@@ -10,7 +10,7 @@ import importlib.util
 import jax
 import pytest
 
-from benchmarks import aot_compile, train_step
+from benchmarks import aot_compile, compile_targets, train_step
 from cacophony_jax.models.variants import mae_config
 
 TINY = ["--variant", "tiny", "--per-device-batch", "2", "--clip-seconds", "1"]
@@ -58,7 +58,7 @@ def test_tpu_target_without_libtpu_is_a_marked_cpu_stand_in(capsys):
 
 def test_target_wording_and_a_bad_topology_with_libtpu(monkeypatch):
     # With libtpu installed, a topology it rejects is an error, not a stand-in.
-    monkeypatch.setattr(aot_compile, "_installed", lambda module: True)
+    monkeypatch.setattr(compile_targets, "_installed", lambda module: True)
     with pytest.raises(aot_compile.TargetError, match="check the topology name"):
         aot_compile.target_devices("tpu:v99:3x3", 1)
     # Real targets have no note; the plain CPU target is a stand-in too.

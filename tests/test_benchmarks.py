@@ -15,10 +15,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from benchmarks import (
     accounting,
     aot_compile,
+    compile_targets,
     cpu_time,
     gpu_targets,
     host_pipeline,
     input_pipeline,
+    step_rows,
     tables,
     train_step,
 )
@@ -153,16 +155,16 @@ def _step_row(**memory) -> dict:
 
 def test_a_row_never_reports_an_earlier_rows_peak_memory():
     # The device's high-water mark rose during the row: that is the row's peak.
-    first = train_step.row_peak_memory({"peak_bytes_in_use": 0, "bytes_in_use": 0},
+    first = step_rows.row_peak_memory({"peak_bytes_in_use": 0, "bytes_in_use": 0},
                                        {"peak_bytes_in_use": 40 * 2**30})
     assert first == {"peak_bytes_in_use": 40 * 2**30, "bytes_in_use_before": 0}
     # A smaller row after it leaves the mark where it was: not this row's peak.
-    second = train_step.row_peak_memory({"peak_bytes_in_use": 40 * 2**30},
+    second = step_rows.row_peak_memory({"peak_bytes_in_use": 40 * 2**30},
                                         {"peak_bytes_in_use": 40 * 2**30})
     assert second == {"process_peak_bytes_in_use": 40 * 2**30, "peak_not_attributable": True}
-    assert train_step.row_peak_memory({}, {}) == {}  # CPU: no memory statistics
-    assert "40960.0 MiB (peak)" in train_step.format_row(_step_row(**first))
-    line = train_step.format_row(_step_row(**second))
+    assert step_rows.row_peak_memory({}, {}) == {}  # CPU: no memory statistics
+    assert "40960.0 MiB (peak)" in step_rows.format_row(_step_row(**first))
+    line = step_rows.format_row(_step_row(**second))
     assert "10240.0 MiB (compiled; the process peak is an earlier row's)" in line
     assert "40960" not in line
     table = tables.summarize([_step_row(**first), _step_row(**second)])
@@ -177,10 +179,10 @@ def test_loss_flags_set_stage_twos_contrastive_loss():
     plain = train_step.make_config("cacophony", "tiny", 64)
     assert (plain.loss.kind, plain.loss.chunk_size, plain.model.sigmoid_bias) == (
         "softmax", 0, False)
-    assert train_step.loss_fields(plain) == {"loss_kind": "softmax", "loss_chunk_size": 0}
+    assert step_rows.loss_fields(plain) == {"loss_kind": "softmax", "loss_chunk_size": 0}
     # Stage 1 has no contrastive loss: nothing to set, nothing in its rows.
     mae = train_step.make_config("mae", "tiny", 64, loss_kind="sigmoid", loss_chunk_size=16)
-    assert "loss" not in mae and train_step.loss_fields(mae) == {}
+    assert "loss" not in mae and step_rows.loss_fields(mae) == {}
     with pytest.raises(ValueError, match="must be 0 .* or divide the global batch 64"):
         train_step.make_config("cacophony", "tiny", 64, loss_chunk_size=24)
     with pytest.raises(ValueError, match="add --stage cacophony"):
@@ -212,7 +214,7 @@ def test_train_step_runs_each_sweep_row_in_its_own_process(tmp_path, monkeypatch
     def no_backend(*a, **k):
         raise AssertionError("the parent process started a backend")
 
-    monkeypatch.setattr(train_step.subprocess, "run", fake_run)
+    monkeypatch.setattr(step_rows.subprocess, "run", fake_run)
     monkeypatch.setattr(train_step.jax, "devices", no_backend)
     out = tmp_path / "rows.jsonl"
     with pytest.raises(ValueError, match="1 of 4 rows failed: mae batch 32"):
@@ -241,7 +243,7 @@ def test_train_step_measures_the_contrastive_stage(tmp_path, monkeypatch):
     # A device with memory statistics, as on a GPU: the row's peak is what it raised.
     stats = iter([{"peak_bytes_in_use": 0, "bytes_in_use": 0},
                   {"peak_bytes_in_use": 123 * 2**20, "bytes_in_use": 0}])
-    monkeypatch.setattr(train_step, "device_memory_stats", lambda device: next(stats))
+    monkeypatch.setattr(step_rows, "device_memory_stats", lambda device: next(stats))
     rows = train_step.main(["--stage", "cacophony", "--batch", "8", "--steps", "1",
                             "--warmup", "1", "--clip-seconds", "1", "--text-length", "16",
                             "--peak-tflops", "2", "--profile", str(tmp_path),
@@ -249,7 +251,7 @@ def test_train_step_measures_the_contrastive_stage(tmp_path, monkeypatch):
                             "--loss-chunk-size", "4"])
     (row,) = rows
     assert (row["loss_kind"], row["loss_chunk_size"]) == ("sigmoid", 4)
-    assert "sigmoid loss in chunks of 4 " in train_step.format_row(row)
+    assert "sigmoid loss in chunks of 4 " in step_rows.format_row(row)
     # The traced steps' XLA ops (on CPU: host threads running them) were summarised.
     profile = row["profile"]
     assert profile["steps"] == 2 and profile["events"] > 0
@@ -364,10 +366,10 @@ def test_tpu_target_without_libtpu_falls_back_to_cpu_devices():
         assert budget == 16e9  # a v5e chip's HBM, not the stand-in's 80 GB
     else:
         assert "TPU topology" in described and budget is None
-    assert aot_compile.tpu_stand_in("v4:2x2x2") == ("TPU v4", 8, 32e9)
-    assert aot_compile.tpu_stand_in("v5litepod:4x4") == ("TPU v5e", 16, 16e9)
-    assert aot_compile.tpu_stand_in("v6e:2x2")[1:] == (4, 32e9)
-    assert aot_compile.tpu_stand_in("v9:weird") == ("TPU v9", 0, None)
+    assert compile_targets.tpu_stand_in("v4:2x2x2") == ("TPU v4", 8, 32e9)
+    assert compile_targets.tpu_stand_in("v5litepod:4x4") == ("TPU v5e", 16, 16e9)
+    assert compile_targets.tpu_stand_in("v6e:2x2")[1:] == (4, 32e9)
+    assert compile_targets.tpu_stand_in("v9:weird") == ("TPU v9", 0, None)
 
 
 def test_aot_compile_reports_memory():
