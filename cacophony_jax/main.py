@@ -187,20 +187,21 @@ def main(argv):
         _fail(str(e))
     if jax.process_count() > 1:
         _tag_lines(jax.process_index())
-    if _COMPILATION_CACHE.value:  # before anything compiles
-        if jax.process_count() > 1 and jax.default_backend() == "cpu":
-            # JAX keys CPU programs per process and only process 0 writes entries: with a
-            # warm cache process 0 loads the step while the others compile it, and the
-            # first collective times out.
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # JAX keys CPU programs per process and only process 0 writes entries: with a
+        # warm cache process 0 loads the step while the others compile it, and the
+        # first collective times out. (JAX_COMPILATION_CACHE_DIR is turned off too.)
+        if _COMPILATION_CACHE.value:
             logging.warning("--compilation_cache is not used by multi-process CPU runs")
-        else:
-            jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+        jax.config.update("jax_enable_compilation_cache", False)
+    elif _COMPILATION_CACHE.value:  # before anything compiles
+        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     if not _VERBOSE_LIBS.value:
         _quiet_libraries()
     try:
         _train()
     except SystemExit as e:
-        if jax.process_count() > 1 and e.code not in (0, None) and not _stopped(e.code):
+        if jax.process_count() > 1 and e.code not in (0, None) and not _STOPPED:
             _exit_now(e.code)  # not JAX's shutdown barrier: the others wait in a collective
         raise
     except BaseException:  # noqa: BLE001 - a crash: its traceback, then the same exit
@@ -210,11 +211,9 @@ def main(argv):
         raise
 
 
-def _stopped(code: int) -> bool:
-    """Whether `code` is the exit of a run every process stopped on a signal."""
-    import signal
-
-    return code in (128 + signal.SIGTERM, 128 + signal.SIGINT)
+# Set when every process stopped together on a signal (after saving): their exits meet
+# at JAX's shutdown barrier, unlike a failed process's.
+_STOPPED = False
 
 
 def _exit_now(code: int) -> None:
@@ -228,10 +227,12 @@ def _exit_now(code: int) -> None:
 
 
 def _train() -> None:
+    global _STOPPED
     from cacophony_jax.train import host, stages
     try:
         stages.run(_CONFIG.value, _WORKDIR.value)
     except host.StopRequestedError as e:  # saved; no later stage ran: exit as the signal would
+        _STOPPED = True
         raise SystemExit(128 + e.signum) from None
     except (ValueError, OSError, FloatingPointError) as e:
         # Errors a user can cause (bad values, unreadable data, a workdir that cannot be

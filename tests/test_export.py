@@ -74,12 +74,6 @@ def test_checkpoint_export_is_complete_and_bit_identical(run, tmp_path):
     assert_same(params, unstack_layers(training_params(run, cacophony_config("tiny"))))
 
 
-def test_the_source_path_is_absolute(run, tmp_path, monkeypatch):
-    monkeypatch.chdir(run.parent)
-    out = export.export_from_checkpoint(run.name, tmp_path / "bundle")
-    assert bundle_lib.read_meta(out)["source"]["path"] == os.path.abspath(run)
-
-
 def test_step_selection(run, tmp_path):
     step1 = export.export_from_checkpoint(run / "checkpoints" / "1", tmp_path / "a")
     by_arg = export.export_from_checkpoint(run / "checkpoints", tmp_path / "b", step=1)

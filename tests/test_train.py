@@ -260,6 +260,7 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
             ("mae", {"data.synthetic_eval_size": -3}, "synthetic_eval_size=-3 must be"),
             ("mae", {"data.synthetic_eval_size": 0}, "eval.kind='' turns evaluation off"),
             ("cacophony", {"tokenizer.vocab_size": -5}, "vocab_size=-5 must be 0"),
+            ("cacophony", {"tokenizer.vocab_size": 5000}, "tower's 500 embedding rows"),
             ("cacophony", {"eval.caption_clips": -5}, "caption_clips=-5 must be a number"),
             ("mae", {"sharding_rules": ((1, 2),)}, r"entry \(1, 2\) must be \(logical")):
         with pytest.raises(ValueError, match=message):

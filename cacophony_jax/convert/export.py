@@ -151,10 +151,9 @@ def export_from_checkpoint(
     params = jax.device_get(params)
     if scan:
         params = unstack_layers(params)
-    # Why: a relative path in bundle.json names nothing once the bundle is moved.
-    where = os.fspath(path)
-    where = where if "://" in where else os.path.abspath(where)
-    source = {"type": "checkpoint", "path": where, "step": step, "task": task,
+    # The path as given: bundle.json travels with the bundle, and an absolute path
+    # would carry the exporting machine's folders (a home folder, say) along.
+    source = {"type": "checkpoint", "path": os.fspath(path), "step": step, "task": task,
               "variant": variant}
     return write_bundle(out_dir, config=config, params=params, tokenizer=tokenizer,
                         dtype=dtype, window_seconds=window_seconds, text_length=text_length,

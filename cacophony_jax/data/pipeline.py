@@ -4,8 +4,8 @@ Train: record indices -> seeded global shuffle, repeated with a new order per ep
 -> random crop of the record's audio, decoding only that window of a long file (a
 record that fails, or is shorter than one patch, is replaced by another and counted)
 -> pad to the clip length, caption choice, tokenise -> this
-host's elements of that one stream (every `process_count`-th, from its index) ->
-batch. The iterator's state (`get_state`/`set_state`) resumes exactly. How a record is
+host's rows of every global batch of that one stream (`HostRows`) -> batch. The
+iterator's state (`get_state`/`set_state`) resumes exactly. How a record is
 drawn (decoded, cropped, or replaced) is `data/records.py`.
 
 Eval: every record exactly once, in order, split over hosts; every host yields the

@@ -21,7 +21,8 @@ Tasks, with the public layouts read by `cacophony_jax.data.layouts`:
 Long clips: the released evaluation code embedded each clip of up to 30 s (all of
 Clotho's) in one pass, and so does `eval` by default (`--window-seconds 30`); longer
 clips are cut into 30-s windows whose embeddings are averaged. `--window-seconds 0`
-uses the bundle's training window (10 s) instead, as `embed_audio` does by default.
+uses the bundle's training window (10 s for the release) instead, as `embed_audio`
+does by default.
 Files that fail to decode are skipped and counted (`unreadable`), so results on an
 incomplete copy of a set say so.
 """
@@ -269,7 +270,12 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
 
     if prompt not in PROMPT_STYLES:
         raise ValueError(f"--zeroshot-prompt {prompt!r}: use one of {list(PROMPT_STYLES)}")
-    window = window_seconds or float(getattr(model, "window_seconds", 0.0))
+    trained = float(getattr(model, "window_seconds", 0.0))
+    window = window_seconds or trained
+    if trained and window > 2 * trained:
+        logging.warning("clips of up to %g s are embedded in one pass (the release's "
+                        "evaluation protocol), but this bundle was trained on %g-s clips: "
+                        "--window-seconds 0 embeds windows of its own length", window, trained)
     results: dict[str, Any] = {"bundle": bundle, "zeroshot_prompt": prompt,
                                "window_seconds": window, "sets": {}}
     for name, source in sets.items():

@@ -77,7 +77,9 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
                              f"number the processes 0 to {count - 1}")
         kwargs = dict(coordinator_address=address, num_processes=count, process_id=pid)
         if pid > 0:  # process 0 serves the address; JAX would abort without a word
-            wait_for_coordinator(host, int(port), init_timeout)
+            started = time.monotonic()
+            wait_for_coordinator(host.strip("[]"), int(port), init_timeout)
+            init_timeout = max(1, round(init_timeout - (time.monotonic() - started)))
     # On Cloud TPU pods (where the worker list lives in the VM metadata, so 'auto'
     # cannot see it: pass --distributed=on) and SLURM, jax finds the coordinator.
     count = kwargs.get("num_processes")
@@ -96,7 +98,7 @@ def wait_for_coordinator(host: str, port: int, timeout: float) -> None:
     """Waits until process 0's coordinator accepts connections at host:port.
 
     Raises:
-      ValueError: the host name does not resolve, or nothing answered in `timeout` s
+      ValueError: the host name did not resolve, or nothing answered, in `timeout` s
         (JAX itself would abort the process with a C++ stack dump).
     """
     deadline = time.monotonic() + timeout
@@ -104,8 +106,8 @@ def wait_for_coordinator(host: str, port: int, timeout: float) -> None:
         try:
             with socket.create_connection((host, port), timeout=min(5.0, timeout)):
                 return
-        except socket.gaierror as e:  # no such name; or no answer yet (EAI_AGAIN): wait
-            if e.errno != socket.EAI_AGAIN or time.monotonic() >= deadline:
+        except socket.gaierror as e:  # a name may resolve only once process 0 is up
+            if time.monotonic() >= deadline:
                 raise ValueError(f"the coordinator host {host!r} of --coordinator_address "
                                  f"{host}:{port} cannot be resolved ({e.strerror}): give "
                                  "process 0's host name or address") from None

@@ -196,8 +196,9 @@ class Checkpointer:
         error = None
         try:
             self._check_iterator_file(step)
-        except CheckpointError as e:
-            error = e
+        except Exception as e:  # noqa: BLE001 - an unreadable file too (EIO, ESTALE)
+            error = e if isinstance(e, CheckpointError) else CheckpointError(
+                f"its input-pipeline position cannot be read ({_brief(e)})")
         try:
             agree.agree(f"reading step {step}'s input positions", error)
         except agree.OtherProcessError as e:

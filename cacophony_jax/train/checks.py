@@ -138,6 +138,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if vocab and vocab < 261:
         raise ValueError(f"config.tokenizer.vocab_size={vocab} must be 0 (the model's "
                          "vocabulary) or at least 261 (256 bytes + 5 special tokens)")
+    if vocab and config.task == "cacophony":
+        from cacophony_jax.models.variants import cacophony_config
+
+        rows = cacophony_config(config.model.variant).text.vocab_size
+        if vocab > rows:
+            raise ValueError(f"config.tokenizer.vocab_size={vocab} is more than the "
+                             f"{config.model.variant} text tower's {rows} embedding rows")
     for which in ("train", "eval"):
         size = init.lookup(config, f"data.synthetic_{which}_size")
         if config.data[which].kind == "synthetic" and size == 0:

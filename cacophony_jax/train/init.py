@@ -1,7 +1,8 @@
 """Where a run's starting point comes from: tokenizer, and state by resume order.
 
 Resume order: this workdir's newest readable checkpoint -> `config.train.resume`
--> `config.train.init_from` (stage 2 takes only the stage-1 encoder) -> fresh. The
+-> `config.train.init_from` (stage 2 takes only an audio encoder: of a stage-1 run,
+a released checkpoint or a bundle, `encoder_init`) -> fresh. The
 text tower can additionally start from local RoBERTa weights.
 """
 

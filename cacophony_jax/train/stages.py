@@ -25,6 +25,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
       host.StopRequestedError: a stage was stopped by a signal (after saving); no later stage runs.
     """
     agree.check_devices()
+    # Every stage's settings, and the workdir, the same on every process (a later
+    # stage's too, before the first trains), before any process checks its own.
+    agree.check_same_run({**json.loads(config.to_json_best_effort()), "workdir": workdir})
     error = None
     try:  # every stage's mistakes before any training, on every process of the run
         if not workdir.strip():
@@ -45,9 +48,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     except Exception as e:  # noqa: BLE001 - any failure here must reach `agree`
         error = e
     agree.agree("the config checks", error)  # a host that lacks a path stops them all
-    # Every stage's settings, and the workdir, the same on every process (a later
-    # stage's too, before the first trains).
-    agree.check_same_run({**json.loads(config.to_json_best_effort()), "workdir": workdir})
     if "stages" not in config:
         return {config.task: loop.run(config, workdir)}
     root = host.make_workdir(workdir)
