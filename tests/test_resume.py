@@ -141,6 +141,27 @@ def test_a_damaged_input_position_falls_back_to_an_older_step(tmp_path, caplog):
     assert steps == list(range(1, 13))
 
 
+@pytest.mark.slow
+def test_a_position_damaged_on_another_process_makes_every_process_go_back(
+        tmp_path, caplog, monkeypatch):
+    from cacophony_jax.train import agree
+
+    loop.run(tiny_config("mae", 10), str(tmp_path))
+    real = agree.agree
+
+    def two_processes(stage, error):  # process 1 finds step 10's position damaged
+        if stage == "reading step 10's input positions":
+            raise agree.OtherProcessError(f"process 1 of 2 failed {stage}: damaged")
+        real(stage, error)
+
+    monkeypatch.setattr(agree, "agree", two_processes)
+    loop.run(tiny_config("mae", 10, **{"train.steps": 12}), str(tmp_path))
+    assert "process 1 of 2 failed reading step 10's input positions" in caplog.text
+    assert "schedule from step 6 on is the new one" in caplog.text  # resumed at step 5
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps == list(range(1, 13))
+
+
 def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, caplog):
     config = tiny_config("mae", 4)
     loop.run(config, str(tmp_path))
@@ -283,6 +304,7 @@ def test_a_metric_write_on_a_full_disk_names_the_file(tmp_path):
     assert not [t for t in threading.enumerate() if "EventLogger" in type(t).__name__]
 
 
+@pytest.mark.slow
 def test_a_run_on_a_full_disk_stops_with_one_error_and_resumes_on_the_rerun(
         tmp_path, caplog, monkeypatch):
     config = tiny_config("mae", 6, **{"train.checkpoint_every": 2, "data.eval.kind": ""})
