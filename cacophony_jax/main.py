@@ -9,6 +9,7 @@ distributed runtime here; every process runs this same command.
 """
 
 import os
+import pathlib
 import re
 import sys
 import traceback
@@ -74,8 +75,62 @@ def _config_arg(field: str) -> str:
                  re.search(rf"\.{re.escape(field)}(\.|$)", a.split("=", 1)[0])), "--config")
 
 
+def _config_file_arg() -> tuple[str, str]:
+    """The --config argument as given (the last one counts; --config=F or --config F)
+    and its file path (without the ':arg' part); ("", "") when there is none."""
+    given = ""
+    args = sys.argv[1:]
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            given = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(args):
+            given = args[i + 1]
+    return given, given.partition(":")[0]
+
+
+def _config_file_problem(error: BaseException) -> str | None:
+    """One line for a --config value that is not a loadable config file, else None."""
+    given, path = _config_file_arg()
+    if not path:
+        return None
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith(".py") and
+                       "def get_config" in pathlib.Path(path, n).read_text(errors="replace"))
+        listing = f" (it holds {', '.join(found)})" if found else ""
+        return (f"--config={given}: {path!r} is a folder; name a config file in it, "
+                f"e.g. --config={os.path.join(path, found[0] if found else 'mae.py')}"
+                f"{listing}")
+    if isinstance(error, SyntaxError):
+        return (f"--config={given}: {path!r} is not a Python config file ({error.msg}, "
+                f"line {error.lineno}); the configs/ folder has examples")
+    return None
+
+
+def _field_type_problem(text: str) -> str | None:
+    """One line for `--config.a.b=value` whose value the field's type does not take."""
+    bad = re.match(r"flag (--config\.([\w.]+))=(.*?): (.*)$", text.strip().splitlines()[0])
+    if not bad:
+        return None
+    arg, field, value, _ = bad.groups()
+    config = _plain_config()
+    current = config
+    try:
+        for part in field.split("."):
+            current = current[part]
+    except (KeyError, TypeError):
+        return None
+    if config is None or isinstance(current, dict) or hasattr(current, "keys"):
+        return None
+    kind = {bool: "true or false", int: "a whole number", float: "a number",
+            str: "a string"}.get(type(current), type(current).__name__)
+    return f"{arg}={value}: {field} takes {kind} (its value is {current!r})"
+
+
 def _one_line(error: BaseException) -> str:
     """A flag or config error as one line: the misspelt field, or the cause's last line."""
+    problem = _config_file_problem(error) or _field_type_problem(str(error))
+    if problem:
+        return problem
     text = str(error)
     guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
     if guess:
@@ -109,9 +164,8 @@ def _plain_config():
     """The --config file's config without overrides, or None where it cannot be built."""
     import importlib.util
 
-    given = next((a.split("=", 1)[1] for a in reversed(sys.argv[1:])  # the last one counts
-                  if a.startswith("--config=")), "")
-    path, _, arg = given.partition(":")
+    given, path = _config_file_arg()
+    arg = given.partition(":")[2]
     try:
         spec = importlib.util.spec_from_file_location("_given_config", path)
         module = importlib.util.module_from_spec(spec)
@@ -133,7 +187,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if _CONFIG.value is not None:
             _CONFIG.value.get("task")  # a config file that failed to load raises here
         return rest
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+            SyntaxError) as e:
         sys.stderr.write(f"error: {_one_line(e)}\n(--helpshort lists the flags, "
                          "configs/common.py the config fields)\n")
         sys.exit(2)
@@ -177,6 +232,8 @@ def main(argv):
     if "://" in (_COMPILATION_CACHE.value or ""):
         _fail(f"--compilation_cache={_COMPILATION_CACHE.value!r} is not a file-system path: "
               "mount the storage (e.g. gcsfuse) and pass the mount's path")
+    if not _VERBOSE_LIBS.value:  # before the backends start (they log at INFO)
+        _quiet_libraries()
     from cacophony_jax.parallel import distributed
     try:
         distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
@@ -196,8 +253,6 @@ def main(argv):
         jax.config.update("jax_enable_compilation_cache", False)
     elif _COMPILATION_CACHE.value:  # before anything compiles
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
-    if not _VERBOSE_LIBS.value:
-        _quiet_libraries()
     try:
         _train()
     except SystemExit as e:

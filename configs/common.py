@@ -34,7 +34,8 @@ def parse_arg(arg: str | None, **known: object) -> mlc.ConfigDict:
             key, value = "variant", part
         if key not in known:
             raise ValueError(
-                f"unknown config argument {key!r} in {arg!r}; known: {sorted(known)}"
+                f"unknown config argument {key!r} in {arg!r}; known: {sorted(known)}, "
+                f"written after the file as :{_form(known)}"
             )
         default = known[key]
         if isinstance(default, bool):
@@ -55,6 +56,14 @@ def parse_arg(arg: str | None, **known: object) -> mlc.ConfigDict:
     if "variant" in out and out.variant not in VARIANTS:
         raise ValueError(f"unknown variant {out.variant!r}; choose one of {VARIANTS}")
     return out
+
+
+def _form(known: dict) -> str:
+    """The config string's shape for these fields, e.g. 'tiny,steps=N,batch=N'."""
+    parts = ["|".join(VARIANTS)] if "variant" in known else []
+    parts += [f"{k}=N" if isinstance(v, (int, float)) and not isinstance(v, bool) else
+              f"{k}=VALUE" for k, v in known.items() if k != "variant"]
+    return ",".join(parts)
 
 
 def model_block(variant: str, dtype: str) -> mlc.ConfigDict:

@@ -37,6 +37,8 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
     assert os.listdir(cache)  # the step (compiled for over a second) was cached
     # Config mistakes end in one line naming the argument and the fix, no traceback.
+    not_python = tmp_path / "notes.txt"
+    not_python.write_text("mesh = (\n")
     for args, message in (
             (["--config.optim.learnig_rate=1"], "--config.optim.learnig_rate=1: the config has "
              "no field 'learnig_rate'; did you mean 'learning_rate'?"),
@@ -47,7 +49,10 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
             (["--config=configs/mae.py:huge"], "unknown variant 'huge'; choose one of"),
             (["--config.loss.kind=sigmoid"],
              "the config has no field 'loss'; its top-level fields are audio, data,"),
-            (["--config.optim.learning_rate=-1"], "config.optim.learning_rate")):
+            (["--config.optim.learning_rate=-1"], "config.optim.learning_rate"),
+            (["--config=configs"], "'configs' is a folder; name a config file in it"),
+            (["--config", str(not_python)], "is not a Python config file ('(' was never"),
+            (["--config.mesh.fsdp=1.5"], "mesh.fsdp takes a whole number (its value is 1)")):
         proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2 and out.startswith("error: ") and message in out, out

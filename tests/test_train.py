@@ -190,6 +190,15 @@ def test_remote_paths_are_refused_with_the_mount_to_use(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_wrong_config_string_names_its_form():
+    from configs import mae, quickstart
+
+    with pytest.raises(ValueError, match=r"'step' in 'tiny,step=3'.*:tiny\|base,steps=N,batch=N"):
+        mae.get_config("tiny,step=3")
+    with pytest.raises(ValueError, match=r"after the file as :steps1=N,steps2=N$"):
+        quickstart.get_config("steps=3")
+
+
 def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     from configs import quickstart
 
