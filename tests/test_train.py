@@ -271,7 +271,12 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
             ("cacophony", {"tokenizer.vocab_size": -5}, "vocab_size=-5 must be 0"),
             ("cacophony", {"tokenizer.vocab_size": 5000}, "tower's 500 embedding rows"),
             ("cacophony", {"eval.caption_clips": -5}, "caption_clips=-5 must be a number"),
-            ("mae", {"sharding_rules": ((1, 2),)}, r"entry \(1, 2\) must be \(logical")):
+            ("mae", {"sharding_rules": ((1, 2),)}, r"entry \(1, 2\) must be \(logical"),
+            ("mae", {"sharding_rules": (("batch", ("data", "data")),)}, "a mesh axis twice"),
+            ("mae", {"sharding_rules": (("mlp", None), ("mlp", "fsdp"))},
+             r"more than one entry for \['mlp'\]"),
+            ("mae", {"sharding_rules": (("batch", "data"),)},
+             r"no entry for \['length', 'act_embed', 'embed',")):
         with pytest.raises(ValueError, match=message):
             checks.check_config(tiny_config(task, 2, **overrides))
     from configs import mae as mae_config

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from cacophony_jax.models import axes as axes_names
 from cacophony_jax.optim import optimizer
 from cacophony_jax.train import init
 
@@ -200,6 +201,20 @@ def _check_sharding_rules(config: ml_collections.ConfigDict) -> None:
         if unknown:
             raise ValueError(f"config.sharding_rules maps {rule[0]!r} to {unknown}, which "
                              f"the mesh lacks; its axes are {sorted(axes)}")
+        if len(set(named)) != len(named):
+            raise ValueError(f"config.sharding_rules maps {rule[0]!r} to {target!r}, which "
+                             "names a mesh axis twice; name each once")
+    logical = [rule[0] for rule in config.sharding_rules]
+    twice = sorted({name for name in logical if logical.count(name) > 1})
+    if twice:
+        raise ValueError(f"config.sharding_rules has more than one entry for {twice}; "
+                         "keep one each (only the first would count)")
+    missing = [name for name in axes_names.ACTIVATION_AXES + axes_names.PARAM_AXES
+               if name not in logical]
+    if missing:
+        raise ValueError(f"config.sharding_rules has no entry for {missing}, which the "
+                         "models use; add (name, None) to keep one whole, or map it to a "
+                         "mesh axis")
 
 
 # Paths a config may name: training reads and writes them in place.
