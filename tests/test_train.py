@@ -2,6 +2,7 @@
 and loop on their own are in test_train_loop.py, resume in test_resume.py)."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -188,6 +189,29 @@ def test_remote_paths_are_refused_with_the_mount_to_use(tmp_path):
     with pytest.raises(ValueError, match="config.data.train.path='gs://data/train.jsonl'"):
         stages.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_a_recipe_shows_its_data_warnings_once(tmp_path, caplog, monkeypatch):
+    from cacophony_jax.tasks import common
+    from configs import quickstart
+
+    rows = [{"audio": f"{i}.wav", "caption": "a dog barks", "captoins": "x"} for i in range(4)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = quickstart.get_config()
+    with config.unlocked():
+        for name in config.stage_order:
+            config.stages[name].data.train.update(kind="manifest", path=str(tmp_path / "m.jsonl"))
+    # Each stage opens its data again when it trains (here: only that).
+    monkeypatch.setattr(stages.loop, "run", lambda stage, workdir: (
+        common.open_train_source(stage), {})[1])
+    with caplog.at_level(logging.WARNING):
+        stages.run(config, str(tmp_path / "w"))
+        # Shown when the recipe opened both stages' data up front, not again per stage.
+        said = [r.getMessage() for r in caplog.records
+                if "'captoins' is not read" in r.getMessage()]
+        assert len(said) == 2
+        logging.warning(said[0])  # the filter left with the recipe
+        assert caplog.text.count("'captoins' is not read") == 3
 
 
 def test_a_wrong_config_string_names_its_form():

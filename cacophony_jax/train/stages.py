@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -24,6 +25,45 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     Raises:
       host.StopRequestedError: a stage was stopped by a signal (after saving); no later stage runs.
     """
+    with _warn_once() as shown:
+        return _run(config, workdir, shown)
+
+
+class _ShownWarnings(logging.Filter):
+    """Notes the warnings logged while `recording`; afterwards drops their repeats (the
+    recipe opens each stage's data up front, then again when the stage trains)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording, self.seen = True, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        if self.recording:
+            self.seen.add(text)
+            return True
+        return text not in self.seen
+
+
+@contextlib.contextmanager
+def _warn_once():
+    shown = _ShownWarnings()
+    from absl import logging as absl_logging
+
+    handlers = {*logging.getLogger().handlers, absl_logging.get_absl_handler()}
+    for handler in handlers:
+        handler.addFilter(shown)
+    try:
+        yield shown
+    finally:
+        for handler in handlers:
+            handler.removeFilter(shown)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
+         ) -> dict[str, dict[str, float]]:
     agree.check_devices()
     # Every stage's settings, and the workdir, the same on every process (a later
     # stage's too, before the first trains), before any process checks its own.
@@ -47,6 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
                 raise ValueError(f"stage {name!r} (--config.stages.{name}.*): {e}") from None
     except Exception as e:  # noqa: BLE001 - any failure here must reach `agree`
         error = e
+    shown.recording = False  # a stage that opens its data again does not repeat them
     agree.agree("the config checks", error)  # a host that lacks a path stops them all
     if "stages" not in config:
         return {config.task: loop.run(config, workdir)}
