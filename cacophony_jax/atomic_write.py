@@ -30,9 +30,12 @@ def replacing(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with open(temporary, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.errno and not error.filename:
+            # A failed write or flush names no file (a full disk, say): name `path`.
+            raise type(error)(error.errno, error.strerror or str(error), path) from error
         raise
 
 

@@ -330,3 +330,18 @@ def test_sam_and_accumulation_are_config_switches(tmp_path):
     assert any(not np.array_equal(x, y)
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "sam") if "loss" in r)
+
+
+def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path):
+    import errno
+
+    from cacophony_jax import atomic_write
+
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    full = pytest.raises(OSError, match=r"No space left on device: '.*results.json'")
+    with full as caught, atomic_write.replacing(target) as f:
+        f.write("new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a full disk's flush
+    assert caught.value.errno == errno.ENOSPC
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from cacophony_jax import atomic_write
 from cacophony_jax.train import agree, checks, host, loop
 
 
@@ -129,7 +130,7 @@ def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
         results[name] = loop.run(stage, str(root / name))
         previous = name
     if jax.process_index() == 0:
-        (root / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write.write_text(root / "results.json", json.dumps(results, indent=2))
     return results
 
 
