@@ -191,7 +191,7 @@ def test_remote_paths_are_refused_with_the_mount_to_use(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_a_recipe_shows_its_data_warnings_once(tmp_path, caplog, monkeypatch):
+def test_a_run_opens_its_data_up_front_and_warns_once(tmp_path, caplog, monkeypatch):
     from cacophony_jax.tasks import common
     from configs import quickstart
 
@@ -203,7 +203,11 @@ def test_a_recipe_shows_its_data_warnings_once(tmp_path, caplog, monkeypatch):
             config.stages[name].data.train.update(kind="manifest", path=str(tmp_path / "m.jsonl"))
     # Each stage opens its data again when it trains (here: only that).
     monkeypatch.setattr(stages.loop, "run", lambda stage, workdir: (
-        common.open_train_source(stage), {})[1])
+        common.open_train_source(stage), common.open_eval_source(stage), {})[-1])
+    opens = []
+    real_open = common.sources.open_source
+    monkeypatch.setattr(common.sources, "open_source",
+                        lambda kind, **kw: (opens.append(kind), real_open(kind, **kw))[1])
     with caplog.at_level(logging.WARNING):
         stages.run(config, str(tmp_path / "w"))
         # Shown when the recipe opened both stages' data up front, not again per stage.
@@ -212,6 +216,16 @@ def test_a_recipe_shows_its_data_warnings_once(tmp_path, caplog, monkeypatch):
         assert len(said) == 2
         logging.warning(said[0])  # the filter left with the recipe
         assert caplog.text.count("'captoins' is not read") == 3
+    # The first stage trains on the sources checked up front; the second (hours later)
+    # opens its own again.
+    first, second = ([stage.data.train.kind] + [stage.data.eval.kind] * bool(stage.data.eval.kind)
+                     for stage in (config.stages[n] for n in config.stage_order))
+    assert opens == first + second + second
+    # One stage: its data is checked up front too (every process of a run agrees on a
+    # failure there), then trained on.
+    opens.clear()
+    stages.run(config.stages[config.stage_order[0]], str(tmp_path / "one"))
+    assert opens == first
 
 
 def test_a_wrong_config_string_names_its_form():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -36,9 +37,47 @@ def clip_samples(seconds: float) -> int:
     return samples
 
 
+# Sources opened ahead of training (train.stages checks a run's data before it
+# starts), handed to the training's own open_block once: key -> source.
+_OPENED: dict[str, Any] = {}
+
+
+def _key(config: ml_collections.ConfigDict, which: str, size: int, clip_seconds: float
+         ) -> str:
+    return json.dumps([config.data[which].to_dict(), size, clip_seconds,
+                       config.data.synthetic_seed, config.data.skip_bad_rows],
+                      sort_keys=True, default=str)
+
+
+def keep_opened(config: ml_collections.ConfigDict, which: str, source: Any) -> None:
+    """Hands `source` (just opened by `open_block`) to the next open of the same block,
+    so a run whose data was checked up front does not read its lists twice."""
+    size, seconds = block_sizes(config, which)
+    _OPENED[_key(config, which, size, seconds)] = source
+
+
+def forget_opened() -> None:
+    """Closes and drops the sources `keep_opened` holds."""
+    while _OPENED:
+        close = getattr(_OPENED.popitem()[1], "close", None)
+        if close is not None:
+            close()
+
+
+def block_sizes(config: ml_collections.ConfigDict, which: str) -> tuple[int, float]:
+    """The synthetic size and clip seconds `open_block` takes for `which`."""
+    if which == "train":
+        return config.data.synthetic_train_size, config.audio.clip_seconds
+    return config.data.synthetic_eval_size, config.audio.eval_clip_seconds
+
+
 def open_block(config: ml_collections.ConfigDict, which: str, size: int,
-               clip_seconds: float) -> Any:
-    """The source of `config.data.<which>` ("train" or "eval"); errors name the block."""
+               clip_seconds: float, reuse: bool = True) -> Any:
+    """The source of `config.data.<which>` ("train" or "eval"); errors name the block.
+    `reuse`: take the source `keep_opened` holds for this block, where there is one."""
+    kept = _OPENED.pop(_key(config, which, size, clip_seconds), None) if reuse else None
+    if kept is not None:
+        return kept
     block = config.data[which]
     options: dict[str, Any] = {}
     if block.kind == "synthetic" and block.path:
@@ -58,8 +97,7 @@ def open_block(config: ml_collections.ConfigDict, which: str, size: int,
 
 def open_train_source(config: ml_collections.ConfigDict) -> Any:
     """The training source named by `config.data.train`."""
-    return open_block(config, "train", config.data.synthetic_train_size,
-                 config.audio.clip_seconds)
+    return open_block(config, "train", *block_sizes(config, "train"))
 
 
 def open_eval_source(config: ml_collections.ConfigDict) -> Any | None:
@@ -71,8 +109,7 @@ def open_eval_source(config: ml_collections.ConfigDict) -> Any | None:
                         "synthetic) while training on %s data: set config.data.eval.kind and "
                         ".path to a held-out set of yours, or config.data.eval.kind='' to "
                         "skip evaluation", config.data.train.kind)
-    return open_block(config, "eval", config.data.synthetic_eval_size,
-                 config.audio.eval_clip_seconds)
+    return open_block(config, "eval", *block_sizes(config, "eval"))
 
 
 def eval_clip_counts(used: int, total: int) -> dict[str, float]:

@@ -26,8 +26,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     Raises:
       host.StopRequestedError: a stage was stopped by a signal (after saving); no later stage runs.
     """
-    with _warn_once() as shown:
-        return _run(config, workdir, shown)
+    from cacophony_jax.tasks import common
+
+    common.forget_opened()
+    try:
+        with _warn_once() as shown:
+            return _run(config, workdir, shown)
+    finally:
+        common.forget_opened()
 
 
 class _ShownWarnings(logging.Filter):
@@ -75,13 +81,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
             raise ValueError("--workdir is empty: name the folder for the run's "
                              "checkpoints and metrics (e.g. --workdir=runs/mae)")
         checks.check_local("--workdir", workdir)
-        for name, stage in ([(None, config)] if "stages" not in config else
-                            [(n, config.stages[n]) for n in config.stage_order]):
+        for i, (name, stage) in enumerate(
+                [(None, config)] if "stages" not in config else
+                [(n, config.stages[n]) for n in config.stage_order]):
             try:
                 checks.check_config(stage)
                 checks.check_paths(stage)
-                if name is not None:  # a single stage opens its data at once anyway
-                    _open_data(stage)
+                _open_data(stage, keep=i == 0)
             except ValueError as e:
                 if name is None:
                     raise
@@ -100,19 +106,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
     return results
 
 
-def _open_data(stage: ml_collections.ConfigDict) -> None:
+def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
     """Opens a stage's training and evaluation data (reads their lists, not their
-    audio), so a wrong layout, split or column stops the recipe before stage 1 trains."""
+    audio), so a wrong layout, split or column stops the run on every process (or the
+    recipe before stage 1 trains). `keep`: hand the sources to the stage's training,
+    which would otherwise read the lists again (the first stage's: a later stage's
+    start hours later)."""
     from cacophony_jax.tasks import common
 
-    opened = [common.open_train_source(stage)]
-    if stage.data.eval.kind:  # (not open_eval_source: its warnings come when it trains)
-        opened.append(common.open_block(stage, "eval", stage.data.synthetic_eval_size,
-                                        stage.audio.eval_clip_seconds))
-    for source in opened:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
+    # (Not open_eval_source: its warnings come when the stage trains.)
+    opened = {which: common.open_block(stage, which, *common.block_sizes(stage, which),
+                                       reuse=False)
+              for which in ("train", "eval") if which == "train" or stage.data.eval.kind}
+    for which, source in opened.items():
+        if keep:
+            common.keep_opened(stage, which, source)
+        elif getattr(source, "close", None) is not None:
+            source.close()
 
 
 def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
