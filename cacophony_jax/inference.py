@@ -165,10 +165,9 @@ class CacophonyModel(ModelRuntime):
             raise InferenceError(f"embed_text takes texts (str), got {', '.join(kinds)}")
         # Lone surrogates (bytes of a command line that are not UTF-8) -> U+FFFD.
         texts = [_SURROGATES.sub("\ufffd", t) for t in texts]
-        ids, mask = self.tokenizer.encode(list(texts), self.text_length)
+        ids, mask, counts = self.tokenizer.encode_with_counts(texts, self.text_length)
         if ids.shape[0] == 0:
             return np.zeros((0, self.embedding_size), np.float32)
-        counts = self.tokenizer.token_counts(texts)
         cut = np.flatnonzero(counts > self.text_length - 2)
         if cut.size:
             logging.warning(

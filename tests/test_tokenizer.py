@@ -73,6 +73,12 @@ def test_empty_and_truncation(trained):
     counts = trained.token_counts(["", "a dog", "the dog is barking while cars pass by " * 5])
     assert counts[0] == 0 and counts[1] == int(fits_mask[0].sum()) - 2
     assert counts[2] == int((full[0] > 2).sum()) > 6
+    # encode_with_counts: both from one tokenisation.
+    texts = ["", "a dog", "the dog is barking while cars pass by " * 5]
+    ids, mask, same = trained.encode_with_counts(texts, 8)
+    expected_ids, expected_mask = trained.encode(texts, 8)
+    assert same.tolist() == counts.tolist()
+    assert (ids == expected_ids).all() and (mask == expected_mask).all()
 
 
 def test_decode_stops_at_first_eos(trained):

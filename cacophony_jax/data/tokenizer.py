@@ -161,6 +161,12 @@ class Tokenizer:
         Returns:
           ids int32 [B, T] and mask int32 [B, T] (1 on bos, tokens and eos).
         """
+        ids, mask, _ = self.encode_with_counts(texts, length, eos_when_cut)
+        return ids, mask
+
+    def encode_with_counts(self, texts: Sequence[str], length: int, eos_when_cut: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`encode`, plus each text's `token_counts` (from the same tokenisation)."""
         if length < 2:
             raise TokenizerError(f"encode length must be at least 2 (bos + eos), got {length}")
         if isinstance(texts, str):
@@ -169,9 +175,10 @@ class Tokenizer:
         ids = np.full((len(texts), length), PAD_ID, np.int32)
         mask = np.zeros((len(texts), length), np.int32)
         if not texts:
-            return ids, mask
+            return ids, mask, np.zeros((0,), np.int64)
         room = length - 2
         encodings = self._backend.encode_batch_fast(texts, add_special_tokens=False)
+        counts = np.asarray([len(e.ids) for e in encodings], np.int64)
         for row, encoding in enumerate(encodings):
             ids[row, 0] = BOS_ID
             mask[row] = 1
@@ -183,7 +190,7 @@ class Tokenizer:
             ids[row, 1 : n + 1] = tokens
             ids[row, n + 1] = EOS_ID
             mask[row, n + 2:] = 0
-        return ids, mask
+        return ids, mask, counts
 
     def token_counts(self, texts: Sequence[str]) -> np.ndarray:
         """How many tokens each text takes, bos and eos not counted: a text fits
