@@ -92,13 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="examples per device, per stage (stage=N,...) or one number")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--scan", default="false", choices=("true", "false"))
-    p.add_argument("--remat", default="none", help="none | full | dots | minimal")
-    p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
-    p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
-    p.add_argument("--fuse-qkv", action="store_true",
-                   help="one matrix product for query, key and value (model.fuse_qkv)")
-    p.add_argument("--fused-norm", action="store_true",
-                   help="the audio blocks' LayerNorms as Pallas kernels (model.fused_norm)")
+    step_rows.add_model_flags(p)
     p.add_argument("--clip-seconds", type=float, default=0.0, help="0: the config's")
     p.add_argument("--text-length", type=int, default=0,
                    help="caption tokens, stage 2 (0: the config's)")

@@ -20,6 +20,17 @@ from cacophony_jax import losses
 STAGES = ("mae", "cacophony")
 LOSS_KINDS = losses.CONTRASTIVE_KINDS
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model switches the step benchmarks share (remat, attention, SAM, fusions)."""
+    p.add_argument("--remat", default="none", help="none | full | dots | minimal")
+    p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
+    p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="one matrix product for query, key and value (model.fuse_qkv)")
+    p.add_argument("--fused-norm", action="store_true",
+                   help="the audio blocks' LayerNorms as Pallas kernels (model.fused_norm)")
+
+
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     """Parses train_step.py's command line: what to measure, one row per stage and
     batch size."""
@@ -30,13 +41,7 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     p.add_argument("--sweep-batch", default="", help="comma list of global batch sizes")
     p.add_argument("--dtype", default="", help="compute dtype (default: the config's)")
     p.add_argument("--scan", default="false", choices=("true", "false"), help="nn.scan stacks")
-    p.add_argument("--remat", default="none", help="none | full | dots | minimal")
-    p.add_argument("--attention", default="", help="xla | cudnn | auto (default: the config's)")
-    p.add_argument("--sam", action="store_true", help="stage 2 with SAM (optim.sam.enabled)")
-    p.add_argument("--fuse-qkv", action="store_true",
-                   help="one matrix product for query, key and value (model.fuse_qkv)")
-    p.add_argument("--fused-norm", action="store_true",
-                   help="the audio blocks' LayerNorms as Pallas kernels (model.fused_norm)")
+    add_model_flags(p)
     p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp size (data takes the rest)")
     p.add_argument("--loss-kind", default="", choices=("", *LOSS_KINDS),
                    help="stage 2's contrastive loss (loss.kind; sigmoid also sets "
