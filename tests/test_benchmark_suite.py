@@ -72,6 +72,7 @@ def test_suite_plan_and_errors(tmp_path, capsys, monkeypatch):
         tables.summarize([profiled]))
 
 
+@pytest.mark.slow
 def test_attention_parity_runs_both_stages_through_the_fused_path(monkeypatch):
     """On CPU the fused path is the cuDNN stand-in (cuDNN's shape rules, XLA's maths),
     so both runs must agree to float32 rounding; the MAE encoder's odd visible-patch

@@ -372,6 +372,7 @@ def test_tpu_target_without_libtpu_falls_back_to_cpu_devices():
     assert compile_targets.tpu_stand_in("v9:weird") == ("TPU v9", 0, None)
 
 
+@pytest.mark.slow
 def test_aot_compile_reports_memory():
     rows = aot_compile.main(["--stage", "cacophony", "--variant", "tiny", "--per-device-batch",
                              "1", "--mesh", "1x8", "--dtype", "float32", "--clip-seconds", "1",

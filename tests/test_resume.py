@@ -36,6 +36,7 @@ def _manifest_with_broken_files(root):
     return str(root / "train.jsonl")
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     # Unreadable files in the data: the resumed run skips the same draws, and its
     # count of them carries on from the checkpoint.

@@ -27,6 +27,7 @@ from tests.helpers import (
 )
 
 
+@pytest.mark.slow
 def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
     mae = tiny_config("mae", 4, **{"data.eval.kind": "", "train.log_update_norm": True})
     caco = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae"),
@@ -332,6 +333,7 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
         loop.run(tiny_config("mae", 2, **{"train.log_every": 0}), str(tmp_path / "m"))
 
 
+@pytest.mark.slow
 def test_sam_and_accumulation_are_config_switches(tmp_path):
     plain = tiny_config("mae", 2, **{"data.eval.kind": ""})
     sam = tiny_config("mae", 2, **{"data.eval.kind": "", "optim.sam.enabled": True,

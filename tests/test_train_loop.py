@@ -49,6 +49,7 @@ def test_state_is_initialised_with_the_threefry_kernel_setting_then_restored():
     assert not jax.config.jax_threefry_gpu_kernel_lowering
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
     config = tiny_config("cacophony", 10, **{"tokenizer.vocab_size": 0})
 
@@ -142,6 +143,7 @@ def test_loop_reads_device_values_only_when_it_logs(tmp_path, monkeypatch):
     assert {1, 4, 8, 9} <= set(reads) <= {0, 1, 4, 8, 9}, sorted(set(reads))
 
 
+@pytest.mark.slow
 def test_profile_steps_writes_a_trace_of_the_chosen_steps(tmp_path, caplog, monkeypatch):
     config = tiny_config("mae", 7, **{"train.profile_steps": 2, "data.eval.kind": ""})
     with caplog.at_level("INFO"):
