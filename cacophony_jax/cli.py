@@ -74,7 +74,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         good = [(p, a) for p, a in batch if not isinstance(a, Exception)]
         failures += [f"{p}: {a}" for p, a in batch if isinstance(a, Exception)]
         results = per_clip(lambda clips: model.embed_audio(
-            clips, sample_rate=SAMPLE_RATE, batch_size=args.batch_size), [a for _, a in good])
+            clips, sample_rate=SAMPLE_RATE, batch_size=args.batch_size,
+            window_seconds=args.window_seconds), [a for _, a in good])
         for (path, _), result in zip(good, results, strict=True):
             if isinstance(result, Exception):
                 failures.append(f"{path}: {result}")
@@ -141,7 +142,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         failures += [f"{p}: {a}" for p, a in batch if isinstance(a, Exception)]
         texts = per_clip(lambda clips: model.caption(
             clips, sample_rate=SAMPLE_RATE, method=args.method, max_len=args.max_len,
-            beam_size=args.beam_size, temperature=args.temperature, seed=args.seed),
+            beam_size=args.beam_size, temperature=args.temperature, seed=args.seed,
+            window_seconds=args.window_seconds),
             [a for _, a in good])
         for (path, _), text in zip(good, texts, strict=True):
             if isinstance(text, Exception):
@@ -221,6 +223,25 @@ def _positive(text: str) -> int:
     return value
 
 
+def _window_seconds(text: str) -> float:
+    from cacophony_jax.inference_runtime import MAX_WINDOW_SECONDS, MIN_WINDOW_SECONDS
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not MIN_WINDOW_SECONDS <= value <= MAX_WINDOW_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} must be between {MIN_WINDOW_SECONDS:g} "
+                                         f"and {MAX_WINDOW_SECONDS:g} (seconds)")
+    return value
+
+
+def _window_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--window-seconds", type=_window_seconds, metavar="S",
+                   help=f"{what} (default: the bundle's training clip length; 30: clips of "
+                        "up to 30 s in one pass, as the released code)")
+
+
 def _extensions(text: str) -> list[str]:
     return [e.strip().lstrip(".") for e in text.split(",") if e.strip()]
 
@@ -283,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="inference bundle folder")
     p.add_argument("--out", required=True, help="index file to write (.npz)")
     _audio_options(p, 32)
+    _window_option(p, "embed each file's first S seconds in one pass and average the "
+                      "embeddings of S-second windows of longer files")
     p = _command(sub, "search", cmd_search, "find the indexed files closest to a text query",
                  f'  {PROG} search "a dog barks" --index index.npz --bundle B --top-k 5\n')
     p.add_argument("queries", nargs="+", metavar="QUERY")
@@ -294,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--bundle", required=True)
     _audio_options(p, 16)
+    _window_option(p, "describe each file's first S seconds")
     _decoding_options(p, "greedy")
     p = _command(sub, "eval", cmd_eval, "evaluate a bundle on public datasets",
                  f"  {PROG} eval --bundle B --audiocaps data/audiocaps --clotho data/clotho "

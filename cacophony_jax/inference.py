@@ -28,7 +28,7 @@ otherwise. Every window is embedded, the unnormalised window embeddings averaged
 and the mean L2-normalised. A clip no longer than one window is zero-padded and its
 true length masks the padding. ``embed_audio(..., window_seconds=30)`` embeds clips of
 up to 30 s in one pass instead, as the released evaluation code did for Clotho.
-``caption`` describes the first window of each clip.
+``caption`` describes the first window of each clip (``window_seconds`` there too).
 ``audio_states`` instead computes the log-mel of the whole clip and encodes its
 patches in chunks of one window's patch steps (time indices restart at 0 in each
 chunk, as in training; the returned ``time_idx`` counts steps from the clip start).
@@ -209,7 +209,8 @@ class CacophonyModel(ModelRuntime):
 
     def caption(self, audio: AudioInput, sample_rate: int | None = None, method: str = "greedy",
                 max_len: int | None = None, beam_size: int = 4, temperature: float = 1.0,
-                seed: int = 0, batch_size: int = 32) -> list[str]:
+                seed: int = 0, batch_size: int = 32,
+                window_seconds: float | None = None) -> list[str]:
         """Captions of the first window of each clip.
 
         Args:
@@ -224,6 +225,9 @@ class CacophonyModel(ModelRuntime):
             other clips are captioned with it (each clip's draws are keyed by the seed
             and its samples).
           batch_size: the most clips decoded at once.
+          window_seconds: the window (the longest piece described); None: the bundle's
+            ``window_seconds``. The released code captioned clips of up to 30 s whole:
+            ``window_seconds=30`` does the same.
 
         Returns:
           One caption per clip.
@@ -231,7 +235,8 @@ class CacophonyModel(ModelRuntime):
         self._need_text("caption")
         max_len = max_len or self.text_length
         self.check_caption_options(method, max_len, beam_size, temperature)
-        firsts = [clips_lib.split_windows(clip, self._window)[0]
+        window = self._window if window_seconds is None else self._window_for(window_seconds)
+        firsts = [clips_lib.split_windows(clip, window)[0]
                   for clip in clips_lib.to_clips(audio, sample_rate)]
         rng = jax.random.key(seed)
 
@@ -248,7 +253,7 @@ class CacophonyModel(ModelRuntime):
                                      max_len=max_len, rng=keys, temperature=temperature,
                                      beam_size=beam_size)
 
-        ids = self._over_windows(firsts, describe, batch_size)
+        ids = self._over_windows(firsts, describe, batch_size, window)
         return [printable(text) for text in self.tokenizer.decode(np.stack(ids))] if ids else []
 
     def audio_states(self, audio_batch: np.ndarray, sample_rate: int,

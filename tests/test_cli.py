@@ -202,6 +202,13 @@ def test_user_errors_are_one_line(bundles, sounds, official_dir, tmp_path, capsy
         last = err.splitlines()[-1]  # after any per-file report
         assert code == 2 and last.startswith("error: ") and message in last, (argv, err)
         assert "Traceback" not in err
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:  # the argument parser's own one line
+        cli.main(["caption", str(sounds / "tone0.wav"), "--bundle", bundles["main"],
+                  "--window-seconds", "0.5"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("error: argument --window-seconds: 0.5 "
+                                                      "must be between 1 and 600"), err
     with pytest.raises(ValueError, match="no evaluation set"):
         cli.main(["--debug", "eval", "--bundle", bundles["main"]])
     with pytest.raises(ValueError, match="no evaluation set"):  # after the command name

@@ -134,6 +134,23 @@ def test_long_audio_windows_are_averaged(model, converted):
         model.embed_audio([kept], sample_rate=16000, window_seconds=0.5)
 
 
+def test_caption_describes_the_first_window_seconds(model, monkeypatch):
+    seen, real = [], model._over_windows
+
+    def spy(windows, fn, batch_size, window=None):
+        seen.append(([w.shape[0] for w in windows], window))
+        return real(windows, fn, batch_size, window)
+
+    monkeypatch.setattr(model, "_over_windows", spy)
+    clip, w = noise(3.5, 2), round(WINDOW * 16000)
+    model.caption([clip], sample_rate=16000, max_len=8)
+    model.caption([clip], sample_rate=16000, max_len=8, window_seconds=4.0)
+    model.caption([clip], sample_rate=16000, max_len=8, window_seconds=2.0)
+    assert seen == [([w], w), ([clip.shape[0]], 64000), ([32000], 32000)]
+    with pytest.raises(inference.InferenceError, match=r"window_seconds=700 is outside"):
+        model.caption([clip], sample_rate=16000, window_seconds=700)
+
+
 def test_determinism_and_batch_size_invariance(model):
     clips = [noise(s, i) for i, s in enumerate((1.2, 0.9, 1.4, 3.4, 1.5))]  # one bucket
     a = model.embed_audio(clips, sample_rate=16000)
