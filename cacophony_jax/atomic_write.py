@@ -35,7 +35,8 @@ def replacing(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             os.remove(temporary)
         if isinstance(error, OSError) and error.errno and not error.filename:
             # A failed write or flush names no file (a full disk, say): name `path`.
-            raise type(error)(error.errno, error.strerror or str(error), path) from error
+            # (OSError(errno, ...) is the errno's own subclass, as the error was.)
+            raise OSError(error.errno, error.strerror or str(error), path) from error
         raise
 
 

@@ -94,16 +94,30 @@ def _config_file_problem(error: BaseException) -> str | None:
     if not path:
         return None
     if os.path.isdir(path):
-        found = sorted(n for n in os.listdir(path) if n.endswith(".py") and
-                       "def get_config" in pathlib.Path(path, n).read_text(errors="replace"))
+        found = sorted(n for n in os.listdir(path) if _defines_get_config(os.path.join(path, n)))
         listing = f" (it holds {', '.join(found)})" if found else ""
+        arg = given.partition(":")[2]
+        example = os.path.join(path, found[0] if found else "mae.py") + (f":{arg}" if arg else "")
         return (f"--config={given}: {path!r} is a folder; name a config file in it, "
-                f"e.g. --config={os.path.join(path, found[0] if found else 'mae.py')}"
-                f"{listing}")
+                f"e.g. --config={example}{listing}")
     if isinstance(error, SyntaxError):
-        return (f"--config={given}: {path!r} is not a Python config file ({error.msg}, "
-                f"line {error.lineno}); the configs/ folder has examples")
+        line = f", line {error.lineno}" if error.lineno else ""
+        if error.filename and os.path.abspath(error.filename) != os.path.abspath(path):
+            return (f"--config={given}: {error.filename!r}, which the config file imports, "
+                    f"has a syntax error ({error.msg}{line})")
+        return (f"--config={given}: {path!r} is not a Python config file ({error.msg}"
+                f"{line}); the configs/ folder has examples")
     return None
+
+
+def _defines_get_config(path: str) -> bool:
+    """Whether `path` is a readable .py file that defines get_config (a config file)."""
+    if not path.endswith(".py") or not os.path.isfile(path):
+        return False
+    try:
+        return "def get_config" in pathlib.Path(path).read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def _field_type_problem(text: str) -> str | None:
@@ -112,6 +126,13 @@ def _field_type_problem(text: str) -> str | None:
     if not bad:
         return None
     arg, field, value, _ = bad.groups()
+    # The value as given (the message's own ': ' after it cannot be told from one in it).
+    args = sys.argv[1:]
+    for i, a in enumerate(args):
+        if a.startswith(f"{arg}="):
+            value = a.split("=", 1)[1]
+        elif a == arg and i + 1 < len(args):
+            value = args[i + 1]
     config = _plain_config()
     current = config
     try:

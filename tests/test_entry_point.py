@@ -64,6 +64,38 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
     assert proc.returncode == 2 and "no field 'stage2'; its stages are mae, cacophony" in out
 
 
+def test_config_file_mistakes_are_named(tmp_path, monkeypatch):
+    from cacophony_jax import main
+
+    def say(*argv, error=None):
+        monkeypatch.setattr(sys, "argv", ["main", *argv])
+        return main._one_line(error or OSError("not read"))
+
+    (tmp_path / "mine.py").write_text("def get_config(arg=None):\n    return None\n")
+    (tmp_path / "notes.py").write_text("x = 1\n")
+    (tmp_path / "odd.py").mkdir()  # a folder named like a file is passed over
+    assert say(f"--config={tmp_path}:tiny") == (
+        f"--config={tmp_path}:tiny: {str(tmp_path)!r} is a folder; name a config file in "
+        f"it, e.g. --config={tmp_path}/mine.py:tiny (it holds mine.py)")
+    # A syntax error in a module the config imports names that module.
+    (tmp_path / "helper.py").write_text("x = (\n")
+    (tmp_path / "uses.py").write_text("import helper\n")
+    try:
+        compile((tmp_path / "helper.py").read_text(), str(tmp_path / "helper.py"), "exec")
+    except SyntaxError as e:
+        caught = e
+    assert say("--config", str(tmp_path / "uses.py"), error=caught).startswith(
+        f"--config={tmp_path}/uses.py: {str(tmp_path / 'helper.py')!r}, which the config "
+        "file imports, has a syntax error ('(' was never closed, line 1)")
+    assert "line None" not in say(f"--config={tmp_path}/uses.py",
+                                  error=SyntaxError("source code string cannot contain null "
+                                                    "bytes"))
+    # An override's value as given, even with ': ' in it.
+    error = ValueError("flag --config.train.steps=a: b: invalid literal for int()")
+    assert say("--config=configs/mae.py", "--config.train.steps", "a: b", error=error) == (
+        "--config.train.steps=a: b: train.steps takes a whole number (its value is 200)")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_checkpoints_and_exits_as_the_signal_would(signum, tmp_path):
     proc = _run_main(["--config=configs/mae.py:tiny,steps=100000", f"--workdir={tmp_path}",

@@ -217,6 +217,9 @@ def test_a_run_opens_its_data_up_front_and_warns_once(tmp_path, caplog, monkeypa
         assert len(said) == 2
         logging.warning(said[0])  # the filter left with the recipe
         assert caplog.text.count("'captoins' is not read") == 3
+    # A malformed message passes the filter (the handler reports it), raising nothing.
+    malformed = logging.LogRecord("x", logging.WARNING, "f.py", 1, "%d files", ("x",), None)
+    assert stages._ShownWarnings().filter(malformed)
     # The first stage trains on the sources checked up front; the second (hours later)
     # opens its own again.
     first, second = ([stage.data.train.kind] + [stage.data.eval.kind] * bool(stage.data.eval.kind)

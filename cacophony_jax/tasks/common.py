@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -44,9 +43,8 @@ _OPENED: dict[str, Any] = {}
 
 def _key(config: ml_collections.ConfigDict, which: str, size: int, clip_seconds: float
          ) -> str:
-    return json.dumps([config.data[which].to_dict(), size, clip_seconds,
-                       config.data.synthetic_seed, config.data.skip_bad_rows],
-                      sort_keys=True, default=str)
+    return repr([sorted(config.data[which].items()), size, clip_seconds,
+                 config.data.get("synthetic_seed"), config.data.get("skip_bad_rows")])
 
 
 def keep_opened(config: ml_collections.ConfigDict, which: str, source: Any) -> None:

@@ -47,7 +47,10 @@ class _ShownWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed message: the handler reports it
+            return True
         if self.recording:
             self.seen.add(text)
             return True
@@ -114,15 +117,18 @@ def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
     start hours later)."""
     from cacophony_jax.tasks import common
 
-    # (Not open_eval_source: its warnings come when the stage trains.)
-    opened = {which: common.open_block(stage, which, *common.block_sizes(stage, which),
-                                       reuse=False)
-              for which in ("train", "eval") if which == "train" or stage.data.eval.kind}
-    for which, source in opened.items():
-        if keep:
-            common.keep_opened(stage, which, source)
-        elif getattr(source, "close", None) is not None:
-            source.close()
+    opened = {}
+    try:
+        for which in ("train", "eval") if stage.data.eval.kind else ("train",):
+            # (Not open_eval_source: its warnings come when the stage trains.)
+            opened[which] = common.open_block(stage, which, *common.block_sizes(stage, which),
+                                              reuse=False)
+    finally:
+        for which, source in opened.items():
+            if keep and len(opened) == (2 if stage.data.eval.kind else 1):
+                common.keep_opened(stage, which, source)
+            elif getattr(source, "close", None) is not None:
+                source.close()
 
 
 def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
