@@ -113,18 +113,18 @@ def test_rules_from_config_accepts_lists():
         partition.rules_from_config([["embed"]])
 
 
-def test_audio_steps_on_a_mixed_mesh_need_no_full_rematerialisation(capfd, tmp_path):
-    """The patch positions' gather keeps activations split by batch on a 2 x 4 mesh.
+def test_steps_on_a_mixed_mesh_need_no_full_rematerialisation(capfd, tmp_path):
+    """Both stages' steps keep activations split by batch on a 2 x 4 mesh.
 
-    Gathering from the FSDP-sharded frequency table made width-sharded activations,
-    which XLA could only re-lay-out to the batch split by rematerialising them whole
-    (it logs the warning checked here). The text tower's token embedding still does
-    (see docs/scaling.md), so the audio-only stage is checked.
+    Gathering from an FSDP-sharded table (the patches' frequency positions, the text
+    tokens) made width-sharded activations, which XLA could only re-lay-out to the
+    batch split by rematerialising them whole (it logs the warning checked here); so
+    did the text pool's projections and their gradients.
     """
     from benchmarks import aot_compile, kernels
 
-    aot_compile.main(["--stage", "mae", "--variant", "tiny", "--per-device-batch", "2",
-                      "--mesh", "2x4", "--clip-seconds", "1", "--dump-hlo", str(tmp_path)])
+    aot_compile.main(["--stage", "mae,cacophony", "--variant", "tiny", "--per-device-batch",
+                      "2", "--mesh", "2x4", "--clip-seconds", "1", "--dump-hlo", str(tmp_path)])
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
     # The dumped program is the compiled step's, readable by kernels.py.
     assert kernels.summarize((tmp_path / "mae.hlo.txt").read_text()).kernels > 0

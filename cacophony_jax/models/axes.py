@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -65,3 +66,36 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if not rules:
         return x
     return nn.with_logical_constraint(x, names, rules=rules)
+
+
+def _mesh_axes(rules: Sequence[tuple[str, Any]], name: str) -> tuple[str, ...]:
+    for logical, target in rules:
+        if logical == name:
+            return () if target is None else (target,) if isinstance(target, str) else tuple(
+                target)
+    return ()
+
+
+def constrain_lookup(x: jax.Array) -> jax.Array:
+    """Lays out an embedding lookup's output [batch, length, width] as the gather from
+    a table whose width is split by the EMBED rule makes it without moving data: the
+    width split as the table's, the batch over the batch axes the width does not use
+    (no-op without rules). The usual BLE constraint after it is then one all-to-all,
+    and so is its transpose for the table's gradient; without it XLA gathers the whole
+    activation on every device on meshes that split both (data x fsdp)."""
+    rules = _ACTIVATION_RULES.get()
+    if not rules:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    width = _mesh_axes(rules, EMBED)
+    batch = tuple(a for a in _mesh_axes(rules, BATCH) if a not in width)
+
+    def fits(size: int, names: tuple[str, ...]) -> bool:
+        return size % math.prod(mesh.shape[a] for a in names) == 0
+
+    if mesh.empty or not width or not fits(x.shape[-1], width):
+        return x
+    if not fits(x.shape[0], batch):
+        batch = ()
+    spec = jax.sharding.PartitionSpec(batch or None, *([None] * (x.ndim - 2)), width)
+    return jax.lax.with_sharding_constraint(x, spec)

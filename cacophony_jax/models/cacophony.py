@@ -63,6 +63,10 @@ class AttentionPool(nn.Module):
             key, value = project_heads(x, params, self.dtype)
         else:
             key, value = (project_heads(x, [p], self.dtype)[0] for p in params)
+        # Split by batch as the input is: otherwise the propagation may follow the
+        # kernels' FSDP split of the width and gather the input whole (data x fsdp).
+        key, value = (axes.constrain(t, (axes.BATCH, axes.LENGTH, None, None))
+                      for t in (key, value))
         query = jnp.broadcast_to(query.astype(self.dtype).reshape(1, 1, self.num_heads, head_dim),
                                  (x.shape[0], 1, self.num_heads, head_dim))
         pooled = attend(query, key, value, mask.astype(bool)[:, None, None, :], self.attention)

@@ -131,7 +131,8 @@ class TextEncoder(nn.Module):
                 start = position.value
                 position.value = start + length
         pos_ids = start + jnp.arange(length)[None, :]
-        x = tokens(ids) + positions(pos_ids) + token_type.astype(self.dtype)
+        x = axes.constrain(axes.constrain_lookup(tokens(ids)), axes.BLE)
+        x = x + positions(pos_ids) + token_type.astype(self.dtype)
         x = layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
 
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, eps=cfg.layer_norm_eps,
