@@ -100,7 +100,9 @@ def _base_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sc
     if cfg.schedule != "constant" and total_steps <= warmup:
         raise OptimizerConfigError(
             f"config.train.steps ({total_steps}) must exceed config.optim.warmup_steps "
-            f"({warmup}) for a {cfg.schedule} decay; lower the warmup or train longer"
+            f"({warmup}) for a {cfg.schedule} decay; lower the warmup "
+            f"(--config.optim.warmup_steps) or train longer (a config argument such as "
+            f"configs/mae.py:base,steps=N sets the steps and shortens the warmup to fit)"
         )
     decay_steps = max(total_steps - warmup, 1)
     kind = cfg.schedule

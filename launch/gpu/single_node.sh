@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One training process on one machine, using all its GPUs (JAX sees them as local devices).
 #
-#   CONFIG=configs/mae.py:base WORKDIR=runs/mae launch/gpu/single_node.sh \
-#     --config.train.steps=1000
+#   CONFIG=configs/mae.py:base,steps=1000 WORKDIR=runs/mae launch/gpu/single_node.sh
 #
 # Arguments are passed to `python -m cacophony_jax.main`; rerunning with the same WORKDIR
 # resumes from its newest checkpoint. CUDA_VISIBLE_DEVICES picks a subset of GPUs.

@@ -7,7 +7,7 @@ runs nothing. Standard library only, so it runs from any machine with the gcloud
 
     python launch/tpu/tpu.py create              # TPU VM / pod slice (or queued resource)
     python launch/tpu/tpu.py setup               # code + venv + jax[tpu] on every worker
-    python launch/tpu/tpu.py run -- --config.train.steps=1000
+    python launch/tpu/tpu.py run -- --config.optim.sam.enabled=true
     python launch/tpu/tpu.py logs [--worker=3]
     python launch/tpu/tpu.py resume [--recreate] # after a preemption or a crash
     python launch/tpu/tpu.py stop | status | delete
