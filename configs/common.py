@@ -113,6 +113,10 @@ def data_block(batch_size: int, train_size: int, eval_size: int) -> mlc.ConfigDi
     return mlc.ConfigDict(dict(
         train=source_block("synthetic", split="train"),
         eval=source_block("synthetic", split="eval"),  # kind '' disables evaluation
+        # More sets evaluated alongside `eval`, "KIND:PATH[:SPLIT],..." (split default
+        # 'eval'), e.g. "clotho:/data/clotho,esc50:/data/ESC-50"; their metrics are
+        # logged as eval_<kind>/... (a second set of one kind as eval_<kind>_2/...).
+        extra_evals="",
         synthetic_train_size=train_size,  # clips in the synthetic training split
         synthetic_eval_size=eval_size,  # clips in the synthetic evaluation split
         synthetic_seed=0,  # corpus seed (independent of the training seed)

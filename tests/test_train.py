@@ -364,3 +364,43 @@ def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a full disk's flush
     assert caught.value.errno == errno.ENOSPC
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path):
+    import soundfile
+
+    root = tmp_path / "esc50"
+    (root / "meta").mkdir(parents=True)
+    (root / "audio").mkdir()
+    rows = [("1-1-A-0.wav", 1, 0, "dog"), ("1-2-A-1.wav", 1, 1, "rain"),
+            ("2-3-A-0.wav", 2, 0, "dog")]
+    (root / "meta" / "esc50.csv").write_text("filename,fold,target,category\n" + "".join(
+        f"{name},{fold},{target},{label}\n" for name, fold, target, label in rows))
+    rng = np.random.default_rng(0)
+    for name, *_ in rows:
+        soundfile.write(root / "audio" / name, rng.uniform(-0.3, 0.3, 16000), 16000)
+    config = tiny_config("cacophony", 2, **{
+        "data.extra_evals": f"synthetic:, esc50:{root}:fold1", "train.checkpoint_every": 2})
+    final = stages.run(config, str(tmp_path / "w"))["cacophony"]
+    # The same synthetic set twice: the same numbers under both names.
+    plain = {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}
+    assert plain and plain == {k.removeprefix("eval_synthetic/"): v for k, v in final.items()
+                               if k.startswith("eval_synthetic/")}
+    assert final["eval_esc50/num_clips"] == 2.0  # fold 1
+    assert final["eval_esc50/num_classes"] == 2.0 and "eval_esc50/zeroshot_top1" in final
+    assert "| cacophony | eval_esc50/zeroshot_top1 |" in stages.summary({"cacophony": final})
+    assert "| cacophony | eval_esc50/zeroshot_top1 | {:.4g} | 50 |".format(
+        final["eval_esc50/zeroshot_top1"]) in stages.summary({"cacophony": final})
+    from cacophony_jax.train import metrics
+
+    assert metrics.format_eval({"eval/t2a_R@1": 5.0, "eval_esc50/zeroshot_top1": 50.0,
+                                "eval/num_clips": 8.0}) == (
+        "num_clips 8, t2a_R@1 5; eval_esc50: zeroshot_top1 50")
+    # Mistakes stop the run before it starts, naming the field.
+    for value, message in ((f"esc5:{root}", r"extra_evals entry 'esc5:.*did you mean 'esc50'"),
+                           ("clotho", "'clotho': clotho needs a path"),
+                           (f"clotho:{tmp_path / 'nope'}", "clotho's path .*nope' does not")):
+        bad = tiny_config("cacophony", 2, **{"data.extra_evals": value})
+        with pytest.raises(ValueError, match=message):
+            stages.run(bad, str(tmp_path / "bad"))
+        assert not (tmp_path / "bad").exists()

@@ -110,6 +110,39 @@ def open_eval_source(config: ml_collections.ConfigDict) -> Any | None:
     return open_block(config, "eval", *block_sizes(config, "eval"))
 
 
+def extra_eval_blocks(config: ml_collections.ConfigDict
+                      ) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """The sets `config.data.extra_evals` names, as (metric prefix, config whose
+    data.eval is that set), in the order given.
+
+    Raises:
+      ValueError: an entry is not KIND:PATH[:SPLIT] or names an unknown kind.
+    """
+    text = config.data.get("extra_evals", "") or ""
+    out, seen = [], {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        kind, _, rest = entry.partition(":")
+        path, _, split = rest.partition(":")
+        try:
+            problem = f"{kind} needs a path" if sources.needs_path(kind) and not path else None
+        except sources.SourceError as e:  # an unknown kind, with a guess
+            problem = str(e)
+        if problem:
+            raise ValueError(f"config.data.extra_evals entry {entry!r}: {problem}; write "
+                             "KIND:PATH[:SPLIT],... e.g. 'clotho:/data/clotho,esc50:"
+                             "/data/ESC-50'")
+        seen[kind] = seen.get(kind, 0) + 1
+        name = f"eval_{kind}" if seen[kind] == 1 else f"eval_{kind}_{seen[kind]}"
+        sub = ml_collections.ConfigDict(config.to_dict())
+        sub.data.eval = ml_collections.ConfigDict(dict(kind=kind, path=path,
+                                                       split=split or "eval"))
+        sub.data.extra_evals = ""
+        out.append((name, sub))
+    return out
+
+
 def eval_clip_counts(used: int, total: int) -> dict[str, float]:
     """The clip counts of an evaluation, warning about clips that could not be read.
 

@@ -182,6 +182,12 @@ def _check_sources(config: ml_collections.ConfigDict) -> None:
         if needs_path and not block.path:
             raise ValueError(f"config.data.{which}.kind={block.kind!r} reads files: set "
                              f"config.data.{which}.path")
+    from cacophony_jax.tasks import common
+
+    for _, sub in common.extra_eval_blocks(config):  # their form; paths: check_paths
+        if sub.data.eval.kind == "synthetic" and not config.data.synthetic_eval_size:
+            raise ValueError("config.data.extra_evals names the synthetic set, whose "
+                             "config.data.synthetic_eval_size is 0")
 
 
 def _check_sharding_rules(config: ml_collections.ConfigDict) -> None:
@@ -252,3 +258,13 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
         if path != "previous" and key not in unused and not os.path.exists(path):
             raise ValueError(f"config.{key}={path!r} does not exist (relative paths are "
                              f"read from {os.getcwd()})")
+    from cacophony_jax.tasks import common
+
+    for name, sub in common.extra_eval_blocks(config):
+        path = sub.data.eval.path
+        if path:
+            check_local(f"config.data.extra_evals ({name})", path)
+            if not os.path.exists(path):
+                raise ValueError(f"config.data.extra_evals: {sub.data.eval.kind}'s path "
+                                 f"{path!r} does not exist (relative paths are read from "
+                                 f"{os.getcwd()})")

@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -84,6 +86,29 @@ def _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes
                  step_flops * mesh.devices.size / config.data.global_batch_size / 1e9,
                  f"{peak / 1e12:g} TFLOP/s per device" if peak else "unknown", source)
     return step_flops, peak
+
+
+def _evaluator(task: Any, config: ml_collections.ConfigDict, mesh: Any, tokenizer: Any
+               ) -> Callable[[Any], dict[str, float]] | None:
+    """The task's evaluation of config.data.eval, and of each config.data.extra_evals
+    set after it (its metrics named eval_<kind>/... instead of eval/...)."""
+    parts = [("eval", task.evaluator(mesh, tokenizer))]
+    for name, sub in task_common.extra_eval_blocks(config):
+        parts.append((name, tasks.build(sub, tokenizer).evaluator(mesh, tokenizer)))
+    parts = [(name, fn) for name, fn in parts if fn is not None]
+    if not parts:
+        return None
+    if [name for name, _ in parts] == ["eval"]:
+        return parts[0][1]
+
+    def evaluate(params: Any) -> dict[str, float]:
+        out = {}
+        for name, fn in parts:
+            out.update({f"{name}/{key.removeprefix('eval/')}": value
+                        for key, value in fn(params).items()})
+        return out
+
+    return evaluate
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -213,7 +238,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                                              update_norm=config.train.log_update_norm)
         param_norm = jax.jit(optax.tree.norm, out_shardings=mesh_lib.replicated(mesh))
         step_flops, peak = _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes)
-        evaluate = task.evaluator(mesh, tokenizer)
+        evaluate = _evaluator(task, config, mesh, tokenizer)
 
         # Loop.
         prefetcher = host.Prefetcher(data_iter, mesh, config.data.prefetch_batches)

@@ -123,12 +123,24 @@ def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
             # (Not open_eval_source: its warnings come when the stage trains.)
             opened[which] = common.open_block(stage, which, *common.block_sizes(stage, which),
                                               reuse=False)
-    finally:
-        for which, source in opened.items():
-            if keep and len(opened) == (2 if stage.data.eval.kind else 1):
-                common.keep_opened(stage, which, source)
-            elif getattr(source, "close", None) is not None:
+        for name, sub in common.extra_eval_blocks(stage):
+            try:
+                close = getattr(common.open_block(sub, "eval", *common.block_sizes(sub, "eval"),
+                                                  reuse=False), "close", None)
+            except ValueError as e:  # names config.data.eval: say which extra set it is
+                raise ValueError(f"config.data.extra_evals ({name}): {e}") from None
+            if close is not None:
+                close()
+    except BaseException:
+        for source in opened.values():
+            if getattr(source, "close", None) is not None:
                 source.close()
+        raise
+    for which, source in opened.items():
+        if keep:
+            common.keep_opened(stage, which, source)
+        elif getattr(source, "close", None) is not None:
+            source.close()
 
 
 def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
@@ -158,14 +170,16 @@ def summary(results: dict[str, dict[str, float]]) -> str:
     """
     lines = ["| stage | metric | value | chance |", "|---|---|---|---|"]
     for stage, values in results.items():
-        clips = values.get("eval/num_clips", 0.0)
-        classes = values.get("eval/num_classes", 0.0)
         for key, value in sorted(values.items()):
-            name = key.removeprefix("eval/")
+            # eval/<metric>, or eval_<kind>/<metric> for config.data.extra_evals' sets.
+            prefix, _, name = key.rpartition("/")
+            clips = values.get(f"{prefix}/num_clips", 0.0)
+            classes = values.get(f"{prefix}/num_classes", 0.0)
             chance = ""
             if name.startswith("t2a_R@") and clips:
                 chance = f"{100 * min(int(name.split('@')[1]) / clips, 1):.3g}"
             elif name.startswith("zeroshot_top") and classes:
                 chance = f"{100 * min(int(name.removeprefix('zeroshot_top')) / classes, 1):.3g}"
-            lines.append(f"| {stage} | {name} | {value:.4g} | {chance} |")
+            shown = key.removeprefix("eval/")
+            lines.append(f"| {stage} | {shown} | {value:.4g} | {chance} |")
     return "\n".join(lines)
