@@ -88,6 +88,15 @@ def test_cached_decoding_with_cudnn_attention(setup, monkeypatch):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=1e-5)
 
 
+def allowed(logits, t, eos):
+    """A caption never holds bos or pad, nor eos as its first token."""
+    logits = np.array(logits, np.float64)
+    logits[..., [BOS, PAD]] = -np.inf
+    if t == 0:
+        logits[..., eos] = -np.inf
+    return logits
+
+
 def reference_greedy(model, params, audio, audio_mask, eos):
     """Greedy decoding by re-running teacher forcing over the growing prefix."""
     ids = np.full((audio.shape[0], MAX_LEN), PAD, np.int32)
@@ -96,7 +105,7 @@ def reference_greedy(model, params, audio, audio_mask, eos):
     for t in range(MAX_LEN - 1):
         # Positions after t hold pad; causality keeps them out of position t.
         logits = teacher_forced(model)(params, ids, audio, audio_mask)
-        token = np.where(done, PAD, np.argmax(logits[:, t], axis=-1))
+        token = np.where(done, PAD, np.argmax(allowed(logits[:, t], t, eos), axis=-1))
         ids[:, t + 1] = token
         done |= token == eos
     return ids
@@ -157,10 +166,13 @@ def test_beam_search_matches_exhaustive_two_step_search(setup):
     first = np.stack([np.full(vocab, BOS), np.arange(vocab)], axis=1).astype(np.int32)
     logits = teacher_forced(model)(params, np.tile(first, (3, 1)), np.repeat(audio, vocab, 0),
                                    np.repeat(audio_mask, vocab, 0))
-    logp = log_softmax(np.asarray(logits, np.float64), axis=-1)
+    logits = np.asarray(logits, np.float64)
+    logp = np.stack([log_softmax(allowed(logits[:, t], t, CFG.text.eos_id), axis=-1)
+                     for t in (0, 1)], axis=1)
     for b in range(3):
         block = logp[b * vocab : (b + 1) * vocab]
         step1 = block[0, 0]  # the same for every row: the prefix is [bos]
+        assert np.isneginf(step1[CFG.text.eos_id])  # no empty caption
         kept = np.argsort(-step1)[:beams]  # the first step keeps the best `beams` tokens
         best, best_seq = -np.inf, None
         for v1 in kept:

@@ -155,6 +155,15 @@ def generate(
                      beam_size=beam_size if method == "beam" else 1)
 
 
+def _allowed(logits: jax.Array, t: jax.Array, text: Any) -> jax.Array:
+    """`logits` [..., vocab] of the token after position `t`, with the tokens a caption
+    never holds there ruled out: bos and pad anywhere, eos first (an empty caption,
+    which beam search, scoring plain log-probabilities, would otherwise often pick)."""
+    vocab = jnp.arange(logits.shape[-1])
+    never = (vocab == text.bos_id) | (vocab == text.pad_id) | ((vocab == text.eos_id) & (t == 0))
+    return jnp.where(never, -jnp.inf, logits)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "method", "max_len", "beam_size"))
 def _generate(model, params, audio_states, audio_mask, rng, temperature, length_penalty, *,
               method, max_len, beam_size):
@@ -179,7 +188,7 @@ def _generate(model, params, audio_states, audio_mask, rng, temperature, length_
         t, ids, done, cache = state
         logits, cache = decode_step(model, params, cache, ids[:, t, None], audio_states,
                                     audio_mask)
-        logits = logits[:, 0]
+        logits = _allowed(logits[:, 0], t, text)
         if method == "greedy":
             token = jnp.argmax(logits, axis=-1)
         else:
@@ -216,7 +225,7 @@ def _beam(model, params, audio_states, audio_mask, length_penalty, max_len, beam
         logits, cache = decode_step(model, params, cache, seqs[:, :, t].reshape(-1, 1),
                                     flat_states, flat_mask)
         vocab = logits.shape[-1]
-        logp = jax.nn.log_softmax(logits[:, 0]).reshape(batch, beams, vocab)
+        logp = jax.nn.log_softmax(_allowed(logits[:, 0], t, text)).reshape(batch, beams, vocab)
         # A finished beam only continues with pad, at no cost, so it keeps its score.
         pad_only = jnp.where(jnp.arange(vocab) == text.pad_id, 0.0, -jnp.inf)
         logp = jnp.where(done[..., None], pad_only, logp)
