@@ -100,6 +100,14 @@ def _config_file_problem(error: BaseException) -> str | None:
         example = os.path.join(path, found[0] if found else "mae.py") + (f":{arg}" if arg else "")
         return (f"--config={given}: {path!r} is a folder; name a config file in it, "
                 f"e.g. --config={example}{listing}")
+    if not os.path.exists(path):
+        return (f"--config={given}: there is no file {path!r} (relative paths are read "
+                f"from {os.getcwd()}); the recipe's configs are configs/mae.py, "
+                "configs/cacophony.py and configs/quickstart.py")
+    if "has no attribute 'get_config'" in str(error):
+        return (f"--config={given}: {path!r} defines no get_config(); a config file "
+                "defines get_config(arg=None) returning an ml_collections.ConfigDict, as "
+                "configs/mae.py does")
     if isinstance(error, SyntaxError):
         line = f", line {error.lineno}" if error.lineno else ""
         if error.filename and os.path.abspath(error.filename) != os.path.abspath(path):
@@ -107,7 +115,25 @@ def _config_file_problem(error: BaseException) -> str | None:
                     f"has a syntax error ({error.msg}{line})")
         return (f"--config={given}: {path!r} is not a Python config file ({error.msg}"
                 f"{line}); the configs/ folder has examples")
+    text = str(error)
+    if "Error whilst parsing config file" in text:  # get_config raised: absl's flag error
+        files = [(f, n) for f, n in re.findall(r'File "([^"]+)", line (\d+)', text)
+                 if not any(part in f for part in _NOT_CONFIG_CODE)]
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        where = f" at {files[-1][0]}:{files[-1][1]}" if files else ""
+        return f"--config={given}: building the config failed{where}: {last}"
+    # Raised by the config file's own code (or a module it imports).
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not any(part in f.filename for part in _NOT_CONFIG_CODE)]
+    if frames and not isinstance(error, flags.Error):
+        where = f"{frames[-1].filename}:{frames[-1].lineno}"
+        return (f"--config={given}: building the config failed at {where}: "
+                f"{type(error).__name__}: {error}")
     return None
+
+
+# Frames of a traceback that are not the config's code.
+_NOT_CONFIG_CODE = ("/ml_collections/", "/absl/", "<frozen", "/importlib/", __file__)
 
 
 def _defines_get_config(path: str) -> bool:
@@ -207,12 +233,29 @@ def _parse_flags(argv: list[str]) -> list[str]:
         rest = flags.FLAGS(argv)
         if _CONFIG.value is not None:
             _CONFIG.value.get("task")  # a config file that failed to load raises here
-        return rest
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
-            SyntaxError) as e:
-        sys.stderr.write(f"error: {_one_line(e)}\n(--helpshort lists the flags, "
-                         "configs/common.py the config fields)\n")
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - any mistake in the flags or the config file
+        problem = _one_line(e)
+        if "--config must have a value" in problem:
+            stray = next((a for a in argv[1:] if not a.startswith("-") and ".py" in a), None)
+            if stray:
+                problem += f" (write --config={stray})"
+        _usage_error(problem)
+    if len(rest) > 1:  # absl leaves words that are not flags
+        stray = rest[1]
+        before = argv[argv.index(stray) - 1] if stray in argv[1:] else ""
+        hint = ""
+        if before.startswith("--config.") and "=" not in before:
+            hint = f": a config field's value goes after '=' ({before}={stray})"
+        elif ".py" in stray:
+            hint = f": a config file is given as --config={stray}"
+        _usage_error(f"unexpected argument {stray!r}{hint}")
+    return rest
+
+
+def _usage_error(problem: str) -> None:
+    sys.stderr.write(f"error: {problem}\n(--helpshort lists the flags, configs/common.py "
+                     "the config fields)\n")
+    sys.exit(2)
 
 
 # "[process i] " in front of this process's lines in a multi-process run, else "".

@@ -43,7 +43,7 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
             (["--config.optim.learnig_rate=1"], "--config.optim.learnig_rate=1: the config has "
              "no field 'learnig_rate'; did you mean 'learning_rate'?"),
             (["--config.nothing.x=1"], "--config.nothing.x=1: the config has no field 'nothing'"),
-            (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+            (["--config=configs/nope.py"], "configs/nope.py: there is no file 'configs/nope.py'"),
             (["--config=configs/quickstart.py", "--config.optim.sam.enabled=true"],
              "a stage's settings are --config.stages.<stage>.optim.sam.enabled=true"),
             (["--config=configs/mae.py:huge"], "unknown variant 'huge'; choose one of"),
@@ -52,7 +52,11 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
             (["--config.optim.learning_rate=-1"], "config.optim.learning_rate"),
             (["--config=configs"], "'configs' is a folder; name a config file in it"),
             (["--config", str(not_python)], "is not a Python config file ('(' was never"),
-            (["--config.mesh.fsdp=1.5"], "mesh.fsdp takes a whole number (its value is 1)")):
+            (["--config.mesh.fsdp=1.5"], "mesh.fsdp takes a whole number (its value is 1)"),
+            # A word that is not a flag: a value written with a space, a config file.
+            (["--config.optim.sam.enabled", "true"], "unexpected argument 'true': a config "
+             "field's value goes after '=' (--config.optim.sam.enabled=true)"),
+            (["configs/cacophony.py"], "a config file is given as --config=configs/cac")):
         proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2 and out.startswith("error: ") and message in out, out
@@ -90,6 +94,20 @@ def test_config_file_mistakes_are_named(tmp_path, monkeypatch):
     assert "line None" not in say(f"--config={tmp_path}/uses.py",
                                   error=SyntaxError("source code string cannot contain null "
                                                     "bytes"))
+    # A missing file; a file without get_config; get_config's own failure.
+    assert say("--config=configs/nope.py").startswith(
+        "--config=configs/nope.py: there is no file 'configs/nope.py'")
+    missing = AttributeError("module 'config_config' has no attribute 'get_config'")
+    assert "defines no get_config()" in say(f"--config={tmp_path}/notes.py", error=missing)
+    (tmp_path / "boom.py").write_text("def get_config(arg=None):\n    return world\n")
+    try:
+        exec(compile((tmp_path / "boom.py").read_text() + "get_config()\n",
+                     str(tmp_path / "boom.py"), "exec"), {})
+    except NameError as e:
+        caught = e
+    assert say(f"--config={tmp_path}/boom.py", error=caught) == (
+        f"--config={tmp_path}/boom.py: building the config failed at {tmp_path}/boom.py:2: "
+        "NameError: name 'world' is not defined")
     # An override's value as given, even with ': ' in it.
     error = ValueError("flag --config.train.steps=a: b: invalid literal for int()")
     assert say("--config=configs/mae.py", "--config.train.steps", "a: b", error=error) == (

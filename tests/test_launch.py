@@ -92,6 +92,8 @@ def test_setup_installs_matching_jax_on_all_workers():
 def test_run_starts_training_on_all_workers_and_streams_worker0():
     code, (start, stream), _ = tpu("run", "--", "--config.train.steps=10", "--config.x=a b",
                                    "--config.data.train.path=gs://data-b/set",
+                                   "--config.data.extra_evals=clotho:gs://ev/c:evaluation,"
+                                   "esc50:gs://data-b/esc",
                                    TPU_ENV="JAX_COMPILATION_CACHE_DIR=gs://bucket/xla A=gs:")
     assert code == 0
     assert start[4] == "ssh" and "--worker=all" in start and "--project=proj-1" in start
@@ -102,6 +104,10 @@ def test_run_starts_training_on_all_workers_and_streams_worker0():
             "'--config.x=a b' --config.data.train.path=/mnt/gcs/data-b/set") in script
     assert script.count("gcsfuse --implicit-dirs bucket /mnt/gcs/bucket") == 1
     assert script.count("gcsfuse --implicit-dirs data-b /mnt/gcs/data-b") == 1
+    # Inside a list too (config.data.extra_evals).
+    assert ("--config.data.extra_evals=clotho:/mnt/gcs/ev/c:evaluation,"
+            "esc50:/mnt/gcs/data-b/esc") in script
+    assert script.count("gcsfuse --implicit-dirs ev /mnt/gcs/ev") == 1
     assert "export JAX_COMPILATION_CACHE_DIR=/mnt/gcs/bucket/xla" in script
     assert "export A=gs:" in script
     assert "nohup" in script and '>> "$LOG"' in script and "-worker$W.log" in script

@@ -90,7 +90,8 @@ def open_block(config: ml_collections.ConfigDict, which: str, size: int,
         return sources.open_source(block.kind, path=block.path, split=block.split, **options)
     except sources.SourceError as e:
         where = ", ".join(f"{k}={block[k]!r}" for k in ("kind", "path", "split") if block[k])
-        raise type(e)(f"config.data.{which} ({where}): {e}") from None
+        label = config.data.get("eval_label") if which == "eval" else None
+        raise type(e)(f"{label or f'config.data.{which}'} ({where}): {e}") from None
 
 
 def open_train_source(config: ml_collections.ConfigDict) -> Any:
@@ -123,10 +124,15 @@ def extra_eval_blocks(config: ml_collections.ConfigDict
     for entry in (e.strip() for e in text.split(",")):
         if not entry:
             continue
-        kind, _, rest = entry.partition(":")
-        path, _, split = rest.partition(":")
+        kind, _, path = entry.partition(":")
+        # The split is the part after the last ':' unless it holds a '/' (a path with
+        # colons, e.g. gs://bucket/set, is then whole).
+        head, colon, tail = path.rpartition(":")
+        path, split = (head, tail) if colon and "/" not in tail and head else (path, "")
         try:
             problem = f"{kind} needs a path" if sources.needs_path(kind) and not path else None
+            if kind == "synthetic" and path:
+                problem = "the synthetic set reads no files: write 'synthetic:' alone"
         except sources.SourceError as e:  # an unknown kind, with a guess
             problem = str(e)
         if problem:
@@ -139,6 +145,7 @@ def extra_eval_blocks(config: ml_collections.ConfigDict
         sub.data.eval = ml_collections.ConfigDict(dict(kind=kind, path=path,
                                                        split=split or "eval"))
         sub.data.extra_evals = ""
+        sub.data.eval_label = f"config.data.extra_evals entry {entry!r}"
         out.append((name, sub))
     return out
 

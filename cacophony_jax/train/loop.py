@@ -6,6 +6,7 @@ step -> loop (log, evaluate, checkpoint) -> final evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -88,6 +89,33 @@ def _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes
     return step_flops, peak
 
 
+@contextlib.contextmanager
+def _log_prefix(prefix: str):
+    """Starts the log lines written meanwhile with `prefix` (which set an evaluation's
+    warnings are about)."""
+    if not prefix:
+        yield
+        return
+
+    class _Prefix(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not getattr(record, "set_prefixed", False):
+                record.msg, record.set_prefixed = f"{prefix}{record.msg}", True
+            return True
+
+    from absl import logging as absl_logging
+
+    handlers = {*logging.getLogger().handlers, absl_logging.get_absl_handler()}
+    added = _Prefix()
+    for handler in handlers:
+        handler.addFilter(added)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(added)
+
+
 def _evaluator(task: Any, config: ml_collections.ConfigDict, mesh: Any, tokenizer: Any
                ) -> Callable[[Any], dict[str, float]] | None:
     """The task's evaluation of config.data.eval, and of each config.data.extra_evals
@@ -104,8 +132,10 @@ def _evaluator(task: Any, config: ml_collections.ConfigDict, mesh: Any, tokenize
     def evaluate(params: Any) -> dict[str, float]:
         out = {}
         for name, fn in parts:
+            with _log_prefix(f"{name}: " if name != "eval" else ""):
+                values = fn(params)
             out.update({f"{name}/{key.removeprefix('eval/')}": value
-                        for key, value in fn(params).items()})
+                        for key, value in values.items()})
         return out
 
     return evaluate

@@ -279,10 +279,11 @@ class Progress:
 def format_eval(values: dict[str, float]) -> str:
     """'t2a_R@1 12.0, t2a_R@10 40.1, ...' with the 'eval/' prefix dropped; the sets of
     config.data.extra_evals follow, each as '; eval_<kind>: t2a_R@1 ...'."""
-    sets: dict[str, list[str]] = {}
-    for key, value in sorted(values.items()):
+    sets: dict[str, list[str]] = {}  # the sets in the order evaluated, their names sorted
+    for key, value in values.items():
         prefix, _, name = key.rpartition("/")
         sets.setdefault(prefix, []).append(f"{name} {value:.4g}")
+    sets = {prefix: sorted(parts) for prefix, parts in sets.items()}
     first = sets.pop("eval", [])
     return "; ".join([", ".join(first)] * bool(first) +
                      [f"{prefix}: {', '.join(parts)}" for prefix, parts in sets.items()])

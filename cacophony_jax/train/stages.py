@@ -123,14 +123,19 @@ def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
             # (Not open_eval_source: its warnings come when the stage trains.)
             opened[which] = common.open_block(stage, which, *common.block_sizes(stage, which),
                                               reuse=False)
-        for name, sub in common.extra_eval_blocks(stage):
-            try:
-                close = getattr(common.open_block(sub, "eval", *common.block_sizes(sub, "eval"),
-                                                  reuse=False), "close", None)
-            except ValueError as e:  # names config.data.eval: say which extra set it is
-                raise ValueError(f"config.data.extra_evals ({name}): {e}") from None
-            if close is not None:
-                close()
+        for which, source in opened.items():
+            if which == "eval" and not len(source):
+                raise ValueError(f"config.data.eval (kind={stage.data.eval.kind!r}, "
+                                 f"split={stage.data.eval.split!r}) has no clips to evaluate")
+        for _, sub in common.extra_eval_blocks(stage):
+            source = common.open_block(sub, "eval", *common.block_sizes(sub, "eval"),
+                                       reuse=False)
+            size = len(source)
+            if getattr(source, "close", None) is not None:
+                source.close()
+            if not size:
+                raise ValueError(f"{sub.data.eval_label} names a set with no clips (split "
+                                 f"{sub.data.eval.split!r})")
     except BaseException:
         for source in opened.values():
             if getattr(source, "close", None) is not None:

@@ -19,7 +19,9 @@ ARCHIVE_NAME = "cacophony_jax_src.tar.gz"  # the packed checkout, in each worker
 # Training reads and writes file-system paths: a gs:// bucket named in the workdir, in
 # TPU_ENV or in an override is mounted here on every worker (Cloud Storage FUSE).
 GCS_MOUNT = "/mnt/gcs"
-_GS_VALUE = re.compile(r"^(.*?=)?gs://([a-z0-9][-_.a-z0-9]*[a-z0-9])(/.*)?$")
+# A gs://BUCKET path at the start of a value, after '=' (--flag=, KEY=) or inside a
+# list (config.data.extra_evals: 'clotho:gs://b/clotho,esc50:gs://b/esc').
+_GS_PATH = re.compile(r"(^|[=,:])gs://([a-z0-9][-_.a-z0-9]*[a-z0-9])(?=[/,:]|$)")
 
 
 class LaunchError(ValueError):
@@ -111,12 +113,11 @@ def pid_file(cfg: argparse.Namespace) -> str:
 def on_mount(value: str, buckets: set[str]) -> str:
     """`value` (a path, KEY=PATH or --flag=PATH) with a gs://BUCKET/... path turned into
     the workers' mount of it; the bucket is added to `buckets`."""
-    match = _GS_VALUE.match(value)
-    if not match:
-        return value
-    prefix, bucket, rest = match.group(1) or "", match.group(2), match.group(3) or ""
-    buckets.add(bucket)
-    return f"{prefix}{GCS_MOUNT}/{bucket}{rest}"
+    def mounted(match: re.Match) -> str:
+        buckets.add(match.group(2))
+        return f"{match.group(1)}{GCS_MOUNT}/{match.group(2)}"
+
+    return _GS_PATH.sub(mounted, value)
 
 
 def train_command(cfg: argparse.Namespace, overrides: list[str],
