@@ -366,7 +366,7 @@ def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path):
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
 
 
-def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path):
+def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path, caplog):
     import soundfile
 
     root = tmp_path / "esc50"
@@ -381,7 +381,11 @@ def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path):
         soundfile.write(root / "audio" / name, rng.uniform(-0.3, 0.3, 16000), 16000)
     config = tiny_config("cacophony", 2, **{
         "data.extra_evals": f"synthetic:, esc50:{root}:fold1", "train.checkpoint_every": 2})
-    final = stages.run(config, str(tmp_path / "w"))["cacophony"]
+    with caplog.at_level(logging.WARNING):
+        final = stages.run(config, str(tmp_path / "w"))["cacophony"]
+    # An evaluation's warnings say which set they are about.
+    assert "eval_synthetic: retrieval over 8 clips" in caplog.text
+    assert "\nretrieval over 8 clips" in "\n" + "\n".join(r.getMessage() for r in caplog.records)
     # The same synthetic set twice: the same numbers under both names.
     plain = {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}
     assert plain and plain == {k.removeprefix("eval_synthetic/"): v for k, v in final.items()
@@ -396,10 +400,26 @@ def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path):
     assert metrics.format_eval({"eval/t2a_R@1": 5.0, "eval_esc50/zeroshot_top1": 50.0,
                                 "eval/num_clips": 8.0}) == (
         "num_clips 8, t2a_R@1 5; eval_esc50: zeroshot_top1 50")
+    blocks = tasks.common.extra_eval_blocks(tiny_config("cacophony", 2, **{
+        "data.extra_evals": "clotho:gs://b/c, clotho:/d/c:evaluation ,esc50:/e:fold2,"}))
+    assert [(name, dict(sub.data.eval)) for name, sub in blocks] == [
+        ("eval_clotho", dict(kind="clotho", path="gs://b/c", split="eval")),
+        ("eval_clotho_2", dict(kind="clotho", path="/d/c", split="evaluation")),
+        ("eval_esc50", dict(kind="esc50", path="/e", split="fold2"))]
+    empty = tmp_path / "clotho"  # a split whose list has only its header
+    (empty / "evaluation").mkdir(parents=True)
+    (empty / "clotho_captions_evaluation.csv").write_text(
+        "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n")
     # Mistakes stop the run before it starts, naming the field.
     for value, message in ((f"esc5:{root}", r"extra_evals entry 'esc5:.*did you mean 'esc50'"),
                            ("clotho", "'clotho': clotho needs a path"),
-                           (f"clotho:{tmp_path / 'nope'}", "clotho's path .*nope' does not")):
+                           (f"clotho:{tmp_path / 'nope'}", "clotho's path .*nope' does not"),
+                           ("clotho:gs://bucket/clotho", r"\(eval_clotho\)='gs://bucket/clotho' "
+                                                         "is not a file-system path"),
+                           ("synthetic:/tmp", "the synthetic set reads no files"),
+                           (f"clotho:{empty}", f"entry 'clotho:{empty}' names a set with no "
+                                               "clips"),
+                           (f"clotho:{root}", f"entry 'clotho:{root}' \\(kind='clotho'")):
         bad = tiny_config("cacophony", 2, **{"data.extra_evals": value})
         with pytest.raises(ValueError, match=message):
             stages.run(bad, str(tmp_path / "bad"))
