@@ -223,23 +223,27 @@ def _positive(text: str) -> int:
     return value
 
 
-def _window_seconds(text: str) -> float:
+def _window_seconds(text: str) -> float | None:
     from cacophony_jax.inference_runtime import MAX_WINDOW_SECONDS, MIN_WINDOW_SECONDS
 
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
+    if value == 0:
+        return None  # the bundle's window, as for eval
     if not MIN_WINDOW_SECONDS <= value <= MAX_WINDOW_SECONDS:
         raise argparse.ArgumentTypeError(f"{text} must be between {MIN_WINDOW_SECONDS:g} "
-                                         f"and {MAX_WINDOW_SECONDS:g} (seconds)")
+                                         f"and {MAX_WINDOW_SECONDS:g} seconds, or 0 for the "
+                                         "bundle's window")
     return value
 
 
 def _window_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--window-seconds", type=_window_seconds, metavar="S",
-                   help=f"{what} (default: the bundle's training clip length; 30: clips of "
-                        "up to 30 s in one pass, as the released code)")
+                   help=f"{what} (default or 0: the bundle's training clip length; 30: "
+                        "clips of up to 30 s in one pass, as the released code; memory grows "
+                        "with the square of S)")
 
 
 def _extensions(text: str) -> list[str]:
