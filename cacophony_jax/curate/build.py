@@ -135,7 +135,9 @@ def run_build(
     if existing is not None and len(class_names) > len(existing):
         raise BuildError(f"{out_dir} has class names {existing}; this split adds "
                          f"{list(class_names)[len(existing):]}, which its labels cannot "
-                         "name: build the splits together into a new --out folder")
+                         "name: rebuild into a new --out folder, first the split that has "
+                         "every class (or put a classes.txt listing them all next to the "
+                         "first split's manifest: it fixes the class list and order)")
     os.makedirs(out_dir, exist_ok=True)
     bad_hashes = {h.lower() for h in exclude_hashes}
     bad_ids = set().union(*(name_forms(i) for i in exclude_ids)) if exclude_ids else set()
