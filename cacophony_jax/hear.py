@@ -19,10 +19,11 @@ way; clips longer than the bundle's window are windowed and averaged
 Timestamp embeddings: one per time step of 16 log-mel frames (160 ms), the mean over
 its 8 frequency patches of the audio encoder states (``CacophonyModel.audio_states``,
 so long clips are encoded in window-sized chunks). Timestamps are the step centres,
-87.5 + 160 k ms (step k's frames cover 160 k to 160 k + 175 ms), evenly spaced. The front end keeps whole steps only, so the final
-partial step of a clip (less than 160 ms, e.g. the last 110 ms of a 1.07 s clip:
-6 steps covering 0-960 ms) has no frame of its own; HEAR's tasks label events by
-their nearest timestamp, which then is the last step.
+87.5 + 160 k ms (step k's frames cover 160 k to 160 k + 175 ms), evenly spaced. The
+front end keeps whole steps only, so the final partial step of a clip (less than
+160 ms, e.g. the last 110 ms of a 1.07 s clip: 6 steps covering 0-960 ms) has no
+frame of its own; HEAR's tasks label events by their nearest timestamp, which then
+is the last step.
 
 Running the official validator (torch and hearvalidator are not project
 requirements; the validator only accepts a model object that is a torch or

@@ -54,6 +54,11 @@ RULE_EXAMPLES = [
      "Busy train station in Munich with announcements, people talking, footsteps and trains "
      "arriving and departing on several platforms while a pigeon flutters overhead.",
      "Busy train station in Munich with announcements, people talking."),
+    # Upload-page wording: quality tags and offers (not "breaks free").
+    ("white noise static #2 [HD] FREE DOWNLOAD", "", "", "White noise static."),
+    ("Dog barking loudly (HQ) - 320kbps - FREE SFX", "", "", "Dog barking loudly."),
+    ("", "", "A bird breaks free from a cage, royalty-free, 1080p.",
+     "A bird breaks free from a cage."),
 ]
 
 

@@ -56,6 +56,10 @@ _SUBS = [re.compile(p, re.I) for p in (
     r"\broland\s*r-?\d+\w*|\bmarantz(?:\s*pmd-?\d+\w*)?|\bsound\s*devices(?:\s*[\w-]+)?",
     r"\b(?:mixpre[\w-]*|neumann|schoeps|dpa|lewitt|behringer|focusrite|scarlett|sanken|"
     r"em272|km\s?18[34]|u87|jrf|usmoq|lom)\b",
+    # Upload-page wording: quality tags and offers.
+    r"\b(?:hq|hd|uhd|4k|\d{3,4}p|high[\s-]quality|hi[\s-]?res|royalty[\s-]free|"
+    r"copyright[\s-]free|no\s+copyright|(?:free\s+)?download(?:able)?|free\s+(?:sfx|sound\s+"
+    r"effects?|sounds?|to\s+use))\b",
     # Formats and settings.
     r"\b\d+(?:[.,]\d+)?\s*-?\s*(?:k?hz|kbps|kb/s|bits?)\b",
     r"\b(?:16|24|32)\s*/\s*(?:44[.,]1|48|88[.,]2|96|192)k?\b",
