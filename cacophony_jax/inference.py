@@ -86,7 +86,9 @@ def load(bundle_path: str | os.PathLike, *, device: jax.Device | None = None) ->
       The model.
     """
     meta, params, tokenizer = bundle.read_bundle(bundle_path, device=device)
-    return CacophonyModel(meta, params, tokenizer)
+    model = CacophonyModel(meta, params, tokenizer)
+    model.bundle_path = os.fspath(bundle_path)  # what tools that record their model name
+    return model
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

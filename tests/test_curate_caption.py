@@ -165,9 +165,22 @@ def test_run_caption_resumes_after_a_cut(folder, tmp_path):
     assert counts["resumed"] == 2 and counts["written"] == 3
     assert out.read_text() == full
     assert sorted(model.words) == ["car", "dog", "rain"]  # clip4, sub/clip1, sub/clip3 only
+    # Another bundle or other settings would mix two kinds of rows.
+    with pytest.raises(CaptionError, match=r"begun with another setting: num_captions \(1 "
+                                           r"before, 2 now\).*--overwrite"):
+        caption.run_caption(model, str(folder), str(out), num_captions=2)
+    (tmp_path / "a.bin").write_text("a")
+    (tmp_path / "b.bin").write_text("b")
+    model.bundle_path = str(tmp_path / "a.bin")
+    caption.run_caption(model, str(folder), str(out), num_captions=1, overwrite=True)
+    assert caption.run_caption(model, str(folder), str(out), num_captions=1)["resumed"] == 5
+    model.bundle_path = str(tmp_path / "b.bin")
+    with pytest.raises(CaptionError, match="begun with another bundle: bundle"):
+        caption.run_caption(model, str(folder), str(out), num_captions=1)
+    del model.bundle_path
     with pytest.raises(CaptionError, match="--overwrite"):
         out.write_text("not json\n")
-        caption.run_caption(model, str(folder), str(out))
+        caption.run_caption(model, str(folder), str(out), num_captions=1)
     assert caption.run_caption(model, str(folder), str(out), overwrite=True)["written"] == 5
 
 

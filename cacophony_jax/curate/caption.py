@@ -16,9 +16,10 @@ synthetic captions and labels are kept. How the K captions are drawn:
 Identical captions of one clip are kept once, so a confident decoder may give fewer
 than K. Output rows are the project's manifest rows (audio paths relative to the
 output's folder), flushed one by one; rerunning continues after the ids already in
-the output (a cut-off last line is dropped). With `overwrite` the new rows go to
-OUTPUT.partial, which replaces OUTPUT only once complete (a rerun with `overwrite`
-continues it).
+the output (a cut-off last line is dropped), with the same bundle and decoding
+settings: OUTPUT.settings.json records them, and a rerun with others is refused. With
+`overwrite` the new rows go to OUTPUT.partial, which replaces OUTPUT only once complete
+(a rerun with `overwrite` continues it).
 
 A clip that cannot be captioned, because its audio cannot be read or the decoder
 refuses it (shorter than one patch, 0.15 s), gets no new captions and is counted and
@@ -171,10 +172,13 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     check_request(input_path, output_path, num_captions, method, batch_size)
     _check_model(model)
     records_all, class_names = _input_records(input_path, extensions)
+    settings = _settings(model, num_captions, method, beam_size, temperature, max_len, seed)
+    _check_settings(output_path, settings, overwrite)
     try:
         writing, done = resume.prepare_output(output_path, overwrite)
     except resume.OutputError as e:
         raise CaptionError(str(e)) from None
+    atomic_write.write_text(settings_path(output_path), json.dumps(settings, indent=1))
     out_dir = os.path.dirname(os.path.abspath(output_path))
     from_manifest = not os.path.isdir(input_path)
     counts = dict.fromkeys(("clips", "written", "resumed", "unreadable", "uncaptioned",
@@ -223,6 +227,44 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
                         "\n  ".join(failures[:_SHOWN_FAILURES]),
                         "\n  ..." if len(failures) > _SHOWN_FAILURES else "")
     return counts
+
+
+def settings_path(output_path: str) -> str:
+    """The file that records which bundle and settings captioned `output_path`."""
+    return f"{output_path}.settings.json"
+
+
+def _settings(model: Any, num_captions: int, method: str, beam_size: int,
+              temperature: float, max_len: int | None, seed: int) -> dict[str, Any]:
+    from cacophony_jax import embedding_index
+
+    path = getattr(model, "bundle_path", "")
+    return {"bundle": embedding_index.bundle_fingerprint(path) if path else "",
+            "tokenizer": embedding_index.tokenizer_fingerprint(model),
+            "num_captions": num_captions, "method": method,
+            "beam_size": beam_size if method == "beam" else None,
+            "temperature": temperature if num_captions > 1 or method == "sample" else None,
+            "max_len": max_len, "seed": seed}
+
+
+def _check_settings(output_path: str, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuses to continue an output another bundle or other settings began."""
+    path = settings_path(output_path)
+    if overwrite or not os.path.exists(output_path) or not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        return  # unreadable: nothing to compare
+    differ = [f"{k} ({before.get(k)!r} before, {v!r} now)" for k, v in settings.items()
+              if k in before and before[k] != v and (k != "bundle" or before[k] and v)]
+    if differ:
+        raise CaptionError(f"{output_path} was begun with another "
+                           f"{'bundle' if differ[0].startswith('bundle') else 'setting'}: "
+                           f"{', '.join(differ)}; its rows would mix the two. Pass "
+                           "--overwrite to caption every clip again, or choose another "
+                           "output")
 
 
 def _row(record: dict, new: list[str], class_names: Sequence[str], out_dir: str) -> dict:
