@@ -254,8 +254,14 @@ def test_eval_command(bundles, tmp_path, capsys):
         csv.writer(f).writerows([["filename", "fold", "target", "category"], *rows])
     for k, (name, *_) in enumerate(rows):
         _tone(root / "audio" / name, k)
+    # The same clips as the user's own set: a manifest with captions and labels.
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"audio": str(root / "audio" / name), "label": label,
+                                       "captions": [f"a {label} sound"]}) + "\n"
+                           for name, _, _, label in rows))
     code, out, err = _run(capsys, "eval", "--bundle", bundles["main"], "--esc50", root,
-                          "--synthetic", "3", "--caption-clips", "2", "--out", tmp_path / "r")
+                          "--synthetic", "3", "--caption-clips", "2", "--out", tmp_path / "r",
+                          "--manifest", own)
     # A few clips of ESC-50: flagged, since the numbers do not compare with the paper's.
     assert code == 0 and "| ESC-50 (folds 1, 2, 3, 4) (incomplete copy, see below) |" in out
     assert "93.4" in out and "the copy lists" in out
@@ -265,6 +271,13 @@ def test_eval_command(bundles, tmp_path, capsys):
     assert "class_mention_rate" in results["sets"]["synthetic"]["metrics"]
     assert "esc50: audio: 4/4" in err
     assert results["window_seconds"] == 30.0  # the release's default
+    mine = results["sets"]["own.jsonl"]
+    assert mine["clips"] == 4 and "t2a_R@1" in mine["metrics"]
+    assert mine["metrics"]["top1"] == results["sets"]["esc50"]["metrics"]["top1"]
+    assert "own.jsonl" in out
+    code, _, err = _run(capsys, "eval", "--bundle", bundles["main"], "--array-record",
+                        f"{tmp_path / 'none'}:val")
+    assert code == 2 and f"--array-record {tmp_path / 'none'}:" in err
 
 
 def test_curate_commands(bundles, sounds, tmp_path, capsys):

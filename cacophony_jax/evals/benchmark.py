@@ -40,7 +40,7 @@ from absl import logging
 from cacophony_jax.audio.clips import MIN_SAMPLES
 from cacophony_jax.audio.files import map_records
 from cacophony_jax.audio.io import SAMPLE_RATE, AudioError
-from cacophony_jax.data.sources import SourceError
+from cacophony_jax.data.sources import SourceError, open_source
 from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate
 from cacophony_jax.evals.report import DATASETS, results_markdown, write_results
 from cacophony_jax.evals.retrieval import retrieval_metrics
@@ -303,6 +303,13 @@ def add_arguments(parser: Any) -> None:
                          ("esc50", "meta/esc50.csv + audio/"),
                          ("urbansound8k", "metadata/UrbanSound8K.csv + audio/fold*/")):
         parser.add_argument(f"--{name}", metavar="DIR", help=f"dataset folder ({layout})")
+    parser.add_argument("--manifest", action="append", default=[], metavar="FILE",
+                        help="your own set: a manifest (.jsonl/.csv as for training; its "
+                             "captions are retrieved, its labels classified zero-shot); "
+                             "repeatable")
+    parser.add_argument("--array-record", action="append", default=[], metavar="DIR[:SPLIT]",
+                        help="your own set written by curate build (split default 'test'); "
+                             "repeatable")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="also evaluate N held-out clips of the embedded synthetic corpus")
     parser.add_argument("--synthetic-seconds", type=float, default=0.0,
@@ -328,6 +335,24 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--workers", type=int, default=4, help="threads decoding audio")
 
 
+def _own_sets(manifests: list[str], array_records: list[str]
+              ) -> dict[str, tuple[str, str, str]]:
+    """Set name (the file or folder's name, made unique) -> (kind, path, split)."""
+    out: dict[str, tuple[str, str, str]] = {}
+    given = [("manifest", path, "") for path in manifests]
+    for spec in array_records:
+        head, colon, tail = spec.rpartition(":")
+        path, split = (head, tail) if colon and head and "/" not in tail else (spec, "test")
+        given.append(("array_record", path, split))
+    for kind, path, split in given:
+        base = os.path.basename(os.path.normpath(path)) or path
+        name = base + (f":{split}" if kind == "array_record" else "")
+        while name in out or name in DATASETS or name == "synthetic":
+            name += "'"
+        out[name] = (kind, path, split)
+    return out
+
+
 def command(args: Any, load_model: Callable[[str], Any], progress: Progress | None) -> int:
     """Runs the `eval` command: opens the sets, evaluates, prints the Markdown tables.
 
@@ -341,9 +366,11 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
     """
     roots = {name: getattr(args, name) for name in ("audiocaps", "clotho", "esc50",
                                                     "urbansound8k") if getattr(args, name)}
-    if not roots and not args.synthetic:
+    own = _own_sets(getattr(args, "manifest", []), getattr(args, "array_record", []))
+    if not roots and not args.synthetic and not own:
         raise ValueError("no evaluation set given; pass at least one of --audiocaps, "
-                         "--clotho, --esc50, --urbansound8k, --synthetic")
+                         "--clotho, --esc50, --urbansound8k, --manifest, --array-record, "
+                         "--synthetic")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; results go into a folder "
                          "(results.json, results.md): name a new or existing folder")
@@ -356,6 +383,14 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
         raise ValueError(f"--window-seconds {args.window_seconds:g} must be between 1 and 600 "
                          "(or 0 for the bundle's training window)")
     sets = open_datasets(roots)
+    for name, (kind, path, split) in own.items():
+        options = {"skip_bad_rows": True} if kind == "manifest" else {}
+        try:
+            sets[name] = open_source(kind, path=path, split=split, **options)
+        except SourceError as e:
+            raise ValueError(f"--{kind.replace('_', '-')} {path}: {e}") from None
+        if not len(sets[name]):
+            raise ValueError(f"--{kind.replace('_', '-')} {path}: the set has no clips")
     model = load_model(args.bundle)
     if args.synthetic:
         from cacophony_jax.data.synthetic import SyntheticCorpus
