@@ -12,6 +12,7 @@ from benchmarks import attention_parity, norm_kernels, profile_summary, suite, t
 from tests.helpers import cudnn_stand_in
 
 
+@pytest.mark.slow
 def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys):
     out = tmp_path / "suite"
     rows = suite.main(["--out", str(out), "--parts", "train-mae", "--variant", "tiny",
@@ -87,6 +88,7 @@ def test_attention_parity_runs_both_stages_through_the_fused_path(monkeypatch):
         assert len(row["loss_fused"]) == 2 and row["loss_fused"][1] != row["loss_fused"][0]
 
 
+@pytest.mark.slow
 def test_attention_parity_reports_a_difference(monkeypatch):
     real = jax.nn.dot_product_attention
 

@@ -239,6 +239,7 @@ def test_train_step_runs_each_sweep_row_in_its_own_process(tmp_path, monkeypatch
     assert not calls
 
 
+@pytest.mark.slow
 def test_train_step_measures_the_contrastive_stage(tmp_path, monkeypatch):
     # A device with memory statistics, as on a GPU: the row's peak is what it raised.
     stats = iter([{"peak_bytes_in_use": 0, "bytes_in_use": 0},

@@ -99,6 +99,7 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     assert rows_a[12][3] == pytest.approx(rows_a[12][2] / clips)
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
     config = tiny_config("mae", 10)
     loop.run(config, str(tmp_path))
