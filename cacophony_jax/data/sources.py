@@ -204,6 +204,13 @@ def metadata_rows(source: Any) -> Iterator[dict[str, Any]]:
         yield metadata(i) if metadata is not None else source[i]
 
 
+def path_and_split(spec: str, default_split: str = "") -> tuple[str, str]:
+    """'PATH[:SPLIT]' -> (path, split). The split is the part after the last ':' unless
+    it holds a '/', so a path with colons (gs://bucket/set) stays whole."""
+    head, colon, tail = spec.rpartition(":")
+    return (head, tail) if colon and head and "/" not in tail else (spec, default_split)
+
+
 def needs_path(kind: str) -> bool:
     """Whether source `kind` reads files (SourceError names the kinds for an unknown one)."""
     if kind not in _KINDS:

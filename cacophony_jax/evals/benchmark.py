@@ -40,7 +40,7 @@ from absl import logging
 from cacophony_jax.audio.clips import MIN_SAMPLES
 from cacophony_jax.audio.files import map_records
 from cacophony_jax.audio.io import SAMPLE_RATE, AudioError
-from cacophony_jax.data.sources import SourceError, open_source
+from cacophony_jax.data.sources import SourceError, open_source, path_and_split
 from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate
 from cacophony_jax.evals.report import DATASETS, results_markdown, write_results
 from cacophony_jax.evals.retrieval import retrieval_metrics
@@ -340,10 +340,7 @@ def _own_sets(manifests: list[str], array_records: list[str]
     """Set name (the file or folder's name, made unique) -> (kind, path, split)."""
     out: dict[str, tuple[str, str, str]] = {}
     given = [("manifest", path, "") for path in manifests]
-    for spec in array_records:
-        head, colon, tail = spec.rpartition(":")
-        path, split = (head, tail) if colon and head and "/" not in tail else (spec, "test")
-        given.append(("array_record", path, split))
+    given += [("array_record", *path_and_split(spec, "test")) for spec in array_records]
     for kind, path, split in given:
         base = os.path.basename(os.path.normpath(path)) or path
         name = base + (f":{split}" if kind == "array_record" else "")

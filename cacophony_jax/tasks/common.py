@@ -125,10 +125,7 @@ def extra_eval_blocks(config: ml_collections.ConfigDict
         if not entry:
             continue
         kind, _, path = entry.partition(":")
-        # The split is the part after the last ':' unless it holds a '/' (a path with
-        # colons, e.g. gs://bucket/set, is then whole).
-        head, colon, tail = path.rpartition(":")
-        path, split = (head, tail) if colon and "/" not in tail and head else (path, "")
+        path, split = sources.path_and_split(path)
         try:
             problem = f"{kind} needs a path" if sources.needs_path(kind) and not path else None
             if kind == "synthetic" and path:
