@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from cacophony_jax import atomic_write, embedding_index
-from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
+from cacophony_jax import cli_options as options
+from cacophony_jax.audio.files import decode_files, find_audio_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.progress import ProgressLine
 
@@ -50,7 +51,7 @@ def _report_failures(failures: list[str], total: int) -> None:
 
 
 def _files(inputs: list[str], extensions: str) -> list[tuple[str, str]]:
-    exts = _extensions(extensions)
+    exts = options.extensions(extensions)
     files = find_audio_files(inputs, exts)
     if not files:
         raise CommandError(f"no audio files ({', '.join(exts)}) in {inputs}; pass audio files "
@@ -126,13 +127,15 @@ def _field(path: str) -> str:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Prints "path<TAB>caption" for every audio file."""
+    from cacophony_jax.models import decoding
+
     files = [path for path, _ in _files(args.inputs, args.extensions)]
     model = load_model(args.bundle)
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise CommandError(f"bundle {args.bundle} is a {model.kind!r} model without a "
                            f"captioning decoder; use a stage-2 (cacophony) bundle")
     model.check_caption_options(args.method, args.max_len, args.beam_size, args.temperature,
-                                names=_DECODING_FLAGS)
+                                names=decoding.FLAG_NAMES, length_penalty=args.length_penalty)
     # On a terminal the captions themselves show the progress (a redrawn line would
     # run into them); redirected, the line reports on stderr.
     progress = ProgressLine(not args.quiet and not sys.stdout.isatty())
@@ -143,7 +146,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         texts = per_clip(lambda clips: model.caption(
             clips, sample_rate=SAMPLE_RATE, method=args.method, max_len=args.max_len,
             beam_size=args.beam_size, temperature=args.temperature, seed=args.seed,
-            window_seconds=args.window_seconds),
+            window_seconds=args.window_seconds, length_penalty=args.length_penalty),
             [a for _, a in good])
         for (path, _), text in zip(good, texts, strict=True):
             if isinstance(text, Exception):
@@ -211,79 +214,6 @@ def cmd_curate_clean(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not a usage dump
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _positive(text: str) -> int:
-    value = int(text) if text.strip().lstrip("-").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _window_seconds(text: str) -> float | None:
-    from cacophony_jax.inference_runtime import MAX_WINDOW_SECONDS, MIN_WINDOW_SECONDS
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if value == 0:
-        return None  # the bundle's window, as for eval
-    if not MIN_WINDOW_SECONDS <= value <= MAX_WINDOW_SECONDS:
-        raise argparse.ArgumentTypeError(f"{text} must be between {MIN_WINDOW_SECONDS:g} "
-                                         f"and {MAX_WINDOW_SECONDS:g} seconds, or 0 for the "
-                                         "bundle's window")
-    return value
-
-
-def _window_option(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--window-seconds", type=_window_seconds, metavar="S",
-                   help=f"{what} (default or 0: the bundle's training clip length; 30: "
-                        "clips of up to 30 s in one pass, as the released code; memory grows "
-                        "with the square of S)")
-
-
-def _extensions(text: str) -> list[str]:
-    return [e.strip().lstrip(".") for e in text.split(",") if e.strip()]
-
-
-def _command(sub, name: str, func, summary: str, examples: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=summary, description=summary,
-                       epilog="examples:\n" + examples,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(func=func)
-    # Both also accepted before the command name; SUPPRESS keeps one given there.
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress line")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks of errors")
-    return p
-
-
-def _audio_options(p: argparse.ArgumentParser, batch_size: int) -> None:
-    p.add_argument("--batch-size", type=_positive, default=batch_size,
-                   help="clips per model call")
-    p.add_argument("--workers", type=_positive, default=4, help="threads decoding audio")
-    p.add_argument("--extensions", default=",".join(AUDIO_EXTENSIONS),
-                   help="suffixes collected from folders (default: %(default)s)")
-
-
-_DECODING_FLAGS = {"method": "--method", "max_len": "--max-len", "beam_size": "--beam-size",
-                   "temperature": "--temperature"}
-
-
-def _decoding_options(p: argparse.ArgumentParser, method: str) -> None:
-    p.add_argument("--method", choices=("greedy", "beam", "sample"), default=method)
-    p.add_argument("--beam-size", type=_positive, default=4)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--max-len", type=_positive, default=None,
-                   help="tokens per caption at most (default: the bundle's text length)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-
-
 PROG = "python -m cacophony_jax.cli"
 
 
@@ -295,43 +225,44 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from cacophony_jax.evals import benchmark
 
-    parser = _Parser(prog=PROG, description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    command = options.add_command
+    parser = options.Parser(prog=PROG, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
-    p = _command(sub, "embed", cmd_embed, "embed audio files into a searchable index",
-                 f"  {PROG} embed sounds/ more/clip.flac --bundle B --out index.npz\n")
+                                parser_class=options.Parser)
+    p = command(sub, "embed", cmd_embed, "embed audio files into a searchable index",
+                f"  {PROG} embed sounds/ more/clip.flac --bundle B --out index.npz\n")
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE", help="folders are searched "
                    "recursively")
     p.add_argument("--bundle", required=True, help="inference bundle folder")
     p.add_argument("--out", required=True, help="index file to write (.npz)")
-    _audio_options(p, 32)
-    _window_option(p, "embed each file's first S seconds in one pass and average the "
-                      "embeddings of S-second windows of longer files")
-    p = _command(sub, "search", cmd_search, "find the indexed files closest to a text query",
-                 f'  {PROG} search "a dog barks" --index index.npz --bundle B --top-k 5\n')
+    options.audio_options(p, 32)
+    options.window_option(p, "embed each file's first S seconds in one pass and average "
+                             "the embeddings of S-second windows of longer files")
+    p = command(sub, "search", cmd_search, "find the indexed files closest to a text query",
+                f'  {PROG} search "a dog barks" --index index.npz --bundle B --top-k 5\n')
     p.add_argument("queries", nargs="+", metavar="QUERY")
     p.add_argument("--index", required=True, help="index written by embed")
     p.add_argument("--bundle", required=True, help="the bundle the index was built with")
-    p.add_argument("--top-k", type=_positive, default=10)
-    p = _command(sub, "caption", cmd_caption, "caption audio files (prints path<TAB>caption)",
-                 f"  {PROG} caption a.wav clips/ --bundle B --method beam --beam-size 4\n")
+    p.add_argument("--top-k", type=options.positive, default=10)
+    p = command(sub, "caption", cmd_caption, "caption audio files (prints path<TAB>caption)",
+                f"  {PROG} caption a.wav clips/ --bundle B --method beam --beam-size 4\n")
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--bundle", required=True)
-    _audio_options(p, 16)
-    _window_option(p, "describe each file's first S seconds")
-    _decoding_options(p, "greedy")
-    p = _command(sub, "eval", cmd_eval, "evaluate a bundle on public datasets",
-                 f"  {PROG} eval --bundle B --audiocaps data/audiocaps --clotho data/clotho "
-                 f"--esc50 data/ESC-50 --urbansound8k data/UrbanSound8K --out results/\n"
-                 f"  {PROG} eval --bundle B --synthetic 200 --caption-clips 100\n")
+    options.audio_options(p, 16)
+    options.window_option(p, "describe each file's first S seconds")
+    options.decoding_options(p, "greedy")
+    p = command(sub, "eval", cmd_eval, "evaluate a bundle on public datasets",
+                f"  {PROG} eval --bundle B --audiocaps data/audiocaps --clotho data/clotho "
+                f"--esc50 data/ESC-50 --urbansound8k data/UrbanSound8K --out results/\n"
+                f"  {PROG} eval --bundle B --synthetic 200 --caption-clips 100\n")
     benchmark.add_arguments(p)
-    p = _command(sub, "export", cmd_export, "write an inference bundle",
-                 f"  {PROG} export --checkpoint runs/quickstart/cacophony --out bundles/q\n"
-                 f"  {PROG} export --official Cacophony.ckpt --tokenizer roberta-base/ "
-                 f"--out bundles/cacophony --dtype bfloat16\n")
+    p = command(sub, "export", cmd_export, "write an inference bundle",
+                f"  {PROG} export --checkpoint runs/quickstart/cacophony --out bundles/q\n"
+                f"  {PROG} export --official Cacophony.ckpt --tokenizer roberta-base/ "
+                f"--out bundles/cacophony --dtype bfloat16\n")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training workdir, checkpoints folder or step")
     source.add_argument("--official", metavar="FILE", help="released Cacophony/AudioMAE .ckpt")
@@ -353,28 +284,29 @@ def _curate_parsers(sub) -> None:
 
     curate = sub.add_parser("curate", help="stage 0: clean, caption and build datasets",
                             description="stage 0 data tools")
+    command = options.add_command
     steps = curate.add_subparsers(dest="step", required=True, metavar="STEP",
-                                  parser_class=_Parser)
-    p = _command(steps, "clean", cmd_curate_clean, "noisy web metadata -> one caption a clip",
-                 f"  {PROG} curate clean raw.jsonl manifest.jsonl\n"
-                 f"  {PROG} curate clean raw.jsonl manifest.jsonl --backend llm "
-                 f"--base-url http://localhost:8000/v1 --model MODEL\n")
+                                  parser_class=options.Parser)
+    p = command(steps, "clean", cmd_curate_clean, "noisy web metadata -> one caption a clip",
+                f"  {PROG} curate clean raw.jsonl manifest.jsonl\n"
+                f"  {PROG} curate clean raw.jsonl manifest.jsonl --backend llm "
+                f"--base-url http://localhost:8000/v1 --model MODEL\n")
     clean.add_arguments(p)
-    p = _command(steps, "caption", lambda args: caption.command(
+    p = command(steps, "caption", lambda args: caption.command(
         args, lambda: load_model(args.bundle), ProgressLine(not args.quiet)),
                  "add synthetic captions from a bundle",
                  f"  {PROG} curate caption unlabeled/ captioned.jsonl --bundle B "
                  f"--num-captions 3\n"
                  f"  {PROG} curate caption manifest.jsonl out.jsonl --bundle B --method sample\n")
-    _audio_options(p, 16)
-    _decoding_options(p, "beam")
+    options.audio_options(p, 16)
+    options.decoding_options(p, "beam")
     caption.add_arguments(p)
-    p = _command(steps, "build", lambda args: build.command(args, ProgressLine(not args.quiet)),
-                 "merge, deduplicate and filter sources "
-                 "into array_record shards",
-                 f"  {PROG} curate build --input web=clean.jsonl --input ac=audiocaps:data/ac "
-                 f"--exclude-source audiocaps:data/ac:test --exclude-source clotho:data/clotho "
-                 f"--max-seconds 30 --out data/train --num-shards 64\n")
+    p = command(steps, "build", lambda args: build.command(args, ProgressLine(not args.quiet)),
+                "merge, deduplicate and filter sources "
+                "into array_record shards",
+                f"  {PROG} curate build --input web=clean.jsonl --input ac=audiocaps:data/ac "
+                f"--exclude-source audiocaps:data/ac:test --exclude-source clotho:data/clotho "
+                f"--max-seconds 30 --out data/train --num-shards 64\n")
     build.add_arguments(p)
 
 

@@ -197,7 +197,8 @@ class CacophonyModel(ModelRuntime):
         return _normalize(a) @ _normalize(t).T
 
     def check_caption_options(self, method: str, max_len: int, beam_size: int,
-                              temperature: float, names: dict[str, str] | None = None) -> None:
+                              temperature: float, names: dict[str, str] | None = None,
+                              length_penalty: float = 0.0) -> None:
         """Raises InferenceError for `caption` options this model cannot use.
 
         ``names`` says how the message names each option (e.g. {"max_len": "--max-len"}).
@@ -205,14 +206,14 @@ class CacophonyModel(ModelRuntime):
         try:
             decoding.check_options(self.config.text.max_positions, method,
                                    max_len or self.text_length,
-                                   temperature, beam_size, names)
+                                   temperature, beam_size, names, length_penalty)
         except ValueError as e:
             raise InferenceError(str(e)) from e
 
     def caption(self, audio: AudioInput, sample_rate: int | None = None, method: str = "greedy",
                 max_len: int | None = None, beam_size: int = 4, temperature: float = 1.0,
                 seed: int = 0, batch_size: int = 32,
-                window_seconds: float | None = None) -> list[str]:
+                window_seconds: float | None = None, length_penalty: float = 0.0) -> list[str]:
         """Captions of the first window of each clip.
 
         Args:
@@ -230,13 +231,17 @@ class CacophonyModel(ModelRuntime):
           window_seconds: the window (the longest piece described); None: the bundle's
             ``window_seconds``. The released code captioned clips of up to 30 s whole:
             ``window_seconds=30`` does the same.
+          length_penalty: for "beam": beams are ranked by summed log-probability divided
+            by length ** length_penalty (0: not divided; 1: the mean per token, which
+            favours longer captions).
 
         Returns:
           One caption per clip.
         """
         self._need_text("caption")
         max_len = max_len or self.text_length
-        self.check_caption_options(method, max_len, beam_size, temperature)
+        self.check_caption_options(method, max_len, beam_size, temperature,
+                                   length_penalty=length_penalty)
         window = self._window if window_seconds is None else self._window_for(window_seconds)
         firsts = [clips_lib.split_windows(clip, window)[0]
                   for clip in clips_lib.to_clips(audio, sample_rate)]
@@ -253,7 +258,7 @@ class CacophonyModel(ModelRuntime):
                     rng, jnp.asarray(digests, jnp.uint32))
             return decoding.generate(self.module, params, states, mask, method=method,
                                      max_len=max_len, rng=keys, temperature=temperature,
-                                     beam_size=beam_size)
+                                     beam_size=beam_size, length_penalty=length_penalty)
 
         ids = self._over_windows(firsts, describe, batch_size, window)
         return [printable(text) for text in self.tokenizer.decode(np.stack(ids))] if ids else []

@@ -10,12 +10,14 @@ over window-sized chunks, so calls with new lengths mostly reuse compiled code.
 from __future__ import annotations
 
 import collections
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from cacophony_jax.audio import clips as clips_lib
 from cacophony_jax.audio import frontend, patches
@@ -70,6 +72,7 @@ class ModelRuntime:
         self._encoder = AudioEncoder(audio_cfg, dtype=dtype)
         self._window = round(self.window_seconds * SAMPLE_RATE)
         self._window_steps = clips_lib.patch_steps(self._window)
+        self._warned_windows: set[float] = set()
         self._encode_audio = jax.jit(self._encode_audio_impl)
         self._encode_patches = jax.jit(self._encode_patches_impl)
         self._patches = jax.jit(self._patches_impl)
@@ -133,12 +136,23 @@ class ModelRuntime:
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
     def _window_for(self, seconds: float) -> int:
-        """Samples of a `seconds`-long embedding window (checked)."""
+        """Samples of a `seconds`-long embedding window (checked; a window much longer
+        than the training clips is allowed, with one warning per length)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+            raise InferenceError(f"window_seconds must be a number of seconds or None, got "
+                                 f"{seconds!r} ({type(seconds).__name__})")
         if not MIN_WINDOW_SECONDS <= seconds <= MAX_WINDOW_SECONDS:
             raise InferenceError(
                 f"window_seconds={seconds} is outside [{MIN_WINDOW_SECONDS}, "
                 f"{MAX_WINDOW_SECONDS}]; the bundle's own window is {self.window_seconds} s")
-        return round(seconds * SAMPLE_RATE)
+        if seconds > 2 * self.window_seconds and seconds not in self._warned_windows:
+            self._warned_windows.add(seconds)
+            logging.warning(
+                "window_seconds=%g: clips of up to %g s go through the model in one pass, "
+                "but this bundle was trained on %g-s clips and may do worse on much longer "
+                "ones; window_seconds=None (--window-seconds 0 on the command line) cuts "
+                "them into windows of its own length", seconds, seconds, self.window_seconds)
+        return round(float(seconds) * SAMPLE_RATE)
 
     def _over_windows(self, windows: list[np.ndarray], fn: Callable,
                       batch_size: int, window: int | None = None) -> list[Any]:

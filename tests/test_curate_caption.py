@@ -34,7 +34,7 @@ class FakeCaptioner:
         self.calls, self.words = [], []
 
     def caption(self, audio, sample_rate=None, method="greedy", max_len=32, beam_size=4,
-                temperature=1.0, seed=0):
+                temperature=1.0, seed=0, length_penalty=0.0):
         assert sample_rate == 16000
         self.calls.append((method, len(audio), seed))
         out, words = [], []
@@ -169,6 +169,8 @@ def test_run_caption_resumes_after_a_cut(folder, tmp_path):
     with pytest.raises(CaptionError, match=r"begun with another setting: num_captions \(1 "
                                            r"before, 2 now\).*--overwrite"):
         caption.run_caption(model, str(folder), str(out), num_captions=2)
+    with pytest.raises(CaptionError, match=r"length_penalty \(0.0 before, 1.0 now\)"):
+        caption.run_caption(model, str(folder), str(out), num_captions=1, length_penalty=1.0)
     (tmp_path / "a.bin").write_text("a")
     (tmp_path / "b.bin").write_text("b")
     model.bundle_path = str(tmp_path / "a.bin")

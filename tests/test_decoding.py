@@ -200,3 +200,5 @@ def test_jit_once_per_shape_and_clear_errors(setup):
         run(method="sample")
     with pytest.raises(ValueError, match="max_len=41"):
         decoding.generate(model, params, audio, audio_mask, method="greedy", max_len=41)
+    with pytest.raises(ValueError, match="length_penalty must be between 0 .* got -0.5"):
+        run(method="beam", length_penalty=-0.5)

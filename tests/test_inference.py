@@ -1,6 +1,7 @@
 """The inference API on bundles exported from the official tiny fixtures."""
 
 import functools
+import logging
 
 import jax
 import numpy as np
@@ -149,6 +150,21 @@ def test_caption_describes_the_first_window_seconds(model, monkeypatch):
     assert seen == [([w], w), ([clip.shape[0]], 64000), ([32000], 32000)]
     with pytest.raises(inference.InferenceError, match=r"window_seconds=700 is outside"):
         model.caption([clip], sample_rate=16000, window_seconds=700)
+    with pytest.raises(inference.InferenceError, match=r"a number of seconds or None, got '5'"):
+        model.caption([clip], sample_rate=16000, window_seconds="5")
+
+
+def test_a_window_far_beyond_training_clips_warns_once(model, caplog):
+    clip = noise(1.5, 3)
+    long = 2 * model.window_seconds + 0.37  # a length no other test uses (warned once)
+    with caplog.at_level(logging.WARNING):
+        model.embed_audio([clip], sample_rate=16000, window_seconds=2 * model.window_seconds)
+        assert "trained on" not in caplog.text  # twice the training length: no warning
+        for _ in range(2):
+            model.embed_audio([clip], sample_rate=16000, window_seconds=long)
+            model.caption([clip], sample_rate=16000, max_len=4, window_seconds=long)
+    warned = [r for r in caplog.records if "trained on" in r.getMessage()]
+    assert len(warned) == 1 and "--window-seconds 0" in warned[0].getMessage()
 
 
 def test_determinism_and_batch_size_invariance(model):

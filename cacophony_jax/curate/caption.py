@@ -64,7 +64,8 @@ def _check_model(model: Any) -> None:
 
 def caption_batch(model: Any, audio: Sequence[np.ndarray], num_captions: int = 1,
                   method: str = "beam", *, beam_size: int = 4, temperature: float = 1.0,
-                  max_len: int | None = None, seed: int = 0) -> list[list[str] | ValueError]:
+                  max_len: int | None = None, seed: int = 0,
+                  length_penalty: float = 0.0) -> list[list[str] | ValueError]:
     """Up to `num_captions` distinct captions per clip (see the module docstring).
 
     Args:
@@ -76,6 +77,7 @@ def caption_batch(model: Any, audio: Sequence[np.ndarray], num_captions: int = 1
       temperature: sampling temperature.
       max_len: tokens per caption at most (None: the bundle's text length).
       seed: base seed of the sampled captions.
+      length_penalty: beam ranking's length exponent (see `CacophonyModel.caption`).
 
     Returns:
       Per clip, its distinct non-empty captions in the order drawn, or the ValueError
@@ -89,7 +91,8 @@ def caption_batch(model: Any, audio: Sequence[np.ndarray], num_captions: int = 1
     for k in range(num_captions):
         def draw(clips, how=method if k == 0 else "sample", k=k):
             return model.caption(clips, sample_rate=SAMPLE_RATE, method=how, max_len=max_len,
-                                 beam_size=beam_size, temperature=temperature, seed=seed + k)
+                                 beam_size=beam_size, temperature=temperature, seed=seed + k,
+                                 length_penalty=length_penalty)
         rounds.append(per_clip(draw, list(audio)))
     out: list[list[str] | ValueError] = []
     for texts in zip(*rounds, strict=True):
@@ -141,7 +144,7 @@ def check_request(input_path: str, output_path: str, num_captions: int, method: 
 def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: int = 3,
                 method: str = "beam", beam_size: int = 4, temperature: float = 1.0,
                 max_len: int | None = None, batch_size: int = 16, seed: int = 0,
-                overwrite: bool = False, workers: int = 4,
+                length_penalty: float = 0.0, overwrite: bool = False, workers: int = 4,
                 extensions: Sequence[str] = AUDIO_EXTENSIONS,
                 progress: Progress | None = None) -> dict[str, int]:
     """Adds synthetic captions to every clip of a manifest or folder (resumable).
@@ -157,6 +160,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       max_len: tokens per caption at most (None: the bundle's text length).
       batch_size: clips captioned at once.
       seed: base sampling seed.
+      length_penalty: beam ranking's length exponent (see `CacophonyModel.caption`).
       overwrite: write a new output instead of continuing it; it replaces the old one
         once complete (see `resume.prepare_output`).
       workers: threads decoding audio.
@@ -171,8 +175,11 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     """
     check_request(input_path, output_path, num_captions, method, batch_size)
     _check_model(model)
+    _check_decoding(model, num_captions, method, beam_size, temperature, max_len,
+                    length_penalty)
     records_all, class_names = _input_records(input_path, extensions)
-    settings = _settings(model, num_captions, method, beam_size, temperature, max_len, seed)
+    settings = _settings(model, num_captions, method, beam_size, temperature, max_len, seed,
+                         length_penalty)
     _check_settings(output_path, settings, overwrite)
     try:
         writing, done = resume.prepare_output(output_path, overwrite)
@@ -200,7 +207,8 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
                 # clip's captions do not depend on the batch it landed in.
                 captions = caption_batch(model, [results[i] for i in good], num_captions,
                                          method, beam_size=beam_size,
-                                         temperature=temperature, max_len=max_len, seed=seed)
+                                         temperature=temperature, max_len=max_len, seed=seed,
+                                         length_penalty=length_penalty)
                 for i, new in zip(good, captions, strict=True):
                     results[i] = new
                     counts["uncaptioned"] += isinstance(new, Exception)
@@ -234,8 +242,29 @@ def settings_path(output_path: str) -> str:
     return f"{output_path}.settings.json"
 
 
+def _check_decoding(model: Any, num_captions: int, method: str, beam_size: int,
+                    temperature: float, max_len: int | None, length_penalty: float) -> None:
+    """Refuses decoding options the model cannot use before any clip is read (a bad
+    option would otherwise fail every clip, one by one)."""
+    check = getattr(model, "check_caption_options", None)
+    if check is None:
+        return
+    from cacophony_jax.models import decoding  # the model is loaded: JAX is up
+
+    names = decoding.FLAG_NAMES
+    try:
+        check(method, max_len or model.text_length, beam_size, temperature, names=names,
+              length_penalty=length_penalty)
+        if num_captions > 1 and method != "sample":  # the further captions are sampled
+            check("sample", max_len or model.text_length, beam_size, temperature,
+                  names=names)
+    except ValueError as e:
+        raise CaptionError(str(e)) from None
+
+
 def _settings(model: Any, num_captions: int, method: str, beam_size: int,
-              temperature: float, max_len: int | None, seed: int) -> dict[str, Any]:
+              temperature: float, max_len: int | None, seed: int,
+              length_penalty: float) -> dict[str, Any]:
     from cacophony_jax import embedding_index
 
     path = getattr(model, "bundle_path", "")
@@ -244,7 +273,8 @@ def _settings(model: Any, num_captions: int, method: str, beam_size: int,
             "num_captions": num_captions, "method": method,
             "beam_size": beam_size if method == "beam" else None,
             "temperature": temperature if num_captions > 1 or method == "sample" else None,
-            "max_len": max_len, "seed": seed}
+            "max_len": max_len, "seed": seed,
+            "length_penalty": length_penalty if method == "beam" else None}
 
 
 def _check_settings(output_path: str, settings: dict[str, Any], overwrite: bool) -> None:
@@ -304,11 +334,14 @@ def command(args: Any, load: Callable[[], Any], progress: Progress | None) -> in
     """
     check_request(args.input, args.output, args.num_captions, args.method, args.batch_size)
     model = load()
-    extensions = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip()]
+    from cacophony_jax.cli_options import extensions as parse_extensions
+
+    extensions = parse_extensions(args.extensions)
     counts = run_caption(model, args.input, args.output, num_captions=args.num_captions,
                          method=args.method, beam_size=args.beam_size,
                          temperature=args.temperature, max_len=args.max_len,
-                         batch_size=args.batch_size, seed=args.seed, overwrite=args.overwrite,
+                         batch_size=args.batch_size, seed=args.seed,
+                         length_penalty=args.length_penalty, overwrite=args.overwrite,
                          workers=args.workers, extensions=extensions, progress=progress)
     print(json.dumps(counts))
     return 0

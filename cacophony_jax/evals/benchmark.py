@@ -270,12 +270,7 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
 
     if prompt not in PROMPT_STYLES:
         raise ValueError(f"--zeroshot-prompt {prompt!r}: use one of {list(PROMPT_STYLES)}")
-    trained = float(getattr(model, "window_seconds", 0.0))
-    window = window_seconds or trained
-    if trained and window > 2 * trained:
-        logging.warning("clips of up to %g s are embedded in one pass (the release's "
-                        "evaluation protocol), but this bundle was trained on %g-s clips: "
-                        "--window-seconds 0 embeds windows of its own length", window, trained)
+    window = window_seconds or float(getattr(model, "window_seconds", 0.0))
     results: dict[str, Any] = {"bundle": bundle, "zeroshot_prompt": prompt,
                                "window_seconds": window, "sets": {}}
     for name, source in sets.items():

@@ -22,13 +22,19 @@ Cache = Any
 METHODS = ("greedy", "sample", "beam")
 
 
+# How the command line names each decoding option (for `check_options`' messages).
+FLAG_NAMES = {"method": "--method", "max_len": "--max-len", "beam_size": "--beam-size",
+              "temperature": "--temperature", "length_penalty": "--length-penalty"}
+
+
 def check_options(max_positions: int, method: str, max_len: int, temperature: float,
-                  beam_size: int, names: dict[str, str] | None = None) -> None:
+                  beam_size: int, names: dict[str, str] | None = None,
+                  length_penalty: float = 0.0) -> None:
     """Raises ValueError for options `generate` cannot use, before any decoding.
 
     Args:
       max_positions: the text tower's position table (the longest caption).
-      method, max_len, temperature, beam_size: as `generate` takes them.
+      method, max_len, temperature, beam_size, length_penalty: as `generate` takes them.
       names: how the message names each option (e.g. {"max_len": "--max-len"}).
     """
     name = lambda key: (names or {}).get(key, key)
@@ -41,6 +47,10 @@ def check_options(max_positions: int, method: str, max_len: int, temperature: fl
         raise ValueError(f"{name('temperature')} must be a number > 0, got {temperature}")
     if method == "beam" and beam_size < 1:
         raise ValueError(f"{name('beam_size')} must be >= 1, got {beam_size}")
+    if method == "beam" and not 0 <= length_penalty <= 10:
+        raise ValueError(f"{name('length_penalty')} must be between 0 (rank beams by summed "
+                         f"log-probability) and 10, got {length_penalty}; 1 ranks by the "
+                         "mean per token, which favours longer captions")
 
 
 def init_cache(
@@ -141,7 +151,8 @@ def generate(
     Returns:
       int32 [B, max_len]: bos, tokens, eos, then pad.
     """
-    check_options(model.config.text.max_positions, method, max_len, temperature, beam_size)
+    check_options(model.config.text.max_positions, method, max_len, temperature, beam_size,
+                  length_penalty=length_penalty)
     if method == "sample" and rng is None:
         raise ValueError("method='sample' needs rng=jax.random.key(seed)")
     rng = jax.random.key(0) if rng is None else rng
