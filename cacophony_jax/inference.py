@@ -47,10 +47,12 @@ their batching, is `cacophony_jax.inference_runtime`.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import zlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,12 +77,25 @@ def printable(text: str) -> str:
     return " ".join(_UNPRINTABLE.sub(" ", text).split())
 
 
-def load(bundle_path: str | os.PathLike, *, device: jax.Device | None = None) -> CacophonyModel:
+def _check_number(name: str, value: Any, *, whole: bool, minimum: int | None = None) -> None:
+    """Raises InferenceError unless `value` is a number (a whole one if `whole`) of at
+    least `minimum`."""
+    kind = numbers.Integral if whole else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise InferenceError(f"{name} must be a {'whole ' if whole else ''}number, got "
+                             f"{value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise InferenceError(f"{name} must be at least {minimum}, got {value}")
+
+
+def load(bundle_path: str | os.PathLike, *,
+         device: jax.Device | str | None = None) -> CacophonyModel:
     """Loads an inference bundle (see convert/bundle.py).
 
     Args:
       bundle_path: the bundle folder.
-      device: where to run (default: the first local device).
+      device: where to run: a jax.Device, or a platform name ("cpu", "gpu") for its
+        first device (default: the first local device).
 
     Returns:
       The model.
@@ -127,6 +142,7 @@ class CacophonyModel(ModelRuntime):
         Returns:
           float32 [n, embedding_size].
         """
+        _check_number("batch_size", batch_size, whole=True, minimum=1)
         window = self._window if window_seconds is None else self._window_for(window_seconds)
         clips = clips_lib.to_clips(audio, sample_rate)
         windows, owner = [], []
@@ -155,6 +171,7 @@ class CacophonyModel(ModelRuntime):
           float32 [n, embedding_size].
         """
         self._need_text("embed_text")
+        _check_number("batch_size", batch_size, whole=True, minimum=1)
         if isinstance(texts, str):
             texts = [texts]
         elif isinstance(texts, Iterable) and not isinstance(texts, bytes):
@@ -205,7 +222,7 @@ class CacophonyModel(ModelRuntime):
         """
         try:
             decoding.check_options(self.config.text.max_positions, method,
-                                   max_len or self.text_length,
+                                   self.text_length if max_len is None else max_len,
                                    temperature, beam_size, names, length_penalty)
         except ValueError as e:
             raise InferenceError(str(e)) from e
@@ -239,7 +256,12 @@ class CacophonyModel(ModelRuntime):
           One caption per clip.
         """
         self._need_text("caption")
-        max_len = max_len or self.text_length
+        for name, value in (("max_len", max_len), ("beam_size", beam_size), ("seed", seed),
+                            ("temperature", temperature), ("length_penalty", length_penalty)):
+            if value is not None or name != "max_len":  # None: the bundle's text length
+                _check_number(name, value, whole=name not in ("temperature", "length_penalty"))
+        _check_number("batch_size", batch_size, whole=True, minimum=1)
+        max_len = self.text_length if max_len is None else max_len
         self.check_caption_options(method, max_len, beam_size, temperature,
                                    length_penalty=length_penalty)
         window = self._window if window_seconds is None else self._window_for(window_seconds)
@@ -277,11 +299,14 @@ class CacophonyModel(ModelRuntime):
           clip start, 16 frames = 160 ms each), mask bool [n, N]; N = 8 x the clip's
           whole 16-frame steps (a trailing partial step is dropped).
         """
+        _check_number("batch_size", batch_size, whole=True, minimum=1)
+        if isinstance(audio_batch, (list, tuple)) and len({np.shape(a) for a in audio_batch}) > 1:
+            raise InferenceError(f"audio_states takes clips of one length, got lengths "
+                                 f"{sorted({np.shape(a)[0] for a in audio_batch})[:5]}; call it "
+                                 "once per length (or pad the clips)")
         clips = clips_lib.to_clips(np.asarray(audio_batch), sample_rate)
         if not clips:
             raise io.AudioError("audio_states got an empty batch; pass [n, samples] with n >= 1")
-        if batch_size < 1:
-            raise InferenceError(f"batch_size must be at least 1, got {batch_size}")
         return self._chunked_states(clips, batch_size)
 
     def encode_patches(self, patch: np.ndarray, time_idx: np.ndarray, freq_idx: np.ndarray,

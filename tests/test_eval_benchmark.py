@@ -132,6 +132,25 @@ def test_unreadable_clip_is_skipped_and_reported(esc50, tmp_path):
     assert "| ESC-50 (folds 1, 2, 3) (incomplete copy, see below) | 100.0 | 93.4 |" in text
 
 
+def test_own_manifest_lists_absent_and_unreadable_clips_apart(esc50, tmp_path):
+    from cacophony_jax.data.manifest import ManifestSource
+
+    (esc50 / "audio" / "3-3-A-1.wav").write_bytes(b"RIFF....WAVEjunk")
+    (esc50 / "audio" / "2-1-A-0.wav").unlink()
+    rows = [{"id": n, "audio": f"audio/{n}", "captions": [f"a {w} sound"]}
+            for n, w in (("1-1-A-0.wav", "dog"), ("2-1-A-0.wav", "dog"),
+                         ("1-2-A-1.wav", "rain"), ("3-3-A-1.wav", "rain"))]
+    manifest = esc50 / "own.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = benchmark.evaluate_bundle(FakeModel(), {"own.jsonl": ManifestSource(
+        str(manifest))}, out_dir=str(tmp_path / "out"))
+    own = results["sets"]["own.jsonl"]
+    assert own["clips"] == 2 and own["missing"] == 1 and own["unreadable"] == 1
+    assert own["missing_ids"] == ["2-1-A-0.wav"] and own["unreadable_ids"] == ["3-3-A-1.wav"]
+    assert ("own.jsonl: 1 unreadable and 1 missing clip(s) skipped (results.json lists "
+            "them: missing_ids, unreadable_ids)") in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_results_files_put_paper_numbers_next_to_ours(clotho, esc50, tmp_path):
     out = tmp_path / "results"
     sets = benchmark.open_datasets({"clotho": str(clotho), "esc50": str(esc50)})

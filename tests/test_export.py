@@ -209,6 +209,8 @@ def test_killed_exports_leave_no_litter_and_no_lost_bundle(official_dir, tokeniz
     assert bundle_fingerprint(str(out)) == fingerprint
     with pytest.raises(BundleError, match="not a finite number"):
         official(tmp_path / "c", window_seconds=float("inf"))
+    with pytest.raises(BundleError, match=r"must be a number of seconds, got '10' \(str\)"):
+        official(tmp_path / "c", window_seconds="10")
 
 
 def _umask():

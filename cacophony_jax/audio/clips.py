@@ -8,11 +8,13 @@ and batch sizes are bucketed so jitted functions are reused) are those documente
 from __future__ import annotations
 
 import collections
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from cacophony_jax.audio import frontend, io, patches
 
@@ -35,7 +37,10 @@ def to_clips(audio: AudioInput, sample_rate: int | None) -> list[np.ndarray]:
     Returns:
       One int16 [S] array per clip.
     """
-    if isinstance(audio, (str, os.PathLike)):
+    if not isinstance(audio, (np.ndarray, Sequence, os.PathLike)) and hasattr(audio,
+                                                                              "__array__"):
+        audio = np.asarray(audio)  # a JAX or other array type
+    if isinstance(audio, (str, bytes, os.PathLike)):
         items: list[Any] = [audio]
     elif isinstance(audio, np.ndarray):
         if audio.ndim == 2 and audio.shape[1] <= MAX_CHANNELS:
@@ -47,9 +52,30 @@ def to_clips(audio: AudioInput, sample_rate: int | None) -> list[np.ndarray]:
             raise io.AudioError(f"an audio array must be [samples] or [n, samples], got "
                                 f"shape {audio.shape}")
         items = [audio] if audio.ndim == 1 else list(audio)
-    else:
+    elif isinstance(audio, Sequence):
         items = list(audio)
+        if items and all(isinstance(x, numbers.Number) for x in items):
+            raise io.AudioError(
+                f"a list of {len(items)} numbers is read as a list of clips; for one clip "
+                "pass its samples as an array (np.asarray(samples))")
+    else:
+        raise io.AudioError(f"audio must be a path, a 1-D array of samples, a 2-D [n, "
+                            f"samples] array or a list of paths and arrays; got "
+                            f"{type(audio).__name__}")
+    sample_rate = _sample_rate(sample_rate)
     return [to_clip(item, i, sample_rate) for i, item in enumerate(items)]
+
+
+def _sample_rate(sample_rate: Any) -> int | None:
+    """`sample_rate` as a whole number of Hz (None stays None)."""
+    if sample_rate is None:
+        return None
+    if (isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real)
+            or not np.isfinite(sample_rate) or sample_rate <= 0
+            or sample_rate != int(sample_rate)):
+        raise io.AudioError(f"sample_rate must be a positive whole number of Hz, got "
+                            f"{sample_rate!r} ({type(sample_rate).__name__})")
+    return int(sample_rate)
 
 
 def to_clip(item: Any, index: int, sample_rate: int | None) -> np.ndarray:
@@ -63,14 +89,20 @@ def to_clip(item: Any, index: int, sample_rate: int | None) -> np.ndarray:
     Returns:
       int16 [S] with S >= MIN_SAMPLES.
     """
-    if isinstance(item, (str, os.PathLike)):
-        clip = io.load_audio(item, SAMPLE_RATE)
+    if isinstance(item, (str, bytes, os.PathLike)):
+        clip = io.load_audio(os.fsdecode(item), SAMPLE_RATE)
+    elif not isinstance(item, (np.ndarray, Sequence)) and not hasattr(item, "__array__"):
+        raise io.AudioError(f"clip {index} is a {type(item).__name__}; a clip is a path or "
+                            "a 1-D array of samples")
     else:
         arr = np.asarray(item)
         if arr.ndim == 2 and min(arr.shape) <= MAX_CHANNELS:
+            axis = int(np.argmin(arr.shape))
+            layout = "[channels, samples]" if axis == 0 else "[samples, channels]"
             raise io.AudioError(
-                f"clip {index} has shape {arr.shape}, which looks like multi-channel "
-                "audio; average the channels to mono first (e.g. audio.mean(axis=1))")
+                f"clip {index} has shape {arr.shape}, which looks like {layout} "
+                f"multi-channel audio; average the channels to mono first "
+                f"(audio.mean(axis={axis}))")
         if arr.ndim != 1:
             raise io.AudioError(f"clip {index} must be a 1-D mono waveform, got shape "
                                 f"{arr.shape}")
@@ -82,6 +114,7 @@ def to_clip(item: Any, index: int, sample_rate: int | None) -> np.ndarray:
             clip = arr if sample_rate == SAMPLE_RATE else io.to_int16(
                 io.resample(io.to_float32(arr), sample_rate, SAMPLE_RATE))
         elif np.issubdtype(arr.dtype, np.floating):
+            _check_float_range(arr, index)
             clip = io.to_int16(io.resample(arr.astype(np.float32), sample_rate, SAMPLE_RATE))
         else:
             raise io.AudioError(f"clip {index} has dtype {arr.dtype}; pass float audio in "
@@ -91,6 +124,24 @@ def to_clip(item: Any, index: int, sample_rate: int | None) -> np.ndarray:
             f"clip {index} is {clip.shape[0]} samples long at {SAMPLE_RATE} Hz; the model "
             f"needs at least {MIN_SAMPLES} (one 16-frame patch): pad it with silence")
     return clip
+
+
+_warned_loud = False
+
+
+def _check_float_range(arr: np.ndarray, index: int) -> None:
+    """Warns once per process about float audio far outside [-1, 1] (it is clipped):
+    most often int16 samples cast to float without scaling."""
+    global _warned_loud
+    if _warned_loud or not arr.size:
+        return
+    finite = arr[np.isfinite(arr)]
+    peak = float(np.max(np.abs(finite))) if finite.size else 0.0
+    if peak > 1.5:
+        _warned_loud = True
+        logging.warning("clip %d is float audio with peak %.4g; float samples should lie in "
+                        "[-1, 1] and are clipped there (int16 samples cast to float need "
+                        "dividing by 32768); this is said once", index, peak)
 
 
 def patch_steps(samples: int) -> int:

@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import json
 import math
+import numbers
 import os
 import pathlib
 import re
@@ -122,6 +123,12 @@ def abstract_params(config: ModelConfig, *, scan: bool = False) -> Params:
 def _check_request(config: ModelConfig, tokenizer: Tokenizer | None, dtype: str,
                    window_seconds: float, text_length: int) -> None:
     dtype_of(dtype)
+    if isinstance(window_seconds, bool) or not isinstance(window_seconds, numbers.Real):
+        raise BundleError(f"the window (--window-seconds) must be a number of seconds, got "
+                          f"{window_seconds!r} ({type(window_seconds).__name__})")
+    if isinstance(text_length, bool) or not isinstance(text_length, numbers.Integral):
+        raise BundleError(f"the text length (--text-length) must be a whole number of "
+                          f"tokens, got {text_length!r} ({type(text_length).__name__})")
     if not math.isfinite(window_seconds):
         raise BundleError(f"window of {window_seconds} s (--window-seconds) is not a finite "
                           "number; use the clip length the model was trained on")
@@ -269,6 +276,22 @@ def dtype_of(name: str) -> Any:
 # ---- reading ------------------------------------------------------------------------
 
 
+def _training_run(folder: pathlib.Path) -> pathlib.Path | None:
+    """The training workdir `folder` is or lies in (a stage's workdir, its checkpoints
+    folder or a step in it; for a recipe's workdir, its last stage's), else None."""
+    if (folder / "checkpoints").is_dir():
+        return folder
+    for inside in (folder, folder.parent):  # the checkpoints folder, or a step in it
+        if inside.name == "checkpoints":
+            return inside.parent
+    try:
+        stages = sorted(p for p in folder.iterdir() if (p / "checkpoints").is_dir())
+    except OSError:
+        return None
+    named = [p for p in stages if p.name == "cacophony"]
+    return (named or stages or [None])[-1]
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks a bundle's bundle.json.
 
@@ -289,6 +312,10 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not folder.is_dir():
         raise BundleError(f"inference bundle {folder} does not exist; {fix}")
     if not meta_path.is_file():
+        run = _training_run(folder)
+        if run is not None:
+            fix = (f"it holds a training run; write its bundle with `python -m "
+                   f"cacophony_jax.cli export --checkpoint {run} --out BUNDLE` and load that")
         raise BundleError(f"{folder} is not an inference bundle ({BUNDLE_JSON} is missing); "
                           f"{fix}")
     try:
@@ -336,20 +363,39 @@ def _check_params(folder: pathlib.Path, saved: Any, want: Any) -> None:
                           f"{BUNDLE_JSON} ({'; '.join(parts)}); re-export the bundle")
 
 
+def _device(device: Any) -> jax.Device | None:
+    """`device` as a jax.Device: one, a platform name ("cpu", "gpu", "tpu") for that
+    platform's first device, or None."""
+    if device is None or isinstance(device, jax.Device):
+        return device
+    if isinstance(device, str):
+        try:
+            return jax.devices(device)[0]
+        except RuntimeError:
+            raise BundleError(f"no {device!r} device in this process (it has "
+                              f"{sorted({d.platform for d in jax.devices()})})") from None
+    raise BundleError(f"device must be a jax.Device (e.g. jax.devices('cpu')[0]) or a "
+                      f"platform name such as 'cpu', got {device!r}")
+
+
 def read_bundle(
-    path: str | os.PathLike, *, device: jax.Device | None = None
+    path: str | os.PathLike, *, device: jax.Device | str | None = None
 ) -> tuple[dict[str, Any], Params, Tokenizer | None]:
     """Loads a bundle after checking it.
 
     Args:
       path: the bundle folder.
-      device: where to place the parameters (default: the first local device).
+      device: where to place the parameters: a jax.Device or a platform name ("cpu",
+        "gpu"; its first device). Default: the first local device.
 
     Returns:
       (meta, params, tokenizer): the metadata dict, the unrolled parameter tree as
       jax arrays on ``device`` in the bundle's dtype, and the Tokenizer (None for a
       "mae" bundle).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise BundleError(f"a bundle is a folder path, got {path!r} ({type(path).__name__})")
+    device = _device(device)
     folder = pathlib.Path(path).absolute()
     meta = read_meta(folder)
     config = model_config(meta)

@@ -94,7 +94,9 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
 
     Returns:
       {"audio_emb" [n, P], "captions" per clip, "labels" per clip, "ids",
-       "failures": ["id: why", ...]}.
+       "failures": ["id: why", ...] (files that exist but cannot be used) and their
+       "unreadable_ids", "absent": ids
+       whose audio file does not exist, "padded": clips padded to one patch}.
     """
     total, done, padded = len(source), 0, 0
     batch_padded: set[int] = set()  # a batch refused whole is retried clip by clip
@@ -110,11 +112,16 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
         return model.embed_audio(clips, sample_rate=SAMPLE_RATE, batch_size=batch_size,
                                  **window)
 
-    embeddings, captions, labels, ids, failures = [], [], [], [], []
+    embeddings, captions, labels, ids, failures, unreadable, absent = [], [], [], [], [], [], []
     for records, results in map_records(embed, source, total, batch_size, workers):
         for record, result in zip(records, results, strict=True):
-            if isinstance(result, Exception):
+            path = record.get("audio_path")
+            if isinstance(result, Exception) and path and not os.path.exists(path):
+                absent.append(record["id"])
+            elif isinstance(result, Exception):
                 failures.append(f"{record['id']}: {result}")
+                unreadable.append(record["id"])
+            if isinstance(result, Exception):
                 continue
             embeddings.append(np.asarray(result, np.float32))
             captions.append(list(record["captions"]))
@@ -127,12 +134,13 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
             progress(label or f"embed {source.name}", done, total)
     if not ids:
         raise AudioError(f"none of the {total} clips of {source.name} could be decoded "
-                         f"(e.g. {failures[:1]}); check the dataset folder")
+                         f"(e.g. {(failures or absent)[:1]}); check the dataset folder")
     if padded:
         logging.info("%s: %d clip(s) shorter than %d samples padded with silence",
                       source.name, padded, MIN_SAMPLES)
     return {"audio_emb": np.stack(embeddings), "captions": captions, "labels": labels,
-            "ids": ids, "failures": failures, "padded": padded}
+            "ids": ids, "failures": failures, "unreadable_ids": unreadable, "absent": absent,
+            "padded": padded}
 
 
 def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
@@ -202,6 +210,10 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
     if embedded["failures"]:
         logging.warning("%s: skipped %d unreadable clip(s), e.g. %s", name,
                         len(embedded["failures"]), embedded["failures"][:3])
+    if embedded["absent"]:
+        logging.warning("%s: skipped %d clip(s) whose audio file does not exist, e.g. %s",
+                        name, len(embedded["absent"]), embedded["absent"][:3])
+    missing_ids = [*getattr(source, "missing_ids", ()), *embedded["absent"]]
     metrics: dict[str, Any] = {}
     num_captions = sum(len(c) for c in embedded["captions"])
     if "retrieval" in tasks:
@@ -227,9 +239,10 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
         metrics["caption_examples"] = report["examples"]
     return {"tasks": tasks, "metrics": metrics, "clips": len(embedded["ids"]),
             "captions": num_captions, "unreadable": len(embedded["failures"]),
+            "unreadable_ids": embedded["unreadable_ids"],
             "padded": embedded["padded"],
-            "missing": int(getattr(source, "num_missing", 0)),
-            "missing_ids": list(getattr(source, "missing_ids", ())),
+            "missing": int(getattr(source, "num_missing", 0)) + len(embedded["absent"]),
+            "missing_ids": missing_ids,
             **({"folds": list(source.folds)} if getattr(source, "folds", None) else {}),
             **({"prompts": prompts[:3]} if prompts else {}),
             "seconds": round(time.monotonic() - start, 2)}

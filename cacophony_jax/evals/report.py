@@ -126,7 +126,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines += [f"| {_display(n, sets)} | {_cell(m['class_mention_rate'])} | "
                   f"{m.get('captioned_clips', '—')} |" for n, m in mentions.items()] + [""]
     notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped "
-             "(results.json lists the missing ones)"
+             "(results.json lists them: missing_ids, unreadable_ids)"
              for n, r in sets.items() if r["unreadable"] or r["missing"]]
     notes += [f"- {n}: {r['padded']} clip(s) shorter than 0.15 s padded with silence"
               for n, r in sets.items() if r.get("padded")]
