@@ -163,7 +163,8 @@ def test_a_position_damaged_on_another_process_makes_every_process_go_back(
     assert steps == list(range(1, 13))
 
 
-def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, caplog):
+def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, caplog,
+                                                                      monkeypatch):
     config = tiny_config("mae", 4)
     loop.run(config, str(tmp_path))
     path = tmp_path / "metrics.jsonl"
@@ -177,8 +178,11 @@ def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, c
                             if "eval/mse" not in line))
     loop.run(config, str(tmp_path))  # "already trained": evaluates, and now logs it
     assert [r["step"] for r in eval_rows()] == [4]
+    prefetchers, real = [], host.Prefetcher
+    monkeypatch.setattr(host, "Prefetcher", lambda *a: prefetchers.append(a) or real(*a))
     loop.run(config, str(tmp_path))  # once only, however often it is rerun
     assert [r["step"] for r in eval_rows()] == [4]
+    assert not prefetchers  # a finished run reads no training data
     # A rerun of the finished run with other settings trains nothing: config.json stays
     # the one it trained with, and no "resuming with ..." warning says otherwise.
     saved = (tmp_path / "config.json").read_text()

@@ -271,7 +271,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         evaluate = _evaluator(task, config, mesh, tokenizer)
 
         # Loop.
-        prefetcher = host.Prefetcher(data_iter, mesh, config.data.prefetch_batches)
+        # A finished run reads no data (its files' skip warnings would be noise).
+        prefetcher = (host.Prefetcher(data_iter, mesh, config.data.prefetch_batches)
+                      if start < total else None)
         profiler = host.Profiler(workdir_path / "profile", config.train.profile_steps,
                                  start, total)
         progress = metrics.Progress(total, start, config.data.global_batch_size,
