@@ -75,16 +75,22 @@ def _config_arg(field: str) -> str:
                  re.search(rf"\.{re.escape(field)}(\.|$)", a.split("=", 1)[0])), "--config")
 
 
+def _config_files(argv: list[str]) -> list[str]:
+    """Every config file argument given (--config=F or --config F), in order."""
+    args, files = argv[1:], []
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            files.append(a.split("=", 1)[1])
+        elif a == "--config" and i + 1 < len(args):
+            files.append(args[i + 1])
+    return files
+
+
 def _config_file_arg() -> tuple[str, str]:
     """The --config argument as given (the last one counts; --config=F or --config F)
     and its file path (without the ':arg' part); ("", "") when there is none."""
-    given = ""
-    args = sys.argv[1:]
-    for i, a in enumerate(args):
-        if a.startswith("--config="):
-            given = a.split("=", 1)[1]
-        elif a == "--config" and i + 1 < len(args):
-            given = args[i + 1]
+    files = _config_files(sys.argv)
+    given = files[-1] if files else ""
     return given, given.partition(":")[0]
 
 
@@ -229,6 +235,12 @@ _STAGE_BLOCKS = ("model", "audio", "data", "tokenizer", "mesh", "optim", "train"
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config mistakes reported in one line, not a traceback."""
+    files = _config_files(argv)
+    if len(files) > 1:  # absl would take the last one, or fail on repeated overrides
+        _usage_error(f"--config is given {len(files)} times ({', '.join(files)}); give one "
+                     "config file per run (stage 2 starts from stage 1 with "
+                     "--config.train.init_from=STAGE1_WORKDIR; a config with `stages`, as "
+                     "configs/quickstart.py, runs both in one command)")
     try:
         rest = flags.FLAGS(argv)
         if _CONFIG.value is not None:

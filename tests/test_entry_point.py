@@ -56,8 +56,14 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
             # A word that is not a flag: a value written with a space, a config file.
             (["--config.optim.sam.enabled", "true"], "unexpected argument 'true': a config "
              "field's value goes after '=' (--config.optim.sam.enabled=true)"),
-            (["configs/cacophony.py"], "a config file is given as --config=configs/cac")):
-        proc = _run_main(["--config=configs/mae.py:tiny", f"--workdir={tmp_path}", *args])
+            (["configs/cacophony.py"], "a config file is given as --config=configs/cac"),
+            # Two config files: absl would take the last one (or fail on an override).
+            (["--config=configs/mae.py:tiny", "--config.train.steps=3", "--config",
+              "configs/cacophony.py"],
+             "--config is given 2 times (configs/mae.py:tiny, configs/cacophony.py)")):
+        own = any(a == "--config" or a.startswith("--config=") for a in args)
+        base = [] if own else ["--config=configs/mae.py:tiny"]
+        proc = _run_main([*base, f"--workdir={tmp_path}", *args])
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2 and out.startswith("error: ") and message in out, out
         # The flag parser adds a line saying where the flags and fields are listed.
