@@ -247,6 +247,9 @@ def test_config_errors_are_clear():
     tx, _ = make_optimizer(make_cfg(freeze="encodr"), total_steps=100)
     with pytest.raises(OptimizerConfigError, match="matches no parameter.*params/encoder"):
         tx.init(tiny_params())
+    tx, _ = make_optimizer(make_cfg(freeze=".*"), total_steps=100)
+    with pytest.raises(OptimizerConfigError, match="matches every parameter, so nothing"):
+        tx.init(tiny_params())
 
 
 def test_logit_scale_stops_at_its_ceiling():

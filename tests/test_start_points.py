@@ -154,3 +154,12 @@ def test_a_tokenizer_kept_by_an_attempt_without_checkpoints_is_not_reused(tmp_pa
     init.keep_tokenizer(third, workdir)
     assert third.fingerprint == second.fingerprint
     assert Tokenizer.load(tmp_path / "tokenizer.json").fingerprint == second.fingerprint
+    # Checkpoints without their tokenizer (copied without it): refused, not retrained.
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="holds checkpoints but not the tokenizer.json they "
+                                         "were trained with"):
+        init.prepare_tokenizer(config, workdir, Captions("drum bass"))
+    config.tokenizer.path = str(tmp_path / "elsewhere.json")
+    second.save(config.tokenizer.path)  # given as the path: used
+    assert init.prepare_tokenizer(config, workdir, Captions("x")).fingerprint == \
+        second.fingerprint

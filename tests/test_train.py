@@ -313,6 +313,9 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
             ("cacophony", {"tokenizer.vocab_size": -5}, "vocab_size=-5 must be 0"),
             ("cacophony", {"tokenizer.vocab_size": 5000}, "tower's 500 embedding rows"),
             ("cacophony", {"eval.caption_clips": -5}, "caption_clips=-5 must be a number"),
+            ("mae", {"seed": -1}, r"config.seed=-1 must be a number >= 0"),
+            ("mae", {"audio.clip_seconds": 1e6}, r"clip_seconds=1000000.0 must be in \[0.16, "
+             r"600\]"),
             ("mae", {"sharding_rules": ((1, 2),)}, r"entry \(1, 2\) must be \(logical"),
             ("mae", {"sharding_rules": (("batch", ("data", "data")),)}, "a mesh axis twice"),
             ("mae", {"sharding_rules": (("mlp", None), ("mlp", "fsdp"))},
@@ -334,6 +337,8 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
                                                "optim.accum_steps": 2}))
     with pytest.raises(ValueError, match="config.train.log_every=0 must be a number >= 1"):
         loop.run(tiny_config("mae", 2, **{"train.log_every": 0}), str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="dtype=float16 does not run on CPU"):
+        loop.run(tiny_config("mae", 2, **{"model.dtype": "float16"}), str(tmp_path / "m"))
 
 
 @pytest.mark.slow

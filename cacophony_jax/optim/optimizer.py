@@ -217,7 +217,8 @@ def _with_ceiling(tx: optax.GradientTransformationExtraArgs, pattern: re.Pattern
 
 
 def _freeze_labels(pattern: re.Pattern, text: str):
-    """Label function for `optax.partition`; refuses a pattern that matches nothing."""
+    """Label function for `optax.partition`; refuses a pattern that matches nothing, or
+    everything."""
 
     def labels(params: Any) -> Any:
         paths = param_paths(params)
@@ -228,6 +229,10 @@ def _freeze_labels(pattern: re.Pattern, text: str):
                 f"config.optim.freeze={text!r} matches no parameter; parameter paths "
                 f"look like: {examples}"
             )
+        if _TRAINABLE not in jax.tree.leaves(tree):
+            raise OptimizerConfigError(
+                f"config.optim.freeze={text!r} matches every parameter, so nothing would "
+                "train; name the parts to keep fixed (e.g. 'audio_encoder/')")
         return tree
 
     return labels

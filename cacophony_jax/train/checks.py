@@ -21,6 +21,7 @@ from cacophony_jax.train import init
 
 # Counts a run cannot work with below these values: (config key, minimum, why).
 _MINIMUMS = (
+    ("seed", 0, ""),
     ("train.steps", 1, ""),
     ("train.log_every", 1, ""),
     ("train.checkpoint_every", 1, ""),
@@ -64,10 +65,11 @@ _RANGES = (
     ("mae.mask_ratio", lambda v: 0 < v < 1, "in (0, 1)"),
     ("data.synthetic_prob", _interval(0, 1, closed_high=True), "in [0, 1]"),
     # tasks/common.clip_samples: a clip holds one 16-frame patch (2,560 samples).
-    ("audio.clip_seconds", lambda v: round(v * 16000) >= 2560,
-     "at least 0.16 (one 16-frame patch)"),
-    ("audio.eval_clip_seconds", lambda v: round(v * 16000) >= 2560,
-     "at least 0.16 (one 16-frame patch)"),
+    # At most ten minutes: attention over a clip's patches grows with its square.
+    ("audio.clip_seconds", lambda v: 2560 <= round(v * 16000) <= 600 * 16000,
+     "in [0.16, 600] (at least one 16-frame patch, at most ten minutes)"),
+    ("audio.eval_clip_seconds", lambda v: 2560 <= round(v * 16000) <= 600 * 16000,
+     "in [0.16, 600] (at least one 16-frame patch, at most ten minutes)"),
 )
 
 

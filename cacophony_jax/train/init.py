@@ -39,6 +39,12 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
         return None
     saved: epath.Path | None = workdir / TOKENIZER_FILE
     if not saved.exists():
+        if has_checkpoints(workdir) and not config.tokenizer.path:
+            raise ValueError(
+                f"{workdir} holds checkpoints but not the {TOKENIZER_FILE} they were "
+                "trained with (copied without it?); a new tokenizer would renumber the "
+                f"token ids. Put that {TOKENIZER_FILE} back in the workdir, or pass it as "
+                "config.tokenizer.path")
         saved = None
     elif not has_checkpoints(workdir):
         # Kept by an attempt that failed before its first checkpoint: nothing was

@@ -185,6 +185,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
     if config.model.attention == "cudnn" and platform != "gpu":
         raise ValueError(f"config.model.attention=cudnn is cuDNN's fused attention, which "
                          f"needs NVIDIA GPUs; this run has {platform} devices: use xla")
+    if config.model.dtype == "float16" and platform == "cpu":
+        raise ValueError("config.model.dtype=float16 does not run on CPU (XLA:CPU has no "
+                         "float16 matrix products): use bfloat16 or float32")
     if config.model.fused_norm and platform != "gpu":
         if platform != "cpu":
             raise ValueError(f"config.model.fused_norm runs Triton kernels, which need CUDA "
