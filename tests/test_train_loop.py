@@ -96,7 +96,7 @@ def test_sharded_step_matches_single_device():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1.5e-4)
 
 
-def test_loop_reads_device_values_only_when_it_logs(tmp_path, monkeypatch):
+def test_loop_reads_device_values_only_when_it_logs(tmp_path, monkeypatch, caplog):
     """Between log steps the loop only dispatches: no value comes back to the host.
 
     Every read of a device value (float(), .item(), .tolist(), jax.device_get) goes
@@ -135,9 +135,13 @@ def test_loop_reads_device_values_only_when_it_logs(tmp_path, monkeypatch):
     monkeypatch.setattr(array_type, "_value", property(recording_value))
     monkeypatch.setattr(array_type, "block_until_ready", recording_wait)
     config = tiny_config("cacophony", 9, **{"train.log_every": 4, "data.eval.kind": "",
-                                            "train.checkpoint_every": 100})
+                                            "train.checkpoint_every": 100,
+                                            "data.synthetic_train_size": 6})
     loop.run(config, str(tmp_path))
     assert dispatched[0] == 9
+    # Six records, batches of eight: said once, with what it means for the loss.
+    assert caplog.text.count("the training set has 6 records, fewer than a batch (8)") == 1
+    assert "count as each other's negatives" in caplog.text
     # Init reads the step (0); the loop logs after steps 1, 4 and 8 and logs and
     # checkpoints after 9.
     assert {1, 4, 8, 9} <= set(reads) <= {0, 1, 4, 8, 9}, sorted(set(reads))

@@ -211,6 +211,12 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
     data_iter = iter(dataset)
     logging.info("training on %s (%d records)", getattr(train_source, "name", "?"),
                  len(train_source))
+    if len(train_source) < config.data.global_batch_size:
+        logging.warning(
+            "the training set has %d records, fewer than a batch (%d): every batch holds "
+            "some clips more than once%s", len(train_source), config.data.global_batch_size,
+            "; in the contrastive loss a clip's copies count as each other's negatives"
+            if config.task == "cacophony" else "")
 
     # Shapes and shardings.
     tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
