@@ -102,12 +102,13 @@ def test_run_starts_training_on_all_workers_and_streams_worker0():
     assert ("python -m cacophony_jax.main --config=configs/cacophony.py:base "
             "--workdir=/mnt/gcs/bucket/run1 --distributed=on --config.train.steps=10 "
             "'--config.x=a b' --config.data.train.path=/mnt/gcs/data-b/set") in script
-    assert script.count("gcsfuse --implicit-dirs bucket /mnt/gcs/bucket") == 1
-    assert script.count("gcsfuse --implicit-dirs data-b /mnt/gcs/data-b") == 1
+    mount = "gcsfuse --implicit-dirs --rename-dir-limit=100000"  # Orbax renames folders
+    assert script.count(f"{mount} bucket /mnt/gcs/bucket") == 1
+    assert script.count(f"{mount} data-b /mnt/gcs/data-b") == 1
     # Inside a list too (config.data.extra_evals).
     assert ("--config.data.extra_evals=clotho:/mnt/gcs/ev/c:evaluation,"
             "esc50:/mnt/gcs/data-b/esc") in script
-    assert script.count("gcsfuse --implicit-dirs ev /mnt/gcs/ev") == 1
+    assert script.count("gcsfuse --implicit-dirs --rename-dir-limit=100000 ev /mnt/gcs/ev") == 1
     assert "export JAX_COMPILATION_CACHE_DIR=/mnt/gcs/bucket/xla" in script
     assert "export A=gs:" in script
     assert "nohup" in script and '>> "$LOG"' in script and "-worker$W.log" in script

@@ -109,10 +109,13 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
         for name in files:  # corrupt every file of the newest state
             with open(os.path.join(dirpath, name), "wb") as f:
                 f.write(b"garbage")
-    longer = tiny_config("mae", 10, **{"train.steps": 12, "data.synthetic_train_size": 40})
+    longer = tiny_config("mae", 10, **{"train.steps": 12, "data.synthetic_train_size": 40,
+                                       "seed": 3})
     loop.run(longer, str(tmp_path))
     assert "unreadable" in caplog.text
-    assert "resuming with config.data.synthetic_train_size" in caplog.text  # other data
+    # Other data, another shuffle.
+    assert "resuming with config.data.synthetic_train_size (48 -> 40), config.seed (0 -> 3)" \
+        in caplog.text
     # Moved aside at once (out of the keep-N count), not when step 10 is saved again.
     assert caplog.text.index("moved unreadable") < caplog.text.index("resuming with config")
     assert "resuming with config.train.steps (10 -> 12): the learning-rate schedule from " \
@@ -189,6 +192,30 @@ def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, c
     loop.run(tiny_config("mae", 2, **{"optim.learning_rate": 0.5}), str(tmp_path))
     assert (tmp_path / "config.json").read_text() == saved
     assert "resuming with" not in caplog.text
+
+
+def test_an_evaluation_skipped_by_a_stop_is_done_on_the_rerun(tmp_path, monkeypatch):
+    config = tiny_config("mae", 4, **{"train.eval_every": 2, "train.checkpoint_every": 2})
+    real_jit = step_lib.jit_train_step
+
+    def signalling_jit(*args, **kwargs):
+        step, calls = real_jit(*args, **kwargs), [0]
+
+        def wrapped(state, batch):
+            calls[0] += 1
+            if calls[0] == 2:  # stopped at step 2, an evaluation step: saved, not evaluated
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(state, batch)
+        return wrapped
+
+    monkeypatch.setattr(step_lib, "jit_train_step", signalling_jit)
+    with pytest.raises(host.StopRequestedError, match="stopped at step 2"):
+        loop.run(config, str(tmp_path))
+    monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
+    assert not [r for r in read_metrics(tmp_path) if "eval/mse" in r]
+    for _ in range(2):  # the resumed run, then a rerun of the finished one
+        loop.run(config, str(tmp_path))
+        assert [r["step"] for r in read_metrics(tmp_path) if "eval/mse" in r] == [2, 4]
 
 
 # What TensorStore raised when a tmpfs filled during a save (Orbax's array writes).

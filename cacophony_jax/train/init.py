@@ -137,8 +137,9 @@ SCHEDULE_FIELDS = ("train.steps", "optim.learning_rate", "optim.warmup_steps",
 
 # Config fields that say which training data is read: a resume that changes them goes
 # on from the old data's saved position.
+# The fields that decide which records come in which order (seed: the shuffle's).
 DATA_FIELDS = ("data.train.kind", "data.train.path", "data.train.split", "data.synthetic_seed",
-               "data.synthetic_train_size")
+               "data.synthetic_train_size", "seed")
 
 
 def lookup(tree: Any, key: str) -> Any:

@@ -297,6 +297,16 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         final: dict[str, float] = {}
         if start >= total:
             logging.info("already trained for %d of %d steps", start, total)
+        elif (evaluate is not None and start and config.train.eval_every
+              and start % config.train.eval_every == 0
+              and metrics.eval_missing(writer, start)):
+            # Stopped or killed at an evaluation step, after its save: evaluate it now,
+            # so the run's metrics hold every evaluation an uninterrupted run's do.
+            row = evaluate(state.params)
+            writer.write(start, row)
+            if jax.process_index() == 0:
+                logging.info("eval at step %d (missed before the restart): %s", start,
+                             metrics.format_eval(row))
         while step < total:
             t0 = time.perf_counter()
             batch, iter_state, failed = prefetcher.next()

@@ -138,21 +138,22 @@ class MetricWriter:
             self._purge_step = step + 1  # hides the old events from that step on
         self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
-    def logged(self, step: int, keys: Any) -> bool:
-        """Whether metrics.jsonl holds a row at `step` with all of `keys` (True where
-        this process writes no metrics)."""
+    def logged(self, step: int, keys: Any = None, prefix: str = "") -> bool:
+        """Whether metrics.jsonl holds a row at `step` with all of `keys`, or with a key
+        starting with `prefix` (True where this process writes no metrics)."""
         if not self.enabled:
             return True
         self._jsonl.flush()
-        keys = set(keys)
+        keys = set(keys or ())
         with open(self._jsonl.name, encoding="utf-8") as f:
             for line in f:
                 if _row_step(line) == step:
                     try:
-                        if keys <= set(json.loads(line)):
-                            return True
+                        row = set(json.loads(line))
                     except ValueError:
                         continue
+                    if keys <= row and (not prefix or any(k.startswith(prefix) for k in row)):
+                        return True
         return False
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -163,6 +164,9 @@ class MetricWriter:
         with _naming(self._jsonl.name):
             self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
             self._jsonl.flush()
+            # As the events file is: a bucket mounted with Cloud Storage FUSE uploads
+            # on fsync or close, so a preempted host would otherwise lose the rows.
+            os.fsync(self._jsonl.fileno())
         tb = self._tensorboard()
         with _naming(tb.path):
             tb.add_scalars(int(step), row)
@@ -287,3 +291,13 @@ def format_eval(values: dict[str, float]) -> str:
     first = sets.pop("eval", [])
     return "; ".join([", ".join(first)] * bool(first) +
                      [f"{prefix}: {', '.join(parts)}" for prefix, parts in sets.items()])
+
+
+def eval_missing(writer: MetricWriter, step: int) -> bool:
+    """Whether metrics.jsonl lacks the evaluation of `step` (process 0 keeps the file;
+    every process gets its answer, as evaluating is collective)."""
+    missing = not writer.logged(step, prefix="eval")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        missing = bool(np.any(multihost_utils.process_allgather(np.asarray(missing))))
+    return missing

@@ -19,6 +19,10 @@ ARCHIVE_NAME = "cacophony_jax_src.tar.gz"  # the packed checkout, in each worker
 # Training reads and writes file-system paths: a gs:// bucket named in the workdir, in
 # TPU_ENV or in an override is mounted here on every worker (Cloud Storage FUSE).
 GCS_MOUNT = "/mnt/gcs"
+# The most objects a folder renamed on a flat (not hierarchical) bucket may hold:
+# Cloud Storage FUSE refuses folder renames above it (0 by default), and Orbax commits
+# a checkpoint by renaming its folder.
+RENAME_DIR_LIMIT = 100000
 # A gs://BUCKET path at the start of a value, after '=' (--flag=, KEY=) or inside a
 # list (config.data.extra_evals: 'clotho:gs://b/clotho,esc50:gs://b/esc').
 _GS_PATH = re.compile(r"(^|[=,:])gs://([a-z0-9][-_.a-z0-9]*[a-z0-9])(?=[/,:]|$)")
@@ -140,6 +144,7 @@ def mount_lines(buckets: set[str]) -> list[str]:
         # Already mounted by an earlier run: leave it (root cannot chown a FUSE mount).
         lines.append(f"mountpoint -q {where} || {{ sudo mkdir -p {where} && sudo chown "
                      f"\"$(id -u):$(id -g)\" {where} && gcsfuse --implicit-dirs "
+                     f"--rename-dir-limit={RENAME_DIR_LIMIT} "
                      f"{shlex.quote(bucket)} {where}; }}")
     return lines
 
