@@ -3,6 +3,7 @@ backend is tested in test_curate_llm.py)."""
 
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -213,8 +214,9 @@ def test_user_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert clean.main([str(src), str(tmp_path / "o.jsonl"), "--model", "m"]) == 2
     assert "--model only apply to --backend llm" in capsys.readouterr().err
     damaged = tmp_path / "damaged.jsonl"
-    damaged.write_text('{"id": "x"}\nnot json\n{"id": "y"}\n')
-    with pytest.raises(clean.CleanError, match="line 2 is not a manifest row"):
+    row = '{"id": "%s", "audio": "a.wav", "captions": [], "raw": {}}\n'
+    damaged.write_text(row % "x" + "not json\n" + row % "y")
+    with pytest.raises(clean.CleanError, match="line 2 is not a row of this tool"):
         clean.run_clean(str(src), str(damaged), progress=False)
 
 
@@ -228,3 +230,55 @@ def test_main_rules(tmp_path, capsys):
     assert "clean: 1/1 rows (100%), written 1, skipped 0" in capsys.readouterr().err
     assert clean.main([str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_output_that_is_not_this_tools_manifest_is_left_unchanged(tmp_path):
+    src = tmp_path / "raw.jsonl"
+    write_jsonl(src, [{"audio": "a.wav", "title": "Dog barking"}])
+    user_files = {"meta.json": '{"important": "user data"}',  # no newline, valid JSON
+                  "notes.jsonl": '{"id": "x", "audio": "x.wav", "captions": [], "raw": {}}\n'
+                                 "some notes",
+                  "other.jsonl": '{"id": "x"}\n{"id": "y"}\n',  # rows of another tool
+                  "cut.jsonl": '{"important": "us'}  # cut off, but not a row of this tool
+    for name, text in user_files.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(clean.CleanError, match=f"output .*{name} line .* is not a row of "
+                                                   "this tool.*--overwrite"):
+            clean.run_clean(str(src), str(tmp_path / name), progress=False)
+        assert (tmp_path / name).read_text() == text
+    # A link to the input, or a second name of it, is the input.
+    src.write_text('{"audio": "a.wav", "title": "Dog barking"}')  # no final newline
+    before = src.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to("raw.jsonl")
+    os.link(src, tmp_path / "hard.jsonl")
+    for name in ("link.jsonl", "hard.jsonl"):
+        with pytest.raises(clean.CleanError, match=f"{name} is the input"):
+            clean.run_clean(str(src), str(tmp_path / name), progress=False)
+    assert src.read_bytes() == before
+
+
+def test_resume_keeps_a_complete_last_row_without_its_newline(tmp_path, caplog):
+    src = tmp_path / "raw.jsonl"
+    write_jsonl(src, [{"audio": f"{k}.wav", "title": f"Dog barking {k}"} for k in range(3)])
+    out = tmp_path / "out.jsonl"
+    clean.run_clean(str(src), str(out), progress=False)
+    full = out.read_text()
+    lines = full.splitlines(keepends=True)
+    out.write_text("".join(lines[:2]).rstrip("\n"))  # row 2 complete, its newline missing
+    again = clean.run_clean(str(src), str(out), progress=False)
+    assert again["resumed"] == 2 and again["written"] == 1 and out.read_text() == full
+    out.write_text(lines[0][:12])  # killed while writing the first row
+    with caplog.at_level(logging.WARNING):
+        assert clean.run_clean(str(src), str(out), progress=False)["written"] == 3
+    assert "dropping a partial last line" in caplog.text and out.read_text() == full
+
+
+def test_folder_and_empty_inputs_are_refused(tmp_path):
+    with pytest.raises(clean.CleanError, match="input .* is a folder; curate clean reads one "
+                                               "JSONL file"):
+        clean.run_clean(str(tmp_path), str(tmp_path / "o.jsonl"), progress=False)
+    (tmp_path / "empty.jsonl").write_text("\n \n")
+    with pytest.raises(clean.CleanError, match="input .*empty.jsonl is empty"):
+        clean.run_clean(str(tmp_path / "empty.jsonl"), str(tmp_path / "o.jsonl"),
+                        progress=False)
+    assert not (tmp_path / "o.jsonl").exists()

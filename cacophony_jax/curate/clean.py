@@ -17,7 +17,8 @@ Output, the project's manifest (see `cacophony_jax.data.manifest`)::
 Relative audio paths are rewritten to stay correct from the output's folder. Bad rows
 are reported with their line number and skipped; so are clips with nothing audible in
 their metadata. Each output row is flushed as it is written; rerunning the same
-command continues after the rows already there (a cut-off last line is dropped), and
+command continues after the rows already there (a last row cut off by an interruption
+is dropped; an existing output that is not this tool's manifest is refused, unchanged), and
 the LLM backend's cache answers every request made before. With --overwrite the new
 rows go to OUTPUT.partial, which replaces OUTPUT only once complete (a rerun with
 --overwrite continues it), so a failed run never loses the old output.
@@ -38,6 +39,7 @@ from cacophony_jax.progress import ProgressLine
 
 BACKENDS = ("rules", "llm")
 _SHOWN_BAD_ROWS = 50  # warnings beyond this are only counted
+_ROW_KEYS = ("audio", "captions", "raw")  # what every output row has besides its "id"
 
 
 class CleanError(ValueError):
@@ -116,7 +118,8 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
       clips answered from the cache / sent to the server).
 
     Raises:
-      CleanError: missing input, unknown backend, damaged output, bad LLM settings.
+      CleanError: missing or empty input, unknown backend, an output that is the input
+        or not a manifest this tool wrote (left unchanged), bad LLM settings.
       llm.LLMError: the LLM server failed for good (rerun to resume; the message says
         where the rows so far are).
     """
@@ -124,6 +127,9 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         raise CleanError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     if backend == "rules" and llm_options:
         raise CleanError(f"options {sorted(llm_options)} only apply to backend='llm'")
+    if os.path.isdir(input_path):
+        raise CleanError(f"input {input_path} is a folder; curate clean reads one JSONL "
+                         "file, one object per line with audio, title, tags, description[, id]")
     if not os.path.isfile(input_path):
         raise CleanError(f"input file {input_path} does not exist; check the path")
     if os.path.splitext(input_path)[1].lower() in (".csv", ".tsv"):
@@ -132,8 +138,9 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
     if os.path.isdir(output_path) or os.path.splitext(output_path)[1].lower() not in (
             ".jsonl", ".json"):
         raise CleanError(f"output {output_path} must be a .jsonl file (the manifest written)")
-    if os.path.abspath(input_path) == os.path.abspath(output_path):
-        raise CleanError(f"output {output_path} would overwrite the input; choose another path")
+    if resume.same_file(input_path, output_path):
+        raise CleanError(f"output {output_path} is the input {input_path} (the same file, "
+                         "maybe through a link); choose another output path")
     settings = None
     if backend == "llm":
         try:
@@ -142,8 +149,13 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
             raise CleanError(str(e)) from None
         chunk_size = chunk_size or 8 * settings.workers
     chunk_size = max(1, chunk_size or 256)
+    with open(input_path, "rb") as f:
+        total = sum(1 for line in f if line.strip())
+    if not total:
+        raise CleanError(f"input {input_path} is empty; it needs one JSON object per line "
+                         "with audio, title, tags, description[, id]")
     try:
-        writing, done = resume.prepare_output(output_path, overwrite)
+        writing, done = resume.prepare_output(output_path, overwrite, _ROW_KEYS)
     except resume.OutputError as e:
         raise CleanError(str(e)) from None
     captioner = None
@@ -159,8 +171,6 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
                             "rejected", "resumed", "cached", "requested"), 0)
     seen: dict[str, int] = {}
     in_dir, out_dir = (os.path.dirname(os.path.abspath(p)) for p in (input_path, output_path))
-    with open(input_path, "rb") as f:
-        total = sum(1 for line in f if line.strip())
     bar = ProgressLine(progress, unit="rows")
 
     def show(final: bool) -> None:
