@@ -145,7 +145,7 @@ def test_run_caption_folder(folder, tmp_path):
     # broken.wav cannot be read and tiny.wav is too short: a folder's files are skipped.
     assert counts == {"clips": 7, "written": 5, "resumed": 0, "unreadable": 1,
                       "uncaptioned": 1, "passed_through": 0, "captions": 10,
-                      "no_new_caption": 0}
+                      "no_new_caption": 0, "bad_rows": 0, "dropped": 0}
     rows = _rows(out)
     assert [r["id"] for r in rows] == ["clip0.wav", "clip2.wav", "clip4.wav", "sub/clip1.wav",
                                        "sub/clip3.wav"]
@@ -251,7 +251,7 @@ def test_run_caption_passes_manifest_rows_it_cannot_caption_through(tmp_path, ca
                                  num_captions=1)
     assert counts == {"clips": 3, "written": 3, "resumed": 0, "unreadable": 1,
                       "uncaptioned": 1, "passed_through": 2, "captions": 1,
-                      "no_new_caption": 0}
+                      "no_new_caption": 0, "bad_rows": 0, "dropped": 0}
     gone, a, tiny = _rows(out)
     assert gone == {"id": "gone", "audio": os.path.join("clips", "gone.wav"),
                     "captions": ["a door slams"], "synthetic_captions": ["a door"],
@@ -328,3 +328,87 @@ def test_real_bundle_captions(tmp_path, official_dir):
         assert len(row["synthetic_captions"]) <= 2
         if text:  # the beam caption comes first (random weights may emit eos at once)
             assert row["synthetic_captions"][0] == text
+
+
+def test_run_caption_refuses_outputs_it_did_not_begin_and_links_to_the_input(folder, tmp_path):
+    model = FakeCaptioner()
+    # Rows of another tool (curate clean) or a user's file: no settings next to them.
+    for text in ('{"id": "clip0.wav", "audio": "a.wav", "captions": ["x"], "raw": {}}\n',
+                 '{"important": "user data"}'):
+        out = tmp_path / "theirs.jsonl"
+        out.write_text(text)
+        with pytest.raises(CaptionError, match=r"theirs.jsonl has rows but no .*theirs.jsonl"
+                                               r".settings.json: curate caption did not "
+                                               r"begin it.*--overwrite"):
+            caption.run_caption(model, str(folder), str(out), num_captions=1)
+        assert out.read_text() == text and not (tmp_path / "theirs.jsonl.settings.json").exists()
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "unlabeled/clip0.wav"}')
+    (tmp_path / "link.jsonl").symlink_to("m.jsonl")
+    with pytest.raises(CaptionError, match="link.jsonl is the input"):
+        caption.check_request(str(manifest), str(tmp_path / "link.jsonl"), 1, "beam", 1)
+    assert manifest.read_text() == '{"audio": "unlabeled/clip0.wav"}'
+
+
+def test_run_caption_overwrite_settings_follow_the_partial_output(folder, tmp_path):
+    out = tmp_path / "captioned.jsonl"
+    settings = tmp_path / "captioned.jsonl.settings.json"
+    (tmp_path / "a.bin").write_text("a")
+    (tmp_path / "b.bin").write_text("b")
+    model = FakeCaptioner()
+    model.bundle_path = str(tmp_path / "a.bin")
+    caption.run_caption(model, str(folder), str(out), num_captions=1)
+    old, old_settings = out.read_text(), settings.read_text()
+    failing = FailingCaptioner(1)
+    failing.bundle_path = str(tmp_path / "b.bin")
+    with pytest.raises(RuntimeError, match="device lost"):
+        caption.run_caption(failing, str(folder), str(out), num_captions=1, batch_size=2,
+                            overwrite=True, workers=1)
+    # The old output keeps the settings it was made with; the new ones are the partial's.
+    assert out.read_text() == old and settings.read_text() == old_settings
+    partial_settings = tmp_path / "captioned.jsonl.partial.settings.json"
+    assert json.loads(partial_settings.read_text())["bundle"] != json.loads(old_settings)[
+        "bundle"]
+    # Continuing the partial output with a third bundle would mix two in it.
+    (tmp_path / "c.bin").write_text("c")
+    model.bundle_path = str(tmp_path / "c.bin")
+    with pytest.raises(CaptionError, match=r"partial was begun with another bundle.*Delete "):
+        caption.run_caption(model, str(folder), str(out), num_captions=1, overwrite=True)
+    # The partial output given up, the old output continues with its own bundle only.
+    os.remove(tmp_path / "captioned.jsonl.partial")
+    model.bundle_path = str(tmp_path / "b.bin")
+    with pytest.raises(CaptionError, match="begun with another bundle"):
+        caption.run_caption(model, str(folder), str(out), num_captions=1)
+    assert out.read_text() == old
+    model.bundle_path = str(tmp_path / "a.bin")
+    assert caption.run_caption(model, str(folder), str(out), num_captions=1)["resumed"] == 5
+    assert not partial_settings.exists()
+    # A complete --overwrite run brings its settings along.
+    model.bundle_path = str(tmp_path / "b.bin")
+    caption.run_caption(model, str(folder), str(out), num_captions=1, overwrite=True)
+    assert not partial_settings.exists() and settings.read_text() != old_settings
+    assert caption.run_caption(model, str(folder), str(out), num_captions=1)["resumed"] == 5
+
+
+def test_run_caption_counts_bad_manifest_rows_and_keeps_those_it_can(tmp_path, caplog):
+    _tone(tmp_path / "clips" / "a.wav", "rain")
+    bad_captions = {"id": "b", "audio": "clips/b.wav", "captions": "a dog", "label": "dog"}
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"audio": "clips/a.wav", "id": "a"},
+        bad_captions,
+        {"audio": "clips/c.wav", "synthetic_captions": [1]},  # id defaults to audio
+        "{broken",
+        [1, 2],
+    ]) + "\n")
+    out = tmp_path / "o" / "out.jsonl"
+    counts = caption.run_caption(FakeCaptioner(), str(tmp_path / "in.jsonl"), str(out),
+                                 num_captions=1)
+    assert counts["bad_rows"] == 4 and counts["dropped"] == 2
+    assert counts["written"] == 3 and counts["passed_through"] == 2
+    rows = {r["id"]: r for r in _rows(out)}
+    assert rows["b"] == {**bad_captions, "audio": os.path.join("..", "clips", "b.wav")}
+    assert rows["clips/c.wav"]["synthetic_captions"] == [1]
+    assert "4 bad row(s) (named above): 2 written as they are" in caplog.text
+    again = caption.run_caption(FakeCaptioner(), str(tmp_path / "in.jsonl"), str(out),
+                                num_captions=1)
+    assert again["written"] == 0 and again["resumed"] == 1 and len(_rows(out)) == 3

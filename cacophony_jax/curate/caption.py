@@ -16,16 +16,21 @@ synthetic captions and labels are kept. How the K captions are drawn:
 Identical captions of one clip are kept once, so a confident decoder may give fewer
 than K. Output rows are the project's manifest rows (audio paths relative to the
 output's folder), flushed one by one; rerunning continues after the ids already in
-the output (a cut-off last line is dropped), with the same bundle and decoding
-settings: OUTPUT.settings.json records them, and a rerun with others is refused. With
-`overwrite` the new rows go to OUTPUT.partial, which replaces OUTPUT only once complete
-(a rerun with `overwrite` continues it).
+the output (a last row cut off by an interruption is dropped), with the same bundle
+and decoding settings: OUTPUT.settings.json records them, and a rerun with others, or
+onto an output without them (not begun by this tool), is refused, the output left as
+it is. With `overwrite` the new rows go to OUTPUT.partial, and their settings to
+OUTPUT.partial.settings.json; both replace OUTPUT and its settings only once complete
+(a rerun with the same `overwrite` settings continues them).
 
 A clip that cannot be captioned, because its audio cannot be read or the decoder
 refuses it (shorter than one patch, 0.15 s), gets no new captions and is counted and
 named. A manifest row is then written unchanged, so its captions and labels are never
 lost (being in the output, it is not retried by a rerun: fix its audio and rerun with
-`overwrite`); a file of a folder has nothing to keep and is skipped. Short clips are
+`overwrite`); a file of a folder has nothing to keep and is skipped. Bad manifest rows
+(that its reader refuses, e.g. "captions" not a list) are counted in ``bad_rows``
+and named; those that are JSON objects with an "id" or "audio" string are written as
+they are (their audio path rebased), the others (``dropped``) cannot be. Short clips are
 not padded: captions of mostly silence would only teach the model silence.
 """
 
@@ -43,7 +48,8 @@ from absl import logging
 from cacophony_jax import atomic_write
 from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
-from cacophony_jax.curate import resume
+from cacophony_jax.curate import caption_settings, resume
+from cacophony_jax.curate.caption_settings import settings_path
 from cacophony_jax.data.manifest import ManifestSource
 from cacophony_jax.data.sources import SourceError
 from cacophony_jax.progress import Progress
@@ -102,25 +108,57 @@ def caption_batch(model: Any, audio: Sequence[np.ndarray], num_captions: int = 1
     return out
 
 
-def _input_records(input_path: str, extensions: Sequence[str]) -> tuple[list[dict], tuple]:
+def _bad_rows(input_path: str, source: ManifestSource,
+              out_dir: str) -> tuple[list[dict], int]:
+    """The rows the manifest reader skipped as bad: those that are JSON objects with an
+    id (or an audio path, the default id) as output rows, unchanged but for a relative
+    audio path rebased onto `out_dir`; and how many others there are."""
+    if not source.num_skipped or os.path.splitext(input_path)[1].lower() == ".csv":
+        return [], source.num_skipped  # a CSV's bad rows have no audio: nothing to keep
+    good = set(source.lines)
+    in_dir = os.path.dirname(os.path.abspath(input_path))
+    kept, dropped = [], 0
+    with open(input_path, "rb") as f:
+        for number, data in enumerate(f, 1):
+            if number in good or not data.strip():
+                continue
+            try:
+                row = json.loads(data.decode("utf-8-sig" if number == 1 else "utf-8"))
+            except ValueError:  # not JSON, or not UTF-8
+                row = None
+            clip_id = row.get("id", row.get("audio")) if isinstance(row, dict) else None
+            if not isinstance(clip_id, str) or not clip_id.strip():
+                dropped += 1
+                continue
+            audio = row.get("audio")
+            if isinstance(audio, str) and audio and not os.path.isabs(audio):
+                row["audio"] = os.path.relpath(os.path.join(in_dir, audio), out_dir)
+            kept.append({"id": clip_id, **{k: v for k, v in row.items() if k != "id"}})
+    return kept, dropped
+
+
+def _input_records(input_path: str, extensions: Sequence[str],
+                   out_dir: str) -> tuple[list[dict], tuple, list[dict], int]:
+    """The clips to caption, the class names, and the bad rows (see `_bad_rows`)."""
     if os.path.isdir(input_path):
         files = find_audio_files([input_path], extensions)
         if not files:
             raise CaptionError(f"no audio files ({', '.join(extensions)}) under {input_path}")
         return [{"id": name, "audio_path": os.path.abspath(path), "captions": [],
-                 "synthetic_captions": [], "labels": []} for path, name in files], ()
+                 "synthetic_captions": [], "labels": []} for path, name in files], (), [], 0
     try:
         source = ManifestSource(input_path, skip_bad_rows=True)
     except SourceError as e:
         raise CaptionError(str(e)) from None
     records = [source[i] for i in range(len(source))]
-    counts = collections.Counter(r["id"] for r in records)
+    bad, dropped = _bad_rows(input_path, source, out_dir)
+    counts = collections.Counter(r["id"] for r in [*records, *bad])
     repeated = [clip_id for clip_id, n in counts.items() if n > 1]
     if repeated:
         raise CaptionError(f"manifest {input_path} gives {len(repeated)} id(s) to more than "
                            f"one row, e.g. {repeated[:3]}; output rows are matched to input "
                            "rows by id (to resume), so give each row its own \"id\"")
-    return records, source.class_names
+    return records, source.class_names, bad, dropped
 
 
 def check_request(input_path: str, output_path: str, num_captions: int, method: str,
@@ -133,8 +171,10 @@ def check_request(input_path: str, output_path: str, num_captions: int, method: 
                            f"{batch_size} and {num_captions}")
     if not os.path.exists(input_path):
         raise CaptionError(f"input {input_path} does not exist; pass a manifest or a folder")
-    if os.path.abspath(input_path) == os.path.abspath(output_path):
-        raise CaptionError(f"output {output_path} would overwrite the input; choose another")
+    if resume.same_file(input_path, output_path):
+        raise CaptionError(f"output {output_path} is the input {input_path} (the same file, "
+                           "maybe through a link); it would overwrite the input: choose "
+                           "another output")
     try:
         atomic_write.check_writable(output_path, "output")
     except ValueError as e:
@@ -170,31 +210,45 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     Returns:
       Counts: clips, written, resumed, unreadable (audio missing or undecodable),
       uncaptioned (refused by the decoder, e.g. too short), passed_through (manifest
-      rows of those two kinds written unchanged), captions (new captions written),
-      no_new_caption (clips written without one: every caption drawn was empty).
+      rows of those two kinds, and bad rows, written unchanged), captions (new captions
+      written), no_new_caption (clips written without one: every caption drawn was
+      empty), bad_rows (manifest rows its reader refuses, e.g. "captions" not a list:
+      written unchanged when they are JSON objects with an "id" or "audio" string, else
+      dropped), dropped (bad rows not written).
     """
     check_request(input_path, output_path, num_captions, method, batch_size)
     _check_model(model)
     _check_decoding(model, num_captions, method, beam_size, temperature, max_len,
                     length_penalty)
-    records_all, class_names = _input_records(input_path, extensions)
-    settings = _settings(model, num_captions, method, beam_size, temperature, max_len, seed,
-                         length_penalty)
-    _check_settings(output_path, settings, overwrite)
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    records_all, class_names, bad_rows, dropped = _input_records(input_path, extensions,
+                                                                 out_dir)
+    settings = caption_settings.decoding_settings(model, num_captions, method, beam_size,
+                                                  temperature, max_len, seed, length_penalty)
     try:
+        caption_settings.check_settings(output_path, settings, overwrite)
         writing, done = resume.prepare_output(output_path, overwrite)
     except resume.OutputError as e:
         raise CaptionError(str(e)) from None
-    atomic_write.write_text(settings_path(output_path), json.dumps(settings, indent=1))
-    out_dir = os.path.dirname(os.path.abspath(output_path))
+    # The settings describe the rows next to them: an --overwrite run's, its partial
+    # output's until that replaces the output (then they replace the old settings).
+    atomic_write.write_text(settings_path(writing), json.dumps(settings, indent=1))
     from_manifest = not os.path.isdir(input_path)
     counts = dict.fromkeys(("clips", "written", "resumed", "unreadable", "uncaptioned",
-                            "passed_through", "captions", "no_new_caption"), 0)
+                            "passed_through", "captions", "no_new_caption", "bad_rows",
+                            "dropped"), 0)
     counts["clips"] = len(records_all)
+    counts["bad_rows"], counts["dropped"] = len(bad_rows) + dropped, dropped
     todo = [r for r in records_all if r["id"] not in done]
     counts["resumed"] = len(records_all) - len(todo)
     failures = []
     with open(writing, "a", encoding="utf-8", newline="\n") as out:
+        for row in bad_rows:  # kept as they are: their captions and labels are not lost
+            if row["id"] not in done:
+                out.write(resume.json_line(row))
+                out.flush()
+                counts["written"] += 1
+                counts["passed_through"] += 1
         start = 0
         for batch in decode_files([r["audio_path"] for r in todo], batch_size, workers):
             records, start = todo[start:start + len(batch)], start + len(batch)
@@ -228,18 +282,21 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
             if progress:
                 progress("caption", counts["resumed"] + start, len(records_all))
     resume.finish_output(output_path, writing)
+    if writing != output_path:
+        os.replace(settings_path(writing), settings_path(output_path))
     if failures:
         what = ("written unchanged, without new captions (fix their audio and rerun with "
                 "--overwrite to caption them)" if from_manifest else "skipped")
         logging.warning("%d clip(s) could not be captioned, %s:\n  %s%s", len(failures), what,
                         "\n  ".join(failures[:_SHOWN_FAILURES]),
                         "\n  ..." if len(failures) > _SHOWN_FAILURES else "")
+    if counts["bad_rows"]:
+        logging.warning("manifest %s: %d bad row(s) (named above): %d written as they are, "
+                        "without new captions (fix them and rerun with --overwrite to "
+                        "caption them), %d dropped (not a JSON object with an \"id\" or "
+                        "\"audio\" string)", input_path, counts["bad_rows"], len(bad_rows),
+                        dropped)
     return counts
-
-
-def settings_path(output_path: str) -> str:
-    """The file that records which bundle and settings captioned `output_path`."""
-    return f"{output_path}.settings.json"
 
 
 def _check_decoding(model: Any, num_captions: int, method: str, beam_size: int,
@@ -260,41 +317,6 @@ def _check_decoding(model: Any, num_captions: int, method: str, beam_size: int,
                   names=names)
     except ValueError as e:
         raise CaptionError(str(e)) from None
-
-
-def _settings(model: Any, num_captions: int, method: str, beam_size: int,
-              temperature: float, max_len: int | None, seed: int,
-              length_penalty: float) -> dict[str, Any]:
-    from cacophony_jax import embedding_index
-
-    path = getattr(model, "bundle_path", "")
-    return {"bundle": embedding_index.bundle_fingerprint(path) if path else "",
-            "tokenizer": embedding_index.tokenizer_fingerprint(model),
-            "num_captions": num_captions, "method": method,
-            "beam_size": beam_size if method == "beam" else None,
-            "temperature": temperature if num_captions > 1 or method == "sample" else None,
-            "max_len": max_len, "seed": seed,
-            "length_penalty": length_penalty if method == "beam" else None}
-
-
-def _check_settings(output_path: str, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuses to continue an output another bundle or other settings began."""
-    path = settings_path(output_path)
-    if overwrite or not os.path.exists(output_path) or not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            before = json.load(f)
-    except (OSError, ValueError):
-        return  # unreadable: nothing to compare
-    differ = [f"{k} ({before.get(k)!r} before, {v!r} now)" for k, v in settings.items()
-              if k in before and before[k] != v and (k != "bundle" or before[k] and v)]
-    if differ:
-        raise CaptionError(f"{output_path} was begun with another "
-                           f"{'bundle' if differ[0].startswith('bundle') else 'setting'}: "
-                           f"{', '.join(differ)}; its rows would mix the two. Pass "
-                           "--overwrite to caption every clip again, or choose another "
-                           "output")
 
 
 def _row(record: dict, new: list[str], class_names: Sequence[str], out_dir: str) -> dict:
