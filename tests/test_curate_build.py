@@ -254,3 +254,54 @@ def test_cli_build(corpus, capsys):
     assert cli.main(["curate", "build", "--input", "oops", "--out", str(out)]) == 2
     assert "error: --input 'oops' must be NAME=PATH" in capsys.readouterr().err
 
+
+
+def test_exclusion_lists_with_a_bom_and_wrong_hash_lists(corpus):
+    # Windows Notepad starts the file with a byte-order mark: no part of the first id.
+    (corpus / "bom.txt").write_bytes(b"\xef\xbb\xbfeval_id.flac\r\n")
+    assert build_inputs.read_lines(str(corpus / "bom.txt"), "ids") == {"eval_id.flac"}
+    (corpus / "bom_hashes.txt").write_bytes(b"\xef\xbb\xbf"
+                                            + hashing.audio_hash(_clip(7)).encode() + b"\n")
+    assert build_inputs.check_hashes(build_inputs.read_lines(str(corpus / "bom_hashes.txt"),
+                                                             "hashes"))
+    from cacophony_jax import cli
+
+    manifest = str(corpus / "a" / "m.jsonl")
+    with pytest.raises(BuildError, match=r"--exclude-hashes .*ids.txt: 1 entry is not an "
+                                         r"audio hash, e.g. 'eval_id.flac'; .*64 hex digits"):
+        cli.main(["curate", "build", "--debug", "--input", f"a={manifest}", "--exclude-hashes",
+                  str(corpus / "ids.txt"), "--out", str(corpus / "o"), "--quiet"])
+    with pytest.raises(BuildError, match="not an audio hash"):
+        build.run_build([("a", manifest)], str(corpus / "o"), exclude_hashes=["dog.wav"])
+    assert not (corpus / "o").exists()
+
+
+def test_non_finite_durations_are_refused(corpus):
+    manifest = str(corpus / "a" / "m.jsonl")
+    for options in (dict(min_seconds=float("nan")), dict(max_seconds=float("nan")),
+                    dict(min_seconds=float("inf"))):
+        with pytest.raises(BuildError, match="must be finite numbers"):
+            build.run_build([("a", manifest)], str(corpus / "o"), **options)
+
+
+def test_an_out_folder_of_other_files_is_refused_unchanged(corpus):
+    manifest = str(corpus / "a" / "m.jsonl")
+    out = corpus / "mine"
+    out.mkdir()
+    (out / "summary.json").write_text('{"mine": true}')
+    (out / "summary.md").write_text("my notes")
+    with pytest.raises(BuildError, match=r"--out .*mine is a folder with other files and no "
+                                         r"build in it .*new or empty folder"):
+        build.run_build([("a", manifest)], str(out), workers=2)
+    assert sorted(os.listdir(out)) == ["summary.json", "summary.md"]
+    assert (out / "summary.md").read_text() == "my notes"
+    # A build's folder with a summary.json it did not write is refused before any work.
+    built = corpus / "built"
+    build.run_build([("a", manifest)], str(built), workers=2)
+    (built / "summary.json").write_text('{"train": true}')
+    with pytest.raises(BuildError, match=r"summary.json is not a build summary .*move it"):
+        build.run_build([("a", manifest)], str(built), split="val", workers=2)
+    assert not os.path.exists(built / "val_hashes.txt")
+    # An empty folder, or an interrupted build's, is fine.
+    (corpus / "empty").mkdir()
+    assert build.run_build([("a", manifest)], str(corpus / "empty"), workers=2)["total"]

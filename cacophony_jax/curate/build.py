@@ -32,6 +32,7 @@ split is written atomically by `write_array_record`. OUT also receives
 from __future__ import annotations
 
 import collections
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,7 +46,9 @@ from cacophony_jax.audio.clips import MIN_SAMPLES
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import hashing
 from cacophony_jax.curate.build_inputs import (
+    CACHE_NAME,
     BuildError,
+    check_hashes,
     check_ids,
     check_output,
     name_forms,
@@ -58,7 +61,6 @@ from cacophony_jax.data.array_record_write import write_array_record
 from cacophony_jax.data.sources import SourceError, metadata_rows
 from cacophony_jax.progress import Progress
 
-CACHE_NAME = ".build_hash_cache.jsonl"
 _DROPS = ("unreadable", "overlap", "too_short", "too_long", "duplicate")
 
 
@@ -107,6 +109,11 @@ def run_build(
             raise BuildError(f"input name {name!r} may only use letters, digits, '_', '.', '-'")
     if len(set(names)) != len(names):
         raise BuildError(f"input names must be unique, got {names}")
+    if not math.isfinite(min_seconds) or (max_seconds is not None
+                                           and not math.isfinite(max_seconds)):
+        raise BuildError(f"--min-seconds and --max-seconds must be finite numbers, got "
+                         f"{min_seconds} and {max_seconds} (leave --max-seconds out for no "
+                         "limit)")
     if min_seconds < 0 or (max_seconds is not None and max_seconds < min_seconds):
         raise BuildError(f"need 0 <= --min-seconds <= --max-seconds, got {min_seconds} and "
                          f"{max_seconds}")
@@ -114,6 +121,7 @@ def run_build(
         raise BuildError(f"--num-shards must be at least 1, got {num_shards}")
     if workers < 1:
         raise BuildError(f"--workers must be at least 1, got {workers}")
+    bad_hashes = check_hashes(exclude_hashes)
     out_dir = os.path.abspath(out_dir)
     existing = check_output(out_dir, split, overwrite)
     try:
@@ -139,7 +147,6 @@ def run_build(
                          "every class (or put a classes.txt listing them all next to the "
                          "first split's manifest: it fixes the class list and order)")
     os.makedirs(out_dir, exist_ok=True)
-    bad_hashes = {h.lower() for h in exclude_hashes}
     bad_ids = set().union(*(name_forms(i) for i in exclude_ids)) if exclude_ids else set()
     # Shorter than one 16-frame patch (0.15 s) is never usable: training would skip the
     # clip on every draw, so it is dropped and counted here whatever --min-seconds says.
@@ -283,7 +290,8 @@ def command(args: Any, progress: Progress | None) -> int:
                              f"clotho=clotho:data/clotho:development")
         inputs.append((name, spec))
     ids = set().union(*(read_lines(p, "--exclude-ids") for p in args.exclude_ids))
-    hashes = set().union(*(read_lines(p, "--exclude-hashes") for p in args.exclude_hashes))
+    hashes = set().union(*(check_hashes(read_lines(p, "--exclude-hashes"),
+                                        f"--exclude-hashes {p}") for p in args.exclude_hashes))
     summary = run_build(inputs, args.out, split=args.split, num_shards=args.num_shards,
                         exclude_ids=ids, exclude_hashes=hashes,
                         exclude_sources=args.exclude_source, min_seconds=args.min_seconds,

@@ -21,6 +21,8 @@ from cacophony_jax.data.manifest import ManifestSource
 from cacophony_jax.data.sources import open_source
 
 _MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
+CACHE_NAME = ".build_hash_cache.jsonl"  # the first file a build writes into its folder
+_HASH = re.compile(r"[0-9a-fA-F]{64}")  # `hashing.audio_hash`: SHA-256 in hex
 
 
 class BuildError(ValueError):
@@ -63,11 +65,32 @@ def read_lines(path: str, what: str) -> set[str]:
       The set of lines.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Windows Notepad) is no part of the first entry.
+        with open(path, encoding="utf-8-sig") as f:
             return {s for s in (line.strip() for line in f) if s and not s.startswith("#")}
     except (OSError, UnicodeDecodeError) as e:
         raise BuildError(f"cannot read the {what} file {path} ({e}); pass a UTF-8 text "
                          f"file with one entry per line") from None
+
+
+def check_hashes(hashes: Iterable[str], where: str = "--exclude-hashes") -> set[str]:
+    """Refuses entries that are not audio hashes (they would exclude nothing).
+
+    Args:
+      hashes: `hashing.audio_hash` values (any case).
+      where: what gave them, for the error message (e.g. the file).
+
+    Returns:
+      The hashes, lower case.
+    """
+    hashes = set(hashes)
+    wrong = sorted(h for h in hashes if not _HASH.fullmatch(h))
+    if wrong:
+        raise BuildError(f"{where}: {len(wrong)} entr{'y is' if len(wrong) == 1 else 'ies are'}"
+                         f" not an audio hash, e.g. {wrong[0][:80]!r}; it needs one SHA-256 "
+                         "of 64 hex digits a line, like another build's <split>_hashes.txt "
+                         "(ids or file names go to --exclude-ids)")
+    return {h.lower() for h in hashes}
 
 
 def name_forms(name: str) -> set[str]:
@@ -118,6 +141,13 @@ def check_output(out_dir: str, split: str, overwrite: bool) -> list[str] | None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise BuildError(f"--out {out_dir} is a file; name a new or existing folder")
     info = os.path.join(out_dir, "dataset_info.json")
+    ours = [name for name in ("dataset_info.json", CACHE_NAME)
+            if os.path.isfile(os.path.join(out_dir, name))]
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not ours:
+        raise BuildError(f"--out {out_dir} is a folder with other files and no build in it "
+                         "(no dataset_info.json); nothing was written: name a new or empty "
+                         "folder, or one a curate build wrote")
+    _check_summary(os.path.join(out_dir, "summary.json"))
     if not os.path.isfile(info):
         return None
     try:
@@ -133,6 +163,23 @@ def check_output(out_dir: str, split: str, overwrite: bool) -> list[str] | None:
     return [str(c) for c in classes] if set(names) - {split} else None
 
 
+def _check_summary(path: str) -> None:
+    """Refuses a summary.json that a build did not write (it would be overwritten)."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            every = json.load(f)
+        ok = isinstance(every, dict) and all(
+            isinstance(s, dict) and s.get("split") == name for name, s in every.items())
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise BuildError(f"{path} is not a build summary (one entry per split), so a build "
+                         "did not write it; nothing was written: move it away, or choose "
+                         "another --out folder")
+
+
 def warn_shared_clips(out_dir: str, split: str, kept: Mapping[str, Any]) -> None:
     """Warns when clips of `split` are also in another split of the dataset (a test
     split overlapping train makes its numbers meaningless)."""
@@ -143,7 +190,7 @@ def warn_shared_clips(out_dir: str, split: str, kept: Mapping[str, Any]) -> None
         if other in (name, split):
             continue
         path = os.path.join(out_dir, name)
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             shared = sum(1 for line in f if line.strip() in kept)
         if shared:
             logging.warning("%d clip(s) of split %r are also in split %r (the same audio); "
