@@ -26,7 +26,8 @@ Resuming: hashes are appended to ``OUT/.build_hash_cache.jsonl`` as they are com
 keyed by path, size and modification time, so a rerun decodes only what is new; the
 split is written atomically by `write_array_record`. OUT also receives
 ``<split>_hashes.txt`` (for another build's `--exclude-hashes`), ``summary.json`` and
-``summary.md``.
+``summary.md``. OUT must be new, empty or a build's folder: other files in it are
+never overwritten (see `build_inputs.check_output`).
 """
 
 from __future__ import annotations

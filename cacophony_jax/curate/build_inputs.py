@@ -134,7 +134,9 @@ def check_ids(name: str, spec: str, source: Any, clips: Iterable[tuple[str, Any]
 
 
 def check_output(out_dir: str, split: str, overwrite: bool) -> list[str] | None:
-    """Refuses an output that cannot take `split`; returns the class names of the
+    """Refuses an output that cannot take `split`, or holds files a build did not write
+    (a non-empty folder without dataset_info.json or the hash cache, a summary.json
+    that is not a build's): they would be overwritten. Returns the class names of the
     other splits already there (None when there are none)."""
     if not re.fullmatch(SPLIT_NAME, split):
         raise BuildError(f"--split {split!r} may only use letters, digits and '_'")
