@@ -162,6 +162,20 @@ def test_mae_mask_is_deterministic_and_uniform():
     assert not counts[10:].any()  # padded patches are never visible
 
 
+def test_mae_mask_with_a_key_per_example_does_not_depend_on_the_row():
+    seq = sequence(3, 16, valid=[16, 10, 12])
+    keys = jax.random.split(jax.random.key(9), 3)
+    out = masking(keys, *seq, 4)
+    order = np.array([2, 0, 1])
+    moved = masking(keys[order], *(x[order] for x in seq), 4)
+    np.testing.assert_array_equal(moved.visible_index, np.asarray(out.visible_index)[order])
+    np.testing.assert_array_equal(moved.masked_mask, np.asarray(out.masked_mask)[order])
+    # One key for the batch: a row's mask changes with its place.
+    one = masking(jax.random.key(9), *seq, 4)
+    shifted = masking(jax.random.key(9), *(x[order] for x in seq), 4)
+    assert not np.array_equal(shifted.visible_index, np.asarray(one.visible_index)[order])
+
+
 def test_mae_mask_with_too_few_valid_patches():
     out = P.mae_mask(jax.random.key(0), *sequence(1, 16, valid=[2]), 4)
     np.testing.assert_array_equal(out.visible_mask[0], [True, True, False, False])

@@ -133,8 +133,12 @@ def patchify(
 
 
 def _random_rank(rng: jax.Array, mask: jax.Array) -> jax.Array:
-    """Patch positions [B, N] in a uniformly random order, padding patches last."""
-    draw = jax.random.uniform(rng, mask.shape)
+    """Patch positions [B, N] in a uniformly random order, padding patches last.
+    `rng`: one key, or one typed key per example ([B]: each row's order is its own)."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1:
+        draw = jax.vmap(lambda key: jax.random.uniform(key, mask.shape[1:]))(rng)
+    else:
+        draw = jax.random.uniform(rng, mask.shape)
     return jnp.argsort(jnp.where(mask, draw, 2.0), axis=-1).astype(jnp.int32)
 
 
@@ -230,7 +234,8 @@ def mae_mask(
     the shapes are static: V visible and N - V masked entries.
 
     Args:
-      rng: PRNG key.
+      rng: PRNG key, or typed keys [B], one per example (jax.random.key): then an
+        example's mask does not depend on the rows around it.
       patches: [B, N, D].
       time_idx: int32 [B, N].
       freq_idx: int32 [B, N].

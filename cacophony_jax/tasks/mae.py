@@ -15,7 +15,9 @@ from cacophony_jax.models import mae as mae_lib
 from cacophony_jax.models import variants
 from cacophony_jax.tasks import common
 
-# Evaluation masks are drawn from this fixed key so every evaluation sees the same.
+# Evaluation masks are drawn from this fixed key folded with each clip's id, so every
+# evaluation masks a clip the same way, whatever its row (the rows of a batch depend on
+# the number of processes).
 EVAL_MASK_SEED = 1234
 
 
@@ -87,8 +89,9 @@ class MAETask:
 
         @jax.jit
         def sums(params, batch):
-            feats = self.masked_patches(batch, jax.random.PRNGKey(EVAL_MASK_SEED),
-                                        num_visible)
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(
+                jax.random.key(EVAL_MASK_SEED), jnp.maximum(batch["example_id"], 0))
+            feats = self.masked_patches(batch, keys, num_visible)
             recon = self._reconstruct(params, feats, jax.random.PRNGKey(0), True)
             pred = recon[:, num_visible:].astype(jnp.float32)
             count = jnp.sum(feats.masked_mask.astype(jnp.float32))
