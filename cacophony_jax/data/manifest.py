@@ -14,7 +14,8 @@ JSONL (``.jsonl`` / ``.json``), one object per line::
 - ``id`` (optional): defaults to the ``audio`` string.
 Other keys are ignored (one that looks like a misspelt key above gets a warning).
 Empty captions are dropped; a clip may have no captions. A leading byte-order mark
-is allowed.
+is allowed. A row holding text that is not valid Unicode (a lone surrogate such as
+the JSON escape ``\\ud800``, or in a CSV bytes that are not UTF-8) is a bad row.
 
 CSV (``.csv``) with a header: columns ``audio``, ``caption``, optional ``label``
 (spaces around the names are ignored). Rows with the same ``audio`` are merged into
@@ -35,7 +36,7 @@ from collections.abc import Iterable, Sequence
 
 from absl import logging
 
-from cacophony_jax.data.sources import ClipSource, SourceError
+from cacophony_jax.data.sources import ClipSource, SourceError, utf8
 
 _SHOW_BAD_ROWS = 5
 
@@ -80,7 +81,11 @@ class ManifestSource(ClipSource):
                 bad.append(f"line {line}: label(s) {unknown} are not in classes.txt")
                 continue
             labels = [index.setdefault(name, len(index)) for name in label_names]
-            self.add(audio, captions, synthetic, labels, clip_id)
+            try:  # the rows' strings were checked; `add` adds nothing when it raises
+                self.add(audio, captions, synthetic, labels, clip_id)
+            except SourceError as error:
+                bad.append(f"line {line}: {error}")
+                continue
             self.lines.append(line)
         self.num_skipped = len(bad)
         if bad:
@@ -168,6 +173,10 @@ def _jsonl_rows(path: str, bad: list[str]):
                 if not isinstance(clip_id, str) or not clip_id:
                     raise TypeError('"id" must be a non-empty string')
                 synthetic = _string_list(row, "synthetic_captions")
+                for key, texts in (("audio", [audio]), ("id", [clip_id]), ("captions", captions),
+                                   ("synthetic_captions", synthetic), ("label", labels)):
+                    for text in texts:
+                        utf8(text, f'"{key}"')
                 yield line, audio, captions, synthetic, labels, clip_id
             except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
                 bad.append(f"line {line}: {error}")
@@ -176,32 +185,36 @@ def _jsonl_rows(path: str, bad: list[str]):
 
 def _csv_rows(path: str, bad: list[str]):
     clips: dict[str, tuple[int, list[str], list[str]]] = {}
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            reader.fieldnames = [name.strip() for name in header]
-            if "audio" not in reader.fieldnames:
-                raise ManifestError(f"CSV manifest {path} needs a header with columns audio, "
-                                    f"caption[, label]; it has {header}")
-            _warn_misspelt(path, reader.fieldnames, _CSV_COLUMNS, "column")
-            if "caption" not in reader.fieldnames:
-                logging.warning("manifest %s has no caption column (columns: %s): its clips "
-                                "have no captions, which stage 2 cannot train on", path,
-                                ", ".join(reader.fieldnames))
-            for row in reader:
-                audio = (row.get("audio") or "").strip()
-                if not audio:
-                    bad.append(f"line {reader.line_num}: the audio column is empty")
-                    continue
-                _, captions, labels = clips.setdefault(audio, (reader.line_num, [], []))
-                caption = row.get("caption") or ""
-                if caption not in captions:  # a repeated row adds nothing
-                    captions.append(caption)
-                label = (row.get("label") or "").strip()
-                if label and label not in labels:
-                    labels.append(label)
-    except UnicodeDecodeError as error:
-        raise ManifestError(f"CSV manifest {path} is not UTF-8 text ({error})") from None
+    # Bytes that are not UTF-8 become lone surrogates, so only their rows are bad.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        reader.fieldnames = [name.strip() for name in header]
+        if "audio" not in reader.fieldnames:
+            raise ManifestError(f"CSV manifest {path} needs a header with columns audio, "
+                                f"caption[, label]; it has {header}")
+        _warn_misspelt(path, reader.fieldnames, _CSV_COLUMNS, "column")
+        if "caption" not in reader.fieldnames:
+            logging.warning("manifest %s has no caption column (columns: %s): its clips "
+                            "have no captions, which stage 2 cannot train on", path,
+                            ", ".join(reader.fieldnames))
+        for row in reader:
+            audio = (row.get("audio") or "").strip()
+            caption = row.get("caption") or ""
+            label = (row.get("label") or "").strip()
+            try:
+                for column, text in (("audio", audio), ("caption", caption), ("label", label)):
+                    utf8(text, f"the {column} column")
+            except SourceError as error:
+                bad.append(f"line {reader.line_num}: {error}")
+                continue
+            if not audio:
+                bad.append(f"line {reader.line_num}: the audio column is empty")
+                continue
+            _, captions, labels = clips.setdefault(audio, (reader.line_num, [], []))
+            if caption not in captions:  # a repeated row adds nothing
+                captions.append(caption)
+            if label and label not in labels:
+                labels.append(label)
     for audio, (line, captions, labels) in clips.items():
         yield line, audio, captions, [], labels, audio

@@ -35,8 +35,8 @@ class _Texts:
         self._data = bytearray()
         self._ends = array("q")
 
-    def append(self, text: str) -> None:
-        self._data += text.encode("utf-8")
+    def append(self, text: str | bytes) -> None:
+        self._data += text if isinstance(text, bytes) else text.encode("utf-8")
         self._ends.append(len(self._data))
 
     def __len__(self) -> int:
@@ -45,6 +45,22 @@ class _Texts:
     def __getitem__(self, i: int) -> str:
         start = self._ends[i - 1] if i else 0
         return self._data[start : self._ends[i]].decode("utf-8")
+
+
+def utf8(text: str, what: str) -> bytes:
+    """`text` encoded as UTF-8, or SourceError naming `what` when it cannot be.
+
+    A str can hold lone surrogates (a JSON "\\ud800" escape, or bytes that are not
+    UTF-8 read with errors="surrogateescape"); those are not text.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise SourceError(
+            f"{what} {shown!r} is not valid text: character {e.start} is a lone surrogate "
+            f"{text[e.start]!r} (a JSON \\ud800-style escape, or bytes that are not UTF-8); "
+            "fix or remove it") from None
 
 
 class _Ragged:
@@ -95,7 +111,8 @@ class ClipSource:
         labels: Iterable[int] = (),
         clip_id: str = "",
     ) -> None:
-        """Appends one clip (empty captions are dropped).
+        """Appends one clip (empty captions are dropped); nothing is added when it
+        raises.
 
         Args:
           audio: audio path, relative to the root or absolute.
@@ -103,11 +120,19 @@ class ClipSource:
           synthetic_captions: model-written captions.
           labels: class indices into `class_names`.
           clip_id: the clip's id; defaults to `audio`.
+
+        Raises:
+          SourceError: a string is not valid text (a lone surrogate).
         """
-        self._audio.append(audio)
-        self._ids.append("" if clip_id == audio else clip_id)
-        self._captions.append(c for c in captions if c.strip())
-        self._synthetic.append(c for c in synthetic_captions if c.strip())
+        encoded_audio = utf8(audio, "audio path")
+        encoded_id = b"" if clip_id == audio else utf8(clip_id, "id")
+        texts = [utf8(c, "caption") for c in captions if c.strip()]
+        synthetic = [utf8(c, "synthetic caption") for c in synthetic_captions if c.strip()]
+        labels = list(labels)
+        self._audio.append(encoded_audio)
+        self._ids.append(encoded_id)
+        self._captions.append(texts)
+        self._synthetic.append(synthetic)
         self._labels.append(labels)
 
     def __len__(self) -> int:

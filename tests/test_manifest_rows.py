@@ -1,0 +1,46 @@
+"""Manifest rows that are not plain text, BOMs in side files, and label clean-up."""
+
+import logging
+
+import pytest
+
+from cacophony_jax.data.manifest import ManifestError, ManifestSource
+from cacophony_jax.data.sources import ClipSource, SourceError
+
+# A JSON escape for a lone surrogate: json.loads accepts it, UTF-8 cannot hold it.
+_SURROGATE_ROW = '{"id": "x", "audio": "a.wav", "captions": ["bad \\ud800"]}'
+
+
+def test_a_lone_surrogate_in_a_jsonl_row_is_a_bad_row(tmp_path, caplog):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "ok.wav", "caption": "fine"}\n' + _SURROGATE_ROW + "\n"
+                        '{"audio": "b.wav", "label": "dog\\udc00"}\n')
+    with pytest.raises(ManifestError) as info:
+        ManifestSource(manifest)
+    message = str(info.value)
+    assert str(manifest) in message and "2 bad row(s)" in message
+    assert "line 2: \"captions\" 'bad \\ud800' is not valid text" in message
+    assert "line 3: \"label\"" in message
+    with caplog.at_level(logging.WARNING):
+        source = ManifestSource(manifest, skip_bad_rows=True)
+    assert len(source) == 1 and source.num_skipped == 2 and source.class_names == ()
+    assert source[0]["id"] == "ok.wav" and "skipped 2 bad row(s)" in caplog.text
+
+
+def test_bytes_that_are_not_utf8_in_a_csv_row_make_that_row_bad(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"audio,caption,label\na.wav,a bell,bell\nb.wav,caf\xe9,bell\n"
+                         b"c.wav,rain,r\xff\n")
+    with pytest.raises(ManifestError, match=r"(?s)2 bad row\(s\).*line 3: the caption column"
+                                            r".*not valid text.*line 4: the label column"):
+        ManifestSource(manifest)
+    source = ManifestSource(manifest, skip_bad_rows=True)
+    assert len(source) == 1 and source.num_skipped == 2 and source.class_names == ("bell",)
+
+
+def test_clip_source_add_refuses_a_lone_surrogate_and_adds_nothing(tmp_path):
+    source = ClipSource("s", str(tmp_path))
+    with pytest.raises(SourceError, match="caption 'x\\\\ud800' is not valid text"):
+        source.add("a.wav", ["fine", "x\ud800"], clip_id="a")
+    source.add("b.wav", ["ok"])
+    assert len(source) == 1 and source[0]["id"] == "b.wav" and source[0]["captions"] == ["ok"]
