@@ -44,3 +44,14 @@ def test_clip_source_add_refuses_a_lone_surrogate_and_adds_nothing(tmp_path):
         source.add("a.wav", ["fine", "x\ud800"], clip_id="a")
     source.add("b.wav", ["ok"])
     assert len(source) == 1 and source[0]["id"] == "b.wav" and source[0]["captions"] == ["ok"]
+
+
+def test_a_byte_order_mark_in_classes_txt_is_not_part_of_the_first_name(tmp_path):
+    (tmp_path / "classes.txt").write_bytes(b"\xef\xbb\xbfhi\nlo\n")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "a.wav", "label": "hi"}\n{"audio": "b.wav", "label": "lo"}\n')
+    source = ManifestSource(manifest)
+    assert source.class_names == ("hi", "lo") and source[0]["labels"] == [0]
+    (tmp_path / "classes.txt").write_bytes(b"h\xefi\nlo\n")
+    with pytest.raises(ManifestError, match="classes.txt is not UTF-8 text"):
+        ManifestSource(manifest)

@@ -22,7 +22,8 @@ CSV (``.csv``) with a header: columns ``audio``, ``caption``, optional ``label``
 one clip with several captions.
 
 Labels: a ``classes.txt`` next to the manifest (one name per line) fixes the class
-order; without it the class names are the sorted label strings.
+order (UTF-8, a leading byte-order mark allowed); without it the class names are
+the sorted label strings.
 """
 
 from __future__ import annotations
@@ -121,8 +122,11 @@ class ManifestSource(ClipSource):
 def _read_classes(path: str) -> list[str]:
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not a name
+            names = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ManifestError(f"{path} lists {duplicates} more than once; keep one of each")
