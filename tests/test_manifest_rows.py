@@ -55,3 +55,18 @@ def test_a_byte_order_mark_in_classes_txt_is_not_part_of_the_first_name(tmp_path
     (tmp_path / "classes.txt").write_bytes(b"h\xefi\nlo\n")
     with pytest.raises(ManifestError, match="classes.txt is not UTF-8 text"):
         ManifestSource(manifest)
+
+
+def test_jsonl_labels_are_stripped_deduplicated_and_empty_ones_dropped(tmp_path, caplog):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "a.wav", "label": [" a ", "a", "b"]}\n'
+                        '{"audio": "b.wav", "label": "a"}\n'
+                        '{"audio": "c.wav", "label": ""}\n'
+                        '{"audio": "d.wav", "label": ["b", "  "]}\n')
+    with caplog.at_level(logging.WARNING):
+        source = ManifestSource(manifest)
+    assert source.class_names == ("a", "b")
+    assert [source[i]["labels"] for i in range(4)] == [[0, 1], [0], [], [1]]
+    assert "2 row(s) have an empty label, which is dropped" in caplog.text
+    (tmp_path / "classes.txt").write_text("b\na\n")
+    assert ManifestSource(manifest)[0]["labels"] == [1, 0]  # " a " is in classes.txt

@@ -10,7 +10,8 @@ JSONL (``.jsonl`` / ``.json``), one object per line::
 - ``audio`` (required): path relative to the manifest's folder, or absolute.
 - ``captions``: list of strings, or ``caption``: one string (both may be given).
 - ``synthetic_captions`` (optional): list of strings from a captioning model.
-- ``label`` (optional): one class name or a list of them.
+- ``label`` (optional): one class name or a list of them (spaces around a name are
+  ignored, a repeated name counts once, an empty one is dropped with a warning).
 - ``id`` (optional): defaults to the ``audio`` string.
 Other keys are ignored (one that looks like a misspelt key above gets a warning).
 Empty captions are dropped; a clip may have no captions. A leading byte-order mark
@@ -154,6 +155,7 @@ def _warn_misspelt(path: str, names: Iterable[str], known: Sequence[str], what: 
 
 def _jsonl_rows(path: str, bad: list[str]):
     keys: set[str] = set()
+    empty_labels = 0
     with open(path, "rb") as f:
         for line, raw in enumerate(f, 1):
             if not raw.strip():
@@ -181,10 +183,17 @@ def _jsonl_rows(path: str, bad: list[str]):
                                    ("synthetic_captions", synthetic), ("label", labels)):
                     for text in texts:
                         utf8(text, f'"{key}"')
+                names = [name.strip() for name in labels]  # as CSV labels and classes.txt
+                empty_labels += "" in names
+                labels = list(dict.fromkeys(name for name in names if name))  # no repeats
                 yield line, audio, captions, synthetic, labels, clip_id
             except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
                 bad.append(f"line {line}: {error}")
     _warn_misspelt(path, keys, _JSONL_KEYS, "key")
+    if empty_labels:
+        logging.warning("manifest %s: %d row(s) have an empty label, which is dropped (a clip "
+                        "with no other label is unlabelled); remove it or name the class",
+                        path, empty_labels)
 
 
 def _csv_rows(path: str, bad: list[str]):
