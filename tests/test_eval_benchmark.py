@@ -151,6 +151,30 @@ def test_own_manifest_lists_absent_and_unreadable_clips_apart(esc50, tmp_path):
             "them: missing_ids, unreadable_ids)") in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_own_manifest_bad_rows_are_recorded_and_mark_the_copy_incomplete(esc50, tmp_path,
+                                                                         caplog):
+    import logging
+
+    from cacophony_jax.data.manifest import ManifestSource
+
+    rows = [json.dumps({"id": n, "audio": f"audio/{n}", "captions": [f"a {w} sound"]})
+            for n, w in (("1-1-A-0.wav", "dog"), ("1-2-A-1.wav", "rain"),
+                         ("1-2-A-1.wav", "rain"))] + ["{not json", '{"caption": "no audio"}']
+    manifest = esc50 / "own.jsonl"
+    manifest.write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        results = benchmark.evaluate_bundle(FakeModel(), {"own.jsonl": ManifestSource(
+            str(manifest), skip_bad_rows=True)}, out_dir=str(tmp_path / "out"))
+    own = results["sets"]["own.jsonl"]
+    assert own["clips"] == 3 and own["bad_rows"] == 2
+    assert json.loads((tmp_path / "out" / "results.json").read_text())[
+        "sets"]["own.jsonl"]["bad_rows"] == 2
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| own.jsonl (incomplete copy, see below) | this model | 3 | 3 |" in text
+    assert "- own.jsonl: 2 bad manifest row(s) skipped" in text
+    assert "own.jsonl: 1 clip(s) repeat an id listed earlier" in caplog.text
+
+
 def test_results_files_put_paper_numbers_next_to_ours(clotho, esc50, tmp_path):
     out = tmp_path / "results"
     sets = benchmark.open_datasets({"clotho": str(clotho), "esc50": str(esc50)})

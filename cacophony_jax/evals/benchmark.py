@@ -199,8 +199,9 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
       window_seconds: see `embed_source`.
 
     Returns:
-      {"tasks", "metrics": {...}, "clips", "captions", "unreadable", "missing", "seconds"}
-      (and "prompts", the first three class prompts, for zero-shot).
+      {"tasks", "metrics": {...}, "clips", "captions", "unreadable", "missing",
+      "bad_rows" (a manifest's skipped bad rows), "seconds"} (and "prompts", the first
+      three class prompts, for zero-shot).
     """
     start = time.monotonic()
     tasks = _tasks(name, source)
@@ -213,6 +214,15 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
     if embedded["absent"]:
         logging.warning("%s: skipped %d clip(s) whose audio file does not exist, e.g. %s",
                         name, len(embedded["absent"]), embedded["absent"][:3])
+    bad_rows = int(getattr(source, "num_skipped", 0))  # a manifest's skipped bad rows
+    if bad_rows:
+        logging.warning("%s: %d bad row(s) of the set were skipped (see the warning when it "
+                        "was read); its results are of an incomplete copy", name, bad_rows)
+    repeated = len(embedded["ids"]) - len(set(embedded["ids"]))
+    if repeated:
+        logging.warning("%s: %d clip(s) repeat an id listed earlier; a clip listed twice "
+                        "caps text->audio R@1 (its captions match both): list each once",
+                        name, repeated)
     missing_ids = [*getattr(source, "missing_ids", ()), *embedded["absent"]]
     metrics: dict[str, Any] = {}
     num_captions = sum(len(c) for c in embedded["captions"])
@@ -242,7 +252,7 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
             "unreadable_ids": embedded["unreadable_ids"],
             "padded": embedded["padded"],
             "missing": int(getattr(source, "num_missing", 0)) + len(embedded["absent"]),
-            "missing_ids": missing_ids,
+            "missing_ids": missing_ids, "bad_rows": bad_rows,
             **({"folds": list(source.folds)} if getattr(source, "folds", None) else {}),
             **({"prompts": prompts[:3]} if prompts else {}),
             "seconds": round(time.monotonic() - start, 2)}

@@ -128,6 +128,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped "
              "(results.json lists them: missing_ids, unreadable_ids)"
              for n, r in sets.items() if r["unreadable"] or r["missing"]]
+    notes += [f"- {n}: {r['bad_rows']} bad manifest row(s) skipped (the warning when it was "
+              "read names them)" for n, r in sets.items() if r.get("bad_rows")]
     notes += [f"- {n}: {r['padded']} clip(s) shorter than 0.15 s padded with silence"
               for n, r in sets.items() if r.get("padded")]
     for n, r in sets.items():
@@ -154,7 +156,7 @@ def _display(name: str, sets: Mapping[str, Any]) -> str:
     every = {"esc50": 5, "urbansound8k": 10}.get(name)
     if folds and every and len(folds) != every:  # "ESC-50 (5 folds)" -> "(folds 1, 2, 3)"
         display = display.split(" (")[0] + f" (folds {', '.join(map(str, folds))})"
-    if result and (result["unreadable"] or result["missing"]
+    if result and (result["unreadable"] or result["missing"] or result.get("bad_rows")
                    or _listed(result) < PUBLISHED_CLIPS.get(name, 0)):
         display += " (incomplete copy, see below)"
     return display
