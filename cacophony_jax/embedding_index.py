@@ -8,8 +8,8 @@ Written by ``cli embed``, read by ``cli search``. Arrays of the file:
                                "embedding_size"} of the bundle that embedded them
 
 Embeddings of different bundles live in different spaces, so a search checks that
-its bundle is the one the index was built with (`check_bundle`), by content
-(`bundle_fingerprint`), not by path.
+its bundle is the one the index was built with (`check_bundle`), by the content of
+the bundle's own files (`bundle_fingerprint`), not by path.
 """
 
 from __future__ import annotations
@@ -31,11 +31,29 @@ class IndexFileError(ValueError):
     """An index that is missing, damaged, or does not fit the bundle; says the fix."""
 
 
-def bundle_fingerprint(bundle: str) -> str:
-    """SHA-256 (first 16 hex digits) over every file of a bundle: names and contents.
+# The files that make a bundle (convert/bundle.py: BUNDLE_JSON, PARAMS_DIR,
+# TOKENIZER_JSON; not imported, as that module loads JAX). Anything else put into a
+# bundle's folder (a README, .DS_Store, eval results) does not change the model.
+BUNDLE_PARTS = ("bundle.json", "params", "tokenizer.json")
+
+
+def _is_bundle_file(relative: str) -> bool:
+    parts = relative.split(os.sep)
+    return parts[0] in BUNDLE_PARTS and not any(p.startswith(".") for p in parts)
+
+
+def bundle_fingerprint(bundle: str, *, every_file: bool = False) -> str:
+    """SHA-256 (first 16 hex digits) over a bundle's own files: names and contents.
+
+    The files hashed are bundle.json, tokenizer.json and those in params/ (hidden ones
+    such as .DS_Store excepted), so other files put into the folder change nothing.
+    For a bundle holding only its own files the value is the one earlier versions
+    gave (they hashed every file of the folder).
 
     Args:
       bundle: the bundle folder (or a single file).
+      every_file: hash every file of the folder, as earlier versions did (a folder
+        without bundle.json is always hashed whole).
 
     Returns:
       The fingerprint; equal bundles (also copies) give equal values.
@@ -43,6 +61,8 @@ def bundle_fingerprint(bundle: str) -> str:
     digest = hashlib.sha256()
     files = [bundle] if os.path.isfile(bundle) else sorted(
         os.path.join(folder, name) for folder, _, names in os.walk(bundle) for name in names)
+    if not every_file and os.path.isfile(os.path.join(bundle, BUNDLE_PARTS[0])):
+        files = [p for p in files if _is_bundle_file(os.path.relpath(p, bundle))]
     for path in files:
         digest.update(os.path.relpath(path, bundle).encode() + b"\0")
         with open(path, "rb") as f:
@@ -126,6 +146,9 @@ def check_bundle(index: str, meta: dict[str, Any], bundle: str, fingerprint: str
     """
     if fingerprint == meta.get("fingerprint"):
         return
+    if fingerprint is not None and os.path.isdir(bundle) and meta.get(
+            "fingerprint") == bundle_fingerprint(bundle, every_file=True):
+        return  # an index of an earlier version, which hashed every file of the folder
     same_tokenizer = tokenizer_fingerprint(model) == meta.get("tokenizer")
     raise IndexFileError(
         f"index {index} was built with bundle {meta.get('path')} (fingerprint "

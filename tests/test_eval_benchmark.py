@@ -317,3 +317,27 @@ def test_real_bundle_matches_direct_scoring(bundle, clotho, esc50):
                                 labels)
     assert sentence["sets"]["esc50"]["metrics"]["mAP"] == pytest.approx(expected["mAP"])
     assert sentence["zeroshot_prompt"] == "sentence"
+
+
+def test_results_are_not_written_into_the_bundle_folder(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    bundle = tmp_path / "bundle"
+    (bundle / "params").mkdir(parents=True)
+    (bundle / "bundle.json").write_text("{}")
+
+    def load(path):
+        raise AssertionError("refused before loading")
+
+    for out in (bundle, bundle / "ev1", bundle / "params"):
+        args = parser.parse_args(["--bundle", str(bundle), "--synthetic", "2", "--out", str(out)])
+        with pytest.raises(ValueError, match=r"--out .* is \(inside\) an inference bundle's fo"):
+            benchmark.command(args, load, None)
+    other = tmp_path / "other"  # a bundle given by another path
+    (other / "params").mkdir(parents=True)
+    (other / "bundle.json").write_text("{}")
+    args = parser.parse_args(["--bundle", str(bundle), "--synthetic", "2", "--out", str(other)])
+    with pytest.raises(ValueError, match="inference bundle's folder"):
+        benchmark.command(args, load, None)

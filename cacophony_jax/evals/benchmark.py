@@ -389,6 +389,10 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; results go into a folder "
                          "(results.json, results.md): name a new or existing folder")
+    bundle, out = (os.path.realpath(p) + os.sep for p in (args.bundle, args.out or "."))
+    if args.out and (out.startswith(bundle) or os.path.isfile(out + "bundle.json")):
+        raise ValueError(f"--out {args.out} is (inside) an inference bundle's folder; results "
+                         "written there would mix with the bundle: name another folder")
     seconds = args.synthetic_seconds
     if args.synthetic and seconds and not 1.0 <= seconds <= 600.0:
         raise ValueError(f"--synthetic-seconds {seconds} must be between 1 and 600 "
