@@ -314,3 +314,41 @@ def test_training_keeps_its_tokenizer_and_export_reads_that_copy(
     out = export.export_from_checkpoint(run, tmp_path / "bundle")
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["tokenizer_fingerprint"] == Tokenizer.load(run / "tokenizer.json").fingerprint
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"window_seconds": 0}, r"window of 0 s \(window_seconds in .*bundle.json\) is shorter "
+                            r"than one 16-frame patch \(0.16 s\); re-export the bundle"),
+    ({"window_seconds": "10"}, r"must be a number of seconds, got '10' \(str\); re-export"),
+    ({"window_seconds": None}, r"must be a number of seconds, got None"),
+    ({"window_seconds": float("nan")}, r"window of nan s .* not a finite number; re-export"),
+    ({"text_length": -5}, r"text length -5 \(text_length in .*bundle.json\) must be in "
+                          r"\[2, 40\].*; re-export the bundle"),
+    ({"text_length": 41}, r"text length 41 .* must be in \[2, 40\]"),
+    ({"text_length": 16.5}, r"text length \(text_length in .*\) must be a whole number"),
+    ({"text_length": True}, r"must be a whole number of tokens, got True \(bool\)"),
+    ({"dtype": "float16"}, r"dtype 'float16' .* is damaged; re-export the bundle"),
+    ({"tokenizer_fingerprint": 3}, r"tokenizer_fingerprint 3 \(a string\) is damaged"),
+    ({"model": {"audio": 1}}, r"model config in bundle.json is not valid.*re-export"),
+    ({"kind": "mae", "model": "mae"}, r"text_length 16 must be 0 for an AudioMAE bundle"),
+])
+def test_a_damaged_bundle_json_names_the_field_and_says_re_export(tmp_path, changes, message):
+    import dataclasses
+
+    from cacophony_jax.models import variants
+
+    meta = {"format": bundle_lib.FORMAT, "version": bundle_lib.VERSION, "kind": "cacophony",
+            "model": dataclasses.asdict(variants.cacophony_config("tiny")), "dtype": "float32",
+            "frontend": bundle_lib.frontend_settings(), "window_seconds": 1.0,
+            "text_length": 16, "tokenizer_fingerprint": "abc", "source": {}}
+    (tmp_path / "bundle.json").write_text(json.dumps(meta))
+    assert bundle_lib.read_meta(tmp_path)["text_length"] == 16
+    if changes.get("model") == "mae":
+        changes["model"] = dataclasses.asdict(variants.mae_config("tiny"))
+        meta.update(changes)
+        (tmp_path / "bundle.json").write_text(json.dumps({**meta, "text_length": 0}))
+        assert bundle_lib.read_meta(tmp_path)["kind"] == "mae"
+    meta.update(changes)
+    (tmp_path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=message):
+        bundle_lib.read_meta(tmp_path)

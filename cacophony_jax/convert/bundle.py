@@ -120,28 +120,39 @@ def abstract_params(config: ModelConfig, *, scan: bool = False) -> Params:
 # ---- writing ----------------------------------------------------------------------
 
 
+def _check_numbers(window_seconds: Any, text_length: Any, max_positions: int | None,
+                   names: tuple[str, str], fixes: tuple[str, str]) -> None:
+    """Checks a window and text length (`max_positions` None: no text tower, "mae",
+    whose text length is not checked); `names` and `fixes` say, per field, where it
+    came from and what to do."""
+    (window, text), (fix_window, fix_text) = names, fixes
+    if isinstance(window_seconds, bool) or not isinstance(window_seconds, numbers.Real):
+        raise BundleError(f"the window ({window}) must be a number of seconds, got "
+                          f"{window_seconds!r} ({type(window_seconds).__name__}); {fix_window}")
+    if isinstance(text_length, bool) or not isinstance(text_length, numbers.Integral):
+        raise BundleError(f"the text length ({text}) must be a whole number of tokens, got "
+                          f"{text_length!r} ({type(text_length).__name__}); {fix_text}")
+    if not math.isfinite(window_seconds):
+        raise BundleError(f"window of {window_seconds} s ({window}) is not a finite number; "
+                          f"{fix_window}")
+    if not window_seconds * frontend.SAMPLE_RATE >= MIN_WINDOW_SAMPLES:
+        raise BundleError(f"window of {window_seconds} s ({window}) is shorter than one "
+                          f"16-frame patch (0.16 s); {fix_window}")
+    if max_positions is not None and not 2 <= text_length <= max_positions:
+        raise BundleError(f"text length {text_length} ({text}) must be in [2, "
+                          f"{max_positions}] (the text tower's positions); {fix_text}")
+
+
 def _check_request(config: ModelConfig, tokenizer: Tokenizer | None, dtype: str,
                    window_seconds: float, text_length: int) -> None:
     dtype_of(dtype)
-    if isinstance(window_seconds, bool) or not isinstance(window_seconds, numbers.Real):
-        raise BundleError(f"the window (--window-seconds) must be a number of seconds, got "
-                          f"{window_seconds!r} ({type(window_seconds).__name__})")
-    if isinstance(text_length, bool) or not isinstance(text_length, numbers.Integral):
-        raise BundleError(f"the text length (--text-length) must be a whole number of "
-                          f"tokens, got {text_length!r} ({type(text_length).__name__})")
-    if not math.isfinite(window_seconds):
-        raise BundleError(f"window of {window_seconds} s (--window-seconds) is not a finite "
-                          "number; use the clip length the model was trained on")
-    if not window_seconds * frontend.SAMPLE_RATE >= MIN_WINDOW_SAMPLES:
-        raise BundleError(f"window of {window_seconds} s (--window-seconds) is shorter "
-                          "than one 16-frame "
-                          "patch (0.16 s); use the clip length the model was trained on")
-    if not isinstance(config, CacophonyConfig):
+    stage2 = isinstance(config, CacophonyConfig)
+    _check_numbers(window_seconds, text_length, config.text.max_positions if stage2 else None,
+                   ("--window-seconds", "--text-length"),
+                   ("use the clip length the model was trained on",
+                    "pass the text length the model was trained with"))
+    if not stage2:
         return
-    if not 2 <= text_length <= config.text.max_positions:
-        raise BundleError(f"text length {text_length} (--text-length) must be in [2, "
-                          f"{config.text.max_positions}] (the text tower's positions); pass "
-                          "the text length the model was trained with")
     if tokenizer is None or tokenizer.vocab_size > config.text.vocab_size:
         found = "no tokenizer" if tokenizer is None else f"{tokenizer.vocab_size} tokens"
         raise BundleError(f"a stage-2 bundle needs the tokenizer the model was trained with "
@@ -339,7 +350,19 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(f"{folder} was made for a different audio front end "
                           f"({meta['frontend']}) than this cacophony_jax "
                           f"({frontend_settings()}); re-export it with this version")
-    dtype_of(meta["dtype"])
+    if meta["dtype"] not in DTYPES or not isinstance(meta["tokenizer_fingerprint"], str):
+        raise BundleError(f"{meta_path}: dtype {meta['dtype']!r} (one of {list(DTYPES)}) or "
+                          f"tokenizer_fingerprint {meta['tokenizer_fingerprint']!r} (a string) "
+                          "is damaged; re-export the bundle")
+    config = model_config(meta)
+    stage2 = isinstance(config, CacophonyConfig)
+    if not stage2 and meta["text_length"] != 0:
+        raise BundleError(f"{meta_path}: text_length {meta['text_length']!r} must be 0 for an "
+                          "AudioMAE bundle (it has no text tower); re-export the bundle")
+    _check_numbers(meta["window_seconds"], meta["text_length"],
+                   config.text.max_positions if stage2 else None,
+                   (f"window_seconds in {meta_path}", f"text_length in {meta_path}"),
+                   ("re-export the bundle", "re-export the bundle"))
     return meta
 
 
