@@ -162,10 +162,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Runs `eval` (see `cacophony_jax.evals.benchmark`)."""
-    from cacophony_jax.evals import benchmark
+    """Runs `eval` (see `cacophony_jax.evals.eval_command`)."""
+    from cacophony_jax.evals import eval_command
 
-    return benchmark.command(args, load_model, ProgressLine(not args.quiet))
+    return eval_command.command(args, load_model, ProgressLine(not args.quiet))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
       The parser; parsed arguments carry the command function in `func`.
     """
-    from cacophony_jax.evals import benchmark
+    from cacophony_jax.evals import eval_command
 
     command = options.add_command
     parser = options.Parser(prog=PROG, description=__doc__,
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                 f"  {PROG} eval --bundle B --audiocaps data/audiocaps --clotho data/clotho "
                 f"--esc50 data/ESC-50 --urbansound8k data/UrbanSound8K --out results/\n"
                 f"  {PROG} eval --bundle B --synthetic 200 --caption-clips 100\n")
-    benchmark.add_arguments(p)
+    eval_command.add_arguments(p)
     p = command(sub, "export", cmd_export, "write an inference bundle",
                 f"  {PROG} export --checkpoint runs/quickstart/cacophony --out bundles/q\n"
                 f"  {PROG} export --official Cacophony.ckpt --tokenizer roberta-base/ "

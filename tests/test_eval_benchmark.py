@@ -9,7 +9,7 @@ import pytest
 import soundfile
 
 from cacophony_jax.data.sources import SourceError
-from cacophony_jax.evals import benchmark, report
+from cacophony_jax.evals import benchmark, eval_command, report
 
 WORDS = ("dog", "rain", "bell", "car")  # class k is a tone of 1000 (k + 1) Hz
 
@@ -323,7 +323,7 @@ def test_results_are_not_written_into_the_bundle_folder(tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()
-    benchmark.add_arguments(parser)
+    eval_command.add_arguments(parser)
     bundle = tmp_path / "bundle"
     (bundle / "params").mkdir(parents=True)
     (bundle / "bundle.json").write_text("{}")
@@ -334,10 +334,10 @@ def test_results_are_not_written_into_the_bundle_folder(tmp_path):
     for out in (bundle, bundle / "ev1", bundle / "params"):
         args = parser.parse_args(["--bundle", str(bundle), "--synthetic", "2", "--out", str(out)])
         with pytest.raises(ValueError, match=r"--out .* is \(inside\) an inference bundle's fo"):
-            benchmark.command(args, load, None)
+            eval_command.command(args, load, None)
     other = tmp_path / "other"  # a bundle given by another path
     (other / "params").mkdir(parents=True)
     (other / "bundle.json").write_text("{}")
     args = parser.parse_args(["--bundle", str(bundle), "--synthetic", "2", "--out", str(other)])
     with pytest.raises(ValueError, match="inference bundle's folder"):
-        benchmark.command(args, load, None)
+        eval_command.command(args, load, None)

@@ -19,28 +19,22 @@ front end, the tokenizer fingerprint and every parameter shape before anything r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import numbers
 import os
 import pathlib
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from flax import linen as nn
 
 from cacophony_jax.audio import frontend
+from cacophony_jax.convert import folder_replace
 from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models import variants
 from cacophony_jax.models.cacophony import Cacophony, cacophony_init_inputs
@@ -159,67 +153,15 @@ def _check_request(config: ModelConfig, tokenizer: Tokenizer | None, dtype: str,
                           f"(got {found}, the model has {config.text.vocab_size} ids)")
 
 
-def _clean_up_after_killed_writes(out: pathlib.Path) -> None:
-    """Puts back a bundle a killed replace had moved aside, and removes the hidden
-    folders killed writes left next to `out` (only called with `out`'s lock held, so
-    no live export of `out` owns them)."""
-    mine = re.compile(re.escape(f".{out.name}.") + r"(tmp|old)-[a-z0-9_]{8}")
-    leftovers = sorted(p for p in out.parent.iterdir() if mine.fullmatch(p.name))
-    for path in leftovers:
-        if path.name.startswith(f".{out.name}.old-") and (path / "bundle").is_dir() \
-                and not out.exists():
-            # Killed between moving the old bundle aside and moving the new one in.
-            logging.warning("restoring %s from %s, left by an interrupted export", out, path)
-            (path / "bundle").rename(out)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _export_lock(out: pathlib.Path) -> Iterator[None]:
-    """One export at a time into `out`'s folder (an flock on the folder: no lock file
-    is left behind); a second one waits."""
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            logging.warning("another export is writing into %s; waiting for it", out.parent)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _replace_atomically(out: pathlib.Path, write: Any, overwrite: bool) -> None:
-    """Calls ``write(tmp)`` on a fresh sibling folder, then renames it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _export_lock(out):
-        _clean_up_after_killed_writes(out)
-        if out.exists():
-            if not overwrite:
-                raise BundleError(f"{out} already exists; pass --overwrite (overwrite=True "
-                                  "in Python) to replace it or choose another folder")
-            if not (out / BUNDLE_JSON).is_file() and not (out.is_dir()
-                                                          and not any(out.iterdir())):
-                raise BundleError(f"{out} exists and is not an inference bundle; refusing "
-                                  "to replace it, choose another folder")
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # as a plain mkdir would (mkdtemp makes it private)
-        try:
-            write(tmp)
-            if out.exists():
-                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-",
-                                                    dir=out.parent))
-                out.rename(old / "bundle")
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+def _check_replaceable(out: pathlib.Path, overwrite: bool) -> None:
+    """Refuses to replace `out` (an existing folder) unless asked to, and unless it is
+    a bundle or empty."""
+    if not overwrite:
+        raise BundleError(f"{out} already exists; pass --overwrite (overwrite=True "
+                          "in Python) to replace it or choose another folder")
+    if not (out / BUNDLE_JSON).is_file() and not (out.is_dir() and not any(out.iterdir())):
+        raise BundleError(f"{out} exists and is not an inference bundle; refusing "
+                          "to replace it, choose another folder")
 
 
 def write_bundle(
@@ -273,7 +215,7 @@ def write_bundle(
         (folder / BUNDLE_JSON).write_text(json.dumps(meta, indent=2))
 
     out = pathlib.Path(out_dir).absolute()
-    _replace_atomically(out, write, overwrite)
+    folder_replace.replace_folder(out, write, lambda: _check_replaceable(out, overwrite))
     return out
 
 
