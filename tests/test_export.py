@@ -102,6 +102,30 @@ def test_a_damaged_newest_step_names_an_older_one(run, tmp_path):
     assert export.export_from_checkpoint(copy, tmp_path / "y", step=1).is_dir()
 
 
+def test_a_step_removed_by_a_running_job_during_export_falls_back(run, tmp_path,
+                                                                   monkeypatch, caplog):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    shutil.copy(run / "tokenizer.json", copy / "tokenizer.json")
+    real = checkpoint.restore_subtree
+
+    def retention_strikes(path, *args):  # the job's keep_checkpoints removes step 2
+        if path.endswith("/2"):
+            shutil.rmtree(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(checkpoint, "restore_subtree", retention_strikes)
+    out = export.export_from_checkpoint(copy, tmp_path / "b")
+    assert json.loads((out / "bundle.json").read_text())["source"]["step"] == 1
+    assert "step 2 was removed while it was exported" in caplog.text
+    # A step asked for by number is not swapped for another.
+    shutil.copytree(run / "checkpoints" / "2", copy / "checkpoints" / "2")
+    with pytest.raises(BundleError):
+        export.export_from_checkpoint(copy, tmp_path / "c", step=2)
+
+
 def test_bfloat16_bundle_stores_cast_params(run, tmp_path):
     f32 = bundle_lib.read_bundle(export.export_from_checkpoint(run, tmp_path / "f32"))[1]
     bf16 = bundle_lib.read_bundle(export.export_from_checkpoint(run, tmp_path / "bf16",

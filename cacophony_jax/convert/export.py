@@ -81,6 +81,16 @@ def _find_step(path: str, step: int | None) -> tuple[Any, int, list[int], dict[s
         reader.close()
 
 
+def _saved_steps(path: str) -> tuple[int, ...]:
+    """The steps saved under a workdir or checkpoints folder (() when unreadable)."""
+    folder = pathlib.Path(path)
+    folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    try:
+        return tuple(sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()))
+    except OSError:
+        return ()
+
+
 def export_from_checkpoint(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -90,6 +100,10 @@ def export_from_checkpoint(
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Exports the parameters of a training checkpoint as an inference bundle.
+
+    The workdir of a running job may be exported: when the newest step is removed by
+    the job's retention (`train.keep_checkpoints`) during the export, the then newest
+    step is exported instead.
 
     Args:
       path: a training workdir, its ``checkpoints`` folder, or one step folder.
@@ -101,9 +115,27 @@ def export_from_checkpoint(
     Returns:
       The bundle folder.
     """
+    dtype_of(dtype)
+    path = os.fspath(path)
+    for attempt in range(3):
+        before = _saved_steps(path)
+        try:
+            return _export_from_checkpoint(path, out_dir, dtype=dtype, step=step,
+                                           overwrite=overwrite)
+        except BundleError as e:
+            after = _saved_steps(path)
+            if step is not None or attempt == 2 or not before or before[-1] in after:
+                raise
+            logging.warning("step %d was removed while it was exported (%s), by the retention "
+                            "of the job still training there; exporting step %d instead",
+                            before[-1], e, after[-1] if after else -1)
+    raise AssertionError("unreachable")
+
+
+def _export_from_checkpoint(path: str, out_dir: str | os.PathLike, *, dtype: str,
+                            step: int | None, overwrite: bool) -> pathlib.Path:
     from cacophony_jax.train import checkpoint
 
-    dtype_of(dtype)
     directory, step, steps, train_config = _find_step(os.fspath(path), step)
     try:
         task, model_cfg = train_config["task"], train_config["model"]
