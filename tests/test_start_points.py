@@ -163,3 +163,24 @@ def test_a_tokenizer_kept_by_an_attempt_without_checkpoints_is_not_reused(tmp_pa
     second.save(config.tokenizer.path)  # given as the path: used
     assert init.prepare_tokenizer(config, workdir, Captions("x")).fingerprint == \
         second.fingerprint
+
+
+def test_a_stage2_run_says_when_its_stage1_run_has_trained_on(tmp_path, caplog):
+    from cacophony_jax.train import encoder_init
+
+    (tmp_path / "mae" / "checkpoints" / "40").mkdir(parents=True)
+    (tmp_path / "caco").mkdir()
+    config = tiny("cacophony", 1)
+    config.train.init_from = str(tmp_path / "mae")
+    encoder_init.record_start(config, tmp_path / "caco")  # started from step 40
+    with caplog.at_level("WARNING"):
+        encoder_init.check_start(config, tmp_path / "caco")
+        assert "started from step" not in caplog.text  # stage 1 unchanged: nothing said
+        (tmp_path / "mae" / "checkpoints" / "60").mkdir()  # stage 1 made longer, rerun
+        encoder_init.check_start(config, tmp_path / "caco")
+    assert (f"started from step 40 of {tmp_path / 'mae'}, which now holds step 60"
+            in caplog.text)
+    # A released file or bundle as the start: nothing to note.
+    config.train.init_from = str(tmp_path / "AudioMAE.ckpt")
+    encoder_init.record_start(config, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -14,6 +14,7 @@ before anything is read in full.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -130,3 +131,51 @@ def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) ->
     logging.info("stage-1 encoder converted from model.scan=%s to model.scan=%s",
                  bool(saved_scan), bool(config.model.scan))
     return jax.device_put(encoder, plan.shardings.params["audio_encoder"])
+
+
+# Which step of a stage-1 run a stage-2 workdir started from (written at its fresh start).
+START_FILE = "init_from.json"
+
+
+def _newest_step(path: str) -> int | None:
+    """The step a stage-1 run's path names, or its newest; None for a file or bundle."""
+    try:
+        directory, step = checkpoint.resolve(path)
+        if step is not None:
+            return step
+        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    except (checkpoint.CheckpointError, OSError):
+        return None
+    return max(steps) if steps else None
+
+
+def record_start(config: ml_collections.ConfigDict, workdir: Any) -> None:
+    """Notes in the workdir which step of `config.train.init_from` this run started from
+    (process 0; nothing for a released file or bundle)."""
+    step = _newest_step(config.train.init_from)
+    if step is None or jax.process_index() != 0:
+        return
+    from cacophony_jax import atomic_write
+
+    atomic_write.write_text(os.path.join(os.fspath(workdir), START_FILE), json.dumps(
+        {"init_from": os.path.abspath(config.train.init_from), "step": step}))
+
+
+def check_start(config: ml_collections.ConfigDict, workdir: Any) -> None:
+    """Warns when the stage-1 run this resumed run started from has trained on since
+    (a recipe rerun with more stage-1 steps): this run keeps its older encoder."""
+    if not config.train.init_from:
+        return
+    try:
+        with open(os.path.join(os.fspath(workdir), START_FILE), encoding="utf-8") as f:
+            start = json.load(f)
+    except (OSError, ValueError):
+        return  # started before runs noted it, or from a file
+    now = _newest_step(config.train.init_from)
+    if (isinstance(start, dict) and now is not None and start.get("step") != now
+            and start.get("init_from") == os.path.abspath(config.train.init_from)):
+        logging.warning(
+            "this run's audio encoder started from step %s of %s, which now holds step %d; "
+            "the run goes on from its own checkpoints, so its results belong to the older "
+            "encoder: to train from the new one, delete or move %s and rerun",
+            start.get("step"), config.train.init_from, now, os.fspath(workdir))

@@ -217,10 +217,12 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
         logging.warning("resuming with %s: the saved state fits the new values",
                         ", ".join(changed))
         _resumed(config, ckpt, step)
+        encoder_init.check_start(config, ckpt.directory.parent)
         return state
     restored = ckpt.restore(plan.abstract, data_iter)
     if restored is not None:
         _resumed(config, ckpt, restored[1])
+        encoder_init.check_start(config, ckpt.directory.parent)
         return restored[0]
     if steps:
         # Training from scratch here would later push these aside: say so instead.
@@ -276,6 +278,7 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                 "AudioMAE or Cacophony .ckpt file, or an exported bundle; to continue a "
                 "stage-2 run, use config.train.resume)") from e
         logging.info("audio encoder initialised from %s", config.train.init_from)
+        encoder_init.record_start(config, ckpt.directory.parent)
     roberta = config.tokenizer.roberta_weights
     if roberta:
         from cacophony_jax.convert import roberta as roberta_lib
