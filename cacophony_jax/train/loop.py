@@ -295,7 +295,10 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
             "examples_seen", start * config.data.global_batch_size)
         iter_state, step = None, start
         final: dict[str, float] = {}
-        if start >= total:
+        if start > total:
+            logging.warning("already trained for %d steps, more than train.steps=%d: nothing "
+                            "to train; evaluating step %d", start, total, start)
+        elif start == total:
             logging.info("already trained for %d of %d steps", start, total)
         elif (evaluate is not None and start and config.train.eval_every
               and start % config.train.eval_every == 0
