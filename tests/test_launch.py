@@ -368,3 +368,35 @@ def test_distributed_timeouts_reach_jax(monkeypatch):
         listener.bind(("localhost", 0))
         listener.listen()
         distributed.wait_for_coordinator("localhost", listener.getsockname()[1], 1)
+
+
+def test_setup_unpack_removes_files_the_new_checkout_dropped(tmp_path):
+    """The unpack lines run in bash: a file deleted from the checkout goes from the
+    workers too; the venv and a run folder inside the code folder stay."""
+    spec = importlib.util.spec_from_file_location("gcloud_lines", ROOT / "launch" / "tpu" /
+                                                  "gcloud.py")
+    gcloud = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gcloud)
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def setup(files):
+        checkout = tmp_path / "checkout"
+        shutil.rmtree(checkout, ignore_errors=True)
+        for name in files:
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            (checkout / name).write_text(name)
+        with tarfile.open(home / gcloud.ARCHIVE_NAME, "w:gz") as tar:
+            tar.add(checkout, arcname=".")
+        lines = ["set -euo pipefail", *gcloud.unpack_lines(gcloud.rpath("~/code"))]
+        subprocess.run(["bash", "-c", "; ".join(lines)], check=True,
+                       env={"HOME": str(home), "PATH": os.environ["PATH"]})
+
+    setup(["a.py", "pkg/old.py", "pkg/kept.py", "with space.txt"])
+    (home / "code" / ".venv").mkdir()
+    (home / "code" / "runs" / "r1").mkdir(parents=True)
+    setup(["a.py", "pkg/kept.py"])
+    left = sorted(str(p.relative_to(home / "code")) for p in (home / "code").rglob("*")
+                  if p.is_file() or not any(p.iterdir()))
+    assert left == [".launcher_files", ".venv", "a.py", "pkg/kept.py", "runs/r1"]
+    assert not (home / gcloud.ARCHIVE_NAME).exists()

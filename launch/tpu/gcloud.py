@@ -149,6 +149,28 @@ def mount_lines(buckets: set[str]) -> list[str]:
     return lines
 
 
+# The files the last unpack wrote (in the code folder), so the next removes those that
+# the new checkout no longer has; a workdir or venv in the folder is left alone.
+UNPACKED_LIST = ".launcher_files"
+
+
+def unpack_lines(src: str) -> list[str]:
+    """Shell lines that unpack ~/ARCHIVE_NAME into `src` (shell-quoted), first removing
+    the files an earlier unpack wrote that the new archive lacks."""
+    new = f"~/{ARCHIVE_NAME}.files"
+    return [
+        f"mkdir -p {src}",
+        # Files only ("./a/b" -> "a/b"; folders end in "/").
+        f"tar -tzf ~/{ARCHIVE_NAME} | sed -n 's|^[.]/\\(.*[^/]\\)$|\\1|p' | LC_ALL=C sort > {new}",
+        f"if [ -f {src}/{UNPACKED_LIST} ]; then LC_ALL=C comm -23 {src}/{UNPACKED_LIST} "
+        f"{new} | while IFS= read -r f; do [ -d {src}/\"$f\" ] || rm -f -- {src}/\"$f\"; "
+        "done; fi",
+        f"tar -xzf ~/{ARCHIVE_NAME} -C {src}",
+        f"mv {new} {src}/{UNPACKED_LIST}",
+        f"rm -f ~/{ARCHIVE_NAME}",
+    ]
+
+
 def setup_script(cfg: argparse.Namespace, jax_version: str) -> list[str]:
     """Shell lines that fetch the code (clone, or unpack ARCHIVE_NAME) and build the venv.
 
@@ -176,8 +198,7 @@ def setup_script(cfg: argparse.Namespace, jax_version: str) -> list[str]:
             f"git -C {src} checkout --quiet --detach FETCH_HEAD",
         ]
     else:
-        script += [f"mkdir -p {src}", f"tar -xzf ~/{ARCHIVE_NAME} -C {src}",
-                   f"rm -f ~/{ARCHIVE_NAME}"]
+        script += unpack_lines(src)
     return script + [
         # Cloud Storage FUSE, for gs:// workdirs and data (Google's apt repository).
         "if ! command -v gcsfuse >/dev/null; then "
