@@ -87,8 +87,8 @@ def _config_files(argv: list[str]) -> list[str]:
 
 
 def _config_file_arg() -> tuple[str, str]:
-    """The --config argument as given (the last one counts; --config=F or --config F)
-    and its file path (without the ':arg' part); ("", "") when there is none."""
+    """The --config argument as given (--config=F or --config F; `_parse_flags` refuses
+    two) and its file path (without the ':arg' part); ("", "") when there is none."""
     files = _config_files(sys.argv)
     given = files[-1] if files else ""
     return given, given.partition(":")[0]

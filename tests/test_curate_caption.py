@@ -412,3 +412,35 @@ def test_run_caption_counts_bad_manifest_rows_and_keeps_those_it_can(tmp_path, c
     again = caption.run_caption(FakeCaptioner(), str(tmp_path / "in.jsonl"), str(out),
                                 num_captions=1)
     assert again["written"] == 0 and again["resumed"] == 1 and len(_rows(out)) == 3
+
+
+def test_settings_written_by_earlier_versions_are_understood(folder, tmp_path):
+    """Outputs begun before today's settings: one without length_penalty was decoded
+    with 0, and a bundle fingerprint taken over every file of the folder still names
+    the bundle when other files were put next to it."""
+    import json
+
+    from cacophony_jax import embedding_index
+    from cacophony_jax.curate.caption_settings import settings_path
+
+    bundle = tmp_path / "bundle"
+    (bundle / "params").mkdir(parents=True)
+    (bundle / "bundle.json").write_text("{}")
+    (bundle / "params" / "x").write_text("w")
+    (bundle / "README.txt").write_text("notes")  # not the bundle's own file
+    model = FakeCaptioner()
+    model.bundle_path = str(bundle)
+    out = tmp_path / "captioned.jsonl"
+    caption.run_caption(model, str(folder), str(out), num_captions=1, method="beam")
+    recorded = tmp_path / "captioned.jsonl.settings.json"
+    assert settings_path(str(out)) == str(recorded)
+    old = json.loads(recorded.read_text())
+    del old["length_penalty"]
+    old["bundle"] = embedding_index.bundle_fingerprint(str(bundle), every_file=True)
+    assert old["bundle"] != embedding_index.bundle_fingerprint(str(bundle))
+    recorded.write_text(json.dumps(old))
+    assert caption.run_caption(model, str(folder), str(out), num_captions=1,
+                               method="beam")["resumed"] == 5
+    with pytest.raises(CaptionError, match=r"length_penalty \(0.0 before, 1.0 now\)"):
+        caption.run_caption(model, str(folder), str(out), num_captions=1, method="beam",
+                            length_penalty=1.0)

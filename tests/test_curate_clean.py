@@ -239,7 +239,9 @@ def test_an_output_that_is_not_this_tools_manifest_is_left_unchanged(tmp_path):
                   "notes.jsonl": '{"id": "x", "audio": "x.wav", "captions": [], "raw": {}}\n'
                                  "some notes",
                   "other.jsonl": '{"id": "x"}\n{"id": "y"}\n',  # rows of another tool
-                  "cut.jsonl": '{"important": "us'}  # cut off, but not a row of this tool
+                  "cut.jsonl": '{"important": "us',  # cut off, but not a row of this tool
+                  # A complete object begun like a row, without the row's keys or newline.
+                  "id_only.jsonl": '{"id": "x", "user": "important data"}'}
     for name, text in user_files.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(clean.CleanError, match=f"output .*{name} line .* is not a row of "

@@ -361,6 +361,8 @@ def test_clear_errors_for_wrong_argument_types(model, bundles, tmp_path):
     path = tmp_path / "clip.wav"
     io.write_audio(path, io.to_int16(clip))
     np.testing.assert_array_equal(model.embed_audio([bytes(path)]), model.embed_audio([path]))
+    np.testing.assert_array_equal(model.embed_audio(p for p in [path]),  # any iterable
+                                  model.embed_audio([path]))
     np.testing.assert_allclose(model.embed_audio(jax.numpy.asarray(clip), sample_rate=16000.0),
                                model.embed_audio(clip, sample_rate=16000), atol=1e-6)
     assert inference.load(bundles[0], device="cpu").embedding_size == model.embedding_size

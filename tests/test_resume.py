@@ -310,6 +310,25 @@ def test_a_save_on_a_full_disk_fails_once_and_keeps_the_saved_steps(tmp_path, ca
     assert sorted(os.listdir(tmp_path)) == ["3"]
 
 
+def test_metrics_reach_the_disk_at_checkpoints_and_once_a_minute(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+    for step in range(1, 4):  # rows in quick succession: not fsynced one by one
+        writer.write(step, {"loss": 1.0})
+    assert not synced
+    clock[0] += metrics.SYNC_SECONDS + 1
+    writer.write(4, {"loss": 1.0})
+    assert len(synced) == 2  # metrics.jsonl and the events file
+    writer.sync()  # as the loop does at each checkpoint
+    assert len(synced) == 4
+    writer.close()
+    assert [json.loads(line)["step"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_a_metric_write_on_a_full_disk_names_the_file(tmp_path):
     writer = metrics.MetricWriter(str(tmp_path), enabled=True)
     writer.write(1, {"loss": 1.0})

@@ -1,6 +1,8 @@
 """Where a run's tokenizer and stage 2's audio encoder come from: the workdir's copy,
 a resumed run's, a fresh BPE; a stage-1 run, a released checkpoint, a bundle."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -180,7 +182,17 @@ def test_a_stage2_run_says_when_its_stage1_run_has_trained_on(tmp_path, caplog):
         encoder_init.check_start(config, tmp_path / "caco")
     assert (f"started from step 40 of {tmp_path / 'mae'}, which now holds step 60"
             in caplog.text)
-    # A released file or bundle as the start: nothing to note.
-    config.train.init_from = str(tmp_path / "AudioMAE.ckpt")
+    # A released file or a bundle as the start: nothing to note.
+    (tmp_path / "AudioMAE.ckpt").write_bytes(b"weights")
+    (tmp_path / "bundle" / "params").mkdir(parents=True)
+    (tmp_path / "bundle" / "bundle.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    for start in ("AudioMAE.ckpt", "bundle"):
+        config.train.init_from = str(tmp_path / start)
+        encoder_init.record_start(config, tmp_path / "other")
+        assert not os.listdir(tmp_path / "other")
+    # Named as a step folder: that step.
+    config.train.init_from = str(tmp_path / "mae" / "checkpoints" / "40")
+    (tmp_path / "mae" / "checkpoints" / "40" / "state").mkdir()
     encoder_init.record_start(config, tmp_path / "other")
-    assert not (tmp_path / "other").exists()
+    assert '"step": 40' in (tmp_path / "other" / encoder_init.START_FILE).read_text()

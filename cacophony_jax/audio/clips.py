@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ def to_clips(audio: AudioInput, sample_rate: int | None) -> list[np.ndarray]:
             raise io.AudioError(f"an audio array must be [samples] or [n, samples], got "
                                 f"shape {audio.shape}")
         items = [audio] if audio.ndim == 1 else list(audio)
-    elif isinstance(audio, Sequence):
+    elif isinstance(audio, Iterable):  # a list, tuple, generator, ...
         items = list(audio)
         if items and all(isinstance(x, numbers.Number) for x in items):
             raise io.AudioError(

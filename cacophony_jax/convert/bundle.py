@@ -25,6 +25,7 @@ import math
 import numbers
 import os
 import pathlib
+import shlex
 from typing import Any
 
 import jax
@@ -268,7 +269,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         run = _training_run(folder)
         if run is not None:
             fix = (f"it holds a training run; write its bundle with `python -m "
-                   f"cacophony_jax.cli export --checkpoint {run} --out BUNDLE` and load that")
+                   f"cacophony_jax.cli export --checkpoint {shlex.quote(str(run))} "
+                   "--out BUNDLE` and load that")
         raise BundleError(f"{folder} is not an inference bundle ({BUNDLE_JSON} is missing); "
                           f"{fix}")
     try:

@@ -81,16 +81,6 @@ def _find_step(path: str, step: int | None) -> tuple[Any, int, list[int], dict[s
         reader.close()
 
 
-def _saved_steps(path: str) -> tuple[int, ...]:
-    """The steps saved under a workdir or checkpoints folder (() when unreadable)."""
-    folder = pathlib.Path(path)
-    folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
-    try:
-        return tuple(sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()))
-    except OSError:
-        return ()
-
-
 def export_from_checkpoint(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -115,15 +105,17 @@ def export_from_checkpoint(
     Returns:
       The bundle folder.
     """
+    from cacophony_jax.train import checkpoint
+
     dtype_of(dtype)
     path = os.fspath(path)
     for attempt in range(3):
-        before = _saved_steps(path)
+        before = checkpoint.saved_steps(path)
         try:
             return _export_from_checkpoint(path, out_dir, dtype=dtype, step=step,
                                            overwrite=overwrite)
         except BundleError as e:
-            after = _saved_steps(path)
+            after = checkpoint.saved_steps(path)
             if step is not None or attempt == 2 or not before or before[-1] in after:
                 raise
             logging.warning("step %d was removed while it was exported (%s), by the retention "

@@ -31,7 +31,7 @@ def _clean_up_after_killed_writes(out: pathlib.Path) -> None:
         if path.name.startswith(f".{out.name}.old-") and (path / "bundle").is_dir() \
                 and not out.exists():
             # Killed between moving the old folder aside and moving the new one in.
-            logging.warning("restoring %s from %s, left by an interrupted export", out, path)
+            logging.warning("restoring %s from %s, left by an interrupted write", out, path)
             (path / "bundle").rename(out)
         shutil.rmtree(path, ignore_errors=True)
 
@@ -45,7 +45,7 @@ def _lock(out: pathlib.Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            logging.warning("another export is writing into %s; waiting for it", out.parent)
+            logging.warning("another process is writing into %s; waiting for it", out.parent)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

@@ -226,7 +226,8 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     settings = caption_settings.decoding_settings(model, num_captions, method, beam_size,
                                                   temperature, max_len, seed, length_penalty)
     try:
-        caption_settings.check_settings(output_path, settings, overwrite)
+        caption_settings.check_settings(output_path, settings, overwrite,
+                                        getattr(model, "bundle_path", ""))
         writing, done = resume.prepare_output(output_path, overwrite)
     except resume.OutputError as e:
         raise CaptionError(str(e)) from None
@@ -310,11 +311,10 @@ def _check_decoding(model: Any, num_captions: int, method: str, beam_size: int,
 
     names = decoding.FLAG_NAMES
     try:
-        check(method, max_len or model.text_length, beam_size, temperature, names=names,
-              length_penalty=length_penalty)
+        check(method, max_len, beam_size, temperature, names=names,
+              length_penalty=length_penalty)  # max_len None: the bundle's text length
         if num_captions > 1 and method != "sample":  # the further captions are sampled
-            check("sample", max_len or model.text_length, beam_size, temperature,
-                  names=names)
+            check("sample", max_len, beam_size, temperature, names=names)
     except ValueError as e:
         raise CaptionError(str(e)) from None
 

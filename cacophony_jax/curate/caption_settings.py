@@ -43,7 +43,27 @@ def _has_rows(path: str) -> bool:
         return any(line.strip() for line in f)
 
 
-def check_settings(output_path: str, settings: dict[str, Any], overwrite: bool) -> None:
+# Settings that earlier versions did not record, with the value they decoded with.
+_BEFORE_RECORDED = {"length_penalty": lambda settings: 0.0 if settings["method"] == "beam"
+                    else None}
+
+
+def _earlier(before: dict[str, Any], settings: dict[str, Any], bundle_path: str) -> dict:
+    """`before` as this version would have written it: settings it did not record get
+    the value it used, and a bundle fingerprint taken over every file of the folder (as
+    earlier versions did) that still matches is replaced by today's."""
+    before = {**{k: f(settings) for k, f in _BEFORE_RECORDED.items()}, **before}
+    if bundle_path and before.get("bundle") not in ("", settings["bundle"]):
+        from cacophony_jax import embedding_index
+
+        if before["bundle"] == embedding_index.bundle_fingerprint(bundle_path,
+                                                                  every_file=True):
+            before["bundle"] = settings["bundle"]
+    return before
+
+
+def check_settings(output_path: str, settings: dict[str, Any], overwrite: bool,
+                   bundle_path: str = "") -> None:
     """Refuses to continue an output that another bundle or other settings began.
 
     Args:
@@ -51,6 +71,8 @@ def check_settings(output_path: str, settings: dict[str, Any], overwrite: bool) 
       settings: this run's `decoding_settings`.
       overwrite: the run writes a new output; then the rows it continues are those of
         an unfinished --overwrite run's partial output.
+      bundle_path: the bundle's folder (to recognise a fingerprint an earlier version
+        took over every file of the folder).
 
     Raises:
       SettingsError: the rows to continue were begun with other settings, or have no
@@ -80,6 +102,7 @@ def check_settings(output_path: str, settings: dict[str, Any], overwrite: bool) 
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise SettingsError(f"{path} is unreadable ({e}); nothing was changed: {fix}") from None
+    before = _earlier(before, settings, bundle_path)
     differ = [f"{k} ({before.get(k)!r} before, {v!r} now)" for k, v in settings.items()
               if k in before and before[k] != v and (k != "bundle" or before[k] and v)]
     if differ:

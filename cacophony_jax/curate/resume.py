@@ -61,6 +61,14 @@ def _row_id(line: str, keys: tuple[str, ...]) -> str | None:
     return row["id"]
 
 
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 def prepare_output(path: str, overwrite: bool,
                    keys: tuple[str, ...] = ()) -> tuple[str, set[str]]:
     """Readies the file a run appends its rows to, continuing what is there.
@@ -99,6 +107,9 @@ def prepare_output(path: str, overwrite: bool,
         return target, set()
     if os.path.isdir(target):
         raise OutputError(f"output {target} is a folder; name a .jsonl file")
+    if overwrite:
+        logging.warning("continuing the unfinished --overwrite run in %s (its rows are kept; "
+                        "delete it to start the new output from scratch)", target)
     fix = (f"delete {target} to start the new output again" if overwrite else
            "pass --overwrite (or overwrite=True) to write a new one, or choose another output")
     with open(target, "rb") as f:
@@ -124,7 +135,7 @@ def prepare_output(path: str, overwrite: bool,
         if clip_id is not None:  # complete, only its newline is missing
             done.add(clip_id)
             ending = b"\n"
-        elif _CUT_ROW.match(cut):
+        elif _CUT_ROW.match(cut) and not _parses(cut):
             logging.warning("%s: dropping a partial last line left by an interrupted run",
                             target)
             with open(target, "rb+") as f:

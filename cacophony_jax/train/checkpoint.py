@@ -94,6 +94,18 @@ def resolve(path: str) -> tuple[epath.Path, int | None]:
     return p, None
 
 
+def saved_steps(path: str | os.PathLike) -> list[int]:
+    """The step folders (finished saves or not) under a workdir or its checkpoints
+    folder, oldest first; [] when there are none or the folder cannot be read."""
+    folder = epath.Path(path)
+    if (folder / "checkpoints").is_dir():
+        folder = folder / "checkpoints"
+    try:
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    except OSError:
+        return []
+
+
 class _ReadOnlyNotice(logging.Filter):
     """Drops Orbax's warnings that a manager we opened read-only is read-only."""
 

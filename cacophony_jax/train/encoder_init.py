@@ -141,12 +141,10 @@ def _newest_step(path: str) -> int | None:
     """The step a stage-1 run's path names, or its newest; None for a file or bundle."""
     try:
         directory, step = checkpoint.resolve(path)
-        if step is not None:
-            return step
-        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
-    except (checkpoint.CheckpointError, OSError):
+    except checkpoint.CheckpointError:
         return None
-    return max(steps) if steps else None
+    steps = checkpoint.saved_steps(directory) if step is None else [step]
+    return steps[-1] if steps else None
 
 
 def record_start(config: ml_collections.ConfigDict, workdir: Any) -> None:
@@ -158,7 +156,7 @@ def record_start(config: ml_collections.ConfigDict, workdir: Any) -> None:
     from cacophony_jax import atomic_write
 
     atomic_write.write_text(os.path.join(os.fspath(workdir), START_FILE), json.dumps(
-        {"init_from": os.path.abspath(config.train.init_from), "step": step}))
+        {"init_from": os.path.realpath(config.train.init_from), "step": step}))
 
 
 def check_start(config: ml_collections.ConfigDict, workdir: Any) -> None:
@@ -173,7 +171,7 @@ def check_start(config: ml_collections.ConfigDict, workdir: Any) -> None:
         return  # started before runs noted it, or from a file
     now = _newest_step(config.train.init_from)
     if (isinstance(start, dict) and now is not None and start.get("step") != now
-            and start.get("init_from") == os.path.abspath(config.train.init_from)):
+            and start.get("init_from") == os.path.realpath(config.train.init_from)):
         logging.warning(
             "this run's audio encoder started from step %s of %s, which now holds step %d; "
             "the run goes on from its own checkpoints, so its results belong to the older "

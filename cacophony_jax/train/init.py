@@ -114,8 +114,7 @@ def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer | None, workdir: epath.Pat
 
 def has_checkpoints(workdir: epath.Path) -> bool:
     """Whether the workdir holds a saved step (finished or not: a step folder)."""
-    folder = workdir / "checkpoints"
-    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+    return bool(checkpoint.saved_steps(workdir / "checkpoints"))
 
 
 def iter_captions(source: Any):
@@ -135,9 +134,8 @@ STATE_FIELDS = ("model.variant", "model.scan", "model.sigmoid_bias", "optim.sam.
 SCHEDULE_FIELDS = ("train.steps", "optim.learning_rate", "optim.warmup_steps",
                    "optim.schedule", "optim.min_lr_ratio")
 
-# Config fields that say which training data is read: a resume that changes them goes
-# on from the old data's saved position.
-# The fields that decide which records come in which order (seed: the shuffle's).
+# Config fields that say which training records are read in which order (seed: the
+# shuffle's): a resume that changes them goes on from the old data's saved position.
 DATA_FIELDS = ("data.train.kind", "data.train.path", "data.train.split", "data.synthetic_seed",
                "data.synthetic_train_size", "seed")
 

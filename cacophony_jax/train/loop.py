@@ -297,7 +297,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         final: dict[str, float] = {}
         if start > total:
             logging.warning("already trained for %d steps, more than train.steps=%d: nothing "
-                            "to train; evaluating step %d", start, total, start)
+                            "to train", start, total)
         elif start == total:
             logging.info("already trained for %d of %d steps", start, total)
         elif (evaluate is not None and start and config.train.eval_every
@@ -353,6 +353,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                 ckpt.save(step, state, iter_state, config_json, force=True,
                           counters={"failed_records": failed_records,
                                     "examples_seen": examples_seen})
+                writer.sync()  # the rows up to a checkpoint survive what it survives
                 progress.add_pause(time.perf_counter() - t0)
             due = last or (config.train.eval_every and step % config.train.eval_every == 0)
             if evaluate is not None and due and not stop:  # a stopped run evaluates on rerun
