@@ -11,8 +11,16 @@ from cacophony_jax.train import stages
 from tests.helpers import tiny_config
 
 
-def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path, caplog):
+def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path, caplog, monkeypatch):
     import soundfile
+
+    from cacophony_jax.tasks.cacophony import CacophonyTask
+
+    made = []  # jitted evaluation functions made (each compiles on its own)
+    for name in ("_embed_audio_fn", "_embed_text_fn"):
+        real = getattr(CacophonyTask, name)
+        monkeypatch.setattr(CacophonyTask, name,
+                            lambda self, real=real, name=name: made.append(name) or real(self))
 
     root = tmp_path / "esc50"
     (root / "meta").mkdir(parents=True)
@@ -28,6 +36,8 @@ def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path, caplog):
         "data.extra_evals": f"synthetic:, esc50:{root}:fold1", "train.checkpoint_every": 2})
     with caplog.at_level(logging.WARNING):
         final = stages.run(config, str(tmp_path / "w"))["cacophony"]
+    # Three sets, one set of evaluation functions: their compilations are shared.
+    assert sorted(made) == ["_embed_audio_fn", "_embed_text_fn"]
     # An evaluation's warnings say which set they are about.
     assert "eval_synthetic: retrieval over 8 clips" in caplog.text
     assert "\nretrieval over 8 clips" in "\n" + "\n".join(r.getMessage() for r in caplog.records)

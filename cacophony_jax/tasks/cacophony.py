@@ -102,7 +102,21 @@ class CacophonyTask:
     # -- evaluation ---------------------------------------------------------------
 
     def embed_audio_fn(self):
-        """jit: (params, global audio batch) -> audio embeddings [B, P]."""
+        """jit: (params, global audio batch) -> audio embeddings [B, P] (one function per
+        task, so every evaluation set of a run shares its compilations)."""
+        return common.jitted(self, "embed_audio", self._embed_audio_fn)
+
+    def embed_text_fn(self):
+        """jit: (params, global text batch) -> text embeddings [B, P] (one per task)."""
+        return common.jitted(self, "embed_text", self._embed_text_fn)
+
+    def embed_and_caption_fn(self, max_len: int):
+        """jit: (params, global audio batch) -> (audio embeddings [B, P], greedy caption
+        ids [B, max_len]), encoding the audio once for both (one per task and max_len)."""
+        return common.jitted(self, ("embed_and_caption", max_len),
+                             lambda: self._embed_and_caption_fn(max_len))
+
+    def _embed_audio_fn(self):
         def embed(params, batch):
             feats = audio_features(batch, None, 0, self.config.audio.frontend_sub_batches)
             _, emb = self.model.apply({"params": params}, *feats,
@@ -110,8 +124,7 @@ class CacophonyTask:
             return emb.astype(jnp.float32)
         return jax.jit(embed)
 
-    def embed_text_fn(self):
-        """jit: (params, global text batch) -> text embeddings [B, P]."""
+    def _embed_text_fn(self):
         def embed(params, batch):
             _, emb = self.model.apply({"params": params}, batch["text_ids"],
                                       batch["text_mask"],
@@ -119,9 +132,7 @@ class CacophonyTask:
             return emb.astype(jnp.float32)
         return jax.jit(embed)
 
-    def embed_and_caption_fn(self, max_len: int):
-        """jit: (params, global audio batch) -> (audio embeddings [B, P], greedy caption
-        ids [B, max_len]), encoding the audio once for both."""
+    def _embed_and_caption_fn(self, max_len: int):
         def embed_and_caption(params, batch):
             feats = audio_features(batch, None, 0, self.config.audio.frontend_sub_batches)
             states, emb = self.model.apply({"params": params}, *feats,
@@ -131,9 +142,12 @@ class CacophonyTask:
             return emb.astype(jnp.float32), ids
         return jax.jit(embed_and_caption)
 
-    def evaluator(self, mesh, tokenizer):
-        """Returns params -> retrieval and zero-shot metrics, or None without eval data."""
-        source = common.open_eval_source(self.config)
+    def evaluator(self, mesh, tokenizer, eval_config: ml_collections.ConfigDict | None = None):
+        """Returns params -> retrieval and zero-shot metrics, or None without eval data.
+
+        `eval_config`: a config whose `data.eval` names the set (default this task's);
+        every set evaluated through one task shares its compiled functions."""
+        source = common.open_eval_source(eval_config or self.config)
         if source is None:
             return None
         texts = pipeline.eval_texts(source)

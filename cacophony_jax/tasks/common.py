@@ -28,6 +28,15 @@ def runtime_knobs(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
+def jitted(task: Any, key: Any, make: Any) -> Any:
+    """The task's jitted function `key`, made by `make()` the first time: one function
+    object per task, so evaluations that reuse it reuse its compilations."""
+    cache = task.__dict__.setdefault("_jitted", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def clip_samples(seconds: float) -> int:
     """Samples at 16 kHz in a clip of `seconds`."""
     samples = round(seconds * spec.SAMPLE_RATE)

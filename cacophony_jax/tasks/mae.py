@@ -76,28 +76,19 @@ class MAETask:
                                        norm_target=self.config.mae.norm_target)
         return loss, {"loss/mse": loss}
 
-    def evaluator(self, mesh, tokenizer=None):
-        """Returns params -> metrics over the evaluation split, or None."""
+    def evaluator(self, mesh, tokenizer=None,
+                  eval_config: ml_collections.ConfigDict | None = None):
+        """Returns params -> metrics over the evaluation split, or None.
+
+        `eval_config`: a config whose `data.eval` names the set (default this task's);
+        every set evaluated through one task shares its compiled function."""
         del tokenizer
-        source = common.open_eval_source(self.config)
+        source = common.open_eval_source(eval_config or self.config)
         if source is None:
             return None
         clip_samples = common.clip_samples(self.config.audio.eval_clip_seconds)
-        num_patches = patches.num_patches(frontend.num_frames(clip_samples))
-        num_visible = patches.num_visible_for(num_patches, self.config.mae.mask_ratio)
-        norm = self.config.mae.norm_target
-
-        @jax.jit
-        def sums(params, batch):
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(
-                jax.random.key(EVAL_MASK_SEED), jnp.maximum(batch["example_id"], 0))
-            feats = self.masked_patches(batch, keys, num_visible)
-            recon = self._reconstruct(params, feats, jax.random.PRNGKey(0), True)
-            pred = recon[:, num_visible:].astype(jnp.float32)
-            count = jnp.sum(feats.masked_mask.astype(jnp.float32))
-            mse = losses.masked_patch_mse(pred, feats.masked_target, feats.masked_mask,
-                                          norm_target=norm)
-            return mse * count, count, jnp.sum(batch["valid"] > 0)
+        sums = common.jitted(self, ("eval_sums", clip_samples),
+                             lambda: self._eval_sums_fn(clip_samples))
 
         def evaluate(params) -> dict[str, float]:
             total, count, clips = 0.0, 0.0, 0
@@ -113,3 +104,23 @@ class MAETask:
             return metrics
 
         return evaluate
+
+    def _eval_sums_fn(self, clip_samples: int):
+        """jit: (params, global batch) -> (masked-patch squared error sum, masked patch
+        count, valid clips)."""
+        num_patches = patches.num_patches(frontend.num_frames(clip_samples))
+        num_visible = patches.num_visible_for(num_patches, self.config.mae.mask_ratio)
+        norm = self.config.mae.norm_target
+
+        def sums(params, batch):
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(
+                jax.random.key(EVAL_MASK_SEED), jnp.maximum(batch["example_id"], 0))
+            feats = self.masked_patches(batch, keys, num_visible)
+            recon = self._reconstruct(params, feats, jax.random.PRNGKey(0), True)
+            pred = recon[:, num_visible:].astype(jnp.float32)
+            count = jnp.sum(feats.masked_mask.astype(jnp.float32))
+            mse = losses.masked_patch_mse(pred, feats.masked_target, feats.masked_mask,
+                                          norm_target=norm)
+            return mse * count, count, jnp.sum(batch["valid"] > 0)
+
+        return jax.jit(sums)

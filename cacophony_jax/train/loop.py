@@ -122,7 +122,7 @@ def _evaluator(task: Any, config: ml_collections.ConfigDict, mesh: Any, tokenize
     set after it (its metrics named eval_<kind>/... instead of eval/...)."""
     parts = [("eval", task.evaluator(mesh, tokenizer))]
     for name, sub in task_common.extra_eval_blocks(config):
-        parts.append((name, tasks.build(sub, tokenizer).evaluator(mesh, tokenizer)))
+        parts.append((name, task.evaluator(mesh, tokenizer, sub)))  # shares compilations
     parts = [(name, fn) for name, fn in parts if fn is not None]
     if not parts:
         return None
