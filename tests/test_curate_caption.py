@@ -388,6 +388,18 @@ def test_run_caption_overwrite_settings_follow_the_partial_output(folder, tmp_pa
     caption.run_caption(model, str(folder), str(out), num_captions=1, overwrite=True)
     assert not partial_settings.exists() and settings.read_text() != old_settings
     assert caption.run_caption(model, str(folder), str(out), num_captions=1)["resumed"] == 5
+    # Killed after the partial output replaced the output, before its settings followed:
+    # the settings left next to no partial output are the output's.
+    from cacophony_jax import embedding_index
+
+    newer = {**json.loads(settings.read_text()),
+             "bundle": embedding_index.bundle_fingerprint(str(tmp_path / "c.bin"))}
+    partial_settings.write_text(json.dumps(newer))
+    later = os.path.getmtime(partial_settings) + 5
+    os.utime(out, (later, later))
+    model.bundle_path = str(tmp_path / "c.bin")
+    assert caption.run_caption(model, str(folder), str(out), num_captions=1)["resumed"] == 5
+    assert json.loads(settings.read_text()) == newer and not partial_settings.exists()
 
 
 def test_run_caption_counts_bad_manifest_rows_and_keeps_those_it_can(tmp_path, caplog):

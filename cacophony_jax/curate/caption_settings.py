@@ -79,11 +79,15 @@ def check_settings(output_path: str, settings: dict[str, Any], overwrite: bool,
         settings file next to them (so `curate caption` did not begin them).
     """
     partial = resume.partial_path(output_path)
-    if not os.path.exists(partial) and os.path.exists(settings_path(partial)):
-        # Its partial output was deleted, or replaced the output just before these
-        # settings could follow it (the old settings then refuse a rerun with others:
-        # safe, never mixed).
-        os.remove(settings_path(partial))
+    orphan = settings_path(partial)
+    if not os.path.exists(partial) and os.path.exists(orphan):
+        if os.path.isfile(output_path) and (os.path.getmtime(output_path)
+                                            >= os.path.getmtime(orphan)):
+            # The partial output replaced the output just before these settings could
+            # follow it (rows are written after the settings): they are the output's.
+            os.replace(orphan, settings_path(output_path))
+        else:  # the partial output was deleted: the output is the old one
+            os.remove(orphan)
     target = partial if overwrite else output_path
     if not overwrite and os.path.exists(partial) or not os.path.isfile(target) or (
             not _has_rows(target)):
