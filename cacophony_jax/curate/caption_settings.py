@@ -97,7 +97,8 @@ def check_settings(output_path: str, settings: dict[str, Any], overwrite: bool,
     path = settings_path(target)
     if not os.path.exists(path):
         raise SettingsError(f"{target} has rows but no {path}: curate caption did not begin "
-                            f"it (or its settings file was deleted); nothing was changed: "
+                            f"it (or its settings file was deleted, or a version of "
+                            f"cacophony_jax that kept none began it); nothing was changed: "
                             f"{fix}")
     try:
         with open(path, encoding="utf-8") as f:
