@@ -302,6 +302,8 @@ def test_an_out_folder_of_other_files_is_refused_unchanged(corpus):
     with pytest.raises(BuildError, match=r"summary.json is not a build summary .*move it"):
         build.run_build([("a", manifest)], str(built), split="val", workers=2)
     assert not os.path.exists(built / "val_hashes.txt")
-    # An empty folder, or an interrupted build's, is fine.
-    (corpus / "empty").mkdir()
+    # An empty folder (hidden files and a mount point's lost+found count as none), or
+    # an interrupted build's, is fine.
+    (corpus / "empty" / "lost+found").mkdir(parents=True)
+    (corpus / "empty" / ".gitkeep").write_text("")
     assert build.run_build([("a", manifest)], str(corpus / "empty"), workers=2)["total"]

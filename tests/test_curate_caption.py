@@ -338,15 +338,29 @@ def test_run_caption_refuses_outputs_it_did_not_begin_and_links_to_the_input(fol
         out = tmp_path / "theirs.jsonl"
         out.write_text(text)
         with pytest.raises(CaptionError, match=r"theirs.jsonl has rows but no .*theirs.jsonl"
-                                               r".settings.json: curate caption did not "
-                                               r"begin it.*--overwrite"):
+                                               r".settings.json, and they are not curate "
+                                               r"caption's rows \(no 'synthetic_captions'\): "
+                                               r"curate caption did not begin it.*--overwrite"):
             caption.run_caption(model, str(folder), str(out), num_captions=1)
         assert out.read_text() == text and not (tmp_path / "theirs.jsonl.settings.json").exists()
+    # Its own rows begun by a version that kept no settings: continued, with a warning.
+    out = tmp_path / "earlier.jsonl"
+    caption.run_caption(model, str(folder), str(out), num_captions=1)
+    os.remove(tmp_path / "earlier.jsonl.settings.json")
+    with out.open("r+") as f:  # the last two rows were never written
+        rows = f.readlines()
+        f.seek(0)
+        f.truncate()
+        f.writelines(rows[:3])
+    assert caption.run_caption(model, str(folder), str(out), num_captions=1)["resumed"] == 3
+    assert (tmp_path / "earlier.jsonl.settings.json").exists()
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"audio": "unlabeled/clip0.wav"}')
     (tmp_path / "link.jsonl").symlink_to("m.jsonl")
     with pytest.raises(CaptionError, match="link.jsonl is the input"):
         caption.check_request(str(manifest), str(tmp_path / "link.jsonl"), 1, "beam", 1)
+    with pytest.raises(CaptionError, match="out.csv must be a .jsonl file"):
+        caption.check_request(str(manifest), str(tmp_path / "out.csv"), 1, "beam", 1)
     assert manifest.read_text() == '{"audio": "unlabeled/clip0.wav"}'
 
 
@@ -433,7 +447,7 @@ def test_settings_written_by_earlier_versions_are_understood(folder, tmp_path):
     import json
 
     from cacophony_jax import embedding_index
-    from cacophony_jax.curate.caption_settings import settings_path
+    from cacophony_jax.curate.output_settings import settings_path
 
     bundle = tmp_path / "bundle"
     (bundle / "params").mkdir(parents=True)

@@ -244,8 +244,9 @@ def test_an_output_that_is_not_this_tools_manifest_is_left_unchanged(tmp_path):
                   "id_only.jsonl": '{"id": "x", "user": "important data"}'}
     for name, text in user_files.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(clean.CleanError, match=f"output .*{name} line .* is not a row of "
-                                                   "this tool.*--overwrite"):
+        with pytest.raises(clean.CleanError, match=f"{name}( line .* is not a row of this "
+                                                   "tool|.*they are not curate clean's rows)"
+                                                   ".*--overwrite"):
             clean.run_clean(str(src), str(tmp_path / name), progress=False)
         assert (tmp_path / name).read_text() == text
     # A link to the input, or a second name of it, is the input.
@@ -284,3 +285,54 @@ def test_folder_and_empty_inputs_are_refused(tmp_path):
         clean.run_clean(str(tmp_path / "empty.jsonl"), str(tmp_path / "o.jsonl"),
                         progress=False)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_output_is_only_continued_with_the_settings_it_was_begun_with(tmp_path, caplog):
+    src = tmp_path / "raw.jsonl"
+    write_jsonl(src, [{"audio": f"{k}.wav", "title": f"Dog barking {k}"} for k in range(3)])
+    out = tmp_path / "out.jsonl"
+    clean.run_clean(str(src), str(out), progress=False)
+    settings = tmp_path / "out.jsonl.settings.json"
+    assert json.loads(settings.read_text()) == {"backend": "rules", "input": "raw.jsonl"}
+    before = out.read_text()
+    # Another backend would mix its captions with the rules' (refused before any request).
+    with pytest.raises(clean.CleanError, match=r"begun with another setting: backend \('rules' "
+                                               r"before, 'llm' now\).*--overwrite"):
+        clean.run_clean(str(src), str(out), backend="llm", base_url="http://127.0.0.1:9/v1",
+                        model="m", progress=False)
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(src.read_bytes())
+    with pytest.raises(clean.CleanError, match=r"input \('raw.jsonl' before, 'other.jsonl'"):
+        clean.run_clean(str(other), str(out), progress=False)
+    assert out.read_text() == before
+    # An output of a version that kept no settings: continued, and its settings recorded.
+    settings.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert clean.run_clean(str(src), str(out), progress=False)["resumed"] == 3
+    assert "has no" in caplog.text and settings.exists()
+    # Sampled answers are cached per temperature; at 0 the key is the one of before.
+    key = llm.CaptionCache.key
+    assert key("m", "s", "u") == key("m", "s", "u", 0.0) != key("m", "s", "u", 0.7)
+
+
+def test_outputs_an_editor_a_crash_or_a_link_touched_are_continued(tmp_path):
+    src = tmp_path / "raw.jsonl"
+    write_jsonl(src, [{"audio": f"{k}.wav", "title": f"Dog barking {k}"} for k in range(3)])
+    out = tmp_path / "out.jsonl"
+    clean.run_clean(str(src), str(out), progress=False)
+    full = out.read_bytes()
+    first = full[:full.index(b"\n") + 1]
+    for damaged in (b"\xef\xbb\xbf" + first,  # saved by an editor with a byte-order mark
+                    first + b'{"i',  # cut right after the row began
+                    first + b"\x00" * 8):  # a crash's zero padding
+        out.write_bytes(damaged)
+        assert clean.run_clean(str(src), str(out), progress=False)["written"] == 2
+        assert out.read_bytes().endswith(full[len(first):])
+    # An output given through a link: --overwrite replaces the file it names, not the link.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "real" / "target.jsonl")
+    for overwrite in (False, True):
+        clean.run_clean(str(src), str(tmp_path / "link.jsonl"), overwrite=overwrite,
+                        progress=False)
+        assert (tmp_path / "link.jsonl").is_symlink()
+        assert len(read_jsonl(tmp_path / "real" / "target.jsonl")) == 3

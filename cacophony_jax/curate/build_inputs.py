@@ -145,7 +145,10 @@ def check_output(out_dir: str, split: str, overwrite: bool) -> list[str] | None:
     info = os.path.join(out_dir, "dataset_info.json")
     ours = [name for name in ("dataset_info.json", CACHE_NAME)
             if os.path.isfile(os.path.join(out_dir, name))]
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not ours:
+    # Hidden files (.gitkeep) and a mount point's lost+found are not anyone's data.
+    others = [n for n in os.listdir(out_dir) if not n.startswith(".") and n != "lost+found"
+              ] if os.path.isdir(out_dir) else []
+    if others and not ours:
         raise BuildError(f"--out {out_dir} is a folder with other files and no build in it "
                          "(no dataset_info.json); nothing was written: name a new or empty "
                          "folder, or one a curate build wrote")

@@ -48,8 +48,8 @@ from absl import logging
 from cacophony_jax import atomic_write
 from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
-from cacophony_jax.curate import caption_settings, resume
-from cacophony_jax.curate.caption_settings import settings_path
+from cacophony_jax.curate import output_settings, resume
+from cacophony_jax.curate.output_settings import settings_path
 from cacophony_jax.data.manifest import ManifestSource
 from cacophony_jax.data.sources import SourceError
 from cacophony_jax.progress import Progress
@@ -171,6 +171,9 @@ def check_request(input_path: str, output_path: str, num_captions: int, method: 
                            f"{batch_size} and {num_captions}")
     if not os.path.exists(input_path):
         raise CaptionError(f"input {input_path} does not exist; pass a manifest or a folder")
+    if os.path.splitext(output_path)[1].lower() not in (".jsonl", ".json"):
+        raise CaptionError(f"output {output_path} must be a .jsonl file (the manifest written, "
+                           "one JSON object per line)")
     if resume.same_file(input_path, output_path):
         raise CaptionError(f"output {output_path} is the input {input_path} (the same file, "
                            "maybe through a link); it would overwrite the input: choose "
@@ -217,17 +220,22 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       dropped), dropped (bad rows not written).
     """
     check_request(input_path, output_path, num_captions, method, batch_size)
+    # Through a link: the file it names is written (and replaced by --overwrite), and
+    # the audio paths are relative to that file's folder.
+    output_path = os.path.realpath(output_path)
     _check_model(model)
     _check_decoding(model, num_captions, method, beam_size, temperature, max_len,
                     length_penalty)
     out_dir = os.path.dirname(os.path.abspath(output_path))
     records_all, class_names, bad_rows, dropped = _input_records(input_path, extensions,
                                                                  out_dir)
-    settings = caption_settings.decoding_settings(model, num_captions, method, beam_size,
-                                                  temperature, max_len, seed, length_penalty)
+    settings = output_settings.decoding_settings(model, num_captions, method, beam_size,
+                                                 temperature, max_len, seed, length_penalty)
     try:
-        caption_settings.check_settings(output_path, settings, overwrite,
-                                        getattr(model, "bundle_path", ""))
+        output_settings.check_settings(
+            output_path, settings, overwrite, tool="curate caption",
+            redo="caption every clip again", row_key="synthetic_captions",
+            earlier=output_settings.caption_earlier(getattr(model, "bundle_path", "")))
         writing, done = resume.prepare_output(output_path, overwrite)
     except resume.OutputError as e:
         raise CaptionError(str(e)) from None

@@ -34,7 +34,8 @@ from typing import Any
 
 from absl import logging
 
-from cacophony_jax.curate import llm, resume, rules
+from cacophony_jax import atomic_write
+from cacophony_jax.curate import llm, output_settings, resume, rules
 from cacophony_jax.progress import ProgressLine
 
 BACKENDS = ("rules", "llm")
@@ -141,6 +142,9 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
     if resume.same_file(input_path, output_path):
         raise CleanError(f"output {output_path} is the input {input_path} (the same file, "
                          "maybe through a link); choose another output path")
+    # Through a link: the file it names is written (and replaced by --overwrite), and
+    # the audio paths are relative to that file's folder.
+    output_path = os.path.realpath(output_path)
     settings = None
     if backend == "llm":
         try:
@@ -154,10 +158,20 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
     if not total:
         raise CleanError(f"input {input_path} is empty; it needs one JSON object per line "
                          "with audio, title, tags, description[, id]")
+    # What the captions depend on besides the rows: an output (or an unfinished
+    # --overwrite run's partial one) begun with others is not continued.
+    recorded: dict[str, Any] = {"backend": backend, "input": os.path.basename(input_path)}
+    if settings is not None:
+        recorded.update(model=settings.model, base_url=settings.base_url,
+                        temperature=settings.temperature, max_tokens=settings.max_tokens)
     try:
+        output_settings.check_settings(output_path, recorded, overwrite, tool="curate clean",
+                                       redo="clean every row again", row_key="raw")
         writing, done = resume.prepare_output(output_path, overwrite, _ROW_KEYS)
     except resume.OutputError as e:
         raise CleanError(str(e)) from None
+    atomic_write.write_text(output_settings.settings_path(writing),
+                            json.dumps(recorded, indent=1))
     captioner = None
     if settings is not None:
         try:
@@ -249,6 +263,9 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
             captioner.close()
         show(final=True)
     resume.finish_output(output_path, writing)
+    if writing != output_path:  # the settings follow the rows they describe
+        os.replace(output_settings.settings_path(writing),
+                   output_settings.settings_path(output_path))
     if counts["skipped"] > _SHOWN_BAD_ROWS:
         logging.warning("%s: %d rows skipped in all (only the first %d shown)", input_path,
                         counts["skipped"], _SHOWN_BAD_ROWS)

@@ -287,8 +287,11 @@ class CaptionCache:
                                  "cache path or delete the file") from e
 
     @staticmethod
-    def key(model: str, system_prompt: str, user: str) -> str:
-        return hashlib.sha256(json.dumps([model, system_prompt, user]).encode()).hexdigest()
+    def key(model: str, system_prompt: str, user: str, temperature: float = 0.0) -> str:
+        """The cache key of one request; a sampled answer (temperature > 0) is keyed by
+        its temperature too (at 0 the key is the one earlier versions used)."""
+        parts = [model, system_prompt, user] + ([float(temperature)] if temperature else [])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def get(self, key: str) -> tuple[bool, str | None]:
         """(found, caption)."""
@@ -337,7 +340,8 @@ class LLMCaptioner:
             so neither this nor an interruption (Ctrl-C) loses answers received.
         """
         users = [user_message(*clip) for clip in clips]
-        keys = [CaptionCache.key(self.settings.model, self.system_prompt, u) for u in users]
+        keys = [CaptionCache.key(self.settings.model, self.system_prompt, u,
+                                 self.settings.temperature) for u in users]
         answers: dict[str, str | None] = {}
         todo: dict[str, str] = {}
         for key, user in zip(keys, users, strict=True):

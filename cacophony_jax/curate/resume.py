@@ -116,7 +116,8 @@ def prepare_output(path: str, overwrite: bool,
         data = f.read()
     # Only "\n" ends a row: str.splitlines would also split inside captions holding
     # U+2028, U+0085 and the like, which the writers leave unescaped.
-    lines = data.decode("utf-8", "replace").split("\n")
+    # A byte-order mark (an editor's) is not part of the first row.
+    lines = data.decode("utf-8-sig", "replace").split("\n")
     cut = lines.pop()  # "" when the file ends with a newline
     done = set()
     for number, line in enumerate(lines, 1):
@@ -135,7 +136,8 @@ def prepare_output(path: str, overwrite: bool,
         if clip_id is not None:  # complete, only its newline is missing
             done.add(clip_id)
             ending = b"\n"
-        elif _CUT_ROW.match(cut) and not _parses(cut):
+        elif not _parses(cut) and (_CUT_ROW.match(cut) or '{"id": '.startswith(cut.strip())
+                                   or not cut.strip("\x00")):  # NULs: a crash's padding
             logging.warning("%s: dropping a partial last line left by an interrupted run",
                             target)
             with open(target, "rb+") as f:
