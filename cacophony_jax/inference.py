@@ -145,6 +145,7 @@ class CacophonyModel(ModelRuntime):
         _check_number("batch_size", batch_size, whole=True, minimum=1)
         window = self._window if window_seconds is None else self._window_for(window_seconds)
         clips = clips_lib.to_clips(audio, sample_rate)
+        self._warn_if_long(window, clips)
         windows, owner = [], []
         for i, clip in enumerate(clips):
             for window_clip in clips_lib.split_windows(clip, window):
@@ -265,8 +266,9 @@ class CacophonyModel(ModelRuntime):
         self.check_caption_options(method, max_len, beam_size, temperature,
                                    length_penalty=length_penalty)
         window = self._window if window_seconds is None else self._window_for(window_seconds)
-        firsts = [clips_lib.split_windows(clip, window)[0]
-                  for clip in clips_lib.to_clips(audio, sample_rate)]
+        clips = clips_lib.to_clips(audio, sample_rate)
+        self._warn_if_long(window, clips)
+        firsts = [clips_lib.split_windows(clip, window)[0] for clip in clips]
         rng = jax.random.key(seed)
 
         def describe(params, audio, lengths):

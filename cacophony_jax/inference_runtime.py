@@ -72,7 +72,7 @@ class ModelRuntime:
         self._encoder = AudioEncoder(audio_cfg, dtype=dtype)
         self._window = round(self.window_seconds * SAMPLE_RATE)
         self._window_steps = clips_lib.patch_steps(self._window)
-        self._warned_windows: set[float] = set()
+        self._warned_windows: set[int] = set()
         self._encode_audio = jax.jit(self._encode_audio_impl)
         self._encode_patches = jax.jit(self._encode_patches_impl)
         self._patches = jax.jit(self._patches_impl)
@@ -136,8 +136,7 @@ class ModelRuntime:
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
     def _window_for(self, seconds: float) -> int:
-        """Samples of a `seconds`-long embedding window (checked; a window much longer
-        than the training clips is allowed, with one warning per length)."""
+        """Samples of a `seconds`-long embedding window (checked)."""
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
             raise InferenceError(f"window_seconds must be a number of seconds or None, got "
                                  f"{seconds!r} ({type(seconds).__name__})")
@@ -145,14 +144,22 @@ class ModelRuntime:
             raise InferenceError(
                 f"window_seconds={seconds} is outside [{MIN_WINDOW_SECONDS}, "
                 f"{MAX_WINDOW_SECONDS}]; the bundle's own window is {self.window_seconds} s")
-        if seconds > 2 * self.window_seconds and seconds not in self._warned_windows:
-            self._warned_windows.add(seconds)
-            logging.warning(
-                "window_seconds=%g: clips of up to %g s go through the model in one pass, "
-                "but this bundle was trained on %g-s clips and may do worse on much longer "
-                "ones; window_seconds=None (--window-seconds 0 on the command line) cuts "
-                "them into windows of its own length", seconds, seconds, self.window_seconds)
         return round(float(seconds) * SAMPLE_RATE)
+
+    def _warn_if_long(self, window: int, clips: Sequence[np.ndarray]) -> None:
+        """One warning per window length when clips much longer than the training clips
+        go through the model in one pass (a window over twice the training length, and
+        a clip over that too)."""
+        longest = max((clip.shape[0] for clip in clips), default=0)
+        if min(window, longest) <= 2 * self._window or window in self._warned_windows:
+            return
+        self._warned_windows.add(window)
+        logging.warning(
+            "window_seconds=%g: clips of up to %g s go through the model in one pass, but "
+            "this bundle was trained on %g-s clips and may do worse on much longer ones; "
+            "window_seconds=None (--window-seconds 0 on the command line) cuts them into "
+            "windows of its own length", window / SAMPLE_RATE, window / SAMPLE_RATE,
+            self.window_seconds)
 
     def _over_windows(self, windows: list[np.ndarray], fn: Callable,
                       batch_size: int, window: int | None = None) -> list[Any]:

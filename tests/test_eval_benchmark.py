@@ -252,13 +252,24 @@ def test_other_sets_and_class_mentions():
             return {"id": word, "audio": audio.astype(np.int16), "labels": [i],
                     "captions": [f"a {word} sound"], "synthetic_captions": []}
 
-    result = benchmark.evaluate_source(FakeModel(), "tones", Tones(), caption_clips=2)
+    methods = []
+
+    class Recording(FakeModel):
+        def caption(self, audio, sample_rate=None, method="greedy", **options):
+            methods.append(method)
+            return super().caption(audio, sample_rate, method, **options)
+
+    result = benchmark.evaluate_source(Recording(), "tones", Tones(), caption_clips=2)
+    assert methods == ["greedy"]  # as training's evaluation decodes
     assert result["tasks"] == ["retrieval", "zeroshot"]
     assert result["metrics"]["t2a_R@1"] == 100.0 and result["metrics"]["top1"] == 100.0
     assert result["metrics"]["class_mention_rate"] == 100.0
     assert result["metrics"]["captioned_clips"] == 2
-    text = report.results_markdown({"sets": {"tones": result}})
-    assert "| tones | 100.0 | 2 |" in text
+    text = report.results_markdown({"sets": {"tones": result}, "caption_method": "greedy"})
+    assert "| tones | 100.0 | 2 |" in text and "(%, greedy decoding)" in text
+    benchmark.evaluate_source(Recording(), "tones", Tones(), caption_clips=2,
+                              caption_method="beam")
+    assert methods[-1] == "beam"
 
 
 def test_user_errors(tmp_path):

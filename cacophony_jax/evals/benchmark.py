@@ -144,7 +144,7 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
 
 
 def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
-                         method: str = "beam", beam_size: int = 4, batch_size: int = 16,
+                         method: str = "greedy", beam_size: int = 4, batch_size: int = 16,
                          max_len: int | None = None) -> dict[str, Any]:
     """Captions labelled clips and measures `evals.captioning.class_mention_rate` on them.
 
@@ -152,7 +152,7 @@ def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
       model: a loaded stage-2 bundle.
       source: a labelled source (e.g. the synthetic corpus's held-out "eval" split).
       limit: caption only the first `limit` clips (None: all).
-      method: "beam", "greedy" or "sample".
+      method: "greedy" (as training's evaluation), "beam" or "sample".
       beam_size: beams for "beam".
       batch_size: clips captioned at once.
       max_len: tokens per caption at most (None: the bundle's text length).
@@ -182,8 +182,8 @@ def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
 
 def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
                     workers: int = 4, caption_clips: int = 0, prompt: str = "release",
-                    progress: Progress | None = None,
-                    window_seconds: float | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, window_seconds: float | None = None,
+                    caption_method: str = "greedy") -> dict[str, Any]:
     """Runs the tasks of one set (see the module docstring).
 
     Args:
@@ -197,6 +197,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
       prompt: zero-shot prompt style, "release" or "sentence" (module docstring).
       progress: called as progress(label, done, total).
       window_seconds: see `embed_source`.
+      caption_method: how those captions are decoded: "greedy" (as training's
+        evaluation) or "beam".
 
     Returns:
       {"tasks", "metrics": {...}, "clips", "captions", "unreadable", "missing",
@@ -243,7 +245,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
         class_emb = np.asarray(model.embed_text(prompts), np.float32)
         metrics.update(zeroshot_metrics(embedded["audio_emb"], class_emb, embedded["labels"]))
     if caption_clips and source.class_names:
-        report = class_mention_report(model, source, limit=caption_clips, batch_size=batch_size)
+        report = class_mention_report(model, source, limit=caption_clips, batch_size=batch_size,
+                                      method=caption_method)
         metrics["class_mention_rate"] = 100.0 * report["class_mention_rate"]
         metrics["captioned_clips"] = report["clips"]  # readable ones of the first N
         metrics["caption_examples"] = report["examples"]
@@ -261,8 +264,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
 def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None = None,
                     batch_size: int = 32, workers: int = 4, caption_clips: int = 0,
                     bundle: str = "", prompt: str = "release",
-                    progress: Progress | None = None,
-                    window_seconds: float | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, window_seconds: float | None = None,
+                    caption_method: str = "greedy") -> dict[str, Any]:
     """Evaluates a bundle on several sets and writes results.json / results.md.
 
     Args:
@@ -276,10 +279,11 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
       prompt: zero-shot prompt style (see `evaluate_source`).
       progress: called as progress(label, done, total).
       window_seconds: see `embed_source`.
+      caption_method: see `evaluate_source`.
 
     Returns:
       {"bundle": path, "zeroshot_prompt": style, "window_seconds": the window used,
-       "sets": {name: evaluate_source(...)}}.
+       "caption_method", "sets": {name: evaluate_source(...)}}.
     """
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise ValueError(f"bundle {bundle or ''} is a {model.kind!r} model without a text "
@@ -295,12 +299,14 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
         raise ValueError(f"--zeroshot-prompt {prompt!r}: use one of {list(PROMPT_STYLES)}")
     window = window_seconds or float(getattr(model, "window_seconds", 0.0))
     results: dict[str, Any] = {"bundle": bundle, "zeroshot_prompt": prompt,
-                               "window_seconds": window, "sets": {}}
+                               "window_seconds": window, "caption_method": caption_method,
+                               "sets": {}}
     for name, source in sets.items():
         logging.info("evaluating %s: %d clips", name, len(source))
         result = evaluate_source(model, name, source, batch_size=batch_size, workers=workers,
                                  caption_clips=caption_clips, prompt=prompt,
-                                 progress=progress, window_seconds=window_seconds)
+                                 progress=progress, window_seconds=window_seconds,
+                                 caption_method=caption_method)
         results["sets"][name] = result
         shown = {k: round(v, 2) for k, v in result["metrics"].items() if isinstance(v, float)}
         logging.info("%s (%d clips, %.0f s): %s", name, result["clips"], result["seconds"], shown)

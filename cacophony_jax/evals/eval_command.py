@@ -42,6 +42,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--caption-clips", type=int, default=0, metavar="N",
                         help="caption N clips of each labelled set and report how often "
                              "the caption names the clip's class")
+    parser.add_argument("--caption-method", choices=("greedy", "beam"), default="greedy",
+                        help="how those captions are decoded (default greedy, as "
+                             "training's evaluation; beam: 4 beams)")
     parser.add_argument("--zeroshot-prompt", choices=("release", "sentence"),
                         default="release",
                         help="zero-shot prompts as the released evaluation code wrote them "
@@ -125,6 +128,7 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
         sets["synthetic"] = SyntheticCorpus("eval", args.synthetic, seconds)
     results = evaluate_bundle(model, sets, out_dir=args.out, batch_size=args.batch_size,
                               workers=args.workers, caption_clips=args.caption_clips,
+                              caption_method=args.caption_method,
                               bundle=os.path.abspath(args.bundle),
                               prompt=args.zeroshot_prompt, progress=progress,
                               window_seconds=args.window_seconds or None)

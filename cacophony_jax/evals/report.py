@@ -121,7 +121,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     mentions = {n: r["metrics"] for n, r in sets.items()
                 if "class_mention_rate" in r["metrics"]}
     if mentions:
-        lines += ["## Captions naming the clip's class (%)", "", "| set | rate | clips |",
+        how = results.get("caption_method", "greedy")
+        lines += [f"## Captions naming the clip's class (%, {how} decoding)", "",
+                  "| set | rate | clips |",
                   "|---|---|---|"]
         lines += [f"| {_display(n, sets)} | {_cell(m['class_mention_rate'])} | "
                   f"{m.get('captioned_clips', '—')} |" for n, m in mentions.items()] + [""]
