@@ -183,13 +183,19 @@ def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path, monke
 
 def test_remote_paths_are_refused_with_the_mount_to_use(tmp_path):
     with pytest.raises(ValueError, match=r"--workdir='gs://b/run' is not a file-system path.*"
-                                         r"gcsfuse --implicit-dirs b /mnt/gcs/b"):
+                                         r"gcsfuse --implicit-dirs --rename-dir-limit=100000 "
+                                         r"b /mnt/gcs/b"):
         stages.run(tiny_config("mae", 2), "gs://b/run")
     config = tiny_config("mae", 2, **{"data.train.kind": "manifest",
                                       "data.train.path": "gs://data/train.jsonl"})
     with pytest.raises(ValueError, match="config.data.train.path='gs://data/train.jsonl'"):
         stages.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+    # A missing optional tokenizer path says it is optional.
+    config = tiny_config("cacophony", 2, **{"tokenizer.path": str(tmp_path / "roberta-base")})
+    with pytest.raises(ValueError, match="roberta-base' does not exist .*it is optional: leave "
+                                         "it out to train a byte-level BPE"):
+        stages.run(config, str(tmp_path / "w"))
 
 
 def test_a_run_opens_its_data_up_front_and_warns_once(tmp_path, caplog, monkeypatch):

@@ -102,7 +102,10 @@ class ArrayRecordSource:
         builder = open_builder(path)
         splits = builder.info.splits
         if split not in splits:
-            raise ArrayRecordError(f"{path} has splits {sorted(splits)}, not {split!r}")
+            raise ArrayRecordError(
+                f"{path} has splits {sorted(splits)}, not {split!r}: name one (PATH:SPLIT "
+                "in extra_evals and cli eval, or the block's split, e.g. "
+                "--config.data.eval.split=test)")
         self.name = f"{os.path.basename(path)}/{split}"
         self.class_names = tuple(builder.info.metadata.get("class_names", ()))
         self._path = path

@@ -56,6 +56,13 @@ def _interval(low: float, high: float, closed_high: bool = False) -> Callable[[A
 
 # (config key, test, what it must be). Keys a config lacks (stage 1 has no loss block)
 # are skipped.
+# What to do instead when an optional path is missing.
+_MISSING_PATH_HINTS = {
+    "tokenizer.path": "; it is optional: leave it out to train a byte-level BPE on the "
+                      "training captions, or fetch the RoBERTa tokenizer's files once (see "
+                      "the README, 'Using trained or released weights')",
+}
+
 _RANGES = (
     ("optim.b1", _interval(0, 1), "in [0, 1)"),
     ("optim.b2", _interval(0, 1), "in [0, 1)"),
@@ -237,7 +244,8 @@ def check_local(what: str, path: str) -> None:
         raise ValueError(
             f"{what}={path!r} is not a file-system path: training reads and writes files in "
             f"place, so mount the storage and pass the mount, e.g. `gcsfuse --implicit-dirs "
-            f"{bucket} /mnt/gcs/{bucket}` then /mnt/gcs/{bucket}/...; launch/tpu/tpu.py "
+            f"--rename-dir-limit=100000 {bucket} /mnt/gcs/{bucket}` (checkpoints are "
+            f"committed by renaming folders) then /mnt/gcs/{bucket}/...; launch/tpu/tpu.py "
             "mounts the gs:// paths it is given on every worker itself")
 
 
@@ -259,7 +267,7 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
         check_local(f"config.{key}", path)
         if path != "previous" and key not in unused and not os.path.exists(path):
             raise ValueError(f"config.{key}={path!r} does not exist (relative paths are "
-                             f"read from {os.getcwd()})")
+                             f"read from {os.getcwd()}){_MISSING_PATH_HINTS.get(key, '')}")
     from cacophony_jax.tasks import common
 
     for name, sub in common.extra_eval_blocks(config):
