@@ -375,3 +375,25 @@ def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a full disk's flush
     assert caught.value.errno == errno.ENOSPC
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_signal_between_two_stages_starts_no_later_stage(tmp_path, monkeypatch):
+    import signal
+
+    from etils import epath
+
+    from cacophony_jax.train import host, loop
+    from configs import quickstart
+
+    ran = []
+
+    def one_stage(stage, workdir):  # stands in for training: the signal comes as it ends
+        ran.append(os.path.basename(workdir))
+        os.kill(os.getpid(), signal.SIGINT)
+        return {}
+
+    monkeypatch.setattr(loop, "run", one_stage)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(host.StopRequestedError, match="after signal 2"):
+        stages._run_stages(quickstart.get_config(), epath.Path(tmp_path))
+    assert ran == ["mae"] and signal.getsignal(signal.SIGINT) is before

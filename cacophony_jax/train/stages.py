@@ -151,17 +151,25 @@ def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
 def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
                 ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
-    previous = None
-    for name in config.stage_order:
-        stage = config.stages[name]
-        if stage.train.init_from == "previous":
-            if previous is None:
-                raise ValueError(f"stage {name!r} starts from 'previous' but is first")
-            with stage.unlocked():
-                stage.train.init_from = str(root / previous)
-        logging.info("=== stage %s -> %s", name, root / name)
-        results[name] = loop.run(stage, str(root / name))
-        previous = name
+    previous, stage_steps = None, 0
+    # Between stages a signal is held here (each stage's loop takes it over while it
+    # runs): a stop asked for as one stage ends starts no later stage.
+    between = host.StopSignal()
+    try:
+        for name in config.stage_order:
+            stage = config.stages[name]
+            if stage.train.init_from == "previous":
+                if previous is None:
+                    raise ValueError(f"stage {name!r} starts from 'previous' but is first")
+                with stage.unlocked():
+                    stage.train.init_from = str(root / previous)
+            if previous is not None and between.agreed():
+                raise host.StopRequestedError(int(stage_steps), between.signum)
+            logging.info("=== stage %s -> %s", name, root / name)
+            results[name] = loop.run(stage, str(root / name))
+            previous, stage_steps = name, stage.train.steps
+    finally:
+        between.restore()
     if jax.process_index() == 0:
         atomic_write.write_text(root / "results.json", json.dumps(results, indent=2))
     return results
