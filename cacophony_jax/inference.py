@@ -63,6 +63,7 @@ from cacophony_jax.audio import clips as clips_lib
 from cacophony_jax.audio import io
 from cacophony_jax.audio.clips import AudioInput
 from cacophony_jax.convert import bundle
+from cacophony_jax.data.spec import EOS_ID
 from cacophony_jax.inference_runtime import InferenceError, ModelRuntime
 from cacophony_jax.models import decoding
 
@@ -75,6 +76,12 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufffd]+")
 def printable(text: str) -> str:
     """A generated caption without control characters or U+FFFD, spaces collapsed."""
     return " ".join(_UNPRINTABLE.sub(" ", text).split())
+
+
+def _whole_words(text: str) -> str:
+    """`text` without its last word (which a cut may have split), unless it has one."""
+    words = text.rstrip().rsplit(None, 1)
+    return words[0] if len(words) == 2 else text
 
 
 def _check_number(name: str, value: Any, *, whole: bool, minimum: int | None = None) -> None:
@@ -239,7 +246,8 @@ class CacophonyModel(ModelRuntime):
           sample_rate: rate of array inputs in Hz (required for arrays).
           method: "greedy", "beam" or "sample".
           max_len: the most tokens per caption, bos and eos included (None: the text
-            length the model was trained with, `text_length`).
+            length the model was trained with, `text_length`); a caption cut there
+            ends at its last whole word.
           beam_size: beams for "beam".
           temperature: sampling temperature for "sample".
           seed: sampling seed: the same seed gives a clip the same caption, whatever
@@ -285,7 +293,14 @@ class CacophonyModel(ModelRuntime):
                                      beam_size=beam_size, length_penalty=length_penalty)
 
         ids = self._over_windows(firsts, describe, batch_size, window)
-        return [printable(text) for text in self.tokenizer.decode(np.stack(ids))] if ids else []
+        if not ids:
+            return []
+        ids = np.stack(ids)
+        # A caption that reached max_len without eos was cut, maybe inside a word: it
+        # ends at its last whole word.
+        cut = ~np.any(ids == EOS_ID, axis=1)
+        return [printable(_whole_words(text) if was_cut else text)
+                for text, was_cut in zip(self.tokenizer.decode(ids), cut, strict=True)]
 
     def audio_states(self, audio_batch: np.ndarray, sample_rate: int,
                      batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

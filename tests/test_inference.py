@@ -231,6 +231,27 @@ def test_caption_returns_strings(model):
     # What a byte-level tokenizer gives for cut UTF-8 or control bytes is dropped.
     assert all(inference.printable(c) == c for c in greedy + beam + sampled)
     assert inference.printable(" car\ufffd\ufffdflac\x0e\bm\r\n a\u2028b ") == "car flac m a b"
+    # A caption that reaches max_len without eos ends at its last whole word.
+    seen = []
+    real = model.tokenizer.decode
+
+    def decode(ids):
+        seen.append(np.asarray(ids))
+        return real(ids)
+
+    model.tokenizer.decode = decode
+    try:
+        texts = model.caption(clips, sample_rate=16000, max_len=8)
+    finally:
+        del model.tokenizer.decode
+    for row, full, text in zip(seen[0], real(seen[0]), texts, strict=True):
+        if 2 in row:  # eos: the whole caption
+            assert text == inference.printable(full)
+        else:
+            assert inference.printable(full).startswith(text) and len(text.split()) == max(
+                len(full.split()) - 1, min(1, len(full.split())))
+    assert inference._whole_words("a dog barks noti") == "a dog barks"
+    assert inference._whole_words("dogbark") == "dogbark"
 
 
 def test_bucketing_reuses_compiled_functions(bundles):
