@@ -78,7 +78,8 @@ def _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes
                         error)
         return None, None
     device = mesh.devices.flat[0]
-    peak, source = None, "no datasheet peak for this device; set train.peak_tflops"
+    peak, source = None, (f"no datasheet peak for {device.device_kind}, so no MFU is "
+                          "logged; train.peak_tflops gives one")
     if config.train.peak_tflops > 0:
         peak, source = config.train.peak_tflops * 1e12, "train.peak_tflops"
     elif (known := flops.datasheet_peak(device.device_kind)) is not None:
