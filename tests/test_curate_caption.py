@@ -228,10 +228,11 @@ def test_run_caption_manifest_keeps_existing_fields(tmp_path):
     _tone(tmp_path / "clips" / "b.wav", "car")
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"audio": "clips/a.wav", "id": "a", "captions": ["rain on a roof"], "label": "rain",
-         "synthetic_captions": ["a rain sound"]},
+         "synthetic_captions": ["a rain sound"], "license": "CC0",
+         "source": {"url": "https://example.org/a"}},
         {"audio": "clips/b.wav", "caption": "a car"},
         "{broken",
-    ]) + "\n")
+    ]) + "\n\n")  # a blank last line: rows are matched to lines by number
     out = tmp_path / "o" / "out.jsonl"
     counts = caption.run_caption(FakeCaptioner(), str(tmp_path / "in.jsonl"), str(out),
                                  num_captions=2, method="greedy")
@@ -239,7 +240,8 @@ def test_run_caption_manifest_keeps_existing_fields(tmp_path):
     first, second = _rows(out)
     assert first == {"id": "a", "audio": os.path.join("..", "clips", "a.wav"),
                      "captions": ["rain on a roof"], "label": ["rain"],
-                     "synthetic_captions": ["a rain sound", "rain 1"]}  # no duplicate
+                     "synthetic_captions": ["a rain sound", "rain 1"],  # no duplicate
+                     "license": "CC0", "source": {"url": "https://example.org/a"}}
     assert second["id"] == "clips/b.wav" and second["captions"] == ["a car"]
 
 

@@ -137,6 +137,25 @@ def _bad_rows(input_path: str, source: ManifestSource,
     return kept, dropped
 
 
+# The keys of a manifest row that the output row is made of; any other key is kept.
+_ROW_KEYS = ("id", "audio", "caption", "captions", "synthetic_captions", "label")
+
+
+def _other_keys(input_path: str, source: ManifestSource) -> list[dict]:
+    """Per record of a JSONL manifest, the keys of its row that are not `_ROW_KEYS`
+    (a licence, a source URL, ...), which the output row keeps."""
+    if os.path.splitext(input_path)[1].lower() == ".csv":
+        return [{} for _ in range(len(source))]
+    wanted = {line: i for i, line in enumerate(source.lines)}
+    others: list[dict] = [{} for _ in range(len(source))]
+    with open(input_path, "rb") as f:
+        for number, data in enumerate(f, 1):
+            if number in wanted:
+                row = json.loads(data.decode("utf-8-sig" if number == 1 else "utf-8"))
+                others[wanted[number]] = {k: v for k, v in row.items() if k not in _ROW_KEYS}
+    return others
+
+
 def _input_records(input_path: str, extensions: Sequence[str],
                    out_dir: str) -> tuple[list[dict], tuple, list[dict], int]:
     """The clips to caption, the class names, and the bad rows (see `_bad_rows`)."""
@@ -150,7 +169,8 @@ def _input_records(input_path: str, extensions: Sequence[str],
         source = ManifestSource(input_path, skip_bad_rows=True)
     except SourceError as e:
         raise CaptionError(str(e)) from None
-    records = [source[i] for i in range(len(source))]
+    records = [{**source[i], "other_keys": other}
+               for i, other in enumerate(_other_keys(input_path, source))]
     bad, dropped = _bad_rows(input_path, source, out_dir)
     counts = collections.Counter(r["id"] for r in [*records, *bad])
     repeated = [clip_id for clip_id, n in counts.items() if n > 1]
@@ -333,7 +353,7 @@ def _row(record: dict, new: list[str], class_names: Sequence[str], out_dir: str)
            "captions": list(record["captions"]), "synthetic_captions": synthetic}
     if record["labels"]:
         row["label"] = [class_names[i] for i in record["labels"]]
-    return row
+    return {**row, **record.get("other_keys", {})}
 
 
 def add_arguments(parser: Any) -> None:
