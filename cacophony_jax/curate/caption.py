@@ -49,7 +49,6 @@ from cacophony_jax import atomic_write
 from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import output_settings, resume
-from cacophony_jax.curate.output_settings import settings_path
 from cacophony_jax.data.manifest import ManifestSource
 from cacophony_jax.data.sources import SourceError
 from cacophony_jax.progress import Progress
@@ -108,24 +107,35 @@ def caption_batch(model: Any, audio: Sequence[np.ndarray], num_captions: int = 1
     return out
 
 
-def _bad_rows(input_path: str, source: ManifestSource,
-              out_dir: str) -> tuple[list[dict], int]:
-    """The rows the manifest reader skipped as bad: those that are JSON objects with an
-    id (or an audio path, the default id) as output rows, unchanged but for a relative
-    audio path rebased onto `out_dir`; and how many others there are."""
-    if not source.num_skipped or os.path.splitext(input_path)[1].lower() == ".csv":
-        return [], source.num_skipped  # a CSV's bad rows have no audio: nothing to keep
-    good = set(source.lines)
+# The keys of a manifest row that the output row is made of; any other key is kept.
+_ROW_KEYS = ("id", "audio", "caption", "captions", "synthetic_captions", "label")
+
+
+def _raw_rows(input_path: str, source: ManifestSource,
+              out_dir: str) -> tuple[list[dict], list[dict], int]:
+    """One read of a JSONL manifest's lines: per record, the keys of its row that are
+    not `_ROW_KEYS` (a licence, a source URL, ...), which the output row keeps; the
+    rows the reader skipped as bad that are JSON objects with an id (or an audio path,
+    the default id), as output rows unchanged but for a relative audio path rebased
+    onto `out_dir`; and how many other bad rows there are."""
+    others: list[dict] = [{} for _ in range(len(source))]
+    if os.path.splitext(input_path)[1].lower() == ".csv":
+        return others, [], source.num_skipped  # a CSV's bad rows have no audio to keep
+    record_of = {line: i for i, line in enumerate(source.lines)}
     in_dir = os.path.dirname(os.path.abspath(input_path))
     kept, dropped = [], 0
     with open(input_path, "rb") as f:
         for number, data in enumerate(f, 1):
-            if number in good or not data.strip():
+            if not data.strip() or (number not in record_of and not source.num_skipped):
                 continue
             try:
                 row = json.loads(data.decode("utf-8-sig" if number == 1 else "utf-8"))
-            except ValueError:  # not JSON, or not UTF-8
+            except ValueError:  # not JSON, or not UTF-8 (a bad row)
                 row = None
+            if number in record_of:
+                others[record_of[number]] = {k: v for k, v in row.items()
+                                             if k not in _ROW_KEYS}
+                continue
             clip_id = row.get("id", row.get("audio")) if isinstance(row, dict) else None
             if not isinstance(clip_id, str) or not clip_id.strip():
                 dropped += 1
@@ -134,31 +144,12 @@ def _bad_rows(input_path: str, source: ManifestSource,
             if isinstance(audio, str) and audio and not os.path.isabs(audio):
                 row["audio"] = os.path.relpath(os.path.join(in_dir, audio), out_dir)
             kept.append({"id": clip_id, **{k: v for k, v in row.items() if k != "id"}})
-    return kept, dropped
-
-
-# The keys of a manifest row that the output row is made of; any other key is kept.
-_ROW_KEYS = ("id", "audio", "caption", "captions", "synthetic_captions", "label")
-
-
-def _other_keys(input_path: str, source: ManifestSource) -> list[dict]:
-    """Per record of a JSONL manifest, the keys of its row that are not `_ROW_KEYS`
-    (a licence, a source URL, ...), which the output row keeps."""
-    if os.path.splitext(input_path)[1].lower() == ".csv":
-        return [{} for _ in range(len(source))]
-    wanted = {line: i for i, line in enumerate(source.lines)}
-    others: list[dict] = [{} for _ in range(len(source))]
-    with open(input_path, "rb") as f:
-        for number, data in enumerate(f, 1):
-            if number in wanted:
-                row = json.loads(data.decode("utf-8-sig" if number == 1 else "utf-8"))
-                others[wanted[number]] = {k: v for k, v in row.items() if k not in _ROW_KEYS}
-    return others
+    return others, kept, dropped
 
 
 def _input_records(input_path: str, extensions: Sequence[str],
                    out_dir: str) -> tuple[list[dict], tuple, list[dict], int]:
-    """The clips to caption, the class names, and the bad rows (see `_bad_rows`)."""
+    """The clips to caption, the class names, and the bad rows (see `_raw_rows`)."""
     if os.path.isdir(input_path):
         files = find_audio_files([input_path], extensions)
         if not files:
@@ -169,9 +160,8 @@ def _input_records(input_path: str, extensions: Sequence[str],
         source = ManifestSource(input_path, skip_bad_rows=True)
     except SourceError as e:
         raise CaptionError(str(e)) from None
-    records = [{**source[i], "other_keys": other}
-               for i, other in enumerate(_other_keys(input_path, source))]
-    bad, dropped = _bad_rows(input_path, source, out_dir)
+    others, bad, dropped = _raw_rows(input_path, source, out_dir)
+    records = [{**source[i], "other_keys": other} for i, other in enumerate(others)]
     counts = collections.Counter(r["id"] for r in [*records, *bad])
     repeated = [clip_id for clip_id, n in counts.items() if n > 1]
     if repeated:
@@ -261,7 +251,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
         raise CaptionError(str(e)) from None
     # The settings describe the rows next to them: an --overwrite run's, its partial
     # output's until that replaces the output (then they replace the old settings).
-    atomic_write.write_text(settings_path(writing), json.dumps(settings, indent=1))
+    output_settings.record(writing, settings)
     from_manifest = not os.path.isdir(input_path)
     counts = dict.fromkeys(("clips", "written", "resumed", "unreadable", "uncaptioned",
                             "passed_through", "captions", "no_new_caption", "bad_rows",
@@ -311,8 +301,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
             if progress:
                 progress("caption", counts["resumed"] + start, len(records_all))
     resume.finish_output(output_path, writing)
-    if writing != output_path:
-        os.replace(settings_path(writing), settings_path(output_path))
+    output_settings.follow(output_path, writing)
     if failures:
         what = ("written unchanged, without new captions (fix their audio and rerun with "
                 "--overwrite to caption them)" if from_manifest else "skipped")

@@ -34,7 +34,6 @@ from typing import Any
 
 from absl import logging
 
-from cacophony_jax import atomic_write
 from cacophony_jax.curate import llm, output_settings, resume, rules
 from cacophony_jax.progress import ProgressLine
 
@@ -170,8 +169,7 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
         writing, done = resume.prepare_output(output_path, overwrite, _ROW_KEYS)
     except resume.OutputError as e:
         raise CleanError(str(e)) from None
-    atomic_write.write_text(output_settings.settings_path(writing),
-                            json.dumps(recorded, indent=1))
+    output_settings.record(writing, recorded)
     captioner = None
     if settings is not None:
         try:
@@ -263,9 +261,7 @@ def run_clean(input_path: str, output_path: str, backend: str = "rules", *,
             captioner.close()
         show(final=True)
     resume.finish_output(output_path, writing)
-    if writing != output_path:  # the settings follow the rows they describe
-        os.replace(output_settings.settings_path(writing),
-                   output_settings.settings_path(output_path))
+    output_settings.follow(output_path, writing)  # the settings follow their rows
     if counts["skipped"] > _SHOWN_BAD_ROWS:
         logging.warning("%s: %d rows skipped in all (only the first %d shown)", input_path,
                         counts["skipped"], _SHOWN_BAD_ROWS)

@@ -71,6 +71,20 @@ def caption_earlier(bundle_path: str) -> Callable[[dict, dict], dict]:
     return earlier
 
 
+def record(writing: str, settings: dict[str, Any]) -> None:
+    """Writes the settings next to the file the rows go to (an --overwrite run's
+    partial output until it is complete)."""
+    from cacophony_jax import atomic_write
+
+    atomic_write.write_text(settings_path(writing), json.dumps(settings, indent=1))
+
+
+def follow(output_path: str, writing: str) -> None:
+    """After the partial output `writing` replaced `output_path`, its settings follow."""
+    if writing != output_path:
+        os.replace(settings_path(writing), settings_path(output_path))
+
+
 def _first_row(path: str) -> dict[str, Any] | None:
     with open(path, "rb") as f:
         for line in f:
