@@ -217,6 +217,27 @@ def test_user_errors(corpus):
         ArrayRecordSource(out, "train"))
 
 
+def test_an_overwrite_killed_before_its_commit_keeps_the_old_hash_list_and_summary(
+        corpus, monkeypatch):
+    out = corpus / "out"
+    _build(corpus, out)
+    before = {name: (out / name).read_text()
+              for name in ("train_hashes.txt", "summary.json", "summary.md")}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "write_summary", killed)  # the last step before the commit
+    with pytest.raises(KeyboardInterrupt):
+        build.run_build([("a", str(corpus / "a" / "m.jsonl"))], str(out), workers=2,
+                        overwrite=True)
+    # The old split is still the readable one, and still described by its own files
+    # (another build's --exclude-hashes must not get a list of another split).
+    assert len(ArrayRecordSource(out, "train")) == len(before["train_hashes.txt"].split())
+    assert {name: (out / name).read_text() for name in before} == before
+    assert not [name for name in os.listdir(out) if name.startswith(".incomplete")]
+
+
 def test_a_later_split_shares_the_labels_and_bad_settings_stop_before_hashing(
         corpus, monkeypatch):
     out = corpus / "out"

@@ -26,7 +26,8 @@ Resuming: hashes are appended to ``OUT/.build_hash_cache.jsonl`` as they are com
 keyed by path, size and modification time, so a rerun decodes only what is new; the
 split is written atomically by `write_array_record`. OUT also receives
 ``<split>_hashes.txt`` (for another build's `--exclude-hashes`), ``summary.json`` and
-``summary.md``. OUT must be new, empty or a build's folder: other files in it are
+``summary.md``, moved in with the split's shards just before its commit, so they
+always describe the readable split. OUT must be new, empty or a build's folder: other files in it are
 never overwritten (see `build_inputs.check_output`).
 """
 
@@ -233,17 +234,20 @@ def run_build(
         for out, source, index in kept.values():
             yield out if "audio_path" in out else {**out, "audio": source[index]["audio"]}
 
-    write_array_record(records(), out_dir, split, num_shards, list(class_names),
-                       num_workers=workers, progress=progress, total=len(kept),
-                       overwrite=overwrite)
-    atomic_write.write_text(os.path.join(out_dir, f"{split}_hashes.txt"),
-                            "".join(digest + "\n" for digest in kept))
     total: dict[str, float] = collections.Counter()
     for c in counts.values():
         total.update(c)
     summary = {"split": split, "out": out_dir, "class_names": list(class_names),
                "sources": counts, "total": dict(total)}
-    write_summary(out_dir, summary)
+
+    def describe(staging: str) -> None:  # committed with the split (see write_array_record)
+        atomic_write.write_text(os.path.join(staging, f"{split}_hashes.txt"),
+                                "".join(digest + "\n" for digest in kept))
+        write_summary(out_dir, summary, into=staging)
+
+    write_array_record(records(), out_dir, split, num_shards, list(class_names),
+                       num_workers=workers, progress=progress, total=len(kept),
+                       overwrite=overwrite, before_commit=describe)
     return summary
 
 

@@ -35,10 +35,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out_dir: str, summary: dict[str, Any]) -> None:
+def write_summary(out_dir: str, summary: dict[str, Any], into: str | None = None) -> None:
     """Writes `summary` into out_dir/summary.json and summary.md, next to the other
     splits' (one summary per folder, one section per split: building "val" keeps
-    "train"'s)."""
+    "train"'s); with `into`, the two files go to that folder instead (to be moved into
+    out_dir with the split they describe)."""
     path = os.path.join(out_dir, "summary.json")
     every: dict[str, Any] = {}
     if os.path.isfile(path):
@@ -48,6 +49,7 @@ def write_summary(out_dir: str, summary: dict[str, Any]) -> None:
         except (OSError, ValueError):
             every = {}
     every[summary["split"]] = summary
-    atomic_write.write_text(path, json.dumps(every, indent=1))
-    atomic_write.write_text(os.path.join(out_dir, "summary.md"), "# Dataset build summary\n\n"
+    into = out_dir if into is None else into
+    atomic_write.write_text(os.path.join(into, "summary.json"), json.dumps(every, indent=1))
+    atomic_write.write_text(os.path.join(into, "summary.md"), "# Dataset build summary\n\n"
                             + "\n".join(summary_markdown(s) for s in every.values()))

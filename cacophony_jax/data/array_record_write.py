@@ -88,6 +88,7 @@ def write_array_record(
     progress: Callable[[str, int, int], None] | None = None,
     total: int = 0,
     overwrite: bool = False,
+    before_commit: Callable[[str], None] | None = None,
 ) -> str:
     """Writes records as one split of a TFDS array_record dataset.
 
@@ -105,6 +106,10 @@ def write_array_record(
       total: the number of records (for progress).
       overwrite: replace the split if it exists (the old one stays readable until the
         new one is complete).
+      before_commit: called with the staging folder once the split's files are
+        written there: files it writes into that folder (`curate build`'s hash list
+        and summary) are moved into the dataset folder with the shards, just before
+        the commit, so an interruption never leaves a split described by another's.
 
     Returns:
       The dataset folder.
@@ -167,6 +172,8 @@ def write_array_record(
         info.set_file_format("array_record")
         info.set_splits(tfds.core.SplitDict(splits))
         info.write_to_directory(staging)
+        if before_commit is not None:
+            before_commit(staging)
         for name in os.listdir(staging):
             if name not in _INFO_FILES:
                 os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
