@@ -57,6 +57,9 @@ RULE_EXAMPLES = [
      "Busy train station in Munich with announcements, people talking."),
     # Upload-page wording: quality tags and offers (not "breaks free").
     ("white noise static #2 [HD] FREE DOWNLOAD", "", "", "White noise static."),
+    # A kind of noise is a sound; "noise" alone is a category.
+    ("Pink noise 10 minutes", "noise", "", "Pink noise."),
+    ("Noise", "", "Harsh noise from a broken amp.", "Harsh noise from a broken amp."),
     ("Dog barking loudly (HQ) - 320kbps - FREE SFX", "", "", "Dog barking loudly."),
     ("", "", "A bird breaks free from a cage, royalty-free, 1080p.",
      "A bird breaks free from a cage."),

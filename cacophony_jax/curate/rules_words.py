@@ -88,6 +88,15 @@ def words_of(text: str) -> list[str]:
     return re.findall(r"[a-z']+", text.lower())
 
 
+# "Noise" alone is a category tag, but a kind of noise is the sound itself.
+_NOISE_KINDS = re.compile(
+    r"\b(?:white|pink|brown(?:ian)?|red|gr[ae]y|blue|violet|purple|green|black|harsh|"
+    r"digital|analog(?:ue)?|electronic|glitch(?:y)?|industrial|broadband|filtered|"
+    r"background|room)\s+noises?\b")
+
+
 def has_sound(text: str) -> bool:
-    """True if `text` names a sound source or event, or a place (a soundscape)."""
-    return any(is_word(w, STRONG_WORDS) or is_word(w, PLACE_WORDS) for w in words_of(text))
+    """True if `text` names a sound source or event, a kind of noise ("pink noise"), or
+    a place (a soundscape)."""
+    return (any(is_word(w, STRONG_WORDS) or is_word(w, PLACE_WORDS) for w in words_of(text))
+            or _NOISE_KINDS.search(text.lower()) is not None)
