@@ -105,6 +105,28 @@ def test_resume_from_state_gives_exactly_the_following_batches():
             np.testing.assert_array_equal(want[key], got[key])
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_starting_at_a_batch_continues_the_same_stream(monkeypatch, count):
+    # What a resume does when a saved position cannot be restored (another number of
+    # workers or processes): the batches, crops included, of an iterator that ran on.
+    def host_batches(index, first, n):
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        monkeypatch.setattr(jax, "process_count", lambda: count)
+        it = iter(pipeline.train_dataset(IndexSource(7, length=6000),
+                                         pipeline.ExampleFormat(clip_samples=CLIP),
+                                         global_batch_size=2 * count, seed=3,
+                                         read_threads=2, first_batch=first))
+        return take(it, n)
+
+    for index in range(count):
+        straight = host_batches(index, 0, 9)
+        for want, got in zip(straight[5:], host_batches(index, 5, 4), strict=True):
+            for key in want:
+                np.testing.assert_array_equal(want[key], got[key])
+    with pytest.raises(ValueError, match="first_batch must be at least 0"):
+        host_batches(0, -1, 1)
+
+
 @pytest.mark.parametrize("count", [2, 3])
 def test_process_shards_are_disjoint_and_complete(monkeypatch, count):
     per_process = []

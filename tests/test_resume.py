@@ -100,6 +100,44 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_position_that_cannot_be_restored_is_taken_from_the_step(tmp_path, monkeypatch,
+                                                                    caplog):
+    # As when data.num_workers or the number of processes changed between the runs:
+    # the saved position does not fit, and the input continues from the step's batch
+    # (the same batches as the uninterrupted run), not from the start of the data.
+    config = tiny_config("mae", 8, **{"train.checkpoint_every": 4, "train.log_every": 2})
+    loop.run(config, str(tmp_path / "a"))
+    real_jit = step_lib.jit_train_step
+
+    def crashing_jit(*args, **kwargs):
+        step = real_jit(*args, **kwargs)
+        calls = {"n": 0}
+
+        def wrapped(state, batch):
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise RuntimeError("simulated crash")
+            return step(state, batch)
+        return wrapped
+
+    monkeypatch.setattr(step_lib, "jit_train_step", crashing_jit)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.run(config, str(tmp_path / "b"))
+    monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
+    saved = tmp_path / "b" / "checkpoints" / "4" / "data_iter"
+    for name in os.listdir(saved):  # saved "by another number of processes"
+        os.rename(saved / name, saved / name.replace("-of-1", "-of-2"))
+    with caplog.at_level(logging.WARNING):
+        loop.run(config, str(tmp_path / "b"))
+    assert "input continues from the batch step 4 implies" in caplog.text
+    assert_trees_equal(restore_params(config, tmp_path / "a"),
+                       restore_params(config, tmp_path / "b"))
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r}
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "b")
+            if "loss" in r and r["step"] > 5] == [(s, v) for s, v in losses.items() if s > 5]
+
+
+@pytest.mark.slow
 def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
     config = tiny_config("mae", 10)
     loop.run(config, str(tmp_path))

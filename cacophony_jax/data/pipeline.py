@@ -96,20 +96,22 @@ def host_batch_size(global_batch_size: int) -> int:
 
 
 class HostRows(grain.MapDataset):
-    """Host `index`'s rows of every global batch of a stream: its element j is the
-    stream's element (j // P * count + index) * P + j % P, with P rows per host."""
+    """Host `index`'s rows of every global batch of a stream from global batch `first`
+    on: its element j is the stream's element ((j // P + first) * count + index) * P +
+    j % P, with P rows per host."""
 
-    def __init__(self, parent: grain.MapDataset, index: int, count: int, per_host: int):
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, per_host: int,
+                 first: int = 0):
         super().__init__(parent)
-        self._index, self._count, self._per_host = index, count, per_host
-        self._length = len(parent) // count // per_host * per_host
+        self._index, self._count, self._per_host, self._first = index, count, per_host, first
+        self._length = max(0, len(parent) // count // per_host - first) * per_host
 
     def __len__(self) -> int:
         return self._length
 
     def _position(self, j: int) -> int:
         batch, row = divmod(j, self._per_host)
-        return (batch * self._count + self._index) * self._per_host + row
+        return ((batch + self._first) * self._count + self._index) * self._per_host + row
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -117,12 +119,13 @@ class HostRows(grain.MapDataset):
         return self._parent[self._position(index)]
 
     def __str__(self) -> str:
-        return f"HostRows(host {self._index} of {self._count}, {self._per_host} rows each)"
+        return (f"HostRows(host {self._index} of {self._count}, {self._per_host} rows each, "
+                f"from batch {self._first})")
 
 
 def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, seed: int,
                   num_workers: int = 0, read_threads: int = 4,
-                  prefetch_batches: int = 2) -> grain.IterDataset:
+                  prefetch_batches: int = 2, first_batch: int = 0) -> grain.IterDataset:
     """The infinite, shuffled, batched training dataset of this host.
 
     Args:
@@ -133,6 +136,9 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
       num_workers: Grain worker processes (0 = threads in this process).
       read_threads: reader threads per process.
       prefetch_batches: batches buffered per worker.
+      first_batch: the global batch to start from: the stream from there is the same
+        as that of an iterator started at 0 after `first_batch` batches (used to resume
+        where a saved iterator state cannot be restored).
 
     Returns:
       A Grain IterDataset; `iter()` of it is a checkpointable DatasetIterator.
@@ -154,8 +160,10 @@ def train_dataset(source: Any, fmt: ExampleFormat, *, global_batch_size: int, se
     ds = grain.MapDataset.range(len(decoded)).seed(seed).shuffle().repeat(None)
     ds = ds.random_map(PrepareTrain(fmt, decoded))
     per_host = host_batch_size(global_batch_size)
-    if count > 1:
-        ds = HostRows(ds, index, count, per_host)
+    if first_batch < 0:
+        raise ValueError(f"first_batch must be at least 0, got {first_batch}")
+    if count > 1 or first_batch:
+        ds = HostRows(ds, index, count, per_host, first_batch)
     # Records are decoded by `read_threads` threads in parallel, then batched.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=read_threads,

@@ -56,12 +56,14 @@ class IteratorTarget:
     def __init__(self, iterator: Any):
         self.iterator = iterator
         self.counters: dict[str, int] = {}
+        self.restored = False  # whether a saved position was set
 
     def set_state(self, state: bytes | dict[str, Any]) -> None:
         state = dict(json.loads(state) if isinstance(state, (bytes, str)) else state)
         counters = {k: int(v) for k, v in (state.pop(COUNTERS_KEY, None) or {}).items()}
         self.iterator.set_state(state)
         self.counters = counters  # only with the position they belong to
+        self.restored = True
 
     def start_prefetch(self) -> None:
         start = getattr(self.iterator, "start_prefetch", None)
@@ -221,12 +223,14 @@ class Checkpointer:
             self.manager.restore(step, args=ocp.args.Composite(
                 data_iter=grain_ckpt.CheckpointRestore(data_iter)))
         except Exception as e:  # noqa: BLE001
-            # E.g. saved by a different number of processes: the model state is
-            # still valid, only the data order restarts.
-            logging.warning("data iterator state of step %s not restored (%s): was it saved "
-                            "with another data.num_workers or number of processes? The model "
-                            "resumes, but the input pipeline starts a fresh pass, so examples "
-                            "from the start of the data are seen again", step, _brief(e))
+            # E.g. saved by a different number of processes or workers: the model state
+            # is still valid; the caller places the input by the step instead.
+            logging.warning("the input position saved at step %s was not restored (%s): "
+                            "was it saved with another data.num_workers or number of "
+                            "processes? The model resumes; the input continues from the "
+                            "batch step %s implies in the same order (exact unless "
+                            "data.global_batch_size changed), and the data/ counters "
+                            "restart", step, _brief(e), step)
 
     def save(self, step: int, state: Any, iterator_state: dict[str, Any] | None,
              config_json: dict[str, Any], force: bool = False,

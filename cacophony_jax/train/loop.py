@@ -204,12 +204,15 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         clip_samples=task_common.clip_samples(config.audio.clip_seconds),
         text_length=config.data.text_length if tokenizer is not None else 0,
         synthetic_prob=config.data.synthetic_prob, tokenizer=tokenizer)
-    dataset = pipeline.train_dataset(
-        train_source, fmt, global_batch_size=config.data.global_batch_size,
-        seed=config.seed, num_workers=config.data.num_workers,
-        read_threads=config.data.read_threads,
-        prefetch_batches=config.data.prefetch_batches)
-    data_iter = iter(dataset)
+
+    def batches(first: int = 0) -> Any:
+        return iter(pipeline.train_dataset(
+            train_source, fmt, global_batch_size=config.data.global_batch_size,
+            seed=config.seed, num_workers=config.data.num_workers,
+            read_threads=config.data.read_threads,
+            prefetch_batches=config.data.prefetch_batches, first_batch=first))
+
+    data_iter = batches()
     logging.info("training on %s (%d records)", getattr(train_source, "name", "?"),
                  len(train_source))
     if len(train_source) < config.data.global_batch_size:
@@ -256,6 +259,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         resumed_iter = checkpoint.IteratorTarget(data_iter)
         state = init.restore_or_init(config, task, tx, plan, ckpt, resumed_iter)
         start = int(jax.device_get(state.step))
+        if start and not resumed_iter.restored:  # e.g. data.num_workers changed
+            getattr(data_iter, "close", lambda: None)()
+            data_iter = batches(start)  # the same stream, from the step's batch
         writer.resume_at(start)
         config_file = workdir_path / "config.json"
         # Only once the workdir's checkpoints are known to fit, and only if this run
