@@ -323,7 +323,10 @@ def test_recreate_after_a_failed_create_and_a_stop_that_times_out(tmp_path):
     spec = importlib.util.spec_from_file_location("launch_gcloud", TPU.parent / "gcloud.py")
     gcloud = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gcloud)
-    stubborn = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 30"])
+    stubborn = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 30; true",
+                                 "python -m cacophony_jax.main"])
+    # A pid file left by a run that ended, whose pid another process has now.
+    other = subprocess.Popen(["sleep", "30"])
     try:
         cfg = argparse.Namespace(log_dir=str(tmp_path), run_name="train", stop_wait="1")
         (tmp_path / "train.pid").write_text(f"{stubborn.pid}\n")
@@ -331,9 +334,15 @@ def test_recreate_after_a_failed_create_and_a_stop_that_times_out(tmp_path):
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 1 and "still running after 1 s" in proc.stderr
         assert (tmp_path / "train.pid").exists()
+        (tmp_path / "train.pid").write_text(f"{other.pid}\n")
+        proc = subprocess.run(["bash", "-c", "; ".join(gcloud.stop_script(cfg))],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and "not running" in proc.stdout, proc.stderr
+        assert other.poll() is None and not (tmp_path / "train.pid").exists()
     finally:
-        stubborn.kill()
-        stubborn.wait()
+        for process in (stubborn, other):
+            process.kill()
+            process.wait()
     code, _, err = tpu("stop", TPU_STOP_WAIT="soon")
     assert code == 2 and "TPU_STOP_WAIT='soon' must be a whole number" in err
 

@@ -243,7 +243,7 @@ def run_script(cfg: argparse.Namespace, overrides: list[str]) -> list[str]:
         f"mkdir -p {rpath(cfg.log_dir)}",
         f"W=$(curl -sf -H Metadata-Flavor:Google {METADATA_WORKER} || hostname)",
         f"LOG={log_file(cfg, '$W')}",
-        f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then '
+        f'if [ -f {pid} ] && {_ours(f"$(cat {pid})")}; then '
         f'echo "worker $W: {cfg.run_name} is already running; use tpu.py stop" >&2; exit 1; fi',
         *mount_lines(buckets),
         *(f"export {shlex.quote(e)}" for e in exports),
@@ -261,9 +261,17 @@ def stop_script(cfg: argparse.Namespace) -> list[str]:
     and `resume` starts nothing (a partial start would hang in jax.distributed)."""
     pid = pid_file(cfg)
     wait = int(cfg.stop_wait)
-    # Only that process; waiting frees the TPU for the next run.
-    return [f"if [ -f {pid} ]; then P=$(cat {pid}); kill $P 2>/dev/null || true; "
-            f"for i in $(seq {wait}); do kill -0 $P 2>/dev/null || break; sleep 1; done; "
-            f"if kill -0 $P 2>/dev/null; then echo \"still running after {wait} s: $P (it "
+    # Only that process (a pid file left by a run that ended may name another process
+    # now); waiting frees the TPU for the next run.
+    return [f"if [ -f {pid} ] && P=$(cat {pid}) && {_ours('$P')}; then "
+            f"kill $P 2>/dev/null || true; "
+            f"for i in $(seq {wait}); do {_ours('$P')} || break; sleep 1; done; "
+            f"if {_ours('$P')}; then echo \"still running after {wait} s: $P (it "
             "may still be saving its checkpoint); stop again, or kill -9 $P\" >&2; exit 1; "
-            f"else rm -f {pid}; echo stopped $P; fi; else echo not running; fi"]
+            f"else rm -f {pid}; echo stopped $P; fi; else rm -f {pid}; echo not running; fi"]
+
+
+def _ours(pid: str) -> str:
+    """A shell test: process `pid` is alive and is a training run (not a process that
+    was given the pid of a run that ended)."""
+    return f"grep -qa 'cacophony_jax[.]main' /proc/{pid}/cmdline 2>/dev/null"
