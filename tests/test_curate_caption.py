@@ -2,6 +2,7 @@
 finding audio files."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ from cacophony_jax.audio import files
 from cacophony_jax.audio.io import AudioError
 from cacophony_jax.curate import caption
 from cacophony_jax.curate.caption import CaptionError
+from cacophony_jax.data.manifest import ManifestSource
 from cacophony_jax.evals import benchmark
 from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate, mentions
 
@@ -157,6 +159,18 @@ def test_run_caption_folder(folder, tmp_path):
     assert rows[0]["audio"] == os.path.join("..", "unlabeled", "clip0.wav")
     assert rows[1]["synthetic_captions"][0] == "a bell sound" and rows[1]["captions"] == []
     assert all(len(r["synthetic_captions"]) == 2 for r in rows)
+
+
+def test_run_caption_skips_a_file_name_a_manifest_cannot_hold(folder, tmp_path, caplog):
+    _tone(folder / "cafe.wav", "dog")  # renamed to a Latin-1 name (lone surrogates here)
+    os.rename(folder / "cafe.wav", os.path.join(os.fsencode(folder), b"caf\xe9.wav"))
+    out = tmp_path / "captioned.jsonl"
+    with caplog.at_level(logging.WARNING):
+        counts = caption.run_caption(FakeCaptioner(), str(folder), str(out), num_captions=1)
+    assert counts["clips"] == 8 and counts["unreadable"] == 2 and counts["written"] == 5
+    assert "caf\\xe9.wav: the file name is not valid UTF-8" in caplog.text
+    assert "convmv" in caplog.text
+    assert len(ManifestSource(str(out))) == 5  # every row it wrote reads back
 
 
 def test_run_caption_resumes_after_a_cut(folder, tmp_path):

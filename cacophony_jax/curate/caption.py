@@ -23,7 +23,8 @@ it is. With `overwrite` the new rows go to OUTPUT.partial, and their settings to
 OUTPUT.partial.settings.json; both replace OUTPUT and its settings only once complete
 (a rerun with the same `overwrite` settings continues them).
 
-A clip that cannot be captioned, because its audio cannot be read or the decoder
+A clip that cannot be captioned, because its audio cannot be read (or a file's
+name is not UTF-8, which a manifest cannot hold) or the decoder
 refuses it (shorter than one patch, 0.15 s), gets no new captions and is counted and
 named. A manifest row is then written unchanged, so its captions and labels are never
 lost (being in the output, it is not retried by a rerun: fix its audio and rerun with
@@ -171,6 +172,14 @@ def _input_records(input_path: str, extensions: Sequence[str],
     return records, source.class_names, bad, dropped
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_request(input_path: str, output_path: str, num_captions: int, method: str,
                   batch_size: int) -> None:
     """Raises CaptionError for a request that cannot run (before a bundle is loaded)."""
@@ -221,7 +230,8 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       progress: called as progress(label, done, total).
 
     Returns:
-      Counts: clips, written, resumed, unreadable (audio missing or undecodable),
+      Counts: clips, written, resumed, unreadable (audio missing or undecodable, or
+      a file name that is not UTF-8),
       uncaptioned (refused by the decoder, e.g. too short), passed_through (manifest
       rows of those two kinds, and bad rows, written unchanged), captions (new captions
       written), no_new_caption (clips written without one: every caption drawn was
@@ -261,6 +271,14 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     todo = [r for r in records_all if r["id"] not in done]
     counts["resumed"] = len(records_all) - len(todo)
     failures = []
+    # A manifest holds UTF-8 text: a file name that is not (it reaches Python with lone
+    # surrogates) would make a row every reader refuses.
+    for record in [r for r in todo if not _is_utf8(r["id"])]:
+        todo.remove(record)
+        counts["unreadable"] += 1
+        failures.append(f"{ascii(os.fsencode(record['id']))[2:-1]}: the file name is not "
+                        "valid UTF-8, which a manifest cannot hold; rename it (e.g. with "
+                        "convmv -f latin1 -t utf8 --notest) and rerun")
     with open(writing, "a", encoding="utf-8", newline="\n") as out:
         for row in bad_rows:  # kept as they are: their captions and labels are not lost
             if row["id"] not in done:
