@@ -155,6 +155,8 @@ def get_scene_embeddings(audio: Any, model: HearModel) -> Any:
     """
     inner = _check_model(model)
     wave, source = _as_numpy(audio)
+    if not wave.shape[0]:  # an empty batch, of any length
+        return _like(np.zeros((0, model.scene_embedding_size), np.float32), source)
     return _like(inner.embed_audio(wave, sample_rate=inner.sample_rate), source)
 
 

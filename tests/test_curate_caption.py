@@ -61,6 +61,8 @@ def test_mentions_tolerate_inflections():
     assert mentions("a clock ticks", "ticking") and mentions("loud knocks", "knocking")
     assert mentions("someone hissing", "hiss") and mentions("two rising chirps", "rising chirp")
     assert mentions("Bells ring", "bell") and mentions("the buzzer buzzes", "buzzer")
+    assert mentions("a cat purring softly", "purr") and mentions("a dog sniffing", "sniffs")
+    assert mentions("running water", "run") and mentions("a fan whirrs", "whirring")
     assert not mentions("this is quiet", "hiss")  # "this"/"is" are not "hiss"
     assert not mentions("a rising tone", "rising chirp")  # every word must be there
     assert not mentions("chirp rising", "rising chirp")  # ... in order

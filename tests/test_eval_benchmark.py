@@ -271,6 +271,17 @@ def test_other_sets_and_class_mentions():
                               caption_method="beam")
     assert methods[-1] == "beam"
 
+    class LabelsOnly(Tones):  # an own labelled set without captions: zero-shot alone
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "captions": []}
+
+    result = benchmark.evaluate_source(FakeModel(), "labels", LabelsOnly())
+    assert result["tasks"] == ["zeroshot"] and result["metrics"]["top1"] == 100.0
+    assert "t2a_R@1" not in result["metrics"]
+    LabelsOnly.class_names = ()
+    with pytest.raises(SourceError, match="no captions.*nor labels"):
+        benchmark.evaluate_source(FakeModel(), "labels", LabelsOnly())
+
 
 def test_user_errors(tmp_path):
     with pytest.raises(SourceError, match="no reader for evaluation set 'vggsound'"):

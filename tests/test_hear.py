@@ -69,6 +69,9 @@ def test_timestamp_embeddings(model, batch, seconds):
     empty, empty_ts = hear.get_timestamp_embeddings(audio[:0], model)
     assert empty.shape == (0, steps, model.timestamp_embedding_size)
     assert empty_ts.shape == (0, steps)
+    for nothing in (audio[:0], audio[:0, :0]):  # an empty batch, of any length
+        assert hear.get_scene_embeddings(nothing, model).shape == (
+            0, model.scene_embedding_size)
     again, ts_again = hear.get_timestamp_embeddings(audio, model)
     np.testing.assert_array_equal(emb, again)
     np.testing.assert_array_equal(ts, ts_again)

@@ -230,8 +230,15 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
     num_captions = sum(len(c) for c in embedded["captions"])
     if "retrieval" in tasks:
         texts = [t for caps in embedded["captions"] for t in caps]
-        if not texts:
-            raise SourceError(f"{name} has no captions, so retrieval cannot run")
+        if not texts and name not in DATASETS and "zeroshot" in tasks:
+            logging.warning("%s has no captions: zero-shot classification only, no "
+                            "retrieval", name)
+            tasks = [t for t in tasks if t != "retrieval"]
+        elif not texts:
+            raise SourceError(f"{name} has no captions, so retrieval cannot run"
+                              + ("" if name in DATASETS else " (nor labels for zero-shot "
+                                 "classification): give its rows \"caption\" or \"label\""))
+    if "retrieval" in tasks:
         mapping = np.repeat(np.arange(len(embedded["captions"])),
                             [len(c) for c in embedded["captions"]])
         text_emb = np.asarray(model.embed_text(texts), np.float32)

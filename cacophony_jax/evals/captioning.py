@@ -289,15 +289,16 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 def _stem(word: str) -> str:
-    # Light suffix stripping so "a bird trilling" mentions "bird trill" and "crackling"
-    # mentions "crackle": -ing, a doubled consonant (not l/s/z), plural -s/-es, final -e.
+    # Light suffix stripping so "a bird trilling" mentions "bird trill", "crackling"
+    # mentions "crackle" and "purring" "purr": -ing, plural -s/-es, then a final doubled
+    # consonant (not l/s/z: "running" -> "run" as "purr" -> "pur"), then a final -e.
     if word.endswith("ing") and len(word) > 5:
         word = word[:-3]
-        if len(word) > 2 and word[-1] == word[-2] and word[-1] not in "lsz":
-            word = word[:-1]
     elif word.endswith(("ses", "xes", "zes", "ches", "shes")):
         word = word[:-2]
     elif word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        word = word[:-1]
+    if len(word) > 2 and word[-1] == word[-2] and word[-1] not in "lsz":
         word = word[:-1]
     return word[:-1] if word.endswith("e") and len(word) > 3 else word
 
