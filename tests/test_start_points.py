@@ -115,6 +115,14 @@ def test_stage2_starts_from_released_files_and_bundles(official_dir, tokenizer_f
         config = tiny_config("cacophony", 1, **{"train.init_from": str(tmp_path / "notes.txt")})
         with pytest.raises(checkpoint.CheckpointError, match="not a released checkpoint"):
             encoder_init.audio_encoder(config, plan)
+        # Released files are not training checkpoints: stage 1 and train.resume say so.
+        config = tiny_config("cacophony", 1, **{"train.resume": str(mae_ckpt)})
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=r"is a file, not a training checkpoint.*train.init_from"):
+            init.restore_or_init(config, task, tx, plan, empty, None)
+        config = tiny_config("mae", 1, **{"train.init_from": str(mae_ckpt)})
+        with pytest.raises(ValueError, match="stage 1 starts from random weights"):
+            init.restore_or_init(config, task, tx, plan, empty, None)
         wider = jax.tree.map(lambda a: np.zeros(a.shape[:-1] + (2 * a.shape[-1],)), want_mae)
         with pytest.raises(checkpoint.CheckpointError,
                            match="does not fit this run's model.variant='tiny'"):

@@ -89,6 +89,11 @@ def resolve(path: str) -> tuple[epath.Path, int | None]:
     p = epath.Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {path!r} does not exist")
+    if p.is_file():
+        raise CheckpointError(f"{path!r} is a file, not a training checkpoint: name a "
+                              "training workdir, its checkpoints folder or one step folder "
+                              "(a released .ckpt file or an exported bundle starts stage 2's "
+                              "audio encoder through config.train.init_from)")
     if (p / "checkpoints").is_dir():
         return p / "checkpoints", None
     if p.name.isdigit() and (p / "state").exists():

@@ -64,9 +64,8 @@ def _released(path: str, config: ml_collections.ConfigDict) -> Any:
         return params["audio_encoder"]
     except official.OfficialCheckpointError as e:
         raise checkpoint.CheckpointError(
-            f"{path} is a file but not a released checkpoint this project reads ({e}); "
-            "init_from takes a stage-1 training run, a released AudioMAE/Cacophony .ckpt "
-            "file or an exported bundle") from None
+            f"{path} is a file but not a released checkpoint this project reads "
+            f"({e})") from None
 
 
 def _from_bundle(path: str) -> Any:

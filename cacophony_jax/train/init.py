@@ -266,8 +266,10 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
     params = dict(state.params)
     if config.train.init_from:
         if config.task != "cacophony":
-            raise ValueError("config.train.init_from is for stage 2 (initialising the audio "
-                             "encoder from a stage-1 run); use train.resume to continue")
+            raise ValueError("config.train.init_from is for stage 2 (its audio encoder from "
+                             "a stage-1 run, a released checkpoint or a bundle); stage 1 starts "
+                             "from random weights, or continues a stage-1 run's checkpoints "
+                             "with config.train.resume")
         try:
             params["audio_encoder"] = encoder_init.audio_encoder(config, plan)
         except checkpoint.CheckpointError as e:
