@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the requested parts; returns the rows they added."""
     args = parse_args(argv)
     if args.summarize is not None:
+        missing = [p for p in args.summarize if not pathlib.Path(p).is_file()]
+        if missing:
+            sys.exit(f"error: --summarize: no rows file {', '.join(missing)} (give the "
+                     "rows.jsonl a suite run wrote into its --out folder)")
         print(tables.summarize(tables.read_rows([pathlib.Path(p) for p in args.summarize])))
         return []
     out = pathlib.Path(args.out or "suite-results").resolve()

@@ -8,7 +8,9 @@ r"""Stage 2: contrastive audio-text training with a captioning decoder (CoCa-sty
 The argument is 'variant[,steps=N][,batch=N]'. The audio encoder starts from a
 stage-1 checkpoint (`train.init_from`); the text tower optionally from local RoBERTa
 weights (`tokenizer.roberta_weights`). Settings not confirmed from the paper follow
-CoCa (caption weight 2.0) and SAM (rho 0.05).
+CoCa (caption weight 2.0) and SAM (rho 0.05). The `base` batch (1024), peak learning
+rate (1e-4), warmup (2,000 steps) and length (100k steps) are this project's choices;
+the paper does not state them.
 """
 
 from configs import common

@@ -5,7 +5,9 @@ r"""Stage 1: masked-autoencoder pre-pretraining of the spectrogram ViT.
       --config.data.train.kind=array_record --config.data.train.path=/mnt/gcs/bucket/data
 
 The argument is 'variant[,steps=N][,batch=N]'. Settings not confirmed from the paper
-follow AudioMAE (mask ratio 0.8, b2 0.95, no normalised target).
+follow AudioMAE (mask ratio 0.8, b2 0.95, no normalised target). The `base` batch
+(512), peak learning rate (4e-4: AudioMAE's base rate 2e-4 x 512 / 256), warmup (4,000
+steps) and length (200k steps) are this project's choices; the paper does not state them.
 """
 
 from configs import common

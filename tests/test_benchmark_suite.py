@@ -32,6 +32,8 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
 
 
 def test_suite_plan_and_errors(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit, match="no rows file .*rows.jsnl"):  # a typo, not "no rows"
+        suite.main(["--summarize", str(tmp_path / "rows.jsnl")])
     # The default attention follows the machine: cuDNN only where NVIDIA devices exist.
     monkeypatch.setattr(suite.glob, "glob", lambda pattern: [])
     assert suite.parse_args([]).attention == "xla"

@@ -275,6 +275,22 @@ def test_other_sets_and_class_mentions():
         def __getitem__(self, i):
             return {**super().__getitem__(i), "captions": []}
 
+    class Partly(Tones):  # one clip with a caption, the other with a label only
+        class_names = ("dog", "bell")
+
+        def __getitem__(self, i):
+            record = super().__getitem__(i)
+            return {**record, "captions": record["captions"] if i == 0 else [],
+                    "labels": record["labels"] if i == 1 else []}
+
+    result = benchmark.evaluate_source(FakeModel(), "partly", Partly())
+    text = report.results_markdown({"sets": {"partly": result}})
+    assert result["captioned"] == 1 and result["metrics"]["num_examples"] == 1
+    assert "| partly | this model | 2 (1 with captions) | 1 |" in text
+    (zeroshot_row,) = [line for line in text.splitlines()
+                       if line.startswith("| partly | ") and "this model" not in line]
+    assert zeroshot_row.endswith("| 1 |")  # the labelled clips scored, not all clips
+
     result = benchmark.evaluate_source(FakeModel(), "labels", LabelsOnly())
     assert result["tasks"] == ["zeroshot"] and result["metrics"]["top1"] == 100.0
     assert "t2a_R@1" not in result["metrics"]

@@ -201,7 +201,9 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
         evaluation) or "beam".
 
     Returns:
-      {"tasks", "metrics": {...}, "clips", "captions", "unreadable", "missing",
+      {"tasks", "metrics": {...}, "clips", "captions", "captioned" (clips with a
+      caption: retrieval's audio queries; every clip is a text query's candidate),
+      "unreadable", "missing",
       "bad_rows" (a manifest's skipped bad rows), "seconds"} (and "prompts", the first
       three class prompts, for zero-shot).
     """
@@ -258,7 +260,9 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
         metrics["captioned_clips"] = report["clips"]  # readable ones of the first N
         metrics["caption_examples"] = report["examples"]
     return {"tasks": tasks, "metrics": metrics, "clips": len(embedded["ids"]),
-            "captions": num_captions, "unreadable": len(embedded["failures"]),
+            "captions": num_captions,
+            "captioned": sum(1 for c in embedded["captions"] if c),
+            "unreadable": len(embedded["failures"]),
             "unreadable_ids": embedded["unreadable_ids"],
             "padded": embedded["padded"],
             "missing": int(getattr(source, "num_missing", 0)) + len(embedded["absent"]),

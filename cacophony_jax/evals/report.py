@@ -93,8 +93,11 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             rows = [("this model", ours["metrics"]), *PUBLISHED.get(name, {}).items()]
             for model, values in rows:
                 cells = [_cell(values.get(k)) for k in _RETRIEVAL_KEYS]
-                counts = (f"{ours['clips']} | {ours['captions']}" if values is ours["metrics"]
-                          else "— | —")
+                clips = str(ours["clips"])
+                if ours.get("captioned", ours["clips"]) < ours["clips"]:
+                    clips += f" ({ours['captioned']} with captions)"
+                counts = f"{clips} | {ours['captions']}" if values is ours["metrics"] \
+                    else "— | —"
                 lines.append(f"| {display} | {model} | {counts} | " + " | ".join(cells) + " |")
         lines.append("")
     zeroshot = [n for n, r in sets.items() if "zeroshot" in r["tasks"]]
@@ -113,7 +116,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             if name in sets:
                 m = sets[name]["metrics"]
                 lines.append(f"| {display} | {_cell(m['top1'])} | {_cell(paper)} | "
-                             f"{_cell(m['top5'])} | {_cell(m['mAP'])} | {sets[name]['clips']} |")
+                             f"{_cell(m['top5'])} | {_cell(m['mAP'])} | "
+                             f"{m.get('num_examples', sets[name]['clips'])} |")
             else:
                 why = "not evaluated" if DATASETS[name][2] else "no reader"
                 lines.append(f"| {display} | — ({why}) | {_cell(paper)} | — | — | — |")
