@@ -93,10 +93,15 @@ def workdir_lock(workdir: epath.Path):
         from jax.experimental import multihost_utils
         busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
     if busy:
+        import socket
+
+        elsewhere = holder and not holder.endswith(f" on {socket.gethostname()}")
         raise WorkdirBusyError(
             f"workdir {workdir} is in use by {holder or 'another run'}: two runs would "
             "interleave their checkpoints and metrics; stop that run (it resumes from its "
-            "newest checkpoint) or use another --workdir")
+            "newest checkpoint) or use another --workdir"
+            + ("; if that machine went down, its lock ends when the shared file system "
+               "notices (NFS: after its lease, about 90 s): rerun then" if elsewhere else ""))
     try:
         yield
     finally:
