@@ -109,6 +109,13 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
         start_from(tiny_config("cacophony", 4, **{"train.init_from": str(unfinished)}),
                    task, plan)
     assert "from step 2 of" in caplog.text and "configured for 4 steps" in caplog.text
+    # An older step named on purpose, of a run that went on past it, is not "unfinished".
+    shutil.copytree(tmp_path / "mae" / "checkpoints" / "4", unfinished / "4")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        start_from(tiny_config("cacophony", 4, **{"train.init_from": str(unfinished / "2")}),
+                   task, plan)
+    assert "had not finished" not in caplog.text
     # A stage-1 run of another size is refused from its saved config, before any read.
     base = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae"),
                                           "model.variant": "base"})

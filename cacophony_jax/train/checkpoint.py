@@ -345,6 +345,7 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
     reader = Checkpointer(directory, read_only=True, async_save=False)
     try:
         # A named step, or the newest readable one (as a workdir resumes).
+        named = step is not None
         candidates = list(reversed(reader.steps())) if step is None else [step]
         if not candidates:
             raise CheckpointError(f"no checkpoint found under {path!r}")
@@ -375,7 +376,10 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
                     "variant?") from e
         logging.info("read %s from %s step %d", "/".join(keys), directory, step)
         planned = (reader.saved_config(step) or {}).get("train", {}).get("steps")
-        if isinstance(planned, int) and step < planned:
+        newer = [s for s in reader.steps() if s > step]
+        if named and newer:  # an older step asked for by name: the run went on past it
+            logging.info("(the run has newer steps: %s)", newer)
+        elif isinstance(planned, int) and step < planned:
             logging.warning("read %s from step %d of %s, a run configured for %d steps: it "
                             "had not finished (still training, stopped, or its newer steps "
                             "are unreadable)", "/".join(keys), step, directory, planned)
