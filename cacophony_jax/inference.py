@@ -78,10 +78,21 @@ def printable(text: str) -> str:
     return " ".join(_UNPRINTABLE.sub(" ", text).split())
 
 
+# The sampling seeds `caption` takes: what `jax.random.key` accepts.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
 def _whole_words(text: str) -> str:
     """`text` without its last word (which a cut may have split), unless it has one."""
     words = text.rstrip().rsplit(None, 1)
     return words[0] if len(words) == 2 else text
+
+
+def _cut_caption(text: str) -> str:
+    """A caption cut at max_len, printable and ending at its last whole word: the
+    last word goes (a cut may have split it, maybe into U+FFFD), unless nothing
+    printable comes before it, as a one-word caption keeps its word."""
+    return printable(_whole_words(text)) or printable(text)
 
 
 def _check_number(name: str, value: Any, *, whole: bool, minimum: int | None = None) -> None:
@@ -270,6 +281,9 @@ class CacophonyModel(ModelRuntime):
             if value is not None or name != "max_len":  # None: the bundle's text length
                 _check_number(name, value, whole=name not in ("temperature", "length_penalty"))
         _check_number("batch_size", batch_size, whole=True, minimum=1)
+        if not SEED_MIN <= seed <= SEED_MAX:
+            raise InferenceError(f"seed must be in [-2**63, 2**63 - 1] (a 64-bit integer), "
+                                 f"got {seed}")
         max_len = self.text_length if max_len is None else max_len
         self.check_caption_options(method, max_len, beam_size, temperature,
                                    length_penalty=length_penalty)
@@ -290,7 +304,9 @@ class CacophonyModel(ModelRuntime):
                     rng, jnp.asarray(digests, jnp.uint32))
             return decoding.generate(self.module, params, states, mask, method=method,
                                      max_len=max_len, rng=keys, temperature=temperature,
-                                     beam_size=beam_size, length_penalty=length_penalty)
+                                     beam_size=beam_size, length_penalty=length_penalty,
+                                     vocab_size=self.tokenizer.vocab_size,
+                                     banned=self.tokenizer.never_generated)
 
         ids = self._over_windows(firsts, describe, batch_size, window)
         if not ids:
@@ -299,7 +315,7 @@ class CacophonyModel(ModelRuntime):
         # A caption that reached max_len without eos was cut, maybe inside a word: it
         # ends at its last whole word.
         cut = ~np.any(ids == EOS_ID, axis=1)
-        return [printable(_whole_words(text) if was_cut else text)
+        return [_cut_caption(text) if was_cut else printable(text)
                 for text, was_cut in zip(self.tokenizer.decode(ids), cut, strict=True)]
 
     def audio_states(self, audio_batch: np.ndarray, sample_rate: int,

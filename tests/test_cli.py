@@ -345,7 +345,8 @@ def test_a_file_name_stays_one_field_of_a_tab_separated_line():
     assert cli._field("dir/plain name.wav") == "dir/plain name.wav"
 
 
-def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(bundles, tmp_path, capsys):
+def test_a_file_name_that_is_not_utf8_is_captioned_shown_escaped_and_not_curated(
+        bundles, tmp_path, capsys, caplog):
     # e.g. Latin-1 names unpacked from an old archive: Python sees lone surrogates.
     folder = tmp_path / "latin1"
     _tone(str(folder / "ok.wav"), 1)
@@ -359,8 +360,10 @@ def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(bundles, tmp_pat
         str(folder / "caf\\xe9.wav"), str(folder / "ok.wav")]
     out_file = tmp_path / "captioned.jsonl"
     code, _, err = _run(capsys, "curate", "caption", folder, out_file, "--bundle",
-                        bundles["main"], "--max-len", "4", "--method", "greedy", "--quiet")
+                        bundles["main"], "--max-len", "4", "--method", "greedy")
     assert code == 0, err
+    # A manifest holds UTF-8 text, so that file is skipped, named, with the fix.
     rows = [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
-    assert name in {row["audio"] for row in rows} | {
-        os.path.join(str(out_file.parent), row["audio"]) for row in rows}
+    assert [row["id"] for row in rows] == ["ok.wav"]
+    assert "caf\\xe9.wav: the file name is not valid UTF-8" in caplog.text
+    assert "convmv" in caplog.text

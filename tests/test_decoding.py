@@ -139,6 +139,24 @@ def test_eos_stops_a_row(setup):
     np.testing.assert_array_equal(ids, reference_greedy(stopping, params, audio, audio_mask, eos))
 
 
+def test_ids_a_tokenizer_cannot_decode_are_never_generated(setup):
+    # A tokenizer smaller than the model's vocabulary (rows no text used), and <unk>,
+    # <mask>: what greedy, beam and sampling pick first is ruled out, the rest unchanged.
+    model, params, audio, audio_mask = setup
+    kwargs = {"max_len": MAX_LEN, "rng": jax.random.key(1)}
+    for method in ("greedy", "beam", "sample"):
+        free = np.asarray(decoding.generate(model, params, audio, audio_mask, method=method,
+                                            **kwargs))
+        picked = sorted(set(free[:, 1:].ravel()) - {PAD, CFG.text.eos_id})
+        limited = np.asarray(decoding.generate(
+            model, params, audio, audio_mask, method=method, vocab_size=max(picked),
+            banned=picked[:1], **kwargs))
+        assert limited[:, 1:].max() < max(picked) and picked[0] not in limited[:, 1:]
+    with pytest.raises(ValueError, match="vocab_size=0 must be in"):
+        decoding.generate(model, params, audio, audio_mask, method="greedy", max_len=MAX_LEN,
+                          vocab_size=0)
+
+
 def test_beam_of_one_and_cold_sampling_equal_greedy(setup):
     model, params, audio, audio_mask = setup
     run = functools.partial(decoding.generate, model, params, audio, audio_mask, max_len=MAX_LEN)

@@ -52,6 +52,18 @@ def test_encode_layout_and_roundtrip(trained):
     assert trained.decode(ids) == texts
 
 
+def test_what_is_not_text_is_named(trained):
+    for bad, what in ((["ok", "a\udcffb"], "text 1 holds a lone surrogate"),
+                      (["ok", 5], "text 1 is int 5, not a string")):
+        with pytest.raises(TokenizerError, match=f"encode: {what}"):
+            trained.encode(bad, 8)
+        with pytest.raises(TokenizerError, match=f"token_counts: {what}"):
+            trained.token_counts(bad)
+        with pytest.raises(TokenizerError, match=f"train_bpe: {what}"):
+            Tokenizer.train_bpe(bad, 300)
+    assert trained.never_generated == (3, 4)  # <unk>, <mask>
+
+
 def test_empty_and_truncation(trained):
     ids, mask = trained.encode(["", "the dog is barking while cars pass by " * 5], 8)
     assert ids[0].tolist() == [0, 2, 1, 1, 1, 1, 1, 1]

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import tokenizers
@@ -33,6 +34,19 @@ _JSON_NAME = "tokenizer.json"
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing, unreadable or has the wrong special ids."""
+
+
+def _check_text(text: Any, where: str) -> str:
+    """`text` if it is a string UTF-8 can hold, else TokenizerError naming it."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{where} is {type(text).__name__} {text!r:.60}, not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TokenizerError(f"{where} holds a lone surrogate ({ascii(text):.60}), which is "
+                             "not text: decode the bytes it came from as UTF-8 (or replace "
+                             "such characters) first") from None
+    return text
 
 
 class Tokenizer:
@@ -126,7 +140,9 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        backend.train_from_iterator(texts, trainer)
+        backend.train_from_iterator(
+            (_check_text(text, f"train_bpe: text {index}")
+             for index, text in enumerate(texts)), trainer)
         return cls(backend, "<trained>")
 
     def save(self, path: str | os.PathLike) -> str:
@@ -177,7 +193,7 @@ class Tokenizer:
         if not texts:
             return ids, mask, np.zeros((0,), np.int64)
         room = length - 2
-        encodings = self._backend.encode_batch_fast(texts, add_special_tokens=False)
+        encodings = self._encode_batch(texts, "encode")
         counts = np.asarray([len(e.ids) for e in encodings], np.int64)
         for row, encoding in enumerate(encodings):
             ids[row, 0] = BOS_ID
@@ -204,8 +220,16 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             raise TokenizerError("token_counts takes a sequence of texts, not one string")
-        encodings = self._backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        encodings = self._encode_batch(list(texts), "token_counts")
         return np.asarray([len(e.ids) for e in encodings], np.int64)
+
+    def _encode_batch(self, texts: list[str], what: str) -> list[Any]:
+        try:
+            return self._backend.encode_batch_fast(texts, add_special_tokens=False)
+        except (TypeError, UnicodeEncodeError):
+            for index, text in enumerate(texts):
+                _check_text(text, f"{what}: text {index}")
+            raise
 
     def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
         """Turns id rows back into text, stopping at the first eos and skipping specials.
@@ -232,6 +256,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, added tokens included."""
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def never_generated(self) -> tuple[int, ...]:
+        """Ids of the special tokens no caption holds and decoding never emits (<unk>,
+        <mask>: byte-level BPE never needs <unk>, and decoding skips both)."""
+        ids = (self._backend.token_to_id(token) for token in ("<unk>", "<mask>"))
+        return tuple(i for i in ids if i is not None)
 
     @property
     def bos_id(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -130,6 +131,8 @@ def generate(
     temperature: float = 1.0,
     beam_size: int = 4,
     length_penalty: float = 0.0,
+    vocab_size: int | None = None,
+    banned: Sequence[int] = (),
 ) -> jax.Array:
     """Generates captions for a batch of audio.
 
@@ -147,6 +150,10 @@ def generate(
       temperature: sampling temperature (> 0).
       beam_size: beams per example.
       length_penalty: beam length-normalisation exponent (0 = plain log-probability).
+      vocab_size: the tokenizer's size when it is smaller than the model's vocabulary:
+        ids from it on (rows no text ever used) are never generated.
+      banned: ids never generated either (`Tokenizer.never_generated`: <unk>, <mask>),
+        as well as bos and pad anywhere and eos first.
 
     Returns:
       int32 [B, max_len]: bos, tokens, eos, then pad.
@@ -161,25 +168,37 @@ def generate(
     if rng.shape not in ((), (audio_states.shape[0],)):
         raise ValueError(f"rng must be one key or one per example ({audio_states.shape[0]}), "
                          f"got keys of shape {rng.shape}")
+    usable = model.config.text.vocab_size if vocab_size is None else int(vocab_size)
+    if not 0 < usable <= model.config.text.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, the model's "
+                         f"{model.config.text.vocab_size}]")
     return _generate(model, params, audio_states, audio_mask, rng, jnp.float32(temperature),
                      jnp.float32(length_penalty), method=method, max_len=max_len,
-                     beam_size=beam_size if method == "beam" else 1)
+                     beam_size=beam_size if method == "beam" else 1, usable=usable,
+                     banned=tuple(sorted({int(i) for i in banned})))
 
 
-def _allowed(logits: jax.Array, t: jax.Array, text: Any) -> jax.Array:
+def _allowed(logits: jax.Array, t: jax.Array, text: Any, usable: int,
+             banned: tuple[int, ...]) -> jax.Array:
     """`logits` [..., vocab] of the token after position `t`, with the tokens a caption
     never holds there ruled out: bos and pad anywhere, eos first (an empty caption,
-    which beam search, scoring plain log-probabilities, would otherwise often pick)."""
+    which beam search, scoring plain log-probabilities, would otherwise often pick),
+    ids from `usable` on and `banned` ones."""
     vocab = jnp.arange(logits.shape[-1])
     never = (vocab == text.bos_id) | (vocab == text.pad_id) | ((vocab == text.eos_id) & (t == 0))
+    never |= vocab >= usable
+    for token in banned:
+        never |= vocab == token
     return jnp.where(never, -jnp.inf, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "max_len", "beam_size"))
+@functools.partial(jax.jit, static_argnames=("model", "method", "max_len", "beam_size",
+                                             "usable", "banned"))
 def _generate(model, params, audio_states, audio_mask, rng, temperature, length_penalty, *,
-              method, max_len, beam_size):
+              method, max_len, beam_size, usable, banned):
     if method == "beam":
-        return _beam(model, params, audio_states, audio_mask, length_penalty, max_len, beam_size)
+        return _beam(model, params, audio_states, audio_mask, length_penalty, max_len, beam_size,
+                     usable, banned)
     text = model.config.text
     batch = audio_states.shape[0]
     if rng.ndim == 0:  # one key: a key per row from it
@@ -199,7 +218,7 @@ def _generate(model, params, audio_states, audio_mask, rng, temperature, length_
         t, ids, done, cache = state
         logits, cache = decode_step(model, params, cache, ids[:, t, None], audio_states,
                                     audio_mask)
-        logits = _allowed(logits[:, 0], t, text)
+        logits = _allowed(logits[:, 0], t, text, usable, banned)
         if method == "greedy":
             token = jnp.argmax(logits, axis=-1)
         else:
@@ -212,7 +231,8 @@ def _generate(model, params, audio_states, audio_mask, rng, temperature, length_
     return ids
 
 
-def _beam(model, params, audio_states, audio_mask, length_penalty, max_len, beams):
+def _beam(model, params, audio_states, audio_mask, length_penalty, max_len, beams, usable,
+          banned):
     text = model.config.text
     batch = audio_states.shape[0]
     flat_states = jnp.repeat(audio_states, beams, axis=0)  # row b * beams + k
@@ -236,7 +256,8 @@ def _beam(model, params, audio_states, audio_mask, length_penalty, max_len, beam
         logits, cache = decode_step(model, params, cache, seqs[:, :, t].reshape(-1, 1),
                                     flat_states, flat_mask)
         vocab = logits.shape[-1]
-        logp = jax.nn.log_softmax(_allowed(logits[:, 0], t, text)).reshape(batch, beams, vocab)
+        logp = jax.nn.log_softmax(_allowed(logits[:, 0], t, text, usable, banned)).reshape(
+            batch, beams, vocab)
         # A finished beam only continues with pad, at no cost, so it keeps its score.
         pad_only = jnp.where(jnp.arange(vocab) == text.pad_id, 0.0, -jnp.inf)
         logp = jnp.where(done[..., None], pad_only, logp)

@@ -110,11 +110,14 @@ class CacophonyTask:
         """jit: (params, global text batch) -> text embeddings [B, P] (one per task)."""
         return common.jitted(self, "embed_text", self._embed_text_fn)
 
-    def embed_and_caption_fn(self, max_len: int):
+    def embed_and_caption_fn(self, max_len: int, tokenizer: Any = None):
         """jit: (params, global audio batch) -> (audio embeddings [B, P], greedy caption
-        ids [B, max_len]), encoding the audio once for both (one per task and max_len)."""
-        return common.jitted(self, ("embed_and_caption", max_len),
-                             lambda: self._embed_and_caption_fn(max_len))
+        ids [B, max_len]), encoding the audio once for both (one per task and max_len);
+        with `tokenizer`, only ids it can decode are generated."""
+        limits = ({} if tokenizer is None else
+                  {"vocab_size": tokenizer.vocab_size, "banned": tokenizer.never_generated})
+        return common.jitted(self, ("embed_and_caption", max_len, *limits.items()),
+                             lambda: self._embed_and_caption_fn(max_len, limits))
 
     def _embed_audio_fn(self):
         def embed(params, batch):
@@ -132,13 +135,13 @@ class CacophonyTask:
             return emb.astype(jnp.float32)
         return jax.jit(embed)
 
-    def _embed_and_caption_fn(self, max_len: int):
+    def _embed_and_caption_fn(self, max_len: int, limits: dict[str, Any]):
         def embed_and_caption(params, batch):
             feats = audio_features(batch, None, 0, self.config.audio.frontend_sub_batches)
             states, emb = self.model.apply({"params": params}, *feats,
                                            method=cacophony_lib.Cacophony.encode_audio)
             ids = decoding.generate(self.model, params, states, feats.mask,
-                                    method="greedy", max_len=max_len)
+                                    method="greedy", max_len=max_len, **limits)
             return emb.astype(jnp.float32), ids
         return jax.jit(embed_and_caption)
 
@@ -165,7 +168,7 @@ class CacophonyTask:
 
         caption_clips = self.config.eval.caption_clips
         embed_and_caption = (self.embed_and_caption_fn(
-            self.config.eval.caption_max_len or self.config.data.text_length)
+            self.config.eval.caption_max_len or self.config.data.text_length, tokenizer)
                              if caption_clips else None)
 
         def evaluate(params) -> dict[str, float]:
