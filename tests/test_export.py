@@ -102,6 +102,27 @@ def test_a_damaged_newest_step_names_an_older_one(run, tmp_path):
     assert export.export_from_checkpoint(copy, tmp_path / "y", step=1).is_dir()
 
 
+def test_a_step_with_non_finite_params_is_refused_naming_an_older_one(run, tmp_path,
+                                                                      monkeypatch):
+    real = checkpoint.restore_subtree
+
+    def damaged(path, *args):  # step 2's files read back with a NaN in one kernel
+        params = jax.device_get(real(path, *args))
+        if path.endswith("/2"):
+            kernel = params["text_proj"]["kernel"]
+            params["text_proj"]["kernel"] = np.where(np.arange(kernel.size).reshape(
+                kernel.shape) == 5, np.nan, kernel).astype(kernel.dtype)
+        return params
+
+    monkeypatch.setattr(checkpoint, "restore_subtree", damaged)
+    with pytest.raises(BundleError, match=r"checkpoint step 2 in .* holds NaN or infinite "
+                       r"parameters \(\['text_proj/kernel'\]\); its files are damaged: "
+                       r"export an older step: --step 1 \(saved steps: \[1\]\)"):
+        export.export_from_checkpoint(run, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert export.export_from_checkpoint(run, tmp_path / "y", step=1).is_dir()
+
+
 def test_a_step_removed_by_a_running_job_during_export_falls_back(run, tmp_path,
                                                                    monkeypatch, caplog):
     import shutil

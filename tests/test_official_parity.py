@@ -130,3 +130,27 @@ def test_sizes_are_read_from_shapes(official_dir, tmp_path):
         load_official_cacophony(path)
     config, _ = load_official_cacophony(path, text_heads=2)
     assert (config.text.vocab_size, config.text.heads) == (300, 2)
+
+
+def test_non_finite_weights_are_refused_as_a_damaged_file(official_dir, tmp_path):
+    # A few flipped bytes inside a weight array read as NaN.
+    raw = bytearray((official_dir / "Cacophony_tiny.ckpt").read_bytes())
+    raw[1000:1010] = b"\xff" * 10
+    damaged = tmp_path / "Cacophony.ckpt"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(OfficialCheckpointError, match=r"'.*Cacophony.ckpt' is damaged: NaN or "
+                       r"infinite values in 1 of its arrays \(audio_attention_pool/Dense_0/"
+                       r"kernel\); download it again"):
+        load_official_cacophony(damaged)
+    tree = _restore(official_dir / "Cacophony_tiny.ckpt")
+    tree["0"]["params"]["logit_scale"] = np.float32(np.nan)
+    bias = tree["0"]["params"]["text_proj"]["bias"].copy()
+    bias[3] = np.inf
+    tree["0"]["params"]["text_proj"]["bias"] = bias
+    with pytest.raises(OfficialCheckpointError,
+                       match=r"2 of its arrays \(logit_scale, text_proj/bias\)"):
+        load_official_cacophony(_write(tmp_path / "nan.ckpt", tree))
+    tree = _restore(official_dir / "AudioMAE_tiny.ckpt")
+    tree["0"]["params"]["AudioDecoder_0"]["restore_patch"] = np.full(64, -np.inf, np.float32)
+    with pytest.raises(OfficialCheckpointError, match="AudioDecoder_0/restore_patch"):
+        load_official_mae(_write(tmp_path / "inf.ckpt", tree))

@@ -12,8 +12,9 @@ Layout of a bundle folder::
     tokenizer.json  stage 2 only
 
 A bundle is written into a temporary sibling folder and renamed into place, so a
-reader never sees half a bundle. ``read_bundle`` checks the format version, the
-front end, the tokenizer fingerprint and every parameter shape before anything runs.
+reader never sees half a bundle; parameters with NaN or infinite values are refused.
+``read_bundle`` checks the format version, the front end, the tokenizer fingerprint
+and every parameter shape before anything runs.
 `convert.export` makes bundles from training checkpoints and release files.
 """
 
@@ -165,6 +166,25 @@ def _check_replaceable(out: pathlib.Path, overwrite: bool) -> None:
                           "to replace it, choose another folder")
 
 
+def nonfinite_keys(params: Params) -> list[str]:
+    """The "/"-joined keys of the float leaves of `params` holding a NaN or infinity.
+
+    Args:
+      params: a parameter tree (any array type).
+
+    Returns:
+      The keys, in tree order (empty when every value is finite).
+    """
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.asarray(leaf)
+        if a.dtype.itemsize < 4 and jnp.issubdtype(a.dtype, jnp.floating):
+            a = a.astype(np.float32)  # bfloat16 and float16
+        if jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all():
+            bad.append("/".join(str(getattr(k, "key", k)) for k in path))
+    return bad
+
+
 def write_bundle(
     out_dir: str | os.PathLike,
     *,
@@ -198,6 +218,11 @@ def write_bundle(
     want = dtype_of(dtype)
     stored = jax.tree.map(lambda a: np.asarray(a).astype(want) if np.issubdtype(
         np.asarray(a).dtype, np.floating) else np.asarray(a), params)
+    bad = nonfinite_keys(stored)
+    if bad:
+        raise BundleError(f"the parameters to export hold NaN or infinite values in "
+                          f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; their source is "
+                          "damaged: export from an undamaged checkpoint")
     meta = {"format": FORMAT, "version": VERSION, "kind": "cacophony" if stage2 else "mae",
             "model": dataclasses.asdict(config), "dtype": dtype,
             "frontend": frontend_settings(), "window_seconds": float(window_seconds),

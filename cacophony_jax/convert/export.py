@@ -24,6 +24,7 @@ from cacophony_jax.convert.bundle import (
     ModelConfig,
     abstract_params,
     dtype_of,
+    nonfinite_keys,
     write_bundle,
 )
 from cacophony_jax.data.tokenizer import Tokenizer, TokenizerError
@@ -173,6 +174,14 @@ def _export_from_checkpoint(path: str, out_dir: str | os.PathLike, *, dtype: str
                 f"one: --step {older[-1]} (saved steps: {older})." if older else "")
         raise BundleError(f"{e}{hint}") from None
     params = jax.device_get(params)
+    bad = nonfinite_keys(params)
+    if bad:
+        older = [s for s in steps if s < step]
+        hint = (f"export an older step: --step {older[-1]} (saved steps: {older})" if older
+                else "export another run's checkpoint")
+        raise BundleError(f"checkpoint step {step} in {directory} holds NaN or infinite "
+                          f"parameters ({bad[:5]}{' ...' if len(bad) > 5 else ''}); its files "
+                          f"are damaged: {hint}")
     if scan:
         params = unstack_layers(params)
     # The path as given: bundle.json travels with the bundle, and an absolute path

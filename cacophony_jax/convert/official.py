@@ -5,7 +5,8 @@ audio side is unrolled per layer (``AudioEncoderLayer_i``); its text side is a
 Hugging Face Flax RoBERTa with the layers scanned (a leading layer axis). Sizes are
 read from the shapes, so the base release and the tiny test fixtures both load.
 Attention heads of the text tower and of the audio pool cannot be read from
-shapes; they come from the named variant with the same sizes unless given.
+shapes; they come from the named variant with the same sizes unless given. A
+file with NaN or infinite weights (a damaged download) is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import serialization
@@ -79,7 +81,17 @@ def read_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:
     flat = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         flat["/".join(str(k.key) for k in key_path)] = np.asarray(leaf)
+    bad = [key for key, a in flat.items()
+           if jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(
+               a.astype(np.float32) if a.dtype.itemsize < 4 else a).all()]
+    if bad:
+        # A flipped byte in a weight reads as NaN or inf: the model would give NaNs.
+        raise OfficialCheckpointError(
+            f"{path!r} is damaged: NaN or infinite values in {len(bad)} of its arrays "
+            f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); download it again")
     return flat
+
+
 
 
 def _check_stage(flat: Mapping[str, np.ndarray], path: str, stage: int) -> None:
