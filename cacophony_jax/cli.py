@@ -175,7 +175,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.checkpoint:
         given = [flag for flag, value in (("--tokenizer", args.tokenizer),
                                           ("--window-seconds", args.window_seconds),
-                                          ("--text-length", args.text_length))
+                                          ("--text-length", args.text_length),
+                                          ("--text-heads", args.text_heads),
+                                          ("--pool-heads", args.pool_heads))
                  if value is not None]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
@@ -191,7 +193,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export.export_from_official(
             args.official, args.out, tokenizer_path=args.tokenizer, dtype=args.dtype,
             window_seconds=10.0 if args.window_seconds is None else args.window_seconds,
-            text_length=args.text_length, overwrite=args.overwrite)
+            text_length=args.text_length, text_heads=args.text_heads,
+            pool_heads=args.pool_heads, overwrite=args.overwrite)
     print(f"wrote bundle {out}")
     return 0
 
@@ -274,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --official: the clip length it was trained on (default 10)")
     p.add_argument("--text-length", type=int,
                    help="with --official: tokens per text it was trained with (default 64)")
+    p.add_argument("--text-heads", type=options.positive,
+                   help="with --official: text-tower attention heads, when no named variant "
+                        "has the file's sizes")
+    p.add_argument("--pool-heads", type=options.positive,
+                   help="with --official: audio-pool attention heads, likewise")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     _curate_parsers(sub)
     return parser

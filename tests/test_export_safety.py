@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from flax import serialization
 
 from cacophony_jax import cli
 from cacophony_jax.convert import bundle as bundle_lib
@@ -55,3 +56,46 @@ def test_write_bundle_refuses_non_finite_params(mae, tmp_path):
                                     tokenizer=None, dtype=dtype, window_seconds=10.0,
                                     text_length=0, source={})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- head counts the file cannot tell -------------------------------------------------
+
+
+def _three_text_layers(official_dir, path):
+    """The tiny release with a third text layer stacked on: no named variant has it."""
+    tree = serialization.msgpack_restore((official_dir / "Cacophony_tiny.ckpt").read_bytes())
+
+    def stack(node):
+        return {k: stack(v) if isinstance(v, dict) else np.concatenate([v, v[:1]])
+                for k, v in node.items()}
+
+    encoder = tree["0"]["params"]["text_module"]["encoder"]
+    encoder["layer"] = stack(encoder["layer"])
+    path.write_bytes(serialization.msgpack_serialize(tree))
+    return path
+
+
+def test_text_heads_reach_the_loader_from_python_and_the_cli(official_dir, tokenizer_file,
+                                                              mae, tmp_path, capsys):
+    ckpt = _three_text_layers(official_dir, tmp_path / "three.ckpt")
+    with pytest.raises(official.OfficialCheckpointError,
+                       match=r"text tower head count cannot be read from '.*three.ckpt'.*"
+                             r"--text-heads N on the export command"):
+        export.export_from_official(ckpt, tmp_path / "B", tokenizer_path=tokenizer_file,
+                                    text_length=40)
+    out = export.export_from_official(ckpt, tmp_path / "B", tokenizer_path=tokenizer_file,
+                                      text_length=40, text_heads=4, pool_heads=8)
+    config = bundle_lib.model_config(bundle_lib.read_meta(out))
+    assert (config.text.layers, config.text.heads, config.audio_pool_heads) == (3, 4, 8)
+    base = ["export", "--official", str(ckpt), "--tokenizer", str(tokenizer_file),
+            "--text-length", "40", "--out", str(tmp_path / "C")]
+    assert cli.main([*base, "--text-heads", "2"]) == 0
+    assert bundle_lib.model_config(bundle_lib.read_meta(tmp_path / "C")).text.heads == 2
+    assert cli.main([*base, "--text-heads", "3", "--overwrite"]) == 2
+    assert "--text-heads 3 (text_heads=) must be a whole number dividing" in \
+        capsys.readouterr().err
+    assert cli.main(["export", "--checkpoint", str(tmp_path), "--pool-heads", "8", "--out",
+                     str(tmp_path / "D")]) == 2
+    assert "--pool-heads only applies to --official" in capsys.readouterr().err
+    with pytest.raises(BundleError, match="takes no text-heads .drop --text-heads."):
+        export.export_from_official(mae, tmp_path / "E", text_heads=4)

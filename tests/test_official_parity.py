@@ -126,10 +126,19 @@ def test_sizes_are_read_from_shapes(official_dir, tmp_path):
     tree["0"]["params"]["decoder_module"]["decoder_proj"] = {
         "kernel": np.zeros((64, 300), np.float32), "bias": np.zeros(300, np.float32)}
     path = _write(tmp_path / "vocab300.ckpt", tree)
-    with pytest.raises(OfficialCheckpointError, match="pass text_heads="):
+    with pytest.raises(OfficialCheckpointError, match=r"text tower head count cannot be read "
+                       r"from '.*vocab300.ckpt'.*--text-heads N on the export command "
+                       r"\(text_heads=N in Python\), N dividing the width 64"):
         load_official_cacophony(path)
     config, _ = load_official_cacophony(path, text_heads=2)
     assert (config.text.vocab_size, config.text.heads) == (300, 2)
+    for heads in (3, 0):
+        with pytest.raises(OfficialCheckpointError,
+                           match=f"--text-heads {heads} .text_heads=. must be a whole number "
+                                 "dividing the text tower width 64 of '.*vocab300.ckpt'"):
+            load_official_cacophony(path, text_heads=heads)
+    with pytest.raises(OfficialCheckpointError, match="--pool-heads 5 .pool_heads=. must be"):
+        load_official_cacophony(path, text_heads=2, pool_heads=5)
 
 
 def test_non_finite_weights_are_refused_as_a_damaged_file(official_dir, tmp_path):

@@ -204,6 +204,8 @@ def export_from_official(
     dtype: str = "float32",
     window_seconds: float = 10.0,
     text_length: int | None = None,
+    text_heads: int | None = None,
+    pool_heads: int | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Exports a released Cacophony.ckpt (stage 2) or AudioMAE.ckpt (stage 1) as a bundle.
@@ -216,6 +218,9 @@ def export_from_official(
       dtype: stored parameter dtype, "float32" or "bfloat16".
       window_seconds: clip length the model was trained on (10 s for the release).
       text_length: stage 2 only: tokens per text including bos/eos (default 64).
+      text_heads: stage 2 only: attention heads of the text tower (default: those of
+        the named variant with the file's sizes; needed when there is none).
+      pool_heads: stage 2 only: attention heads of the audio pool, likewise.
       overwrite: replace an existing bundle at ``out_dir``.
 
     Returns:
@@ -230,7 +235,8 @@ def export_from_official(
     stage1 = bool(roots & set(official.STAGE1_ROOTS)) and "text_module" not in roots
     tokenizer = None
     if stage1:
-        for value, flag in ((tokenizer_path, "--tokenizer"), (text_length, "--text-length")):
+        for value, flag in ((tokenizer_path, "--tokenizer"), (text_length, "--text-length"),
+                            (text_heads, "--text-heads"), (pool_heads, "--pool-heads")):
             if value is not None:
                 raise BundleError(f"{name} is a stage-1 (AudioMAE) checkpoint without a text "
                                   f"tower; it takes no {flag.removeprefix('--')} (drop {flag})")
@@ -244,7 +250,8 @@ def export_from_official(
                 "trained with; pass it (--tokenizer, or tokenizer_path= in Python): a "
                 "tokenizer.json or a folder with vocab.json + merges.txt (from roberta-base)")
         tokenizer = Tokenizer.load(tokenizer_path)
-        config, params = official.load_official_cacophony(name)
+        config, params = official.load_official_cacophony(name, text_heads=text_heads,
+                                                          pool_heads=pool_heads)
     source = {"type": "official", "file": os.path.basename(name)}
     return write_bundle(out_dir, config=config, params=params, tokenizer=tokenizer,
                         dtype=dtype, window_seconds=window_seconds, text_length=text_length,

@@ -5,12 +5,15 @@ audio side is unrolled per layer (``AudioEncoderLayer_i``); its text side is a
 Hugging Face Flax RoBERTa with the layers scanned (a leading layer axis). Sizes are
 read from the shapes, so the base release and the tiny test fixtures both load.
 Attention heads of the text tower and of the audio pool cannot be read from
-shapes; they come from the named variant with the same sizes unless given. A
-file with NaN or infinite weights (a damaged download) is refused.
+shapes; they come from the named variant with the same sizes unless given
+(``text_heads=`` / ``pool_heads=``; the export command's ``--text-heads`` /
+``--pool-heads``). A file with NaN or infinite weights (a damaged download) is
+refused.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 
@@ -92,8 +95,6 @@ def read_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return flat
 
 
-
-
 def _check_stage(flat: Mapping[str, np.ndarray], path: str, stage: int) -> None:
     roots = {k.split("/")[0] for k in flat}
     if stage == 2 and roots & set(STAGE1_ROOTS) and not roots & {"text_module"}:
@@ -148,14 +149,23 @@ def _audio_sizes(shapes: _Shapes, prefix: str) -> dict[str, int]:
     )
 
 
-def _heads(given: int | None, found: int | None, what: str, arg: str) -> int:
-    if given is not None:
-        return given
-    if found is None:
+def _heads(given: int | None, found: int | None, hidden: int, what: str, arg: str,
+           path: str) -> int:
+    """The head count given, else the named variant's (`found`), checked against the
+    width `hidden` the heads split."""
+    flag = f"--{arg.replace('_', '-')}"
+    if given is None and found is None:
         raise OfficialCheckpointError(
-            f"the {what} head count cannot be read from the checkpoint and no named variant "
-            f"has its sizes; pass {arg}=")
-    return found
+            f"the {what} head count cannot be read from {path!r} (shapes do not tell it) and "
+            f"no named variant has its sizes; pass it: {flag} N on the export command "
+            f"({arg}=N in Python), N dividing the width {hidden}")
+    heads = found if given is None else given
+    whole = isinstance(heads, numbers.Integral) and not isinstance(heads, bool)
+    if not whole or heads < 1 or hidden % heads:
+        raise OfficialCheckpointError(
+            f"{flag} {heads!r} ({arg}=) must be a whole number dividing the {what} width "
+            f"{hidden} of {path!r}; pass the head count the model was trained with")
+    return int(heads)
 
 
 def _audio_spec(prefix: str, ours: tuple[str, ...], cfg: AudioEncoderConfig | MAEDecoderConfig,
@@ -252,10 +262,10 @@ def load_official_cacophony(
     config = CacophonyConfig(
         audio=audio,
         text=TextConfig(heads=_heads(text_heads, variant_text_heads(hidden, layers, vocab),
-                                     "text tower", "text_heads"), **text),
+                                     hidden, "text tower", "text_heads", name), **text),
         decoder_layers=decoder_layers,
-        audio_pool_heads=_heads(pool_heads, variant_pool_heads(audio.hidden), "audio pool",
-                                "pool_heads"),
+        audio_pool_heads=_heads(pool_heads, variant_pool_heads(audio.hidden), audio.hidden,
+                                "audio pool", "pool_heads", name),
         projection=projection,
     )
     params = _convert(flat, _cacophony_spec(config), name)
