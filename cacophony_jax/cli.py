@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "has the file's sizes")
     p.add_argument("--pool-heads", type=options.positive,
                    help="with --official: audio-pool attention heads, likewise")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle (one holding nothing but its own files)")
     _curate_parsers(sub)
     return parser
 

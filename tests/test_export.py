@@ -223,7 +223,7 @@ def test_failed_write_leaves_nothing(official_dir, tokenizer_file, tmp_path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(Tokenizer, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BundleError, match=r"cannot write the bundle .*b \(--out\): disk full"):
         export.export_from_official(official_dir / "Cacophony_tiny.ckpt", tmp_path / "b",
                                     tokenizer_path=tokenizer_file, text_length=16)
     assert list(tmp_path.iterdir()) == []

@@ -11,10 +11,13 @@ Layout of a bundle folder::
                     always in the unrolled layout (``block_0``, ``block_1``, ...)
     tokenizer.json  stage 2 only
 
-A bundle is written into a temporary sibling folder and renamed into place, so a
-reader never sees half a bundle; parameters with NaN or infinite values are refused.
-``read_bundle`` checks the format version, the front end, the tokenizer fingerprint
-and every parameter shape before anything runs.
+A bundle is written into a temporary sibling folder and renamed into place (an
+existing empty folder, say a mount point, is filled through a hidden folder inside
+it, bundle.json last), so a reader never sees half a bundle. A link names the folder
+written; an existing folder is replaced only on request and only when it holds
+nothing but a bundle's own entries; parameters with NaN or infinite values are
+refused. ``read_bundle`` checks the format version, the front end, the tokenizer
+fingerprint and every parameter shape before anything runs.
 `convert.export` makes bundles from training checkpoints and release files.
 """
 
@@ -50,6 +53,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BUNDLE_JSON = "bundle.json"
 PARAMS_DIR = "params"
 TOKENIZER_JSON = "tokenizer.json"
+# What a bundle folder holds; anything else in it belongs to someone else.
+OWN_ENTRIES = (BUNDLE_JSON, PARAMS_DIR, TOKENIZER_JSON)
 # The shortest window that still holds one 16-frame patch (16 hops of 160 samples).
 MIN_WINDOW_SAMPLES = 16 * frontend.HOP
 
@@ -156,14 +161,46 @@ def _check_request(config: ModelConfig, tokenizer: Tokenizer | None, dtype: str,
 
 
 def _check_replaceable(out: pathlib.Path, overwrite: bool) -> None:
-    """Refuses to replace `out` (an existing folder) unless asked to, and unless it is
-    a bundle or empty."""
+    """Refuses to replace `out` (an existing path) unless asked to, and unless it is
+    a bundle holding nothing else, or an empty folder."""
+    if not out.is_dir():
+        raise BundleError(f"{out} exists and is not a folder; choose another bundle folder "
+                          "(--out)")
     if not overwrite:
         raise BundleError(f"{out} already exists; pass --overwrite (overwrite=True "
                           "in Python) to replace it or choose another folder")
-    if not (out / BUNDLE_JSON).is_file() and not (out.is_dir() and not any(out.iterdir())):
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not (out / BUNDLE_JSON).is_file():
         raise BundleError(f"{out} exists and is not an inference bundle; refusing "
                           "to replace it, choose another folder")
+    extra = [name for name in entries if name not in OWN_ENTRIES]
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise BundleError(f"{out} holds files that are not part of the bundle "
+                          f"({', '.join(extra[:5])}{more}), which replacing it would delete; "
+                          "move them out of the folder first, or choose another folder")
+
+
+def _target(out_dir: str | os.PathLike) -> pathlib.Path:
+    """The folder a bundle at `out_dir` is written to: the folder a link names (the
+    link stays a link), else `out_dir` itself."""
+    out = pathlib.Path(out_dir).absolute()
+    return pathlib.Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
+def check_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuses a bundle folder `write_bundle` would refuse, before any costly work.
+
+    Args:
+      out_dir: the bundle folder to create.
+      overwrite: replace an existing bundle at ``out_dir``.
+    """
+    out = _target(out_dir)
+    try:
+        folder_replace.check_folder(out, lambda: _check_replaceable(out, overwrite),
+                                    BUNDLE_JSON)
+    except folder_replace.FolderWriteError as e:
+        raise BundleError(f"cannot write the bundle {out} (--out): {e}") from None
 
 
 def nonfinite_keys(params: Params) -> list[str]:
@@ -208,10 +245,12 @@ def write_bundle(
       window_seconds: clip length the model was trained on.
       text_length: tokens per text including bos/eos (ignored for "mae").
       source: where the parameters came from (stored as is).
-      overwrite: replace an existing bundle at ``out_dir``.
+      overwrite: replace an existing bundle at ``out_dir`` (only a folder holding
+        nothing but a bundle's own entries, or an empty one, is replaced; a link to
+        a folder replaces that folder and stays a link).
 
     Returns:
-      The bundle folder.
+      The bundle folder (``out_dir``, absolute).
     """
     _check_request(config, tokenizer, dtype, window_seconds, text_length)
     stage2 = isinstance(config, CacophonyConfig)
@@ -240,9 +279,14 @@ def write_bundle(
             tokenizer.save(folder / TOKENIZER_JSON)
         (folder / BUNDLE_JSON).write_text(json.dumps(meta, indent=2))
 
-    out = pathlib.Path(out_dir).absolute()
-    folder_replace.replace_folder(out, write, lambda: _check_replaceable(out, overwrite))
-    return out
+    target = _target(out_dir)
+    try:
+        folder_replace.replace_folder(target, write,
+                                      lambda: _check_replaceable(target, overwrite),
+                                      BUNDLE_JSON)
+    except folder_replace.FolderWriteError as e:
+        raise BundleError(f"cannot write the bundle {target} (--out): {e}") from None
+    return pathlib.Path(out_dir).absolute()
 
 
 def dtype_of(name: str) -> Any:

@@ -23,6 +23,7 @@ from cacophony_jax.convert.bundle import (
     BundleError,
     ModelConfig,
     abstract_params,
+    check_out,
     dtype_of,
     nonfinite_keys,
     write_bundle,
@@ -109,6 +110,7 @@ def export_from_checkpoint(
     from cacophony_jax.train import checkpoint
 
     dtype_of(dtype)
+    check_out(out_dir, overwrite)
     path = os.fspath(path)
     for attempt in range(3):
         before = checkpoint.saved_steps(path)
@@ -231,6 +233,7 @@ def export_from_official(
     if os.path.isdir(name):
         raise BundleError(f"{name} is a folder; --official takes a released .ckpt file (a "
                           "training workdir or step folder goes to --checkpoint)")
+    check_out(out_dir, overwrite)
     roots = {key.split("/")[0] for key in official.read_flat(name)}
     stage1 = bool(roots & set(official.STAGE1_ROOTS)) and "text_module" not in roots
     tokenizer = None
