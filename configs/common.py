@@ -9,6 +9,8 @@ This module imports nothing from the package.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections as mlc
 
 VARIANTS = ("tiny", "base")
@@ -187,7 +189,7 @@ def optim_block(lr: float, warmup: int, b2: float, steps: int) -> mlc.ConfigDict
         clip_norm=1.0,  # global-norm clipping (0 = off)
         # Ceiling of a `logit_scale` parameter: ln 100, so the contrastive temperature
         # stays >= 0.01 as in CLIP; updates never take it above (0 = no ceiling).
-        max_logit_scale=4.6052,
+        max_logit_scale=math.log(100),
         freeze="",  # regex of parameter paths to keep frozen ('' = none)
         accum_steps=1,  # gradient accumulation (optax.MultiSteps) when > 1
         sam=mlc.ConfigDict(dict(

@@ -35,7 +35,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task: Any,
     function; `grad_fn` lets SAM (when configured) take its second gradient on the
     same batch and randomness, so enabling SAM is purely a config change.
 
-    The metrics hold the gradient's global norm (the clipping computes it anyway) but
+    The metrics hold the global norm of the first gradient (with SAM, the one at the
+    current parameters, not the perturbed point's that clipping sees) but
     not the new parameters' norm (`param_norm`, which the loop computes at log steps)
     and, unless asked, not the update's: reductions over the new parameters and the
     update inside the step made XLA:GPU copy 890 parameter-sized arrays into their
