@@ -328,3 +328,15 @@ def test_an_out_folder_of_other_files_is_refused_unchanged(corpus):
     (corpus / "empty" / "lost+found").mkdir(parents=True)
     (corpus / "empty" / ".gitkeep").write_text("")
     assert build.run_build([("a", manifest)], str(corpus / "empty"), workers=2)["total"]
+
+
+def test_a_layout_input_names_its_split_or_folds(tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(build_inputs, "open_source",
+                        lambda kind, path, split, **options: opened.append((kind, path, split)))
+    for spec in ("esc50:data/ESC-50:fold1", "esc50:data/ESC-50:fold1,3",
+                 "urbansound8k:data/us8k:folds1-4", "clotho:data/clotho"):
+        build_inputs.open_input(spec, default_split="evaluation")
+    assert opened == [("esc50", "data/ESC-50", "fold1"), ("esc50", "data/ESC-50", "fold1,3"),
+                      ("urbansound8k", "data/us8k", "folds1-4"),
+                      ("clotho", "data/clotho", "evaluation")]

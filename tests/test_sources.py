@@ -257,6 +257,15 @@ def test_clotho(tmp_path):
                                                              "Café – Zürich.WAV")])
     assert len(clotho_source(tmp_path, "validation")) == 1  # one file, evaluated once
     assert found[0]["audio_path"] == str(tmp_path / "clotho_audio_validation" / nfd)
+    # A hand-edited copy with an unquoted comma in a caption: its captions would shift.
+    (tmp_path / "clotho_captions_validation.csv").write_text(
+        ",".join(header) + "\nCafé – Zürich.wav,a dog barks, loudly,c2,c3,c4,c5\n")
+    with pytest.raises(SourceError, match="data row 1 has more fields than the header"):
+        clotho_source(tmp_path, "validation")
+    # Empty trailing fields (a spreadsheet's export) shift nothing.
+    (tmp_path / "clotho_captions_validation.csv").write_text(
+        ",".join(header) + "\nCafé – Zürich.wav,z0,z1,z2,z3,z4,,\n")
+    assert clotho_source(tmp_path, "validation")[0]["captions"] == [f"z{k}" for k in range(5)]
 
 
 def test_esc50(tmp_path):

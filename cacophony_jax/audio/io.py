@@ -147,6 +147,15 @@ def _decode(
         audio = _read(handle, name, sample_rate, limit)
     if max_seconds is not None:
         audio = audio[: math.ceil(max_seconds * sample_rate)]
+    return _not_empty(audio, name, sample_rate)
+
+
+def _not_empty(audio: np.ndarray, name: str, sample_rate: int) -> np.ndarray:
+    # A whole decode: frames that make less than one sample at `sample_rate` (one frame
+    # at 48 kHz) are no audio either.
+    if audio.size == 0:
+        raise AudioError(f"{name} contains no audio samples at {sample_rate} Hz (it is too "
+                         "short); replace or drop it")
     return audio
 
 
@@ -156,6 +165,9 @@ WINDOW_FACTOR = 2
 # Extra audio decoded on each side of a resampled window, so that the resampling
 # filter's edges fall outside the clip (50 ms; soxr's HQ filters are far shorter).
 _WINDOW_MARGIN_SECONDS = 0.05
+# After a seek, libmpg123 gives silence fading in until its bit reservoir refills
+# (measured up to 40 ms of a VBR 48 kHz file): MP3 windows start further back.
+_MP3_MARGIN_SECONDS = 0.2
 
 
 def _decode_clip(source: str | BinaryIO, name: str, sample_rate: int, length: int,
@@ -172,7 +184,7 @@ def _decode_clip(source: str | BinaryIO, name: str, sample_rate: int, length: in
             logging.debug("%s: the header says %d frames, which it lacks; decoding it "
                           "whole", name, handle.frames)
         else:
-            whole = _read(handle, name, sample_rate)
+            whole = _not_empty(_read(handle, name, sample_rate), name, sample_rate)
             start = int(choose_start(whole.size))
             return whole[start:start + length], whole.size
     if not isinstance(source, str):
@@ -207,7 +219,8 @@ def _window(handle: sf.SoundFile, name: str, sample_rate: int, start: int,
         # of the whole file's resampling.
         g = math.gcd(rate, sample_rate)
         step_in, step_out = rate // g, sample_rate // g
-        margin = math.ceil(_WINDOW_MARGIN_SECONDS * sample_rate)
+        margin = math.ceil(sample_rate * (_MP3_MARGIN_SECONDS if handle.format == "MP3"
+                                          else _WINDOW_MARGIN_SECONDS))
         block = max(0, start - margin) // step_out
         in_start, offset = block * step_in, start - block * step_out
         in_stop = min(frames, math.ceil((start + length + margin) * rate / sample_rate))

@@ -48,7 +48,8 @@ def open_input(spec: str, default_split: str = "train") -> Any:
                          f"kind:path[:split], e.g. clotho:data/clotho:evaluation")
     path, split = rest, default_split
     head, sep, tail = rest.rpartition(":")
-    if sep and head and re.fullmatch(r"\w+", tail) and not os.path.exists(rest):
+    # A split is a name or folds ("evaluation", "fold1,3", "folds1-4").
+    if sep and head and re.fullmatch(r"[\w,-]+", tail) and not os.path.exists(rest):
         path, split = head, tail
     options = {"skip_bad_rows": True} if kind == "manifest" else {}
     return open_source(kind, path, split, **options)

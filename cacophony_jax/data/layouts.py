@@ -39,6 +39,13 @@ def _read_layout_csv(path: str, columns: Sequence[str], layout: str) -> list[dic
     if short is not None:
         raise SourceError(f"{path}: data row {short} has fewer fields than the header; the file "
                           "is corrupt (a caption with an unquoted comma or line break?)")
+    # More fields than the header (empty trailing ones aside): the named columns of that
+    # row have shifted.
+    long = next((n for n, row in enumerate(rows, 1) if any(v.strip() for v in row.get(None, ()))),
+                None)
+    if long is not None:
+        raise SourceError(f"{path}: data row {long} has more fields than the header; the file "
+                          "is corrupt (a caption with an unquoted comma?): quote such fields")
     return rows
 
 
