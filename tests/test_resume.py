@@ -104,8 +104,10 @@ def test_a_position_that_cannot_be_restored_is_taken_from_the_step(tmp_path, mon
                                                                     caplog):
     # As when data.num_workers or the number of processes changed between the runs:
     # the saved position does not fit, and the input continues from the step's batch
-    # (the same batches as the uninterrupted run), not from the start of the data.
-    config = tiny_config("mae", 8, **{"train.checkpoint_every": 4, "train.log_every": 2})
+    # (the same batches as the uninterrupted run), not from the start of the data; and
+    # a later resume of that run continues from its own position, not from the
+    # start of the stream it counted from.
+    config = tiny_config("mae", 12, **{"train.checkpoint_every": 4, "train.log_every": 2})
     loop.run(config, str(tmp_path / "a"))
     real_jit = step_lib.jit_train_step
 
@@ -115,7 +117,7 @@ def test_a_position_that_cannot_be_restored_is_taken_from_the_step(tmp_path, mon
 
         def wrapped(state, batch):
             calls["n"] += 1
-            if calls["n"] == 6:
+            if calls["n"] == 6:  # step 6 of a fresh run, step 10 of one resumed at 4
                 raise RuntimeError("simulated crash")
             return step(state, batch)
         return wrapped
@@ -123,18 +125,38 @@ def test_a_position_that_cannot_be_restored_is_taken_from_the_step(tmp_path, mon
     monkeypatch.setattr(step_lib, "jit_train_step", crashing_jit)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.run(config, str(tmp_path / "b"))
-    monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
     saved = tmp_path / "b" / "checkpoints" / "4" / "data_iter"
     for name in os.listdir(saved):  # saved "by another number of processes"
         os.rename(saved / name, saved / name.replace("-of-1", "-of-2"))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="simulated"):
         loop.run(config, str(tmp_path / "b"))
     assert "input continues from the batch step 4 implies" in caplog.text
+    monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loop.run(config, str(tmp_path / "b"))  # from step 8's own saved position
+    assert "not restored" not in caplog.text
     assert_trees_equal(restore_params(config, tmp_path / "a"),
                        restore_params(config, tmp_path / "b"))
-    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r}
-    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "b")
-            if "loss" in r and r["step"] > 5] == [(s, v) for s, v in losses.items() if s > 5]
+    def losses(workdir):  # the rows at multiples of log_every (the first step's aside)
+        return {r["step"]: r["loss"] for r in read_metrics(workdir)
+                if "loss" in r and r["step"] % 2 == 0}
+
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 6
+
+
+def test_a_position_placed_by_the_step_counts_examples_when_the_batch_changed():
+    class Saved:
+        def __init__(self, batch):
+            self.batch = batch
+
+        def saved_config(self, step):
+            return {"data": {"global_batch_size": self.batch}} if self.batch else None
+
+    assert loop._batches_drawn(Saved(8), 10, 8) == 10
+    assert loop._batches_drawn(Saved(8), 10, 16) == 5  # 80 examples drawn
+    assert loop._batches_drawn(Saved(8), 10, 12) == 6  # 72: 8 drawn again, none skipped
+    assert loop._batches_drawn(Saved(None), 10, 12) == 10  # no saved config: by the step
 
 
 @pytest.mark.slow

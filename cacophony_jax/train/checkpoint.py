@@ -50,17 +50,30 @@ class IteratorTarget:
 
     The loop's own per-process counters (e.g. data/failed_records) ride in the saved
     iterator state under COUNTERS_KEY, so they continue across a resume; states saved
-    without them restore as before, with counters of zero.
+    without them restore as before, with counters of zero. Counter "first_batch" is
+    the global batch the saved iterator's stream began at (`pipeline.train_dataset`'s
+    `first_batch`, nonzero after a resume that had to place the input by its step):
+    its position counts from there, so the iterator is rebuilt with `rebuild(first)`
+    before the position is set.
     """
 
-    def __init__(self, iterator: Any):
+    def __init__(self, iterator: Any, rebuild: Any = None):
         self.iterator = iterator
+        self.rebuild = rebuild
+        self.first = 0  # the global batch the iterator's stream begins at
         self.counters: dict[str, int] = {}
         self.restored = False  # whether a saved position was set
 
     def set_state(self, state: bytes | dict[str, Any]) -> None:
         state = dict(json.loads(state) if isinstance(state, (bytes, str)) else state)
         counters = {k: int(v) for k, v in (state.pop(COUNTERS_KEY, None) or {}).items()}
+        first = counters.get("first_batch", 0)
+        if first != self.first:
+            if self.rebuild is None:
+                raise CheckpointError(f"the saved input position counts from batch {first}, "
+                                      "and this iterator cannot be rebuilt there")
+            getattr(self.iterator, "close", lambda: None)()
+            self.iterator, self.first = self.rebuild(first), first
         self.iterator.set_state(state)
         self.counters = counters  # only with the position they belong to
         self.restored = True
@@ -233,7 +246,7 @@ class Checkpointer:
             logging.warning("the input position saved at step %s was not restored (%s): "
                             "was it saved with another data.num_workers or number of "
                             "processes? The model resumes; the input continues from the "
-                            "batch step %s implies in the same order (exact unless "
+                            "batch step %s implies (counted in examples if "
                             "data.global_batch_size changed), and the data/ counters "
                             "restart", step, _brief(e), step)
 

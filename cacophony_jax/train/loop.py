@@ -256,12 +256,16 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
     writer = metrics.MetricWriter(str(workdir_path))
     failing = True  # until it returns: then an error while closing is the run's error
     try:
-        resumed_iter = checkpoint.IteratorTarget(data_iter)
+        resumed_iter = checkpoint.IteratorTarget(data_iter, rebuild=batches)
         state = init.restore_or_init(config, task, tx, plan, ckpt, resumed_iter)
         start = int(jax.device_get(state.step))
+        data_iter, first_batch = resumed_iter.iterator, resumed_iter.first
         if start and not resumed_iter.restored:  # e.g. data.num_workers changed
             getattr(data_iter, "close", lambda: None)()
-            data_iter = batches(start)  # the same stream, from the step's batch
+            # The same stream from where the saved run was (in examples: the batch
+            # size may have changed), its position counted from there from now on.
+            first_batch = _batches_drawn(ckpt, start, config.data.global_batch_size)
+            data_iter = batches(first_batch)
         writer.resume_at(start)
         config_file = workdir_path / "config.json"
         # Only once the workdir's checkpoints are known to fit, and only if this run
@@ -359,7 +363,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                 t0 = time.perf_counter()
                 ckpt.save(step, state, iter_state, config_json, force=True,
                           counters={"failed_records": failed_records,
-                                    "examples_seen": examples_seen})
+                                    "examples_seen": examples_seen,
+                                    "first_batch": first_batch})
                 writer.sync()  # the rows up to a checkpoint survive what it survives
                 progress.add_pause(time.perf_counter() - t0)
             due = last or (config.train.eval_every and step % config.train.eval_every == 0)
@@ -388,6 +393,16 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                     prefetcher.close if prefetcher is not None else None, ckpt.close,
                     writer.close, getattr(data_iter, "close", None),
                     pipeline.release_shared_memory], failing)
+
+
+def _batches_drawn(ckpt: checkpoint.Checkpointer, step: int, batch_size: int) -> int:
+    """How many of this run's global batches the run saved at `step` had drawn: `step`,
+    unless it ran at another global batch size (then its examples, in this size's
+    batches, rounded down: a few examples may come again, none is skipped)."""
+    saved = (ckpt.saved_config(step) or {}).get("data", {}).get("global_batch_size")
+    if isinstance(saved, int) and saved > 0 and saved != batch_size:
+        return step * saved // batch_size
+    return step
 
 
 def _close_all(closers: list, failing: bool) -> None:
