@@ -78,8 +78,9 @@ def printable(text: str) -> str:
     return " ".join(_UNPRINTABLE.sub(" ", text).split())
 
 
-# The sampling seeds `caption` takes: what `jax.random.key` accepts.
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# The sampling seeds `caption` takes: `jax.random.key` keeps 32 bits (without x64),
+# so seeds 2**32 apart, or -1 and 2**32 - 1, would be the same key.
+SEED_MIN, SEED_MAX = 0, 2**32 - 1
 
 
 def _whole_words(text: str) -> str:
@@ -282,7 +283,7 @@ class CacophonyModel(ModelRuntime):
                 _check_number(name, value, whole=name not in ("temperature", "length_penalty"))
         _check_number("batch_size", batch_size, whole=True, minimum=1)
         if not SEED_MIN <= seed <= SEED_MAX:
-            raise InferenceError(f"seed must be in [-2**63, 2**63 - 1] (a 64-bit integer), "
+            raise InferenceError(f"seed must be in [0, 2**32 - 1] (JAX's keys hold 32 bits), "
                                  f"got {seed}")
         max_len = self.text_length if max_len is None else max_len
         self.check_caption_options(method, max_len, beam_size, temperature,

@@ -295,8 +295,8 @@ def test_run_caption_user_errors(tmp_path, folder):
                                           '{"audio": "b.wav", "id": "x"}\n')
     with pytest.raises(CaptionError, match=r"gives 1 id\(s\) to more than one row, e.g. \['x'\]"):
         caption.run_caption(model, str(tmp_path / "twice.jsonl"), str(tmp_path / "o.jsonl"))
-    with pytest.raises(CaptionError, match=r"--seed 9223372036854775807 is out of range"):
-        caption.run_caption(model, str(folder), str(tmp_path / "o.jsonl"), seed=2**63 - 1,
+    with pytest.raises(CaptionError, match=r"--seed 4294967295 is out of range"):
+        caption.run_caption(model, str(folder), str(tmp_path / "o.jsonl"), seed=2**32 - 1,
                             num_captions=2)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CaptionError, match="no audio files"):

@@ -152,9 +152,10 @@ def test_ids_a_tokenizer_cannot_decode_are_never_generated(setup):
             model, params, audio, audio_mask, method=method, vocab_size=max(picked),
             banned=picked[:1], **kwargs))
         assert limited[:, 1:].max() < max(picked) and picked[0] not in limited[:, 1:]
-    with pytest.raises(ValueError, match="vocab_size=0 must be in"):
-        decoding.generate(model, params, audio, audio_mask, method="greedy", max_len=MAX_LEN,
-                          vocab_size=0)
+    for size in (0, 3, CFG.text.vocab_size + 1):  # nothing left to say, or too many
+        with pytest.raises(ValueError, match=f"vocab_size={size} must be at most"):
+            decoding.generate(model, params, audio, audio_mask, method="greedy",
+                              max_len=MAX_LEN, vocab_size=size)
 
 
 def test_beam_of_one_and_cold_sampling_equal_greedy(setup):

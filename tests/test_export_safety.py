@@ -4,6 +4,7 @@ import errno
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 from flax import serialization
@@ -148,6 +149,12 @@ def test_text_heads_reach_the_loader_from_python_and_the_cli(official_dir, token
     assert "--pool-heads only applies to --official" in capsys.readouterr().err
     with pytest.raises(BundleError, match="takes no text-heads .drop --text-heads."):
         export.export_from_official(mae, tmp_path / "E", text_heads=4)
+    # Stage 2's init_from keeps only the audio encoder: the text heads do not matter.
+    from cacophony_jax.train import encoder_init
+
+    want = official.load_official_cacophony(ckpt, text_heads=4, pool_heads=8)[1]
+    got = encoder_init._released(str(ckpt), None)
+    assert jax.tree.all(jax.tree.map(np.array_equal, got, want["audio_encoder"]))
 
 
 # ---- unusable --out folders -----------------------------------------------------------

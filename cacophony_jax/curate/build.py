@@ -27,8 +27,9 @@ keyed by path, size and modification time, so a rerun decodes only what is new; 
 split is written atomically by `write_array_record`. OUT also receives
 ``<split>_hashes.txt`` (for another build's `--exclude-hashes`), ``summary.json`` and
 ``summary.md``, moved in with the split's shards just before its commit, so they
-always describe the readable split. OUT must be new, empty or a build's folder: other
-files in it are never overwritten (see `build_inputs.check_output`).
+describe the readable split (unless a kill lands within those last few renames). OUT
+must be new, empty or a build's folder: other files in it are never overwritten (see
+`build_inputs.check_output`).
 """
 
 from __future__ import annotations

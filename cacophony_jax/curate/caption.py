@@ -240,10 +240,10 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
       dropped), dropped (bad rows not written).
     """
     check_request(input_path, output_path, num_captions, method, batch_size)
-    if not -(2**63) <= seed <= 2**63 - num_captions:  # clip k's draws use seed + k
+    if not 0 <= seed <= 2**32 - num_captions:  # clip k's draws use seed + k
         raise CaptionError(f"--seed {seed} is out of range: with {num_captions} captions a "
                            f"clip uses seeds {seed}..{seed + num_captions - 1}, which must "
-                           "be 64-bit integers")
+                           "be in [0, 2**32 - 1] (JAX's keys hold 32 bits)")
     # Through a link: the file it names is written (and replaced by --overwrite), and
     # the audio paths are relative to that file's folder.
     output_path = os.path.realpath(output_path)

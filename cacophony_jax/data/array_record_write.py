@@ -109,7 +109,8 @@ def write_array_record(
       before_commit: called with the staging folder once the split's files are
         written there: files it writes into that folder (`curate build`'s hash list
         and summary) are moved into the dataset folder with the shards, just before
-        the commit, so an interruption never leaves a split described by another's.
+        the commit, so only a kill within those last few renames can leave them next
+        to the old split.
 
     Returns:
       The dataset folder.

@@ -168,10 +168,13 @@ def generate(
     if rng.shape not in ((), (audio_states.shape[0],)):
         raise ValueError(f"rng must be one key or one per example ({audio_states.shape[0]}), "
                          f"got keys of shape {rng.shape}")
-    usable = model.config.text.vocab_size if vocab_size is None else int(vocab_size)
-    if not 0 < usable <= model.config.text.vocab_size:
-        raise ValueError(f"vocab_size={vocab_size} must be in [1, the model's "
-                         f"{model.config.text.vocab_size}]")
+    text = model.config.text
+    usable = text.vocab_size if vocab_size is None else int(vocab_size)
+    never = {text.bos_id, text.pad_id, text.eos_id, *banned}
+    if not usable <= text.vocab_size or usable <= len(never & set(range(usable))):
+        raise ValueError(f"vocab_size={vocab_size} must be at most the model's "
+                         f"{text.vocab_size} and leave a token that is not special or "
+                         f"banned ({sorted(never)})")
     return _generate(model, params, audio_states, audio_mask, rng, jnp.float32(temperature),
                      jnp.float32(length_penalty), method=method, max_len=max_len,
                      beam_size=beam_size if method == "beam" else 1, usable=usable,

@@ -60,7 +60,9 @@ def _released(path: str, config: ml_collections.ConfigDict) -> Any:
         if roots & set(official.STAGE1_ROOTS) and "text_module" not in roots:
             _, params = official.load_official_mae(path)
             return params["encoder"]
-        _, params = official.load_official_cacophony(path)
+        # Only the audio encoder is kept: the text tower's and pool's head counts
+        # (which shapes do not tell) do not matter here.
+        _, params = official.load_official_cacophony(path, text_heads=1, pool_heads=1)
         return params["audio_encoder"]
     except official.OfficialCheckpointError as e:
         raise checkpoint.CheckpointError(
