@@ -48,8 +48,10 @@ _VERBOSE_LIBS = flags.DEFINE_bool("verbose_libraries", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-# Libraries that log every checkpoint write at INFO; their warnings still show.
-_CHATTY = ("orbax", "jax/_src", "grain", "tensorboardX", "absl/", "tensorflow_datasets")
+# Libraries that log every checkpoint write at INFO (and asyncio, each event loop
+# Orbax starts, at DEBUG); their warnings still show.
+_CHATTY = ("orbax", "jax/_src", "grain", "tensorboardX", "absl/", "tensorflow_datasets",
+           "asyncio/")
 
 
 def _quiet_libraries() -> None:

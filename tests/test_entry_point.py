@@ -197,6 +197,14 @@ def test_closed_loop_callbacks_after_an_unreadable_checkpoint_are_not_printed(mo
         for error in (RuntimeError("Event loop is closed"), RuntimeError("other"),
                       Exception("Encountered error while reading array index: (slice(0, 2)")):
             sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+        # asyncio's event loop of every save, at --verbosity=1: not shown; warnings are.
+        handler = main.logging.get_absl_handler()
+
+        def record(level):
+            return std_logging.LogRecord("asyncio", level, "/x/asyncio/selector_events.py",
+                                         54, "Using selector: EpollSelector", (), None)
+        assert not handler.filter(record(std_logging.DEBUG))
+        assert handler.filter(record(std_logging.WARNING))
     finally:
         for handler, kept in filters.items():
             handler.filters[:] = kept

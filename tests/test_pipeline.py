@@ -1,5 +1,7 @@
 """Grain pipelines: determinism, exact resume, host sharding, skipping bad records."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -330,6 +332,26 @@ def test_eval_batches_cover_every_record_once_with_padding():
     first = batches[0]
     assert np.array_equal(record_ids(first), first["example_id"])
     assert first["label"].tolist() == [0, 1, 0, 1]
+
+
+def test_an_unusable_eval_record_is_named_once_not_at_every_evaluation(caplog):
+    from cacophony_jax.audio.io import AudioError
+
+    class Broken(IndexSource):
+        name = "broken-eval"
+
+        def __getitem__(self, i):
+            if i == 2:
+                raise AudioError("clip 2 is damaged")
+            return super().__getitem__(i)
+
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # three evaluations
+            batches = list(pipeline.eval_batches(Broken(5, length=300), CLIP,
+                                                 global_batch_size=4))
+            valid = np.concatenate([b["valid"] for b in batches])
+            assert valid.sum() == 4  # still left out each time
+    assert caplog.text.count("clip 2 is damaged") == 1
 
 
 def test_eval_hosts_cover_every_record_with_equal_batch_counts(monkeypatch):

@@ -246,6 +246,15 @@ def test_a_final_evaluation_cut_off_by_a_kill_is_logged_on_the_rerun(tmp_path, c
     loop.run(config, str(tmp_path))  # once only, however often it is rerun
     assert [r["step"] for r in eval_rows()] == [4]
     assert not prefetchers  # a finished run reads no training data
+    # Evaluated again on another set: no second row at the step (TensorBoard would show
+    # the step twice); the run's result is the new evaluation, and the change is named.
+    logged = eval_rows()[0]
+    with caplog.at_level(logging.WARNING):
+        again = loop.run(tiny_config("mae", 4, **{"data.synthetic_eval_size": 12}),
+                         str(tmp_path))
+    assert eval_rows() == [logged] and again["eval/num_clips"] == 12 != logged["eval/num_clips"]
+    assert "evaluated step 4 again and got other values" in caplog.text
+    caplog.clear()
     # A rerun of the finished run with other settings trains nothing: config.json stays
     # the one it trained with, and no "resuming with ..." warning says otherwise.
     saved = (tmp_path / "config.json").read_text()

@@ -221,6 +221,10 @@ def release_shared_memory() -> None:
     SharedMemoryArray._outstanding_del_requests = None
 
 
+# (source name, record) of unusable evaluation records already named in this process.
+_EVAL_WARNED: set[tuple[str, int]] = set()
+
+
 class PrepareEval(grain.transforms.Map):
     """Deterministic example: the clip's start, padded; failures become invalid rows."""
 
@@ -236,7 +240,10 @@ class PrepareEval(grain.transforms.Map):
             valid = 1.0
             labels = record.get("labels") or ()
         except (io.AudioError, OSError, SourceError) as e:
-            logging.warning("evaluation record %d unusable: %s", index, e)
+            key = (str(getattr(self.decoded, "name", "")), int(index))
+            if key not in _EVAL_WARNED:  # named once; every evaluation counts them
+                _EVAL_WARNED.add(key)
+                logging.warning("evaluation record %d unusable: %s", index, e)
             clip, length, valid = np.zeros(self.clip_samples, np.int16), 0, 0.0
         return {
             "audio": clip,

@@ -147,6 +147,21 @@ class MetricWriter:
             self._purge_step = step + 1  # hides the old events from that step on
         self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
+    def logged_values(self, step: int) -> dict[str, Any]:
+        """The values metrics.jsonl holds at `step` (rows merged; empty where this
+        process writes no metrics)."""
+        if not self.enabled:
+            return {}
+        self._jsonl.flush()
+        values: dict[str, Any] = {}
+        with open(self._jsonl.name, encoding="utf-8") as f:
+            for line in f:
+                if _row_step(line) == step:
+                    with contextlib.suppress(ValueError):
+                        values.update(json.loads(line))
+        values.pop("step", None)
+        return values
+
     def logged(self, step: int, keys: Any = None, prefix: str = "") -> bool:
         """Whether metrics.jsonl holds a row at `step` with all of `keys`, or with a key
         starting with `prefix` (True where this process writes no metrics)."""
