@@ -130,7 +130,7 @@ def test_a_position_that_cannot_be_restored_is_taken_from_the_step(tmp_path, mon
         os.rename(saved / name, saved / name.replace("-of-1", "-of-2"))
     with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="simulated"):
         loop.run(config, str(tmp_path / "b"))
-    assert "input continues from the batch step 4 implies" in caplog.text
+    assert "as many batches as step 4 implies" in caplog.text
     monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -143,6 +143,32 @@ def test_a_position_that_cannot_be_restored_is_taken_from_the_step(tmp_path, mon
                 if "loss" in r and r["step"] % 2 == 0}
 
     assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 6
+
+
+def test_a_position_saved_with_another_batch_or_worker_count_is_not_set():
+    # Grain would accept some such states (another worker count) and fail later, and
+    # another global batch moves every host's rows: the loop places the input instead,
+    # by the examples drawn, which the saved counters still tell.
+    class Iterator:
+        def __init__(self):
+            self.states = []
+
+        def set_state(self, state):
+            self.states.append(state)
+
+    saved = {"next_index": 40, checkpoint.COUNTERS_KEY: {
+        "examples_seen": 80, "failed_records": 2, "global_batch_size": 8, "num_workers": 0}}
+    for expect in ({"global_batch_size": 16, "num_workers": 0},
+                   {"global_batch_size": 8, "num_workers": 4}):
+        target = checkpoint.IteratorTarget(Iterator(), expect=expect)
+        with pytest.raises(checkpoint.CheckpointError, match="it was saved with data"):
+            target.set_state(json.dumps(saved))
+        assert not target.restored and not target.iterator.states
+        assert target.counters["examples_seen"] == 80  # the totals still hold
+    target = checkpoint.IteratorTarget(Iterator(), expect={"global_batch_size": 8,
+                                                           "num_workers": 0})
+    target.set_state(json.dumps(saved))
+    assert target.restored and target.iterator.states == [{"next_index": 40}]
 
 
 def test_a_position_placed_by_the_step_counts_examples_when_the_batch_changed():

@@ -57,9 +57,14 @@ class IteratorTarget:
     before the position is set.
     """
 
-    def __init__(self, iterator: Any, rebuild: Any = None):
+    def __init__(self, iterator: Any, rebuild: Any = None,
+                 expect: dict[str, int] | None = None):
         self.iterator = iterator
         self.rebuild = rebuild
+        # Settings a saved position only fits (saved with it as counters): another
+        # global batch moves every host's rows, another worker count Grain may accept
+        # and then fail on.
+        self.expect = dict(expect or {})
         self.first = 0  # the global batch the iterator's stream begins at
         self.counters: dict[str, int] = {}
         self.restored = False  # whether a saved position was set
@@ -67,6 +72,12 @@ class IteratorTarget:
     def set_state(self, state: bytes | dict[str, Any]) -> None:
         state = dict(json.loads(state) if isinstance(state, (bytes, str)) else state)
         counters = {k: int(v) for k, v in (state.pop(COUNTERS_KEY, None) or {}).items()}
+        # The host's totals hold even where the position does not fit this run.
+        self.counters = counters
+        for key, value in self.expect.items():
+            if key in counters and counters[key] != value:
+                raise CheckpointError(f"it was saved with data.{key}={counters[key]}, this "
+                                      f"run has {value}")
         first = counters.get("first_batch", 0)
         if first != self.first:
             if self.rebuild is None:
@@ -75,7 +86,6 @@ class IteratorTarget:
             getattr(self.iterator, "close", lambda: None)()
             self.iterator, self.first = self.rebuild(first), first
         self.iterator.set_state(state)
-        self.counters = counters  # only with the position they belong to
         self.restored = True
 
     def start_prefetch(self) -> None:
@@ -244,11 +254,11 @@ class Checkpointer:
             # E.g. saved by a different number of processes or workers: the model state
             # is still valid; the caller places the input by the step instead.
             logging.warning("the input position saved at step %s was not restored (%s): "
-                            "was it saved with another data.num_workers or number of "
-                            "processes? The model resumes; the input continues from the "
-                            "batch step %s implies (counted in examples if "
-                            "data.global_batch_size changed), and the data/ counters "
-                            "restart", step, _brief(e), step)
+                            "was it saved with another data.num_workers, global batch size "
+                            "or number of processes? The model resumes; the input continues "
+                            "in the same stream after the examples drawn so far (as many "
+                            "batches as step %s implies where that count was not saved)",
+                            step, _brief(e), step)
 
     def save(self, step: int, state: Any, iterator_state: dict[str, Any] | None,
              config_json: dict[str, Any], force: bool = False,

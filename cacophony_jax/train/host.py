@@ -171,8 +171,10 @@ class StopSignal:
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt
         how = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
-        logging.warning("signal %d received: checkpointing at the next step and stopping%s",
-                        signum, how)
+        when = ("the next step" if jax.process_count() == 1 else
+                "the next step all processes agree on (one in 10)")
+        logging.warning("signal %d received: checkpointing at %s and stopping%s", signum,
+                        when, how)
         self.requested, self.signum = True, int(signum)
 
     def agreed(self) -> bool:

@@ -256,7 +256,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
     writer = metrics.MetricWriter(str(workdir_path))
     failing = True  # until it returns: then an error while closing is the run's error
     try:
-        resumed_iter = checkpoint.IteratorTarget(data_iter, rebuild=batches)
+        fits = {"global_batch_size": config.data.global_batch_size,
+                "num_workers": config.data.num_workers}
+        resumed_iter = checkpoint.IteratorTarget(data_iter, rebuild=batches, expect=fits)
         state = init.restore_or_init(config, task, tx, plan, ckpt, resumed_iter)
         start = int(jax.device_get(state.step))
         data_iter, first_batch = resumed_iter.iterator, resumed_iter.first
@@ -264,7 +266,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
             getattr(data_iter, "close", lambda: None)()
             # The same stream from where the saved run was (in examples: the batch
             # size may have changed), its position counted from there from now on.
-            first_batch = _batches_drawn(ckpt, start, config.data.global_batch_size)
+            seen = resumed_iter.counters.get("examples_seen")
+            first_batch = (seen // config.data.global_batch_size if seen is not None
+                           else _batches_drawn(ckpt, start, config.data.global_batch_size))
             data_iter = batches(first_batch)
         writer.resume_at(start)
         config_file = workdir_path / "config.json"
@@ -366,7 +370,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                 ckpt.save(step, state, iter_state, config_json, force=True,
                           counters={"failed_records": failed_records,
                                     "examples_seen": examples_seen,
-                                    "first_batch": first_batch})
+                                    "first_batch": first_batch, **fits})
                 writer.sync()  # the rows up to a checkpoint survive what it survives
                 progress.add_pause(time.perf_counter() - t0)
             due = last or (config.train.eval_every and step % config.train.eval_every == 0)
