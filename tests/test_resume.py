@@ -36,6 +36,24 @@ def _manifest_with_broken_files(root):
     return str(root / "train.jsonl")
 
 
+def _crashing_jit(at_call):
+    """`step.jit_train_step` whose compiled steps raise on their `at_call`-th call, as a
+    crash would (each run's calls counted from 1)."""
+    real = step_lib.jit_train_step
+
+    def make(*args, **kwargs):
+        step = real(*args, **kwargs)
+        calls = {"n": 0}
+
+        def wrapped(state, batch):
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                raise RuntimeError("simulated crash")
+            return step(state, batch)
+        return wrapped
+    return make
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     # Unreadable files in the data: the resumed run skips the same draws, and its
@@ -46,19 +64,8 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     loop.run(straight, str(tmp_path / "a"))
 
     real_jit = step_lib.jit_train_step
-
-    def crashing_jit(*args, **kwargs):
-        step = real_jit(*args, **kwargs)
-        calls = {"n": 0}
-
-        def wrapped(state, batch):
-            calls["n"] += 1
-            if calls["n"] == 9:  # after the step-6 checkpoint, before step 12
-                raise RuntimeError("simulated crash")
-            return step(state, batch)
-        return wrapped
-
-    monkeypatch.setattr(step_lib, "jit_train_step", crashing_jit)
+    # After the step-6 checkpoint, before step 12.
+    monkeypatch.setattr(step_lib, "jit_train_step", _crashing_jit(9))
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.run(straight, str(tmp_path / "b"))
     monkeypatch.setattr(step_lib, "jit_train_step", real_jit)
@@ -110,19 +117,8 @@ def test_a_position_that_cannot_be_restored_is_taken_from_the_step(tmp_path, mon
     config = tiny_config("mae", 12, **{"train.checkpoint_every": 4, "train.log_every": 2})
     loop.run(config, str(tmp_path / "a"))
     real_jit = step_lib.jit_train_step
-
-    def crashing_jit(*args, **kwargs):
-        step = real_jit(*args, **kwargs)
-        calls = {"n": 0}
-
-        def wrapped(state, batch):
-            calls["n"] += 1
-            if calls["n"] == 6:  # step 6 of a fresh run, step 10 of one resumed at 4
-                raise RuntimeError("simulated crash")
-            return step(state, batch)
-        return wrapped
-
-    monkeypatch.setattr(step_lib, "jit_train_step", crashing_jit)
+    # Step 6 of a fresh run, step 10 of one resumed at 4.
+    monkeypatch.setattr(step_lib, "jit_train_step", _crashing_jit(6))
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.run(config, str(tmp_path / "b"))
     saved = tmp_path / "b" / "checkpoints" / "4" / "data_iter"
