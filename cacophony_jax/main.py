@@ -337,11 +337,28 @@ def main(argv):
         if jax.process_count() > 1 and e.code not in (0, None) and not _STOPPED:
             _exit_now(e.code)  # not JAX's shutdown barrier: the others wait in a collective
         raise
-    except BaseException:  # noqa: BLE001 - a crash: its traceback, then the same exit
+    except BaseException as e:  # noqa: BLE001 - a crash: its traceback, then the same exit
         if jax.process_count() > 1:
             traceback.print_exc()
+            hint = _peer_hint(e)
+            if hint:
+                print(f"error: {hint}", file=sys.stderr)
             _exit_now(1)
         raise
+
+
+# How a collective of the CPU backends (gloo) fails when another process is gone.
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
+
+
+def _peer_hint(error: BaseException) -> str | None:
+    """For a collective that failed because another process of the run is gone: what
+    happened and what to do (its traceback names only the socket)."""
+    if not any(text in str(error).lower() for text in _PEER_GONE):
+        return None
+    return ("a collective with the other processes failed because one of them is gone "
+            "(killed, out of memory, or its machine went down): its own log says why; "
+            "rerun every process to resume from the newest checkpoint")
 
 
 # Set when every process stopped together on a signal (after saving): their exits meet

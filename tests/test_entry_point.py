@@ -222,3 +222,12 @@ def test_a_second_run_on_a_busy_workdir_stops_before_touching_it(tmp_path):
                            match="in use by pid 4242 on elsewhere.*if that machine went down"):
             loop.run(tiny_config("mae", 2), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [".lock"]  # nothing written
+
+
+def test_a_collective_failed_by_a_gone_process_is_named():
+    from cacophony_jax import main
+
+    hint = main._peer_hint(RuntimeError("Gloo all-reduce failed: Connection closed by peer"))
+    assert "one of them is gone" in hint and "rerun every process" in hint
+    assert main._peer_hint(RuntimeError("[enforce fail] Connection reset by peer")) == hint
+    assert main._peer_hint(ValueError("shapes do not match")) is None
