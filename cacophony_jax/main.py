@@ -357,7 +357,7 @@ def _peer_hint(error: BaseException) -> str | None:
     if not any(text in str(error).lower() for text in _PEER_GONE):
         return None
     return ("a collective with the other processes failed because one of them is gone "
-            "(killed, out of memory, or its machine went down): its own log says why; "
+            "(killed, out of memory, or its machine went down; its own log may say which): "
             "rerun every process to resume from the newest checkpoint")
 
 
