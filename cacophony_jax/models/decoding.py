@@ -171,7 +171,7 @@ def generate(
     text = model.config.text
     usable = text.vocab_size if vocab_size is None else int(vocab_size)
     never = {text.bos_id, text.pad_id, text.eos_id, *banned}
-    if not usable <= text.vocab_size or usable <= len(never & set(range(usable))):
+    if not usable <= text.vocab_size or usable <= sum(0 <= i < usable for i in never):
         raise ValueError(f"vocab_size={vocab_size} must be at most the model's "
                          f"{text.vocab_size} and leave a token that is not special or "
                          f"banned ({sorted(never)})")

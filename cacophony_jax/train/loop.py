@@ -385,7 +385,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                 _stop(ckpt, step, stopper.signum, "rerun the same command to resume")
         if not final and evaluate is not None:  # e.g. rerun of a finished workdir
             final = evaluate(state.params)
-            _log_evaluation_again(writer, step, final)
+            metrics.log_evaluation_again(writer, step, final)
             if jax.process_index() == 0:
                 logging.info("eval at step %d: %s", step, metrics.format_eval(final))
         ckpt.wait()
@@ -398,33 +398,6 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                     prefetcher.close if prefetcher is not None else None, ckpt.close,
                     writer.close, getattr(data_iter, "close", None),
                     pipeline.release_shared_memory], failing)
-
-
-def _log_evaluation_again(writer: metrics.MetricWriter, step: int,
-                          final: dict[str, Any]) -> None:
-    """Logs what an evaluation of a step already evaluated adds (a process killed while
-    evaluating it, or a rerun of a finished run with another evaluation set): one row
-    per metric and step, so TensorBoard shows no step twice. A value that differs from
-    the one logged (the evaluation settings changed) is named: the run's returned
-    results (results.json) hold the new ones, metrics.jsonl keeps the old."""
-    logged = writer.logged_values(step)
-    new = {k: v for k, v in final.items() if k not in logged}
-    if new:
-        writer.write(step, new)
-    changed = sorted(k for k, v in final.items() if k in logged and _differs(v, logged[k]))
-    if changed:
-        logging.warning(
-            "evaluated step %d again and got other values than metrics.jsonl holds for it "
-            "(%s%s): were the evaluation settings changed? The results returned (and the "
-            "recipe's results.json) are this evaluation's; metrics.jsonl keeps the logged "
-            "ones", step, ", ".join(changed[:5]), ", ..." if len(changed) > 5 else "")
-
-
-def _differs(a: Any, b: Any) -> bool:
-    try:  # numbers within a device's rounding of each other are the same result
-        return not np.isclose(float(a), float(b), rtol=1e-4, atol=1e-8)
-    except (TypeError, ValueError):
-        return a != b
 
 
 def _batches_drawn(ckpt: checkpoint.Checkpointer, step: int, batch_size: int) -> int:

@@ -339,3 +339,30 @@ def eval_missing(writer: MetricWriter, step: int) -> bool:
         from jax.experimental import multihost_utils
         missing = bool(np.any(multihost_utils.process_allgather(np.asarray(missing))))
     return missing
+
+
+def log_evaluation_again(writer: MetricWriter, step: int,
+                         final: dict[str, Any]) -> None:
+    """Logs what an evaluation of a step already evaluated adds (a process killed while
+    evaluating it, or a rerun of a finished run with another evaluation set): one row
+    per metric and step, so TensorBoard shows no step twice. A value that differs from
+    the one logged (the evaluation settings changed) is named: the run's returned
+    results (results.json) hold the new ones, metrics.jsonl keeps the old."""
+    logged = writer.logged_values(step)
+    new = {k: v for k, v in final.items() if k not in logged}
+    if new:
+        writer.write(step, new)
+    changed = sorted(k for k, v in final.items() if k in logged and _differs(v, logged[k]))
+    if changed:
+        logging.warning(
+            "evaluated step %d again and got other values than metrics.jsonl holds for it "
+            "(%s%s): were the evaluation settings changed? The results returned (and the "
+            "recipe's results.json) are this evaluation's; metrics.jsonl keeps the logged "
+            "ones", step, ", ".join(changed[:5]), ", ..." if len(changed) > 5 else "")
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:  # numbers within a device's rounding of each other are the same result
+        return not np.isclose(float(a), float(b), rtol=1e-4, atol=1e-8)
+    except (TypeError, ValueError):
+        return a != b
