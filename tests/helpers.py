@@ -5,6 +5,7 @@ import os
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cacophony_jax import tasks
@@ -90,7 +91,8 @@ def cudnn_stand_in(calls: list) -> Callable:
     """Checks the rules cuDNN's flash attention sets, then computes with XLA.
 
     The rules: a mask (bias) of full [B|1, H|1, Q, S] extent, even Q and S when
-    there is one (training with a bias), and more than one query row.
+    there is one (training with a bias) or key lengths instead (the padding kernel:
+    int32 [B], no mask), and more than one query row.
     """
     real = jax.nn.dot_product_attention
 
@@ -98,6 +100,10 @@ def cudnn_stand_in(calls: list) -> Callable:
         if implementation == "cudnn":
             batch_size, q_len, heads, _ = query.shape
             assert q_len > 1
+            if kwargs.get("key_value_seq_lengths") is not None:  # the padding kernel
+                assert mask is None and q_len % 2 == 0 and key.shape[1] % 2 == 0
+                lengths = kwargs["key_value_seq_lengths"]
+                assert lengths.shape == (batch_size,) and lengths.dtype == jnp.int32
             if mask is not None:
                 assert mask.ndim == 4 and mask.shape[2:] == (q_len, key.shape[1])
                 assert mask.shape[0] in (1, batch_size) and mask.shape[1] in (1, heads)

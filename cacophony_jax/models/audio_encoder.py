@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from cacophony_jax.models import axes
+from cacophony_jax.models import axes, key_lengths
 from cacophony_jax.models.fused_norm import NormWithSkip
 from cacophony_jax.models.layers import (
     MLP,
@@ -96,18 +96,33 @@ class AudioBlock(nn.Module):
 
 
 def audio_stack(x: jax.Array, mask: jax.Array, fields: dict, *, num_layers: int, scan: bool,
-                remat: str) -> jax.Array:
+                remat: str, valid_first: bool = True) -> jax.Array:
     """``num_layers`` AudioBlocks over [B, N, D] with a key-padding mask [B, N].
 
-    Call inside a parent's compact method. For cuDNN attention an odd N is padded once
-    for the whole stack (`even_length_for_cudnn`); the result has N positions again.
-    ``fields`` are AudioBlock's (see `stack.apply_stack`).
+    Call inside a parent's compact method. ``fields`` are AudioBlock's (see
+    `stack.apply_stack`). With cuDNN attention the mask travels as one length per
+    example (`key_lengths`: cuDNN's padding kernel, no bias tensor), which needs the
+    valid positions first: patch sequences are built that way (``valid_first``);
+    otherwise the stack runs on the sequence put in that order and the result is put
+    back. An odd N is padded once for the whole stack (`even_length_for_cudnn`). The
+    result has the input's N positions in the input's order.
     """
     length = x.shape[1]
+    if fields["attention"] != "cudnn":
+        return apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=num_layers,
+                           scan=scan, remat=remat)
+    order = None
+    if not valid_first:
+        order = key_lengths.valid_first_order(mask)
+        x = axes.constrain(key_lengths.permute_rows(x, order), axes.BLE)
     x, mask = even_length_for_cudnn(x, mask, fields["attention"])
-    x = apply_stack(AudioBlock, fields, x, key_padding_mask(mask), num_layers=num_layers,
-                    scan=scan, remat=remat)
-    return x[:, :length]
+    x = apply_stack(AudioBlock, fields, x, key_lengths.valid_lengths(mask),
+                    num_layers=num_layers, scan=scan, remat=remat)
+    x = x[:, :length]
+    if order is not None:
+        x = axes.constrain(key_lengths.permute_rows(x, key_lengths.inverse_order(order)),
+                           axes.BLE)
+    return x
 
 
 class AudioPositions(nn.Module):

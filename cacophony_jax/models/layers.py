@@ -2,7 +2,7 @@
 
 Every parameter is created with logical axis names (``models/axes.py``); compute
 runs in the module's ``dtype`` while parameters stay float32. All attention goes
-through ``jax.nn.dot_product_attention`` with boolean masks. Stacks of blocks
+through ``jax.nn.dot_product_attention`` with boolean masks or key lengths. Stacks of blocks
 (scanned or unrolled, with remat) are in ``models/stack.py``.
 """
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cacophony_jax.models import axes
+from cacophony_jax.models import axes, key_lengths
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -98,13 +98,16 @@ def attend(
     mask: jax.Array | None,
     implementation: str,
 ) -> jax.Array:
-    """Scaled (1/sqrt(head_dim)) dot-product attention with a boolean mask.
+    """Scaled (1/sqrt(head_dim)) dot-product attention with a mask.
 
     Args:
       query: [B, Q, heads, head_dim].
       key: [B, S, heads, head_dim].
       value: [B, S, heads, head_dim].
-      mask: boolean, broadcastable to [B, heads, Q, S]; True attends.
+      mask: boolean, broadcastable to [B, heads, Q, S] (True attends), or int32
+        lengths [B]: every query attends to keys 0 .. length - 1 (`key_lengths`; the
+        caller guarantees that the valid keys come first). cuDNN gets lengths as
+        lengths (its padding-mask kernel), XLA as the equal boolean mask.
       implementation: "xla", "cudnn" or "auto" (let JAX choose).
 
     Returns:
@@ -121,9 +124,34 @@ def attend(
             # One query row (attention pools, cached decoding steps) has nothing for a
             # fused kernel to fuse, and cuDNN's flash attention rejects it.
             impl = "xla"
+        elif mask is not None and jnp.issubdtype(mask.dtype, jnp.integer):
+            return _cudnn_prefix_attention(query, key, value, mask)
         elif mask is not None:
             return _cudnn_masked_attention(query, key, value, mask)
+    if mask is not None and jnp.issubdtype(mask.dtype, jnp.integer):
+        mask = key_lengths.prefix_mask(mask, key.shape[1])
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+
+
+def _cudnn_prefix_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, lengths: jax.Array
+) -> jax.Array:
+    """Attention to each example's first `lengths` keys through cuDNN's padding kernel.
+
+    Odd lengths get one padding position as in `_cudnn_masked_attention` (a key past
+    every length; a query whose output is dropped). A length of 0 (an all-padding
+    example, whose outputs nobody reads) is raised to 1 so that no softmax is empty.
+    """
+    q_len, s_len = query.shape[1], key.shape[1]
+    pad_q, pad_s = q_len % 2, s_len % 2
+    if pad_q or pad_s:
+        query = jnp.pad(query, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+        key = jnp.pad(key, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+        value = jnp.pad(value, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+    lengths = jnp.clip(lengths.astype(jnp.int32), 1, s_len)
+    out = jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
+                                       implementation="cudnn")
+    return out[:, :q_len]
 
 
 def _cudnn_masked_attention(

@@ -73,7 +73,9 @@ class MAEDecoder(nn.Module):
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, dtype=self.dtype,
                       attention=self.attention, fuse_qkv=self.fuse_qkv,
                       fused_norm=self.fused_norm)
-        x = audio_stack(x, mask, fields, num_layers=cfg.layers, scan=self.scan, remat=self.remat)
+        # Each group is valid-first, their concatenation is not where a group has padding.
+        x = audio_stack(x, mask, fields, num_layers=cfg.layers, scan=self.scan,
+                        remat=self.remat, valid_first=False)
         x = layer_norm(LAYER_NORM_EPS, dtype=self.dtype, name="final_norm")(x)
         return dense(self.patch_dim, (axes.EMBED, None), dtype=self.dtype, name="head")(x)
 

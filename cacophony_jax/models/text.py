@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cacophony_jax.models import axes
+from cacophony_jax.models import axes, key_lengths
 from cacophony_jax.models.audio_encoder import key_padding_mask
 from cacophony_jax.models.layers import (
     BERT_NORMAL,
@@ -69,7 +69,8 @@ class TextBlock(nn.Module):
         memory: jax.Array | None = None,
         memory_mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, None]:
-        """Applies the block to [B, T, H]; masks are boolean [B, 1, T|1, T|S]."""
+        """Applies the block to [B, T, H]; masks are boolean [B, 1, T|1, T|S] (the memory
+        mask may be int32 key lengths [B] instead, see `layers.attend`)."""
         attn = functools.partial(Attention, self.num_heads, dtype=self.dtype,
                                  implementation=self.attention, fuse_qkv=self.fuse_qkv,
                                  kernel_init=BERT_NORMAL,
@@ -183,8 +184,11 @@ class CaptionDecoder(nn.Module):
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, eps=cfg.layer_norm_eps, cross=True,
                       dtype=self.dtype, attention=self.attention, fuse_qkv=self.fuse_qkv,
                       decode=decode)
+        # Audio states are valid-first: cuDNN takes their mask as lengths (key_lengths).
+        memory_mask = (key_lengths.valid_lengths(audio_mask) if self.attention == "cudnn"
+                       else key_padding_mask(audio_mask))
         x = apply_stack(TextBlock, fields, text_states, causal_padding_mask(text_mask),
-                        audio_states, key_padding_mask(audio_mask),
+                        audio_states, memory_mask,
                         num_layers=self.num_layers, scan=self.scan,
                         remat="none" if decode else self.remat)
         logits = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), dtype=self.dtype,
