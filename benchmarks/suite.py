@@ -76,10 +76,11 @@ class Command:
                          *map(shlex.quote, self.argv)])
 
 
-# XLA:GPU options worth timing against the defaults on a new GPU or JAX version
-# (`xla-flags` part): GEMMs from cuBLAS only instead of autotuned Triton fusions, and
-# no CUDA-graph command buffers.
-GPU_XLA_FLAG_SETS = ("--xla_gpu_enable_triton_gemm=false",
+# XLA:GPU options worth timing against the ones training runs with
+# (`cacophony_jax.xla_defaults`: cuBLAS GEMMs only) on a new GPU or JAX version
+# (`xla-flags` part): XLA's autotuned Triton GEMM fusions back on, and no CUDA-graph
+# command buffers.
+GPU_XLA_FLAG_SETS = ("--xla_gpu_enable_triton_gemm=true",
                      "--xla_gpu_enable_command_buffer=")
 
 

@@ -48,6 +48,10 @@ from typing import Any
 # Run from a checkout: make the package importable without installing it.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from cacophony_jax import xla_defaults  # noqa: E402
+
+xla_defaults.apply()  # the XLA options training runs with (before JAX starts)
+
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402

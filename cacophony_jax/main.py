@@ -17,6 +17,10 @@ import traceback
 # Grain worker processes inherit this; BLAS threads per worker would oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from cacophony_jax import xla_defaults  # noqa: E402
+
+xla_defaults.apply()  # before JAX starts a backend
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
