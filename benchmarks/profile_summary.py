@@ -195,6 +195,15 @@ def union_ns(events: Iterable[Event]) -> float:
     return total
 
 
+def operation_name(event: Event) -> str:
+    """The name an event is listed under: its HLO op, or its kernel when there is no op
+    or the op is a CUDA-graph command buffer (XLA:GPU runs most of a step's kernels as
+    one `command_buffer_N` op, which names none of them)."""
+    if event.hlo_op and not event.hlo_op.startswith("command_buffer"):
+        return event.hlo_op
+    return event.name
+
+
 def summarize(events: list[Event], steps: int = 1, model_gflop: float = 0.0,
               top: int = 15, products: dict[str, str] | None = None,
               host: bool = False) -> dict:
@@ -219,7 +228,7 @@ def summarize(events: list[Event], steps: int = 1, model_gflop: float = 0.0,
     for e in events:
         label = category(e.name, e.hlo_op, products)
         by_cat[label] += e.duration_ns
-        entry = by_op[(label, e.hlo_op or e.name)]
+        entry = by_op[(label, operation_name(e))]
         entry[0] += e.duration_ns
         entry[1] += 1
     kernel_ns = sum(by_cat.values())

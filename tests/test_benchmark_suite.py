@@ -251,3 +251,19 @@ def test_norm_kernels_times_xla_and_the_kernels_and_compares_gradients(tmp_path,
     assert all(r["max_grad_rel"] < 1e-5 and r["grad_ms"] > 0 for r in rows)
     assert "| kernels, rows 4, warps 4 | 24 x 20 |" in tables.summarize(
         tables.read_rows([out]))
+
+
+def test_profile_summary_lists_kernels_inside_command_buffers_by_name():
+    """XLA:GPU runs most of a step as one `command_buffer_N` op: its kernels are listed
+    under their own names, other ops under the op's."""
+    Event = profile_summary.Event
+    events = [Event("loop_add_fusion_3", "command_buffer_1", 0, 4000),
+              Event("loop_add_fusion_3", "command_buffer_1", 5000, 4000),
+              Event("nvjet_hsh_256x128", "command_buffer_1", 10000, 3000),
+              Event("nvjet_hsh_256x128", "custom-call.7", 14000, 2000),
+              Event("memcpy", "", 17000, 1000)]
+    ops = {(o["category"], o["op"]): o["ms_per_step"]
+           for o in profile_summary.summarize(events)["top_ops"]}
+    assert ops == pytest.approx({("fusion/other", "loop_add_fusion_3"): 8e-3,
+                                 ("matmul", "nvjet_hsh_256x128"): 3e-3,
+                                 ("matmul", "custom-call.7"): 2e-3, ("copy", "memcpy"): 1e-3})
