@@ -394,6 +394,14 @@ def _train() -> None:
         # thing; the traceback is only noise then (rerun with --verbosity=1 to see it).
         logging.debug("traceback", exc_info=True)
         _fail(str(e))
+    except RuntimeError as e:
+        from cacophony_jax.train import memory_hint
+        if not memory_hint.is_out_of_memory(e):
+            raise
+        import jax
+        logging.debug("traceback", exc_info=True)
+        _fail(memory_hint.message(e, _CONFIG.value.data.global_batch_size,
+                                  jax.device_count(), jax.default_backend()))
     except KeyboardInterrupt:
         print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun the "
               "same command to resume from the newest checkpoint", file=sys.stderr)

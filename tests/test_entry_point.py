@@ -231,3 +231,63 @@ def test_a_collective_failed_by_a_gone_process_is_named():
     assert "one of them is gone" in hint and "rerun every process" in hint
     assert main._peer_hint(RuntimeError("[enforce fail] Connection reset by peer")) == hint
     assert main._peer_hint(ValueError("shapes do not match")) is None
+
+
+_RAISING_RUN = """
+import sys
+import jax
+from absl import app
+from cacophony_jax import main
+from cacophony_jax.train import stages
+
+SAID = sys.argv[2]
+
+def run(config, workdir):
+    raise jax.errors.JaxRuntimeError(SAID)
+
+stages.run = run
+sys.argv = ["main", "--config=configs/mae.py:tiny", "--workdir=" + sys.argv[1]]
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+@pytest.mark.parametrize("said,oom", [
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 43.45GiB with allocator "
+     "GPU_0_bfc on device 0.\nBFC allocator summary ...", True),
+    ("INTERNAL: something else broke", False)])
+def test_out_of_memory_ends_with_one_line_naming_the_batch_and_the_fixes(tmp_path, said, oom):
+    """XLA's out-of-memory error (with its allocator dump) becomes one error line with
+    the per-device batch and what lowers memory; other runtime errors keep their
+    traceback."""
+    from configs import mae
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device
+    done = subprocess.run([sys.executable, "-c", _RAISING_RUN, str(tmp_path), said],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    if not oom:
+        assert done.returncode == 1 and "Traceback" in done.stderr
+        assert "INTERNAL: something else broke" in done.stderr
+        return
+    batch = mae.get_config("tiny").data.global_batch_size
+    lines = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert lines == [
+        "error: the training step ran out of device memory (RESOURCE_EXHAUSTED: Out of "
+        "memory while trying to allocate 43.45GiB with allocator GPU_0_bfc on device 0.). "
+        f"To fit: lower data.global_batch_size ({batch}: {batch:g} per device); set "
+        "model.remat=dots (recomputes some activations: +3 % FLOPs). Per-device memory by "
+        "batch: docs/scaling.md, \"Per-device batch and memory\"; benchmarks/train_step.py "
+        "--sweep-batch measures it on your device."]
+
+
+def test_out_of_memory_hint_on_a_gpu_names_the_gpu_settings():
+    from cacophony_jax.train import memory_hint
+    error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9GiB\nx")
+    assert memory_hint.is_out_of_memory(error)
+    assert not memory_hint.is_out_of_memory(RuntimeError("INTERNAL: cuDNN failed"))
+    assert not memory_hint.is_out_of_memory(ValueError("out of memory"))  # not XLA's
+    text = memory_hint.message(error, 2048, 8, "gpu")
+    assert "(2048: 256 per device)" in text and "model.attention=cudnn" in text
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in text and "ALLOCATOR=cuda_async" in text
+    assert "\n" not in text and "allocate 9GiB)" in text
+    assert "cuda_async" not in memory_hint.message(error, 64, 4, "tpu")
