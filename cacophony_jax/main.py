@@ -400,8 +400,10 @@ def _train() -> None:
             raise
         import jax
         logging.debug("traceback", exc_info=True)
-        _fail(memory_hint.message(e, _CONFIG.value.data.global_batch_size,
-                                  jax.device_count(), jax.default_backend()))
+        config = _CONFIG.value
+        _fail(memory_hint.message(e, config.data.global_batch_size, jax.device_count(),
+                                  jax.default_backend(), config.model.get("attention", ""),
+                                  config.model.get("remat", "none")))
     except KeyboardInterrupt:
         print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun the "
               "same command to resume from the newest checkpoint", file=sys.stderr)

@@ -291,3 +291,6 @@ def test_out_of_memory_hint_on_a_gpu_names_the_gpu_settings():
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in text and "ALLOCATOR=cuda_async" in text
     assert "\n" not in text and "allocate 9GiB)" in text
     assert "cuda_async" not in memory_hint.message(error, 64, 4, "tpu")
+    # What is already set is not suggested again.
+    text = memory_hint.message(error, 64, 1, "gpu", attention="cudnn", remat="dots")
+    assert "model.attention" not in text and "model.remat" not in text

@@ -18,15 +18,22 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(error)))
 
 
-def message(error: BaseException, global_batch: int, devices: int, platform: str) -> str:
-    """One paragraph: what XLA said (its first line) and what lowers memory."""
+def message(error: BaseException, global_batch: int, devices: int, platform: str,
+            attention: str = "", remat: str = "none") -> str:
+    """One paragraph: what XLA said (its first line) and what lowers memory.
+
+    Settings already in effect (`attention`, `remat`: the model config's) are not
+    suggested again.
+    """
     said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     per_device = global_batch / max(1, devices)
-    fixes = [f"lower data.global_batch_size ({global_batch}: {per_device:g} per device)",
-             "set model.remat=dots (recomputes some activations: +3 % FLOPs)"]
+    fixes = [f"lower data.global_batch_size ({global_batch}: {per_device:g} per device)"]
+    if remat in ("", "none"):
+        fixes.append("set model.remat=dots (recomputes some activations: +3 % FLOPs)")
     if platform == "gpu":
-        fixes += ["use model.attention=cudnn",
-                  "raise XLA_PYTHON_CLIENT_MEM_FRACTION (JAX takes 0.75 of the GPU by "
+        if attention != "cudnn":
+            fixes.append("use model.attention=cudnn")
+        fixes += ["raise XLA_PYTHON_CLIENT_MEM_FRACTION (JAX takes 0.75 of the GPU by "
                   "default)",
                   "or, where the allocator's summary shows enough free memory in pieces, "
                   "set XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async"]
