@@ -63,37 +63,14 @@ from cacophony_jax.audio import clips as clips_lib
 from cacophony_jax.audio import io
 from cacophony_jax.audio.clips import AudioInput
 from cacophony_jax.convert import bundle
-from cacophony_jax.data.spec import EOS_ID
+from cacophony_jax.data.tokenizer import printable
 from cacophony_jax.inference_runtime import InferenceError, ModelRuntime
 from cacophony_jax.models import decoding
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-# Control characters, line separators and the replacement character a byte-level
-# tokenizer gives for a cut UTF-8 sequence: never wanted in a caption.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufffd]+")
-
-
-def printable(text: str) -> str:
-    """A generated caption without control characters or U+FFFD, spaces collapsed."""
-    return " ".join(_UNPRINTABLE.sub(" ", text).split())
-
-
 # The sampling seeds `caption` takes: `jax.random.key` keeps 32 bits (without x64),
 # so seeds 2**32 apart, or -1 and 2**32 - 1, would be the same key.
 SEED_MIN, SEED_MAX = 0, 2**32 - 1
-
-
-def _whole_words(text: str) -> str:
-    """`text` without its last word (which a cut may have split), unless it has one."""
-    words = text.rstrip().rsplit(None, 1)
-    return words[0] if len(words) == 2 else text
-
-
-def _cut_caption(text: str) -> str:
-    """A caption cut at max_len, printable and ending at its last whole word: the
-    last word goes (a cut may have split it, maybe into U+FFFD), unless nothing
-    printable comes before it, as a one-word caption keeps its word."""
-    return printable(_whole_words(text)) or printable(text)
 
 
 def _check_number(name: str, value: Any, *, whole: bool, minimum: int | None = None) -> None:
@@ -312,12 +289,7 @@ class CacophonyModel(ModelRuntime):
         ids = self._over_windows(firsts, describe, batch_size, window)
         if not ids:
             return []
-        ids = np.stack(ids)
-        # A caption that reached max_len without eos was cut, maybe inside a word: it
-        # ends at its last whole word.
-        cut = ~np.any(ids == EOS_ID, axis=1)
-        return [_cut_caption(text) if was_cut else printable(text)
-                for text, was_cut in zip(self.tokenizer.decode(ids), cut, strict=True)]
+        return self.tokenizer.captions(np.stack(ids))
 
     def audio_states(self, audio_batch: np.ndarray, sample_rate: int,
                      batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from cacophony_jax import inference
 from cacophony_jax.audio import frontend, io, patches
 from cacophony_jax.convert import export, official
 from cacophony_jax.convert.bundle import BundleError
+from cacophony_jax.data import tokenizer
 from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models.audio_encoder import AudioEncoder
 from cacophony_jax.models.cacophony import Cacophony
@@ -249,17 +250,17 @@ def test_caption_returns_strings(model):
         del model.tokenizer.decode
     for row, full, text in zip(seen[0], real(seen[0]), texts, strict=True):
         if 2 in row:  # eos: the whole caption
-            assert text == inference.printable(full)
+            assert text == tokenizer.printable(full)
         else:
-            assert text == inference._cut_caption(full)
-            assert inference.printable(full).startswith(text)
-    assert inference._whole_words("a dog barks noti") == "a dog barks"
-    assert inference._whole_words("dogbark") == "dogbark"
+            assert text == tokenizer.cut_caption(full)
+            assert tokenizer.printable(full).startswith(text)
+    assert tokenizer.cut_caption("a dog barks noti") == "a dog barks"
+    assert tokenizer.cut_caption("dogbark") == "dogbark"
     # A cut inside a character leaves U+FFFD: that piece is the word that goes; a word
     # with nothing printable before it stays, as a one-word caption does.
-    assert inference._cut_caption("a dog bar\ufffd") == "a dog"
-    assert inference._cut_caption("a dog \ufffd") == "a dog"
-    assert inference._cut_caption("\ufffd dog") == "dog"
+    assert tokenizer.cut_caption("a dog bar\ufffd") == "a dog"
+    assert tokenizer.cut_caption("a dog \ufffd") == "a dog"
+    assert tokenizer.cut_caption("\ufffd dog") == "dog"
 
 
 def test_bucketing_reuses_compiled_functions(bundles):

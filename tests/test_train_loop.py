@@ -219,3 +219,50 @@ def test_mae_evaluation_masks_a_clip_the_same_way_in_any_row():
         results.append(task.evaluator(mesh_lib.make_mesh(config.mesh))(params))
     assert results[0]["eval/num_clips"] == results[1]["eval/num_clips"] == 12
     assert results[0]["eval/mse"] == pytest.approx(results[1]["eval/mse"], rel=1e-6)
+
+
+def test_training_evaluation_scores_the_captions_inference_shows(monkeypatch):
+    """In-training evaluation scores what `inference` would show for the generated ids
+    (`Tokenizer.captions`: printable, a caption cut at its length limit ending at its
+    last whole word), not the raw decode, so `eval` on the same weights agrees."""
+    import flax.linen as nn
+
+    from cacophony_jax.data import to_global
+    from cacophony_jax.data.tokenizer import Tokenizer
+    from cacophony_jax.tasks import cacophony as cacophony_task
+
+    tok = Tokenizer.train_bpe(["a dog barks twice at night", "rain falls on a tin roof",
+                               "a car engine idles in the street"], 300)
+    config = tiny_config("cacophony", 1, **{"tokenizer.vocab_size": tok.vocab_size,
+                                            "eval.caption_clips": 8, "eval.caption_max_len": 6,
+                                            "data.synthetic_eval_size": 8})
+    task = tasks.build(config, tok)
+    generated = {}
+    real_fn = task.embed_and_caption_fn
+
+    def recording_fn(max_len, tokenizer=None):
+        inner = real_fn(max_len, tokenizer)
+
+        def run(params, batch):
+            emb, ids = inner(params, batch)
+            for i, row in zip(to_global.to_host(batch["example_id"]), to_global.to_host(ids),
+                              strict=True):
+                generated[int(i)] = row
+            return emb, ids
+        return run
+
+    scored = {}
+
+    def recording_scores(predictions, texts):
+        scored.update(predictions)
+        return {}
+
+    monkeypatch.setattr(task, "embed_and_caption_fn", recording_fn)
+    monkeypatch.setattr(cacophony_task, "caption_scores", recording_scores)
+    params = nn.unbox(task.init_params(jax.random.key(0)))
+    task.evaluator(mesh_lib.make_mesh(config.mesh), tok)(params)
+    assert scored and set(scored) <= set(generated)
+    keys = sorted(scored)
+    ids = np.stack([generated[k] for k in keys])
+    assert [scored[k] for k in keys] == tok.captions(ids)
+    assert [scored[k] for k in keys] != tok.decode(ids)  # the raw decode differs here

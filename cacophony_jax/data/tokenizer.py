@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -30,6 +31,25 @@ from cacophony_jax.data.spec import BOS_ID, EOS_ID, PAD_ID
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 _REQUIRED = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID}
 _JSON_NAME = "tokenizer.json"
+
+
+
+# Control characters, line separators and the replacement character a byte-level
+# tokenizer gives for a cut UTF-8 sequence: never wanted in a caption.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufffd]+")
+
+
+def printable(text: str) -> str:
+    """A generated caption without control characters or U+FFFD, spaces collapsed."""
+    return " ".join(_UNPRINTABLE.sub(" ", text).split())
+
+
+def cut_caption(text: str) -> str:
+    """A caption cut at its length limit, printable and ending at its last whole word:
+    the last word goes (a cut may have split it, maybe into U+FFFD), unless nothing
+    printable comes before it, as a one-word caption keeps its word."""
+    words = text.rstrip().rsplit(None, 1)
+    return (printable(words[0]) if len(words) == 2 else "") or printable(text)
 
 
 class TokenizerError(ValueError):
@@ -251,6 +271,16 @@ class Tokenizer:
                 row = row[: row.index(EOS_ID)]
             rows.append(row)
         return self._backend.decode_batch(rows, skip_special_tokens=True)
+
+    def captions(self, ids: np.ndarray) -> list[str]:
+        """Generated id rows [B, T] -> the captions as shown: decoded, `printable`, and a
+        row that reached T without eos (cut, maybe inside a word) ends at its last whole
+        word (`cut_caption`). Training's evaluation and `inference` both use this."""
+        ids = np.asarray(ids)
+        texts = self.decode(ids)
+        cut = ~np.any(ids.reshape(len(texts), -1) == EOS_ID, axis=1)
+        return [cut_caption(text) if was_cut else printable(text)
+                for text, was_cut in zip(texts, cut, strict=True)]
 
     @property
     def vocab_size(self) -> int:

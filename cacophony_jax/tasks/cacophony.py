@@ -180,7 +180,7 @@ class CacophonyTask:
                 valid = to_global.to_host(g["valid"]) > 0
                 if embed_and_caption is not None and len(predictions) < caption_clips:
                     emb, tokens = embed_and_caption(params, g)
-                    texts_out = tokenizer.decode(to_global.to_host(tokens))
+                    texts_out = tokenizer.captions(to_global.to_host(tokens))
                     for i in np.flatnonzero(valid):
                         predictions[int(ids[i])] = texts_out[i]
                 else:
