@@ -96,8 +96,11 @@ def workdir_lock(workdir: epath.Path):
         import socket
 
         elsewhere = holder and not holder.endswith(f" on {socket.gethostname()}")
+        # Only process 0 reads the lock file: the others point to its message.
+        holder = holder or ("another run" if jax.process_index() == 0 else
+                            "another run (process 0's error names it)")
         raise WorkdirBusyError(
-            f"workdir {workdir} is in use by {holder or 'another run'}: two runs would "
+            f"workdir {workdir} is in use by {holder}: two runs would "
             "interleave their checkpoints and metrics; stop that run (it resumes from its "
             "newest checkpoint) or use another --workdir"
             + ("; if that machine went down, its lock ends when the shared file system "
