@@ -11,7 +11,7 @@ from flax import serialization
 
 from cacophony_jax import cli
 from cacophony_jax.convert import bundle as bundle_lib
-from cacophony_jax.convert import export, folder_replace, official
+from cacophony_jax.convert import bundle_write, export, folder_replace, official
 from cacophony_jax.convert.bundle import BundleError
 from cacophony_jax.data.tokenizer import Tokenizer
 
@@ -102,9 +102,9 @@ def test_write_bundle_refuses_non_finite_params(mae, tmp_path):
     for dtype in ("float32", "bfloat16"):
         with pytest.raises(BundleError, match=r"NaN or infinite values in "
                            r"\['decoder/mask_token'\]; their source is damaged"):
-            bundle_lib.write_bundle(tmp_path / "B", config=config, params=params,
-                                    tokenizer=None, dtype=dtype, window_seconds=10.0,
-                                    text_length=0, source={})
+            bundle_write.write_bundle(tmp_path / "B", config=config, params=params,
+                                      tokenizer=None, dtype=dtype, window_seconds=10.0,
+                                      text_length=0, source={})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -23,11 +23,9 @@ from cacophony_jax.convert.bundle import (
     BundleError,
     ModelConfig,
     abstract_params,
-    check_out,
     dtype_of,
-    nonfinite_keys,
-    write_bundle,
 )
+from cacophony_jax.convert.bundle_write import check_out, nonfinite_keys, write_bundle
 from cacophony_jax.data.tokenizer import Tokenizer, TokenizerError
 from cacophony_jax.models import variants
 from cacophony_jax.models.stack import unstack_layers
