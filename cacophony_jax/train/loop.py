@@ -6,13 +6,11 @@ step -> loop (log, evaluate, checkpoint) -> final evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,7 +25,17 @@ from cacophony_jax.optim import optimizer
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
 from cacophony_jax.tasks import common as task_common
-from cacophony_jax.train import agree, checkpoint, checks, disk, flops, host, init, metrics
+from cacophony_jax.train import (
+    agree,
+    checkpoint,
+    checks,
+    disk,
+    evaluator,
+    flops,
+    host,
+    init,
+    metrics,
+)
 from cacophony_jax.train import state as state_lib
 from cacophony_jax.train import step as step_lib
 
@@ -88,58 +96,6 @@ def _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes
                  step_flops * mesh.devices.size / config.data.global_batch_size / 1e9,
                  f"{peak / 1e12:g} TFLOP/s per device" if peak else "unknown", source)
     return step_flops, peak
-
-
-@contextlib.contextmanager
-def _log_prefix(prefix: str):
-    """Starts the log lines written meanwhile with `prefix` (which set an evaluation's
-    warnings are about)."""
-    if not prefix:
-        yield
-        return
-
-    class _Prefix(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if not getattr(record, "set_prefixed", False):
-                record.msg, record.set_prefixed = f"{prefix}{record.msg}", True
-            return True
-
-    from absl import logging as absl_logging
-
-    handlers = {*logging.getLogger().handlers, absl_logging.get_absl_handler()}
-    added = _Prefix()
-    for handler in handlers:
-        handler.addFilter(added)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(added)
-
-
-def _evaluator(task: Any, config: ml_collections.ConfigDict, mesh: Any, tokenizer: Any
-               ) -> Callable[[Any], dict[str, float]] | None:
-    """The task's evaluation of config.data.eval, and of each config.data.extra_evals
-    set after it (its metrics named eval_<kind>/... instead of eval/...)."""
-    parts = [("eval", task.evaluator(mesh, tokenizer))]
-    for name, sub in task_common.extra_eval_blocks(config):
-        parts.append((name, task.evaluator(mesh, tokenizer, sub)))  # shares compilations
-    parts = [(name, fn) for name, fn in parts if fn is not None]
-    if not parts:
-        return None
-    if [name for name, _ in parts] == ["eval"]:
-        return parts[0][1]
-
-    def evaluate(params: Any) -> dict[str, float]:
-        out = {}
-        for name, fn in parts:
-            with _log_prefix(f"{name}: " if name != "eval" else ""):
-                values = fn(params)
-            out.update({f"{name}/{key.removeprefix('eval/')}": value
-                        for key, value in values.items()})
-        return out
-
-    return evaluate
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -292,7 +248,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                                              update_norm=config.train.log_update_norm)
         param_norm = jax.jit(optax.tree.norm, out_shardings=mesh_lib.replicated(mesh))
         step_flops, peak = _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes)
-        evaluate = _evaluator(task, config, mesh, tokenizer)
+        evaluate = evaluator.evaluator(task, config, mesh, tokenizer)
 
         # Loop.
         # A finished run reads no data (its files' skip warnings would be noise).
