@@ -11,7 +11,7 @@ import numpy as np
 from cacophony_jax import tasks
 from cacophony_jax.parallel import mesh as mesh_lib
 from cacophony_jax.parallel import partition
-from cacophony_jax.train import checkpoint
+from cacophony_jax.train import checkpoint_read
 from configs import cacophony as cacophony_config
 from configs import mae as mae_config
 
@@ -76,7 +76,7 @@ def restore_params_sharded(config, workdir):
         boxed, mesh, partition.rules_from_config(config.sharding_rules))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
-    return checkpoint.restore_subtree(workdir, ("params",), abstract)
+    return checkpoint_read.restore_subtree(workdir, ("params",), abstract)
 
 
 def tokenizer_for(config, workdir):

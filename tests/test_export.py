@@ -14,7 +14,7 @@ from cacophony_jax.convert.bundle import BundleError
 from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models.stack import unstack_layers
 from cacophony_jax.models.variants import cacophony_config, mae_config
-from cacophony_jax.train import checkpoint, loop
+from cacophony_jax.train import checkpoint_read, loop
 from tests.helpers import tiny_config
 
 CAPTIONS = ["a dog barks twice", "rain falls on a tin roof", "a car engine idles",
@@ -45,7 +45,7 @@ def training_params(path, config, scan=True):
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
                             bundle_lib.abstract_params(config, scan=scan))
-    return jax.device_get(checkpoint.restore_subtree(str(path), ("params",), abstract))
+    return jax.device_get(checkpoint_read.restore_subtree(str(path), ("params",), abstract))
 
 
 def assert_same(a, b):
@@ -104,7 +104,7 @@ def test_a_damaged_newest_step_names_an_older_one(run, tmp_path):
 
 def test_a_step_with_non_finite_params_is_refused_naming_an_older_one(run, tmp_path,
                                                                       monkeypatch):
-    real = checkpoint.restore_subtree
+    real = checkpoint_read.restore_subtree
 
     def damaged(path, *args):  # step 2's files read back with a NaN in one kernel
         params = jax.device_get(real(path, *args))
@@ -114,7 +114,7 @@ def test_a_step_with_non_finite_params_is_refused_naming_an_older_one(run, tmp_p
                 kernel.shape) == 5, np.nan, kernel).astype(kernel.dtype)
         return params
 
-    monkeypatch.setattr(checkpoint, "restore_subtree", damaged)
+    monkeypatch.setattr(checkpoint_read, "restore_subtree", damaged)
     with pytest.raises(BundleError, match=r"checkpoint step 2 in .* holds NaN or infinite "
                        r"parameters \(\['text_proj/kernel'\]\); its files are damaged: "
                        r"export an older step: --step 1 \(saved steps: \[1\]\)"):
@@ -130,14 +130,14 @@ def test_a_step_removed_by_a_running_job_during_export_falls_back(run, tmp_path,
     copy = tmp_path / "run"
     shutil.copytree(run / "checkpoints", copy / "checkpoints")
     shutil.copy(run / "tokenizer.json", copy / "tokenizer.json")
-    real = checkpoint.restore_subtree
+    real = checkpoint_read.restore_subtree
 
     def retention_strikes(path, *args):  # the job's keep_checkpoints removes step 2
         if path.endswith("/2"):
             shutil.rmtree(path)
         return real(path, *args)
 
-    monkeypatch.setattr(checkpoint, "restore_subtree", retention_strikes)
+    monkeypatch.setattr(checkpoint_read, "restore_subtree", retention_strikes)
     out = export.export_from_checkpoint(copy, tmp_path / "b")
     assert json.loads((out / "bundle.json").read_text())["source"]["step"] == 1
     assert "step 2 was removed while it was exported" in caplog.text

@@ -47,14 +47,15 @@ def _training_config(directory: Any, step: int, reader: Any) -> dict[str, Any]:
 
 
 def _find_step(path: str, step: int | None) -> tuple[Any, int, list[int], dict[str, Any]]:
-    from cacophony_jax.train import checkpoint  # only export reads training checkpoints
+    # Only export reads training checkpoints.
+    from cacophony_jax.train import checkpoint, checkpoint_read
 
     if os.path.isfile(path):
         raise BundleError(f"--checkpoint {path} is a file; it takes a training workdir, its "
                           "checkpoints folder or a step folder (a released .ckpt file goes "
                           "to --official)")
     try:
-        directory, found = checkpoint.resolve(path)
+        directory, found = checkpoint_read.resolve(path)
     except checkpoint.CheckpointError as e:
         raise BundleError(f"{e}; pass a training workdir, its checkpoints folder or a step "
                           "folder") from None
@@ -105,18 +106,18 @@ def export_from_checkpoint(
     Returns:
       The bundle folder.
     """
-    from cacophony_jax.train import checkpoint
+    from cacophony_jax.train import checkpoint_read
 
     dtype_of(dtype)
     check_out(out_dir, overwrite)
     path = os.fspath(path)
     for attempt in range(3):
-        before = checkpoint.saved_steps(path)
+        before = checkpoint_read.saved_steps(path)
         try:
             return _export_from_checkpoint(path, out_dir, dtype=dtype, step=step,
                                            overwrite=overwrite)
         except BundleError as e:
-            after = checkpoint.saved_steps(path)
+            after = checkpoint_read.saved_steps(path)
             if step is not None or attempt == 2 or not before or before[-1] in after:
                 raise
             logging.warning("step %d was removed while it was exported (%s), by the retention "
@@ -127,7 +128,7 @@ def export_from_checkpoint(
 
 def _export_from_checkpoint(path: str, out_dir: str | os.PathLike, *, dtype: str,
                             step: int | None, overwrite: bool) -> pathlib.Path:
-    from cacophony_jax.train import checkpoint
+    from cacophony_jax.train import checkpoint, checkpoint_read
 
     directory, step, steps, train_config = _find_step(os.fspath(path), step)
     try:
@@ -167,7 +168,7 @@ def _export_from_checkpoint(path: str, out_dir: str | os.PathLike, *, dtype: str
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
                             abstract_params(config, scan=scan))
     try:
-        params = checkpoint.restore_subtree(str(directory / str(step)), ("params",), abstract)
+        params = checkpoint_read.restore_subtree(str(directory / str(step)), ("params",), abstract)
     except checkpoint.CheckpointError as e:
         older = [s for s in steps if s < step]
         hint = (f" If step {step} is damaged (e.g. its save was cut off), export an older "

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from cacophony_jax.models import stack
-from cacophony_jax.train import checkpoint
+from cacophony_jax.train import checkpoint, checkpoint_read
 from cacophony_jax.train import state as state_lib
 
 
@@ -110,7 +110,7 @@ def _place(encoder: Any, config: ml_collections.ConfigDict, plan: state_lib.Stat
 def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) -> Any:
     """The encoder of the stage-1 run `config.train.init_from`."""
     path, keys = config.train.init_from, ("params", "encoder")
-    saved = checkpoint.saved_config(path)
+    saved = checkpoint_read.saved_config(path)
     saved_variant = _lookup(saved, "model.variant") if saved else None
     if saved_variant is not None and saved_variant != config.model.variant:
         raise checkpoint.CheckpointError(
@@ -120,7 +120,7 @@ def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) ->
     saved_scan = _lookup(saved, "model.scan") if saved else None
     target = plan.abstract.params["audio_encoder"]
     if saved_scan is None or bool(saved_scan) == bool(config.model.scan):
-        return checkpoint.restore_subtree(path, keys, target, task="mae")
+        return checkpoint_read.restore_subtree(path, keys, target, task="mae")
     # Read it whole in the saved layout (stacked or per block), then convert.
     to_saved, to_target = ((stack.stack_layers, stack.unstack_layers) if saved_scan
                            else (stack.unstack_layers, stack.stack_layers))
@@ -128,7 +128,7 @@ def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) ->
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     layout = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole),
                           jax.eval_shape(to_saved, target))
-    encoder = to_target(checkpoint.restore_subtree(path, keys, layout, task="mae"))
+    encoder = to_target(checkpoint_read.restore_subtree(path, keys, layout, task="mae"))
     logging.info("stage-1 encoder converted from model.scan=%s to model.scan=%s",
                  bool(saved_scan), bool(config.model.scan))
     return jax.device_put(encoder, plan.shardings.params["audio_encoder"])
@@ -141,10 +141,10 @@ START_FILE = "init_from.json"
 def _newest_step(path: str) -> int | None:
     """The step a stage-1 run's path names, or its newest; None for a file or bundle."""
     try:
-        directory, step = checkpoint.resolve(path)
+        directory, step = checkpoint_read.resolve(path)
     except checkpoint.CheckpointError:
         return None
-    steps = checkpoint.saved_steps(directory) if step is None else [step]
+    steps = checkpoint_read.saved_steps(directory) if step is None else [step]
     return steps[-1] if steps else None
 
 

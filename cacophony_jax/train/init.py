@@ -17,7 +17,7 @@ from etils import epath
 
 from cacophony_jax.data import sources
 from cacophony_jax.data import tokenizer as tokenizer_lib
-from cacophony_jax.train import checkpoint, encoder_init
+from cacophony_jax.train import checkpoint, checkpoint_read, encoder_init
 from cacophony_jax.train import state as state_lib
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -114,7 +114,7 @@ def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer | None, workdir: epath.Pat
 
 def has_checkpoints(workdir: epath.Path) -> bool:
     """Whether the workdir holds a saved step (finished or not: a step folder)."""
-    return bool(checkpoint.saved_steps(workdir / "checkpoints"))
+    return bool(checkpoint_read.saved_steps(workdir / "checkpoints"))
 
 
 def iter_captions(source: Any):
@@ -234,7 +234,7 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
             "--workdir, or move that checkpoints folder aside to start afresh")
     if config.train.resume:
         try:
-            directory, step = checkpoint.resolve(config.train.resume)
+            directory, step = checkpoint_read.resolve(config.train.resume)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(f"config.train.resume: {e}") from e
         other = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
