@@ -12,7 +12,7 @@ import soundfile
 from cacophony_jax.audio import files
 from cacophony_jax.audio.io import AudioError
 from cacophony_jax.curate import caption
-from cacophony_jax.curate.caption import CaptionError
+from cacophony_jax.curate.caption_inputs import CaptionError
 from cacophony_jax.data.manifest import ManifestSource
 from cacophony_jax.evals import benchmark
 from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate, mentions

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from cacophony_jax.curate import caption
-from cacophony_jax.curate.caption import CaptionError
+from cacophony_jax.curate import caption, caption_inputs
+from cacophony_jax.curate.caption_inputs import CaptionError
 from tests.test_curate_caption import FailingCaptioner, FakeCaptioner, make_folder
 
 
@@ -44,9 +44,9 @@ def test_run_caption_refuses_outputs_it_did_not_begin_and_links_to_the_input(fol
     manifest.write_text('{"audio": "unlabeled/clip0.wav"}')
     (tmp_path / "link.jsonl").symlink_to("m.jsonl")
     with pytest.raises(CaptionError, match="link.jsonl is the input"):
-        caption.check_request(str(manifest), str(tmp_path / "link.jsonl"), 1, "beam", 1)
+        caption_inputs.check_request(str(manifest), str(tmp_path / "link.jsonl"), 1, "beam", 1)
     with pytest.raises(CaptionError, match="out.csv must be a .jsonl file"):
-        caption.check_request(str(manifest), str(tmp_path / "out.csv"), 1, "beam", 1)
+        caption_inputs.check_request(str(manifest), str(tmp_path / "out.csv"), 1, "beam", 1)
     assert manifest.read_text() == '{"audio": "unlabeled/clip0.wav"}'
 
 

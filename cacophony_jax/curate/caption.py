@@ -37,7 +37,6 @@ not padded: captions of mostly silence would only teach the model silence.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -46,20 +45,18 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from cacophony_jax import atomic_write
-from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, find_audio_files, per_clip
+from cacophony_jax.audio.files import AUDIO_EXTENSIONS, decode_files, per_clip
 from cacophony_jax.audio.io import SAMPLE_RATE
 from cacophony_jax.curate import output_settings, resume
-from cacophony_jax.data.manifest import ManifestSource
-from cacophony_jax.data.sources import SourceError
+from cacophony_jax.curate.caption_inputs import (
+    METHODS,
+    CaptionError,
+    check_request,
+    input_records,
+)
 from cacophony_jax.progress import Progress
 
-METHODS = ("beam", "greedy", "sample")
 _SHOWN_FAILURES = 20
-
-
-class CaptionError(ValueError):
-    """Bad captioning input, output or settings (the message says how to fix it)."""
 
 
 def _check_model(model: Any) -> None:
@@ -108,99 +105,12 @@ def caption_batch(model: Any, audio: Sequence[np.ndarray], num_captions: int = 1
     return out
 
 
-# The keys of a manifest row that the output row is made of; any other key is kept.
-_ROW_KEYS = ("id", "audio", "caption", "captions", "synthetic_captions", "label")
-
-
-def _raw_rows(input_path: str, source: ManifestSource,
-              out_dir: str) -> tuple[list[dict], list[dict], int]:
-    """One read of a JSONL manifest's lines: per record, the keys of its row that are
-    not `_ROW_KEYS` (a licence, a source URL, ...), which the output row keeps; the
-    rows the reader skipped as bad that are JSON objects with an id (or an audio path,
-    the default id), as output rows unchanged but for a relative audio path rebased
-    onto `out_dir`; and how many other bad rows there are."""
-    others: list[dict] = [{} for _ in range(len(source))]
-    if os.path.splitext(input_path)[1].lower() == ".csv":
-        return others, [], source.num_skipped  # a CSV's bad rows have no audio to keep
-    record_of = {line: i for i, line in enumerate(source.lines)}
-    in_dir = os.path.dirname(os.path.abspath(input_path))
-    kept, dropped = [], 0
-    with open(input_path, "rb") as f:
-        for number, data in enumerate(f, 1):
-            if not data.strip() or (number not in record_of and not source.num_skipped):
-                continue
-            try:
-                row = json.loads(data.decode("utf-8-sig" if number == 1 else "utf-8"))
-            except ValueError:  # not JSON, or not UTF-8 (a bad row)
-                row = None
-            if number in record_of:
-                others[record_of[number]] = {k: v for k, v in row.items()
-                                             if k not in _ROW_KEYS}
-                continue
-            clip_id = row.get("id", row.get("audio")) if isinstance(row, dict) else None
-            if not isinstance(clip_id, str) or not clip_id.strip():
-                dropped += 1
-                continue
-            audio = row.get("audio")
-            if isinstance(audio, str) and audio and not os.path.isabs(audio):
-                row["audio"] = os.path.relpath(os.path.join(in_dir, audio), out_dir)
-            kept.append({"id": clip_id, **{k: v for k, v in row.items() if k != "id"}})
-    return others, kept, dropped
-
-
-def _input_records(input_path: str, extensions: Sequence[str],
-                   out_dir: str) -> tuple[list[dict], tuple, list[dict], int]:
-    """The clips to caption, the class names, and the bad rows (see `_raw_rows`)."""
-    if os.path.isdir(input_path):
-        files = find_audio_files([input_path], extensions)
-        if not files:
-            raise CaptionError(f"no audio files ({', '.join(extensions)}) under {input_path}")
-        return [{"id": name, "audio_path": os.path.abspath(path), "captions": [],
-                 "synthetic_captions": [], "labels": []} for path, name in files], (), [], 0
-    try:
-        source = ManifestSource(input_path, skip_bad_rows=True)
-    except SourceError as e:
-        raise CaptionError(str(e)) from None
-    others, bad, dropped = _raw_rows(input_path, source, out_dir)
-    records = [{**source[i], "other_keys": other} for i, other in enumerate(others)]
-    counts = collections.Counter(r["id"] for r in [*records, *bad])
-    repeated = [clip_id for clip_id, n in counts.items() if n > 1]
-    if repeated:
-        raise CaptionError(f"manifest {input_path} gives {len(repeated)} id(s) to more than "
-                           f"one row, e.g. {repeated[:3]}; output rows are matched to input "
-                           "rows by id (to resume), so give each row its own \"id\"")
-    return records, source.class_names, bad, dropped
-
-
 def _is_utf8(name: str) -> bool:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
-
-
-def check_request(input_path: str, output_path: str, num_captions: int, method: str,
-                  batch_size: int) -> None:
-    """Raises CaptionError for a request that cannot run (before a bundle is loaded)."""
-    if method not in METHODS:
-        raise CaptionError(f"unknown captioning method {method!r}; use one of {METHODS}")
-    if batch_size < 1 or num_captions < 1:
-        raise CaptionError(f"--batch-size and --num-captions must be at least 1, got "
-                           f"{batch_size} and {num_captions}")
-    if not os.path.exists(input_path):
-        raise CaptionError(f"input {input_path} does not exist; pass a manifest or a folder")
-    if os.path.splitext(output_path)[1].lower() not in (".jsonl", ".json"):
-        raise CaptionError(f"output {output_path} must be a .jsonl file (the manifest written, "
-                           "one JSON object per line)")
-    if resume.same_file(input_path, output_path):
-        raise CaptionError(f"output {output_path} is the input {input_path} (the same file, "
-                           "maybe through a link); it would overwrite the input: choose "
-                           "another output")
-    try:
-        atomic_write.check_writable(output_path, "output")
-    except ValueError as e:
-        raise CaptionError(str(e)) from None
 
 
 def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: int = 3,
@@ -251,7 +161,7 @@ def run_caption(model: Any, input_path: str, output_path: str, *, num_captions: 
     _check_decoding(model, num_captions, method, beam_size, temperature, max_len,
                     length_penalty)
     out_dir = os.path.dirname(os.path.abspath(output_path))
-    records_all, class_names, bad_rows, dropped = _input_records(input_path, extensions,
+    records_all, class_names, bad_rows, dropped = input_records(input_path, extensions,
                                                                  out_dir)
     settings = output_settings.decoding_settings(model, num_captions, method, beam_size,
                                                  temperature, max_len, seed, length_penalty)
