@@ -75,11 +75,11 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
 
 
 def test_config_file_mistakes_are_named(tmp_path, monkeypatch):
-    from cacophony_jax import main
+    from cacophony_jax import config_errors
 
     def say(*argv, error=None):
         monkeypatch.setattr(sys, "argv", ["main", *argv])
-        return main._one_line(error or OSError("not read"))
+        return config_errors.one_line(error or OSError("not read"))
 
     (tmp_path / "mine.py").write_text("def get_config(arg=None):\n    return None\n")
     (tmp_path / "notes.py").write_text("x = 1\n")
