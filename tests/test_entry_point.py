@@ -286,6 +286,13 @@ def test_out_of_memory_hint_on_a_gpu_names_the_gpu_settings():
     assert memory_hint.is_out_of_memory(error)
     assert not memory_hint.is_out_of_memory(RuntimeError("INTERNAL: cuDNN failed"))
     assert not memory_hint.is_out_of_memory(ValueError("out of memory"))  # not XLA's
+    assert memory_hint.is_out_of_memory(RuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+        "space hbm. Used 17.2G of 15.75G hbm."))
+    # A full disk under a checkpoint save is RESOURCE_EXHAUSTED too, but not memory.
+    assert not memory_hint.is_out_of_memory(RuntimeError(
+        'RESOURCE_EXHAUSTED: Error writing "opt_state" in OCDBT database at local file '
+        '"ckpt/4": Failed to write 198873 bytes to file 9: No space left on device'))
     text = memory_hint.message(error, 2048, 8, "gpu")
     assert "(2048: 256 per device)" in text and "model.attention=cudnn" in text
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in text and "ALLOCATOR=cuda_async" in text

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import re
 
-_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|out of memory", re.IGNORECASE)
+# XLA:GPU "Out of memory while trying to allocate", XLA:TPU "Ran out of memory in memory
+# space hbm", PJRT "Failed to allocate request for". RESOURCE_EXHAUSTED alone is not
+# enough: TensorStore reports a full disk with it too.
+_OUT_OF_MEMORY = re.compile(r"out of memory|failed to allocate", re.IGNORECASE)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is XLA's out-of-memory error (any RuntimeError saying so)."""
+    """Whether `error` is an out-of-memory error of a device (a RuntimeError saying so)."""
     return isinstance(error, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(error)))
 
 
