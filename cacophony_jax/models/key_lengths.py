@@ -4,10 +4,12 @@ Given a boolean mask, JAX hands cuDNN an additive bias of the full [B, 1, Q, S]
 extent, and cuDNN runs its bias kernel, which reads that tensor in every head's
 tiles. A mask whose valid positions come first is described exactly by one length
 per example; given lengths (``key_value_seq_lengths``) cuDNN runs its padding-mask
-kernel instead, with no bias tensor at all. Audio patch sequences and text are laid
-out valid-first (`audio/patches.py`, the tokenizer pads at the end); the MAE
-decoder's [visible, masked] sequence is not, and is put in that order for its stack
-by a permutation (`valid_first_order`, `permute_rows`).
+kernel instead, with no bias tensor at all. Audio patch sequences are laid out
+valid-first (`audio/patches.py`): the audio stacks and the caption decoder's
+attention to the audio take their masks as lengths. The MAE decoder's [visible,
+masked] sequence is not valid-first, and is put in that order for its stack by a
+permutation (`valid_first_order`, `permute_rows`). The text towers' own (causal)
+masks stay boolean.
 
 `layers.attend` accepts either form: int32 lengths [B] or a boolean mask.
 """
