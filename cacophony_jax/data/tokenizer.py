@@ -32,8 +32,6 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 _REQUIRED = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID}
 _JSON_NAME = "tokenizer.json"
 
-
-
 # Control characters, line separators and the replacement character a byte-level
 # tokenizer gives for a cut UTF-8 sequence: never wanted in a caption.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufffd]+")
