@@ -234,10 +234,8 @@ def _train() -> None:
             raise
         import jax
         logging.debug("traceback", exc_info=True)
-        config = _CONFIG.value
-        _fail(memory_hint.message(e, config.data.global_batch_size, jax.device_count(),
-                                  jax.default_backend(), config.model.get("attention", ""),
-                                  config.model.get("remat", "none")))
+        name, stage = stages.running_stage() or (None, _CONFIG.value)
+        _fail(memory_hint.message(e, stage, jax.device_count(), jax.default_backend(), name))
     except KeyboardInterrupt:
         print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun the "
               "same command to resume from the newest checkpoint", file=sys.stderr)

@@ -238,50 +238,64 @@ import sys
 import jax
 from absl import app
 from cacophony_jax import main
-from cacophony_jax.train import stages
+from cacophony_jax.train import loop
 
-SAID = sys.argv[2]
+SAID = sys.argv[3]
 
 def run(config, workdir):
     raise jax.errors.JaxRuntimeError(SAID)
 
-stages.run = run
-sys.argv = ["main", "--config=configs/mae.py:tiny", "--workdir=" + sys.argv[1]]
+loop.run = run
+sys.argv = ["main", "--config=" + sys.argv[2], "--workdir=" + sys.argv[1]]
 app.run(main.main, flags_parser=main._parse_flags)
 """
+_OOM = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 43.45GiB with allocator "
+        "GPU_0_bfc on device 0.")
 
 
-@pytest.mark.parametrize("said,oom", [
-    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 43.45GiB with allocator "
-     "GPU_0_bfc on device 0.\nBFC allocator summary ...", True),
-    ("INTERNAL: something else broke", False)])
-def test_out_of_memory_ends_with_one_line_naming_the_batch_and_the_fixes(tmp_path, said, oom):
+@pytest.mark.parametrize("config,said", [
+    ("configs/mae.py:tiny", _OOM + "\nBFC allocator summary ..."),
+    ("configs/quickstart.py", _OOM + "\nBFC allocator summary ..."),
+    ("configs/mae.py:tiny", "INTERNAL: something else broke")])
+def test_out_of_memory_ends_with_one_line_naming_the_batch_and_the_fixes(tmp_path, config,
+                                                                          said):
     """XLA's out-of-memory error (with its allocator dump) becomes one error line with
-    the per-device batch and what lowers memory; other runtime errors keep their
-    traceback."""
-    from configs import mae
+    the per-device batch and what lowers memory (in a multi-stage recipe, the stage's
+    own settings); other runtime errors keep their traceback."""
+    from configs import mae, quickstart
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device
-    done = subprocess.run([sys.executable, "-c", _RAISING_RUN, str(tmp_path), said],
+    done = subprocess.run([sys.executable, "-c", _RAISING_RUN, str(tmp_path), config, said],
                           capture_output=True, text=True, cwd=ROOT, env=env)
-    if not oom:
+    if not said.startswith(_OOM):
         assert done.returncode == 1 and "Traceback" in done.stderr
         assert "INTERNAL: something else broke" in done.stderr
         return
-    batch = mae.get_config("tiny").data.global_batch_size
+    if config.startswith("configs/quickstart"):  # its first stage runs out
+        name = quickstart.get_config().stage_order[0]
+        where, key = f"stage {name!r}: ", f"stages.{name}."
+        batch = quickstart.get_config().stages[name].data.global_batch_size
+    else:
+        where, key, batch = "", "", mae.get_config("tiny").data.global_batch_size
     lines = [line for line in done.stderr.splitlines() if "error:" in line]
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert lines == [
-        "error: the training step ran out of device memory (RESOURCE_EXHAUSTED: Out of "
-        "memory while trying to allocate 43.45GiB with allocator GPU_0_bfc on device 0.). "
-        f"To fit: lower data.global_batch_size ({batch}: {batch:g} per device); set "
-        "model.remat=dots (recomputes some activations: +3 % FLOPs). Per-device memory by "
-        "batch: docs/scaling.md, \"Per-device batch and memory\"; benchmarks/train_step.py "
+        f"error: {where}the training step ran out of device memory ({_OOM}). To fit: lower "
+        f"{key}data.global_batch_size ({batch}: {batch:g} per device); set {key}model.remat="
+        "dots (recomputes some activations: +3 % FLOPs). Per-device memory by batch: "
+        "docs/scaling.md, \"Per-device batch and memory\"; benchmarks/train_step.py "
         "--sweep-batch measures it on your device."]
 
 
 def test_out_of_memory_hint_on_a_gpu_names_the_gpu_settings():
+    import ml_collections
+
     from cacophony_jax.train import memory_hint
+
+    def stage(attention="xla", remat="none", batch=2048):
+        return ml_collections.ConfigDict({"data": {"global_batch_size": batch},
+                                          "model": {"attention": attention, "remat": remat}})
+
     error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9GiB\nx")
     assert memory_hint.is_out_of_memory(error)
     assert not memory_hint.is_out_of_memory(RuntimeError("INTERNAL: cuDNN failed"))
@@ -293,11 +307,17 @@ def test_out_of_memory_hint_on_a_gpu_names_the_gpu_settings():
     assert not memory_hint.is_out_of_memory(RuntimeError(
         'RESOURCE_EXHAUSTED: Error writing "opt_state" in OCDBT database at local file '
         '"ckpt/4": Failed to write 198873 bytes to file 9: No space left on device'))
-    text = memory_hint.message(error, 2048, 8, "gpu")
+    text = memory_hint.message(error, stage(), 8, "gpu")
     assert "(2048: 256 per device)" in text and "model.attention=cudnn" in text
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in text and "ALLOCATOR=cuda_async" in text
-    assert "\n" not in text and "allocate 9GiB)" in text
-    assert "cuda_async" not in memory_hint.message(error, 64, 4, "tpu")
-    # What is already set is not suggested again.
-    text = memory_hint.message(error, 64, 1, "gpu", attention="cudnn", remat="dots")
-    assert "model.attention" not in text and "model.remat" not in text
+    assert "\n" not in text and "allocate 9GiB)" in text and "model.remat=dots" in text
+    assert "cuda_async" not in memory_hint.message(error, stage(batch=64), 4, "tpu")
+    # What is already set is not suggested again; remat goes one step further.
+    text = memory_hint.message(error, stage("cudnn", "dots"), 1, "gpu")
+    assert "model.attention" not in text and "model.remat=full" in text
+    assert "model.remat" not in memory_hint.message(error, stage("cudnn", "full"), 1, "gpu")
+    assert "model.remat=dots" in memory_hint.message(error, stage(remat="minimal"), 1, "gpu")
+    # A multi-stage recipe's stage: its settings by their full names.
+    text = memory_hint.message(error, stage(batch=32), 1, "cpu", "cacophony")
+    assert text.startswith("stage 'cacophony': the training step ran out of device memory")
+    assert "lower stages.cacophony.data.global_batch_size (32: 32 per device)" in text

@@ -22,6 +22,9 @@ def test_valid_first_order_is_stable_and_its_inverse_undoes_it():
                                                           6)[:, 0, 0])
     back = key_lengths.permute_rows(moved, key_lengths.inverse_order(order))
     np.testing.assert_array_equal(back, x)
+    # Any nonzero value marks a valid position, as in the boolean masks.
+    np.testing.assert_array_equal(
+        key_lengths.valid_lengths(jnp.asarray([[2, 2, 0], [0.5, 0, 0]])), [2, 1])
 
 
 def test_permute_rows_gradient_is_the_inverse_gather():

@@ -153,7 +153,7 @@ def _in_sequence_order(index: jax.Array, valid: jax.Array,
     return key % length, key < length
 
 
-def _gather(values: jax.Array, index: jax.Array) -> jax.Array:
+def gather_rows(values: jax.Array, index: jax.Array) -> jax.Array:
     """values [B, N, ...] at positions index [B, K] -> [B, K, ...]."""
     index = index.reshape(index.shape + (1,) * (values.ndim - 2))
     return jnp.take_along_axis(values, index, axis=1)
@@ -196,9 +196,9 @@ def patch_dropout(
     index, valid = _in_sequence_order(chosen, jnp.take_along_axis(mask, chosen, axis=1),
                                       mask.shape[1])
     return (
-        _gather(patches, index),
-        _gather(time_idx, index),
-        _gather(freq_idx, index),
+        gather_rows(patches, index),
+        gather_rows(time_idx, index),
+        gather_rows(freq_idx, index),
         valid,
     )
 
@@ -276,17 +276,17 @@ def mae_mask(
     visible_index, visible_mask = _in_sequence_order(chosen, chosen_valid, length)
     masked_index, masked_mask = _in_sequence_order(
         hidden, jnp.take_along_axis(mask, hidden, axis=1), length)
-    visible_patches = _gather(patches, visible_index)
+    visible_patches = gather_rows(patches, visible_index)
     return MaskedPatches(
         # An empty slot may hold a patch that is masked: the encoder must not see it.
         visible_patches=jnp.where(visible_mask[..., None], visible_patches, 0),
-        visible_time=_gather(time_idx, visible_index),
-        visible_freq=_gather(freq_idx, visible_index),
+        visible_time=gather_rows(time_idx, visible_index),
+        visible_freq=gather_rows(freq_idx, visible_index),
         visible_mask=visible_mask,
         visible_index=visible_index,
-        masked_time=_gather(time_idx, masked_index),
-        masked_freq=_gather(freq_idx, masked_index),
+        masked_time=gather_rows(time_idx, masked_index),
+        masked_freq=gather_rows(freq_idx, masked_index),
         masked_mask=masked_mask,
         masked_index=masked_index,
-        masked_target=_gather(patches, masked_index),
+        masked_target=gather_rows(patches, masked_index),
     )

@@ -177,7 +177,9 @@ class AudioEncoder(nn.Module):
           patches: [B, N, patch_dim] log-mel patches.
           time_idx: [B, N] integer time index of each patch.
           freq_idx: [B, N] integer frequency index of each patch.
-          mask: [B, N], nonzero on real patches (a key-padding mask).
+          mask: [B, N], nonzero on real patches (a key-padding mask); with cuDNN
+            attention the real patches must come first (as `audio/patches.py` lays
+            every sequence out), since cuDNN gets the mask as lengths.
           deterministic: disables drop-path; when False and drop_path > 0 a
             'dropout' rng is needed.
 

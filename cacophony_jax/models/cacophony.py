@@ -132,7 +132,8 @@ class Cacophony(nn.Module):
         """Audio states and the (unnormalised) audio embedding.
 
         Args:
-          patches: [B, N, patch_dim]; time_idx, freq_idx: [B, N] ints; mask: [B, N].
+          patches: [B, N, patch_dim]; time_idx, freq_idx: [B, N] ints; mask: [B, N],
+          nonzero on real patches, which come first (AudioEncoder).
           deterministic: disables drop-path (needs a 'dropout' rng otherwise).
 
         Returns:

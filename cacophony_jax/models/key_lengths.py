@@ -19,10 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cacophony_jax.audio.patches import gather_rows
+
 
 def valid_lengths(mask: jax.Array) -> jax.Array:
-    """[B, S] validity (valid positions first) -> int32 [B] lengths."""
-    return jnp.sum(mask.astype(jnp.int32), axis=-1)
+    """[B, S] validity (nonzero on valid positions, which come first) -> int32 [B]."""
+    return jnp.sum(mask.astype(bool).astype(jnp.int32), axis=-1)
 
 
 def prefix_mask(lengths: jax.Array, length: int) -> jax.Array:
@@ -47,20 +49,15 @@ def permute_rows(x: jax.Array, order: jax.Array) -> jax.Array:
     `order` must be a permutation of 0..S-1 in every row. Its gradient is the inverse
     permutation's gather, not the scatter-add that a general gather's gradient is.
     """
-    return _take_rows(x, order)
-
-
-def _take_rows(x: jax.Array, order: jax.Array) -> jax.Array:
-    index = order.reshape(order.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
+    return gather_rows(x, order)
 
 
 def _permute_fwd(x: jax.Array, order: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _take_rows(x, order), order
+    return gather_rows(x, order), order
 
 
 def _permute_bwd(order: jax.Array, grad: jax.Array) -> tuple[jax.Array, None]:
-    return _take_rows(grad, jnp.argsort(order, axis=-1)), None
+    return gather_rows(grad, jnp.argsort(order, axis=-1)), None
 
 
 permute_rows.defvjp(_permute_fwd, _permute_bwd)

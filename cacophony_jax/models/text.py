@@ -171,7 +171,8 @@ class CaptionDecoder(nn.Module):
           text_states: [B, T, H] text-tower outputs.
           text_mask: [B, T], nonzero on real tokens.
           audio_states: [B, N, D] audio-encoder outputs.
-          audio_mask: [B, N], nonzero on real patches.
+          audio_mask: [B, N], nonzero on real patches, which come first (with cuDNN
+            attention it travels as lengths).
           deterministic: unused (no dropout).
           decode: incremental mode (cached self-attention; audio keys/values
             computed on the first call and reused).

@@ -13,6 +13,15 @@ from etils import epath
 from cacophony_jax import atomic_write
 from cacophony_jax.train import agree, checks, host, loop
 
+# The stage being trained: (its name, or None for a one-stage config; its config).
+_RUNNING: tuple[str | None, ml_collections.ConfigDict] | None = None
+
+
+def running_stage() -> tuple[str | None, ml_collections.ConfigDict] | None:
+    """(name or None, config) of the stage `run` is training or last trained, else None
+    (what an error raised from `run` is about)."""
+    return _RUNNING
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
     """Trains `config` in `workdir`; a config with `stages` runs each in a subfolder.
@@ -99,7 +108,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
         error = e
     shown.recording = False  # a stage that opens its data again does not repeat them
     agree.agree("the config checks", error)  # a host that lacks a path stops them all
+    global _RUNNING
     if "stages" not in config:
+        _RUNNING = (None, config)
         return {config.task: loop.run(config, workdir)}
     root = host.make_workdir(workdir)
     with host.workdir_lock(root):  # the recipe's own files (results.json) too
@@ -150,6 +161,7 @@ def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
 
 def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
                 ) -> dict[str, dict[str, float]]:
+    global _RUNNING
     results: dict[str, dict[str, float]] = {}
     previous, stage_steps = None, 0
     # Between stages a signal is held here (each stage's loop takes it over while it
@@ -166,6 +178,7 @@ def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
             if previous is not None and between.agreed():
                 raise host.StopRequestedError(int(stage_steps), between.signum)
             logging.info("=== stage %s -> %s", name, root / name)
+            _RUNNING = (name, stage)
             results[name] = loop.run(stage, str(root / name))
             previous, stage_steps = name, stage.train.steps
     finally:
