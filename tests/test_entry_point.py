@@ -321,3 +321,5 @@ def test_out_of_memory_hint_on_a_gpu_names_the_gpu_settings():
     text = memory_hint.message(error, stage(batch=32), 1, "cpu", "cacophony")
     assert text.startswith("stage 'cacophony': the training step ran out of device memory")
     assert "lower stages.cacophony.data.global_batch_size (32: 32 per device)" in text
+    # The section the line points to exists.
+    assert "**Per-device batch and memory" in (ROOT / "docs" / "scaling.md").read_text()
