@@ -322,4 +322,5 @@ def test_out_of_memory_hint_on_a_gpu_names_the_gpu_settings():
     assert text.startswith("stage 'cacophony': the training step ran out of device memory")
     assert "lower stages.cacophony.data.global_batch_size (32: 32 per device)" in text
     # The section the line points to exists.
-    assert "**Per-device batch and memory" in (ROOT / "docs" / "scaling.md").read_text()
+    with open(os.path.join(ROOT, "docs", "scaling.md"), encoding="utf-8") as doc:
+        assert "**Per-device batch and memory" in doc.read()
