@@ -87,12 +87,14 @@ def tokenizer_for(config, workdir):
     return tokenizer.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
 
 
-def cudnn_stand_in(calls: list) -> Callable:
+def cudnn_stand_in(calls: list, kernels: list | None = None) -> Callable:
     """Checks the rules cuDNN's flash attention sets, then computes with XLA.
 
     The rules: a mask (bias) of full [B|1, H|1, Q, S] extent, even Q and S when
     there is one (training with a bias) or key lengths instead (the padding kernel:
-    int32 [B], no mask), and more than one query row.
+    int32 [B], no mask; causal or not), and more than one query row. `kernels`, if
+    given, gets the kernel each cuDNN call would run: "bias", "padding" or
+    "padding_causal".
     """
     real = jax.nn.dot_product_attention
 
@@ -100,14 +102,18 @@ def cudnn_stand_in(calls: list) -> Callable:
         if implementation == "cudnn":
             batch_size, q_len, heads, _ = query.shape
             assert q_len > 1
+            kernel = "bias"
             if kwargs.get("key_value_seq_lengths") is not None:  # the padding kernel
                 assert mask is None and q_len % 2 == 0 and key.shape[1] % 2 == 0
                 lengths = kwargs["key_value_seq_lengths"]
                 assert lengths.shape == (batch_size,) and lengths.dtype == jnp.int32
+                kernel = "padding_causal" if kwargs.get("is_causal") else "padding"
             if mask is not None:
                 assert mask.ndim == 4 and mask.shape[2:] == (q_len, key.shape[1])
                 assert mask.shape[0] in (1, batch_size) and mask.shape[1] in (1, heads)
                 assert q_len % 2 == 0 and key.shape[1] % 2 == 0
+            if kernels is not None:
+                kernels.append(kernel)
         calls.append(implementation)
         return real(query, key, value, mask=mask, implementation="xla", **kwargs)
 

@@ -43,32 +43,47 @@ def test_permute_rows_gradient_is_the_inverse_gather():
     assert "scatter" not in str(jaxpr)
 
 
-@pytest.mark.parametrize("q_len,s_len", [(6, 8), (5, 7)])
-def test_lengths_attend_like_the_equal_mask_on_xla_and_cudnn(q_len, s_len, monkeypatch):
-    """Lengths mean "the first n keys": XLA gets the equal boolean mask, cuDNN (the
-    stand-in: its rules, XLA's maths) the lengths. A length of 0 is raised to 1 for
-    cuDNN only, so that row is left out of the comparison."""
+@pytest.mark.parametrize("q_len,s_len,causal", [(6, 8, False), (5, 7, False),
+                                                  (6, 6, True), (5, 5, True)])
+def test_lengths_attend_like_the_equal_mask_on_xla_and_cudnn(q_len, s_len, causal,
+                                                              monkeypatch):
+    """Lengths mean "the first n keys" (and, causal, keys up to the query's own
+    position): XLA gets the equal boolean mask, cuDNN (the stand-in: its rules, XLA's
+    maths) the lengths. A length of 0 is raised to 1 for cuDNN only, so that row is
+    left out of the comparison."""
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.normal(size=(3, n, 2, 8)), jnp.float32)
                for n in (q_len, s_len, s_len))
     lengths = jnp.asarray([s_len, 2, 0], jnp.int32)
     mask = key_lengths.prefix_mask(lengths, s_len)
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((q_len, s_len), bool))
 
-    def run(mask, implementation):
+    def run(mask, implementation, causal=False):
         def loss(q, k, v):
-            out = attend(q, k, v, mask, implementation)[:2]
+            out = attend(q, k, v, mask, implementation, causal)[:2]
             return (out * jnp.arange(out.size).reshape(out.shape)).sum(), out
         return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
     want_grads, want = run(mask, "xla")
-    got_grads, got = run(lengths, "xla")
+    got_grads, got = run(lengths, "xla", causal)
     np.testing.assert_array_equal(got, want)
     for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_array_equal(g, w)
-    calls = []
-    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls))
-    cudnn_grads, cudnn = run(lengths, "cudnn")
+    calls, kernels = [], []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls, kernels))
+    cudnn_grads, cudnn = run(lengths, "cudnn", causal)
     assert calls == ["cudnn"]
+    assert kernels == ["padding_causal" if causal else "padding"]
     np.testing.assert_allclose(cudnn, want, atol=1e-5)
     for g, w in zip(cudnn_grads, want_grads, strict=True):
         np.testing.assert_allclose(g[:2], w[:2], atol=1e-4)
+    if causal:  # the causal mask matters: without it the outputs differ
+        _, plain = run(lengths, "xla")
+        assert not np.allclose(plain, want, atol=1e-3)
+
+
+def test_causal_needs_lengths():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="causal=True takes the mask as int32 key lengths"):
+        attend(q, q, q, jnp.ones((1, 1, 4, 4), bool), "xla", causal=True)

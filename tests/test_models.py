@@ -308,10 +308,12 @@ def test_cudnn_attention_gets_masks_in_the_shape_cudnn_accepts(tiny_params, monk
     """There is no cuDNN here: a stand-in checks cuDNN's rules on every call (encoder,
     text tower, decoder self/cross attention, pools) and computes with XLA, so the
     outputs must equal the XLA model's."""
-    calls = []
-    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls))
+    calls, kernels = [], []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in(calls, kernels))
     out = jax.jit(Cacophony(TINY, attention="cudnn").apply)({"params": tiny_params}, *batch())
     assert "cudnn" in calls and "xla" in calls  # the one-query pools stay on XLA
+    # Every mask travels as lengths: no cuDNN call needs a bias tensor.
+    assert set(kernels) == {"padding", "padding_causal"}
     monkeypatch.undo()
     ref = jitted(Cacophony(TINY))({"params": tiny_params}, *batch())
     for name in ("audio_embedding", "text_embedding", "caption_logits"):

@@ -8,8 +8,9 @@ kernel instead, with no bias tensor at all. Audio patch sequences are laid out
 valid-first (`audio/patches.py`): the audio stacks and the caption decoder's
 attention to the audio take their masks as lengths. The MAE decoder's [visible,
 masked] sequence is not valid-first, and is put in that order for its stack by a
-permutation (`valid_first_order`, `permute_rows`). The text towers' own (causal)
-masks stay boolean.
+permutation (`valid_first_order`, `permute_rows`). Text is padded at the end, so
+the text towers' causal self-attention takes lengths too (cuDNN's padding-causal
+kernel), except in cached decoding.
 
 `layers.attend` accepts either form: int32 lengths [B] or a boolean mask.
 """

@@ -97,6 +97,7 @@ def attend(
     value: jax.Array,
     mask: jax.Array | None,
     implementation: str,
+    causal: bool = False,
 ) -> jax.Array:
     """Scaled (1/sqrt(head_dim)) dot-product attention with a mask.
 
@@ -109,6 +110,9 @@ def attend(
         caller guarantees that the valid keys come first). cuDNN gets lengths as
         lengths (its padding-mask kernel), XLA as the equal boolean mask.
       implementation: "xla", "cudnn" or "auto" (let JAX choose).
+      causal: with lengths only: query i also sees only keys 0 .. i (a causal
+        self-attention over a valid-first sequence; cuDNN's padding-causal kernel).
+        A boolean mask carries any causality itself.
 
     Returns:
       [B, Q, heads, head_dim] in the query's dtype.
@@ -118,25 +122,32 @@ def attend(
             f"attention={implementation!r} is not supported; use one of "
             f"{ATTENTION_IMPLEMENTATIONS}"
         )
+    lengths = mask is not None and jnp.issubdtype(mask.dtype, jnp.integer)
+    if causal and not lengths:
+        raise ValueError("causal=True takes the mask as int32 key lengths [B]; a boolean "
+                         "mask carries its causality itself")
     impl = None if implementation == "auto" else implementation
     if impl == "cudnn":
         if query.shape[1] == 1:
             # One query row (attention pools, cached decoding steps) has nothing for a
             # fused kernel to fuse, and cuDNN's flash attention rejects it.
             impl = "xla"
-        elif mask is not None and jnp.issubdtype(mask.dtype, jnp.integer):
-            return _cudnn_prefix_attention(query, key, value, mask)
+        elif lengths:
+            return _cudnn_prefix_attention(query, key, value, mask, causal)
         elif mask is not None:
             return _cudnn_masked_attention(query, key, value, mask)
-    if mask is not None and jnp.issubdtype(mask.dtype, jnp.integer):
+    if lengths:
         mask = key_lengths.prefix_mask(mask, key.shape[1])
+        if causal:
+            mask = mask & jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
 
 
 def _cudnn_prefix_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, lengths: jax.Array
+    query: jax.Array, key: jax.Array, value: jax.Array, lengths: jax.Array, causal: bool
 ) -> jax.Array:
-    """Attention to each example's first `lengths` keys through cuDNN's padding kernel.
+    """Attention to each example's first `lengths` keys through cuDNN's padding kernel
+    (padding-causal kernel when `causal`).
 
     Odd lengths get one padding position as in `_cudnn_masked_attention` (a key past
     every length; a query whose output is dropped). A length of 0 (an all-padding
@@ -150,7 +161,7 @@ def _cudnn_prefix_attention(
         value = jnp.pad(value, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
     lengths = jnp.clip(lengths.astype(jnp.int32), 1, s_len)
     out = jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
-                                       implementation="cudnn")
+                                       is_causal=causal, implementation="cudnn")
     return out[:, :q_len]
 
 
@@ -288,6 +299,7 @@ class Attention(nn.Module):
     cross: bool = False
     decode: bool = False
     fuse_qkv: bool = False
+    causal: bool = False  # a lengths mask is causal too (`attend`); boolean masks say it
 
     @nn.compact
     def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -296,8 +308,9 @@ class Attention(nn.Module):
         Args:
           x: queries' input.
           memory: keys'/values' input.
-          mask: boolean, broadcastable to [B, heads, Q, S]; ignored for cached
-            self-attention steps, which build their own mask from the cache index.
+          mask: boolean, broadcastable to [B, heads, Q, S], or int32 key lengths [B]
+            (see `attend`); ignored for cached self-attention steps, which build
+            their own boolean mask from the cache index.
 
         Returns:
           [B, Q, D].
@@ -329,7 +342,9 @@ class Attention(nn.Module):
         if self.decode and not self.cross:
             key, value, mask = self._update_cache(key, value, mask)
 
-        out = attend(query, key, value, mask, self.implementation)
+        causal = (self.causal and mask is not None
+                  and jnp.issubdtype(mask.dtype, jnp.integer))
+        out = attend(query, key, value, mask, self.implementation, causal)
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),

@@ -48,6 +48,18 @@ def causal_padding_mask(mask: jax.Array) -> jax.Array:
     return causal[None, None] & key_padding_mask(mask)
 
 
+def self_attention_mask(mask: jax.Array, attention: str, decode: bool) -> jax.Array:
+    """The text blocks' self-attention mask: int32 lengths [B] for cuDNN's
+    padding-causal kernel (real tokens come first), else `causal_padding_mask`.
+
+    Cached decoding keeps the boolean form: its blocks build their own masks from
+    the cache index after the first call.
+    """
+    if attention == "cudnn" and not decode:
+        return key_lengths.valid_lengths(mask)
+    return causal_padding_mask(mask)
+
+
 class TextBlock(nn.Module):
     """Post-LN block: LN(x + SelfAttn(x)) [; LN(x + CrossAttn(x, memory))]; LN(x + MLP(x))."""
 
@@ -69,15 +81,15 @@ class TextBlock(nn.Module):
         memory: jax.Array | None = None,
         memory_mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, None]:
-        """Applies the block to [B, T, H]; masks are boolean [B, 1, T|1, T|S] (the memory
-        mask may be int32 key lengths [B] instead, see `layers.attend`)."""
+        """Applies the block to [B, T, H]; masks are boolean [B, 1, T|1, T|S] or int32
+        key lengths [B] (`layers.attend`; the self-attention is causal over them)."""
         attn = functools.partial(Attention, self.num_heads, dtype=self.dtype,
                                  implementation=self.attention, fuse_qkv=self.fuse_qkv,
                                  kernel_init=BERT_NORMAL,
                                  decode=self.decode)
         norm = functools.partial(layer_norm, self.eps, dtype=self.dtype)
         x = axes.constrain(x, axes.BLE)
-        x = norm(name="attn_norm")(x + attn(name="attn")(x, x, self_mask))
+        x = norm(name="attn_norm")(x + attn(causal=True, name="attn")(x, x, self_mask))
         if self.cross:
             h = attn(cross=True, name="cross_attn")(x, memory, memory_mask)
             x = norm(name="cross_norm")(x + h)
@@ -105,7 +117,8 @@ class TextEncoder(nn.Module):
 
         Args:
           ids: [B, T] int token ids (bos ... eos pad ...).
-          mask: [B, T], nonzero on real tokens (a key-padding mask).
+          mask: [B, T], nonzero on real tokens, which come first (a key-padding
+            mask; with cuDNN attention it travels as lengths).
           deterministic: unused (no dropout); kept for a uniform tower API.
           decode: incremental mode; ``ids`` is the next chunk after the cached
             prefix (the first call with the full length only sizes the cache).
@@ -139,7 +152,8 @@ class TextEncoder(nn.Module):
         fields = dict(num_heads=cfg.heads, mlp_dim=cfg.mlp, eps=cfg.layer_norm_eps,
                       dtype=self.dtype, attention=self.attention, fuse_qkv=self.fuse_qkv,
                       decode=decode)
-        return apply_stack(TextBlock, fields, x, causal_padding_mask(mask),
+        return apply_stack(TextBlock, fields, x,
+                           self_attention_mask(mask, self.attention, decode),
                            num_layers=cfg.layers, scan=self.scan,
                            remat="none" if decode else self.remat)
 
@@ -169,7 +183,7 @@ class CaptionDecoder(nn.Module):
 
         Args:
           text_states: [B, T, H] text-tower outputs.
-          text_mask: [B, T], nonzero on real tokens.
+          text_mask: [B, T], nonzero on real tokens, which come first.
           audio_states: [B, N, D] audio-encoder outputs.
           audio_mask: [B, N], nonzero on real patches, which come first (with cuDNN
             attention it travels as lengths).
@@ -188,7 +202,8 @@ class CaptionDecoder(nn.Module):
         # Audio states are valid-first: cuDNN takes their mask as lengths (key_lengths).
         memory_mask = (key_lengths.valid_lengths(audio_mask) if self.attention == "cudnn"
                        else key_padding_mask(audio_mask))
-        x = apply_stack(TextBlock, fields, text_states, causal_padding_mask(text_mask),
+        x = apply_stack(TextBlock, fields, text_states,
+                        self_attention_mask(text_mask, self.attention, decode),
                         audio_states, memory_mask,
                         num_layers=self.num_layers, scan=self.scan,
                         remat="none" if decode else self.remat)
