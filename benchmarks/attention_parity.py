@@ -4,7 +4,7 @@ Computes each stage's training loss and its gradients for the same initial
 parameters, batches and randomness (patch masks, dropout) twice, once with
 `model.attention=xla` and once with the fused kernel (`cudnn` by default), and
 compares them. cuDNN's flash attention has its own shape rules (see
-`models/layers.py`), which the project pads and broadcasts around; this is the check on
+`models/attention_ops.py`), which the project pads and broadcasts around; this is the check on
 real hardware that the result is the same up to bf16 rounding.
 
 Usage (on a GPU):

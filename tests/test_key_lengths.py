@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cacophony_jax.models import key_lengths
-from cacophony_jax.models.layers import attend
+from cacophony_jax.models.attention_ops import attend
 from tests.helpers import cudnn_stand_in
 
 

@@ -363,7 +363,7 @@ def test_cudnn_stacks_pad_an_odd_sequence_once(monkeypatch):
 @pytest.mark.parametrize("q_len,s_len", [(7, 7), (6, 9), (5, 4)])
 def test_cudnn_attention_pads_odd_lengths_without_changing_values_or_gradients(
         q_len, s_len, monkeypatch):
-    from cacophony_jax.models.layers import attend
+    from cacophony_jax.models.attention_ops import attend
 
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(2, n, 2, 8)), jnp.float32)

@@ -13,6 +13,7 @@ import numpy as np
 from flax import linen as nn
 
 from cacophony_jax.models import axes, key_lengths
+from cacophony_jax.models.attention_ops import even_length_for_cudnn
 from cacophony_jax.models.fused_norm import NormWithSkip
 from cacophony_jax.models.layers import (
     MLP,
@@ -21,7 +22,6 @@ from cacophony_jax.models.layers import (
     DropPath,
     Dtype,
     dense,
-    even_length_for_cudnn,
     layer_norm,
     partitioned,
 )

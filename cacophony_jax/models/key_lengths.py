@@ -12,7 +12,7 @@ permutation (`valid_first_order`, `permute_rows`). Text is padded at the end, so
 the text towers' causal self-attention takes lengths too (cuDNN's padding-causal
 kernel), except in cached decoding.
 
-`layers.attend` accepts either form: int32 lengths [B] or a boolean mask.
+`attention_ops.attend` accepts either form: int32 lengths [B] or a boolean mask.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class TextBlock(nn.Module):
         memory_mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, None]:
         """Applies the block to [B, T, H]; masks are boolean [B, 1, T|1, T|S] or int32
-        key lengths [B] (`layers.attend`; the self-attention is causal over them)."""
+        key lengths [B] (`attention_ops.attend`; the self-attention is causal over them)."""
         attn = functools.partial(Attention, self.num_heads, dtype=self.dtype,
                                  implementation=self.attention, fuse_qkv=self.fuse_qkv,
                                  kernel_init=BERT_NORMAL,

@@ -82,7 +82,7 @@ _RANGES = (
 
 def _choices() -> tuple[tuple[str, tuple[str, ...]], ...]:
     from cacophony_jax.losses import CONTRASTIVE_KINDS
-    from cacophony_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+    from cacophony_jax.models.attention_ops import ATTENTION_IMPLEMENTATIONS
     from cacophony_jax.models.stack import REMAT_OPTIONS
     from cacophony_jax.models.variants import VARIANTS
 
