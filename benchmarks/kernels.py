@@ -93,7 +93,8 @@ def category(op: str, attrs: str) -> str:
             return "pallas"
         return "other"
     if op == "fusion":
-        if "__triton_gemm" in attrs or '"kind":"__cublas' in attrs:
+        # Triton GEMM fusions: "__triton_gemm" (older XLA), "__triton_nested_gemm_fusion".
+        if re.search(r'"kind":\s*"__triton\w*gemm', attrs) or '"kind":"__cublas' in attrs:
             return "product"
         return "fusion"
     if op in ("copy", "transpose", "copy-start"):

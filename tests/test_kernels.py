@@ -51,6 +51,14 @@ def test_categories_counts_and_bytes():
         1.0 + (4 * y + 8000) / 1e9)
 
 
+def test_triton_gemm_fusions_are_products():
+    for kind in ("__triton_gemm", "__triton_nested_gemm_fusion"):
+        attrs = f'kind=kCustom, backend_config={{"fusion_backend_config":{{"kind":"{kind}"}}}}'
+        assert kernels.category("fusion", attrs) == "product"
+    assert kernels.category("fusion", 'kind=kCustom, backend_config={"fusion_backend_config":'
+                                      '{"kind":"__triton"}}') == "fusion"
+
+
 def test_pallas_kernels_have_their_own_category():
     assert kernels.category("custom-call", 'custom_call_target="__gpu$xla.gpu.triton"') \
         == "pallas"
