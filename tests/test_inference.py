@@ -1,7 +1,7 @@
-"""The inference API on bundles exported from the official tiny fixtures."""
+"""The inference API on bundles exported from the official tiny fixtures (its errors and
+warnings are in test_inference_errors.py)."""
 
 import functools
-import logging
 
 import jax
 import numpy as np
@@ -10,7 +10,6 @@ import pytest
 from cacophony_jax import inference
 from cacophony_jax.audio import frontend, io, patches
 from cacophony_jax.convert import export, official
-from cacophony_jax.convert.bundle import BundleError
 from cacophony_jax.data import tokenizer
 from cacophony_jax.data.tokenizer import Tokenizer
 from cacophony_jax.models.audio_encoder import AudioEncoder
@@ -21,9 +20,8 @@ CAPTIONS = ["a dog barks twice", "rain falls on a tin roof", "a car engine idles
             "birds sing in the morning", "a door slams shut"] * 4
 
 
-@pytest.fixture(scope="module")
-def bundles(official_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
+def export_bundles(official_dir, root):
+    """The official tiny Cacophony and AudioMAE checkpoints as bundles under `root`."""
     tok = Tokenizer.train_bpe(CAPTIONS, 500).save(root / "tokenizer.json")
     caco = export.export_from_official(official_dir / "Cacophony_tiny.ckpt", root / "caco",
                                        tokenizer_path=tok, text_length=16,
@@ -31,6 +29,11 @@ def bundles(official_dir, tmp_path_factory):
     mae = export.export_from_official(official_dir / "AudioMAE_tiny.ckpt", root / "mae",
                                       window_seconds=WINDOW)
     return caco, mae
+
+
+@pytest.fixture(scope="module")
+def bundles(official_dir, tmp_path_factory):
+    return export_bundles(official_dir, tmp_path_factory.mktemp("bundles"))
 
 
 @pytest.fixture(scope="module")
@@ -153,21 +156,6 @@ def test_caption_describes_the_first_window_seconds(model, monkeypatch):
         model.caption([clip], sample_rate=16000, window_seconds=700)
     with pytest.raises(inference.InferenceError, match=r"a number of seconds or None, got '5'"):
         model.caption([clip], sample_rate=16000, window_seconds="5")
-
-
-def test_a_window_far_beyond_training_clips_warns_once(model, caplog):
-    long = 2 * model.window_seconds + 0.37  # a length no other test uses (warned once)
-    clip = noise(long, 3)
-    with caplog.at_level(logging.WARNING):
-        model.embed_audio([clip], sample_rate=16000, window_seconds=2 * model.window_seconds)
-        assert "trained on" not in caplog.text  # twice the training length: no warning
-        model.embed_audio([noise(1.5, 3)], sample_rate=16000, window_seconds=long)
-        assert "trained on" not in caplog.text  # no clip that long: nothing to say
-        for _ in range(2):
-            model.embed_audio([clip], sample_rate=16000, window_seconds=long)
-            model.caption([clip], sample_rate=16000, max_len=4, window_seconds=long)
-    warned = [r for r in caplog.records if "trained on" in r.getMessage()]
-    assert len(warned) == 1 and "--window-seconds 0" in warned[0].getMessage()
 
 
 def test_determinism_and_batch_size_invariance(model):
@@ -340,83 +328,6 @@ def test_mae_bundle(bundles, official_dir):
         model.embed_text(["a dog"])
     with pytest.raises(inference.InferenceError, match="stage-2"):
         model.caption([clip], sample_rate=16000)
-
-
-def test_clear_errors(model, tmp_path):
-    with pytest.raises(BundleError, match="does not exist"):
-        inference.load(tmp_path / "missing")
-    stereo = np.stack([noise(1.0), noise(1.0, 1)], axis=1)
-    with pytest.raises(io.AudioError, match="average the channels"):
-        model.embed_audio(stereo, sample_rate=16000)
-    with pytest.raises(io.AudioError, match="average the channels"):
-        model.embed_audio([stereo], sample_rate=16000)
-    with pytest.raises(io.AudioError, match="sample_rate="):
-        model.embed_audio([noise(1.0)])
-    with pytest.raises(io.AudioError, match="at least 2401"):
-        model.embed_audio([noise(0.1)], sample_rate=16000)
-    with pytest.raises(io.AudioError, match="does not exist"):
-        model.embed_audio([tmp_path / "nope.wav"])
-    with pytest.raises(inference.InferenceError, match="takes texts .str., got int"):
-        model.embed_text(["a dog", 3])
-    with pytest.raises(inference.InferenceError, match="similarity"):
-        model.similarity(np.zeros((2, 64)), np.zeros((2, 32)))
-    assert jax.tree.leaves(model.params)[0].dtype == np.float32
-
-
-def test_clear_errors_for_wrong_argument_types(model, bundles, tmp_path):
-    clip = noise(1.0)
-    cases = [
-        (lambda: model.embed_audio(None), io.AudioError, "audio must be a path.*got NoneType"),
-        (lambda: model.embed_audio(list(clip[:3]), sample_rate=16000), io.AudioError,
-         "a list of 3 numbers is read as a list of clips"),
-        (lambda: model.embed_audio(clip, sample_rate="16000"), io.AudioError,
-         r"sample_rate must be a positive whole number of Hz, got '16000' \(str\)"),
-        (lambda: model.embed_audio([np.stack([clip, clip])], sample_rate=16000), io.AudioError,
-         r"\[channels, samples\].*audio.mean\(axis=0\)"),
-        (lambda: model.embed_audio([clip], sample_rate=16000, batch_size="4"),
-         inference.InferenceError, "batch_size must be a whole number, got '4'"),
-        (lambda: model.caption([clip], sample_rate=16000, max_len=0),
-         inference.InferenceError, r"max_len=0 must be in \[2"),
-        (lambda: model.caption([clip], sample_rate=16000, method="sample", seed="1"),
-         inference.InferenceError, "seed must be a whole number, got '1'"),
-        (lambda: model.audio_states([clip, clip[:12000]], 16000), inference.InferenceError,
-         "audio_states takes clips of one length"),
-        (lambda: inference.load(bundles[0], device="banana"), BundleError,
-         "no 'banana' device in this process"),
-        (lambda: inference.load(bundles[0], device=3), BundleError,
-         "device must be a jax.Device"),
-    ]
-    for call, error, message in cases:
-        with pytest.raises(error, match=message):
-            call()
-    # What is accepted: a bytes path, a JAX array, a whole float rate, a platform name.
-    path = tmp_path / "clip.wav"
-    io.write_audio(path, io.to_int16(clip))
-    np.testing.assert_array_equal(model.embed_audio([bytes(path)]), model.embed_audio([path]))
-    np.testing.assert_array_equal(model.embed_audio(p for p in [path]),  # any iterable
-                                  model.embed_audio([path]))
-    np.testing.assert_allclose(model.embed_audio(jax.numpy.asarray(clip), sample_rate=16000.0),
-                               model.embed_audio(clip, sample_rate=16000), atol=1e-6)
-    assert inference.load(bundles[0], device="cpu").embedding_size == model.embedding_size
-    # A training workdir, its checkpoints folder or a step in it: the export command.
-    (tmp_path / "run" / "checkpoints" / "100").mkdir(parents=True)
-    for where in ("run", "run/checkpoints", "run/checkpoints/100"):
-        with pytest.raises(BundleError, match=r"holds a training run; write its bundle with "
-                                              r"`python -m cacophony_jax.cli export "
-                                              r"--checkpoint \S*run --out BUNDLE`"):
-            inference.load(tmp_path / where)
-
-
-def test_loud_float_audio_warns_once(model, monkeypatch, caplog):
-    from cacophony_jax.audio import clips
-
-    monkeypatch.setattr(clips, "_warned_loud", False)
-    loud = noise(1.0, 7) * 32767  # int16 samples cast to float without scaling
-    with caplog.at_level(logging.WARNING):
-        model.embed_audio(noise(1.0, 7), sample_rate=16000)
-        assert "dividing by 32768" not in caplog.text  # in [-1, 1]: nothing said
-        model.embed_audio([loud, loud], sample_rate=16000)
-    assert caplog.text.count("dividing by 32768") == 1 and "peak 9" in caplog.text
 
 
 def test_bfloat16_bundle_runs_close_to_float32(model, official_dir, tmp_path):
