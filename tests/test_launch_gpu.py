@@ -51,6 +51,10 @@ def test_render_srun_command():
                         "--kill-on-bad-exit=1", "--label"]  # lines start with the task id
     assert srun[6:] == ["python", "-m", "cacophony_jax.main", "--config=configs/mae.py:base",
                         "--workdir=/shared/run", "--config.train.steps=5"]
+    # The coordinator goes to JAX whole: its own parser would read "rack1" here.
+    code, out, _ = _render("--dry-run", "--nodes=4", "--gpus-per-node=8",
+                           "--nodelist=rack[1-2]-node[01-02]", "--config=c", "--workdir=w")
+    assert code == 0 and "export JAX_COORDINATOR_ADDRESS=rack1-node01:61440" in out
     code, out, _ = _render("--dry-run", "--mode=explicit", "--port=2222", CONFIG="c.py:tiny",
                            WORKDIR="/w", SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="4",
                            SLURM_JOB_NODELIST="n[7-8]")
@@ -113,13 +117,81 @@ def test_sbatch_matches_render(mode, tmp_path):
 def test_explicit_coordinator_wins_over_slurm(monkeypatch):
     from cacophony_jax.parallel import distributed
 
-    for name in ("COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
+    for name in ("COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "NUM_PROCESSES", "PROCESS_ID",
+                 "JAX_COORDINATOR_ADDRESS", *distributed.SLURM_TASK_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "2")
+    # An allocation of two tasks entered without srun: JAX would wait or fail unclearly.
+    with pytest.raises(ValueError, match=r"not as one of its srun tasks \(SLURM_STEP_NODELIST, "
+                                         r"SLURM_PROCID, SLURM_LOCALID not set\)"):
+        distributed.detected_environment()
+    for name, value in zip(distributed.SLURM_TASK_VARIABLES, ("n[1-2]", "1", "0"), strict=True):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "n1:2222")  # as slurm.sbatch exports it
     assert distributed.detected_environment() == "slurm"
     monkeypatch.setenv("COORDINATOR_ADDRESS", "n7:2222")  # LAUNCH_MODE=explicit
     assert distributed.detected_environment() == "explicit"
+
+
+@pytest.mark.parametrize("names", [("NUM_PROCESSES",), ("PROCESS_ID",),
+                                   ("NUM_PROCESSES", "PROCESS_ID"), ("JAX_COORDINATOR_ADDRESS",)])
+def test_half_an_explicit_environment_is_an_error(names, monkeypatch):
+    """A misspelt or missing COORDINATOR_ADDRESS would otherwise start a one-process run."""
+    from cacophony_jax.parallel import distributed
+
+    for name in ("COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "NUM_PROCESSES",
+                 "PROCESS_ID", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detected_environment() is None
+    for name in names:
+        monkeypatch.setenv(name, "n1:1234" if name == "JAX_COORDINATOR_ADDRESS" else "2")
+    with pytest.raises(ValueError, match=f"{' and '.join(names)} set but COORDINATOR_ADDRESS "
+                                         "is not"):
+        distributed.initialize("auto")
+    # Flags name the run explicitly; off means one process whatever the environment says.
+    assert not distributed.initialize("off")
+    monkeypatch.setenv("COORDINATOR_ADDRESS", "n1:1234")
+    monkeypatch.setenv("NUM_PROCESSES", "two")
+    monkeypatch.setenv("PROCESS_ID", "1")
+    with pytest.raises(ValueError, match="NUM_PROCESSES='two' is not a whole number"):
+        distributed.initialize("auto")
+
+
+def test_slurm_tasks_wait_for_the_coordinator_the_launcher_names(monkeypatch):
+    import jax
+
+    from cacophony_jax.parallel import distributed
+
+    seen, probed = {}, []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed, "wait_for_coordinator", lambda *a: probed.append(a))
+    monkeypatch.delenv("COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    for name, value in (("SLURM_JOB_ID", "9"), ("SLURM_NTASKS", "16"),
+                        ("SLURM_STEP_NODELIST", "rack[1-2]-node[01-02]"), ("SLURM_LOCALID", "3"),
+                        ("SLURM_PROCID", "0"),
+                        ("JAX_COORDINATOR_ADDRESS", "rack1-node01:61449")):
+        monkeypatch.setenv(name, value)
+    assert distributed.initialize("auto", init_timeout=60)
+    assert probed == []  # process 0 serves the address
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    assert distributed.initialize("auto", init_timeout=60)
+    assert probed == [("rack1-node01", 61449, 60, "JAX_COORDINATOR_ADDRESS")]
+    assert "coordinator_address" not in seen  # JAX reads it, and the rest, itself
+
+
+def test_distributed_on_without_a_cluster_is_one_clear_error(monkeypatch):
+    import jax
+
+    from cacophony_jax.parallel import distributed
+
+    def no_cluster(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(ValueError, match="--distributed=on, but JAX found no cluster here"):
+        distributed.initialize("on")
 
 
 def test_single_node_dry_run():
@@ -148,7 +220,7 @@ def test_distributed_timeouts_reach_jax(monkeypatch):
     monkeypatch.setattr(distributed, "wait_for_coordinator", lambda *a: probed.append(a))
     assert distributed.initialize("auto", "node1:1234", 2, 1, init_timeout=900,
                                   heartbeat_timeout=20)
-    assert probed == [("node1", 1234, 900)]  # process 0 serves it: only the others wait
+    assert probed == [("node1", 1234, 900, "--coordinator_address")]  # only the others wait
     assert seen == dict(coordinator_address="node1:1234", num_processes=2, process_id=1,
                         initialization_timeout=900, heartbeat_timeout_seconds=20)
     with pytest.raises(ValueError, match="--heartbeat_timeout=0: give a number of seconds"):

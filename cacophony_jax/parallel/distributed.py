@@ -9,20 +9,57 @@ import time
 
 import jax
 
+# What srun sets in each task; JAX's SLURM detection reads them.
+SLURM_TASK_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number") from None
+
 
 def detected_environment() -> str | None:
     """Names the multi-process environment we run in, or None for one process.
 
     Explicit coordinator variables win over SLURM's, so that a SLURM job can pass
     its own (`launch/gpu/slurm.sbatch` with LAUNCH_MODE=explicit).
+
+    Raises:
+      ValueError: half of an environment: NUM_PROCESSES or PROCESS_ID (or, outside
+        SLURM, JAX_COORDINATOR_ADDRESS) without COORDINATOR_ADDRESS, or a SLURM
+        allocation of several tasks entered without srun (JAX would wait for tasks
+        that never start, or stop with an unclear message).
     """
     if os.environ.get("COORDINATOR_ADDRESS"):
         return "explicit"
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts:
         return "tpu"
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    in_slurm = "SLURM_JOB_ID" in os.environ
+    tasks = _env_int("SLURM_NTASKS", 1) if in_slurm else 1
+    if tasks > 1:
+        missing = [name for name in SLURM_TASK_VARIABLES if name not in os.environ]
+        if missing:
+            raise ValueError(
+                f"this process runs in a SLURM allocation of {tasks} tasks, but not as one "
+                f"of its srun tasks ({', '.join(missing)} not set): start every process "
+                "with srun (launch/gpu/slurm.sbatch), or run one process with all of this "
+                "node's GPUs (launch/gpu/single_node.sh, or --distributed=off)")
         return "slurm"
+    stray = [name for name in ("NUM_PROCESSES", "PROCESS_ID") if os.environ.get(name)]
+    if not in_slurm and os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        stray.append("JAX_COORDINATOR_ADDRESS")
+    if stray:
+        raise ValueError(
+            f"{' and '.join(stray)} set but COORDINATOR_ADDRESS is not: a multi-process run "
+            "needs COORDINATOR_ADDRESS (process 0's HOST:PORT), NUM_PROCESSES and "
+            "PROCESS_ID on every process (or the --coordinator_address, --num_processes "
+            "and --process_id flags); unset them to run one process")
     return None
 
 
@@ -48,9 +85,12 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     """
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"--distributed={mode!r}; use auto, on or off")
-    env = detected_environment() if mode == "auto" else ("cluster" if mode == "on" else None)
     if coordinator_address or num_processes:
         env = "explicit"
+    elif mode == "auto":
+        env = detected_environment()
+    else:
+        env = "cluster" if mode == "on" else None
     if env is None:
         return False
     for name, value in (("init_timeout", init_timeout), ("heartbeat_timeout", heartbeat_timeout)):
@@ -61,8 +101,8 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     kwargs = {}
     if env == "explicit":
         address = coordinator_address or os.environ.get("COORDINATOR_ADDRESS", "")
-        count = num_processes or int(os.environ.get("NUM_PROCESSES", "0"))
-        pid = process_id if process_id >= 0 else int(os.environ.get("PROCESS_ID", "-1"))
+        count = num_processes or _env_int("NUM_PROCESSES", 0)
+        pid = process_id if process_id >= 0 else _env_int("PROCESS_ID", -1)
         if not address or count <= 0 or pid < 0:
             raise ValueError(
                 "multi-process run needs a coordinator address, process count and "
@@ -77,25 +117,48 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
                              f"number the processes 0 to {count - 1}")
         kwargs = dict(coordinator_address=address, num_processes=count, process_id=pid)
         if pid > 0:  # process 0 serves the address; JAX would abort without a word
-            started = time.monotonic()
-            wait_for_coordinator(host.strip("[]"), int(port), init_timeout)
-            init_timeout = max(1, round(init_timeout - (time.monotonic() - started)))
+            init_timeout = _wait(host, int(port), init_timeout, "--coordinator_address")
+    elif env == "slurm" and _env_int("SLURM_PROCID", 0) > 0:
+        # JAX finds the rest itself; where the launcher named the coordinator
+        # (launch/gpu/slurm.sbatch does), wait for it as above.
+        host, _, port = os.environ.get("JAX_COORDINATOR_ADDRESS", "").rpartition(":")
+        if host and port.isdigit():
+            init_timeout = _wait(host, int(port), init_timeout, "JAX_COORDINATOR_ADDRESS")
     # On Cloud TPU pods (where the worker list lives in the VM metadata, so 'auto'
     # cannot see it: pass --distributed=on) and SLURM, jax finds the coordinator.
     count = kwargs.get("num_processes")
     logging.info("starting the distributed runtime (%s): waiting for %s to connect; JAX "
                  "gives up after %d s if one never starts (--init_timeout)", env,
                  f"all {count} processes" if count else "every process", init_timeout)
-    jax.distributed.initialize(**kwargs, initialization_timeout=init_timeout,
-                               heartbeat_timeout_seconds=heartbeat_timeout)
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=init_timeout,
+                                   heartbeat_timeout_seconds=heartbeat_timeout)
+    except ValueError as error:
+        if "coordinator_address should be defined" not in str(error):
+            raise
+        raise ValueError(
+            "--distributed=on, but JAX found no cluster here (a Cloud TPU pod, an srun task "
+            "of a SLURM job) to take the coordinator from: pass --coordinator_address, "
+            "--num_processes and --process_id (or set COORDINATOR_ADDRESS, NUM_PROCESSES "
+            "and PROCESS_ID), or leave --distributed at auto") from None
     logging.info("distributed runtime (%s): process %d of %d, %d local / %d global devices",
                  env, jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
     return True
 
 
-def wait_for_coordinator(host: str, port: int, timeout: float) -> None:
+def _wait(host: str, port: int, timeout: int, named_by: str) -> int:
+    """Waits for the coordinator; returns what is left of `timeout` (at least 1 s)."""
+    started = time.monotonic()
+    wait_for_coordinator(host.strip("[]"), port, timeout, named_by)
+    return max(1, round(timeout - (time.monotonic() - started)))
+
+
+def wait_for_coordinator(host: str, port: int, timeout: float,
+                         named_by: str = "--coordinator_address") -> None:
     """Waits until process 0's coordinator accepts connections at host:port.
+
+    `named_by` (the flag or variable that gave the address) goes into the errors.
 
     Raises:
       ValueError: the host name did not resolve, or nothing answered, in `timeout` s
@@ -108,7 +171,7 @@ def wait_for_coordinator(host: str, port: int, timeout: float) -> None:
                 return
         except socket.gaierror as e:  # a name may resolve only once process 0 is up
             if time.monotonic() >= deadline:
-                raise ValueError(f"the coordinator host {host!r} of --coordinator_address "
+                raise ValueError(f"the coordinator host {host!r} of {named_by} "
                                  f"{host}:{port} cannot be resolved ({e.strerror}): give "
                                  "process 0's host name or address") from None
         except OSError as e:
@@ -116,6 +179,6 @@ def wait_for_coordinator(host: str, port: int, timeout: float) -> None:
                 raise ValueError(
                     f"nothing answered at the coordinator address {host}:{port} within "
                     f"{timeout:g} s ({e.strerror or e}): start process 0 with the same "
-                    "--coordinator_address, check that the port is open between the hosts, "
+                    f"{named_by}, check that the port is open between the hosts, "
                     "or raise --init_timeout where hosts start minutes apart") from None
         time.sleep(1.0)

@@ -3,9 +3,11 @@
 
 One training process per GPU. Two ways for the processes to find each other:
 
-- ``--mode=slurm`` (default): JAX reads SLURM's own variables (SLURM_STEP_NODELIST,
-  SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID); the coordinator is the step's first node
-  on port ``JAX_COORDINATOR_PORT``; each process takes GPU ``SLURM_LOCALID``.
+- ``--mode=slurm`` (default): JAX reads SLURM's own variables (SLURM_NTASKS,
+  SLURM_PROCID, SLURM_LOCALID); each process takes GPU ``SLURM_LOCALID``. The
+  coordinator, the node list's first host on port ``JAX_COORDINATOR_PORT``, is passed
+  as ``JAX_COORDINATOR_ADDRESS``: JAX's own reading of SLURM_STEP_NODELIST takes only
+  the first bracket of names such as ``rack[1-2]-node[01-02]``.
 - ``--mode=explicit``: the same facts passed as COORDINATOR_ADDRESS, NUM_PROCESSES,
   PROCESS_ID (and JAX_LOCAL_DEVICE_IDS), for clusters where the automatic detection
   does not fit.
@@ -147,12 +149,12 @@ def render(nodes: int, gpus_per_node: int, nodelist: str, config: str, workdir: 
             f"--ntasks-per-node={gpus_per_node}", "--kill-on-bad-exit=1", "--label"]
     if cpus_per_task:
         srun.append(f"--cpus-per-task={cpus_per_task}")
+    if mode not in ("slurm", "explicit"):
+        raise ValueError(f"mode must be 'slurm' or 'explicit', got {mode!r}")
+    env["JAX_COORDINATOR_ADDRESS"] = coordinator
     if mode == "slurm":
         return env, srun + train
-    if mode != "explicit":
-        raise ValueError(f"mode must be 'slurm' or 'explicit', got {mode!r}")
-    env.update(COORDINATOR_ADDRESS=coordinator, JAX_COORDINATOR_ADDRESS=coordinator,
-               NUM_PROCESSES=str(num_processes))
+    env.update(COORDINATOR_ADDRESS=coordinator, NUM_PROCESSES=str(num_processes))
     # PROCESS_ID and the device index are only known inside each task.
     per_task = ('export PROCESS_ID="$SLURM_PROCID" JAX_LOCAL_DEVICE_IDS="$SLURM_LOCALID"; '
                 "exec " + shlex.join(train))

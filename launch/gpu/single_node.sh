@@ -20,9 +20,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 
 # Inside a SLURM allocation of several tasks (salloc -n 8, or an sbatch script), the
-# SLURM variables would make this one process wait in jax.distributed for the other
-# tasks, which never start; drop them (and explicit coordinator settings) so it runs
-# alone with every GPU of the node.
+# entry point would take the SLURM variables for a multi-process run and stop, asking
+# for one srun task per process; drop them (and explicit coordinator settings) so this
+# process runs alone with every GPU of the node.
 CMD=(env -u SLURM_JOB_ID -u SLURM_STEP_NODELIST -u SLURM_NTASKS -u SLURM_PROCID
      -u SLURM_LOCALID -u COORDINATOR_ADDRESS -u JAX_COORDINATOR_ADDRESS -u NUM_PROCESSES
      -u PROCESS_ID -u JAX_LOCAL_DEVICE_IDS
