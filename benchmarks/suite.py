@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, commands in parts.items():
             print(f"{name}:\n" + "\n".join("  " + c.shell() for c in commands))
         return []
+    if "attention" in names and "attention" not in parts:
+        raise ValueError("the attention part compares XLA's attention with a fused kernel: "
+                         "give one with --attention cudnn (the default only where a GPU is "
+                         "present)")
     unknown = sorted(set(names) - set(parts))
     if unknown:
         raise ValueError(f"unknown part(s) {unknown}; choose from {sorted(parts)} or 'all'")

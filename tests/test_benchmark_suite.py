@@ -52,6 +52,8 @@ def test_suite_plan_and_errors(tmp_path, capsys, monkeypatch):
                for line in printed)
     with pytest.raises(ValueError, match="unknown part"):
         suite.main(["--out", str(tmp_path), "--parts", "steps-mea"])
+    with pytest.raises(ValueError, match="attention part .* --attention cudnn"):
+        suite.main(["--out", str(tmp_path), "--parts", "attention", "--attention", "xla"])
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(r) for r in [
         {"step": 1, "loss": 1.0, "perf/first_step_seconds": 30.0}, *(
