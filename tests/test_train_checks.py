@@ -173,3 +173,8 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
         loop.run(tiny_config("mae", 2, **{"train.log_every": 0}), str(tmp_path / "m"))
     with pytest.raises(ValueError, match="dtype=float16 does not run on CPU"):
         loop.run(tiny_config("mae", 2, **{"model.dtype": "float16"}), str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="attention=cudnn takes bfloat16 or float16 inputs"):
+        loop.run(tiny_config("mae", 2, **{"model.attention": "cudnn"}), str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="cuDNN's fused attention, which needs NVIDIA GPUs"):
+        loop.run(tiny_config("mae", 2, **{"model.attention": "cudnn",
+                                          "model.dtype": "bfloat16"}), str(tmp_path / "m"))

@@ -139,6 +139,10 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape),
                  jax.device_count(), jax.process_count())
     platform = mesh.devices.flat[0].platform
+    if config.model.attention == "cudnn" and config.model.dtype == "float32":
+        raise ValueError("config.model.attention=cudnn takes bfloat16 or float16 inputs; this "
+                         "run computes in float32: set config.model.dtype=bfloat16 or use "
+                         "attention=xla")
     if config.model.attention == "cudnn" and platform != "gpu":
         raise ValueError(f"config.model.attention=cudnn is cuDNN's fused attention, which "
                          f"needs NVIDIA GPUs; this run has {platform} devices: use xla")
