@@ -109,7 +109,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     ranked = embedding_index.rank(emb, queries, args.top_k)
     for query, (top, scores) in zip(args.queries, ranked, strict=True):
         if len(args.queries) > 1:
-            print(f"# {query}")
+            print(f"# {_field(query)}")  # a line break in a query stays in its header
         for i, score in zip(top, scores, strict=True):
             print(f"{score:.4f}\t{_field(paths[i])}")
     return 0
@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet.quiet_abandoned_reads()  # a damaged checkpoint gives one error line
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not a failure
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:  # every user-caused error of the package
         if args.debug:
             raise

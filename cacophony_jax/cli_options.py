@@ -26,6 +26,25 @@ def positive(text: str) -> int:
     return value
 
 
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    value = int(text) if text.strip().lstrip("-").isdigit() else -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An argparse type: a sampling seed, as JAX's 32-bit keys hold it."""
+    from cacophony_jax.inference import SEED_MAX, SEED_MIN
+
+    value = int(text) if text.strip().lstrip("-").isdigit() else SEED_MIN - 1
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a seed in [{SEED_MIN}, 2**32 - 1] (JAX's "
+                                         f"keys hold 32 bits), got {text!r}")
+    return value
+
+
 def window_seconds(text: str) -> float | None:
     """An argparse type: a window length in seconds; 0 means the bundle's (None)."""
     from cacophony_jax.inference_runtime import MAX_WINDOW_SECONDS, MIN_WINDOW_SECONDS
@@ -89,4 +108,4 @@ def decoding_options(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--max-len", type=positive, default=None,
                    help="tokens per caption at most (default: the bundle's text length)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed")

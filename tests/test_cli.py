@@ -109,9 +109,10 @@ def test_embed_search_caption(bundles, sounds, tmp_path, capsys):
     best = np.argsort(-scores, kind="stable")[:3]
     assert [p for _, p in lines] == [paths[i] for i in best]
     np.testing.assert_allclose([float(s) for s, _ in lines], scores[best], atol=1e-4)
-    code, out, _ = _run(capsys, "search", "rain", "bell", "--index", index, "--bundle",
-                        bundles["main"], "--top-k", "2")
+    code, out, _ = _run(capsys, "search", "rain", "a bell\nrings", "--index", index,
+                        "--bundle", bundles["main"], "--top-k", "2")
     assert code == 0 and out.count("# ") == 2 and len(out.splitlines()) == 6
+    assert "# a bell\\nrings\n" in out  # a query's line break is shown escaped
 
     code, out, err = _run(capsys, "caption", sounds / "tone0.wav", sounds / "broken.wav",
                           "--bundle", bundles["main"], "--method", "beam", "--beam-size", "2",
@@ -241,6 +242,17 @@ def test_argument_errors_and_help(capsys):
             cli.main(argv)
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    # Values refused before any audio is decoded or any model loaded.
+    for argv, message in ((["caption", "a.wav", "--bundle", "b", "--seed", "-1"], "seed in"),
+                          (["caption", "a.wav", "--bundle", "b", "--seed", "4294967296"],
+                           "seed in"),
+                          (["eval", "--bundle", "b", "--caption-clips", "-2"], "0 or more"),
+                          (["eval", "--bundle", "b", "--synthetic", "-1"], "0 or more"),
+                          (["eval", "--bundle", "b", "--workers", "0"], "positive integer")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and err.count("\n") == 1, (argv, err)
     for argv in (["embed"], ["search"], ["caption"], ["eval"], ["export"], ["curate", "clean"],
                  ["curate", "caption"], ["curate", "build"]):
         with pytest.raises(SystemExit) as info:
@@ -367,3 +379,24 @@ def test_a_file_name_that_is_not_utf8_is_captioned_shown_escaped_and_not_curated
     assert [row["id"] for row in rows] == ["ok.wav"]
     assert "caf\\xe9.wav: the file name is not valid UTF-8" in caplog.text
     assert "convmv" in caplog.text
+
+
+def test_a_reader_that_stops_early_is_not_a_failure():
+    """`... | head -1`: the closed pipe ends the command quietly, with status 0."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    script = ("import sys\nfrom cacophony_jax import cli\n"
+              "def flood(args):\n    for i in range(10**6):\n        print(f'line {i}')\n"
+              "    return 0\n"
+              "cli.cmd_search = flood\n"
+              "sys.exit(cli.main(['search', 'q', '--index', 'i', '--bundle', 'b']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == ""

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from cacophony_jax.cli_options import non_negative, positive
 from cacophony_jax.data.sources import SourceError, open_source, path_and_split
 from cacophony_jax.evals.benchmark import RELEASE_WINDOW_SECONDS, evaluate_bundle, open_datasets
 from cacophony_jax.evals.report import DATASETS, results_markdown
@@ -35,11 +36,11 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--array-record", action="append", default=[], metavar="DIR[:SPLIT]",
                         help="your own set written by curate build (split default 'test'); "
                              "repeatable")
-    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+    parser.add_argument("--synthetic", type=non_negative, default=0, metavar="N",
                         help="also evaluate N held-out clips of the embedded synthetic corpus")
     parser.add_argument("--synthetic-seconds", type=float, default=0.0,
                         help="their length (default: the bundle's window)")
-    parser.add_argument("--caption-clips", type=int, default=0, metavar="N",
+    parser.add_argument("--caption-clips", type=non_negative, default=0, metavar="N",
                         help="caption N clips of each labelled set and report how often "
                              "the caption names the clip's class")
     parser.add_argument("--caption-method", choices=("greedy", "beam"), default="greedy",
@@ -59,8 +60,8 @@ def add_arguments(parser: Any) -> None:
                              "which embedded Clotho's 15-30 s clips whole; 0: the bundle's "
                              "training window)")
     parser.add_argument("--out", help="folder for results.json and results.md")
-    parser.add_argument("--batch-size", type=int, default=32, help="clips per model call")
-    parser.add_argument("--workers", type=int, default=4, help="threads decoding audio")
+    parser.add_argument("--batch-size", type=positive, default=32, help="clips per model call")
+    parser.add_argument("--workers", type=positive, default=4, help="threads decoding audio")
 
 
 def _own_sets(manifests: list[str], array_records: list[str]
