@@ -105,7 +105,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _usage_error(problem: str) -> None:
-    sys.stderr.write(f"error: {problem}\n(--helpshort lists the flags, configs/common.py "
+    sys.stderr.write(f"error: {problem} (--helpshort lists the flags, configs/common.py "
                      "the config fields)\n")
     sys.exit(2)
 
