@@ -112,3 +112,25 @@ def test_loud_float_audio_warns_once(model, monkeypatch, caplog):
         assert "dividing by 32768" not in caplog.text  # in [-1, 1]: nothing said
         model.embed_audio([loud, loud], sample_rate=16000)
     assert caplog.text.count("dividing by 32768") == 1 and "peak 9" in caplog.text
+
+
+def test_a_folder_of_several_training_runs_names_those_with_checkpoints(tmp_path):
+    # The README's layout: runs/mae (stage 1) and runs/caco (stage 2) in one folder.
+    (tmp_path / "runs" / "mae" / "checkpoints" / "5").mkdir(parents=True)
+    (tmp_path / "runs" / "caco" / "checkpoints" / "10").mkdir(parents=True)
+    (tmp_path / "runs" / "new" / "checkpoints").mkdir(parents=True)  # nothing saved yet
+    with pytest.raises(BundleError) as raised:
+        inference.load(tmp_path / "runs")
+    message = str(raised.value)
+    assert (f"holds several training runs ({tmp_path}/runs/caco, {tmp_path}/runs/mae); write "
+            "the bundle of one of them with `python -m cacophony_jax.cli export "
+            "--checkpoint RUN --out BUNDLE`") in message and "new" not in message
+    # One run with checkpoints: that one, never one without.
+    (tmp_path / "runs" / "caco" / "checkpoints" / "10").rmdir()
+    with pytest.raises(BundleError, match=r"holds a training run; write its bundle with "
+                                          r"`python -m cacophony_jax.cli export "
+                                          r"--checkpoint \S*runs/mae --out BUNDLE`"):
+        inference.load(tmp_path / "runs")
+    (tmp_path / "runs" / "mae" / "checkpoints" / "5").rmdir()
+    with pytest.raises(BundleError, match="missing\\); create one with the export command"):
+        inference.load(tmp_path / "runs")

@@ -152,20 +152,27 @@ def dtype_of(name: str) -> Any:
 # ---- reading ------------------------------------------------------------------------
 
 
-def _training_run(folder: pathlib.Path) -> pathlib.Path | None:
+def _has_steps(run: pathlib.Path) -> bool:
+    """Whether a training run's checkpoints folder holds a step (a folder named by it)."""
+    try:
+        return any(p.name.isdigit() and p.is_dir() for p in (run / "checkpoints").iterdir())
+    except OSError:
+        return False
+
+
+def _training_runs(folder: pathlib.Path) -> list[pathlib.Path]:
     """The training workdir `folder` is or lies in (a stage's workdir, its checkpoints
-    folder or a step in it; for a recipe's workdir, its last stage's), else None."""
+    folder or a step in it), else the training runs with checkpoints inside it (a
+    recipe's workdir, a parent of several runs), else []."""
     if (folder / "checkpoints").is_dir():
-        return folder
+        return [folder]
     for inside in (folder, folder.parent):  # the checkpoints folder, or a step in it
         if inside.name == "checkpoints":
-            return inside.parent
+            return [inside.parent]
     try:
-        stages = sorted(p for p in folder.iterdir() if (p / "checkpoints").is_dir())
+        return sorted(p for p in folder.iterdir() if p.is_dir() and _has_steps(p))
     except OSError:
-        return None
-    named = [p for p in stages if p.name == "cacophony"]
-    return (named or stages or [None])[-1]
+        return []
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -188,11 +195,17 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not folder.is_dir():
         raise BundleError(f"inference bundle {folder} does not exist; {fix}")
     if not meta_path.is_file():
-        run = _training_run(folder)
-        if run is not None:
+        runs = _training_runs(folder)
+        if len(runs) == 1:
             fix = (f"it holds a training run; write its bundle with `python -m "
-                   f"cacophony_jax.cli export --checkpoint {shlex.quote(str(run))} "
+                   f"cacophony_jax.cli export --checkpoint {shlex.quote(str(runs[0]))} "
                    "--out BUNDLE` and load that")
+        elif runs:
+            listed = ", ".join(shlex.quote(str(r)) for r in runs)
+            fix = (f"it holds several training runs ({listed}); "
+                   "write the bundle of one of them with `python -m cacophony_jax.cli "
+                   "export --checkpoint RUN --out BUNDLE` and load that (a stage-2 run's "
+                   "bundle also captions)")
         raise BundleError(f"{folder} is not an inference bundle ({BUNDLE_JSON} is missing); "
                           f"{fix}")
     try:
