@@ -25,6 +25,7 @@ import numpy as np
 from cacophony_jax import atomic_write
 
 INDEX_KEYS = ("paths", "embeddings", "bundle")
+_NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
 
 
 class IndexFileError(ValueError):
@@ -117,16 +118,30 @@ def read_index(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     Returns:
       (paths [n] str, embeddings [n, P] float32, bundle metadata dict).
     """
+    if os.path.isdir(path):
+        raise IndexFileError(f"index {path} is a folder, not an index file; pass the .npz "
+                             "file the embed command wrote (its --out)")
     if not os.path.isfile(path):
         raise IndexFileError(f"index {path} does not exist; create it with the embed command")
+    not_index = f"{path} is not an index written by the embed command"
+    try:
+        with open(path, "rb") as f:
+            is_npz = f.read(len(_NPZ_MAGIC)) == _NPZ_MAGIC
+    except OSError as e:
+        raise IndexFileError(f"index {path} cannot be read ({e.strerror}); check the file "
+                             "and its permissions") from None
+    if not is_npz:  # numpy would try it as a pickle and advise loading it unsafely
+        raise IndexFileError(f"{not_index} (it is not an .npz file); pass the .npz file the "
+                             "embed command wrote, or rebuild it with embed")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in INDEX_KEYS if k in data.files}
         paths, emb = arrays["paths"], arrays["embeddings"].astype(np.float32)
         meta = json.loads(str(arrays["bundle"]))
     except (OSError, ValueError, EOFError, KeyError) as e:
-        raise IndexFileError(f"{path} is not an index written by the embed command ("
-                             f"{type(e).__name__}: {e}); rebuild it with embed") from None
+        why = ("it holds Python objects" if "allow_pickle" in str(e)  # never load those
+               else f"{type(e).__name__}: {e}")
+        raise IndexFileError(f"{not_index} ({why}); rebuild it with embed") from None
     if emb.ndim != 2 or emb.shape[0] != paths.shape[0]:
         raise IndexFileError(f"{path} is damaged: {paths.shape[0]} paths but embeddings of "
                              f"shape {emb.shape}; rebuild it with the embed command")

@@ -1,5 +1,6 @@
-"""Bundle fingerprints of embedding indexes: only the bundle's own files count."""
+"""Embedding index files: bundle fingerprints (only the bundle's own files count), bad files."""
 
+import numpy as np
 import pytest
 
 from cacophony_jax import embedding_index
@@ -50,3 +51,23 @@ def test_an_index_of_an_earlier_version_is_accepted(tmp_path):
     with pytest.raises(IndexFileError, match="embeddings of different bundles"):
         check_bundle("i.npz", {"fingerprint": "0123456789abcdef"}, bundle,
                      bundle_fingerprint(bundle), model=None)
+
+
+def test_what_is_not_an_index_is_named_as_such(tmp_path):
+    (tmp_path / "results.json").write_text('{"a": 1}')
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    np.savez(tmp_path / "objects.npz", paths=np.array([{"a": 1}], dtype=object),
+             embeddings=np.zeros((1, 2)), bundle=np.asarray("{}"))
+    cases = [(tmp_path, rf"^index {tmp_path} is a folder, not an index file; pass the .npz "
+                        r"file the embed command wrote \(its --out\)$"),
+             (tmp_path / "none.npz", "does not exist; create it with the embed command"),
+             (tmp_path / "results.json", r"results.json is not an index written by the embed "
+                                         r"command \(it is not an .npz file\); pass the .npz"),
+             (tmp_path / "x.npy", r"x.npy is not an index written by the embed command \(it "
+                                  r"is not an .npz file\)"),
+             (tmp_path / "objects.npz", r"objects.npz is not an index written by the embed "
+                                        r"command \(it holds Python objects\); rebuild it")]
+    for path, message in cases:
+        with pytest.raises(IndexFileError, match=message) as raised:
+            embedding_index.read_index(str(path))
+        assert "allow_pickle" not in str(raised.value)
