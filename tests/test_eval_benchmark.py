@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from cacophony_jax.data.sources import SourceError
+from cacophony_jax.data.sources import ClipSource, SourceError
 from cacophony_jax.evals import benchmark, eval_command, report
 
 WORDS = ("dog", "rain", "bell", "car")  # class k is a tone of 1000 (k + 1) Hz
@@ -304,6 +304,17 @@ def test_user_errors(tmp_path):
         benchmark.open_datasets({"vggsound": str(tmp_path)})
     with pytest.raises(SourceError, match="does not exist"):
         benchmark.open_datasets({"esc50": str(tmp_path / "missing")})
+    headers = {"audiocaps": ["audiocap_id", "youtube_id", "start_time", "caption"],
+               "clotho": ["file_name"] + [f"caption_{k}" for k in range(1, 6)],
+               "esc50": ["filename", "fold", "target", "category"],
+               "urbansound8k": ["slice_file_name", "fold", "classID", "class"]}
+    for name, header in headers.items():  # a listing with only its header
+        _csv(tmp_path / name / benchmark.LISTINGS[name], header, [])
+        with pytest.raises(SourceError, match=rf"^{tmp_path / name / benchmark.LISTINGS[name]} "
+                                              r"lists no clips \(it holds only a header\)"):
+            benchmark.open_datasets({name: str(tmp_path / name)})
+    with pytest.raises(SourceError, match="^empty lists no clips; nothing to evaluate"):
+        benchmark.embed_source(FakeModel(), ClipSource("empty", str(tmp_path)))
     mae = FakeModel()
     mae.kind = "mae"
     with pytest.raises(ValueError, match="without a text tower"):

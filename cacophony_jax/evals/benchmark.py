@@ -24,7 +24,8 @@ clips are cut into 30-s windows whose embeddings are averaged. `--window-seconds
 uses the bundle's training window (10 s for the release) instead, as `embed_audio`
 does by default.
 Files that fail to decode are skipped and counted (`unreadable`), so results on an
-incomplete copy of a set say so.
+incomplete copy of a set say so; a set whose listing (`LISTINGS`) names no clip is
+refused, naming that file.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ from cacophony_jax.evals.retrieval import retrieval_metrics
 from cacophony_jax.evals.zeroshot import prompts_for, release_prompts, zeroshot_metrics
 from cacophony_jax.progress import Progress
 
+# The file listing the evaluated clips of each readable set (`data.layouts`).
+LISTINGS = {"audiocaps": "test.csv", "clotho": "clotho_captions_evaluation.csv",
+            "esc50": os.path.join("meta", "esc50.csv"),
+            "urbansound8k": os.path.join("metadata", "UrbanSound8K.csv")}
+
 
 def open_datasets(roots: Mapping[str, str]) -> dict[str, Any]:
     """Opens the evaluated split of each named public dataset.
@@ -64,6 +70,10 @@ def open_datasets(roots: Mapping[str, str]) -> dict[str, Any]:
             raise SourceError(f"no reader for evaluation set {name!r}; readable sets: "
                               f"{readable}")
         opened[name] = DATASETS[name][2](root)
+        if not len(opened[name]):
+            listing = os.path.join(root, LISTINGS[name])
+            raise SourceError(f"{listing} lists no clips (it holds only a header); restore "
+                              "it from the dataset's download")
     return opened
 
 
@@ -112,6 +122,8 @@ def embed_source(model: Any, source: Any, *, batch_size: int = 32, workers: int 
         return model.embed_audio(clips, sample_rate=SAMPLE_RATE, batch_size=batch_size,
                                  **window)
 
+    if not total:
+        raise SourceError(f"{source.name} lists no clips; nothing to evaluate")
     embeddings, captions, labels, ids, failures, unreadable, absent = [], [], [], [], [], [], []
     for records, results in map_records(embed, source, total, batch_size, workers):
         for record, result in zip(records, results, strict=True):
