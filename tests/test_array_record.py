@@ -213,7 +213,7 @@ def test_damaged_shards_are_named_when_opened_and_a_bad_record_is_one_error(tmp_
     # Damaged inside a record's data: the source opens; that record is one
     # ArrayRecordError (which training skips and counts), the others read.
     records = _records(9)
-    records[4]["audio"] = np.full(4000, 12345, np.int16)  # in shard 1, found by its bytes
+    records[7]["audio"] = np.full(4000, 12345, np.int16)  # shard 1's 3rd, found by its bytes
     write_array_record(records, tmp_path / "ds2", "train", 3, CLASSES)
     shard = tmp_path / "ds2" / _shards(tmp_path / "ds2", "train")[1]
     data = bytearray(shard.read_bytes())
@@ -227,8 +227,13 @@ def test_damaged_shards_are_named_when_opened_and_a_bad_record_is_one_error(tmp_
             outcomes.append(source[i]["id"])
         except ArrayRecordError as e:
             outcomes.append(str(e))
-    assert outcomes[0] == "clip-0" and outcomes[3] == "clip-3"
-    assert "record" in outcomes[4] and "cannot be read" in outcomes[4]
+    assert outcomes[0] == "clip-0" and outcomes[4] == "clip-4"
+    # Named by the index asked for and by its place in the shard file that holds it.
+    assert outcomes[7].startswith(f"ds2/train record 7 (entry 2 of {shard.name}) cannot be "
+                                  "read (")
+    source._round_robin = False  # as a split written before records were dealt in turn
+    with pytest.raises(ArrayRecordError, match=rf"record 5 \(entry 2 of {shard.name}\) "):
+        source[5]
 
 
 def test_bad_records(tmp_path):

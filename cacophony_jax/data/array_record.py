@@ -122,6 +122,7 @@ class ArrayRecordSource:
         # closed again, in a few threads), so a deleted or truncated shard stops the run
         # here, not at its first batch after compiling.
         paths = [str(p) for p in splits[split].filepaths]
+        self._shard_files = [os.path.basename(p) for p in paths]
         revision = split_files(path, split).get(os.path.basename(paths[0]), 0) if paths else 0
         texts = os.path.join(path, texts_name(split, revision))
         self._texts_path = texts if os.path.isfile(texts) else None
@@ -141,16 +142,20 @@ class ArrayRecordSource:
             raise IndexError(f"{self.name} has {len(self)} clips; index {index} is out of range")
         if self._round_robin:
             shard, position = index % self._num_shards, index // self._num_shards
-            index = int(self._offsets[shard]) + position
+        else:
+            shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+            position = index - int(self._offsets[shard])
+        # Named by the caller's index and by its place in a shard file, so a damaged
+        # entry can be found both in the training log and on disk.
+        where = f"{self.name} record {index} (entry {position} of {self._shard_files[shard]})"
         try:
-            example = self._data[index]
+            example = self._data[int(self._offsets[shard]) + position]
         except Exception as error:  # noqa: BLE001 - a damaged chunk: this record is lost
-            raise ArrayRecordError(f"{self.name} record {index} cannot be read "
-                                   f"({_first_line(error)})") from None
+            raise ArrayRecordError(f"{where} cannot be read ({_first_line(error)})") from None
         audio = np.frombuffer(example["audio"], "<i2")
         if audio.size != example["num_samples"]:
-            raise ArrayRecordError(f"{self.name} record {index} is corrupt: {audio.size} audio "
-                                   f"samples, {example['num_samples']} expected")
+            raise ArrayRecordError(f"{where} is corrupt: {audio.size} audio samples, "
+                                   f"{example['num_samples']} expected")
         return {
             "id": _text(example["id"]),
             "captions": [_text(c) for c in example["captions"]],
