@@ -154,3 +154,32 @@ def test_a_run_of_bad_records_is_replaced_from_all_over_the_source():
     # Spread over the source, not the first good record after the gap 70 times.
     assert max(stand_ins.count(r) for r in set(stand_ins)) <= 8 and len(set(stand_ins)) >= 15
     assert decoded[3]["num_failed"] == 0 and decoded[40]["num_failed"] == 1
+
+
+def test_a_record_failed_by_two_reader_threads_at_once_is_warned_about_once(caplog):
+    import pickle
+    import threading
+
+    both_in = threading.Barrier(2, timeout=10)
+
+    class Damaged(IndexSource):  # record 3 fails, read by both threads before either fails
+        def __getitem__(self, i):
+            if i == 3:
+                both_in.wait()
+                raise io.AudioError("record 3 is damaged")
+            return super().__getitem__(i)
+
+    decoded = pipeline.DecodedSource(Damaged(10))
+    got = []
+    with caplog.at_level("WARNING"):
+        readers = [threading.Thread(target=lambda: got.append(decoded[3]["num_failed"]))
+                   for _ in range(2)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+    assert got == [1, 1]  # both draws replaced and counted
+    assert [r.getMessage().count("record 3 is damaged") for r in caplog.records] == [1]
+    # A Grain worker process gets a copy with a lock of its own.
+    copy = pickle.loads(pickle.dumps(pipeline.DecodedSource(IndexSource(4))))
+    assert copy[1]["num_failed"] == 0

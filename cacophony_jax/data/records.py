@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -40,9 +41,10 @@ class DecodedSource:
     A record that fails whatever crop is drawn (it cannot be opened or decoded whole,
     is too short, lacks a caption, is a corrupt array_record entry) is remembered by
     this process (each Grain worker has its own memory) and skipped on its later
-    draws without being read again, and without another warning. Such a draw is still
-    counted in `num_failed`, so the count is that of draws replaced, the same as if the
-    record were tried again each time. A failure of one window of a long file (another
+    draws without being read again, and without another warning (also when two reader
+    threads fail it at the same time). Such a draw is still counted in `num_failed`,
+    so the count is that of draws replaced, the same as if the record were tried again
+    each time. A failure of one window of a long file (another
     crop may decode) and an `OSError` (perhaps a passing fault) are tried again on
     the next draw.
     """
@@ -56,11 +58,22 @@ class DecodedSource:
         self._failures = 0
         # Record index -> why it is unusable, for records that fail whatever the crop.
         self._unusable: dict[int, str] = {}
+        # Grain's reader threads draw at once: two may fail the same record together.
+        self._lock = threading.Lock()
         n = max(1, len(source))
         stride = max(1, round(n * 0.6180339887)) | 1
         while math.gcd(stride, n) != 1:
             stride += 2
         self._stride = stride % n or 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a Grain worker process gets a lock of its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._source)
@@ -134,9 +147,12 @@ class DecodedSource:
                 # Failed before a crop was drawn (no random numbers used): the same on
                 # every draw, so skipping it unread changes neither records nor crops.
                 remember = not cropped and isinstance(e, (io.AudioError, SourceError))
-                if remember:
-                    self._unusable[current] = str(e)
-                self._warn(current, e, remember)
+                with self._lock:
+                    if remember and current in self._unusable:
+                        continue  # another thread failed it meanwhile, and warned
+                    if remember:
+                        self._unusable[current] = str(e)
+                    self._warn(current, e, remember)
                 continue
             record["num_failed"] = int(failed > 0)
             return record
