@@ -162,6 +162,38 @@ def test_a_position_saved_with_another_batch_or_worker_count_is_not_set():
     assert target.restored and target.iterator.states == [{"next_index": 40}]
 
 
+def test_counters_carry_on_when_a_steps_input_position_is_lost(tmp_path, caplog):
+    # The step's metadata keeps them too: data/failed_records does not restart at 0.
+    import shutil
+
+    import jax
+
+    class Iterator:
+        def set_state(self, state):
+            raise AssertionError("no saved position to set")
+
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((2,), np.float32, sharding=cpu)}
+    counters = {"failed_records": 32, "examples_seen": 160, "first_batch": 0}
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    try:  # step 10 as saved before the counters were kept in the metadata
+        ckpt.save(10, {"w": np.ones(2, np.float32)}, None, {"task": "mae"})
+        ckpt.save(20, {"w": np.ones(2, np.float32)}, {"next_index": 40}, {"task": "mae"},
+                  counters=counters)
+    finally:
+        ckpt.close()
+    shutil.rmtree(tmp_path / "20" / "data_iter")
+    for step, want in ((20, counters), (10, {})):
+        reader = checkpoint.Checkpointer(tmp_path, async_save=False)
+        try:
+            target = checkpoint.IteratorTarget(Iterator())
+            assert reader.restore(abstract, target, step=step)[1] == step
+        finally:
+            reader.close()
+        assert not target.restored and target.counters == want
+    assert "the input position saved at step 20 was not restored" in caplog.text
+
+
 def test_a_position_placed_by_the_step_counts_examples_when_the_batch_changed():
     class Saved:
         def __init__(self, batch):

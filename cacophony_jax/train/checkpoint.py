@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state, the Grain iterator and the config.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config}`. Saves are
+Layout: `<workdir>/checkpoints/<step>/{state,data_iter,config}`, the first process's
+host counters also in the step's metadata (`IteratorTarget`). Saves are
 asynchronous and the manager is always closed (an unclosed async save hangs at
 exit). A step folder that cannot be restored is skipped with a warning in favour
 of the previous one and is never overwritten or deleted: it is renamed
@@ -50,8 +51,10 @@ class IteratorTarget:
     """The restore target for a Grain iterator whose saved state carries host counters.
 
     The loop's own per-process counters (e.g. data/failed_records) ride in the saved
-    iterator state under COUNTERS_KEY, so they continue across a resume; states saved
-    without them restore as before, with counters of zero. Counter "first_batch" is
+    iterator state under COUNTERS_KEY, so they continue across a resume; the first
+    process's (those the metrics show) are also in the step's metadata, so they
+    continue where the iterator item is missing or cannot be restored. Steps saved
+    without either restore as before, with counters of zero. Counter "first_batch" is
     the global batch the saved iterator's stream began at (`pipeline.train_dataset`'s
     `first_batch`, nonzero after a resume that had to place the input by its step):
     its position counts from there, so the iterator is rebuilt with `rebuild(first)`
@@ -212,11 +215,21 @@ class Checkpointer:
         except agree.OtherProcessError as e:
             raise CheckpointError(str(e)) from None
 
+    def _saved_counters(self, step: int) -> dict[str, int]:
+        """The first process's host counters kept in `step`'s metadata ({} if none)."""
+        try:
+            saved = (self.manager.metadata(step).custom_metadata or {}).get(COUNTERS_KEY)
+            return {k: int(v) for k, v in (saved or {}).items()}
+        except Exception:  # noqa: BLE001 - saved before they were kept there, or unreadable
+            return {}
+
     def _restore_iterator(self, step: int, data_iter: Any) -> None:
         try:
             self.manager.restore(step, args=ocp.args.Composite(
                 data_iter=grain_ckpt.CheckpointRestore(data_iter)))
         except Exception as e:  # noqa: BLE001
+            if isinstance(data_iter, IteratorTarget) and not data_iter.counters:
+                data_iter.counters = self._saved_counters(step)  # the totals still hold
             # E.g. saved by a different number of processes or workers: the model state
             # is still valid; the caller places the input by the step instead.
             logging.warning("the input position saved at step %s was not restored (%s): "
@@ -231,8 +244,8 @@ class Checkpointer:
              counters: dict[str, int] | None = None) -> bool:
         """Starts saving `state` at `step` (asynchronously when configured).
 
-        `counters` (this process's, saved with its iterator state) come back in the
-        IteratorTarget given to `restore`.
+        `counters` (this process's, saved with its iterator state; the first process's
+        also in the step's metadata) come back in the IteratorTarget given to `restore`.
 
         Returns:
           True if a save was started.
@@ -246,7 +259,8 @@ class Checkpointer:
         if iterator_state is not None:
             items["data_iter"] = grain_ckpt.CheckpointSave(
                 _FrozenIteratorState(iterator_state, counters))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                                 custom_metadata={COUNTERS_KEY: counters} if counters else None)
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:
