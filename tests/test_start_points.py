@@ -182,7 +182,7 @@ def test_a_stage2_run_says_when_its_stage1_run_has_trained_on(tmp_path, caplog):
     (tmp_path / "caco").mkdir()
     config = tiny("cacophony", 1)
     config.train.init_from = str(tmp_path / "mae")
-    encoder_init.record_start(config, tmp_path / "caco")  # started from step 40
+    encoder_init.record_start(config, tmp_path / "caco", 40)  # started from step 40
     with caplog.at_level("WARNING"):
         encoder_init.check_start(config, tmp_path / "caco")
         assert "started from step" not in caplog.text  # stage 1 unchanged: nothing said
@@ -197,10 +197,14 @@ def test_a_stage2_run_says_when_its_stage1_run_has_trained_on(tmp_path, caplog):
     (tmp_path / "other").mkdir()
     for start in ("AudioMAE.ckpt", "bundle"):
         config.train.init_from = str(tmp_path / start)
-        encoder_init.record_start(config, tmp_path / "other")
+        encoder_init.record_start(config, tmp_path / "other", None)
         assert not os.listdir(tmp_path / "other")
-    # Named as a step folder: that step.
+    # Named as a step folder: that step, and a resume compares it with that step.
     config.train.init_from = str(tmp_path / "mae" / "checkpoints" / "40")
     (tmp_path / "mae" / "checkpoints" / "40" / "state").mkdir()
-    encoder_init.record_start(config, tmp_path / "other")
+    encoder_init.record_start(config, tmp_path / "other", 40)
     assert '"step": 40' in (tmp_path / "other" / encoder_init.START_FILE).read_text()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        encoder_init.check_start(config, tmp_path / "other")
+    assert "started from step" not in caplog.text

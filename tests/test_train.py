@@ -101,6 +101,9 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
     from_older = tiny_config("cacophony", 4, **{"train.init_from": str(tmp_path / "mae2")})
     assert_trees_equal(start_from(from_older, task, plan).params["audio_encoder"],
                        restore_params(mae, tmp_path / "mae")["encoder"])
+    # The step noted as the start is the one read, not the unreadable newest.
+    noted = json.loads((tmp_path / encoder_init.START_FILE).read_text())
+    assert noted == {"init_from": str((tmp_path / "mae2").resolve()), "step": 4}
     # A stage-1 run that had not finished (its newest step is 2 of 4) is warned about.
     unfinished = tmp_path / "mae3" / "checkpoints"
     shutil.copytree(tmp_path / "mae" / "checkpoints" / "4", unfinished / "2")

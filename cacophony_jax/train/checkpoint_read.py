@@ -4,7 +4,8 @@ A path names a run's workdir (with `checkpoints/`), its checkpoints folder or on
 step folder: `resolve` finds the checkpoints folder and step, `saved_steps` lists the
 steps, `saved_config` reads the config saved with one, and `restore_subtree` reads
 one part of a saved state (the stage-1 encoder a stage-2 run starts from, the
-parameters an export writes), from the newest readable step unless one is named.
+parameters an export writes), from the newest readable step unless one is named
+(`read_subtree` also says which step that was).
 """
 
 from __future__ import annotations
@@ -68,7 +69,14 @@ def saved_config(path: str) -> dict[str, Any] | None:
 
 def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
                     task: str | None = None) -> Any:
-    """Restores one subtree of a saved state (e.g. the stage-1 encoder).
+    """Restores one subtree of a saved state (e.g. the stage-1 encoder): the subtree
+    `read_subtree` returns."""
+    return read_subtree(path, keys, abstract, task)[0]
+
+
+def read_subtree(path: str, keys: tuple[str, ...], abstract: Any,
+                 task: str | None = None) -> tuple[Any, int]:
+    """Restores one subtree of a saved state, and says which step it came from.
 
     Args:
       path: a workdir, checkpoints folder or step folder of a training run.
@@ -78,7 +86,8 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
         names another task is refused before reading it.
 
     Returns:
-      The subtree, placed as `abstract` says.
+      (the subtree placed as `abstract` says, the step it was read from: the named
+      one, or the newest readable one).
     """
     directory, step = resolve(path)
     reader = Checkpointer(directory, read_only=True, async_save=False)
@@ -130,6 +139,6 @@ def restore_subtree(path: str, keys: tuple[str, ...], abstract: Any,
             raise CheckpointError(
                 f"checkpoint step {step} in {directory} holds no {'/'.join(keys)}: is it "
                 "a checkpoint of the right stage?")
-        return out
+        return out, step
     finally:
         reader.close()

@@ -37,18 +37,23 @@ def _lookup(tree: Any, key: str) -> Any:
     return tree
 
 
-def audio_encoder(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) -> Any:
+def audio_encoder(config: ml_collections.ConfigDict,
+                  plan: state_lib.StatePlan) -> tuple[Any, int | None]:
     """The audio encoder named by `config.train.init_from`, in this run's layout
     (scanned or not) and shardings.
+
+    Returns:
+      (the encoder, the step of the stage-1 run it was read from: the named step or
+      its newest readable one; None for a released file or a bundle).
 
     Raises:
       checkpoint.CheckpointError: naming what was found and what this run needs.
     """
     path = os.fspath(config.train.init_from)
     if os.path.isfile(path):
-        return _place(_released(path, config), config, plan, path)
+        return _place(_released(path, config), config, plan, path), None
     if os.path.isfile(os.path.join(path, "bundle.json")):
-        return _place(_from_bundle(path), config, plan, path)
+        return _place(_from_bundle(path), config, plan, path), None
     return _stage1_run(config, plan)
 
 
@@ -107,8 +112,9 @@ def _place(encoder: Any, config: ml_collections.ConfigDict, plan: state_lib.Stat
         encoder, shardings, target)
 
 
-def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) -> Any:
-    """The encoder of the stage-1 run `config.train.init_from`."""
+def _stage1_run(config: ml_collections.ConfigDict,
+                plan: state_lib.StatePlan) -> tuple[Any, int]:
+    """The encoder of the stage-1 run `config.train.init_from`, and its step."""
     path, keys = config.train.init_from, ("params", "encoder")
     saved = checkpoint_read.saved_config(path)
     saved_variant = _lookup(saved, "model.variant") if saved else None
@@ -120,7 +126,7 @@ def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) ->
     saved_scan = _lookup(saved, "model.scan") if saved else None
     target = plan.abstract.params["audio_encoder"]
     if saved_scan is None or bool(saved_scan) == bool(config.model.scan):
-        return checkpoint_read.restore_subtree(path, keys, target, task="mae")
+        return checkpoint_read.read_subtree(path, keys, target, task="mae")
     # Read it whole in the saved layout (stacked or per block), then convert.
     to_saved, to_target = ((stack.stack_layers, stack.unstack_layers) if saved_scan
                            else (stack.unstack_layers, stack.stack_layers))
@@ -128,10 +134,11 @@ def _stage1_run(config: ml_collections.ConfigDict, plan: state_lib.StatePlan) ->
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     layout = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole),
                           jax.eval_shape(to_saved, target))
-    encoder = to_target(checkpoint_read.restore_subtree(path, keys, layout, task="mae"))
+    saved_encoder, step = checkpoint_read.read_subtree(path, keys, layout, task="mae")
+    encoder = to_target(saved_encoder)
     logging.info("stage-1 encoder converted from model.scan=%s to model.scan=%s",
                  bool(saved_scan), bool(config.model.scan))
-    return jax.device_put(encoder, plan.shardings.params["audio_encoder"])
+    return jax.device_put(encoder, plan.shardings.params["audio_encoder"]), step
 
 
 # Which step of a stage-1 run a stage-2 workdir started from (written at its fresh start).
@@ -139,7 +146,8 @@ START_FILE = "init_from.json"
 
 
 def _newest_step(path: str) -> int | None:
-    """The step a stage-1 run's path names, or its newest; None for a file or bundle."""
+    """The step a stage-1 run's path names, or its newest (readable or not); None for a
+    file or bundle."""
     try:
         directory, step = checkpoint_read.resolve(path)
     except checkpoint.CheckpointError:
@@ -148,10 +156,10 @@ def _newest_step(path: str) -> int | None:
     return steps[-1] if steps else None
 
 
-def record_start(config: ml_collections.ConfigDict, workdir: Any) -> None:
-    """Notes in the workdir which step of `config.train.init_from` this run started from
-    (process 0; nothing for a released file or bundle)."""
-    step = _newest_step(config.train.init_from)
+def record_start(config: ml_collections.ConfigDict, workdir: Any, step: int | None) -> None:
+    """Notes in the workdir which step of `config.train.init_from` this run started from:
+    `step`, the one `audio_encoder` read (process 0; nothing for a released file or
+    bundle, whose step is None)."""
     if step is None or jax.process_index() != 0:
         return
     from cacophony_jax import atomic_write

@@ -271,14 +271,14 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                              "from random weights, or continues a stage-1 run's checkpoints "
                              "with config.train.resume")
         try:
-            params["audio_encoder"] = encoder_init.audio_encoder(config, plan)
+            params["audio_encoder"], start_step = encoder_init.audio_encoder(config, plan)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(
                 f"config.train.init_from: {e} (it takes a stage-1 (mae) run, a released "
                 "AudioMAE or Cacophony .ckpt file, or an exported bundle; to continue a "
                 "stage-2 run, use config.train.resume)") from e
         logging.info("audio encoder initialised from %s", config.train.init_from)
-        encoder_init.record_start(config, ckpt.directory.parent)
+        encoder_init.record_start(config, ckpt.directory.parent, start_step)
     roberta = config.tokenizer.roberta_weights
     if roberta:
         from cacophony_jax.convert import roberta as roberta_lib
