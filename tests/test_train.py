@@ -169,6 +169,10 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
     with pytest.raises(checkpoint.CheckpointError, match="another --workdir"):
         loop.run(tiny_config("mae", 4), str(tmp_path / "caco"))
     assert (tmp_path / "caco" / "config.json").read_text() == before
+    # A stage-2 config on a stage-1 workdir says so first (not that its tokenizer is
+    # missing: a stage-1 run has none).
+    with pytest.raises(checkpoint.CheckpointError, match="belong to a 'mae' run.*another"):
+        loop.run(tiny_config("cacophony", 4), str(tmp_path / "mae"))
 
 
 def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path, monkeypatch):

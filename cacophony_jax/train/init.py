@@ -192,11 +192,7 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
                     plan: state_lib.StatePlan, ckpt: checkpoint.Checkpointer,
                     data_iter: Any) -> state_lib.TrainState:
     """Returns the starting state, following the resume order."""
-    saved = ckpt.saved_task()
-    if saved is not None and saved != config.task:
-        raise checkpoint.CheckpointError(
-            f"the workdir's checkpoints ({ckpt.directory}) belong to a {saved!r} run, this "
-            f"is a {config.task!r} run: use another --workdir")
+    _check_task(config, ckpt)
     steps = ckpt.steps()
     changed = _changed_fields(config, ckpt) if steps else []
     if changed:
@@ -286,3 +282,24 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
         params["text_encoder"] = jax.device_put(text, plan.shardings.params["text_encoder"])
         logging.info("text tower initialised from %s", roberta)
     return state.replace(params=params)
+
+
+def check_saved_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """Refuses a workdir whose checkpoints belong to another task, before anything
+    else about them (the tokenizer they were trained with) is looked for."""
+    if not has_checkpoints(workdir):
+        return
+    reader = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True,
+                                     async_save=False)
+    try:
+        _check_task(config, reader)
+    finally:
+        reader.close()
+
+
+def _check_task(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer) -> None:
+    saved = ckpt.saved_task()
+    if saved is not None and saved != config.task:
+        raise checkpoint.CheckpointError(
+            f"the workdir's checkpoints ({ckpt.directory}) belong to a {saved!r} run, this "
+            f"is a {config.task!r} run: use another --workdir")

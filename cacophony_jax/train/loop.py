@@ -158,6 +158,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
 
     # Data and task.
     train_source = task_common.open_train_source(config)
+    init.check_saved_task(config, workdir_path)  # "another task's run" before "no tokenizer"
     tokenizer = init.prepare_tokenizer(config, workdir_path, train_source)
     task = tasks.build(config, tokenizer)
     fmt = pipeline.ExampleFormat(
