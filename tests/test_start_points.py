@@ -80,6 +80,28 @@ def test_a_vocabulary_smaller_than_asked_is_reported(tmp_path, caplog):
     assert "asked for" not in caplog.text
 
 
+def test_training_data_without_captions_is_named_before_a_tokenizer_is_asked_for(tmp_path):
+    from etils import epath
+
+    from cacophony_jax.train import init
+
+    config = tiny("cacophony", 1)
+    config.tokenizer.path = ""
+
+    class Labels:  # labelled clips, no captions: a tokenizer path would not help
+        name = "labels"
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"label": ["dog"]}
+
+    with pytest.raises(ValueError, match=r"training source 'labels' has no captions .*add "
+                                         r"them \(`curate clean`"):
+        init.prepare_tokenizer(config, epath.Path(tmp_path), Labels())
+
+
 def test_stage2_starts_from_released_files_and_bundles(official_dir, tokenizer_file, tmp_path):
     from cacophony_jax import tasks
     from cacophony_jax.models.stack import stack_layers

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from cacophony_jax.data import sources
+from cacophony_jax.data import records, sources
 from cacophony_jax.data import tokenizer as tokenizer_lib
 from cacophony_jax.train import checkpoint, checkpoint_read, encoder_init
 from cacophony_jax.train import state as state_lib
@@ -80,6 +80,9 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
     logging.info("training a %d-token byte-level BPE on the training captions", vocab)
     texts = list(iter_captions(train_source))
     if not texts:
+        # Its message names the set and how to caption it: a tokenizer path alone would
+        # only move the failure on to the input pipeline.
+        records.check_captions(train_source)
         raise ValueError("the training data has no captions to train a tokenizer on; set "
                          "config.tokenizer.path to a tokenizer.json or RoBERTa folder")
     tok = tokenizer_lib.Tokenizer.train_bpe(texts, vocab)
