@@ -173,6 +173,17 @@ def test_stage1_then_stage2_through_the_stage_runner(tmp_path, caplog):
     # missing: a stage-1 run has none).
     with pytest.raises(checkpoint.CheckpointError, match="belong to a 'mae' run.*another"):
         loop.run(tiny_config("cacophony", 4), str(tmp_path / "mae"))
+    # A recipe's later stage started from a stage-2 run is refused before stage 1 trains.
+    from configs import quickstart
+
+    recipe = quickstart.get_config("steps1=2,steps2=2")
+    with recipe.unlocked():
+        recipe.stages.cacophony.train.init_from = str(tmp_path / "caco")
+    with pytest.raises(ValueError, match=r"^stage 'cacophony' \(--config.stages.cacophony.\*\): "
+                                         r"config.train.init_from: .*caco' is a checkpoint of "
+                                         r"a 'cacophony' run, not of a 'mae' run"):
+        stages.run(recipe, str(tmp_path / "recipe"))
+    assert not (tmp_path / "recipe").exists()
 
 
 def test_unreadable_eval_clips_are_left_out_and_the_run_is_saved(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import pytest
 
@@ -178,3 +179,34 @@ def test_counts_that_cannot_work_are_rejected_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="cuDNN's fused attention, which needs NVIDIA GPUs"):
         loop.run(tiny_config("mae", 2, **{"model.attention": "cudnn",
                                           "model.dtype": "bfloat16"}), str(tmp_path / "m"))
+
+
+def test_a_later_stages_start_point_and_captions_are_checked_before_stage_1(
+        tmp_path, official_dir, monkeypatch):
+    from configs import quickstart
+
+    (tmp_path / "nocap.jsonl").write_text(json.dumps({"audio": "a.wav", "label": "dog"}) + "\n")
+    released = str(official_dir / "AudioMAE_tiny.ckpt")
+    trained = []  # (where a stage would train)
+    monkeypatch.setattr(stages.loop, "run", lambda stage, workdir: trained.append(workdir) or {})
+    for settings, message in (
+            ({"train.init_from": str(tmp_path / "nocap.jsonl")},
+             r"config.train.init_from: .*nocap.jsonl is a file but not a released checkpoint"),
+            ({"train.init_from": released, "model.variant": "base"},
+             r"config.train.init_from: .*AudioMAE_tiny.ckpt holds an audio encoder of width "
+             r"64 that does not fit this run's model.variant='base'"),
+            ({"data.train.kind": "manifest", "data.train.path": str(tmp_path / "nocap.jsonl")},
+             r"training source 'nocap' has no captions .*`curate caption`")):
+        config = quickstart.get_config()
+        with config.unlocked():
+            config.stages.cacophony.update_from_flattened_dict(settings)
+        with pytest.raises(ValueError, match=r"^stage 'cacophony' \(--config.stages."
+                                             rf"cacophony.\*\): {message}"):
+            stages.run(config, str(tmp_path / "q"))
+        assert not (tmp_path / "q").exists() and not trained  # stage 1 did not start
+    # A start point that fits passes, and the stages then train.
+    config = quickstart.get_config()
+    with config.unlocked():
+        config.stages.cacophony.train.init_from = released
+    stages.run(config, str(tmp_path / "q"))
+    assert [os.path.basename(w) for w in trained] == ["mae", "cacophony"]

@@ -264,18 +264,7 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
     state = state_lib.create_state(task.init_params, tx, plan, config.seed)
     params = dict(state.params)
     if config.train.init_from:
-        if config.task != "cacophony":
-            raise ValueError("config.train.init_from is for stage 2 (its audio encoder from "
-                             "a stage-1 run, a released checkpoint or a bundle); stage 1 starts "
-                             "from random weights, or continues a stage-1 run's checkpoints "
-                             "with config.train.resume")
-        try:
-            params["audio_encoder"], start_step = encoder_init.audio_encoder(config, plan)
-        except checkpoint.CheckpointError as e:
-            raise checkpoint.CheckpointError(
-                f"config.train.init_from: {e} (it takes a stage-1 (mae) run, a released "
-                "AudioMAE or Cacophony .ckpt file, or an exported bundle; to continue a "
-                "stage-2 run, use config.train.resume)") from e
+        params["audio_encoder"], start_step = start_encoder(config, plan)
         logging.info("audio encoder initialised from %s", config.train.init_from)
         encoder_init.record_start(config, ckpt.directory.parent, start_step)
     roberta = config.tokenizer.roberta_weights
@@ -285,6 +274,30 @@ def restore_or_init(config: ml_collections.ConfigDict, task: Any, tx: Any,
         params["text_encoder"] = jax.device_put(text, plan.shardings.params["text_encoder"])
         logging.info("text tower initialised from %s", roberta)
     return state.replace(params=params)
+
+
+def start_encoder(config: ml_collections.ConfigDict, plan: state_lib.StatePlan | None
+                  ) -> tuple[Any, int | None]:
+    """The audio encoder `config.train.init_from` names, in this run's layout and
+    shardings, and the step it was read from (None for a released file or a bundle);
+    a recipe also reads a later stage's once, up front, to check it.
+
+    Raises:
+      ValueError: a stage-1 config with init_from, or (CheckpointError) a start point
+        that is not a stage-1 run, released .ckpt file or bundle of this model's width.
+    """
+    if config.task != "cacophony":
+        raise ValueError("config.train.init_from is for stage 2 (its audio encoder from "
+                         "a stage-1 run, a released checkpoint or a bundle); stage 1 starts "
+                         "from random weights, or continues a stage-1 run's checkpoints "
+                         "with config.train.resume")
+    try:
+        return encoder_init.audio_encoder(config, plan)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"config.train.init_from: {e} (it takes a stage-1 (mae) run, a released "
+            "AudioMAE or Cacophony .ckpt file, or an exported bundle; to continue a "
+            "stage-2 run, use config.train.resume)") from e
 
 
 def check_saved_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:

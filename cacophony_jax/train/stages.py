@@ -27,7 +27,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     """Trains `config` in `workdir`; a config with `stages` runs each in a subfolder.
 
     In a multi-stage config every stage after the first whose `train.init_from` is
-    'previous' starts from the previous stage's checkpoints.
+    'previous' starts from the previous stage's checkpoints. Before any stage trains,
+    every stage's values, paths and data lists are checked; a later stage's own
+    `train.init_from` path and stage-2 captions too.
 
     Returns:
       stage name -> final evaluation metrics.
@@ -99,7 +101,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
             try:
                 checks.check_config(stage)
                 checks.check_paths(stage)
-                _open_data(stage, keep=i == 0)
+                _open_data(stage, keep=i == 0, later=i > 0)
+                if i > 0 and stage.train.init_from not in ("", "previous"):
+                    _check_start(stage)
             except ValueError as e:
                 if name is None:
                     raise
@@ -120,12 +124,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
     return results
 
 
-def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
+def _open_data(stage: ml_collections.ConfigDict, keep: bool, later: bool) -> None:
     """Opens a stage's training and evaluation data (reads their lists, not their
     audio), so a wrong layout, split or column stops the run on every process (or the
     recipe before stage 1 trains). `keep`: hand the sources to the stage's training,
     which would otherwise read the lists again (the first stage's: a later stage's
-    start hours later)."""
+    start hours later). `later`: a later stage of a recipe, whose stage-2 training
+    data is checked for captions too (the first stage's training checks at once)."""
+    from cacophony_jax.data import records
     from cacophony_jax.tasks import common
 
     opened = {}
@@ -134,6 +140,8 @@ def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
             # (Not open_eval_source: its warnings come when the stage trains.)
             opened[which] = common.open_block(stage, which, *common.block_sizes(stage, which),
                                               reuse=False)
+        if later and stage.task == "cacophony":
+            records.check_captions(opened["train"])
         for which, source in opened.items():
             if which == "eval" and not len(source):
                 raise ValueError(f"config.data.eval (kind={stage.data.eval.kind!r}, "
@@ -157,6 +165,27 @@ def _open_data(stage: ml_collections.ConfigDict, keep: bool) -> None:
             common.keep_opened(stage, which, source)
         elif getattr(source, "close", None) is not None:
             source.close()
+
+
+def _check_start(stage: ml_collections.ConfigDict) -> None:
+    """Reads the audio encoder a later stage's `train.init_from` names (a path, not
+    'previous'), as that stage will: the wrong kind of run or file, or an encoder of
+    another width, stops the recipe before its first stage trains. The model's shapes
+    are traced, nothing is compiled; the encoder read is dropped again."""
+    from cacophony_jax import tasks
+    from cacophony_jax.optim import optimizer
+    from cacophony_jax.parallel import mesh as mesh_lib
+    from cacophony_jax.parallel import partition
+    from cacophony_jax.train import init
+    from cacophony_jax.train import state as state_lib
+
+    plan = None  # stage 1 is refused without one
+    if stage.task == "cacophony":
+        mesh = mesh_lib.make_mesh(stage.mesh)
+        tx, _ = optimizer.make_optimizer(stage.optim, stage.train.steps)
+        plan = state_lib.plan_state(tasks.build(stage).init_params, tx, mesh,
+                                    partition.rules_from_config(stage.sharding_rules))
+    init.start_encoder(stage, plan)
 
 
 def _run_stages(config: ml_collections.ConfigDict, root: epath.Path
