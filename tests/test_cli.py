@@ -5,6 +5,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import soundfile
 
 from cacophony_jax import cli, embedding_index
 from cacophony_jax.progress import ProgressLine
-from tests.helpers import tiny_config
+from tests.helpers import ROOT, tiny_config
 
 WORDS = ("dog", "rain", "bell", "car")
 
@@ -383,11 +385,6 @@ def test_a_file_name_that_is_not_utf8_is_captioned_shown_escaped_and_not_curated
 
 def test_a_reader_that_stops_early_is_not_a_failure():
     """`... | head -1`: the closed pipe ends the command quietly, with status 0."""
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
-
     script = ("import sys\nfrom cacophony_jax import cli\n"
               "def flood(args):\n    for i in range(10**6):\n        print(f'line {i}')\n"
               "    return 0\n"
