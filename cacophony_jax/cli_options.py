@@ -18,31 +18,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def _whole(text: str, low: int, high: float, expected: str) -> int:
+    """`text` as a whole number in [low, high], else argparse's error "expected ..."."""
+    digits = text.strip()
+    if digits.lstrip("-").isdigit() and low <= int(digits) <= high:
+        return int(digits)
+    raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+
 def positive(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
-    value = int(text) if text.strip().lstrip("-").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _whole(text, 1, float("inf"), "a positive integer")
 
 
 def non_negative(text: str) -> int:
     """An argparse type: a whole number of at least 0."""
-    value = int(text) if text.strip().lstrip("-").isdigit() else -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
-    return value
+    return _whole(text, 0, float("inf"), "a whole number of 0 or more")
 
 
 def seed(text: str) -> int:
     """An argparse type: a sampling seed, as JAX's 32-bit keys hold it."""
     from cacophony_jax.inference import SEED_MAX, SEED_MIN
 
-    value = int(text) if text.strip().lstrip("-").isdigit() else SEED_MIN - 1
-    if not SEED_MIN <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected a seed in [{SEED_MIN}, 2**32 - 1] (JAX's "
-                                         f"keys hold 32 bits), got {text!r}")
-    return value
+    return _whole(text, SEED_MIN, SEED_MAX,
+                  f"a seed in [{SEED_MIN}, 2**32 - 1] (JAX's keys hold 32 bits)")
 
 
 def window_seconds(text: str) -> float | None:
