@@ -184,6 +184,8 @@ def optim_block(lr: float, warmup: int, b2: float, steps: int) -> mlc.ConfigDict
         weight_decay=0.05,
         # Parameters whose '/'-joined path matches (re.search) get no weight decay:
         # biases, norm scales, embedding tables, pooling queries, the logit scale/bias.
+        # The MAE decoder's mask_token is decayed, as in MAE and AudioMAE (their rule
+        # exempts 1-d parameters, and their mask token is [1, 1, D]).
         decay_exclude=(r"(^|/)(bias|scale|embedding|freq_table|type_embed|query|"
                        r"logit_scale|logit_bias)$"),
         clip_norm=1.0,  # global-norm clipping (0 = off)
