@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -171,3 +172,36 @@ def step_model_flops(config: ml_collections.ConfigDict, tokenizer: Any, tx: Any,
         raise ValueError(f"the step has {counted.while_loops} while loop(s) whose trip count "
                          "is unknown: its FLOPs cannot be counted")
     return counted.flops
+
+
+def flops_and_peak(config: ml_collections.ConfigDict, tokenizer: Any, tx: Any,
+                   schedule: Any, plan: Any, mesh: jax.sharding.Mesh,
+                   shapes: dict[str, tuple[int, ...]]) -> tuple[float | None, float | None]:
+    """(model FLOPs of one step per device, the device's peak FLOP/s) for MFU logging,
+    the count and the peak's source logged.
+
+    Args:
+      config, tokenizer, tx, schedule, plan, mesh: as for `step_model_flops`.
+      shapes: the global batch's array shapes.
+
+    Returns:
+      The pair; either is None when unknown (counting never stops training).
+    """
+    try:
+        step_flops = step_model_flops(config, tokenizer, tx, schedule, plan, mesh,
+                                      shapes) / mesh.devices.size
+    except Exception as error:  # noqa: BLE001 - a diagnostic, not worth a failed run
+        logging.warning("model FLOPs not counted (%s): TFLOP/s and MFU are not logged",
+                        error)
+        return None, None
+    device = mesh.devices.flat[0]
+    peak, source = None, (f"no datasheet peak for {device.device_kind}, so no MFU is "
+                          "logged; train.peak_tflops gives one")
+    if config.train.peak_tflops > 0:
+        peak, source = config.train.peak_tflops * 1e12, "train.peak_tflops"
+    elif (known := datasheet_peak(device.device_kind)) is not None:
+        peak, source = known[0], f"{known[1]} dense bf16 datasheet"
+    logging.info("model FLOPs: %.4g GFLOP per example; peak %s (%s)",
+                 step_flops * mesh.devices.size / config.data.global_batch_size / 1e9,
+                 f"{peak / 1e12:g} TFLOP/s per device" if peak else "unknown", source)
+    return step_flops, peak

@@ -72,32 +72,6 @@ def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
 
 
-def _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes
-                    ) -> tuple[float | None, float | None]:
-    """(model FLOPs of one step per device, the device's peak FLOP/s) for MFU logging.
-
-    Either is None when unknown; counting never stops training.
-    """
-    try:
-        step_flops = flops.step_model_flops(config, tokenizer, tx, schedule, plan, mesh,
-                                            shapes) / mesh.devices.size
-    except Exception as error:  # noqa: BLE001 - a diagnostic, not worth a failed run
-        logging.warning("model FLOPs not counted (%s): TFLOP/s and MFU are not logged",
-                        error)
-        return None, None
-    device = mesh.devices.flat[0]
-    peak, source = None, (f"no datasheet peak for {device.device_kind}, so no MFU is "
-                          "logged; train.peak_tflops gives one")
-    if config.train.peak_tflops > 0:
-        peak, source = config.train.peak_tflops * 1e12, "train.peak_tflops"
-    elif (known := flops.datasheet_peak(device.device_kind)) is not None:
-        peak, source = known[0], f"{known[1]} dense bf16 datasheet"
-    logging.info("model FLOPs: %.4g GFLOP per example; peak %s (%s)",
-                 step_flops * mesh.devices.size / config.data.global_batch_size / 1e9,
-                 f"{peak / 1e12:g} TFLOP/s per device" if peak else "unknown", source)
-    return step_flops, peak
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config.task` in `workdir` (resuming if it holds checkpoints).
 
@@ -252,7 +226,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         train_step = step_lib.jit_train_step(task, tx, schedule, plan, mesh, shapes, rules,
                                              update_norm=config.train.log_update_norm)
         param_norm = jax.jit(optax.tree.norm, out_shardings=mesh_lib.replicated(mesh))
-        step_flops, peak = _flops_and_peak(config, tokenizer, tx, schedule, plan, mesh, shapes)
+        step_flops, peak = flops.flops_and_peak(config, tokenizer, tx, schedule, plan, mesh,
+                                                 shapes)
         evaluate = evaluator.evaluator(task, config, mesh, tokenizer)
 
         # Loop.
