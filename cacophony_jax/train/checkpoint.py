@@ -72,6 +72,7 @@ class IteratorTarget:
         self.first = 0  # the global batch the iterator's stream begins at
         self.counters: dict[str, int] = {}
         self.restored = False  # whether a saved position was set
+        self.prefetch_asked = False
 
     def set_state(self, state: bytes | dict[str, Any]) -> None:
         state = dict(json.loads(state) if isinstance(state, (bytes, str)) else state)
@@ -93,8 +94,14 @@ class IteratorTarget:
         self.restored = True
 
     def start_prefetch(self) -> None:
+        """Grain's restore asks for this once the position is set; it is put off until
+        `prefetch`, so that a run with nothing left to train decodes nothing."""
+        self.prefetch_asked = True
+
+    def prefetch(self) -> None:
+        """Starts the iterator's prefetching where Grain's restore asked for it."""
         start = getattr(self.iterator, "start_prefetch", None)
-        if start is not None:
+        if self.prefetch_asked and start is not None:
             start()
 
 
@@ -181,7 +188,7 @@ class Checkpointer:
                 for bad in unreadable:
                     self._move_aside(bad)
             if data_iter is not None:
-                self._restore_iterator(candidate, data_iter)
+                self.restore_iterator(candidate, data_iter)
             return restored.state, candidate
         return None
 
@@ -223,7 +230,9 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - saved before they were kept there, or unreadable
             return {}
 
-    def _restore_iterator(self, step: int, data_iter: Any) -> None:
+    def restore_iterator(self, step: int, data_iter: Any) -> None:
+        """Sets `data_iter` (as for `restore`) to the input position saved at `step`;
+        one that cannot be restored is warned about and left as it is."""
         try:
             self.manager.restore(step, args=ocp.args.Composite(
                 data_iter=grain_ckpt.CheckpointRestore(data_iter)))

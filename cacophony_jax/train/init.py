@@ -32,6 +32,12 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path,
     may since point elsewhere, and a resume whose `tokenizer.path` now holds another
     tokenizer is refused.
 
+    Args:
+      config: the run's config.
+      workdir: the run's folder.
+      train_source: the training data, whose captions a new tokenizer is trained on;
+        None for a run that has checkpoints (it never trains one).
+
     Returns:
       The tokenizer, or None for tasks without text.
     """
@@ -118,6 +124,14 @@ def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer | None, workdir: epath.Pat
 def has_checkpoints(workdir: epath.Path) -> bool:
     """Whether the workdir holds a saved step (finished or not: a step folder)."""
     return bool(checkpoint_read.saved_steps(workdir / "checkpoints"))
+
+
+def finished(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> bool:
+    """Whether the workdir's newest saved step is `config.train.steps` or later: a rerun
+    then trains nothing, so it opens no training data (should that step prove
+    unreadable, the run goes back to an older one and opens its data then)."""
+    steps = checkpoint_read.saved_steps(epath.Path(workdir) / "checkpoints")
+    return bool(steps) and steps[-1] >= config.train.steps
 
 
 def iter_captions(source: Any):

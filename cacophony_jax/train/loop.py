@@ -130,8 +130,10 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         logging.warning("model.fused_norm on CPU: the LayerNorm kernels are interpreted, "
                         "which is slow; it is meant for GPU runs")
 
-    # Data and task.
-    train_source = task_common.open_train_source(config)
+    # Data and task. A finished run reads no training data (the first batches' decoding
+    # and skip warnings would be noise); it only evaluates again.
+    finished = init.finished(config, workdir_path)
+    train_source = None if finished else task_common.open_train_source(config)
     init.check_saved_task(config, workdir_path)  # "another task's run" before "no tokenizer"
     tokenizer = init.prepare_tokenizer(config, workdir_path, train_source)
     task = tasks.build(config, tokenizer)
@@ -147,15 +149,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
             read_threads=config.data.read_threads,
             prefetch_batches=config.data.prefetch_batches, first_batch=first))
 
-    data_iter = batches()
-    logging.info("training on %s (%d records)", getattr(train_source, "name", "?"),
-                 len(train_source))
-    if len(train_source) < config.data.global_batch_size:
-        logging.warning(
-            "the training set has %d records, fewer than a batch (%d): every batch holds "
-            "some clips more than once%s", len(train_source), config.data.global_batch_size,
-            "; in the contrastive loss a clip's copies count as each other's negatives"
-            if config.task == "cacophony" else "")
+    data_iter = None if finished else batches()
 
     # Shapes and shardings.
     tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
@@ -194,10 +188,27 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         fits = {"global_batch_size": config.data.global_batch_size,
                 "num_workers": config.data.num_workers}
         resumed_iter = checkpoint.IteratorTarget(data_iter, rebuild=batches, expect=fits)
-        state = init.restore_or_init(config, task, tx, plan, ckpt, resumed_iter)
+        state = init.restore_or_init(config, task, tx, plan, ckpt,
+                                     resumed_iter if data_iter is not None else None)
         start = int(jax.device_get(state.step))
+        if start < config.train.steps:
+            if data_iter is None:  # the newest step was unreadable: an older one goes on
+                train_source = task_common.open_train_source(config)
+                resumed_iter.iterator = batches()
+                ckpt.restore_iterator(start, resumed_iter)
+            resumed_iter.prefetch()  # while the step compiles
+            logging.info("training on %s (%d records)", getattr(train_source, "name", "?"),
+                         len(train_source))
+            if len(train_source) < config.data.global_batch_size:
+                logging.warning(
+                    "the training set has %d records, fewer than a batch (%d): every batch "
+                    "holds some clips more than once%s", len(train_source),
+                    config.data.global_batch_size, "; in the contrastive loss a clip's "
+                    "copies count as each other's negatives" if config.task == "cacophony"
+                    else "")
         data_iter, first_batch = resumed_iter.iterator, resumed_iter.first
-        if start and not resumed_iter.restored:  # e.g. data.num_workers changed
+        if start < config.train.steps and start and not resumed_iter.restored:
+            # E.g. data.num_workers changed.
             getattr(data_iter, "close", lambda: None)()
             # The same stream from where the saved run was (in examples: the batch
             # size may have changed), its position counted from there from now on.
@@ -231,7 +242,6 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
         evaluate = evaluator.evaluator(task, config, mesh, tokenizer)
 
         # Loop.
-        # A finished run reads no data (its files' skip warnings would be noise).
         prefetcher = (host.Prefetcher(data_iter, mesh, config.data.prefetch_batches)
                       if start < total else None)
         profiler = host.Profiler(workdir_path / "profile", config.train.profile_steps,

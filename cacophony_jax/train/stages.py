@@ -11,7 +11,7 @@ import ml_collections
 from etils import epath
 
 from cacophony_jax import atomic_write
-from cacophony_jax.train import agree, checks, host, loop
+from cacophony_jax.train import agree, checks, host, init, loop
 
 # The stage being trained: (its name, or None for a one-stage config; its config).
 _RUNNING: tuple[str | None, ml_collections.ConfigDict] | None = None
@@ -29,7 +29,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     In a multi-stage config every stage after the first whose `train.init_from` is
     'previous' starts from the previous stage's checkpoints. Before any stage trains,
     every stage's values, paths and data lists are checked; a later stage's own
-    `train.init_from` path and stage-2 captions too.
+    `train.init_from` path and stage-2 captions too. A finished stage (a rerun's) opens
+    no training data: it only evaluates again.
 
     Returns:
       stage name -> final evaluation metrics.
@@ -101,7 +102,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
             try:
                 checks.check_config(stage)
                 checks.check_paths(stage)
-                _open_data(stage, keep=i == 0, later=i > 0)
+                # A finished stage (a rerun's) trains nothing: its training data stays shut.
+                done = init.finished(stage, epath.Path(workdir) / (name or ""))
+                _open_data(stage, keep=i == 0, later=i > 0, train=not done)
                 if i > 0 and stage.train.init_from not in ("", "previous"):
                     _check_start(stage)
             except ValueError as e:
@@ -124,23 +127,26 @@ def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
     return results
 
 
-def _open_data(stage: ml_collections.ConfigDict, keep: bool, later: bool) -> None:
+def _open_data(stage: ml_collections.ConfigDict, keep: bool, later: bool,
+               train: bool = True) -> None:
     """Opens a stage's training and evaluation data (reads their lists, not their
     audio), so a wrong layout, split or column stops the run on every process (or the
     recipe before stage 1 trains). `keep`: hand the sources to the stage's training,
     which would otherwise read the lists again (the first stage's: a later stage's
     start hours later). `later`: a later stage of a recipe, whose stage-2 training
-    data is checked for captions too (the first stage's training checks at once)."""
+    data is checked for captions too (the first stage's training checks at once).
+    `train`: False for a finished stage, which reads no training data."""
     from cacophony_jax.data import records
     from cacophony_jax.tasks import common
 
     opened = {}
     try:
-        for which in ("train", "eval") if stage.data.eval.kind else ("train",):
+        blocks = (["train"] if train else []) + (["eval"] if stage.data.eval.kind else [])
+        for which in blocks:
             # (Not open_eval_source: its warnings come when the stage trains.)
             opened[which] = common.open_block(stage, which, *common.block_sizes(stage, which),
                                               reuse=False)
-        if later and stage.task == "cacophony":
+        if later and train and stage.task == "cacophony":
             records.check_captions(opened["train"])
         for which, source in opened.items():
             if which == "eval" and not len(source):
