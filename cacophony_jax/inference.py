@@ -9,6 +9,7 @@ Example::
     text = model.embed_text(["a dog barks", "rain on a roof"])  # [2, P], unit length
     scores = model.similarity(audio, text)                      # [2, 2] cosine
     captions = model.caption(["dog.wav"], method="beam")        # ["a dog is barking"]
+    spans = model.caption_windows(["walk.wav"])  # [[(0.0, 10.0, "birds sing"), ...]]
 
 Audio input: a sequence of clips, each a file path (decoded, averaged to mono and
 resampled to 16 kHz) or a 1-D numpy array (float in [-1, 1] or int16) at
@@ -28,7 +29,8 @@ otherwise. Every window is embedded, the unnormalised window embeddings averaged
 and the mean L2-normalised. A clip no longer than one window is zero-padded and its
 true length masks the padding. ``embed_audio(..., window_seconds=30)`` embeds clips of
 up to 30 s in one pass instead, as the released evaluation code did for Clotho.
-``caption`` describes the first window of each clip (``window_seconds`` there too).
+``caption`` describes the first window of each clip (``window_seconds`` there too);
+``caption_windows`` describes every window, each with its start and end in seconds.
 ``audio_states`` instead computes the log-mel of the whole clip and encodes its
 patches in chunks of one window's patch steps (time indices restart at 0 in each
 chunk, as in training; the returned ``time_idx`` counts steps from the clip start).
@@ -50,12 +52,10 @@ from __future__ import annotations
 import numbers
 import os
 import re
-import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -254,6 +254,42 @@ class CacophonyModel(ModelRuntime):
           One caption per clip.
         """
         self._need_text("caption")
+        spans = self._caption_spans(audio, sample_rate, True, method, max_len, beam_size,
+                                    temperature, seed, batch_size, window_seconds,
+                                    length_penalty)
+        return [clip_spans[0][2] for clip_spans in spans]
+
+    def caption_windows(self, audio: AudioInput, sample_rate: int | None = None,
+                        method: str = "greedy", max_len: int | None = None, beam_size: int = 4,
+                        temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
+                        window_seconds: float | None = None, length_penalty: float = 0.0
+                        ) -> list[list[tuple[float, float, str]]]:
+        """Captions of every window of each clip, with the time span each describes.
+
+        Clips are cut into windows as for ``embed_audio`` (see the module docstring): a
+        window's caption is the one ``caption`` gives that piece of audio alone. The
+        windows of all clips are decoded together, at most ``batch_size`` at once.
+
+        Args:
+          audio, sample_rate, method, max_len, beam_size, temperature, seed, batch_size,
+          window_seconds, length_penalty: as for ``caption`` (``batch_size`` counts
+            windows; ``window_seconds`` is the length of each window).
+
+        Returns:
+          Per clip, one (start_seconds, end_seconds, caption) per window in time order,
+          from the clip's start; the last window ends at the clip's end (or, when a last
+          piece under 1 s was dropped, where that piece starts).
+        """
+        self._need_text("caption_windows")
+        return self._caption_spans(audio, sample_rate, False, method, max_len, beam_size,
+                                   temperature, seed, batch_size, window_seconds,
+                                   length_penalty)
+
+    def _caption_spans(self, audio: AudioInput, sample_rate: int | None, first_only: bool,
+                       method: str, max_len: int | None, beam_size: int, temperature: float,
+                       seed: int, batch_size: int, window_seconds: float | None,
+                       length_penalty: float) -> list[list[tuple[float, float, str]]]:
+        """`caption_windows`, of each clip's first window only if `first_only`."""
         for name, value in (("max_len", max_len), ("beam_size", beam_size), ("seed", seed),
                             ("temperature", temperature), ("length_penalty", length_penalty)):
             if value is not None or name != "max_len":  # None: the bundle's text length
@@ -268,28 +304,21 @@ class CacophonyModel(ModelRuntime):
         window = self._window if window_seconds is None else self._window_for(window_seconds)
         clips = clips_lib.to_clips(audio, sample_rate)
         self._warn_if_long(window, clips)
-        firsts = [clips_lib.split_windows(clip, window)[0] for clip in clips]
-        rng = jax.random.key(seed)
-
-        def describe(params, audio, lengths):
-            states, mask, _ = self._encode_audio(params, audio, lengths)
-            keys = rng
-            if method == "sample":  # keyed by content, not by place in the batch
-                digests = [zlib.crc32(np.ascontiguousarray(row[:n]).tobytes())
-                           for row, n in zip(np.asarray(audio), np.asarray(lengths),
-                                             strict=True)]
-                keys = jax.vmap(jax.random.fold_in, (None, 0))(
-                    rng, jnp.asarray(digests, jnp.uint32))
-            return decoding.generate(self.module, params, states, mask, method=method,
-                                     max_len=max_len, rng=keys, temperature=temperature,
-                                     beam_size=beam_size, length_penalty=length_penalty,
-                                     vocab_size=self.tokenizer.vocab_size,
-                                     banned=self.tokenizer.never_generated)
-
-        ids = self._over_windows(firsts, describe, batch_size, window)
-        if not ids:
-            return []
-        return self.tokenizer.captions(np.stack(ids))
+        windows, owner = [], []
+        for i, clip in enumerate(clips):
+            pieces = clips_lib.split_windows(clip, window)
+            windows += pieces[:1] if first_only else pieces
+            owner += [i] * (1 if first_only else len(pieces))
+        describe = self._describer(seed, method, max_len, beam_size, temperature,
+                                   length_penalty)
+        ids = self._over_windows(windows, describe, batch_size, window)
+        texts = self.tokenizer.captions(np.stack(ids)) if ids else []
+        spans: list[list[tuple[float, float, str]]] = [[] for _ in clips]
+        for i, piece, text in zip(owner, windows, texts, strict=True):
+            start = len(spans[i]) * window  # windows are consecutive from the clip's start
+            spans[i].append((start / self.sample_rate,
+                             (start + piece.shape[0]) / self.sample_rate, text))
+        return spans
 
     def audio_states(self, audio_batch: np.ndarray, sample_rate: int,
                      batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

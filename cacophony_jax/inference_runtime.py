@@ -2,8 +2,9 @@
 
 `ModelRuntime` holds the model's jit-compiled functions (the audio tower on windows or
 on ready-made patches, the front end alone, the encoder on window-sized chunks, the
-text tower) and runs them over rows padded to bucketed batch sizes, and long clips
-over window-sized chunks, so calls with new lengths mostly reuse compiled code.
+text tower; `_describer` adds the caption decoder) and runs them over rows padded to
+bucketed batch sizes, and long clips over window-sized chunks, so calls with new
+lengths mostly reuse compiled code.
 `cacophony_jax.inference.CacophonyModel` is its public API and documents the rules.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import numbers
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ from cacophony_jax.audio import frontend, patches
 from cacophony_jax.audio.clips import SAMPLE_RATE, STEP_SAMPLES
 from cacophony_jax.convert import bundle
 from cacophony_jax.data.tokenizer import Tokenizer
+from cacophony_jax.models import decoding
 from cacophony_jax.models.audio_encoder import AudioEncoder
 from cacophony_jax.models.cacophony import Cacophony
 
@@ -171,6 +174,29 @@ class ModelRuntime:
             for row, i in enumerate(index):
                 results[i] = out[row]
         return results
+
+    def _describer(self, seed: int, method: str, max_len: int, beam_size: int,
+                   temperature: float, length_penalty: float) -> Callable:
+        """The function `_over_windows` runs to caption windows: (params, audio, lengths)
+        -> generated ids [B, max_len] (options checked by the caller)."""
+        rng = jax.random.key(seed)
+
+        def describe(params, audio, lengths):
+            states, mask, _ = self._encode_audio(params, audio, lengths)
+            keys = rng
+            if method == "sample":  # keyed by content, not by place in the batch
+                digests = [zlib.crc32(np.ascontiguousarray(row[:n]).tobytes())
+                           for row, n in zip(np.asarray(audio), np.asarray(lengths),
+                                             strict=True)]
+                keys = jax.vmap(jax.random.fold_in, (None, 0))(
+                    rng, jnp.asarray(digests, jnp.uint32))
+            return decoding.generate(self.module, params, states, mask, method=method,
+                                     max_len=max_len, rng=keys, temperature=temperature,
+                                     beam_size=beam_size, length_penalty=length_penalty,
+                                     vocab_size=self.tokenizer.vocab_size,
+                                     banned=self.tokenizer.never_generated)
+
+        return describe
 
     def _need_text(self, what: str) -> None:
         if self.kind != "cacophony":
