@@ -126,7 +126,8 @@ def _field(path: str) -> str:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    """Prints "path<TAB>caption" for every audio file."""
+    """Prints "path<TAB>caption" for every audio file (--every-window: a line
+    "path<TAB>start-end<TAB>caption" for every window, seconds with two decimals)."""
     from cacophony_jax.models import decoding
 
     files = [path for path, _ in _files(args.inputs, args.extensions)]
@@ -140,10 +141,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
     # run into them); redirected, the line reports on stderr.
     progress = ProgressLine(not args.quiet and not sys.stdout.isatty())
     failures, written = [], 0
+    describe = model.caption_windows if args.every_window else model.caption
     for batch in decode_files(files, args.batch_size, args.workers):
         good = [(p, a) for p, a in batch if not isinstance(a, Exception)]
         failures += [f"{p}: {a}" for p, a in batch if isinstance(a, Exception)]
-        texts = per_clip(lambda clips: model.caption(
+        texts = per_clip(lambda clips: describe(
             clips, sample_rate=SAMPLE_RATE, method=args.method, max_len=args.max_len,
             beam_size=args.beam_size, temperature=args.temperature, seed=args.seed,
             window_seconds=args.window_seconds, length_penalty=args.length_penalty),
@@ -151,9 +153,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
         for (path, _), text in zip(good, texts, strict=True):
             if isinstance(text, Exception):
                 failures.append(f"{path}: {text}")
+                continue
+            if args.every_window:  # one line per window: its span in seconds, its caption
+                print("".join(f"{_field(path)}\t{start:.2f}-{end:.2f}\t{caption}\n"
+                              for start, end, caption in text), end="", flush=True)
             else:
                 print(f"{_field(path)}\t{text}", flush=True)
-                written += 1
+            written += 1
         progress("caption", written + len(failures), len(files))
     _report_failures(failures, len(files))
     if not written:
@@ -251,11 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="the bundle the index was built with")
     p.add_argument("--top-k", type=options.positive, default=10)
     p = command(sub, "caption", cmd_caption, "caption audio files (prints path<TAB>caption)",
-                f"  {PROG} caption a.wav clips/ --bundle B --method beam --beam-size 4\n")
+                f"  {PROG} caption a.wav clips/ --bundle B --method beam --beam-size 4\n"
+                f"  {PROG} caption walk.flac --bundle B --every-window\n")
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--bundle", required=True)
+    p.add_argument("--every-window", action="store_true",
+                   help="caption every window of a long file, one line each: "
+                        "path<TAB>start-end<TAB>caption (seconds, e.g. 10.00-20.00)")
     options.audio_options(p, 16)
-    options.window_option(p, "describe each file's first S seconds")
+    options.window_option(p, "describe each file's first S seconds (--every-window: "
+                             "every S-second window)")
     options.decoding_options(p, "greedy")
     p = command(sub, "eval", cmd_eval, "evaluate a bundle on public datasets",
                 f"  {PROG} eval --bundle B --audiocaps data/audiocaps --clotho data/clotho "
