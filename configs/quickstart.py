@@ -31,7 +31,9 @@ def get_config(arg: str | None = None):
     stage1.train.steps = arg.steps1  # explicit: 0 is refused, not taken as "unset"
     stage1.data.eval.kind = ""  # reconstruction loss is logged during training
     stage2.train.steps = arg.steps2
-    stage2.data.text_length = 40  # all the tiny text tower's positions: most captions fit
+    # All the tiny text tower's positions; every caption of the embedded corpus fits
+    # (with the tokenizer trained on it), so no captioning target is cut.
+    stage2.data.text_length = 40
     stage2.train.init_from = "previous"
     stage2.eval.caption_clips = 100  # greedy captions of held-out clips, scored
     for stage in (stage1, stage2):

@@ -200,6 +200,25 @@ def test_captions_name_each_class_with_its_attributes():
     assert all(len(attributes) >= 3 for attributes in seen.values())
 
 
+def test_quickstart_captions_fit_its_text_length(tmp_path):
+    # A longer caption is cut in training, and its captioning target loses its end.
+    from etils import epath
+
+    from cacophony_jax.tasks import common
+    from cacophony_jax.train import init
+    from configs import quickstart
+
+    config = quickstart.get_config().stages.cacophony
+    train = common.open_block(config, "train", *common.block_sizes(config, "train"),
+                              reuse=False)
+    tok = init.prepare_tokenizer(config, epath.Path(tmp_path), train)
+    for which in ("train", "eval"):
+        source = common.open_block(config, which, *common.block_sizes(config, which),
+                                   reuse=False)
+        captions = list(init.iter_captions(source))
+        longest = int(np.max(tok.token_counts(captions))) + 2  # bos and eos
+        assert longest <= config.data.text_length, (which, longest)
+
 def test_train_and_eval_descriptions_are_disjoint():
     # 500 eval clips hold ~125 lone events among 672 possible lone descriptions, so
     # without the split rule many would repeat a train description.
