@@ -8,22 +8,27 @@ r"""The HEAR 2021 API (hear-eval-kit) over an inference bundle.
 
 ``audio`` is a batch of mono waveforms in [-1, 1] at 16 kHz, all of one length:
 a numpy array or a torch tensor [n, samples]. Torch input gives torch output (on
-the input's device), numpy input numpy output; embeddings are float32. Clips shorter
-than one 16-frame step (2,401 samples, 0.15 s) are padded with silence to one.
+the input's device), numpy input numpy output; embeddings are float32. The model
+reads 16-bit audio, as its training data was: float input is rounded to int16 on the
+way in (detail under about 3e-5 of full scale is lost).
 
 Scene embedding: for a stage-2 ("cacophony") bundle the pooled audio embedding, for
 a stage-1 ("mae") bundle the mean of the valid encoder states, L2-normalised either
 way; clips longer than the bundle's window are windowed and averaged
-(``inference.py`` documents the rule).
+(``inference.py`` documents the rule). Clips shorter than one 16-frame step (2,401
+samples, 0.15 s) are padded with silence to one.
 
-Timestamp embeddings: one per time step of 16 log-mel frames (160 ms), the mean over
-its 8 frequency patches of the audio encoder states (``CacophonyModel.audio_states``,
-so long clips are encoded in window-sized chunks). Timestamps are the step centres,
-87.5 + 160 k ms (step k's frames cover 160 k to 160 k + 175 ms), evenly spaced. The
-front end keeps whole steps only, so the final partial step of a clip (less than
-160 ms, e.g. the last 110 ms of a 1.07 s clip: 6 steps covering 0-960 ms) has no
-frame of its own; HEAR's tasks label events by their nearest timestamp, which then
-is the last step.
+Timestamp embeddings: one every 40 ms, at 0, 40, 80, ... ms up to the end of the clip
+(``1 + samples // 640`` of them; HEAR asks for a hop of at most 50 ms, and a task
+labels a timestamp with the events whose interval contains it). The encoder's own
+time step is 16 log-mel frames, 160 ms, whose frames cover 175 ms of audio; the
+embedding at ``t`` is the mean over its 8 frequency patches of the encoder states
+(``CacophonyModel.audio_states``) of the step whose 175 ms are centred on ``t``. To
+place steps every 40 ms the clip is encoded four times, started 87.5, 47.5 and 7.5 ms
+early (silence in front) and 32.5 ms late, and the four step grids are interleaved;
+silence pads the end, so the first and last timestamps have steps of their own. A
+timestamp embedding therefore costs four encoder passes over the clip (long clips in
+window-sized chunks, as ``audio_states`` encodes them).
 
 Running the official validator (torch and hearvalidator are not project
 requirements; the validator only accepts a model object that is a torch or
@@ -49,13 +54,15 @@ from typing import Any
 import numpy as np
 
 from cacophony_jax import inference
-from cacophony_jax.audio import clips, patches
+from cacophony_jax.audio import clips, frontend, patches
 
 ENV_VAR = "CACOPHONY_BUNDLE"
-STEP_MS = 160.0  # 16 frames of 10 ms
+HOP_MS = 40.0  # timestamp spacing; HEAR asks for at most 50 ms
+HOP_SAMPLES = 640
+SHIFTS = clips.STEP_SAMPLES // HOP_SAMPLES  # 4 encodings interleave 160 ms steps
 # Step k's frames (25 ms windows every 10 ms, not centred) cover 160 k ms to
-# 160 k + 175 ms of the clip: its timestamp is the middle of that.
-CENTRE_MS = (STEP_MS - 10.0 + 25.0) / 2
+# 160 k + 175 ms of the clip: 87.5 ms of silence in front centres step 0 on 0 ms.
+CENTRE_SAMPLES = ((patches.PATCH - 1) * frontend.HOP + frontend.WINDOW) // 2  # 1400
 
 if importlib.util.find_spec("torch") is not None:
     import torch
@@ -122,11 +129,7 @@ def _as_numpy(audio: Any) -> tuple[np.ndarray, Any]:
     if not np.issubdtype(audio.dtype, np.floating):
         raise HearError(f"HEAR audio must be float in [-1, 1], got {audio.dtype}")
     audio = audio.astype(np.float32, copy=False)
-    if 0 < audio.shape[1] < clips.MIN_SAMPLES:
-        # HEAR tasks choose the clip length: shorter than one patch step (0.15 s) is
-        # padded with silence to one, which gives one timestamp.
-        audio = np.pad(audio, ((0, 0), (0, clips.MIN_SAMPLES - audio.shape[1])))
-    elif not audio.shape[1] and audio.shape[0]:
+    if not audio.shape[1] and audio.shape[0]:
         raise HearError(f"HEAR audio of shape {audio.shape} holds no samples")
     return audio, source
 
@@ -157,11 +160,30 @@ def get_scene_embeddings(audio: Any, model: HearModel) -> Any:
     wave, source = _as_numpy(audio)
     if not wave.shape[0]:  # an empty batch, of any length
         return _like(np.zeros((0, model.scene_embedding_size), np.float32), source)
+    if wave.shape[1] < clips.MIN_SAMPLES:
+        # HEAR tasks choose the clip length: shorter than one patch step (0.15 s) is
+        # padded with silence to one.
+        wave = np.pad(wave, ((0, 0), (0, clips.MIN_SAMPLES - wave.shape[1])))
     return _like(inner.embed_audio(wave, sample_rate=inner.sample_rate), source)
 
 
+def timestamp_count(samples: int) -> int:
+    """Timestamps of a clip of `samples` samples: 0, 40, ... ms up to its end."""
+    return samples // HOP_SAMPLES + 1 if samples else 0
+
+
+def _step_means(inner: inference.CacophonyModel, wave: np.ndarray) -> np.ndarray:
+    """[n, steps, width]: each 160 ms step's encoder states averaged over frequency."""
+    states, _, mask = inner.audio_states(wave, inner.sample_rate)
+    n, length, width = states.shape
+    steps = length // patches.FREQ_PATCHES
+    states = states.reshape(n, steps, patches.FREQ_PATCHES, width)
+    weight = mask.reshape(n, steps, patches.FREQ_PATCHES, 1).astype(np.float32)
+    return (states * weight).sum(2) / np.maximum(weight.sum(2), 1.0)
+
+
 def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
-    """One embedding per 160 ms step of each clip, with the step centres.
+    """One embedding every 40 ms of each clip, with its time.
 
     Args:
       audio: [n, samples] float waveforms at 16 kHz (numpy or torch).
@@ -169,21 +191,26 @@ def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
 
     Returns:
       (embeddings float32 [n, T, timestamp_embedding_size], timestamps float32
-      [n, T] in milliseconds), torch if ``audio`` is torch.
+      [n, T] in milliseconds: 0, 40, ... up to the clip's end, T = 1 + samples // 640),
+      torch if ``audio`` is torch.
     """
     inner = _check_model(model)
     wave, source = _as_numpy(audio)
-    if not wave.shape[0]:  # an empty batch, as get_scene_embeddings allows
-        steps = clips.patch_steps(wave.shape[1]) if wave.shape[1] else 0  # padded above
-        empty = np.zeros((0, steps, model.timestamp_embedding_size), np.float32)
-        return _like(empty, source), _like(np.zeros((0, steps), np.float32), source)
-    states, _, mask = inner.audio_states(wave, inner.sample_rate)
-    n, length, width = states.shape
-    steps = length // patches.FREQ_PATCHES
-    states = states.reshape(n, steps, patches.FREQ_PATCHES, width)
-    weight = mask.reshape(n, steps, patches.FREQ_PATCHES, 1).astype(np.float32)
-    embeddings = (states * weight).sum(2) / np.maximum(weight.sum(2), 1.0)
-    centres = (np.arange(steps, dtype=np.float32) * np.float32(STEP_MS)
-               + np.float32(CENTRE_MS))
-    timestamps = np.tile(centres, (n, 1))  # writable, one row per clip
-    return _like(embeddings.astype(np.float32), source), _like(timestamps, source)
+    n, samples = wave.shape
+    count = timestamp_count(samples)
+    timestamps = np.tile(np.arange(count, dtype=np.float32) * np.float32(HOP_MS), (n, 1))
+    embeddings = np.zeros((n, count, model.timestamp_embedding_size), np.float32)
+    if not n:  # an empty batch, as get_scene_embeddings allows
+        return _like(embeddings, source), _like(timestamps, source)
+    # Encoding k starts the clip 40 k ms later, so its step m is timestamp 4 m + k.
+    # All four read the same length (one compiled shape), long enough for the
+    # last timestamp's step to exist.
+    steps = -(-count // SHIFTS)
+    length = max((steps - 1) * clips.STEP_SAMPLES + clips.MIN_SAMPLES, clips.MIN_SAMPLES)
+    padded = np.zeros((n, (SHIFTS - 1) * HOP_SAMPLES + length), np.float32)
+    padded[:, CENTRE_SAMPLES:CENTRE_SAMPLES + samples] = wave
+    for k in range(SHIFTS):
+        start = k * HOP_SAMPLES
+        means = _step_means(inner, padded[:, start:start + length])
+        embeddings[:, k::SHIFTS] = means[:, :len(range(k, count, SHIFTS))]
+    return _like(embeddings, source), _like(timestamps, source)

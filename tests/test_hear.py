@@ -56,16 +56,18 @@ def test_scene_embeddings(model, batch, seconds):
 def test_timestamp_embeddings(model, batch, seconds):
     audio = noise(batch, seconds, seed=1)
     emb, ts = hear.get_timestamp_embeddings(audio, model)
-    # 16-frame steps of 160 ms: 1.07 s -> 107 frames -> 6 steps; 4 s -> 400 -> 25.
-    steps = {1.07: 6, 4.0: 25}[seconds]
+    # Every 40 ms from 0 to the end: 1.07 s -> 0 .. 1040 ms; 4 s -> 0 .. 4000 ms.
+    steps = {1.07: 27, 4.0: 101}[seconds]
     assert isinstance(emb, np.ndarray) and emb.dtype == np.float32
     assert emb.shape == (batch, steps, model.timestamp_embedding_size)
     assert isinstance(ts, np.ndarray) and ts.dtype == np.float32 and ts.shape == (batch, steps)
     assert np.isfinite(emb).all() and np.isfinite(ts).all()
-    # The middle of the audio each step's frames cover: 160 k ms to 160 k + 175 ms.
-    np.testing.assert_array_equal(ts[0], 87.5 + 160.0 * np.arange(steps))
-    assert np.all(np.abs(np.diff(ts, axis=1) - 160.0) < 1.0)  # evenly spaced within 1 ms
-    assert ts[0, -1] < seconds * 1000.0
+    np.testing.assert_array_equal(ts[0], 40.0 * np.arange(steps))
+    # HEAR's rules: a hop of at most 50 ms, timestamps covering the clip.
+    assert np.all(np.diff(ts, axis=1) <= 50.0)
+    assert seconds * 1000.0 - 50.0 < ts[0, -1] <= seconds * 1000.0
+    # Neighbouring timestamps come from different encodings and differ.
+    assert not np.allclose(emb[:, 0], emb[:, 1]) and not np.allclose(emb[:, 1], emb[:, 2])
     empty, empty_ts = hear.get_timestamp_embeddings(audio[:0], model)
     assert empty.shape == (0, steps, model.timestamp_embedding_size)
     assert empty_ts.shape == (0, steps)
@@ -77,13 +79,41 @@ def test_timestamp_embeddings(model, batch, seconds):
     np.testing.assert_array_equal(ts, ts_again)
 
 
-def test_timestamp_embedding_is_the_mean_over_frequency(model):
-    audio = noise(2, 1.07, seed=2)
-    emb, _ = hear.get_timestamp_embeddings(audio, model)
+def _freq_means(model, audio):
     states, _, _ = model.model.audio_states(audio, 16000)
-    np.testing.assert_allclose(emb, states.reshape(2, 6, 8, -1).mean(2), rtol=1e-6)
-    # Different clips in one batch get different embeddings.
-    assert not np.allclose(emb[0], emb[1])
+    return states.reshape(audio.shape[0], -1, 8, states.shape[-1]).mean(2)
+
+
+def test_timestamp_embedding_is_the_frequency_mean_of_the_step_centred_on_it(model):
+    audio = noise(2, 1.07, seed=2)
+    samples = audio.shape[1]
+    emb, ts = hear.get_timestamp_embeddings(audio, model)
+    # A step's frames cover 175 ms (2,800 samples): 87.5 ms of silence in front centres
+    # step m on 160 m ms; starting the clip 40, 80 or 120 ms later gives the others.
+    # Every encoding reads 6 x 160 ms + 0.15 s (17,761 samples).
+    for k, front in enumerate((1400, 760, 120, -520)):
+        shifted = np.zeros((2, 1400 + samples), np.float32)
+        if front >= 0:
+            shifted[:, front:front + samples] = audio
+        else:
+            shifted[:, :samples + front] = audio[:, -front:]
+        shifted = shifted[:, :17761]  # the steps wanted end before the clip does
+        want = _freq_means(model, shifted)
+        np.testing.assert_allclose(emb[:, k::4], want[:, :len(ts[0, k::4])], rtol=1e-5,
+                                   atol=1e-6)
+    assert not np.allclose(emb[0], emb[1])  # different clips, different embeddings
+
+
+def test_a_late_event_changes_only_the_timestamps_near_it(model):
+    """An event in the last 110 ms of a 1.07 s clip reaches timestamps of its own."""
+    quiet = np.zeros((1, 17120), np.float32)
+    loud = quiet.copy()
+    loud[0, -1760:] = noise(1, 0.11, seed=3)[0]  # 960-1070 ms
+    before, ts = hear.get_timestamp_embeddings(quiet, model)
+    after, _ = hear.get_timestamp_embeddings(loud, model)
+    changed = np.abs(after - before).max(-1)[0] > 1e-4
+    inside = (ts[0] >= 960.0) & (ts[0] <= 1070.0)
+    assert inside.sum() == 3 and changed[inside].all()  # 960, 1000, 1040 ms
 
 
 def test_load_model_reads_the_environment(bundles, monkeypatch):
@@ -107,16 +137,18 @@ def test_bad_audio_is_refused(model):
         hear.get_scene_embeddings(np.zeros((2, 0), np.float32), model)
 
 
-def test_clips_shorter_than_a_step_are_padded_and_timestamps_are_writable(model):
+def test_short_clips_get_timestamps_and_timestamps_are_writable(model):
     for samples in (1, 8, 2400):  # 8 samples used to pass for 8 channels
         audio = noise(2, 1.0)[:, :samples]
         scene = hear.get_scene_embeddings(audio, model)
         emb, ts = hear.get_timestamp_embeddings(audio, model)
+        count = 1 + samples // 640
         assert scene.shape == (2, 64) and np.isfinite(scene).all()
-        assert emb.shape == (2, 1, 64) and ts.tolist() == [[87.5], [87.5]]
+        assert emb.shape == (2, count, 64) and np.isfinite(emb).all()
+        assert ts.tolist() == [[40.0 * j for j in range(count)]] * 2
         padded = np.pad(audio, ((0, 0), (0, 2401 - samples)))
         np.testing.assert_array_equal(scene, hear.get_scene_embeddings(padded, model))
         empty, empty_ts = hear.get_timestamp_embeddings(audio[:0], model)
-        assert empty.shape == (0, 1, 64) and empty_ts.shape == (0, 1)
-    ts -= 87.5  # a caller may shift its own timestamps in place
-    assert not ts.any()
+        assert empty.shape == (0, count, 64) and empty_ts.shape == (0, count)
+    ts += 87.5  # a caller may shift its own timestamps in place
+    assert (ts[:, 0] == 87.5).all()
