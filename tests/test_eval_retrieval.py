@@ -155,3 +155,86 @@ def test_too_few_clips_for_a_recall_cutoff_is_warned(caplog):
     caplog.clear()
     retrieval_metrics(rng.standard_normal((11, 4)), rng.standard_normal((11, 4)), np.arange(11))
     assert "whatever the model" not in caplog.text
+
+
+def _uneven_case(rng, num_clips=30, dims=3):
+    """Clips with 0..3 captions and one with many; every similarity is exact and tied.
+
+    Captions lie on a signed axis (scaled: the metric normalises them), so a similarity
+    is one coordinate of the unit clip row, the same bits however it is computed; clip
+    rows take few values, so equal scores abound.
+    """
+    audio = rng.integers(-2, 3, size=(num_clips, dims)).astype(float)
+    audio[~audio.any(axis=1), 0] = 1.0
+    counts = rng.integers(0, 4, size=num_clips)
+    counts[rng.integers(num_clips)] += 25
+    mapping = rng.permutation(np.repeat(np.arange(num_clips), counts))
+    text = np.zeros((mapping.size, dims))
+    text[np.arange(mapping.size), rng.integers(dims, size=mapping.size)] = rng.choice(
+        [-3.0, -1.0, 2.0, 5.0], size=mapping.size)
+    return audio, text, mapping
+
+
+def _brute_force_metrics(audio, text, mapping, k_map=10):
+    # Every query ranks all candidates by a stable descending sort (the tie rule).
+    from cacophony_jax.evals.retrieval import l2_normalize
+
+    sim = l2_normalize(audio, "a") @ l2_normalize(text, "t").T
+    t2a = [1 + list(np.argsort(-sim[:, j], kind="stable")).index(c)
+           for j, c in enumerate(mapping)]
+    best, ap = [], []
+    for clip in np.unique(mapping):
+        order = list(np.argsort(-sim[clip], kind="stable"))
+        ranks = sorted(1 + order.index(j) for j in np.flatnonzero(mapping == clip))
+        best.append(ranks[0])
+        hits = [(i + 1) / r for i, r in enumerate(ranks) if r <= k_map]
+        ap.append(sum(hits) / min(k_map, len(ranks)))
+    t2a, best = np.array(t2a), np.array(best)
+    out = {}
+    for k in (1, 5, 10):
+        out[f"t2a_R@{k}"] = 100 * np.mean(t2a <= k)
+        out[f"a2t_R@{k}"] = 100 * np.mean(best <= k)
+    out["t2a_mAP@10"] = 100 * np.mean(np.where(t2a <= k_map, 1 / t2a, 0.0))
+    out["a2t_mAP@10"] = 100 * np.mean(ap)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_match_brute_force_with_ties_and_uneven_captions(seed):
+    rng = np.random.default_rng(seed)
+    audio, text, mapping = _uneven_case(rng)
+    expected = _brute_force_metrics(audio, text, mapping)
+    for block_size in (1, 7, 256):
+        got = retrieval_metrics(audio, text, mapping, block_size=block_size)
+        assert got == pytest.approx(expected, rel=1e-12, abs=1e-12), block_size
+
+
+def test_ranks_of_relevant_match_a_stable_sort_with_uneven_counts():
+    rng = np.random.default_rng(3)
+    sim = rng.integers(0, 3, size=(7, 40)).astype(float)  # many ties
+    relevant = np.full((7, 12), -1)
+    for q, count in enumerate([0, 1, 12, 2, 3, 0, 5]):
+        relevant[q, :count] = rng.choice(40, size=count, replace=False)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    expected = np.where(relevant >= 0, 1 + np.argmax(
+        order[:, None, :] == relevant[:, :, None], axis=2), 0)
+    np.testing.assert_array_equal(ranks_of_relevant(sim, relevant), expected)
+
+
+def test_audio_to_text_ranks_each_caption_once(monkeypatch):
+    # One clip with many captions must not make every clip pay for as many rankings.
+    from cacophony_jax.evals import retrieval
+
+    ranked, rank_of_correct_ = [], retrieval.rank_of_correct
+
+    def counted(sim, correct):
+        ranked.append(sim.shape)
+        return rank_of_correct_(sim, correct)
+
+    monkeypatch.setattr(retrieval, "rank_of_correct", counted)
+    rng = np.random.default_rng(4)
+    mapping = np.concatenate([np.arange(40), np.zeros(30, int)])  # clip 0: 31 captions
+    retrieval_metrics(rng.normal(size=(40, 8)), rng.normal(size=(70, 8)), mapping,
+                      block_size=16)
+    audio_queries = [rows for rows, candidates in ranked if candidates == 70]
+    assert sum(audio_queries) == 70  # one row per caption, not 40 clips x 31 columns

@@ -10,7 +10,9 @@ caption belongs to exactly one clip (`text_to_audio[j]` is the clip of caption `
 Similarities are cosine similarities (embeddings are L2-normalised here). Ranks are
 1-based and ties are broken like a stable descending sort: among equal scores the item
 with the lower index comes first, whether or not it is the correct one. Ranks are found
-by counting, one block of queries at a time, so memory stays at `block_size x N`.
+by counting, one block of queries at a time, so memory stays at `block_size x N`; each
+caption of an audio query is ranked once, so audio -> text costs `Nt x Nt` however
+unevenly the captions are spread over the clips.
 """
 
 from __future__ import annotations
@@ -89,10 +91,14 @@ def ranks_of_relevant(sim: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     """
     relevant = np.asarray(relevant, dtype=np.int64)
     ranks = np.zeros(relevant.shape, dtype=np.int64)
-    for r in range(relevant.shape[1]):
-        real = relevant[:, r] >= 0
-        column = rank_of_correct(sim, np.where(real, relevant[:, r], 0))
-        ranks[:, r] = np.where(real, column, 0)
+    # Each real (query, item) pair is ranked once, so the cost follows the number of
+    # relevant items, not the padded width (one query with many would multiply it).
+    # Pairs go Q at a time, which keeps memory at the size of `sim`.
+    rows, cols = np.nonzero(relevant >= 0)
+    step = max(relevant.shape[0], 1)
+    for s in range(0, rows.size, step):
+        row, col = rows[s : s + step], cols[s : s + step]
+        ranks[row, col] = rank_of_correct(sim[row], relevant[row, col])
     return ranks
 
 
