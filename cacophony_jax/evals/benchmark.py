@@ -26,10 +26,17 @@ does by default.
 Files that fail to decode are skipped and counted (`unreadable`), so results on an
 incomplete copy of a set say so; a set whose listing (`LISTINGS`) names no clip is
 refused, naming that file.
+
+The results say what was evaluated: the bundle's kind, its `source` from bundle.json
+(the checkpoint path and step it was exported from, or the release file it was
+converted from; None for a bundle that does not record one) and tokenizer
+fingerprint, each set's origin as given (`origins`: folder or manifest, split,
+synthetic-set settings) and the UTC time of the evaluation.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from collections.abc import Mapping
@@ -284,11 +291,32 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
             "seconds": round(time.monotonic() - start, 2)}
 
 
+def bundle_provenance(model: Any) -> dict[str, Any]:
+    """What a loaded bundle says of itself: its kind, source and tokenizer fingerprint.
+
+    Args:
+      model: an `inference.CacophonyModel` (its `meta` is the bundle's bundle.json).
+
+    Returns:
+      {"bundle_kind", "bundle_source", "tokenizer_fingerprint"}; None for what the
+      bundle does not record (bundles written before sources were kept have none).
+    """
+    meta = getattr(model, "meta", None) or {}
+    return {"bundle_kind": meta.get("kind", getattr(model, "kind", None)),
+            "bundle_source": meta.get("source"),
+            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint") or None}
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
 def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None = None,
                     batch_size: int = 32, workers: int = 4, caption_clips: int = 0,
                     bundle: str = "", prompt: str = "release",
                     progress: Progress | None = None, window_seconds: float | None = None,
-                    caption_method: str = "greedy") -> dict[str, Any]:
+                    caption_method: str = "greedy",
+                    origins: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Evaluates a bundle on several sets and writes results.json / results.md.
 
     Args:
@@ -303,10 +331,15 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
       progress: called as progress(label, done, total).
       window_seconds: see `embed_source`.
       caption_method: see `evaluate_source`.
+      origins: set name -> where it came from, recorded as the set's "origin" (e.g.
+        {"option": "--clotho", "path": folder, "split": "evaluation"}); None for a set
+        not named here.
 
     Returns:
       {"bundle": path, "zeroshot_prompt": style, "window_seconds": the window used,
-       "caption_method", "sets": {name: evaluate_source(...)}}.
+       "caption_method", "bundle_kind", "bundle_source" (bundle.json's "source", or
+       None), "tokenizer_fingerprint" (None without a tokenizer), "evaluated_at" (UTC,
+       ISO 8601), "sets": {name: evaluate_source(...) and "origin"}}.
     """
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise ValueError(f"bundle {bundle or ''} is a {model.kind!r} model without a text "
@@ -323,6 +356,7 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
     window = window_seconds or float(getattr(model, "window_seconds", 0.0))
     results: dict[str, Any] = {"bundle": bundle, "zeroshot_prompt": prompt,
                                "window_seconds": window, "caption_method": caption_method,
+                               **bundle_provenance(model), "evaluated_at": _utc_now(),
                                "sets": {}}
     for name, source in sets.items():
         logging.info("evaluating %s: %d clips", name, len(source))
@@ -330,7 +364,8 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
                                  caption_clips=caption_clips, prompt=prompt,
                                  progress=progress, window_seconds=window_seconds,
                                  caption_method=caption_method)
-        results["sets"][name] = result
+        origin = (origins or {}).get(name)
+        results["sets"][name] = {**result, "origin": dict(origin) if origin else None}
         shown = {k: round(v, 2) for k, v in result["metrics"].items() if isinstance(v, float)}
         logging.info("%s (%d clips, %.0f s): %s", name, result["clips"], result["seconds"], shown)
     if out_dir:

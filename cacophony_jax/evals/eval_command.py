@@ -13,7 +13,7 @@ from typing import Any
 from cacophony_jax.cli_options import non_negative, positive
 from cacophony_jax.data.sources import SourceError, open_source, path_and_split
 from cacophony_jax.evals.benchmark import RELEASE_WINDOW_SECONDS, evaluate_bundle, open_datasets
-from cacophony_jax.evals.report import DATASETS, results_markdown
+from cacophony_jax.evals.report import DATASETS, SPLITS, results_markdown
 from cacophony_jax.progress import Progress
 
 
@@ -113,7 +113,14 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
         raise ValueError(f"--window-seconds {args.window_seconds:g} must be between 1 and 600 "
                          "(or 0 for the bundle's training window)")
     sets = open_datasets(roots)
+    # Where each set came from, as given, recorded with its results.
+    origins: dict[str, dict[str, Any]] = {
+        name: {"option": f"--{name}", "path": os.path.abspath(root),
+               **({"split": SPLITS[name]} if name in SPLITS else {})}
+        for name, root in roots.items()}
     for name, (kind, path, split) in own.items():
+        origins[name] = {"option": f"--{kind.replace('_', '-')}", "path": os.path.abspath(path),
+                         **({"split": split} if split else {})}
         options = {"skip_bad_rows": True} if kind == "manifest" else {}
         try:
             sets[name] = open_source(kind, path=path, split=split, **options)
@@ -127,12 +134,16 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
 
         seconds = seconds or max(1.0, float(getattr(model, "window_seconds", 10.0)))
         sets["synthetic"] = SyntheticCorpus("eval", args.synthetic, seconds)
+        origins["synthetic"] = {"option": "--synthetic", "clips": args.synthetic,
+                                "split": "eval", "seconds": seconds,
+                                "seed": sets["synthetic"].seed}
     results = evaluate_bundle(model, sets, out_dir=args.out, batch_size=args.batch_size,
                               workers=args.workers, caption_clips=args.caption_clips,
                               caption_method=args.caption_method,
                               bundle=os.path.abspath(args.bundle),
                               prompt=args.zeroshot_prompt, progress=progress,
-                              window_seconds=args.window_seconds or None)
+                              window_seconds=args.window_seconds or None,
+                              origins=origins)
     print(results_markdown(results))
     if args.out:
         print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")

@@ -39,12 +39,15 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
     "vggsound": {"Cacophony (paper)": {"top1": 27.1}},
 }
 
+# The split evaluated of the sets that have several (the others are read whole).
+SPLITS = {"audiocaps": "test", "clotho": "evaluation"}
+
 # Set name -> (display name, task, opener of the evaluated split from the dataset root).
 DATASETS: dict[str, tuple[str, str, Callable[[str], Any] | None]] = {
     "audiocaps": ("AudioCaps test", "retrieval",
-                  lambda root: layouts.audiocaps_source(root, "test")),
+                  lambda root: layouts.audiocaps_source(root, SPLITS["audiocaps"])),
     "clotho": ("Clotho evaluation", "retrieval",
-               lambda root: layouts.clotho_source(root, "evaluation")),
+               lambda root: layouts.clotho_source(root, SPLITS["clotho"])),
     "esc50": ("ESC-50 (5 folds)", "zeroshot", layouts.esc50_source),
     "urbansound8k": ("UrbanSound8K (10 folds)", "zeroshot", layouts.urbansound8k_source),
     "tut2017": ("TUT Acoustic Scenes 2017", "zeroshot", None),
@@ -77,10 +80,17 @@ def results_markdown(results: Mapping[str, Any]) -> str:
       Markdown text.
     """
     sets = results["sets"]
-    lines = ["# Evaluation results", "", f"Bundle: `{results.get('bundle', '')}`", ""]
+    lines = ["# Evaluation results", "", _bundle_line(results)]
     if results.get("window_seconds"):
-        lines[-1:] = [f"Clips of up to {results['window_seconds']:g} s are embedded in one "
-                      "pass; longer ones as the mean of windows of that length.", ""]
+        lines.append(f"Clips of up to {results['window_seconds']:g} s are embedded in one "
+                     "pass; longer ones as the mean of windows of that length.")
+    lines.append("")
+    if results.get("evaluated_at"):
+        lines += [f"Evaluated at {results['evaluated_at']}.", ""]
+    origins = [f"- {name}: {_origin(r['origin'])}" for name, r in sets.items()
+               if r.get("origin")]
+    if origins:
+        lines += ["Sets:", "", *origins, ""]
     retrieval = [n for n, r in sets.items() if "retrieval" in r["tasks"]]
     if retrieval:
         titles = [k.replace("t2a_", "T→A ").replace("a2t_", "A→T ") for k in _RETRIEVAL_KEYS]
@@ -147,6 +157,29 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if notes:
         lines += ["Notes on the sets:", "", *notes, ""]
     return "\n".join(lines)
+
+
+def _bundle_line(results: Mapping[str, Any]) -> str:
+    """The bundle, its kind, where its parameters came from and its tokenizer."""
+    source = results.get("bundle_source")
+    if not isinstance(source, Mapping):
+        made = "source not recorded"
+    elif source.get("type") == "checkpoint":
+        made = f"exported from checkpoint `{source.get('path')}` step {source.get('step')}"
+    elif source.get("type") == "official":
+        made = f"converted from the release file `{source.get('file')}`"
+    else:
+        made = f"source {json.dumps(source, sort_keys=True)}"
+    details = [results.get("bundle_kind") or "kind not recorded", made]
+    if results.get("tokenizer_fingerprint"):
+        details.append(f"tokenizer {results['tokenizer_fingerprint']}")
+    return f"Bundle: `{results.get('bundle', '')}` ({'; '.join(details)})"
+
+
+def _origin(origin: Mapping[str, Any]) -> str:
+    given = " ".join(str(origin[k]) for k in ("option", "path", "clips") if k in origin)
+    rest = [f"{k} {origin[k]}" for k in origin if k not in ("option", "path", "clips")]
+    return f"`{given}`" + (f" ({', '.join(rest)})" if rest else "")
 
 
 def _listed(result: Mapping[str, Any]) -> int:
