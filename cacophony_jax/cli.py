@@ -302,9 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _curate_parsers(sub) -> None:
     from cacophony_jax.curate import build, caption, clean
 
-    curate = sub.add_parser("curate", help="stage 0: clean, caption and build datasets",
-                            description="stage 0 data tools")
     command = options.add_command
+    # The steps set the command run; each has its own --help with examples.
+    curate = command(sub, "curate", None, "stage 0: clean, caption and build datasets",
+                     f"  {PROG} curate clean raw.jsonl manifest.jsonl\n"
+                     f"  {PROG} curate caption unlabeled/ captioned.jsonl --bundle B\n"
+                     f"  {PROG} curate build --input web=clean.jsonl --out data/train\n"
+                     f"  {PROG} curate STEP --help\n")
     steps = curate.add_subparsers(dest="step", required=True, metavar="STEP",
                                   parser_class=options.Parser)
     p = command(steps, "clean", cmd_curate_clean, "noisy web metadata -> one caption a clip",

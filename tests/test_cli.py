@@ -229,8 +229,8 @@ def test_quiet_and_debug_go_before_or_after_the_command():
     parser = cli.build_parser()
     for argv, quiet in ((["--quiet", "embed", "x", "--bundle", "b", "--out", "i.npz"], True),
                         (["embed", "x", "--bundle", "b", "--out", "i.npz", "--quiet"], True),
-                        (["curate", "build", "--input", "a=m.jsonl", "--out", "o", "--quiet"],
-                         True),
+                        (["curate", "build", "--input", "a", "--out", "o", "--quiet"], True),
+                        (["curate", "--quiet", "build", "--input", "a", "--out", "o"], True),
                         (["embed", "x", "--bundle", "b", "--out", "i.npz"], False)):
         args = parser.parse_args(argv)
         assert args.quiet is quiet and args.debug is False, argv
@@ -256,7 +256,7 @@ def test_argument_errors_and_help(capsys):
         err = capsys.readouterr().err
         assert info.value.code == 2 and message in err and err.count("\n") == 1, (argv, err)
     for argv in (["embed"], ["search"], ["caption"], ["eval"], ["export"], ["curate", "clean"],
-                 ["curate", "caption"], ["curate", "build"]):
+                 ["curate"], ["curate", "caption"], ["curate", "build"]):
         with pytest.raises(SystemExit) as info:
             cli.main([*argv, "--help"])
         out = capsys.readouterr().out
