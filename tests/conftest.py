@@ -40,3 +40,12 @@ OFFICIAL_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "offi
 def official_dir() -> pathlib.Path:
     """Folder with the official reference checkpoints and input/output pairs."""
     return OFFICIAL_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def inference_bundles(official_dir, tmp_path_factory):
+    """(cacophony, mae) bundles of the official tiny checkpoints (`export_bundles`),
+    exported once for the inference tests; tests only read them."""
+    from tests.test_inference import export_bundles
+
+    return export_bundles(official_dir, tmp_path_factory.mktemp("bundles"))

@@ -7,19 +7,14 @@ import soundfile
 
 from cacophony_jax import cli, inference
 from cacophony_jax.audio import io
-from tests.test_inference import WINDOW, export_bundles, noise, tone
+from tests.test_inference import WINDOW, noise, tone
 
 RATE = 16000
 
 
 @pytest.fixture(scope="module")
-def bundles(official_dir, tmp_path_factory):
-    return export_bundles(official_dir, tmp_path_factory.mktemp("bundles"))
-
-
-@pytest.fixture(scope="module")
-def model(bundles):
-    return inference.load(bundles[0])
+def model(inference_bundles):
+    return inference.load(inference_bundles[0])
 
 
 def _clip(seconds, seed):
@@ -65,7 +60,7 @@ def test_every_window_is_captioned_with_its_span(model, monkeypatch, options):
         assert len({text for clip in spans for _, _, text in clip}) > 3
 
 
-def test_options_are_those_of_caption(model, bundles):
+def test_options_are_those_of_caption(model, inference_bundles):
     clip = _clip(3.3, 4)
     spans = model.caption_windows(clip, sample_rate=RATE, window_seconds=2.0, max_len=6,
                                   method="sample", seed=5)
@@ -78,7 +73,7 @@ def test_options_are_those_of_caption(model, bundles):
     with pytest.raises(inference.InferenceError, match="seed must be in"):
         model.caption_windows(clip, sample_rate=RATE, seed=-1)
     with pytest.raises(inference.InferenceError, match="caption_windows needs a stage-2"):
-        inference.load(bundles[1]).caption_windows(clip, sample_rate=RATE)
+        inference.load(inference_bundles[1]).caption_windows(clip, sample_rate=RATE)
 
 
 def _run(capsys, *argv):
@@ -87,26 +82,27 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-def test_cli_every_window_and_the_unchanged_default(model, bundles, tmp_path, capsys,
+def test_cli_every_window_and_the_unchanged_default(model, inference_bundles, tmp_path, capsys,
                                                     monkeypatch):
     monkeypatch.setattr(cli, "load_model", lambda path: model)
+    bundle = inference_bundles[0]
     long, short = tmp_path / "long.wav", tmp_path / "short.wav"
     soundfile.write(long, _clip(4.1, 1), RATE)
     soundfile.write(short, _clip(1.2, 3), RATE)
     (tmp_path / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
     spans = model.caption_windows([str(long), str(short)], max_len=8)
-    code, out, err = _run(capsys, "caption", tmp_path, "--bundle", bundles[0], "--max-len", "8",
+    code, out, err = _run(capsys, "caption", tmp_path, "--bundle", bundle, "--max-len", "8",
                           "--every-window")
     assert code == 0 and "skipped 1 of 3" in err and "broken.wav" in err
     assert out.splitlines() == [
         f"{long}\t0.00-1.50\t{spans[0][0][2]}", f"{long}\t1.50-3.00\t{spans[0][1][2]}",
         f"{long}\t3.00-4.10\t{spans[0][2][2]}", f"{short}\t0.00-1.20\t{spans[1][0][2]}"]
     # Without the flag: one "path<TAB>caption" line per file, as before.
-    code, out, _ = _run(capsys, "caption", long, short, "--bundle", bundles[0],
+    code, out, _ = _run(capsys, "caption", long, short, "--bundle", bundle,
                         "--max-len", "8")
     firsts = model.caption([str(long), str(short)], max_len=8)
     assert code == 0 and out.splitlines() == [f"{long}\t{firsts[0]}", f"{short}\t{firsts[1]}"]
-    code, out, _ = _run(capsys, "caption", long, "--bundle", bundles[0], "--max-len", "8",
+    code, out, _ = _run(capsys, "caption", long, "--bundle", bundle, "--max-len", "8",
                         "--every-window", "--window-seconds", "2")
     assert code == 0 and [line.split("\t")[1] for line in out.splitlines()] == [
         "0.00-2.00", "2.00-4.00"]  # the last 0.1 s is dropped

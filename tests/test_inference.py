@@ -32,13 +32,8 @@ def export_bundles(official_dir, root):
 
 
 @pytest.fixture(scope="module")
-def bundles(official_dir, tmp_path_factory):
-    return export_bundles(official_dir, tmp_path_factory.mktemp("bundles"))
-
-
-@pytest.fixture(scope="module")
-def model(bundles):
-    return inference.load(bundles[0])
+def model(inference_bundles):
+    return inference.load(inference_bundles[0])
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +246,8 @@ def test_caption_returns_strings(model):
     assert tokenizer.cut_caption("\ufffd dog") == "dog"
 
 
-def test_bucketing_reuses_compiled_functions(bundles):
-    model = inference.load(bundles[0])
+def test_bucketing_reuses_compiled_functions(inference_bundles):
+    model = inference.load(inference_bundles[0])
     model.embed_audio([noise(0.50)], sample_rate=16000)  # 8000 samples -> bucket 10240
     model.embed_audio([noise(0.55)], sample_rate=16000)
     assert model.trace_counts["encode_audio"] == 1
@@ -308,8 +303,8 @@ def test_audio_states_of_long_clips_encode_a_bounded_number_of_chunks(model, mon
     assert model.trace_counts["audio_states"] <= traced + 2
 
 
-def test_mae_bundle(bundles, official_dir):
-    model = inference.load(bundles[1])
+def test_mae_bundle(inference_bundles, official_dir):
+    model = inference.load(inference_bundles[1])
     assert model.kind == "mae" and model.tokenizer is None and model.embedding_size == 64
     clip = noise(1.2, 1)
     config, params = official.load_official_mae(official_dir / "AudioMAE_tiny.ckpt")

@@ -9,17 +9,12 @@ import pytest
 from cacophony_jax import inference
 from cacophony_jax.audio import io
 from cacophony_jax.convert.bundle import BundleError
-from tests.test_inference import export_bundles, noise
+from tests.test_inference import noise
 
 
 @pytest.fixture(scope="module")
-def bundles(official_dir, tmp_path_factory):
-    return export_bundles(official_dir, tmp_path_factory.mktemp("bundles"))
-
-
-@pytest.fixture(scope="module")
-def model(bundles):
-    return inference.load(bundles[0])
+def model(inference_bundles):
+    return inference.load(inference_bundles[0])
 
 
 def test_a_window_far_beyond_training_clips_warns_once(model, caplog):
@@ -58,7 +53,7 @@ def test_clear_errors(model, tmp_path):
     assert jax.tree.leaves(model.params)[0].dtype == np.float32
 
 
-def test_clear_errors_for_wrong_argument_types(model, bundles, tmp_path):
+def test_clear_errors_for_wrong_argument_types(model, inference_bundles, tmp_path):
     clip = noise(1.0)
     cases = [
         (lambda: model.embed_audio(None), io.AudioError, "audio must be a path.*got NoneType"),
@@ -76,9 +71,9 @@ def test_clear_errors_for_wrong_argument_types(model, bundles, tmp_path):
          inference.InferenceError, "seed must be a whole number, got '1'"),
         (lambda: model.audio_states([clip, clip[:12000]], 16000), inference.InferenceError,
          "audio_states takes clips of one length"),
-        (lambda: inference.load(bundles[0], device="banana"), BundleError,
+        (lambda: inference.load(inference_bundles[0], device="banana"), BundleError,
          "no 'banana' device in this process"),
-        (lambda: inference.load(bundles[0], device=3), BundleError,
+        (lambda: inference.load(inference_bundles[0], device=3), BundleError,
          "device must be a jax.Device"),
     ]
     for call, error, message in cases:
@@ -92,7 +87,8 @@ def test_clear_errors_for_wrong_argument_types(model, bundles, tmp_path):
                                   model.embed_audio([path]))
     np.testing.assert_allclose(model.embed_audio(jax.numpy.asarray(clip), sample_rate=16000.0),
                                model.embed_audio(clip, sample_rate=16000), atol=1e-6)
-    assert inference.load(bundles[0], device="cpu").embedding_size == model.embedding_size
+    on_cpu = inference.load(inference_bundles[0], device="cpu")
+    assert on_cpu.embedding_size == model.embedding_size
     # A training workdir, its checkpoints folder or a step in it: the export command.
     (tmp_path / "run" / "checkpoints" / "100").mkdir(parents=True)
     for where in ("run", "run/checkpoints", "run/checkpoints/100"):
