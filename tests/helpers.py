@@ -128,3 +128,13 @@ def write_jsonl(path, rows):
 def read_jsonl(path):
     """The rows of a JSONL file (only "\n" ends a row, as in the tools' outputs)."""
     return [json.loads(line) for line in path.read_text().split("\n") if line]
+
+
+def write_tone(path, k, samples=8000):
+    """A 16 kHz int16 WAV at `path` (folders made): a sine of 700 (k + 1) Hz."""
+    import soundfile
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    t = np.arange(samples) / 16000
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 700 * (k + 1) * t) * 32767).astype(
+        np.int16), 16000)

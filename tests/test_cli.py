@@ -10,20 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-import soundfile
 
 from cacophony_jax import cli, embedding_index
 from cacophony_jax.progress import ProgressLine
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config, write_tone
 
 WORDS = ("dog", "rain", "bell", "car")
-
-
-def _tone(path, k, samples=8000):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    t = np.arange(samples) / 16000
-    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 700 * (k + 1) * t) * 32767).astype(
-        np.int16), 16000)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +42,10 @@ def bundles(tmp_path_factory, official_dir):
 def sounds(tmp_path_factory):
     root = tmp_path_factory.mktemp("sounds")
     for k in range(3):
-        _tone(root / ("deep" if k else "") / f"tone{k}.wav", k)
-    _tone(root / "tone3.flac", 3)
+        write_tone(root / ("deep" if k else "") / f"tone{k}.wav", k)
+    write_tone(root / "tone3.flac", 3)
     (root / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
-    _tone(root / "tiny.wav", 0, samples=300)
+    write_tone(root / "tiny.wav", 0, samples=300)
     (root / "readme.txt").write_text("not audio")
     return root
 
@@ -271,7 +263,7 @@ def test_eval_command(bundles, tmp_path, capsys):
     with open(root / "meta" / "esc50.csv", "w", newline="") as f:
         csv.writer(f).writerows([["filename", "fold", "target", "category"], *rows])
     for k, (name, *_) in enumerate(rows):
-        _tone(root / "audio" / name, k)
+        write_tone(root / "audio" / name, k)
     # The same clips as the user's own set: a manifest with captions and labels.
     own = tmp_path / "own.jsonl"
     own.write_text("".join(json.dumps({"audio": str(root / "audio" / name), "label": label,
@@ -363,9 +355,9 @@ def test_a_file_name_that_is_not_utf8_is_captioned_shown_escaped_and_not_curated
         bundles, tmp_path, capsys, caplog):
     # e.g. Latin-1 names unpacked from an old archive: Python sees lone surrogates.
     folder = tmp_path / "latin1"
-    _tone(str(folder / "ok.wav"), 1)
+    write_tone(str(folder / "ok.wav"), 1)
     name = os.fsdecode(os.path.join(os.fsencode(folder), b"caf\xe9.wav"))
-    _tone(str(folder / "tmp.wav"), 2)
+    write_tone(str(folder / "tmp.wav"), 2)
     os.rename(folder / "tmp.wav", name)
     code, out, err = _run(capsys, "caption", folder, "--bundle", bundles["main"], "--max-len",
                           "4", "--quiet")

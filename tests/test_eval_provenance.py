@@ -7,23 +7,15 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
-import soundfile
 
 from cacophony_jax import cli
 from cacophony_jax.evals import benchmark, report
+from tests.helpers import write_tone
 
 # As `export_from_checkpoint` writes it (the path as given at export).
 CHECKPOINT_SOURCE = {"type": "checkpoint", "path": "runs/tiny/checkpoints", "step": 1200,
                      "task": "cacophony", "variant": "tiny"}
-
-
-def _tone(path, k, samples=8000):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    t = np.arange(samples) / 16000
-    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 700 * (k + 1) * t) * 32767).astype(
-        np.int16), 16000)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def test_results_record_the_checkpoint_step_and_the_sets_as_given(bundles, tmp_p
                                                                            "tone")]]
                                    for k in range(3)]])
     for k in range(3):
-        _tone(clotho / "evaluation" / f"{k}.wav", k)
+        write_tone(clotho / "evaluation" / f"{k}.wav", k)
     own = tmp_path / "own.jsonl"
     own.write_text("".join(json.dumps({"audio": str(clotho / "evaluation" / f"{k}.wav"),
                                        "captions": [f"tone {k}"]}) + "\n" for k in range(3)))
