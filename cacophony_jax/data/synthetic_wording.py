@@ -48,8 +48,9 @@ _ORDINALS = {2: (("first", "then"), ("first", "afterwards")),
              3: (("first", "next", "then"), ("first", "then", "next"))}
 _JOINS = ("; then ", "; next, ", ", followed by ")
 _BACKGROUND_WORDS = {"white": "white noise", "pink": "pink noise", "brown": "rumbling noise"}
-_BACKGROUND_LEVEL_WORDS = {"faint": ("faint", "soft"),
-                           "noticeable": ("clear", "loud")}
+# Not the events' loudness words: a noticeable background is still far below a quiet event.
+_BACKGROUND_LEVEL_WORDS = {"faint": ("faint",),
+                           "noticeable": ("clear",)}
 
 
 def pick(rng: np.random.Generator, options: tuple) -> Any:
