@@ -127,7 +127,7 @@ def _field(path: str) -> str:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Prints "path<TAB>caption" for every audio file (--every-window: a line
-    "path<TAB>start-end<TAB>caption" for every window, seconds with two decimals)."""
+    "path<TAB>start-end<TAB>caption" for every window, seconds to the millisecond)."""
     from cacophony_jax.models import decoding
 
     files = [path for path, _ in _files(args.inputs, args.extensions)]
@@ -155,7 +155,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 failures.append(f"{path}: {text}")
                 continue
             if args.every_window:  # one line per window: its span in seconds, its caption
-                print("".join(f"{_field(path)}\t{start:.2f}-{end:.2f}\t{caption}\n"
+                print("".join(f"{_field(path)}\t{start:.3f}-{end:.3f}\t{caption}\n"
                               for start, end, caption in text), end="", flush=True)
             else:
                 print(f"{_field(path)}\t{text}", flush=True)
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--every-window", action="store_true",
                    help="caption every window of a long file, one line each: "
-                        "path<TAB>start-end<TAB>caption (seconds, e.g. 10.00-20.00)")
+                        "path<TAB>start-end<TAB>caption (seconds, e.g. 10.000-20.000)")
     options.audio_options(p, 16)
     options.window_option(p, "describe each file's first S seconds (--every-window: "
                              "every S-second window)")

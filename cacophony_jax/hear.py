@@ -25,10 +25,11 @@ time step is 16 log-mel frames, 160 ms, whose frames cover 175 ms of audio; the
 embedding at ``t`` is the mean over its 8 frequency patches of the encoder states
 (``CacophonyModel.audio_states``) of the step whose 175 ms are centred on ``t``. To
 place steps every 40 ms the clip is encoded four times, started 87.5, 47.5 and 7.5 ms
-early (silence in front) and 32.5 ms late, and the four step grids are interleaved;
-silence pads the end, so the first and last timestamps have steps of their own. A
-timestamp embedding therefore costs four encoder passes over the clip (long clips in
-window-sized chunks, as ``audio_states`` encodes them).
+early (silence in front) and 32.5 ms late, and the four step grids are interleaved.
+Each encoding reads on to the clip's end, and silence after it gives the last
+timestamps all 175 ms of their steps. A timestamp embedding therefore costs four
+encoder passes over the clip (long clips in window-sized chunks, as ``audio_states``
+encodes them).
 
 Running the official validator (torch and hearvalidator are not project
 requirements; the validator only accepts a model object that is a torch or
@@ -203,10 +204,11 @@ def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
     if not n:  # an empty batch, as get_scene_embeddings allows
         return _like(embeddings, source), _like(timestamps, source)
     # Encoding k starts the clip 40 k ms later, so its step m is timestamp 4 m + k.
-    # All four read the same length (one compiled shape), long enough for the
-    # last timestamp's step to exist.
+    # All four read the same length (one compiled shape): the whole clip, and all
+    # 175 ms of the last timestamp's step.
     steps = -(-count // SHIFTS)
-    length = max((steps - 1) * clips.STEP_SAMPLES + clips.MIN_SAMPLES, clips.MIN_SAMPLES)
+    length = max((steps - 1) * clips.STEP_SAMPLES + 2 * CENTRE_SAMPLES,
+                 CENTRE_SAMPLES + samples)
     padded = np.zeros((n, (SHIFTS - 1) * HOP_SAMPLES + length), np.float32)
     padded[:, CENTRE_SAMPLES:CENTRE_SAMPLES + samples] = wave
     for k in range(SHIFTS):

@@ -95,14 +95,14 @@ def test_cli_every_window_and_the_unchanged_default(model, inference_bundles, tm
                           "--every-window")
     assert code == 0 and "skipped 1 of 3" in err and "broken.wav" in err
     assert out.splitlines() == [
-        f"{long}\t0.00-1.50\t{spans[0][0][2]}", f"{long}\t1.50-3.00\t{spans[0][1][2]}",
-        f"{long}\t3.00-4.10\t{spans[0][2][2]}", f"{short}\t0.00-1.20\t{spans[1][0][2]}"]
+        f"{long}\t0.000-1.500\t{spans[0][0][2]}", f"{long}\t1.500-3.000\t{spans[0][1][2]}",
+        f"{long}\t3.000-4.100\t{spans[0][2][2]}", f"{short}\t0.000-1.200\t{spans[1][0][2]}"]
     # Without the flag: one "path<TAB>caption" line per file, as before.
     code, out, _ = _run(capsys, "caption", long, short, "--bundle", bundle,
                         "--max-len", "8")
     firsts = model.caption([str(long), str(short)], max_len=8)
     assert code == 0 and out.splitlines() == [f"{long}\t{firsts[0]}", f"{short}\t{firsts[1]}"]
     code, out, _ = _run(capsys, "caption", long, "--bundle", bundle, "--max-len", "8",
-                        "--every-window", "--window-seconds", "2")
+                        "--every-window", "--window-seconds", "2.005")
     assert code == 0 and [line.split("\t")[1] for line in out.splitlines()] == [
-        "0.00-2.00", "2.00-4.00"]  # the last 0.1 s is dropped
+        "0.000-2.005", "2.005-4.010"]  # the last 0.09 s is dropped
