@@ -1,0 +1,152 @@
+"""Linear probe of frozen embeddings: cross-validated logistic regression accuracy.
+
+For each fold, a multinomial logistic regression is trained on the clips of the other
+folds and scored (top-1) on the fold's own clips. Features are standardised with the
+training folds' mean and standard deviation; the loss is the mean cross-entropy plus
+`l2 / 2 * |W|^2` (the bias is not penalised), minimised full-batch with L-BFGS for a
+fixed number of iterations in one jitted function, so the result is deterministic.
+Every fold is trained on the same padded array (the held-out clips get weight 0), so
+one compilation serves all folds.
+
+This is a quick, comparable number for any bundle, stage 1 (MAE) included; it is not
+the HEAR protocol (hear-eval-kit trains an MLP with its own splits and early stopping).
+Sets without folds of their own get `kfold_ids`: `DEFAULT_FOLDS` folds of a fixed
+seeded permutation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+DEFAULT_L2 = 1e-3  # weight of the L2 penalty, on standardised features
+DEFAULT_STEPS = 100  # L-BFGS iterations per fold
+DEFAULT_FOLDS = 5  # folds of a set without its own
+DEFAULT_SEED = 0  # seed of those folds' permutation
+
+
+class ProbeInputError(ValueError):
+    """Embeddings, labels or folds that a linear probe cannot be trained on."""
+
+
+def kfold_ids(count: int, folds: int = DEFAULT_FOLDS, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """Fold ids 1..`folds` of `count` examples: a seeded permutation dealt round-robin.
+
+    Args:
+      count: examples.
+      folds: folds (at least 2 and at most `count`).
+      seed: the permutation's seed.
+
+    Returns:
+      int [count], fold sizes differing by at most one.
+    """
+    if folds < 2 or count < folds:
+        raise ProbeInputError(f"{count} example(s) cannot be split into {folds} folds; the "
+                              f"probe needs at least {max(folds, 2)} labelled clips")
+    out = np.empty(count, np.int64)
+    out[np.random.default_rng(seed).permutation(count)] = np.arange(count) % folds + 1
+    return out
+
+
+def _loss(params, x, onehot, weight, l2):
+    logits = x @ params["w"] + params["b"]
+    nll = -jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1)
+    return jnp.sum(weight * nll) / jnp.sum(weight) + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _fit_and_predict(x, onehot, weight, l2, steps):
+    """Standardises with the weighted (training) rows, fits, predicts every row."""
+    total = jnp.sum(weight)
+    mean = weight @ x / total
+    std = jnp.sqrt(weight @ (x - mean) ** 2 / total)
+    x = (x - mean) / jnp.where(std > 1e-6, std, 1.0)  # a constant feature stays 0
+    params = {"w": jnp.zeros((x.shape[1], onehot.shape[1])), "b": jnp.zeros(onehot.shape[1])}
+    loss = lambda p: _loss(p, x, onehot, weight, l2)
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        params, state = carry
+        value, grad = value_and_grad(params, state=state)
+        updates, state = solver.update(grad, state, params, value=value, grad=grad,
+                                       value_fn=loss)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, solver.init(params)), None, length=steps)
+    return jnp.argmax(x @ params["w"] + params["b"], axis=-1)
+
+
+def linear_probe(embeddings: Any, labels: Sequence[int], folds: Sequence[int], *,
+                 expected_folds: Sequence[int] | None = None, l2: float = DEFAULT_L2,
+                 steps: int = DEFAULT_STEPS) -> dict[str, Any]:
+    """Cross-validated top-1 accuracy of a logistic regression on frozen embeddings.
+
+    Args:
+      embeddings: float [n, d].
+      labels: one integer class per example.
+      folds: one integer fold id per example.
+      expected_folds: the folds that must each hold examples (e.g. the folds of the
+        set that were asked for); None: those present in `folds`.
+      l2: weight of the L2 penalty on the (standardised) weights.
+      steps: L-BFGS iterations per fold.
+
+    Returns:
+      {"probe_top1": mean over folds of the fold accuracies (%), "probe_fold_top1":
+       {fold id (str): accuracy (%)}, "probe_examples": n, "probe_classes": distinct
+       labels, "probe_l2": l2}.
+
+    Raises:
+      ProbeInputError: the embeddings are not a finite [n, d] array; labels or folds
+        do not have one integer per example; an expected fold is empty; there are
+        fewer than 2 folds; some fold's training part has fewer than 2 classes.
+    """
+    x = np.asarray(embeddings)
+    if x.ndim != 2 or not x.shape[0] or not x.shape[1]:
+        raise ProbeInputError(f"probe embeddings must be a non-empty [n, d] array, got "
+                              f"shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise ProbeInputError("probe embeddings hold non-finite values (NaN or inf); the "
+                              "model produced them: check the bundle and the audio")
+    y, f = _ints(labels, "labels", len(x)), _ints(folds, "fold ids", len(x))
+    names = sorted(set(f.tolist()) | set(expected_folds or ()))
+    empty = [k for k in names if not np.any(f == k)]
+    if empty:
+        raise ProbeInputError(f"fold(s) {empty} hold no example (all their clips missing or "
+                              "unreadable?); evaluate only folds with clips")
+    if len(names) < 2:
+        raise ProbeInputError(f"the probe needs at least 2 folds to train on one and test "
+                              f"on another; got fold(s) {names}")
+    for k in names:
+        if len(set(y[f != k].tolist())) < 2:
+            raise ProbeInputError(f"training the probe for fold {k} sees fewer than 2 "
+                                  "classes in the other folds; the set needs examples of "
+                                  "at least 2 classes outside each fold")
+    if not (np.isfinite(l2) and l2 >= 0) or int(steps) < 1:
+        raise ProbeInputError(f"probe l2 {l2} must be >= 0 and steps {steps} >= 1")
+    classes, index = np.unique(y, return_inverse=True)
+    onehot = jnp.asarray(np.eye(len(classes), dtype=np.float32)[index])
+    features = jnp.asarray(x, jnp.float32)
+    accuracy = {}
+    for k in names:
+        predicted = np.asarray(_fit_and_predict(features, onehot,
+                                                jnp.asarray(f != k, jnp.float32),
+                                                jnp.float32(l2), int(steps)))
+        accuracy[str(k)] = 100.0 * float(np.mean(predicted[f == k] == index[f == k]))
+    return {"probe_top1": float(np.mean(list(accuracy.values()))),
+            "probe_fold_top1": accuracy, "probe_examples": int(len(x)),
+            "probe_classes": int(len(classes)), "probe_l2": float(l2)}
+
+
+def _ints(values: Sequence[int], what: str, count: int) -> np.ndarray:
+    out = np.asarray(values)
+    if out.shape != (count,) or not np.issubdtype(out.dtype, np.integer):
+        raise ProbeInputError(f"probe {what} must be {count} integers, one per embedding; "
+                              f"got shape {out.shape} of {out.dtype}")
+    return out.astype(np.int64)
