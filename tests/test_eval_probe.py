@@ -77,3 +77,21 @@ def test_bad_inputs_name_the_problem():
     # Fold 1 holds every class-1 example: training for fold 1 sees class 0 only.
     with pytest.raises(ProbeInputError, match="for fold 1 sees fewer than 2 classes"):
         linear_probe(x, y, np.where(y == 1, 1, np.arange(20) // 2 % 2 + 1))
+
+
+def test_fold_layouts_record_each_clips_fold(tmp_path):
+    from cacophony_jax.data import layouts
+    from tests.helpers import write_tone
+
+    root = tmp_path / "esc50"
+    (root / "meta").mkdir(parents=True)
+    rows = [("1-1-A-0.wav", 1, 0, "dog"), ("2-1-A-0.wav", 2, 0, "dog"),
+            ("3-2-A-1.wav", 3, 1, "rain")]
+    (root / "meta" / "esc50.csv").write_text(
+        "filename,fold,target,category\n" + "".join(f"{r[0]},{r[1]},{r[2]},{r[3]}\n"
+                                                   for r in rows))
+    for k, (name, *_) in enumerate(rows):
+        write_tone(root / "audio" / name, k)
+    assert layouts.esc50_source(root).clip_folds == {r[0]: r[1] for r in rows}
+    assert layouts.esc50_source(root, folds=[2, 3]).clip_folds == {"2-1-A-0.wav": 2,
+                                                                    "3-2-A-1.wav": 3}

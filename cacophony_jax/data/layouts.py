@@ -249,7 +249,7 @@ def _labelled_source(
         raise SourceError(f"{name} has folds {all_folds}; {sorted(wanted)} asked for")
     source = ClipSource(name, root, [names[i] for i in range(len(names))])
     listings: dict[str, dict[str, str]] = {}
-    missing = []
+    missing, clip_folds = [], {}
     for row in rows:
         if int(row[fold_col]) not in wanted:
             continue
@@ -261,9 +261,10 @@ def _labelled_source(
         if on_disk is not None:
             source.add(os.path.join(folder, on_disk), labels=[int(row[index_col])],
                        clip_id=row[file_col])
+            clip_folds[row[file_col]] = int(row[fold_col])
         else:
             missing.append(row[file_col])
-    source.folds = sorted(wanted)
+    source.folds, source.clip_folds = sorted(wanted), clip_folds
     return _report_missing(source, missing, os.path.join(root, "audio"), "the listed file names")
 
 

@@ -20,7 +20,7 @@ import difflib
 import os
 import re
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 
@@ -85,6 +85,7 @@ class ClipSource:
 
     num_missing = 0  # clips of a public layout skipped because their audio is absent
     missing_ids: Sequence[str] = ()  # their ids
+    clip_folds: Mapping[str, int] | None = None  # a fold-based layout's clip id -> fold
 
     def __init__(self, name: str, root: str, class_names: Sequence[str] = ()):
         """Creates an empty source; fill it with `add`.
