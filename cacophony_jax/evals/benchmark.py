@@ -17,6 +17,9 @@ Tasks, with the public layouts read by `cacophony_jax.data.layouts`:
 * any other set (e.g. the synthetic corpus's held-out split): retrieval when it has no
   class names, both tasks otherwise, and optionally the share of its clips whose
   generated caption names the clip's class (`class_mention_report`).
+* linear probe (`linear_probe=True`, `--linear-probe`; any labelled set): a logistic
+  regression on the frozen audio embeddings, cross-validated over the set's folds
+  (`evals.probe`). It is the one task of a stage-1 (MAE) bundle, which has no text tower.
 
 Long clips: the released evaluation code embedded each clip of up to 30 s (all of
 Clotho's) in one pass, and so does `eval` by default (`--window-seconds 30`); longer
@@ -36,7 +39,6 @@ synthetic-set settings) and the UTC time of the evaluation.
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 from collections.abc import Mapping
@@ -50,7 +52,8 @@ from cacophony_jax.audio.files import map_records
 from cacophony_jax.audio.io import SAMPLE_RATE, AudioError
 from cacophony_jax.data.sources import SourceError
 from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate
-from cacophony_jax.evals.report import DATASETS, write_results
+from cacophony_jax.evals.probe import probe_set
+from cacophony_jax.evals.report import DATASETS, bundle_provenance, utc_now, write_results
 from cacophony_jax.evals.retrieval import retrieval_metrics
 from cacophony_jax.evals.zeroshot import prompts_for, release_prompts, zeroshot_metrics
 from cacophony_jax.progress import Progress
@@ -84,10 +87,10 @@ def open_datasets(roots: Mapping[str, str]) -> dict[str, Any]:
     return opened
 
 
-def _tasks(name: str, source: Any) -> list[str]:
-    if name in DATASETS:
-        return [DATASETS[name][1]]
-    return ["retrieval", "zeroshot"] if source.class_names else ["retrieval"]
+def _tasks(name: str, source: Any, text: bool = True, probe: bool = False) -> list[str]:
+    tasks = [] if not text else [DATASETS[name][1]] if name in DATASETS else \
+        ["retrieval", "zeroshot"] if source.class_names else ["retrieval"]
+    return tasks + (["probe"] if probe and source.class_names else [])
 
 
 # The longest clip the released evaluation code embedded in one pass (Clotho's 30 s).
@@ -202,7 +205,8 @@ def class_mention_report(model: Any, source: Any, *, limit: int | None = None,
 def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
                     workers: int = 4, caption_clips: int = 0, prompt: str = "release",
                     progress: Progress | None = None, window_seconds: float | None = None,
-                    caption_method: str = "greedy") -> dict[str, Any]:
+                    caption_method: str = "greedy", linear_probe: bool = False
+                    ) -> dict[str, Any]:
     """Runs the tasks of one set (see the module docstring).
 
     Args:
@@ -218,6 +222,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
       window_seconds: see `embed_source`.
       caption_method: how those captions are decoded: "greedy" (as training's
         evaluation) or "beam".
+      linear_probe: also train and score `evals.probe`'s linear probe on the
+        audio embeddings (a labelled set); the only task of a stage-1 bundle.
 
     Returns:
       {"tasks", "metrics": {...}, "clips", "captions", "captioned" (clips with a
@@ -227,7 +233,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
       three class prompts, for zero-shot).
     """
     start = time.monotonic()
-    tasks = _tasks(name, source)
+    tasks = _tasks(name, source, getattr(model, "kind", "cacophony") == "cacophony",
+                   linear_probe)
     embedded = embed_source(model, source, batch_size=batch_size, workers=workers,
                             label=f"{name}: audio", progress=progress,
                             window_seconds=window_seconds)
@@ -272,18 +279,18 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
                    else prompts_for(source.class_names))
         class_emb = np.asarray(model.embed_text(prompts), np.float32)
         metrics.update(zeroshot_metrics(embedded["audio_emb"], class_emb, embedded["labels"]))
+    if "probe" in tasks:
+        metrics.update(probe_set(name, source, embedded))
     if caption_clips and source.class_names:
         report = class_mention_report(model, source, limit=caption_clips, batch_size=batch_size,
                                       method=caption_method)
-        metrics["class_mention_rate"] = 100.0 * report["class_mention_rate"]
-        metrics["captioned_clips"] = report["clips"]  # readable ones of the first N
-        metrics["caption_examples"] = report["examples"]
+        metrics.update(class_mention_rate=100.0 * report["class_mention_rate"],
+                       captioned_clips=report["clips"],  # readable ones of the first N
+                       caption_examples=report["examples"])
     return {"tasks": tasks, "metrics": metrics, "clips": len(embedded["ids"]),
-            "captions": num_captions,
-            "captioned": sum(1 for c in embedded["captions"] if c),
-            "unreadable": len(embedded["failures"]),
+            "captions": num_captions, "captioned": sum(1 for c in embedded["captions"] if c),
+            "unreadable": len(embedded["failures"]), "padded": embedded["padded"],
             "unreadable_ids": embedded["unreadable_ids"],
-            "padded": embedded["padded"],
             "missing": int(getattr(source, "num_missing", 0)) + len(embedded["absent"]),
             "missing_ids": missing_ids, "bad_rows": bad_rows,
             **({"folds": list(source.folds)} if getattr(source, "folds", None) else {}),
@@ -291,36 +298,17 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
             "seconds": round(time.monotonic() - start, 2)}
 
 
-def bundle_provenance(model: Any) -> dict[str, Any]:
-    """What a loaded bundle says of itself: its kind, source and tokenizer fingerprint.
-
-    Args:
-      model: an `inference.CacophonyModel` (its `meta` is the bundle's bundle.json).
-
-    Returns:
-      {"bundle_kind", "bundle_source", "tokenizer_fingerprint"}; None for what the
-      bundle does not record (bundles written before sources were kept have none).
-    """
-    meta = getattr(model, "meta", None) or {}
-    return {"bundle_kind": meta.get("kind", getattr(model, "kind", None)),
-            "bundle_source": meta.get("source"),
-            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint") or None}
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
 def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None = None,
                     batch_size: int = 32, workers: int = 4, caption_clips: int = 0,
                     bundle: str = "", prompt: str = "release",
                     progress: Progress | None = None, window_seconds: float | None = None,
-                    caption_method: str = "greedy",
+                    caption_method: str = "greedy", linear_probe: bool = False,
                     origins: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Evaluates a bundle on several sets and writes results.json / results.md.
 
     Args:
-      model: an `inference.CacophonyModel` (a stage-2 bundle: it needs a text tower).
+      model: an `inference.CacophonyModel`; a stage-1 ("mae") bundle has no text
+        tower, so only `linear_probe` can run on it.
       sets: set name -> source (see `open_datasets`).
       out_dir: folder for results.json and results.md (None: write nothing).
       batch_size: clips embedded at once.
@@ -331,6 +319,7 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
       progress: called as progress(label, done, total).
       window_seconds: see `embed_source`.
       caption_method: see `evaluate_source`.
+      linear_probe: see `evaluate_source`.
       origins: set name -> where it came from, recorded as the set's "origin" (e.g.
         {"option": "--clotho", "path": folder, "split": "evaluation"}); None for a set
         not named here.
@@ -339,11 +328,18 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
       {"bundle": path, "zeroshot_prompt": style, "window_seconds": the window used,
        "caption_method", "bundle_kind", "bundle_source" (bundle.json's "source", or
        None), "tokenizer_fingerprint" (None without a tokenizer), "evaluated_at" (UTC,
-       ISO 8601), "sets": {name: evaluate_source(...) and "origin"}}.
+       ISO 8601), "linear_probe", "skipped": [what was not evaluated, and why],
+       "sets": {name: evaluate_source(...) and "origin"}} (a set with no task for
+       this bundle is left out and named in "skipped").
     """
-    if getattr(model, "kind", "cacophony") != "cacophony":
-        raise ValueError(f"bundle {bundle or ''} is a {model.kind!r} model without a text "
-                         f"tower; evaluate a stage-2 (cacophony) bundle")
+    kind = getattr(model, "kind", "cacophony")
+    if kind != "cacophony" and not linear_probe:
+        raise ValueError(f"bundle {bundle or ''} is a {kind!r} model without a text tower, "
+                         "so it has no zero-shot or retrieval; evaluate a stage-2 "
+                         "(cacophony) bundle, or pass --linear-probe")
+    if kind != "cacophony" and caption_clips:
+        raise ValueError(f"--caption-clips: bundle {bundle or ''} is a {kind!r} model without "
+                         "a captioning decoder; drop --caption-clips")
     if not sets:
         raise ValueError("no evaluation set given; name at least one dataset folder")
     if batch_size < 1 or workers < 1:
@@ -356,18 +352,32 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
     window = window_seconds or float(getattr(model, "window_seconds", 0.0))
     results: dict[str, Any] = {"bundle": bundle, "zeroshot_prompt": prompt,
                                "window_seconds": window, "caption_method": caption_method,
-                               **bundle_provenance(model), "evaluated_at": _utc_now(),
-                               "sets": {}}
+                               **bundle_provenance(model), "evaluated_at": utc_now(),
+                               "linear_probe": linear_probe, "skipped": [], "sets": {}}
+    if kind != "cacophony":
+        results["skipped"].append(f"zero-shot classification and retrieval: a {kind!r} "
+                                  "bundle has no text tower")
     for name, source in sets.items():
+        if linear_probe and not source.class_names:
+            results["skipped"].append(f"{name}: no linear probe (the set has no class labels)"
+                                      + ("" if kind == "cacophony" else ", nor any other task"))
+        if not _tasks(name, source, kind == "cacophony", linear_probe):
+            continue
         logging.info("evaluating %s: %d clips", name, len(source))
         result = evaluate_source(model, name, source, batch_size=batch_size, workers=workers,
                                  caption_clips=caption_clips, prompt=prompt,
                                  progress=progress, window_seconds=window_seconds,
-                                 caption_method=caption_method)
+                                 caption_method=caption_method, linear_probe=linear_probe)
         origin = (origins or {}).get(name)
         results["sets"][name] = {**result, "origin": dict(origin) if origin else None}
         shown = {k: round(v, 2) for k, v in result["metrics"].items() if isinstance(v, float)}
         logging.info("%s (%d clips, %.0f s): %s", name, result["clips"], result["seconds"], shown)
+    if not results["sets"]:
+        raise ValueError(f"none of the sets given has class labels for the linear probe, the "
+                         f"only task of a {kind!r} bundle: add --esc50, --urbansound8k or a "
+                         "labelled --manifest")
+    for note in results["skipped"]:
+        logging.warning("skipped %s", note)
     if out_dir:
         write_results(results, out_dir)
     return results

@@ -23,7 +23,8 @@ def add_arguments(parser: Any) -> None:
     Args:
       parser: the command's argparse.ArgumentParser.
     """
-    parser.add_argument("--bundle", required=True, help="stage-2 inference bundle")
+    parser.add_argument("--bundle", required=True,
+                        help="inference bundle (stage 2; stage 1 with --linear-probe)")
     for name, layout in (("audiocaps", "test.csv + audio/test/"),
                          ("clotho", "clotho_captions_evaluation.csv + evaluation/"),
                          ("esc50", "meta/esc50.csv + audio/"),
@@ -52,6 +53,12 @@ def add_arguments(parser: Any) -> None:
                              "('This is a sound of chirping_birds', default: comparable with "
                              "the paper's numbers) or as the paper words them ('This is a "
                              "sound of chirping birds.')")
+    parser.add_argument("--linear-probe", action="store_true",
+                        help="also train a logistic regression on the frozen audio "
+                             "embeddings of each labelled set, cross-validated over its "
+                             "folds (ESC-50's 5, UrbanSound8K's 10; 5 seeded folds of your "
+                             "own sets) and report its top-1; the only task a stage-1 "
+                             "(MAE) bundle can run")
     parser.add_argument("--window-seconds", type=float, default=RELEASE_WINDOW_SECONDS,
                         metavar="S",
                         help="embed each clip's first S seconds in one pass, and average "
@@ -143,7 +150,7 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
                               bundle=os.path.abspath(args.bundle),
                               prompt=args.zeroshot_prompt, progress=progress,
                               window_seconds=args.window_seconds or None,
-                              origins=origins)
+                              linear_probe=args.linear_probe, origins=origins)
     print(results_markdown(results))
     if args.out:
         print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")

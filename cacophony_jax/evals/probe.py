@@ -150,3 +150,38 @@ def _ints(values: Sequence[int], what: str, count: int) -> np.ndarray:
         raise ProbeInputError(f"probe {what} must be {count} integers, one per embedding; "
                               f"got shape {out.shape} of {out.dtype}")
     return out.astype(np.int64)
+
+
+def probe_set(name: str, source: Any, embedded: dict[str, Any]) -> dict[str, Any]:
+    """The linear probe of one embedded evaluation set, on its single-label clips.
+
+    Args:
+      name: the set's name (for messages).
+      source: the set's source; a fold-based layout (ESC-50, UrbanSound8K) has
+        `clip_folds` (clip id -> fold) and `folds`, the folds asked for.
+      embedded: `benchmark.embed_source`'s result ("audio_emb", "labels", "ids").
+
+    Returns:
+      `linear_probe`'s result and "probe_fold_kind": "the set's folds" or, for a set
+      without folds, the seeded folds made here; "probe_skipped" clips without
+      exactly one label.
+    """
+    keep = [i for i, labels in enumerate(embedded["labels"]) if len(labels) == 1]
+    if not keep:
+        raise ProbeInputError(f"{name}: no clip has exactly one class label, so the linear "
+                              "probe cannot run; give its clips a \"label\" or drop "
+                              "--linear-probe")
+    labels = [embedded["labels"][i][0] for i in keep]
+    clip_folds = getattr(source, "clip_folds", None)
+    kind = "the set's folds" if clip_folds else \
+        f"{DEFAULT_FOLDS} folds of a permutation with seed {DEFAULT_SEED}"
+    expected = list(getattr(source, "folds", None) or ()) if clip_folds else None
+    try:
+        folds = ([clip_folds[embedded["ids"][i]] for i in keep] if clip_folds
+                 else kfold_ids(len(keep)))
+        result = linear_probe(embedded["audio_emb"][keep], labels, folds,
+                              expected_folds=expected)
+    except ProbeInputError as e:
+        raise ProbeInputError(f"{name}: {e}") from None
+    return {**result, "probe_fold_kind": kind,
+            "probe_skipped": len(embedded["labels"]) - len(keep)}

@@ -6,6 +6,7 @@ writes what it found next to the paper's numbers (results.json, results.md).
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -141,9 +142,22 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                   "|---|---|---|"]
         lines += [f"| {_display(n, sets)} | {_cell(m['class_mention_rate'])} | "
                   f"{m.get('captioned_clips', '—')} |" for n, m in mentions.items()] + [""]
-    notes = [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped "
-             "(results.json lists them: missing_ids, unreadable_ids)"
-             for n, r in sets.items() if r["unreadable"] or r["missing"]]
+    probed = {n: r["metrics"] for n, r in sets.items() if "probe_top1" in r["metrics"]}
+    if probed:
+        lines += ["## Linear probe of the frozen audio embeddings (top-1 %)", "",
+                  "Logistic regression (L2, standardised features) trained on the other "
+                  "folds and scored on each fold; not the HEAR protocol.", "",
+                  "| set | top-1 (mean of folds) | per fold | clips | folds |",
+                  "|---|---|---|---|---|"]
+        for n, m in probed.items():
+            folds = ", ".join(f"{k}: {_cell(v)}" for k, v in m["probe_fold_top1"].items())
+            lines.append(f"| {_display(n, sets)} | {_cell(m['probe_top1'])} | {folds} | "
+                         f"{m['probe_examples']} | {m['probe_fold_kind']} |")
+        lines.append("")
+    notes = [f"- skipped {why}" for why in results.get("skipped", ())]
+    notes += [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped "
+              "(results.json lists them: missing_ids, unreadable_ids)"
+              for n, r in sets.items() if r["unreadable"] or r["missing"]]
     notes += [f"- {n}: {r['bad_rows']} bad manifest row(s) skipped (the warning when it was "
               "read names them)" for n, r in sets.items() if r.get("bad_rows")]
     notes += [f"- {n}: {r['padded']} clip(s) shorter than 0.15 s padded with silence"
@@ -199,6 +213,27 @@ def _display(name: str, sets: Mapping[str, Any]) -> str:
                    or _listed(result) < PUBLISHED_CLIPS.get(name, 0)):
         display += " (incomplete copy, see below)"
     return display
+
+
+def bundle_provenance(model: Any) -> dict[str, Any]:
+    """What a loaded bundle says of itself: its kind, source and tokenizer fingerprint.
+
+    Args:
+      model: an `inference.CacophonyModel` (its `meta` is the bundle's bundle.json).
+
+    Returns:
+      {"bundle_kind", "bundle_source", "tokenizer_fingerprint"}; None for what the
+      bundle does not record (bundles written before sources were kept have none).
+    """
+    meta = getattr(model, "meta", None) or {}
+    return {"bundle_kind": meta.get("kind", getattr(model, "kind", None)),
+            "bundle_source": meta.get("source"),
+            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint") or None}
+
+
+def utc_now() -> str:
+    """The time now in UTC, ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def write_results(results: Mapping[str, Any], out_dir: str) -> None:
