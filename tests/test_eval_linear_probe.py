@@ -105,3 +105,27 @@ def test_mae_bundle_refusals(tmp_path):
         benchmark.evaluate_bundle(mae, {"own": source}, linear_probe=True, caption_clips=2)
     with pytest.raises(ValueError, match="none of the sets given has class labels"):
         benchmark.evaluate_bundle(mae, {"own": source}, linear_probe=True)
+
+
+def test_a_set_that_cannot_be_probed_is_noted_and_its_other_tasks_run(tmp_path):
+    source = ClipSource("own", str(tmp_path), CLASSES)
+    for i in range(6):  # every clip has two labels: nothing to probe
+        _tone(str(tmp_path / f"{i}.wav"), CLASSES[i % 3])
+        source.add(f"{i}.wav", captions=[f"a {CLASSES[i % 3]}"], labels=[i % 3, (i + 1) % 3])
+    esc50 = _esc50(tmp_path / "esc50", folds=2, tone=lambda path, k: _tone(str(path), CLASSES[k]))
+    for name in os.listdir(esc50 / "audio"):  # fold 2 has no audio left
+        if name.startswith("2-"):
+            os.remove(esc50 / "audio" / name)
+    sets = {"own": source, **benchmark.open_datasets({"esc50": str(esc50)})}
+    results = benchmark.evaluate_bundle(FakeModel(), sets, linear_probe=True,
+                                        out_dir=str(tmp_path / "out"))
+    own, esc = results["sets"]["own"], results["sets"]["esc50"]
+    assert own["tasks"] == ["retrieval", "zeroshot"] and "t2a_R@1" in own["metrics"]
+    assert own["probe_error"] == "no clip of own has exactly one class label"
+    assert esc["tasks"] == ["zeroshot"] and "probe_top1" not in esc["metrics"]
+    assert esc["probe_error"].startswith("fold(s) [2] hold no example")
+    assert results["skipped"] == [f"{n}: no linear probe ({r['probe_error']})"
+                                  for n, r in results["sets"].items()]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "- skipped own: no linear probe (no clip of own has exactly one" in md
+    assert "Linear probe of the frozen" not in md

@@ -52,7 +52,7 @@ from cacophony_jax.audio.files import map_records
 from cacophony_jax.audio.io import SAMPLE_RATE, AudioError
 from cacophony_jax.data.sources import SourceError
 from cacophony_jax.evals.captioning import CaptionInputError, class_mention_rate
-from cacophony_jax.evals.probe import probe_set
+from cacophony_jax.evals.probe import ProbeInputError, probe_set
 from cacophony_jax.evals.report import DATASETS, bundle_provenance, utc_now, write_results
 from cacophony_jax.evals.retrieval import retrieval_metrics
 from cacophony_jax.evals.zeroshot import prompts_for, release_prompts, zeroshot_metrics
@@ -230,7 +230,8 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
       caption: retrieval's audio queries; every clip is a text query's candidate),
       "unreadable", "missing",
       "bad_rows" (a manifest's skipped bad rows), "seconds"} (and "prompts", the first
-      three class prompts, for zero-shot).
+      three class prompts, for zero-shot; "probe_error", why the set could not be
+      probed).
     """
     start = time.monotonic()
     tasks = _tasks(name, source, getattr(model, "kind", "cacophony") == "cacophony",
@@ -279,8 +280,12 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
                    else prompts_for(source.class_names))
         class_emb = np.asarray(model.embed_text(prompts), np.float32)
         metrics.update(zeroshot_metrics(embedded["audio_emb"], class_emb, embedded["labels"]))
+    probe_error = ""
     if "probe" in tasks:
-        metrics.update(probe_set(name, source, embedded))
+        try:
+            metrics.update(probe_set(name, source, embedded))
+        except ProbeInputError as e:  # e.g. a small own set: the other tasks still count
+            probe_error, tasks = str(e), [t for t in tasks if t != "probe"]
     if caption_clips and source.class_names:
         report = class_mention_report(model, source, limit=caption_clips, batch_size=batch_size,
                                       method=caption_method)
@@ -295,6 +300,7 @@ def evaluate_source(model: Any, name: str, source: Any, *, batch_size: int = 32,
             "missing_ids": missing_ids, "bad_rows": bad_rows,
             **({"folds": list(source.folds)} if getattr(source, "folds", None) else {}),
             **({"prompts": prompts[:3]} if prompts else {}),
+            **({"probe_error": probe_error} if probe_error else {}),
             "seconds": round(time.monotonic() - start, 2)}
 
 
@@ -368,6 +374,8 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
                                  caption_clips=caption_clips, prompt=prompt,
                                  progress=progress, window_seconds=window_seconds,
                                  caption_method=caption_method, linear_probe=linear_probe)
+        if result.get("probe_error"):
+            results["skipped"].append(f"{name}: no linear probe ({result['probe_error']})")
         origin = (origins or {}).get(name)
         results["sets"][name] = {**result, "origin": dict(origin) if origin else None}
         shown = {k: round(v, 2) for k, v in result["metrics"].items() if isinstance(v, float)}

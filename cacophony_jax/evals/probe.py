@@ -165,23 +165,21 @@ def probe_set(name: str, source: Any, embedded: dict[str, Any]) -> dict[str, Any
       `linear_probe`'s result and "probe_fold_kind": "the set's folds" or, for a set
       without folds, the seeded folds made here; "probe_skipped" clips without
       exactly one label.
+
+    Raises:
+      ProbeInputError: the set cannot be probed (see `linear_probe`; no clip with
+        exactly one label; too few for `DEFAULT_FOLDS` folds).
     """
     keep = [i for i, labels in enumerate(embedded["labels"]) if len(labels) == 1]
     if not keep:
-        raise ProbeInputError(f"{name}: no clip has exactly one class label, so the linear "
-                              "probe cannot run; give its clips a \"label\" or drop "
-                              "--linear-probe")
+        raise ProbeInputError(f"no clip of {name} has exactly one class label")
     labels = [embedded["labels"][i][0] for i in keep]
     clip_folds = getattr(source, "clip_folds", None)
     kind = "the set's folds" if clip_folds else \
         f"{DEFAULT_FOLDS} folds of a permutation with seed {DEFAULT_SEED}"
     expected = list(getattr(source, "folds", None) or ()) if clip_folds else None
-    try:
-        folds = ([clip_folds[embedded["ids"][i]] for i in keep] if clip_folds
-                 else kfold_ids(len(keep)))
-        result = linear_probe(embedded["audio_emb"][keep], labels, folds,
-                              expected_folds=expected)
-    except ProbeInputError as e:
-        raise ProbeInputError(f"{name}: {e}") from None
+    folds = [clip_folds[embedded["ids"][i]] for i in keep] if clip_folds \
+        else kfold_ids(len(keep))
+    result = linear_probe(embedded["audio_emb"][keep], labels, folds, expected_folds=expected)
     return {**result, "probe_fold_kind": kind,
             "probe_skipped": len(embedded["labels"]) - len(keep)}
