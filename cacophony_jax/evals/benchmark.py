@@ -88,9 +88,15 @@ def open_datasets(roots: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _tasks(name: str, source: Any, text: bool = True, probe: bool = False) -> list[str]:
-    tasks = [] if not text else [DATASETS[name][1]] if name in DATASETS else \
-        ["retrieval", "zeroshot"] if source.class_names else ["retrieval"]
-    return tasks + (["probe"] if probe and source.class_names else [])
+    tasks = []
+    if text:  # the tasks that need a text tower
+        if name in DATASETS:
+            tasks = [DATASETS[name][1]]
+        else:
+            tasks = ["retrieval", "zeroshot"] if source.class_names else ["retrieval"]
+    if probe and source.class_names:
+        tasks.append("probe")
+    return tasks
 
 
 # The longest clip the released evaluation code embedded in one pass (Clotho's 30 s).
