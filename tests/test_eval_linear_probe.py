@@ -10,7 +10,7 @@ import pytest
 
 from cacophony_jax import cli
 from cacophony_jax.data.sources import ClipSource
-from cacophony_jax.evals import benchmark
+from cacophony_jax.evals import benchmark, report
 from tests.helpers import write_tone
 from tests.test_eval_benchmark import FakeModel, _tone
 
@@ -90,9 +90,11 @@ def test_own_labelled_set_gets_seeded_folds(tmp_path):
     result = benchmark.evaluate_source(FakeModel(), "own", source, linear_probe=True)
     m = result["metrics"]
     assert result["tasks"] == ["retrieval", "zeroshot", "probe"]
-    assert m["probe_fold_kind"] == "5 folds of a permutation with seed 0"
+    assert m["probe_fold_kind"] == "5 folds by a hash of the clip ids with seed 0, per class"
     assert len(m["probe_fold_top1"]) == 5 and m["probe_examples"] == 15
     assert m["probe_skipped"] == 1 and m["probe_top1"] == 100.0
+    md = report.results_markdown({"sets": {"own": {**result, "origin": None}}})
+    assert "- own: 1 clip(s) with several or no class labels left out of the linear probe" in md
 
 
 def test_mae_bundle_refusals(tmp_path):
@@ -105,6 +107,20 @@ def test_mae_bundle_refusals(tmp_path):
         benchmark.evaluate_bundle(mae, {"own": source}, linear_probe=True, caption_clips=2)
     with pytest.raises(ValueError, match="none of the sets given has class labels"):
         benchmark.evaluate_bundle(mae, {"own": source}, linear_probe=True)
+
+
+def test_mae_bundle_with_no_set_probed_is_an_error(inference_bundles, tmp_path, capsys):
+    esc50 = _esc50(tmp_path / "esc50")
+    for name in os.listdir(esc50 / "audio"):  # fold 3 has no audio left
+        if name.startswith("3-"):
+            os.remove(esc50 / "audio" / name)
+    out = tmp_path / "out"
+    code = cli.main(["eval", "--bundle", str(inference_bundles[1]), "--esc50", str(esc50),
+                     "--linear-probe", "--out", str(out), "--batch-size", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert err[-1].startswith("error: no set could be probed") and \
+        "esc50: fold(s) [3] hold no example" in err[-1]
 
 
 def test_a_set_that_cannot_be_probed_is_noted_and_its_other_tasks_run(tmp_path):

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from cacophony_jax.evals.probe import ProbeInputError, kfold_ids, linear_probe
+from cacophony_jax.evals.probe import ProbeInputError, linear_probe, probe_set, seeded_folds
+
+
+def _folds(labels, folds=5):
+    return seeded_folds([f"clip{i}" for i in range(len(labels))], labels, folds)
 
 
 def _blobs(n=80, d=8, classes=4, spread=3.0, seed=0):
@@ -15,14 +19,14 @@ def _blobs(n=80, d=8, classes=4, spread=3.0, seed=0):
 
 def test_separable_classes_are_learnt_and_random_features_are_not():
     x, y = _blobs()
-    folds = kfold_ids(len(y), 4)
+    folds = _folds(y, 4)
     result = linear_probe(x, y, folds)
     assert result["probe_top1"] == 100.0
     assert result["probe_fold_top1"] == {str(k): 100.0 for k in range(1, 5)}
     assert (result["probe_examples"], result["probe_classes"]) == (80, 4)
     # Noise features: about chance (25 %) on 400 held-out examples.
     rng = np.random.default_rng(1)
-    noise = linear_probe(rng.normal(size=(400, 8)), np.arange(400) % 4, kfold_ids(400))
+    noise = linear_probe(rng.normal(size=(400, 8)), np.arange(400) % 4, _folds(np.arange(400) % 4))
     assert 15.0 < noise["probe_top1"] < 35.0
     # Deterministic: the same inputs give the same numbers.
     assert linear_probe(x, y, folds) == result
@@ -32,7 +36,7 @@ def test_features_are_standardised_before_the_penalty():
     # Features scaled down 10^4 would need weights 10^4 times larger, which the L2 penalty
     # forbids; standardised with the training folds' statistics they are learnt as well.
     x, y = _blobs()
-    folds = kfold_ids(len(y), 4)
+    folds = _folds(y, 4)
     scaled = linear_probe(x * np.float32(1e-4) + np.float32(50.0), y, folds)
     assert scaled["probe_top1"] == 100.0
 
@@ -48,13 +52,50 @@ def test_held_out_fold_is_never_trained_on():
     assert result["probe_top1"] == pytest.approx(200.0 / 3)
 
 
-def test_kfold_ids_are_balanced_and_seeded():
-    ids = kfold_ids(23, 5, seed=7)
-    assert sorted(np.bincount(ids)[1:]) == [4, 4, 5, 5, 5]
-    assert np.array_equal(ids, kfold_ids(23, 5, seed=7))
-    assert not np.array_equal(ids, kfold_ids(23, 5, seed=8))
-    with pytest.raises(ProbeInputError, match="3 example.* cannot be split into 5 folds"):
-        kfold_ids(3, 5)
+def test_seeded_folds_are_stratified_seeded_and_follow_the_ids():
+    ids = [f"clip{i}" for i in range(23)]
+    labels = [0] * 10 + [1] * 8 + [2] * 5
+    folds = seeded_folds(ids, labels, 5, seed=7)
+    assert sorted(np.bincount(folds)[1:]) == [4, 4, 5, 5, 5]
+    for label, count in ((0, 10), (1, 8), (2, 5)):  # each class spread over the folds
+        per_fold = np.bincount(folds[np.asarray(labels) == label], minlength=6)[1:]
+        assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count
+    assert np.array_equal(folds, seeded_folds(ids, labels, 5, seed=7))
+    assert not np.array_equal(folds, seeded_folds(ids, labels, 5, seed=8))
+    # The order the set lists its clips in does not move a clip to another fold.
+    order = np.random.default_rng(0).permutation(23)
+    shuffled = seeded_folds([ids[i] for i in order], [labels[i] for i in order], 5, seed=7)
+    assert np.array_equal(shuffled, folds[order])
+    # A clip listed twice is in one fold: never trained on and scored at once.
+    twice = seeded_folds(ids + ["clip3"], labels + [labels[3]], 5, seed=7)
+    assert twice[-1] == twice[3] and np.array_equal(twice[:-1], folds)
+    with pytest.raises(ProbeInputError, match="3 distinct clip.* cannot be split into 5 folds"):
+        seeded_folds(["a", "b", "c", "a"], [0, 1, 0, 0], 5)
+
+
+def test_standardisation_uses_the_training_folds_only():
+    # Fold 1 holds one clip with feature 0 at 1e6 (its class, 1, is the side that value
+    # points to). Statistics over every clip would shrink the training clips' feature 0
+    # to about 1e-5 standard deviations, too small for the penalised weights to use, and
+    # the training folds' 60 % of class 0 would take every prediction; with the
+    # training folds' own statistics fold 1 is scored correctly.
+    rng = np.random.default_rng(3)
+    y = np.array(([0] * 6 + [1] * 4) * 8)
+    x = np.stack([np.where(y == 1, 1.0, -1.0) + 0.1 * rng.normal(size=80),
+                  rng.normal(size=80)], axis=1).astype(np.float32)
+    folds = np.where(np.arange(80) < 40, 1, 2)
+    x[0] = [1e6, 0.0]
+    y[0] = 1
+    result = linear_probe(x, y, folds)
+    assert result["probe_fold_top1"]["1"] == 100.0
+
+
+def test_probe_set_says_what_it_counted():
+    embedded = {"audio_emb": np.zeros((5, 4), np.float32), "ids": list("abcde"),
+                "labels": [[0], [1], [0, 1], [], [1]]}
+    with pytest.raises(ProbeInputError, match=r"own has 3 clip\(s\) with exactly one class "
+                       r"label \(2 with several or no labels left out\): 3 distinct"):
+        probe_set("own", object(), embedded)
 
 
 def test_bad_inputs_name_the_problem():

@@ -21,11 +21,9 @@ Tasks, with the public layouts read by `cacophony_jax.data.layouts`:
   regression on the frozen audio embeddings, cross-validated over the set's folds
   (`evals.probe`). It is the one task of a stage-1 (MAE) bundle, which has no text tower.
 
-Long clips: the released evaluation code embedded each clip of up to 30 s (all of
-Clotho's) in one pass, and so does `eval` by default (`--window-seconds 30`); longer
-clips are cut into 30-s windows whose embeddings are averaged. `--window-seconds 0`
-uses the bundle's training window (10 s for the release) instead, as `embed_audio`
-does by default.
+Long clips: as the released evaluation code, `eval` embeds a clip of up to 30 s in one
+pass (`--window-seconds 30`) and averages 30-s windows of longer ones;
+`--window-seconds 0` uses the bundle's training window (10 s for the release).
 Files that fail to decode are skipped and counted (`unreadable`), so results on an
 incomplete copy of a set say so; a set whose listing (`LISTINGS`) names no clip is
 refused, naming that file.
@@ -390,6 +388,11 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
         raise ValueError(f"none of the sets given has class labels for the linear probe, the "
                          f"only task of a {kind!r} bundle: add --esc50, --urbansound8k or a "
                          "labelled --manifest")
+    if kind != "cacophony" and not any("probe_top1" in r["metrics"]
+                                       for r in results["sets"].values()):
+        why = "; ".join(f"{n}: {r['probe_error']}" for n, r in results["sets"].items())
+        raise ValueError(f"no set could be probed, and the linear probe is the only task of a "
+                         f"{kind!r} bundle ({why})")
     for note in results["skipped"]:
         logging.warning("skipped %s", note)
     if out_dir:

@@ -10,13 +10,14 @@ one compilation serves all folds.
 
 This is a quick, comparable number for any bundle, stage 1 (MAE) included; it is not
 the HEAR protocol (hear-eval-kit trains an MLP with its own splits and early stopping).
-Sets without folds of their own get `kfold_ids`: `DEFAULT_FOLDS` folds of a fixed
-seeded permutation.
+Sets without folds of their own get `seeded_folds`: `DEFAULT_FOLDS` folds, each clip's
+fold fixed by a seeded hash of its id and balanced within each class.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,30 +29,50 @@ import optax
 DEFAULT_L2 = 1e-3  # weight of the L2 penalty, on standardised features
 DEFAULT_STEPS = 100  # L-BFGS iterations per fold
 DEFAULT_FOLDS = 5  # folds of a set without its own
-DEFAULT_SEED = 0  # seed of those folds' permutation
+DEFAULT_SEED = 0  # seed of those folds' hash
 
 
 class ProbeInputError(ValueError):
     """Embeddings, labels or folds that a linear probe cannot be trained on."""
 
 
-def kfold_ids(count: int, folds: int = DEFAULT_FOLDS, seed: int = DEFAULT_SEED) -> np.ndarray:
-    """Fold ids 1..`folds` of `count` examples: a seeded permutation dealt round-robin.
+def seeded_folds(ids: Sequence[str], labels: Sequence[int], folds: int = DEFAULT_FOLDS,
+                 seed: int = DEFAULT_SEED) -> np.ndarray:
+    """Fold ids 1..`folds` for clips without folds of their own, stratified by class.
+
+    Within each class, the clips are ordered by a seeded hash of their id and dealt
+    round-robin, each class starting where the previous one stopped, so every fold
+    gets its share of every class and fold sizes differ by at most one. A clip's fold
+    depends on its id, the set's other ids and labels, and the seed, not on the order
+    the set lists them in; copies of one id (a clip listed twice) share a fold, so a
+    clip is never trained on and scored at once.
 
     Args:
-      count: examples.
-      folds: folds (at least 2 and at most `count`).
-      seed: the permutation's seed.
+      ids: one clip id per example.
+      labels: one class per example (a repeated id takes its first row's class).
+      folds: folds (at least 2, and at most the number of distinct ids).
+      seed: the hash's seed.
 
     Returns:
-      int [count], fold sizes differing by at most one.
+      int [len(ids)] fold ids.
     """
-    if folds < 2 or count < folds:
-        raise ProbeInputError(f"{count} example(s) cannot be split into {folds} folds; the "
-                              f"probe needs at least {max(folds, 2)} labelled clips")
-    out = np.empty(count, np.int64)
-    out[np.random.default_rng(seed).permutation(count)] = np.arange(count) % folds + 1
-    return out
+    unique: dict[str, int] = {}
+    for clip_id, label in zip(ids, labels, strict=True):
+        unique.setdefault(str(clip_id), int(label))
+    if folds < 2 or len(unique) < folds:
+        raise ProbeInputError(f"{len(unique)} distinct clip(s) cannot be split into {folds} "
+                              f"folds; the probe needs at least {max(folds, 2)}")
+
+    def key(clip_id: str) -> bytes:
+        return hashlib.blake2b(f"{seed}:{clip_id}".encode(), digest_size=8).digest()
+
+    fold_of: dict[str, int] = {}
+    dealt = 0
+    for label in sorted(set(unique.values())):
+        for clip_id in sorted((i for i, c in unique.items() if c == label), key=key):
+            fold_of[clip_id] = dealt % folds + 1
+            dealt += 1
+    return np.asarray([fold_of[str(clip_id)] for clip_id in ids], np.int64)
 
 
 def _loss(params, x, onehot, weight, l2):
@@ -118,8 +139,9 @@ def linear_probe(embeddings: Any, labels: Sequence[int], folds: Sequence[int], *
     names = sorted(set(f.tolist()) | set(expected_folds or ()))
     empty = [k for k in names if not np.any(f == k)]
     if empty:
-        raise ProbeInputError(f"fold(s) {empty} hold no example (all their clips missing or "
-                              "unreadable?); evaluate only folds with clips")
+        raise ProbeInputError(f"fold(s) {empty} hold no example to score (their clips are "
+                              "missing, unreadable or not single-label); put their audio "
+                              "back: results.json lists the missing and unreadable ids")
     if len(names) < 2:
         raise ProbeInputError(f"the probe needs at least 2 folds to train on one and test "
                               f"on another; got fold(s) {names}")
@@ -171,15 +193,22 @@ def probe_set(name: str, source: Any, embedded: dict[str, Any]) -> dict[str, Any
         exactly one label; too few for `DEFAULT_FOLDS` folds).
     """
     keep = [i for i, labels in enumerate(embedded["labels"]) if len(labels) == 1]
+    skipped = len(embedded["labels"]) - len(keep)
     if not keep:
         raise ProbeInputError(f"no clip of {name} has exactly one class label")
     labels = [embedded["labels"][i][0] for i in keep]
     clip_folds = getattr(source, "clip_folds", None)
     kind = "the set's folds" if clip_folds else \
-        f"{DEFAULT_FOLDS} folds of a permutation with seed {DEFAULT_SEED}"
+        f"{DEFAULT_FOLDS} folds by a hash of the clip ids with seed {DEFAULT_SEED}, per class"
     expected = list(getattr(source, "folds", None) or ()) if clip_folds else None
-    folds = [clip_folds[embedded["ids"][i]] for i in keep] if clip_folds \
-        else kfold_ids(len(keep))
+    if clip_folds:
+        folds = [clip_folds[embedded["ids"][i]] for i in keep]
+    else:
+        try:
+            folds = seeded_folds([embedded["ids"][i] for i in keep], labels)
+        except ProbeInputError as e:
+            left_out = f" ({skipped} with several or no labels left out)" if skipped else ""
+            raise ProbeInputError(f"{name} has {len(keep)} clip(s) with exactly one class "
+                                  f"label{left_out}: {e}") from None
     result = linear_probe(embedded["audio_emb"][keep], labels, folds, expected_folds=expected)
-    return {**result, "probe_fold_kind": kind,
-            "probe_skipped": len(embedded["labels"]) - len(keep)}
+    return {**result, "probe_fold_kind": kind, "probe_skipped": skipped}

@@ -158,6 +158,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     notes += [f"- {n}: {r['unreadable']} unreadable and {r['missing']} missing clip(s) skipped "
               "(results.json lists them: missing_ids, unreadable_ids)"
               for n, r in sets.items() if r["unreadable"] or r["missing"]]
+    notes += [f"- {n}: {r['metrics']['probe_skipped']} clip(s) with several or no class labels "
+              "left out of the linear probe" for n, r in sets.items()
+              if r["metrics"].get("probe_skipped")]
     notes += [f"- {n}: {r['bad_rows']} bad manifest row(s) skipped (the warning when it was "
               "read names them)" for n, r in sets.items() if r.get("bad_rows")]
     notes += [f"- {n}: {r['padded']} clip(s) shorter than 0.15 s padded with silence"
