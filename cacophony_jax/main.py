@@ -235,7 +235,10 @@ def _train() -> None:
         import jax
         logging.debug("traceback", exc_info=True)
         name, stage = stages.running_stage() or (None, _CONFIG.value)
-        _fail(memory_hint.message(e, stage, jax.device_count(), jax.default_backend(), name))
+        # Read while the traceback still holds the failed step's arguments.
+        stats = memory_hint.device_memory(jax.local_devices()[0])
+        _fail(memory_hint.message(e, stage, jax.device_count(), jax.default_backend(), name,
+                                  stats))
     except KeyboardInterrupt:
         print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun the "
               "same command to resume from the newest checkpoint", file=sys.stderr)

@@ -286,6 +286,47 @@ def test_out_of_memory_ends_with_one_line_naming_the_batch_and_the_fixes(tmp_pat
         "--sweep-batch measures it on your device."]
 
 
+def test_out_of_memory_hint_tells_fragmentation_from_a_full_pool():
+    import ml_collections
+
+    from cacophony_jax.train import memory_hint
+
+    stage = ml_collections.ConfigDict({"data": {"global_batch_size": 256},
+                                       "model": {"attention": "cudnn", "remat": "none"}})
+    error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                         "48.81GiB with allocator GPU_0_bfc on device 0.\nsummary ...")
+    gib = 2**30
+    # 60 GiB free in a 72 GiB pool, but no block of 48.81 GiB: fragmented.
+    split = {"bytes_limit": 72 * gib, "bytes_in_use": 12 * gib,
+             "largest_free_block_bytes": 40 * gib}
+    text = memory_hint.message(error, stage, 1, "gpu", stats=split)
+    assert "the pool had 60.0 GiB free but no block of 48.81 GiB (the largest was 40.0 GiB)" \
+        in text
+    assert text.index("fragmented") < text.index("data.global_batch_size")
+    assert text.count("XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async") == 1
+    # Not enough free at all: the usual advice, with the pool's state.
+    full = {"bytes_limit": 72 * gib, "bytes_in_use": 40 * gib,
+            "largest_free_block_bytes": 32 * gib}
+    text = memory_hint.message(error, stage, 1, "gpu", stats=full)
+    assert "fragmented" not in text
+    assert "pool 72.0 GiB, 40.0 GiB in use, largest free block 32.0 GiB" in text
+    # A device without a pool (CPU), or stats that cannot be read, change nothing.
+    plain = memory_hint.message(error, stage, 1, "gpu")
+    assert memory_hint.message(error, stage, 1, "gpu", stats=None) == plain
+    assert memory_hint.pool_summary({}) == "" and memory_hint.pool_summary(None) == ""
+
+    class Broken:
+        def memory_stats(self):
+            raise RuntimeError("not supported")
+
+    class NoPool:
+        def memory_stats(self):
+            return None
+
+    assert memory_hint.device_memory(Broken()) is None
+    assert memory_hint.device_memory(NoPool()) is None
+
+
 def test_out_of_memory_hint_on_a_gpu_names_the_gpu_settings():
     import ml_collections
 

@@ -34,6 +34,7 @@ from cacophony_jax.train import (
     flops,
     host,
     init,
+    memory_hint,
     metrics,
 )
 from cacophony_jax.train import state as state_lib
@@ -113,6 +114,10 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape),
                  jax.device_count(), jax.process_count())
     platform = mesh.devices.flat[0].platform
+    pool = memory_hint.pool_summary(memory_hint.device_memory(jax.local_devices()[0]))
+    if pool:
+        logging.info("device memory: %s (XLA_PYTHON_CLIENT_MEM_FRACTION, "
+                     "XLA_PYTHON_CLIENT_ALLOCATOR)", pool)
     if config.model.attention == "cudnn" and config.model.dtype == "float32":
         raise ValueError("config.model.attention=cudnn takes bfloat16 or float16 inputs; this "
                          "run computes in float32: set config.model.dtype=bfloat16 or use "

@@ -3,12 +3,16 @@
 XLA reports it as a JaxRuntimeError whose message starts "RESOURCE_EXHAUSTED: Out of
 memory while trying to allocate ..." (at compile time or, asynchronously, at the
 first read of a later step's result), followed by the allocator's whole state. The
-run ends with the first line of that message and the settings that lower memory.
+run ends with the first line of that message and the settings that lower memory and,
+where the device reports its pool (`device_memory`: XLA's BFC pool on a GPU), whether
+the pool had the memory free but not in one piece: fragmentation, which a different
+allocator avoids and a smaller batch only makes less likely.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import ml_collections
 
@@ -16,6 +20,50 @@ import ml_collections
 # space hbm", PJRT "Failed to allocate request for". RESOURCE_EXHAUSTED alone is not
 # enough: TensorStore reports a full disk with it too.
 _OUT_OF_MEMORY = re.compile(r"out of memory|failed to allocate", re.IGNORECASE)
+# "... trying to allocate 48.81GiB with allocator GPU_0_bfc ...": the size asked for.
+_REQUEST = re.compile(r"allocate ([0-9.]+)\s*([KMGT]i?B|B)\b", re.IGNORECASE)
+_UNIT = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+         "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+GIB = 2**30
+
+
+def device_memory(device: Any) -> dict[str, int] | None:
+    """The device's allocator statistics (`Device.memory_stats()`), or None where the
+    backend keeps none (CPU) or cannot report them."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a statistic is never worth a second failure
+        return None
+    return dict(stats) if stats else None
+
+
+def pool_summary(stats: dict[str, int] | None) -> str:
+    """"pool 71.7 GiB, 3.4 GiB in use" (and the largest free block where reported), or ""
+    for a device without a pool."""
+    if not stats or not stats.get("bytes_limit"):
+        return ""
+    text = (f"pool {stats['bytes_limit'] / GIB:.1f} GiB, "
+            f"{stats.get('bytes_in_use', 0) / GIB:.1f} GiB in use")
+    if stats.get("largest_free_block_bytes") is not None:
+        text += f", largest free block {stats['largest_free_block_bytes'] / GIB:.1f} GiB"
+    return text
+
+
+def _fragmented(said: str, stats: dict[str, int] | None) -> str:
+    """A sentence when the pool had the bytes asked for free but not in one block."""
+    match = _REQUEST.search(said)
+    if not match or not stats or stats.get("largest_free_block_bytes") is None \
+            or not stats.get("bytes_limit"):
+        return ""
+    asked = float(match.group(1)) * _UNIT[match.group(2).lower()]
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    largest = stats["largest_free_block_bytes"]
+    if asked > free or largest >= asked:
+        return ""
+    return (f"the pool had {free / GIB:.1f} GiB free but no block of "
+            f"{asked / GIB:.2f} GiB (the largest was {largest / GIB:.1f} GiB): it is "
+            "fragmented, so first set XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async (CUDA's own "
+            "allocator, which does not need one free block of that size)")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -24,12 +72,16 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def message(error: BaseException, stage: ml_collections.ConfigDict, devices: int,
-            platform: str, stage_name: str | None = None) -> str:
+            platform: str, stage_name: str | None = None,
+            stats: dict[str, int] | None = None) -> str:
     """One paragraph: what XLA said (its first line) and what lowers memory.
 
     `stage` is the config that ran out (a multi-stage recipe's stage, named
     `stage_name`: its settings are then given as --config.stages.<name>.*). Settings
-    already in effect (cuDNN attention, remat) are not suggested again.
+    already in effect (cuDNN attention, remat) are not suggested again. `stats`, the
+    device's allocator statistics when the error was caught (`device_memory`), adds
+    the pool's state, and names fragmentation when the pool had the bytes free but no
+    block large enough.
     """
     said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     key = f"stages.{stage_name}." if stage_name else ""
@@ -49,6 +101,11 @@ def message(error: BaseException, stage: ml_collections.ConfigDict, devices: int
                   "default)",
                   "or, where the allocator's summary shows enough free memory in pieces, "
                   "set XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async"]
+    fragmented = _fragmented(said, stats)
+    if fragmented:
+        fixes = [fragmented, *(f for f in fixes if "ALLOCATOR" not in f)]
+    elif pool_summary(stats):
+        said += f"; {pool_summary(stats)}"
     where = f"stage {stage_name!r}: " if stage_name else ""
     return (f"{where}the training step ran out of device memory ({said}). To fit: "
             + "; ".join(fixes) + ". Per-device memory by batch: docs/scaling.md, "
