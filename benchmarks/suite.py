@@ -30,7 +30,10 @@ kernels; `norm-kernels` times those kernels alone against XLA's LayerNorm, for a
 few launch settings, at the MAE decoder's shape), and `fused-both` with both options.
 The `profile` part times ten steps of each stage, then traces three more and sorts the
 device time into matrix products, attention, other fusions, copies and collectives
-(profile_summary.py): where the time goes that MFU does not count.
+(profile_summary.py): where the time goes that MFU does not count. The `allocators`
+part trains both stages once under each XLA_PYTHON_CLIENT_ALLOCATOR of `--allocators`
+(XLA's BFC pool and CUDA's stream-ordered allocator by default): what the allocator
+costs the loop, and whether the batch fits XLA's pool.
 
 With `--budget SECONDS` the parts share one time limit: name them in order of
 importance, and the ones the budget does not reach are skipped. A training run stopped
@@ -88,11 +91,15 @@ def _py(script: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "benchmarks" / script), *args]
 
 
-def _train(stage: str, args: argparse.Namespace, out: pathlib.Path) -> Command:
+def _train(stage: str, args: argparse.Namespace, out: pathlib.Path,
+           allocator: str = "") -> Command:
+    """A training run of `stage` (its workdir: out/<label>), with XLA_PYTHON_CLIENT_ALLOCATOR
+    set to `allocator` if given."""
+    label = f"train-{stage}" + (f"-{allocator}" if allocator else "")
     steps = args.train_steps
     argv = [sys.executable, "-m", "cacophony_jax.main",
             f"--config=configs/{stage}.py:{args.variant},steps={steps},batch={args.batch}",
-            f"--workdir={out / ('train-' + stage)}",
+            f"--workdir={out / label}",
             "--config.data.train.kind=manifest",
             f"--config.data.train.path={out / 'corpus' / 'manifest.jsonl'}",
             "--config.data.eval.kind=",
@@ -105,7 +112,8 @@ def _train(stage: str, args: argparse.Namespace, out: pathlib.Path) -> Command:
         argv.append(f"--config.model.attention={args.attention}")
     if args.peak_tflops:
         argv.append(f"--config.train.peak_tflops={args.peak_tflops:g}")
-    return Command(f"train-{stage}", argv, train_stage=stage)
+    env = {"XLA_PYTHON_CLIENT_ALLOCATOR": allocator} if allocator else {}
+    return Command(label, argv, train_stage=stage, env=env)
 
 
 def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]]:
@@ -165,6 +173,9 @@ def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]
     ]
     for stage in ("mae", "cacophony"):
         parts[f"train-{stage}"] = [_train(stage, args, out)]
+    parts["allocators"] = [_train(stage, args, out, allocator)
+                           for stage in ("mae", "cacophony")
+                           for allocator in args.allocators.split(",") if allocator]
     return parts
 
 
@@ -246,6 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=150, help="training-run length")
     p.add_argument("--log-every", type=int, default=10, help="training-run log window")
     p.add_argument("--clips", type=int, default=1024, help="clips in the training corpus")
+    p.add_argument("--allocators", default="bfc,cuda_async",
+                   help="the allocators part's XLA_PYTHON_CLIENT_ALLOCATOR values")
     p.add_argument("--clip-seconds", type=float, default=10.0, help="clip length")
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="Grain worker processes (training runs, host input row)")
@@ -320,14 +333,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if command.train_stage:
                 # A run stopped early still reports the windows it logged.
                 try:
-                    metrics = steady_state(
-                        out / f"train-{command.train_stage}" / "metrics.jsonl")
+                    metrics = steady_state(out / command.label / "metrics.jsonl")
                 except (OSError, ValueError) as e:
                     print(f"== {command.label}: no throughput to report ({e})", flush=True)
                     continue
                 row = {"kind": "train", "stage": command.train_stage,
                        "variant": args.variant, "batch": args.batch,
                        "workers": args.workers, "attention": args.attention,
+                       "allocator": command.env.get(
+                           "XLA_PYTHON_CLIENT_ALLOCATOR",
+                           os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "")),
                        "exit": code, "wall_s": time.perf_counter() - start, **metrics}
                 report.emit(row, f"== {command.label}: {json.dumps(row)}", str(rows_path))
         if not args.dry_run:

@@ -62,7 +62,9 @@ def summarize(rows: list[dict]) -> str:
         out += _table(
             ["training run", "batch", "workers", "steps", "examples/s", "MFU",
              "TFLOP/s/device", "input wait", "failed records"],
-            [[f"{r['stage']} {r['variant']}", str(r["batch"]), str(r["workers"]),
+            [[f"{r['stage']} {r['variant']}"
+              + (f", {r['allocator']} allocator" if r.get("allocator") else ""),
+              str(r["batch"]), str(r["workers"]),
               f"{r['last_step']:.0f}" + (" (stopped)" if r.get("exit") else ""),
               f"{r['examples_per_sec']:.1f}",
               f"{100 * r['mfu']:.1f} %" if "mfu" in r else "n/a",

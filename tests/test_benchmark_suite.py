@@ -31,6 +31,28 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
     assert "| mae tiny |" in capsys.readouterr().out
 
 
+def test_allocators_part_trains_each_stage_under_each_allocator(tmp_path):
+    args = suite.parse_args(["--out", str(tmp_path), "--allocators", "bfc,cuda_async",
+                             "--attention", "xla"])
+    commands = suite.plan(args, tmp_path)["allocators"]
+    assert [c.label for c in commands] == ["train-mae-bfc", "train-mae-cuda_async",
+                                           "train-cacophony-bfc", "train-cacophony-cuda_async"]
+    for command in commands:
+        allocator = command.label.rsplit("-", 1)[1]
+        assert command.env == {"XLA_PYTHON_CLIENT_ALLOCATOR": allocator}
+        assert f"--workdir={tmp_path / command.label}" in command.argv
+        assert command.shell().startswith(f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator} ")
+    # The plain training parts keep their own workdirs and the caller's allocator.
+    (plain,) = suite.plan(args, tmp_path)["train-mae"]
+    assert plain.env == {} and f"--workdir={tmp_path / 'train-mae'}" in plain.argv
+    row = {"kind": "train", "stage": "mae", "variant": "base", "batch": 192, "workers": 8,
+           "last_step": 40, "examples_per_sec": 1000.0, "mfu": 0.33,
+           "model_tflops_per_device": 330.0, "input_wait_fraction": 0.01,
+           "failed_records": 0, "allocator": "cuda_async"}
+    assert "| mae base, cuda_async allocator | 192 | 8 | 40 |" in tables.summarize([row])
+    assert "| mae base | 192 |" in tables.summarize([{**row, "allocator": ""}])
+
+
 def test_suite_plan_and_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="no rows file .*rows.jsnl"):  # a typo, not "no rows"
         suite.main(["--summarize", str(tmp_path / "rows.jsnl")])
@@ -42,7 +64,7 @@ def test_suite_plan_and_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     suite.main(["--out", str(tmp_path), "--parts", "all", "--dry-run", "--attention", "cudnn"])
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 17 and not (tmp_path / "rows.jsonl").exists()
+    assert len(printed) == 21 and not (tmp_path / "rows.jsonl").exists()
     assert "attention_parity.py" in printed[0]
     assert sum("--fuse-qkv" in line for line in printed) == 2
     assert sum("--fused-norm" in line for line in printed) == 2
