@@ -10,7 +10,8 @@ it jits the gradient of sum(attention(q, k, v) * cotangent) with respect to q, k
   cudnn-pad   the same with the head dimension zero-padded to --pad-to inside the
               jitted call (scale kept at 1/sqrt(real head dim); output sliced back),
               pads and slices included in the time: what padding in `attend` would cost
-  cudnn-wide  cuDNN at the padded head dimension with no pads to do: the kernel alone
+  cudnn-wide  cuDNN on inputs already --pad-to wide, output and cotangent as wide: the
+              wider kernel alone, with no pads or slices
 
 TFLOP/s always count the real head dimension's FLOPs (forward 4, backward 8 x
 B x H x Q x S x D; half for causal shapes), so rows of one shape compare as times.
@@ -74,7 +75,7 @@ def attention_fn(kernel: str, head_dim: int, pad_to: int, causal: bool):
         out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                            key_value_seq_lengths=lengths,
                                            implementation="cudnn")
-        return out[..., :head_dim]
+        return out[..., :head_dim] if extra > 0 else out
 
     return call
 
@@ -91,7 +92,7 @@ def time_case(shape: dict, kernel: str, batch: int, pad_to: int, dtype, repeats:
     lengths[::4] = max(1, int(shape["s"] * 0.9))
     lengths = jnp.asarray(lengths)
     call = attention_fn(kernel, shape["head_dim"], pad_to, shape["causal"])
-    ct = jnp.asarray(rng.standard_normal(q.shape[:3] + (min(d_in, shape["head_dim"]),)), dtype)
+    ct = jnp.asarray(rng.standard_normal(q.shape), dtype)  # the output's shape
 
     @jax.jit
     def step(q, k, v, lengths, ct):  # every array an argument: none is folded as a constant

@@ -236,7 +236,7 @@ def _train() -> None:
         logging.debug("traceback", exc_info=True)
         name, stage = stages.running_stage() or (None, _CONFIG.value)
         # Read while the traceback still holds the failed step's arguments.
-        stats = memory_hint.device_memory(jax.local_devices()[0])
+        stats = memory_hint.device_memory(memory_hint.failed_device(e, jax.local_devices()))
         _fail(memory_hint.message(e, stage, jax.device_count(), jax.default_backend(), name,
                                   stats))
     except KeyboardInterrupt:

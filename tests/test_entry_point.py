@@ -286,13 +286,14 @@ def test_out_of_memory_ends_with_one_line_naming_the_batch_and_the_fixes(tmp_pat
         "--sweep-batch measures it on your device."]
 
 
-def test_out_of_memory_hint_tells_fragmentation_from_a_full_pool():
+def test_out_of_memory_hint_tells_fragmentation_from_a_full_pool(monkeypatch):
     import ml_collections
 
     from cacophony_jax.train import memory_hint
 
     stage = ml_collections.ConfigDict({"data": {"global_batch_size": 256},
                                        "model": {"attention": "cudnn", "remat": "none"}})
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
     error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
                          "48.81GiB with allocator GPU_0_bfc on device 0.\nsummary ...")
     gib = 2**30
@@ -304,6 +305,27 @@ def test_out_of_memory_hint_tells_fragmentation_from_a_full_pool():
         in text
     assert text.index("fragmented") < text.index("data.global_batch_size")
     assert text.count("XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async") == 1
+    # Sizes as XLA and PJRT print them.
+    for said, size in (("allocate 7406166528 bytes.", "6.90"),
+                       ("Failed to allocate request for 61.2G", "61.20"),
+                       ("trying to allocate 62.5GiB", "62.50")):
+        big = {"bytes_limit": 80 * gib, "bytes_in_use": 10 * gib,
+               "largest_free_block_bytes": 5 * gib}
+        assert f"no block of {size} GiB" in memory_hint.message(
+            RuntimeError(f"RESOURCE_EXHAUSTED: {said}"), stage, 1, "gpu", stats=big)
+    # Not on a TPU, not under CUDA's allocator, and a pool that has not grown to its
+    # limit (no preallocation) counts only what it holds as free.
+    assert "fragmented" not in memory_hint.message(error, stage, 1, "tpu", stats=split)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
+    assert "fragmented" not in memory_hint.message(error, stage, 1, "gpu", stats=split)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
+    grown = {**split, "pool_bytes": 50 * gib}
+    assert "fragmented" not in memory_hint.message(error, stage, 1, "gpu", stats=grown)
+    assert "largest free block" not in memory_hint.pool_summary(
+        {**split, "largest_free_block_bytes": 0})
+    assert memory_hint.failed_device(error, ["d0", "d1"]) == "d0"
+    assert memory_hint.failed_device(RuntimeError("allocator GPU_1_bfc"), ["d0", "d1"]) == "d1"
+    assert memory_hint.failed_device(RuntimeError("allocator GPU_5_bfc"), ["d0"]) == "d0"
     # Not enough free at all: the usual advice, with the pool's state.
     full = {"bytes_limit": 72 * gib, "bytes_in_use": 40 * gib,
             "largest_free_block_bytes": 32 * gib}

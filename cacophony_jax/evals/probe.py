@@ -42,14 +42,15 @@ def seeded_folds(ids: Sequence[str], labels: Sequence[int], folds: int = DEFAULT
 
     Within each class, the clips are ordered by a seeded hash of their id and dealt
     round-robin, each class starting where the previous one stopped, so every fold
-    gets its share of every class and fold sizes differ by at most one. A clip's fold
-    depends on its id, the set's other ids and labels, and the seed, not on the order
-    the set lists them in; copies of one id (a clip listed twice) share a fold, so a
-    clip is never trained on and scored at once.
+    gets its share of every class and fold sizes, in distinct clips, differ by at most
+    one. A clip's fold depends on its id, the set's other ids and labels, and the seed,
+    not on the order the set lists them in (adding or removing clips can move others);
+    copies of one id (a clip listed twice) share a fold, so a clip is never trained on
+    and scored at once.
 
     Args:
       ids: one clip id per example.
-      labels: one class per example (a repeated id takes its first row's class).
+      labels: one class per example (a repeated id is dealt with its least class).
       folds: folds (at least 2, and at most the number of distinct ids).
       seed: the hash's seed.
 
@@ -57,8 +58,8 @@ def seeded_folds(ids: Sequence[str], labels: Sequence[int], folds: int = DEFAULT
       int [len(ids)] fold ids.
     """
     unique: dict[str, int] = {}
-    for clip_id, label in zip(ids, labels, strict=True):
-        unique.setdefault(str(clip_id), int(label))
+    for clip_id, label in zip(ids, labels, strict=True):  # a repeated id: its least class
+        unique[str(clip_id)] = min(int(label), unique.get(str(clip_id), int(label)))
     if folds < 2 or len(unique) < folds:
         raise ProbeInputError(f"{len(unique)} distinct clip(s) cannot be split into {folds} "
                               f"folds; the probe needs at least {max(folds, 2)}")
@@ -141,7 +142,7 @@ def linear_probe(embeddings: Any, labels: Sequence[int], folds: Sequence[int], *
     if empty:
         raise ProbeInputError(f"fold(s) {empty} hold no example to score (their clips are "
                               "missing, unreadable or not single-label); put their audio "
-                              "back: results.json lists the missing and unreadable ids")
+                              "back (the warnings above name the clips that were skipped)")
     if len(names) < 2:
         raise ProbeInputError(f"the probe needs at least 2 folds to train on one and test "
                               f"on another; got fold(s) {names}")

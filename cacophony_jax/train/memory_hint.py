@@ -11,6 +11,7 @@ allocator avoids and a smaller batch only makes less likely.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -20,11 +21,23 @@ import ml_collections
 # space hbm", PJRT "Failed to allocate request for". RESOURCE_EXHAUSTED alone is not
 # enough: TensorStore reports a full disk with it too.
 _OUT_OF_MEMORY = re.compile(r"out of memory|failed to allocate", re.IGNORECASE)
-# "... trying to allocate 48.81GiB with allocator GPU_0_bfc ...": the size asked for.
-_REQUEST = re.compile(r"allocate ([0-9.]+)\s*([KMGT]i?B|B)\b", re.IGNORECASE)
-_UNIT = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+# The size asked for: "... trying to allocate 48.81GiB with allocator GPU_0_bfc", "...
+# allocate 7406166528 bytes", "Failed to allocate request for 1.2G".
+_REQUEST = re.compile(r"allocat\w*(?: request for)? ([0-9]+(?:\.[0-9]+)?)\s*"
+                      r"(bytes|[KMGT]i?B|[KMGT]|B)\b", re.IGNORECASE)
+_UNIT = {"b": 1, "bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+         "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+# "allocator GPU_3_bfc" / "on device 3": the device that ran out.
+_DEVICE = re.compile(r"GPU_(\d+)_bfc|on device (\d+)")
 GIB = 2**30
+
+
+def failed_device(error: BaseException, devices: list[Any]) -> Any:
+    """The local device the error names (XLA:GPU's allocator name), else the first."""
+    match = _DEVICE.search(str(error))
+    index = int(match.group(1) or match.group(2)) if match else 0
+    return devices[index] if index < len(devices) else devices[0]
 
 
 def device_memory(device: Any) -> dict[str, int] | None:
@@ -37,6 +50,12 @@ def device_memory(device: Any) -> dict[str, int] | None:
     return dict(stats) if stats else None
 
 
+def _largest_free(stats: dict[str, int]) -> int | None:
+    """The largest free block, where the allocator reports one (CUDA's own reports 0)."""
+    largest = stats.get("largest_free_block_bytes")
+    return largest if largest and largest > 0 else None
+
+
 def pool_summary(stats: dict[str, int] | None) -> str:
     """"pool 71.7 GiB, 3.4 GiB in use" (and the largest free block where reported), or ""
     for a device without a pool."""
@@ -44,24 +63,28 @@ def pool_summary(stats: dict[str, int] | None) -> str:
         return ""
     text = (f"pool {stats['bytes_limit'] / GIB:.1f} GiB, "
             f"{stats.get('bytes_in_use', 0) / GIB:.1f} GiB in use")
-    if stats.get("largest_free_block_bytes") is not None:
-        text += f", largest free block {stats['largest_free_block_bytes'] / GIB:.1f} GiB"
+    if _largest_free(stats):
+        text += f", largest free block {_largest_free(stats) / GIB:.1f} GiB"
     return text
 
 
-def _fragmented(said: str, stats: dict[str, int] | None) -> str:
-    """A sentence when the pool had the bytes asked for free but not in one block."""
+def _fragmented(said: str, stats: dict[str, int] | None, allocator: str) -> str:
+    """A sentence when XLA's pool had the bytes asked for free but not in one block.
+
+    Free is what the pool holds (`pool_bytes`: without preallocation it grows towards
+    `bytes_limit`, which other processes may have taken) less what is in use."""
     match = _REQUEST.search(said)
-    if not match or not stats or stats.get("largest_free_block_bytes") is None \
-            or not stats.get("bytes_limit"):
+    if (not match or not stats or not _largest_free(stats) or not stats.get("bytes_limit")
+            or allocator not in ("", "default", "bfc")):
         return ""
     asked = float(match.group(1)) * _UNIT[match.group(2).lower()]
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    largest = stats["largest_free_block_bytes"]
+    held = min(stats["bytes_limit"], stats.get("pool_bytes") or stats["bytes_limit"])
+    free = held - stats.get("bytes_in_use", 0)
+    largest = _largest_free(stats)
     if asked > free or largest >= asked:
         return ""
-    return (f"the pool had {free / GIB:.1f} GiB free but no block of "
-            f"{asked / GIB:.2f} GiB (the largest was {largest / GIB:.1f} GiB): it is "
+    return (f"when the error was caught the pool had {free / GIB:.1f} GiB free but no block "
+            f"of {asked / GIB:.2f} GiB (the largest was {largest / GIB:.1f} GiB): it is "
             "fragmented, so first set XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async (CUDA's own "
             "allocator, which does not need one free block of that size)")
 
@@ -101,7 +124,8 @@ def message(error: BaseException, stage: ml_collections.ConfigDict, devices: int
                   "default)",
                   "or, where the allocator's summary shows enough free memory in pieces, "
                   "set XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async"]
-    fragmented = _fragmented(said, stats)
+    allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower()
+    fragmented = _fragmented(said, stats, allocator) if platform == "gpu" else ""
     if fragmented:
         fixes = [fragmented, *(f for f in fixes if "ALLOCATOR" not in f)]
     elif pool_summary(stats):
