@@ -40,6 +40,30 @@ def test_a_rerun_of_a_finished_run_reads_no_training_data(tmp_path, caplog, monk
     assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == [1, 2]
 
 
+def test_a_run_resumed_from_a_finished_one_reads_no_training_data(tmp_path, monkeypatch):
+    from cacophony_jax.train import init
+
+    manifest = write_corpus(tmp_path / "data", "train", 16, 1.0)
+    config = tiny_config("cacophony", 2, **{"data.train.kind": "manifest",
+                                            "data.train.path": str(manifest)})
+    stages.run(config, str(tmp_path / "first"))
+    resumed = tiny_config("cacophony", 2, **{"data.train.kind": "manifest",
+                                             "data.train.path": str(manifest),
+                                             "train.resume": str(tmp_path / "first")})
+    assert init.finished(resumed, tmp_path / "second")
+    longer = tiny_config("cacophony", 3, **{"train.resume": str(tmp_path / "first")})
+    assert not init.finished(longer, tmp_path / "second")  # step 3 is still to train
+    missing = tiny_config("cacophony", 2, **{"train.resume": str(tmp_path / "nowhere")})
+    assert not init.finished(missing, tmp_path / "second")  # restoring says what is wrong
+    (tmp_path / "first" / "tokenizer.json").rename(tmp_path / "tokenizer.kept")
+    assert not init.finished(resumed, tmp_path / "second")  # its tokenizer needs the data
+    (tmp_path / "tokenizer.kept").rename(tmp_path / "first" / "tokenizer.json")
+    opened, pipelines = _spy_on_data(monkeypatch)
+    again = stages.run(resumed, str(tmp_path / "second"))
+    assert not pipelines and ("cacophony", "train") not in opened
+    assert ("cacophony", "eval") in opened and "eval/num_clips" in again["cacophony"]
+
+
 def test_a_finished_run_whose_last_step_is_unreadable_trains_it_again(tmp_path, caplog,
                                                                       monkeypatch):
     config = tiny_config("mae", 4, **{"train.checkpoint_every": 2})

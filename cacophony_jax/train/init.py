@@ -127,11 +127,31 @@ def has_checkpoints(workdir: epath.Path) -> bool:
 
 
 def finished(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> bool:
-    """Whether the workdir's newest saved step is `config.train.steps` or later: a rerun
-    then trains nothing, so it opens no training data (should that step prove
-    unreadable, the run goes back to an older one and opens its data then)."""
+    """Whether the run starts at `config.train.steps` or later, so that it trains nothing
+    and opens no training data: the workdir's newest saved step is there, or, in a
+    workdir without one, the step `config.train.resume` names is (should that step prove
+    unreadable, the run goes back to an older one and opens its data then).
+
+    A stage-2 run continued from another workdir counts only when its tokenizer does
+    not have to be trained on the data: the resumed run kept one, or
+    `config.tokenizer.path` names one.
+    """
     steps = checkpoint_read.saved_steps(epath.Path(workdir) / "checkpoints")
-    return bool(steps) and steps[-1] >= config.train.steps
+    if steps:
+        return steps[-1] >= config.train.steps
+    if not config.train.resume:
+        return False
+    try:
+        directory, step = checkpoint_read.resolve(config.train.resume)
+    except checkpoint.CheckpointError:
+        return False  # restoring names the problem
+    if step is None:
+        saved = checkpoint_read.saved_steps(directory)
+        step = saved[-1] if saved else None
+    if step is None or step < config.train.steps:
+        return False
+    return (config.task != "cacophony" or bool(config.tokenizer.path)
+            or _resumed_tokenizer(config.train.resume) is not None)
 
 
 def iter_captions(source: Any):
