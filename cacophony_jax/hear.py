@@ -31,12 +31,14 @@ timestamps all 175 ms of their steps. A timestamp embedding therefore costs four
 encoder passes over the clip (long clips in window-sized chunks, as ``audio_states``
 encodes them).
 
-Running the official validator (torch and hearvalidator are not project
-requirements; the validator only accepts a model object that is a torch or
-TensorFlow module, so ``HearModel`` subclasses ``torch.nn.Module`` when torch is
-importable and is a plain object otherwise)::
+Running the official validator (torch, TensorFlow and hearvalidator are not project
+requirements; the validator imports both frameworks and only accepts a model object
+that is a torch or TensorFlow module, so ``HearModel`` subclasses ``torch.nn.Module``
+when torch is importable and is a plain object otherwise; its last release declares
+Python below 3.9 but runs on 3.11)::
 
-    pip install hearvalidator torch
+    pip install torch tensorflow-cpu
+    pip install --no-deps --ignore-requires-python hearvalidator==2021.0.6
     PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false \
         hear-validator cacophony_jax.hear --model BUNDLE
 
