@@ -162,7 +162,8 @@ def test_a_position_saved_with_another_batch_or_worker_count_is_not_set():
     assert target.restored and target.iterator.states == [{"next_index": 40}]
 
 
-def test_counters_carry_on_when_a_steps_input_position_is_lost(tmp_path, caplog):
+def test_counters_carry_on_when_a_steps_input_position_is_lost(tmp_path, caplog,
+                                                                 monkeypatch):
     # The step's metadata keeps them too: data/failed_records does not restart at 0.
     import shutil
 
@@ -192,6 +193,15 @@ def test_counters_carry_on_when_a_steps_input_position_is_lost(tmp_path, caplog)
             reader.close()
         assert not target.restored and target.counters == want
     assert "the input position saved at step 20 was not restored" in caplog.text
+    # Another process takes the shared totals, not the first process's own count.
+    monkeypatch.setattr(checkpoint.jax, "process_index", lambda: 1)
+    reader = checkpoint.Checkpointer(tmp_path, async_save=False)
+    try:
+        target = checkpoint.IteratorTarget(Iterator())
+        reader.restore(abstract, target, step=20)
+    finally:
+        reader.close()
+    assert target.counters == {"examples_seen": 160, "first_batch": 0}
 
 
 def test_a_position_placed_by_the_step_counts_examples_when_the_batch_changed():

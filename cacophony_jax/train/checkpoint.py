@@ -27,6 +27,9 @@ from cacophony_jax.train import agree
 
 ITEMS = ("state", "data_iter", "config")
 COUNTERS_KEY = "cacophony_host_counters"
+# Host counters that each process keeps for itself (the rest, e.g. examples_seen and
+# first_batch, every process counts the same).
+PER_PROCESS_COUNTERS = ("failed_records",)
 
 
 class CheckpointError(ValueError):
@@ -223,12 +226,18 @@ class Checkpointer:
             raise CheckpointError(str(e)) from None
 
     def _saved_counters(self, step: int) -> dict[str, int]:
-        """The first process's host counters kept in `step`'s metadata ({} if none)."""
+        """The first process's host counters kept in `step`'s metadata ({} if none).
+
+        Another process takes only those every process shares (`PER_PROCESS_COUNTERS`
+        are the first process's own: its count would not be theirs)."""
         try:
             saved = (self.manager.metadata(step).custom_metadata or {}).get(COUNTERS_KEY)
-            return {k: int(v) for k, v in (saved or {}).items()}
+            counters = {k: int(v) for k, v in (saved or {}).items()}
         except Exception:  # noqa: BLE001 - saved before they were kept there, or unreadable
             return {}
+        if jax.process_index() != 0:
+            counters = {k: v for k, v in counters.items() if k not in PER_PROCESS_COUNTERS}
+        return counters
 
     def restore_iterator(self, step: int, data_iter: Any) -> None:
         """Sets `data_iter` (as for `restore`) to the input position saved at `step`;
