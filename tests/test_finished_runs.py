@@ -3,6 +3,8 @@ pipeline, no decoding of files, no skip warnings), in a recipe stage by stage.""
 
 import logging
 
+import pytest
+
 from cacophony_jax.data import pipeline
 from cacophony_jax.data.synthetic import write_corpus
 from cacophony_jax.tasks import common
@@ -40,6 +42,7 @@ def test_a_rerun_of_a_finished_run_reads_no_training_data(tmp_path, caplog, monk
     assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == [1, 2]
 
 
+@pytest.mark.slow  # trains a stage-2 run, then reruns it (about 30 s on 2 cores)
 def test_a_run_resumed_from_a_finished_one_reads_no_training_data(tmp_path, monkeypatch):
     from cacophony_jax.train import init
 
