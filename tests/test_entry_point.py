@@ -317,7 +317,8 @@ def test_out_of_memory_hint_tells_fragmentation_from_a_full_pool(monkeypatch):
     # limit (no preallocation) counts only what it holds as free.
     assert "fragmented" not in memory_hint.message(error, stage, 1, "tpu", stats=split)
     monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")
-    assert "fragmented" not in memory_hint.message(error, stage, 1, "gpu", stats=split)
+    text = memory_hint.message(error, stage, 1, "gpu", stats=split)
+    assert "fragmented" not in text and "ALLOCATOR=cuda_async" not in text  # already set
     monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
     grown = {**split, "pool_bytes": 50 * gib}
     assert "fragmented" not in memory_hint.message(error, stage, 1, "gpu", stats=grown)

@@ -117,14 +117,15 @@ def message(error: BaseException, stage: ml_collections.ConfigDict, devices: int
         fixes.append(f"set {key}model.remat=dots (recomputes some activations: +3 % FLOPs)")
     elif remat == "dots":
         fixes.append(f"set {key}model.remat=full (recomputes each block: +24 % FLOPs)")
+    allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower()
     if platform == "gpu":
         if attention != "cudnn":
             fixes.append(f"use {key}model.attention=cudnn")
-        fixes += ["raise XLA_PYTHON_CLIENT_MEM_FRACTION (JAX takes 0.75 of the GPU by "
-                  "default)",
-                  "or, where the allocator's summary shows enough free memory in pieces, "
-                  "set XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async"]
-    allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower()
+        fixes.append("raise XLA_PYTHON_CLIENT_MEM_FRACTION (JAX takes 0.75 of the GPU by "
+                     "default)")
+        if allocator != "cuda_async":
+            fixes.append("or, where the allocator's summary shows enough free memory in "
+                         "pieces, set XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async")
     fragmented = _fragmented(said, stats, allocator) if platform == "gpu" else ""
     if fragmented:
         fixes = [fragmented, *(f for f in fixes if "ALLOCATOR" not in f)]
