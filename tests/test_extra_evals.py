@@ -11,6 +11,7 @@ from cacophony_jax.train import stages
 from tests.helpers import tiny_config
 
 
+@pytest.mark.slow  # trains and evaluates extra sets (about 20 s on 2 cores)
 def test_extra_evaluation_sets_are_evaluated_alongside(tmp_path, caplog, monkeypatch):
     import soundfile
 

@@ -24,6 +24,7 @@ def _spy_on_data(monkeypatch):
     return opened, pipelines
 
 
+@pytest.mark.slow  # trains a run, then reruns it (about 20 s on 2 cores)
 def test_a_rerun_of_a_finished_run_reads_no_training_data(tmp_path, caplog, monkeypatch):
     manifest = write_corpus(tmp_path / "data", "train", 16, 1.0)
     config = tiny_config("mae", 2, **{"data.train.kind": "manifest",

@@ -113,6 +113,7 @@ def test_rules_from_config_accepts_lists():
         partition.rules_from_config([["embed"]])
 
 
+@pytest.mark.slow  # compiles and runs steps on a mixed mesh (about 20 s on 2 cores)
 def test_steps_on_a_mixed_mesh_need_no_full_rematerialisation(capfd, tmp_path):
     """Both stages' steps keep activations split by batch on a 2 x 4 mesh.
 

@@ -248,6 +248,7 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path, caplog):
     assert steps[-7:] == [6, 7, 8, 9, 10, 11, 12]  # resumed from step 5
 
 
+@pytest.mark.slow  # trains, damages and resumes (about 20 s on 2 cores)
 def test_a_damaged_input_position_falls_back_to_an_older_step(tmp_path, caplog):
     config = tiny_config("mae", 10)
     loop.run(config, str(tmp_path))
