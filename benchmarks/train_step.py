@@ -300,6 +300,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int,
         "frontend_sub_batches": config.audio.frontend_sub_batches, "compile_s": compile_s,
         "step_s": step_s, "examples_per_s": batch_size / step_s, "first_loss": first_loss,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", ""),
         "model_flops_per_example": flops * len(devices) / batch_size,
         # XLA's own count, for comparison (loop bodies once, remat and custom calls off).
         "xla_flops_per_example": xla_flops * len(devices) / batch_size,

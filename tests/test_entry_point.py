@@ -337,6 +337,9 @@ def test_out_of_memory_hint_tells_fragmentation_from_a_full_pool(monkeypatch):
     plain = memory_hint.message(error, stage, 1, "gpu")
     assert memory_hint.message(error, stage, 1, "gpu", stats=None) == plain
     assert memory_hint.pool_summary({}) == "" and memory_hint.pool_summary(None) == ""
+    assert memory_hint.peak_summary({"bytes_limit": 72 * gib, "peak_bytes_in_use": 54 * gib}) \
+        == "peak 54.0 GiB of the 72.0 GiB pool (75 %)"
+    assert memory_hint.peak_summary({"bytes_limit": 72 * gib}) == ""
 
     class Broken:
         def memory_stats(self):

@@ -68,6 +68,15 @@ def pool_summary(stats: dict[str, int] | None) -> str:
     return text
 
 
+def peak_summary(stats: dict[str, int] | None) -> str:
+    """"peak 52.1 GiB of the 71.7 GiB pool (73 %)", or "" for a device without a pool."""
+    if not stats or not stats.get("bytes_limit") or not stats.get("peak_bytes_in_use"):
+        return ""
+    peak, limit = stats["peak_bytes_in_use"], stats["bytes_limit"]
+    return (f"peak {peak / GIB:.1f} GiB of the {limit / GIB:.1f} GiB pool "
+            f"({100 * peak / limit:.0f} %)")
+
+
 def _fragmented(said: str, stats: dict[str, int] | None, allocator: str) -> str:
     """A sentence when XLA's pool had the bytes asked for free but not in one block.
 
