@@ -55,11 +55,12 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import report, tables  # noqa: E402
+from benchmarks import profile_summary, report, tables  # noqa: E402
 
 MIN_COMMAND_S = 30  # --budget: no command starts with less time than this left
 
@@ -112,8 +113,26 @@ def _train(stage: str, args: argparse.Namespace, out: pathlib.Path,
         argv.append(f"--config.model.attention={args.attention}")
     if args.peak_tflops:
         argv.append(f"--config.train.peak_tflops={args.peak_tflops:g}")
+    if args.train_profile_steps:
+        argv.append(f"--config.train.profile_steps={args.train_profile_steps}")
     env = {"XLA_PYTHON_CLIENT_ALLOCATOR": allocator} if allocator else {}
     return Command(label, argv, train_stage=stage, env=env)
+
+
+def _loop_profile(folder: pathlib.Path, steps: int) -> dict[str, Any]:
+    """The device-time summary of a training run's trace (`--train-profile-steps`): is
+    the device kept busy in the loop, and where its time goes; {} without a trace."""
+    if not steps or not folder.is_dir():
+        return {}
+    try:
+        summary, text = profile_summary.summarize_trace(folder, steps)
+    except Exception as e:  # noqa: BLE001 - a summary is never worth the run's row
+        print(f"== no summary of the trace in {folder}: {e}", flush=True)
+        return {}
+    print(text, flush=True)
+    return {"loop_busy_fraction": summary.get("busy_fraction"),
+            "loop_profile_ms": {k: v.get("ms_per_step")
+                                for k, v in summary.get("categories", {}).items()}}
 
 
 def plan(args: argparse.Namespace, out: pathlib.Path) -> dict[str, list[Command]]:
@@ -257,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=150, help="training-run length")
     p.add_argument("--log-every", type=int, default=10, help="training-run log window")
     p.add_argument("--clips", type=int, default=1024, help="clips in the training corpus")
+    p.add_argument("--train-profile-steps", type=int, default=0,
+                   help="trace this many steps of each training run (train.profile_steps) "
+                        "and summarise its device time")
     p.add_argument("--allocators", default="bfc,cuda_async",
                    help="the allocators part's XLA_PYTHON_CLIENT_ALLOCATOR values")
     p.add_argument("--clip-seconds", type=float, default=10.0, help="clip length")
@@ -337,13 +359,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 except (OSError, ValueError) as e:
                     print(f"== {command.label}: no throughput to report ({e})", flush=True)
                     continue
+                traced = _loop_profile(out / command.label / "profile",
+                                       args.train_profile_steps)
                 row = {"kind": "train", "stage": command.train_stage,
                        "variant": args.variant, "batch": args.batch,
                        "workers": args.workers, "attention": args.attention,
                        "allocator": command.env.get(
                            "XLA_PYTHON_CLIENT_ALLOCATOR",
                            os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "")),
-                       "exit": code, "wall_s": time.perf_counter() - start, **metrics}
+                       "exit": code, "wall_s": time.perf_counter() - start, **metrics,
+                       **traced}
                 report.emit(row, f"== {command.label}: {json.dumps(row)}", str(rows_path))
         if not args.dry_run:
             rows = tables.read_rows([rows_path])

@@ -18,12 +18,14 @@ def test_suite_trains_through_the_real_pipeline_and_summarises(tmp_path, capsys)
     rows = suite.main(["--out", str(out), "--parts", "train-mae", "--variant", "tiny",
                        "--batch", "8", "--train-steps", "6", "--log-every", "2",
                        "--clips", "8", "--clip-seconds", "1", "--workers", "0",
-                       "--attention", "", "--peak-tflops", "2"])
+                       "--attention", "", "--peak-tflops", "2", "--train-profile-steps", "2"])
     (row,) = rows
     assert row["kind"] == "train" and row["stage"] == "mae" and row["last_step"] == 6
     assert row["windows"] == 2  # log windows ending at steps 4 and 6 (1 and 2 skipped)
     assert row["mfu"] == pytest.approx(row["model_tflops_per_device"] / 2)
     assert 0 <= row["input_wait_fraction"] <= 1 and row["failed_records"] == 0
+    # Two traced steps of the loop, summarised: how busy the device was between them.
+    assert 0 < row["loop_busy_fraction"] <= 1 and row["loop_profile_ms"]
     assert "| mae tiny | 8 | 0 |" in (out / "summary.md").read_text()
     assert (out / "logs" / "train-mae.log").read_text().count("step 6/6") == 1
     capsys.readouterr()
