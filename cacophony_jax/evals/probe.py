@@ -67,12 +67,13 @@ def seeded_folds(ids: Sequence[str], labels: Sequence[int], folds: int = DEFAULT
     def key(clip_id: str) -> bytes:
         return hashlib.blake2b(f"{seed}:{clip_id}".encode(), digest_size=8).digest()
 
+    by_class: dict[int, list[str]] = {}
+    for clip_id, label in unique.items():
+        by_class.setdefault(label, []).append(clip_id)
     fold_of: dict[str, int] = {}
-    dealt = 0
-    for label in sorted(set(unique.values())):
-        for clip_id in sorted((i for i, c in unique.items() if c == label), key=key):
-            fold_of[clip_id] = dealt % folds + 1
-            dealt += 1
+    for label in sorted(by_class):
+        for clip_id in sorted(by_class[label], key=key):
+            fold_of[clip_id] = len(fold_of) % folds + 1
     return np.asarray([fold_of[str(clip_id)] for clip_id in ids], np.int64)
 
 

@@ -312,8 +312,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path) -> dict[
                 writer.write(step, row)
                 if jax.process_index() == 0:
                     logging.info("%s", progress.line(step, row, rates))
-                    peak = memory_hint.peak_summary(memory_hint.device_memory(
-                        jax.local_devices()[0])) if step == start + 1 else ""
+                if jax.process_index() == 0 and step == start + 1:
+                    peak = memory_hint.peak_summary(
+                        memory_hint.device_memory(jax.local_devices()[0]))
                     if peak:  # what the batch leaves to spare
                         logging.info("device memory after the first step: %s", peak)
             elif save:  # never save a state that has diverged since the last log
