@@ -66,7 +66,8 @@ class HashCache:
         return self._entries.get(key)
 
     def put(self, key: tuple[str, int, int], value: dict[str, Any]) -> None:
-        """Stores {"sha256", "samples"} or {"error"} for a key, flushed at once."""
+        """Stores {"sha256", "samples"} or {"error"} (of a readable file) for a key,
+        flushed at once."""
         entry = {"path": key[0], "size": key[1], "mtime_ns": key[2], **value}
         with self._lock:
             self._entries[key] = entry
@@ -107,6 +108,10 @@ def hash_record(record: dict[str, Any], cache: HashCache) -> dict[str, Any]:
         value: dict[str, Any] = {"sha256": audio_hash(audio), "samples": int(audio.size)}
     except (AudioError, OSError) as e:
         value = {"error": str(e)}
+        # Not the content's fault (a file this process may not read, an I/O error):
+        # not cached, so a rerun after the fix (`chmod` keeps size and mtime) reads it.
+        if isinstance(e, OSError) or not os.access(path, os.R_OK):
+            return value
     cache.put(key, value)
     return value
 
