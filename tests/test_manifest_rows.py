@@ -1,5 +1,6 @@
 """Manifest rows that are not plain text, BOMs in side files, and label clean-up."""
 
+import json
 import logging
 
 import pytest
@@ -70,3 +71,17 @@ def test_jsonl_labels_are_stripped_deduplicated_and_empty_ones_dropped(tmp_path,
     assert "2 row(s) have an empty label, which is dropped" in caplog.text
     (tmp_path / "classes.txt").write_text("b\na\n")
     assert ManifestSource(manifest)[0]["labels"] == [1, 0]  # " a " is in classes.txt
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_json_array_or_object_is_named_as_such_not_as_bad_rows(tmp_path, skip):
+    # A .json file written with json.dump: one document, not one object a line.
+    rows = [{"audio": "a.wav", "caption": "a bell"}, {"audio": "b.wav", "caption": "rain"}]
+    for name, text in (("pretty.json", json.dumps(rows, indent=2)),
+                       ("compact.json", json.dumps(rows)),
+                       ("wrapped.jsonl", json.dumps({"data": rows}, indent=1))):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ManifestError, match=rf"manifest .*{name} is one JSON document "
+                                                r"\(an? (array|object)\), not one JSON object "
+                                                r"per line: .*each clip's object on a line"):
+            ManifestSource(tmp_path / name, skip_bad_rows=skip)

@@ -90,6 +90,8 @@ class ManifestSource(ClipSource):
                 continue
             self.lines.append(line)
         self.num_skipped = len(bad)
+        if bad and not len(self) and kind != ".csv":
+            _refuse_one_document(path)
         if bad:
             shown = "\n  ".join(bad[:_SHOW_BAD_ROWS])
             extra = len(bad) - _SHOW_BAD_ROWS
@@ -132,6 +134,22 @@ def _read_classes(path: str) -> list[str]:
     if duplicates:
         raise ManifestError(f"{path} lists {duplicates} more than once; keep one of each")
     return names
+
+
+def _refuse_one_document(path: str) -> None:
+    """Refuses a file that is one JSON array or object over several lines (what
+    json.dump writes), whose every line would otherwise be reported as a bad row."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+        document = json.loads(text)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return
+    if isinstance(document, list) or isinstance(document, dict) and "\n" in text.strip():
+        what = "an array" if isinstance(document, list) else "an object"
+        raise ManifestError(f"manifest {path} is one JSON document ({what}), not one JSON "
+                            "object per line: write each clip's object on a line of its own "
+                            "(JSON Lines: `f.write(json.dumps(row) + \"\\n\")` per row)")
 
 
 def _string_list(row: dict, key: str) -> list[str]:
