@@ -85,3 +85,16 @@ def test_a_json_array_or_object_is_named_as_such_not_as_bad_rows(tmp_path, skip)
                                                 r"\(an? (array|object)\), not one JSON object "
                                                 r"per line: .*each clip's object on a line"):
             ManifestSource(tmp_path / name, skip_bad_rows=skip)
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_a_bad_row(tmp_path):
+    # An unquoted comma in a caption shifts the row's label: "a dog", " barking" as label.
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("audio,caption,label\na.wav,a dog, barking,dog\nb.wav,rain,weather\n"
+                        'c.wav,"quoted, fine",dog,\n')  # an empty trailing field is no harm
+    with pytest.raises(ManifestError, match=r"(?s)1 bad row\(s\).*line 2: more fields than "
+                                            r"the header .*unquoted comma.*quote"):
+        ManifestSource(manifest)
+    source = ManifestSource(manifest, skip_bad_rows=True)
+    assert source.class_names == ("dog", "weather") and source.num_skipped == 1
+    assert [source[i]["captions"] for i in range(2)] == [["rain"], ["quoted, fine"]]

@@ -242,6 +242,11 @@ def _csv_rows(path: str, bad: list[str]):
             if not audio:
                 bad.append(f"line {reader.line_num}: the audio column is empty")
                 continue
+            if any(v.strip() for v in row.get(None, ())):  # empty trailing fields aside
+                bad.append(f"line {reader.line_num}: more fields than the header (a caption "
+                           "with an unquoted comma shifts the columns after it): quote such "
+                           "fields")
+                continue
             _, captions, labels = clips.setdefault(audio, (reader.line_num, [], []))
             if caption not in captions:  # a repeated row adds nothing
                 captions.append(caption)
