@@ -98,3 +98,11 @@ def test_a_csv_row_with_more_fields_than_the_header_is_a_bad_row(tmp_path):
     source = ManifestSource(manifest, skip_bad_rows=True)
     assert source.class_names == ("dog", "weather") and source.num_skipped == 1
     assert [source[i]["captions"] for i in range(2)] == [["rain"], ["quoted, fine"]]
+
+
+def test_a_label_that_is_no_text_is_told_a_name_or_a_list_of_names_will_do(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "a.wav", "label": 3}\n{"audio": "b.wav", "label": null}\n')
+    with pytest.raises(ManifestError, match=r'(?s)line 1: "label" must be a string or a list '
+                                            r'of strings.*line 2: "label" must be a string'):
+        ManifestSource(manifest)

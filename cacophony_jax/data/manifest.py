@@ -152,10 +152,10 @@ def _refuse_one_document(path: str) -> None:
                             "(JSON Lines: `f.write(json.dumps(row) + \"\\n\")` per row)")
 
 
-def _string_list(row: dict, key: str) -> list[str]:
+def _string_list(row: dict, key: str, what: str = "a list of strings") -> list[str]:
     value = row.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f'"{key}" must be a list of strings')
+        raise TypeError(f'"{key}" must be {what}')
     return value
 
 
@@ -192,7 +192,8 @@ def _jsonl_rows(path: str, bad: list[str]):
                     raise TypeError('"caption" must be a string')
                 captions = captions + [row.get("caption", "")]
                 label = row.get("label", [])
-                labels = [label] if isinstance(label, str) else _string_list(row, "label")
+                labels = [label] if isinstance(label, str) else _string_list(
+                    row, "label", "a string or a list of strings (class names)")
                 clip_id = row.get("id", audio)
                 if not isinstance(clip_id, str) or not clip_id:
                     raise TypeError('"id" must be a non-empty string')
