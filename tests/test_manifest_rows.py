@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import pytest
 
@@ -106,3 +107,23 @@ def test_a_label_that_is_no_text_is_told_a_name_or_a_list_of_names_will_do(tmp_p
     with pytest.raises(ManifestError, match=r'(?s)line 1: "label" must be a string or a list '
                                             r'of strings.*line 2: "label" must be a string'):
         ManifestSource(manifest)
+
+
+def test_a_manifest_reached_through_a_link_reads_its_paths_from_where_it_is(tmp_path):
+    # curate clean and caption write an output given through a link where the link
+    # points, its audio paths relative to that folder: read back, they must resolve.
+    from cacophony_jax.curate import clean
+
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "raw.jsonl").write_text('{"audio": "clips/a.wav", "title": "Rain on a roof"}\n')
+    (tmp_path / "data" / "deep").mkdir(parents=True)
+    (tmp_path / "data" / "deep" / "real.jsonl").write_text("")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "link.jsonl").symlink_to(tmp_path / "data" / "deep" / "real.jsonl")
+    (tmp_path / "data" / "deep" / "classes.txt").write_text("rain\n")
+    clean.run_clean(str(tmp_path / "raw.jsonl"), str(tmp_path / "here" / "link.jsonl"),
+                    progress=False)
+    source = ManifestSource(tmp_path / "here" / "link.jsonl")
+    assert os.path.normpath(source[0]["audio_path"]) == os.path.realpath(
+        tmp_path / "clips" / "a.wav")
+    assert source.class_names == ("rain",)  # classes.txt is next to the file itself

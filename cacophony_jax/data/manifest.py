@@ -7,7 +7,8 @@ JSONL (``.jsonl`` / ``.json``), one object per line::
     {"audio": "clips/a.flac", "captions": ["a dog barks", "a dog barking"],
      "synthetic_captions": ["dog barking outdoors"], "label": "dog", "id": "a"}
 
-- ``audio`` (required): path relative to the manifest's folder, or absolute.
+- ``audio`` (required): path relative to the manifest's folder (that of the file a
+  link to it points to), or absolute.
 - ``captions``: list of strings, or ``caption``: one string (both may be given).
 - ``synthetic_captions`` (optional): list of strings from a captioning model.
 - ``label`` (optional): one class name or a list of them (spaces around a name are
@@ -71,7 +72,9 @@ class ManifestSource(ClipSource):
                 f"object per line) or .csv (columns audio, caption[, label])"
             )
         stem = os.path.splitext(os.path.basename(path))[0]
-        super().__init__(stem, os.path.dirname(os.path.abspath(path)))
+        # Through a link: the folder of the file itself (where curate clean and caption
+        # write an output given through a link, its audio paths relative to it).
+        super().__init__(stem, os.path.dirname(os.path.realpath(path)))
         classes = _read_classes(os.path.join(self._root, "classes.txt"))
         index = {name: i for i, name in enumerate(classes)}
         bad: list[str] = []
