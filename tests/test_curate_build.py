@@ -357,3 +357,15 @@ def test_a_file_unreadable_for_want_of_permission_is_read_once_it_may_be(corpus,
     summary = build.run_build([("a", manifest)], str(corpus / "out"), split="again", workers=2)
     assert summary["sources"]["a"]["unreadable"] == 1
     assert "a/dog" in {r["id"] for r in ArrayRecordSource(corpus / "out", "again").iter_metadata()}
+
+
+def test_exclusion_ids_match_whatever_unicode_form_the_names_are_in(corpus):
+    # A list made on macOS spells "é" decomposed (NFD); the files may be NFC.
+    a = corpus / "a"
+    _write(a / "caf\u00e9.wav", _clip(9))
+    _jsonl(a / "u.jsonl", [{"audio": "caf\u00e9.wav", "caption": "x"},
+                           {"audio": "dog.wav", "caption": "a dog"}])
+    (corpus / "nfd.txt").write_text("cafe\u0301.wav\n", encoding="utf-8")
+    summary = build.run_build([("a", str(a / "u.jsonl"))], str(corpus / "out"), workers=2,
+                              exclude_ids=build_inputs.read_lines(str(corpus / "nfd.txt"), "ids"))
+    assert summary["sources"]["a"]["overlap"] == 1 and summary["sources"]["a"]["clips"] == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -96,7 +97,9 @@ def check_hashes(hashes: Iterable[str], where: str = "--exclude-hashes") -> set[
 
 def name_forms(name: str) -> set[str]:
     """The forms an exclusion list may name a clip by: as given, the file name, and the
-    file name without extension."""
+    file name without extension, in Unicode NFC (a list or folder from macOS spells
+    "é" as "e" and a combining accent)."""
+    name = unicodedata.normalize("NFC", name)
     base = os.path.basename(name)
     return {name, base, os.path.splitext(base)[0]}
 
