@@ -215,7 +215,7 @@ def test_user_errors_are_clear(tmp_path, monkeypatch, capsys):
         with pytest.raises(clean.CleanError, match="must be a .jsonl file"):
             clean.run_clean(str(src), str(out))
     assert clean.main([str(src), str(tmp_path / "o.jsonl"), "--model", "m"]) == 2
-    assert "--model only apply to --backend llm" in capsys.readouterr().err
+    assert "--model only applies to --backend llm" in capsys.readouterr().err
     damaged = tmp_path / "damaged.jsonl"
     row = '{"id": "%s", "audio": "a.wav", "captions": [], "raw": {}}\n'
     damaged.write_text(row % "x" + "not json\n" + row % "y")

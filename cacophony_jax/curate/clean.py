@@ -312,7 +312,8 @@ def command(args: argparse.Namespace) -> None:
         options.update({k: v for k, v in named.items() if v is not None})
     elif any(v is not None for v in flags.values()):
         given = [name for name, v in flags.items() if v is not None]
-        raise CleanError(f"{', '.join(given)} only apply to --backend llm")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise CleanError(f"{', '.join(given)} only {verb} to --backend llm")
     counts = run_clean(args.input, args.output, args.backend, overwrite=args.overwrite,
                        progress=not args.quiet, **options)
     print(json.dumps(counts))
