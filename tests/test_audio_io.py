@@ -136,6 +136,21 @@ def test_broken_files_name_the_file(tmp_path):
         audio_io.load_audio(tmp_path)
 
 
+def test_a_name_spelt_in_the_other_unicode_form_finds_the_file(tmp_path):
+    import unicodedata
+    # "é" as one character (NFC, as most tools write it) on disk, asked for as "e" and
+    # a combining accent (NFD, as macOS spells names), and the other way round.
+    for on_disk, asked in (("NFC", "NFD"), ("NFD", "NFC")):
+        folder = tmp_path / on_disk
+        folder.mkdir()
+        audio = np.arange(800, dtype=np.int16)
+        audio_io.write_audio(folder / unicodedata.normalize(on_disk, "café.wav"), audio)
+        path = folder / unicodedata.normalize(asked, "café.wav")
+        np.testing.assert_array_equal(audio_io.load_audio(path), audio)
+        with pytest.raises(AudioError, match="does not exist"):
+            audio_io.load_audio(folder / unicodedata.normalize(asked, "cafés.wav"))
+
+
 def test_zero_samples_and_non_finite(tmp_path):
     silent = tmp_path / "nothing.wav"
     sf.write(silent, np.zeros(0, np.int16), 16000, subtype="PCM_16")
