@@ -258,3 +258,12 @@ def test_a_link_to_a_bundle_is_replaced_through(official_dir, tokenizer_file, ma
     dangling.symlink_to(tmp_path / "made")
     export.export_from_official(mae, dangling)
     assert dangling.is_symlink() and bundle_lib.read_meta(tmp_path / "made")["kind"] == "mae"
+
+
+def test_a_msgpack_file_that_is_no_release_is_named_so_not_asked_for_a_tokenizer(tmp_path):
+    other = tmp_path / "other_model.ckpt"  # some other Flax model's weights
+    other.write_bytes(serialization.msgpack_serialize({"params": {"dense": np.zeros(3)}}))
+    with pytest.raises(official.OfficialCheckpointError, match=r"is not an official "
+                       r"Cacophony checkpoint: top-level keys \['dense'\]"):
+        export.export_from_official(other, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -233,7 +233,8 @@ def export_from_official(
         raise BundleError(f"{name} is a folder; --official takes a released .ckpt file (a "
                           "training workdir or step folder goes to --checkpoint)")
     check_out(out_dir, overwrite)
-    roots = {key.split("/")[0] for key in official.read_flat(name)}
+    flat = official.read_flat(name)
+    roots = {key.split("/")[0] for key in flat}
     stage1 = bool(roots & set(official.STAGE1_ROOTS)) and "text_module" not in roots
     tokenizer = None
     if stage1:
@@ -246,6 +247,7 @@ def export_from_official(
         text_length = 0
     else:
         text_length = 64 if text_length is None else text_length
+        official.check_stage(flat, name, 2)  # a file that is no release: not "needs a tokenizer"
         if tokenizer_path is None:
             raise BundleError(
                 f"{name} is a stage-2 checkpoint and needs the RoBERTa tokenizer it was "

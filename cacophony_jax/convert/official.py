@@ -95,7 +95,9 @@ def read_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return flat
 
 
-def _check_stage(flat: Mapping[str, np.ndarray], path: str, stage: int) -> None:
+def check_stage(flat: Mapping[str, np.ndarray], path: str, stage: int) -> None:
+    """Raises OfficialCheckpointError unless `flat` (`read_flat`) is a stage-`stage` release
+    (1: AudioMAE, 2: Cacophony); the message names what the file is instead."""
     roots = {k.split("/")[0] for k in flat}
     if stage == 2 and roots & set(STAGE1_ROOTS) and not roots & {"text_module"}:
         raise OfficialCheckpointError(
@@ -245,7 +247,7 @@ def load_official_cacophony(
     """
     name = os.fspath(path)
     flat = read_flat(name)
-    _check_stage(flat, name, 2)
+    check_stage(flat, name, 2)
     shapes = _Shapes(flat)
     audio_sizes = _audio_sizes(shapes, "audio_module")
     emb, layer = "text_module/embeddings", f"text_module/{HF_TEXT_LAYER}"
@@ -321,7 +323,7 @@ def load_official_mae(path: str | os.PathLike, *, scan: bool = False) -> tuple[M
     """
     name = os.fspath(path)
     flat = read_flat(name)
-    _check_stage(flat, name, 1)
+    check_stage(flat, name, 1)
     shapes = _Shapes(flat)
     encoder_sizes = _audio_sizes(shapes, "AudioEncoder_0")
     dec = "AudioDecoder_0"
