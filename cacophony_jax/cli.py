@@ -98,12 +98,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not all(q.strip() for q in args.queries):
         raise CommandError("a search query is empty; describe the sound, e.g. \"a dog barks\"")
     paths, emb, meta = embedding_index.read_index(args.index)
-    fingerprint = (embedding_index.bundle_fingerprint(args.bundle)
-                   if os.path.exists(args.bundle) else None)
-    model = load_model(args.bundle)
+    model = load_model(args.bundle)  # first: a folder that is no bundle is never hashed
     if getattr(model, "kind", "cacophony") != "cacophony":
         raise CommandError(f"bundle {args.bundle} is a {model.kind!r} model without a text "
                            f"tower; text search needs a stage-2 (cacophony) bundle")
+    fingerprint = (embedding_index.bundle_fingerprint(args.bundle)
+                   if os.path.exists(args.bundle) else None)
     embedding_index.check_bundle(args.index, meta, args.bundle, fingerprint, model)
     queries = model.embed_text(list(args.queries))
     ranked = embedding_index.rank(emb, queries, args.top_k)

@@ -71,3 +71,20 @@ def test_what_is_not_an_index_is_named_as_such(tmp_path):
         with pytest.raises(IndexFileError, match=message) as raised:
             embedding_index.read_index(str(path))
         assert "allow_pickle" not in str(raised.value)
+
+
+def test_search_refuses_a_folder_that_is_no_bundle_before_hashing_it(tmp_path, monkeypatch,
+                                                                     capsys):
+    from cacophony_jax import cli
+
+    data = tmp_path / "data"  # `--bundle data/` by mistake: a large dataset, not a bundle
+    data.mkdir()
+    (data / "clip.wav").write_bytes(b"\0" * 100)
+    index = tmp_path / "index.npz"
+    np.savez(index, paths=np.asarray(["/a.wav"]), embeddings=np.ones((1, 4), np.float32),
+             bundle=np.asarray('{"fingerprint": "0123456789abcdef"}'))
+    hashed = []
+    monkeypatch.setattr(embedding_index, "bundle_fingerprint", lambda *a, **k: hashed.append(a))
+    assert cli.main(["search", "a dog", "--index", str(index), "--bundle", str(data)]) == 2
+    assert "is not an inference bundle (bundle.json is missing)" in capsys.readouterr().err
+    assert not hashed
