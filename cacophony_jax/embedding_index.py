@@ -164,7 +164,9 @@ def check_bundle(index: str, meta: dict[str, Any], bundle: str, fingerprint: str
     if fingerprint is not None and os.path.isdir(bundle) and meta.get(
             "fingerprint") == bundle_fingerprint(bundle, every_file=True):
         return  # an index of an earlier version, which hashed every file of the folder
-    same_tokenizer = tokenizer_fingerprint(model) == meta.get("tokenizer")
+    # Only two tokenizers can differ: a stage-1 bundle or index has none.
+    ours, theirs = tokenizer_fingerprint(model), meta.get("tokenizer")
+    same_tokenizer = not ours or not theirs or ours == theirs
     raise IndexFileError(
         f"index {index} was built with bundle {meta.get('path')} (fingerprint "
         f"{meta.get('fingerprint')}) but --bundle {bundle} has fingerprint "

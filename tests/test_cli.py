@@ -125,6 +125,11 @@ def test_bundle_mismatch_and_bad_index(bundles, sounds, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: index ")
     assert "was built with bundle" in err and "and a different tokenizer" in err
     assert "rebuild the index with embed --bundle" in err
+    assert _run(capsys, "embed", sounds / "deep", "--bundle", bundles["mae"], "--out",
+                tmp_path / "mae.npz", "--quiet")[0] == 0
+    code, _, err = _run(capsys, "search", "dog", "--index", tmp_path / "mae.npz", "--bundle",
+                        bundles["main"])  # a stage-1 index has no tokenizer to differ
+    assert code == 2 and "was built with bundle" in err and "tokenizer" not in err
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     code, _, err = _run(capsys, "search", "dog", "--index", tmp_path / "bad.npz", "--bundle",
                         bundles["main"])
@@ -182,6 +187,7 @@ def test_user_errors_are_one_line(bundles, sounds, official_dir, tmp_path, capsy
         (["search", " ", "--index", tmp_path / "i.npz", "--bundle", bundles["main"]],
          "a search query is empty"),
         (["eval", "--bundle", bundles["main"]], "no evaluation set given"),
+        (["eval", "--bundle", bundles["main"], "--synthetic", "0"], "--synthetic N (N > 0)"),
         (["eval", "--bundle", bundles["main"], "--synthetic", "2", "--window-seconds", "0.5"],
          "--window-seconds 0.5 must be between 1 and 600"),
         (["eval", "--bundle", bundles["main"], "--esc50", tmp_path / "nope"],

@@ -130,3 +130,20 @@ def test_a_folder_of_several_training_runs_names_those_with_checkpoints(tmp_path
     (tmp_path / "runs" / "mae" / "checkpoints" / "5").rmdir()
     with pytest.raises(BundleError, match="missing\\); create one with the export command"):
         inference.load(tmp_path / "runs")
+
+
+def test_a_bundles_metadata_file_or_damaged_params_name_the_fix(inference_bundles, tmp_path):
+    import pathlib
+    import shutil
+
+    folder = pathlib.Path(inference_bundles[0])
+    with pytest.raises(BundleError, match="pass the bundle folder that holds it: "):
+        inference.load(folder / "bundle.json")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    chunk = max((damaged / "params").rglob("d/*"), key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[:10])  # the weights, not the tree's metadata
+    with pytest.raises(BundleError, match="params of .* are corrupt") as info:
+        inference.load(damaged)
+    assert "TensorStore details" not in str(info.value)  # Orbax's pointer, printed badly
+    assert str(info.value).endswith("; re-export the bundle")

@@ -187,6 +187,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     folder = pathlib.Path(path)
     meta_path = folder / BUNDLE_JSON
     fix = "create one with the export command (export_from_checkpoint / export_from_official)"
+    if folder.is_file() and folder.name == BUNDLE_JSON:
+        raise BundleError(f"{folder} is a bundle's metadata file; pass the bundle folder "
+                          f"that holds it: {folder.parent}")
     if folder.is_file():
         how = ("convert a released checkpoint with `python -m cacophony_jax.cli export "
                "--official FILE --out FOLDER` (Cacophony's also needs --tokenizer)"
@@ -338,8 +341,10 @@ def read_bundle(
         try:
             params = checkpointer.restore(params_dir, target)
         except Exception as e:  # noqa: BLE001
+            # Orbax's text may end in a pointer to details it printed as a method object.
+            said = str(e).split(" See full TensorStore details")[0].splitlines()[0][:200]
             raise BundleError(f"the params of {folder} are corrupt ({type(e).__name__}: "
-                              f"{str(e)[:200]}); re-export the bundle") from None
+                              f"{said}); re-export the bundle") from None
     finally:
         checkpointer.close()
     return meta, params, tokenizer

@@ -103,7 +103,7 @@ def command(args: Any, load_model: Callable[[str], Any], progress: Progress | No
     if not roots and not args.synthetic and not own:
         raise ValueError("no evaluation set given; pass at least one of --audiocaps, "
                          "--clotho, --esc50, --urbansound8k, --manifest, --array-record, "
-                         "--synthetic")
+                         "--synthetic N (N > 0)")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; results go into a folder "
                          "(results.json, results.md): name a new or existing folder")
