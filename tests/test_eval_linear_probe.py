@@ -54,7 +54,8 @@ def test_mae_bundle_gets_the_probe_and_skips_text_tasks(inference_bundles, tmp_p
     assert (m["probe_examples"], m["probe_classes"]) == (30, 3)
     assert m["probe_fold_kind"] == "the set's folds" and "top1" not in m
     assert any("no text tower" in s for s in results["skipped"])
-    assert any(s.startswith("clotho: no linear probe") for s in results["skipped"])
+    assert ("the linear probe on clotho, the mae bundle's only task: it has no class labels"
+            in results["skipped"])
     md = (out / "results.md").read_text()
     assert "## Linear probe of the frozen audio embeddings" in md
     assert "| ESC-50 (5 folds) (incomplete copy, see below) | 100.0 | 1: 100.0" in md
@@ -140,8 +141,8 @@ def test_a_set_that_cannot_be_probed_is_noted_and_its_other_tasks_run(tmp_path):
     assert own["probe_error"] == "no clip of own has exactly one class label"
     assert esc["tasks"] == ["zeroshot"] and "probe_top1" not in esc["metrics"]
     assert esc["probe_error"].startswith("fold(s) [2] hold no example")
-    assert results["skipped"] == [f"{n}: no linear probe ({r['probe_error']})"
+    assert results["skipped"] == [f"the linear probe on {n}: {r['probe_error']}"
                                   for n, r in results["sets"].items()]
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "- skipped own: no linear probe (no clip of own has exactly one" in md
+    assert "- skipped the linear probe on own: no clip of own has exactly one" in md
     assert "Linear probe of the frozen" not in md

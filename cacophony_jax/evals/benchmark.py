@@ -369,8 +369,8 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
                                   "bundle has no text tower")
     for name, source in sets.items():
         if linear_probe and not source.class_names:
-            results["skipped"].append(f"{name}: no linear probe (the set has no class labels)"
-                                      + ("" if kind == "cacophony" else ", nor any other task"))
+            only = "" if kind == "cacophony" else f", the {kind} bundle's only task"
+            results["skipped"].append(f"the linear probe on {name}{only}: it has no class labels")
         if not _tasks(name, source, kind == "cacophony", linear_probe):
             continue
         logging.info("evaluating %s: %d clips", name, len(source))
@@ -379,7 +379,7 @@ def evaluate_bundle(model: Any, sets: Mapping[str, Any], *, out_dir: str | None 
                                  progress=progress, window_seconds=window_seconds,
                                  caption_method=caption_method, linear_probe=linear_probe)
         if result.get("probe_error"):
-            results["skipped"].append(f"{name}: no linear probe ({result['probe_error']})")
+            results["skipped"].append(f"the linear probe on {name}: {result['probe_error']}")
         origin = (origins or {}).get(name)
         results["sets"][name] = {**result, "origin": dict(origin) if origin else None}
         shown = {k: round(v, 2) for k, v in result["metrics"].items() if isinstance(v, float)}
