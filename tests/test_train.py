@@ -255,3 +255,41 @@ def test_a_signal_between_two_stages_starts_no_later_stage(tmp_path, monkeypatch
     with pytest.raises(host.StopRequestedError, match="after signal 2"):
         stages._run_stages(quickstart.get_config(), epath.Path(tmp_path))
     assert ran == ["mae"] and signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("when", ["as the stage starts", "as its loop ends"])
+def test_a_signal_during_a_stage_outside_its_loop_stops_the_recipe(when, tmp_path,
+                                                                    monkeypatch):
+    """A stage opens its data (and trains a tokenizer) before its loop takes the signals
+    over, and closes its files after giving them back: a stop asked for then is not
+    lost in between."""
+    import signal
+
+    from etils import epath
+
+    from cacophony_jax.train import host
+    from configs import quickstart
+
+    ran, seen = [], []
+
+    def one_stage(stage, workdir):  # stands in for loop.run's hold on the signals
+        ran.append(os.path.basename(workdir))
+        if when == "as the stage starts":
+            os.kill(os.getpid(), signal.SIGTERM)
+        stopper = host.StopSignal()
+        try:
+            seen.append(stopper.agreed())
+            if stopper.agreed():
+                raise host.StopRequestedError(1, stopper.signum)
+            if when == "as its loop ends":
+                os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            stopper.restore()
+        return {}
+
+    monkeypatch.setattr(loop, "run", one_stage)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(host.StopRequestedError, match="after signal 15"):
+        stages._run_stages(quickstart.get_config(), epath.Path(tmp_path))
+    assert ran == ["mae"] and signal.getsignal(signal.SIGTERM) is before
+    assert seen == [when == "as the stage starts"]

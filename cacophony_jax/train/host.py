@@ -159,7 +159,13 @@ class StopRequestedError(Exception):
 
 class StopSignal:
     """SIGTERM or a first Ctrl-C (SIGINT) -> save a checkpoint at the next step and stop
-    (`StopRequestedError`); a second Ctrl-C interrupts at once."""
+    (`StopRequestedError`); a second Ctrl-C interrupts at once.
+
+    One may hold the signals inside another (a recipe's, between its stages, around a
+    stage's loop): a stop asked for while the outer one held them (as the stage opened
+    its data or trained its tokenizer) carries over to the inner one, and one asked for
+    while the inner one held them goes back to the outer one when it is restored.
+    """
 
     def __init__(self):
         self.requested = False
@@ -168,6 +174,17 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
+        outer = self._outer()
+        if outer is not None and outer.requested:
+            self.requested, self.signum = True, outer.signum
+
+    def _outer(self) -> StopSignal | None:
+        """The StopSignal that held the signals before this one, if any."""
+        for old in self._old.values():
+            owner = getattr(old, "__self__", None)
+            if isinstance(owner, StopSignal):
+                return owner
+        return None
 
     def _handle(self, signum, frame):
         del frame
@@ -191,6 +208,9 @@ class StopSignal:
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        outer = self._outer()
+        if outer is not None and self.requested:
+            outer.requested, outer.signum = True, self.signum
 
 
 class Profiler:
