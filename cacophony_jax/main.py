@@ -239,9 +239,14 @@ def _train() -> None:
         stats = memory_hint.device_memory(memory_hint.failed_device(e, jax.local_devices()))
         _fail(memory_hint.message(e, stage, jax.device_count(), jax.default_backend(), name,
                                   stats))
-    except KeyboardInterrupt:
-        print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun the "
-              "same command to resume from the newest checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if isinstance(e, host.SecondInterruptError):
+            print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun "
+                  "the same command to resume from the newest checkpoint", file=sys.stderr)
+        else:  # before training took the signals over (or after it gave them back)
+            print("interrupted outside training, where a Ctrl-C has nothing to save; rerun "
+                  "the same command to start again (a workdir with checkpoints resumes "
+                  "from its newest)", file=sys.stderr)
         raise SystemExit(130) from None  # as a process ended by SIGINT
 
 

@@ -157,6 +157,10 @@ class StopRequestedError(Exception):
         self.step, self.signum = step, signum
 
 
+class SecondInterruptError(KeyboardInterrupt):
+    """A second Ctrl-C: the run stops at once, without the checkpoint the first asked for."""
+
+
 class StopSignal:
     """SIGTERM or a first Ctrl-C (SIGINT) -> save a checkpoint at the next step and stop
     (`StopRequestedError`); a second Ctrl-C interrupts at once.
@@ -189,7 +193,7 @@ class StopSignal:
     def _handle(self, signum, frame):
         del frame
         if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
+            raise SecondInterruptError
         how = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
         when = ("the next step" if jax.process_count() == 1 else
                 "the next step all processes agree on (one in 10)")
