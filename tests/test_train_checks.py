@@ -210,3 +210,14 @@ def test_a_later_stages_start_point_and_captions_are_checked_before_stage_1(
         config.stages.cacophony.train.init_from = released
     stages.run(config, str(tmp_path / "q"))
     assert [os.path.basename(w) for w in trained] == ["mae", "cacophony"]
+
+
+def test_previous_as_a_single_stages_start_point_is_named_before_anything_runs(
+        tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(stages.loop, "run", lambda stage, workdir: trained.append(workdir) or {})
+    single = tiny_config("cacophony", 2, **{"train.init_from": "previous"})
+    with pytest.raises(ValueError, match=r"^config.train.init_from='previous' names the stage "
+                                         r"before .* give the path of a stage-1 run"):
+        stages.run(single, str(tmp_path / "s"))
+    assert not trained and not (tmp_path / "s").exists()

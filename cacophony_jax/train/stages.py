@@ -100,6 +100,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, shown: _ShownWarnings
                 [(None, config)] if "stages" not in config else
                 [(n, config.stages[n]) for n in config.stage_order]):
             try:
+                if i == 0 and stage.task == "cacophony" and stage.train.init_from == "previous":
+                    raise ValueError(
+                        "config.train.init_from='previous' names the stage before this one "
+                        "in a multi-stage config (one with `stages`, as "
+                        "configs/quickstart.py); this run has no stage before it: give the "
+                        "path of a stage-1 run, a released .ckpt file or a bundle")
                 checks.check_config(stage)
                 checks.check_paths(stage)
                 # A finished stage (a rerun's) trains nothing: its training data stays shut.
