@@ -232,25 +232,6 @@ def test_a_collective_failed_by_a_gone_process_is_named():
     assert main._peer_hint(ValueError("shapes do not match")) is None
 
 
-@pytest.mark.parametrize("second", [False, True])
-def test_a_ctrl_c_names_whether_a_checkpoint_was_skipped(second, monkeypatch, capsys):
-    """A second Ctrl-C skips the checkpoint the first asked for; one before training took
-    the signals over (opening data, training a tokenizer) had nothing to save."""
-    from cacophony_jax import main
-    from cacophony_jax.train import host, stages
-
-    def interrupted(config, workdir):
-        raise host.SecondInterruptError if second else KeyboardInterrupt
-
-    monkeypatch.setattr(stages, "run", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        main._train()
-    assert exit_info.value.code == 130
-    err = capsys.readouterr().err
-    assert ("one Ctrl-C saves a checkpoint first" in err) == second
-    assert second or "outside training, where a Ctrl-C has nothing to save" in err
-
-
 _RAISING_RUN = """
 import sys
 import jax

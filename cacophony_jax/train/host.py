@@ -72,6 +72,13 @@ def make_workdir(workdir: str) -> epath.Path:
                          "folder you can write") from None
     if "://" not in workdir and not os.access(path, os.W_OK):
         raise ValueError(f"--workdir {workdir} is not writable: name a folder you can write")
+    # What the run writes there, checked now rather than at the first save or log row.
+    for name, folder in (("checkpoints", True), ("metrics.jsonl", False),
+                         ("config.json", False)):
+        if (path / name).exists() and (path / name).is_dir() != folder:
+            kind = "a file" if folder else "a folder"
+            raise ValueError(f"{path / name} is {kind}, where the run keeps its {name}: "
+                             f"move it away or name another --workdir")
     return path
 
 

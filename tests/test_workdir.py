@@ -1,0 +1,37 @@
+"""What a run checks of its workdir before it starts, and how an interrupted run ends."""
+
+import pytest
+
+from cacophony_jax.train import host
+
+
+@pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("metrics.jsonl", "folder"),
+                                        ("config.json", "folder")])
+def test_a_workdir_entry_of_the_wrong_kind_is_refused_before_training(tmp_path, name, make):
+    # Found at the first save or log row, the steps before it would be lost.
+    entry = tmp_path / name
+    entry.mkdir() if make == "folder" else entry.write_text("")
+    with pytest.raises(ValueError, match=f"{name} is a {make}, where the run keeps its {name}"):
+        host.make_workdir(str(tmp_path))
+    assert entry.exists()  # left as it was
+    entry.rmdir() if make == "folder" else entry.unlink()
+    assert host.make_workdir(str(tmp_path)) == tmp_path
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_a_ctrl_c_names_whether_a_checkpoint_was_skipped(second, monkeypatch, capsys):
+    """A second Ctrl-C skips the checkpoint the first asked for; one before training took
+    the signals over (opening data, training a tokenizer) had nothing to save."""
+    from cacophony_jax import main
+    from cacophony_jax.train import host, stages
+
+    def interrupted(config, workdir):
+        raise host.SecondInterruptError if second else KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main._train()
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert ("one Ctrl-C saves a checkpoint first" in err) == second
+    assert second or "outside training, where a Ctrl-C has nothing to save" in err
