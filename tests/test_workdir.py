@@ -35,3 +35,41 @@ def test_a_ctrl_c_names_whether_a_checkpoint_was_skipped(second, monkeypatch, ca
     err = capsys.readouterr().err
     assert ("one Ctrl-C saves a checkpoint first" in err) == second
     assert second or "outside training, where a Ctrl-C has nothing to save" in err
+
+
+def test_a_third_ctrl_c_ends_the_process_when_the_second_went_unheard(monkeypatch):
+    import signal
+
+    sent = []
+    monkeypatch.setattr(host.os, "kill", lambda pid, sig: sent.append(sig))
+    stop = host.StopSignal()
+    try:
+        stop._handle(signal.SIGINT, None)  # the first asks for a checkpoint and a stop
+        assert stop.requested and not sent
+        with pytest.raises(host.SecondInterruptError):
+            stop._handle(signal.SIGINT, None)
+        assert not sent  # swallowed, say, inside a compile: the run goes on
+        stop._handle(signal.SIGINT, None)
+        assert sent == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        stop.restore()
+
+
+def test_a_second_ctrl_c_inside_jaxs_gc_callback_ends_the_process(monkeypatch):
+    import signal
+    import sys
+
+    sent = []
+    monkeypatch.setattr(host.os, "kill", lambda pid, sig: sent.append(sig))
+    stop = host.StopSignal()
+
+    def _xla_gc_callback():  # where Python would ignore the exception a handler raises
+        stop._handle(signal.SIGINT, sys._getframe())
+
+    try:
+        stop._handle(signal.SIGINT, None)
+        _xla_gc_callback()
+        assert sent == [signal.SIGINT]
+    finally:
+        stop.restore()

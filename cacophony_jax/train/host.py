@@ -170,7 +170,8 @@ class SecondInterruptError(KeyboardInterrupt):
 
 class StopSignal:
     """SIGTERM or a first Ctrl-C (SIGINT) -> save a checkpoint at the next step and stop
-    (`StopRequestedError`); a second Ctrl-C interrupts at once.
+    (`StopRequestedError`); a second Ctrl-C interrupts at once, a third (should the
+    second's exception be lost) ends the process.
 
     One may hold the signals inside another (a recipe's, between its stages, around a
     stage's loop): a stop asked for while the outer one held them (as the stage opened
@@ -179,7 +180,7 @@ class StopSignal:
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested, self._interrupted = False, False
         self.signum = int(signal.SIGTERM)  # what a stop agreed with other processes reports
         self._old = {}
         if threading.current_thread() is threading.main_thread():
@@ -198,8 +199,19 @@ class StopSignal:
         return None
 
     def _handle(self, signum, frame):
-        del frame
         if signum == signal.SIGINT and self.requested:
+            # The second's exception can be lost where it lands (Python ignores what a
+            # handler raises inside JAX's garbage-collection callback, which runs often
+            # while a step compiles): there, or at a third Ctrl-C, the process ends as an
+            # unhandled Ctrl-C ends it. Saves in flight are left uncommitted; a rerun
+            # resumes from the newest committed step.
+            lost = frame is not None and frame.f_code.co_name == "_xla_gc_callback"
+            if self._interrupted or lost:
+                logging.warning("Ctrl-C again: ending the process now")
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            self._interrupted = True
             raise SecondInterruptError
         how = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
         when = ("the next step" if jax.process_count() == 1 else
