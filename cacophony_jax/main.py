@@ -36,7 +36,8 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout", 100, "Seconds without a heartbeat after which a multi-process run "
     "takes a process for dead and stops every process (JAX's default: 100).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulated CPU devices (testing).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulated CPU devices (testing).",
+                                    lower_bound=0)
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "", "gloo|mpi for CPU multi-process.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "",

@@ -53,6 +53,7 @@ def test_entry_point_trains_and_rejects_a_misspelt_key(tmp_path):
             (["--config=configs"], "'configs' is a folder; name a config file in it"),
             (["--config", str(not_python)], "is not a Python config file ('(' was never"),
             (["--config.mesh.fsdp=1.5"], "mesh.fsdp takes a whole number (its value is 1)"),
+            (["--cpu_devices=-3"], "flag --cpu_devices=-3: -3 is not a non-negative integer"),
             # A word that is not a flag: a value written with a space, a config file.
             (["--config.optim.sam.enabled", "true"], "unexpected argument 'true': a config "
              "field's value goes after '=' (--config.optim.sam.enabled=true)"),
