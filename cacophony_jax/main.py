@@ -242,8 +242,10 @@ def _train() -> None:
                                   stats))
     except KeyboardInterrupt as e:
         if isinstance(e, host.SecondInterruptError):
-            print("interrupted without saving (one Ctrl-C saves a checkpoint first); rerun "
-                  "the same command to resume from the newest checkpoint", file=sys.stderr)
+            print("interrupted without the checkpoint the first Ctrl-C asked for (one "
+                  "Ctrl-C saves a checkpoint first; a save already under way may have "
+                  "finished); rerun the same command to resume from the newest checkpoint",
+                  file=sys.stderr)
         else:  # before training took the signals over (or after it gave them back)
             print("interrupted outside training, where a Ctrl-C has nothing to save; rerun "
                   "the same command to start again (a workdir with checkpoints resumes "
