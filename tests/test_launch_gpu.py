@@ -158,6 +158,16 @@ def test_half_an_explicit_environment_is_an_error(names, monkeypatch):
         distributed.initialize("auto")
 
 
+def test_a_process_id_flag_alone_is_an_error(monkeypatch):
+    """--process_id without the coordinator would train a one-process run of its own."""
+    from cacophony_jax.parallel import distributed
+
+    for name in ("COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "NUM_PROCESSES",
+                 "PROCESS_ID", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="needs a coordinator address, process count"):
+        distributed.initialize("auto", process_id=1)
+
 def test_slurm_tasks_wait_for_the_coordinator_the_launcher_names(monkeypatch):
     import jax
 

@@ -85,7 +85,7 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     """
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"--distributed={mode!r}; use auto, on or off")
-    if coordinator_address or num_processes:
+    if coordinator_address or num_processes or process_id >= 0:
         env = "explicit"
     elif mode == "auto":
         env = detected_environment()
