@@ -302,6 +302,12 @@ def _wait_active(g: Gcloud) -> None:
 
 def _cmd_resume(g: Gcloud, overrides: list[str], stream: bool, recreate: bool) -> None:
     if recreate:
+        if not g.cfg.workdir.startswith("gs://"):
+            raise LaunchError(
+                f"TPU_WORKDIR={g.cfg.workdir} is on the TPU's own disks, which --recreate "
+                "deletes with their checkpoints: training would start again from step 0. "
+                "Resume runs from a gs:// workdir; to start afresh, delete, create, setup "
+                "and run")
         # A preempted Spot TPU / queued resource cannot restart in place: delete, ask
         # again, reinstall; the gs:// workdir still holds the checkpoints. Rerunnable:
         # a TPU deleted by an earlier try that failed to create is not deleted again.
