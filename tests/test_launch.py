@@ -173,6 +173,14 @@ def test_setup_copy_leaves_environments_behind(tmp_path):
     assert "./cacophony_jax/__init__.py" in names and "./requirements.txt" in names
     assert not [n for n in names if any(p in (".venv", ".git", "__pycache__")
                                         for p in n.split("/"))]
+    # A second environment beside .venv (the README's .venv-hear) stays behind too.
+    for path in ("cacophony_jax/a.py", ".venv-hear/lib/torch.py", ".venv/bin/python"):
+        (tmp_path / "repo" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / path).write_text("")
+    module.REPO_ROOT = str(tmp_path / "repo")
+    module._pack_repo(str(archive))
+    with tarfile.open(archive) as tar:
+        assert [n for n in tar.getnames() if n.endswith(".py")] == ["./cacophony_jax/a.py"]
 
 
 def test_recreate_after_a_failed_create_and_a_stop_that_times_out(tmp_path):

@@ -212,7 +212,8 @@ def _cmd_create(g: Gcloud) -> None:
 def _pack_repo(archive: str) -> None:
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         parts = info.name.split("/")
-        if any(p in PACK_EXCLUDE or p.startswith("workdir") for p in parts[1:]):
+        # .venv* also covers the validator's .venv-hear (README.md, "HEAR").
+        if any(p in PACK_EXCLUDE or p.startswith(("workdir", ".venv")) for p in parts[1:]):
             return None
         return info
 
