@@ -168,6 +168,13 @@ def test_a_process_id_flag_alone_is_an_error(monkeypatch):
     with pytest.raises(ValueError, match="needs a coordinator address, process count"):
         distributed.initialize("auto", process_id=1)
 
+
+def test_a_misspelt_cpu_collectives_names_the_flag():
+    from cacophony_jax.parallel import distributed
+
+    with pytest.raises(ValueError, match="--cpu_collectives='glo': use gloo"):
+        distributed.initialize("auto", "n1:1234", 2, 0, "glo")
+
 def test_slurm_tasks_wait_for_the_coordinator_the_launcher_names(monkeypatch):
     import jax
 

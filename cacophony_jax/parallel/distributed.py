@@ -97,7 +97,11 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
         if value < 1:
             raise ValueError(f"--{name}={value}: give a number of seconds, at least 1")
     if cpu_collectives:
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        except ValueError:  # JAX's message names its option, not the flag
+            raise ValueError(f"--cpu_collectives={cpu_collectives!r}: use gloo (or mpi)") \
+                from None
     kwargs = {}
     if env == "explicit":
         address = coordinator_address or os.environ.get("COORDINATOR_ADDRESS", "")
