@@ -260,3 +260,21 @@ def test_setup_unpack_removes_files_the_new_checkout_dropped(tmp_path):
                   if p.is_file() or not any(p.iterdir()))
     assert left == [".launcher_files", ".venv", "a.py", "pkg/kept.py", "runs/r1"]
     assert not (home / gcloud.ARCHIVE_NAME).exists()
+
+
+def test_a_real_run_does_not_echo_credentials(tmp_path):
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    env = _clean_env(**TPU_ENV, TPU_ENV="WANDB_API_KEY=s3cr3t-value HF_TOKEN=hf_abc MODE=x")
+    env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([sys.executable, str(TPU), "run", "--no-stream"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "+ gcloud compute tpus tpu-vm ssh" in proc.stderr
+    assert "WANDB_API_KEY=***" in proc.stderr and "HF_TOKEN=***" in proc.stderr
+    assert "s3cr3t" not in proc.stderr + proc.stdout and "hf_abc" not in proc.stderr
+    assert "MODE=x" in proc.stderr  # other settings are shown as they are
+    code, commands, _ = tpu("run", "--no-stream", TPU_ENV="WANDB_API_KEY=s3cr3t")
+    assert code == 0 and "WANDB_API_KEY=s3cr3t" in _remote(commands[-1])  # the exact command

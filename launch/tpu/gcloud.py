@@ -26,6 +26,17 @@ RENAME_DIR_LIMIT = 100000
 # A gs://BUCKET path at the start of a value, after '=' (--flag=, KEY=) or inside a
 # list (config.data.extra_evals: 'clotho:gs://b/clotho,esc50:gs://b/esc').
 _GS_PATH = re.compile(r"(^|[=,:])gs://([a-z0-9][-_.a-z0-9]*[a-z0-9])(?=[/,:]|$)")
+# NAME=value of a variable named as a credential (a KEY, TOKEN, SECRET, PASSWORD or
+# CREDENTIALS part, e.g. WANDB_API_KEY), inside any argument (the worker script's
+# exports): a real run does not echo its value to the terminal or a log.
+_SECRET = re.compile(r"\b((?:[A-Za-z0-9]+_)*(?:API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|"
+                     r"CREDENTIALS?)(?:_[A-Za-z0-9]+)*)=(['\"]?)[^\s;'\"]+", re.I)
+
+
+def hide_secrets(text: str) -> str:
+    """`text` with the values of credential-like variables (``*KEY*``, ``*TOKEN*``,
+    ``*SECRET*``, ``*PASSWORD*``) replaced by ``***``, for what a real run echoes."""
+    return _SECRET.sub(lambda m: f"{m.group(1)}={m.group(2)}***", text)
 
 
 class LaunchError(ValueError):
@@ -45,7 +56,7 @@ class Gcloud:
         if self.cfg.dry_run:
             print(shlex.join(argv), flush=True)
             return 0
-        print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+        print("+ " + hide_secrets(shlex.join(argv)), file=sys.stderr, flush=True)
         try:
             code = subprocess.run(argv, check=False).returncode
         except FileNotFoundError as e:
