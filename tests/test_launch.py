@@ -149,6 +149,10 @@ def test_missing_setting_names_the_variable():
     for name, value in (("TPU_TYPE", "v4-0"), ("TPU_ZONE", "us central"), ("TPU_NAME", "My_TPU")):
         code, cmds, err = tpu("create", **{name: value})
         assert code == 2 and not cmds and f"{name}={value!r} does not look like" in err
+    code, cmds, err = tpu("create", TPU_SPOT="1", TPU_PREEMPTIBLE="1")
+    assert code == 2 and not cmds and "TPU_SPOT and TPU_PREEMPTIBLE are both set" in err
+    code, cmds, err = tpu("run", TPU_RUN_NAME="a`b")
+    assert code == 2 and not cmds and "TPU_RUN_NAME='a`b': use letters" in err
 
 
 def test_example_env_is_complete():

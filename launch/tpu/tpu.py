@@ -183,6 +183,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                           "seconds, e.g. 600")
     if args.queued and args.preemptible:
         raise LaunchError("queued resources take --spot, not --preemptible (TPU_PREEMPTIBLE)")
+    if args.spot and args.preemptible:
+        raise LaunchError("TPU_SPOT and TPU_PREEMPTIBLE are both set: gcloud takes one; Spot "
+                          "is the newer kind of preemptible capacity")
+    if not re.fullmatch(r"[A-Za-z0-9][-A-Za-z0-9._]*", args.run_name):
+        # It names files on the workers and goes into their shell scripts.
+        raise LaunchError(f"TPU_RUN_NAME={args.run_name!r}: use letters, digits, '.', '_' "
+                          "and '-'")
     args.queued_id = args.queued_id or f"{args.name}-qr"
     if args.type and not args.runtime_version:
         args.runtime_version = next(
