@@ -30,15 +30,15 @@ import argparse
 import json
 import math
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks import kernel_timing  # noqa: E402
 
 KERNELS = ("xla", "cudnn", "cudnn-pad", "cudnn-wide")
 # name: query length, key length, heads, head dim, causal (the `base` configs' calls).
@@ -105,27 +105,10 @@ def time_case(shape: dict, kernel: str, batch: int, pad_to: int, dtype, repeats:
                dtype=jnp.dtype(dtype).name)
     if kernel.startswith("cudnn"):
         row["pad_to"] = pad_to if kernel != "cudnn" else shape["head_dim"]
-    try:
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(q, k, v, lengths, ct))
-        row["compile_s"] = round(time.perf_counter() - t0, 2)
-    except Exception as err:  # noqa: BLE001 - a kernel the backend lacks is a row, not a crash
-        row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        return row
-    for _ in range(warmup):
-        jax.block_until_ready(step(q, k, v, lengths, ct))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(q, k, v, lengths, ct))
-        times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
     flops = 12.0 * batch * shape["heads"] * shape["q"] * shape["s"] * shape["head_dim"]
     if shape["causal"]:
         flops /= 2
-    row.update(ms=round(ms, 3), tflops=float(f"{flops / (ms * 1e-3) / 1e12:.4g}"),
-               spread_ms=round((max(times) - min(times)) * 1e3, 3))
-    return row
+    return kernel_timing.time_call(step, (q, k, v, lengths, ct), repeats, warmup, row, flops)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,17 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", action="append", default=[],
                    help="NAME:Q:S:HEADS:HEAD_DIM[:causal] (repeatable; default: base shapes)")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--kernels", default=",".join(KERNELS), help="comma list of " + str(KERNELS))
     p.add_argument("--pad-to", type=int, default=128, help="head dim of cudnn-pad/-wide")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
+    kernel_timing.add_arguments(p, KERNELS)
     args = p.parse_args(argv)
-    kernels = [k for k in args.kernels.split(",") if k]
-    bad = sorted(set(kernels) - set(KERNELS))
-    if bad:
-        raise SystemExit(f"--kernels: unknown {bad}; choose from {KERNELS}")
+    kernels = kernel_timing.chosen_kernels(args, KERNELS)
     shapes = [parse_shape(s) for s in (args.shape or BASE_SHAPES)]
     print(f"# backend {jax.default_backend()}: {jax.devices()[0].device_kind}; "
           f"jax {jax.__version__}; batch {args.batch}, {args.dtype}", flush=True)

@@ -35,15 +35,15 @@ import argparse
 import itertools
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks import kernel_timing  # noqa: E402
 
 KERNELS = ("xla-mlp", "xla-linear", "mgpu")
 # tile_m, tile_n, wg_dimension, grid_minor_dim, grid_tile_width (tile_k 64, 4 stages).
@@ -59,27 +59,6 @@ def mlp_grads(activation):
         return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-
-
-def _time(fn, args, repeats: int, warmup: int, row: dict) -> dict:
-    try:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        row["compile_s"] = round(time.perf_counter() - t0, 2)
-    except Exception as err:  # noqa: BLE001 - a kernel the backend lacks is a row, not a crash
-        row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        return row
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
-    row.update(ms=round(ms, 4), tflops=float(f"{row['flops'] / (ms * 1e-3) / 1e12:.4g}"),
-               spread_ms=round((max(times) - min(times)) * 1e3, 4))
-    return row
 
 
 def hopper_reason() -> str:
@@ -101,9 +80,10 @@ def mlp_rows(kernel: str, m: int, width: int, hidden: int, dtype, repeats: int,
     args = (normal(m, width), normal(width, hidden, scale=width ** -0.5), normal(hidden),
             normal(hidden, width, scale=hidden ** -0.5), normal(width), normal(m, width))
     activation = jax.nn.silu if kernel == "xla-mlp" else (lambda h: h)
+    flops = 6 * 2.0 * m * width * hidden
     row = dict(kernel=kernel, m=m, width=width, hidden=hidden, dtype=jnp.dtype(dtype).name,
-               flops=6 * 2.0 * m * width * hidden)
-    return _time(mlp_grads(activation), args, repeats, warmup, row)
+               flops=flops)
+    return kernel_timing.time_call(mlp_grads(activation), args, repeats, warmup, row, flops)
 
 
 def product_rows(m: int, k: int, n: int, dtype, repeats: int, warmup: int) -> list[dict]:
@@ -112,7 +92,8 @@ def product_rows(m: int, k: int, n: int, dtype, repeats: int, warmup: int) -> li
     a = jnp.asarray(rng.standard_normal((m, k)), dtype)
     b = jnp.asarray(rng.standard_normal((k, n)) * k ** -0.5, dtype)
     base = dict(m=m, k=k, n=n, dtype=jnp.dtype(dtype).name, flops=2.0 * m * k * n)
-    rows = [_time(jax.jit(jnp.dot), (a, b), repeats, warmup, dict(base, kernel="xla-dot"))]
+    rows = [kernel_timing.time_call(jax.jit(jnp.dot), (a, b), repeats, warmup,
+                                    dict(base, kernel="xla-dot"), base["flops"])]
     reason = hopper_reason()
     if reason:
         return rows + [dict(base, kernel="mgpu", skipped=reason)]
@@ -133,7 +114,8 @@ def product_rows(m: int, k: int, n: int, dtype, repeats: int, warmup: int) -> li
                              skipped=f"{type(err).__name__}: {err}"))
             continue
         call = jax.jit(lambda a, b, config=config: hopper.matmul(a, b, None, config))
-        row = _time(call, (a, b), repeats, warmup, dict(base, kernel="mgpu", tiling=tiling))
+        row = kernel_timing.time_call(call, (a, b), repeats, warmup,
+                                      dict(base, kernel="mgpu", tiling=tiling), base["flops"])
         if "skipped" not in row:  # a fast wrong product is not a result
             got = np.asarray(call(a, b), np.float32)
             row["max_rel_err"] = float(np.abs(got - reference).max() / np.abs(reference).max())
@@ -159,16 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", type=int, default=496, help="tokens per example")
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--hidden", type=int, default=3072)
-    p.add_argument("--kernels", default=",".join(KERNELS), help="comma list of " + str(KERNELS))
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
+    kernel_timing.add_arguments(p, KERNELS)
     args = p.parse_args(argv)
-    kernels = [k for k in args.kernels.split(",") if k]
-    bad = sorted(set(kernels) - set(KERNELS))
-    if bad:
-        raise SystemExit(f"--kernels: unknown {bad}; choose from {KERNELS}")
+    kernels = kernel_timing.chosen_kernels(args, KERNELS)
     m, dtype = args.batch * args.positions, jnp.dtype(args.dtype)
     print(f"# backend {jax.default_backend()}: {jax.devices()[0].device_kind}; "
           f"jax {jax.__version__}; M = {args.batch} x {args.positions} = {m}, {args.dtype}")
