@@ -183,8 +183,9 @@ def test_llm_failure_while_overwriting_keeps_the_old_output(tmp_path, server):
     out.write_text('{"id": "old", "audio": "old.wav", "captions": ["An old caption."]}\n')
     old = out.read_text()
     server.fail = [200, 500]  # the first clip is answered, then the server is down
-    with pytest.raises(llm.LLMError, match=r"rerun the same command.*new rows are in "
-                                           r".*out\.jsonl\.partial.*stays as it was"):
+    with pytest.raises(llm.LLMError, match=r"failed 1 time \(last.*rerun the same command"
+                                           r".*new rows are in .*out\.jsonl\.partial.*stays "
+                                           r"as it was"):
         clean.run_clean(str(src), str(out), overwrite=True, workers=1, chunk_size=1,
                         max_retries=0, **_llm(server))
     assert out.read_text() == old

@@ -270,8 +270,10 @@ class ChatClient:
                 raise LLMError(f"LLM server {self.url} answered without "
                                "choices[0].message.content; is it OpenAI-compatible?")
             return content
-        raise LLMError(f"LLM server {self.url} failed {s.max_retries + 1} times (last: {last}); "
-                       "rows written so far are kept: rerun the same command to resume")
+        tries = s.max_retries + 1
+        raise LLMError(f"LLM server {self.url} failed {tries} time{'s' * (tries > 1)} (last: "
+                       f"{last}); rows written so far are kept: rerun the same command to "
+                       "resume")
 
 
 class CaptionCache:
