@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +23,13 @@ def append(row: dict[str, Any], json_path: str | None) -> None:
 
 
 def run(main: Callable[[], Any]) -> None:
-    """Runs a benchmark's main; a bad flag or input ends in one line, no traceback."""
+    """Runs a benchmark's main; a bad flag or input ends in one line, no traceback, and
+    output piped into a reader that stops early (`| head`) ends it quietly."""
     try:
         main()
     except ValueError as error:
         sys.exit(f"error: {error}")
+    except BrokenPipeError:
+        # Python would report the pipe again while flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

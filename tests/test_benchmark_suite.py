@@ -295,3 +295,17 @@ def test_profile_summary_lists_kernels_inside_command_buffers_by_name():
     assert ops == pytest.approx({("fusion/other", "loop_add_fusion_3"): 8e-3,
                                  ("matmul", "nvjet_hsh_256x128"): 3e-3,
                                  ("matmul", "custom-call.7"): 2e-3, ("copy", "memcpy"): 1e-3})
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = ("from benchmarks import report\n"
+              "report.run(lambda: [print('row ' * 25) for _ in range(100_000)])\n")
+    with subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        proc.stdout.readline()
+        proc.stdout.close()  # as `| head -1` does
+        err = proc.stderr.read().decode()
+    assert proc.returncode == 1 and err == "", err
