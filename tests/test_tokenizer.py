@@ -133,6 +133,15 @@ def test_roberta_files(tmp_path):
     assert tok.vocab_size == len(HAND_VOCAB)
 
 
+def test_roberta_files_that_do_not_match(tmp_path):
+    # A merge whose result this vocab.json lacks makes the Rust loader panic (a
+    # BaseException, not an Exception): still one TokenizerError naming the files.
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(TokenizerError, match="cannot read RoBERTa files"):
+        Tokenizer.load(tmp_path)
+
+
 def test_fingerprint_tracks_vocabulary(tmp_path, trained):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

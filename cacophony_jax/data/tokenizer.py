@@ -326,10 +326,19 @@ def _empty_byte_level(model: models.Model | None = None) -> tokenizers.Tokenizer
     return backend
 
 
+def _reraise_unless_rust(error: BaseException) -> None:
+    """Re-raises `error` unless the Rust loader raised it: a plain Exception, or a
+    pyo3 PanicException (a BaseException), as BPE.from_file gives for some merges.txt
+    whose merged tokens vocab.json lacks."""
+    if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
+        raise error
+
+
 def _from_json(path: str) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(path)
-    except Exception as error:  # the Rust loader raises plain Exception
+    except BaseException as error:
+        _reraise_unless_rust(error)
         raise TokenizerError(
             f"cannot read tokenizer file {path} ({error}); it must be a tokenizer.json "
             f"written by the `tokenizers` library or by Tokenizer.save"
@@ -339,10 +348,12 @@ def _from_json(path: str) -> tokenizers.Tokenizer:
 def _from_vocab_merges(vocab: str, merges: str) -> tokenizers.Tokenizer:
     try:
         backend = _empty_byte_level(models.BPE.from_file(vocab, merges))
-    except Exception as error:  # the Rust loader raises plain Exception
+    except BaseException as error:
+        _reraise_unless_rust(error)
         raise TokenizerError(
             f"cannot read RoBERTa files {vocab} and {merges} ({error}); vocab.json must map "
-            f"token -> id and merges.txt hold one 'a b' merge per line"
+            f"token -> id and merges.txt hold one 'a b' merge per line, whose tokens and "
+            f"merged token vocab.json has (the two files of one model)"
         ) from None
     # Mark the specials the vocabulary already has (never add new ids to it).
     present = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is not None]
