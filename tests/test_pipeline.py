@@ -175,7 +175,7 @@ def test_choose_caption_respects_synthetic_prob():
 
 
 def test_eval_batches_cover_every_record_once_with_padding():
-    source = IndexSource(11, length=300)
+    source = IndexSource(11, length=2500)  # padded to CLIP
     batches = list(pipeline.eval_batches(source, CLIP, global_batch_size=4))
     assert len(batches) == 3
     ids = np.concatenate([b["example_id"] for b in batches])
@@ -200,11 +200,29 @@ def test_an_unusable_eval_record_is_named_once_not_at_every_evaluation(caplog):
 
     with caplog.at_level(logging.WARNING):
         for _ in range(3):  # three evaluations
-            batches = list(pipeline.eval_batches(Broken(5, length=300), CLIP,
+            batches = list(pipeline.eval_batches(Broken(5, length=2500), CLIP,
                                                  global_batch_size=4))
             valid = np.concatenate([b["valid"] for b in batches])
             assert valid.sum() == 4  # still left out each time
     assert caplog.text.count("clip 2 is damaged") == 1
+
+
+def test_an_eval_clip_shorter_than_one_patch_is_left_out(caplog):
+    # It has no whole patch, so its embedding would not depend on its audio: like a
+    # training draw, it is unusable (and named), not a valid row.
+    class Short(IndexSource):
+        name = "short-eval"
+
+        def __getitem__(self, i):
+            record = super().__getitem__(i)
+            if i == 1:
+                record["audio"] = record["audio"][:2400]
+            return record
+
+    with caplog.at_level(logging.WARNING):
+        batches = list(pipeline.eval_batches(Short(3), CLIP, global_batch_size=4))
+    assert batches[0]["valid"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert "less than one 16-frame patch" in caplog.text
 
 
 def test_eval_hosts_cover_every_record_with_equal_batch_counts(monkeypatch):

@@ -9,7 +9,8 @@ iterator's state (`get_state`/`set_state`) resumes exactly. How a record is
 drawn (decoded, cropped, or replaced) is `data/records.py`.
 
 Eval: every record exactly once, in order, split over hosts; every host yields the
-same number of batches, the last padded with rows whose `valid` is 0.
+same number of batches, the last padded with rows whose `valid` is 0. A record that
+fails, or is shorter than one patch, is a row whose `valid` is 0 too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from cacophony_jax.audio import io
+from cacophony_jax.audio.clips import MIN_SAMPLES
 from cacophony_jax.data.records import (  # noqa: F401 - part of this module's API
     DecodedSource,
     check_captions,
@@ -226,7 +228,8 @@ _EVAL_WARNED: set[tuple[str, int]] = set()
 
 
 class PrepareEval(grain.transforms.Map):
-    """Deterministic example: the clip's start, padded; failures become invalid rows."""
+    """Deterministic example: the clip's start, padded; failures (and clips shorter
+    than one patch, which would have no patch to embed) become invalid rows."""
 
     def __init__(self, source: Any, clip_samples: int):
         self.decoded = DecodedSource(source)
@@ -235,7 +238,8 @@ class PrepareEval(grain.transforms.Map):
     def map(self, index: int) -> dict:
         labels = ()
         try:
-            record = self.decoded.load(int(index), self.clip_samples)
+            record = self.decoded.load(int(index), self.clip_samples,
+                                       min_samples=MIN_SAMPLES)
             clip, length = crop_or_pad(record["audio"], self.clip_samples, 0)
             valid = 1.0
             labels = record.get("labels") or ()
