@@ -12,7 +12,7 @@ from cacophony_jax.parallel import mesh as mesh_lib
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles this host's rows into global arrays sharded over the batch axes.
 
-    Each process passes the rows it loaded (its `ShardByJaxProcess` share); the global
+    Each process passes the rows it loaded (its `pipeline.HostRows` share); the global
     array's leading dimension is the sum over processes.
 
     Args:
