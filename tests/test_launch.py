@@ -129,12 +129,12 @@ def test_other_commands():
     assert len(cmds) == 2 and "kill" in _remote(cmds[0]) and "nohup" in _remote(cmds[1])
     _, cmds, _ = tpu("resume", "--recreate", "--queued", "--no-stream")
     assert [c[4] for c in cmds] == ["delete", "create", "describe", "scp", "ssh", "ssh"]
-    # A workdir on the TPU's disks: refused before the delete that would take it along.
-    code, cmds, err = tpu("resume", "--recreate", TPU_WORKDIR="runs/stage2")
-    assert code == 2 and not cmds and "TPU_WORKDIR=runs/stage2 is on the TPU's own" in err
     for cmd in cmds:
         if cmd[4] == "ssh":
             subprocess.run(["bash", "-n", "-c", _remote(cmd)], check=True)
+    # A workdir on the TPU's disks: refused before the delete that would take it along.
+    code, cmds, err = tpu("resume", "--recreate", TPU_WORKDIR="runs/stage2")
+    assert code == 2 and not cmds and "TPU_WORKDIR=runs/stage2 is on the TPU's own" in err
 
 
 def test_missing_setting_names_the_variable():
