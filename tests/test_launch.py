@@ -280,5 +280,12 @@ def test_a_real_run_does_not_echo_credentials(tmp_path):
     assert "WANDB_API_KEY=***" in proc.stderr and "HF_TOKEN=***" in proc.stderr
     assert "s3cr3t" not in proc.stderr + proc.stdout and "hf_abc" not in proc.stderr
     assert "MODE=x" in proc.stderr  # other settings are shown as they are
+    # A value the worker script has to quote (a space, ';', a quote) is hidden whole.
+    env["TPU_ENV"] = "DB_PASSWORD='zq1 zq2;zq3'\\''zq4' API_KEY=\"zq5 zq6\""
+    proc = subprocess.run([sys.executable, str(TPU), "run", "--no-stream"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "DB_PASSWORD=***" in proc.stderr and "API_KEY=***" in proc.stderr
+    assert not any(part in proc.stderr for part in ("zq1", "zq2", "zq3", "zq4", "zq5", "zq6"))
     code, commands, _ = tpu("run", "--no-stream", TPU_ENV="WANDB_API_KEY=s3cr3t")
     assert code == 0 and "WANDB_API_KEY=s3cr3t" in _remote(commands[-1])  # the exact command

@@ -28,15 +28,27 @@ RENAME_DIR_LIMIT = 100000
 _GS_PATH = re.compile(r"(^|[=,:])gs://([a-z0-9][-_.a-z0-9]*[a-z0-9])(?=[/,:]|$)")
 # NAME=value of a variable named as a credential (a KEY, TOKEN, SECRET, PASSWORD or
 # CREDENTIALS part, e.g. WANDB_API_KEY), inside any argument (the worker script's
-# exports): a real run does not echo its value to the terminal or a log.
-_SECRET = re.compile(r"\b((?:[A-Za-z0-9]+_)*(?:API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|"
-                     r"CREDENTIALS?)(?:_[A-Za-z0-9]+)*)=(['\"]?)[^\s;'\"]+", re.I)
+# exports): a real run does not echo its value to the terminal or a log. The value is
+# a whole shell word: 'NAME=value' as shlex.quote writes it (a quote inside as
+# '"'"'), NAME="value", NAME='value', or NAME=value up to a space or ';'.
+_SECRET_NAME = (r"(?:[A-Za-z0-9]+_)*(?:API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|"
+                r"CREDENTIALS?)(?:_[A-Za-z0-9]+)*")
+_SECRET = re.compile(rf"(?<=')({_SECRET_NAME})=(?:[^']|'\"'\"')*(?=')"
+                     rf"|\b({_SECRET_NAME})=(?:\"((?:[^\"\\]|\\.)*)\"|'([^']*)'|[^\s;'\"]+)",
+                     re.I)
 
 
 def hide_secrets(text: str) -> str:
-    """`text` with the values of credential-like variables (``*KEY*``, ``*TOKEN*``,
-    ``*SECRET*``, ``*PASSWORD*``) replaced by ``***``, for what a real run echoes."""
-    return _SECRET.sub(lambda m: f"{m.group(1)}={m.group(2)}***", text)
+    """`text` (one argument, before it is quoted for the terminal) with the values of
+    credential-like variables (``*KEY*``, ``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``)
+    replaced by ``***``, for what a real run echoes."""
+    def hidden(m: re.Match) -> str:
+        if m.group(1):
+            return f"{m.group(1)}=***"
+        quote = '"' if m.group(3) is not None else "'" if m.group(4) is not None else ""
+        return f"{m.group(2)}={quote}***{quote}"
+
+    return _SECRET.sub(hidden, text)
 
 
 class LaunchError(ValueError):
@@ -56,7 +68,7 @@ class Gcloud:
         if self.cfg.dry_run:
             print(shlex.join(argv), flush=True)
             return 0
-        print("+ " + hide_secrets(shlex.join(argv)), file=sys.stderr, flush=True)
+        print("+ " + shlex.join(map(hide_secrets, argv)), file=sys.stderr, flush=True)
         try:
             code = subprocess.run(argv, check=False).returncode
         except FileNotFoundError as e:
