@@ -369,3 +369,12 @@ def test_exclusion_ids_match_whatever_unicode_form_the_names_are_in(corpus):
     summary = build.run_build([("a", str(a / "u.jsonl"))], str(corpus / "out"), workers=2,
                               exclude_ids=build_inputs.read_lines(str(corpus / "nfd.txt"), "ids"))
     assert summary["sources"]["a"]["overlap"] == 1 and summary["sources"]["a"]["clips"] == 1
+
+
+def test_a_manifest_name_in_the_other_unicode_form_is_built_not_missing(corpus):
+    # Training reads such a file (audio/io.py), so curate build hashes it too.
+    a = corpus / "a"
+    _write(a / "caf\u00e9.wav", _clip(9))  # NFC on disk; the manifest spells it NFD
+    _jsonl(a / "u.jsonl", [{"audio": "cafe\u0301.wav", "caption": "a cafe"}])
+    summary = build.run_build([("a", str(a / "u.jsonl"))], str(corpus / "out"), workers=2)
+    assert summary["sources"]["a"]["missing"] == 0 and summary["sources"]["a"]["clips"] == 1

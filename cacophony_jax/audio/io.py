@@ -21,7 +21,6 @@ import io
 import math
 import os
 import pathlib
-import unicodedata
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
@@ -32,6 +31,7 @@ from absl import logging
 from cacophony_jax.audio.samples import (  # noqa: F401 - part of this module's API
     SAMPLE_RATE,
     AudioError,
+    existing_form,
     resample,
     resampled_length,
     to_float32,
@@ -242,10 +242,7 @@ def _window(handle: sf.SoundFile, name: str, sample_rate: int, start: int,
 
 def _opened(path: str | os.PathLike) -> tuple[str | BinaryIO, str]:
     """Checks an audio path; returns (what libsndfile opens, the name for messages)."""
-    path = pathlib.Path(path)
-    for form in ("NFC", "NFD"):  # accents typed in one Unicode form, saved in the other
-        if not path.exists() and pathlib.Path(unicodedata.normalize(form, str(path))).exists():
-            path = pathlib.Path(unicodedata.normalize(form, str(path)))
+    path = pathlib.Path(existing_form(os.fspath(path)))
     if not path.exists():
         raise AudioError(f"audio file {path} does not exist; check the path")
     if path.is_dir():

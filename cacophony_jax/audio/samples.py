@@ -8,6 +8,9 @@ whose message says what to do.
 
 from __future__ import annotations
 
+import os
+import unicodedata
+
 import numpy as np
 import soxr
 
@@ -19,6 +22,17 @@ _INT16_SCALE = 32768.0
 
 class AudioError(ValueError):
     """An audio file or buffer that cannot be used; the message names it and the fix."""
+
+
+def existing_form(path: str) -> str:
+    """`path`, or its NFC or NFD spelling where only that one exists (accents typed in
+    one Unicode form, saved in the other, as macOS spells names)."""
+    if os.path.exists(path):
+        return path
+    for form in ("NFC", "NFD"):
+        if os.path.exists(unicodedata.normalize(form, path)):
+            return unicodedata.normalize(form, path)
+    return path
 
 
 def to_int16(wave: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cacophony_jax.audio.io import AudioError, load_audio
+from cacophony_jax.audio.io import AudioError, existing_form, load_audio
 from cacophony_jax.progress import Progress
 
 
@@ -94,7 +94,7 @@ def hash_record(record: dict[str, Any], cache: HashCache) -> dict[str, Any]:
         if audio.dtype != np.int16 or audio.ndim != 1 or not audio.size:
             return {"error": f"inline audio is {audio.dtype} {audio.shape}, not int16 samples"}
         return {"sha256": audio_hash(audio), "samples": int(audio.size)}
-    path = record["audio_path"]
+    path = existing_form(record["audio_path"])  # as load_audio finds it
     try:
         stat = os.stat(path)
     except OSError as e:
