@@ -127,3 +127,19 @@ def test_a_manifest_reached_through_a_link_reads_its_paths_from_where_it_is(tmp_
     assert os.path.normpath(source[0]["audio_path"]) == os.path.realpath(
         tmp_path / "clips" / "a.wav")
     assert source.class_names == ("rain",)  # classes.txt is next to the file itself
+
+
+def test_caption_keeps_a_linked_manifests_bad_rows_pointing_where_its_good_ones_do(tmp_path):
+    from cacophony_jax.curate import caption_inputs
+
+    (tmp_path / "data" / "clips").mkdir(parents=True)
+    (tmp_path / "data" / "m.jsonl").write_text(
+        '{"id": "a", "audio": "clips/a.wav"}\n'
+        '{"id": "b", "audio": "clips/b.wav", "captions": 3}\n')  # a bad row, kept as it is
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.jsonl").symlink_to(tmp_path / "data" / "m.jsonl")
+    out_dir = str(tmp_path / "out")
+    records, _, bad, _ = caption_inputs.input_records(
+        str(tmp_path / "elsewhere" / "link.jsonl"), ("wav",), out_dir)
+    good = os.path.dirname(os.path.normpath(records[0]["audio_path"]))
+    assert os.path.normpath(os.path.join(out_dir, bad[0]["audio"])) == os.path.join(good, "b.wav")

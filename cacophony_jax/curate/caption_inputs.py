@@ -41,7 +41,7 @@ def _raw_rows(input_path: str, source: ManifestSource,
     if os.path.splitext(input_path)[1].lower() == ".csv":
         return others, [], source.num_skipped  # a CSV's bad rows have no audio to keep
     record_of = {line: i for i, line in enumerate(source.lines)}
-    in_dir = os.path.dirname(os.path.abspath(input_path))
+    in_dir = os.path.dirname(os.path.realpath(input_path))  # as ManifestSource reads it
     kept, dropped = [], 0
     with open(input_path, "rb") as f:
         for number, data in enumerate(f, 1):
