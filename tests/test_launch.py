@@ -153,6 +153,8 @@ def test_missing_setting_names_the_variable():
     assert code == 2 and not cmds and "TPU_SPOT and TPU_PREEMPTIBLE are both set" in err
     code, cmds, err = tpu("run", TPU_RUN_NAME="a`b")
     assert code == 2 and not cmds and "TPU_RUN_NAME='a`b': use letters" in err
+    code, cmds, err = tpu("run", TPU_RUN_NAME="_train")  # '_' alone is fine, not first
+    assert code == 2 and not cmds and "starting with a letter or digit" in err
 
 
 def test_example_env_is_complete():

@@ -189,7 +189,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not re.fullmatch(r"[A-Za-z0-9][-A-Za-z0-9._]*", args.run_name):
         # It names files on the workers and goes into their shell scripts.
         raise LaunchError(f"TPU_RUN_NAME={args.run_name!r}: use letters, digits, '.', '_' "
-                          "and '-'")
+                          "and '-', starting with a letter or digit")
     args.queued_id = args.queued_id or f"{args.name}-qr"
     if args.type and not args.runtime_version:
         args.runtime_version = next(
