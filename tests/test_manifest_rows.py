@@ -143,3 +143,18 @@ def test_caption_keeps_a_linked_manifests_bad_rows_pointing_where_its_good_ones_
         str(tmp_path / "elsewhere" / "link.jsonl"), ("wav",), out_dir)
     good = os.path.dirname(os.path.normpath(records[0]["audio_path"]))
     assert os.path.normpath(os.path.join(out_dir, bad[0]["audio"])) == os.path.join(good, "b.wav")
+
+
+def test_a_linked_manifest_whose_files_are_beside_the_link_reads_them_there(tmp_path):
+    # A Hugging Face cache snapshot: every file, the manifest too, links into blobs/.
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    (snap / "clips").mkdir(parents=True)
+    blobs.mkdir()
+    for blob, text in (("m", '{"audio": "clips/a.wav", "caption": "rain", "label": "rain"}\n'),
+                       ("w", "not audio, but a file"), ("c", "rain\nwind\n")):
+        (blobs / blob).write_text(text)
+    for name, blob in (("m.jsonl", "m"), ("clips/a.wav", "w"), ("classes.txt", "c")):
+        (snap / name).symlink_to(blobs / blob)
+    source = ManifestSource(snap / "m.jsonl")
+    assert source[0]["audio_path"] == str(snap / "clips" / "a.wav")
+    assert source.class_names == ("rain", "wind")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from cacophony_jax import atomic_write
 from cacophony_jax.audio.files import find_audio_files
 from cacophony_jax.curate import resume
-from cacophony_jax.data.manifest import ManifestSource
+from cacophony_jax.data.manifest import ManifestSource, manifest_folder
 from cacophony_jax.data.sources import SourceError
 
 METHODS = ("beam", "greedy", "sample")
@@ -41,7 +41,7 @@ def _raw_rows(input_path: str, source: ManifestSource,
     if os.path.splitext(input_path)[1].lower() == ".csv":
         return others, [], source.num_skipped  # a CSV's bad rows have no audio to keep
     record_of = {line: i for i, line in enumerate(source.lines)}
-    in_dir = os.path.dirname(os.path.realpath(input_path))  # as ManifestSource reads it
+    in_dir = manifest_folder(input_path)  # as ManifestSource reads it
     kept, dropped = [], 0
     with open(input_path, "rb") as f:
         for number, data in enumerate(f, 1):

@@ -7,8 +7,9 @@ JSONL (``.jsonl`` / ``.json``), one object per line::
     {"audio": "clips/a.flac", "captions": ["a dog barks", "a dog barking"],
      "synthetic_captions": ["dog barking outdoors"], "label": "dog", "id": "a"}
 
-- ``audio`` (required): path relative to the manifest's folder (that of the file a
-  link to it points to), or absolute.
+- ``audio`` (required): path relative to the manifest's folder, or absolute. For a
+  manifest reached through a link, that is the folder of the file the link points to,
+  unless the first rows' files are beside the link instead (`manifest_folder`).
 - ``captions``: list of strings, or ``caption``: one string (both may be given).
 - ``synthetic_captions`` (optional): list of strings from a captioning model.
 - ``label`` (optional): one class name or a list of them (spaces around a name are
@@ -48,6 +49,33 @@ class ManifestError(SourceError):
     """A manifest file is missing, unreadable, or has bad rows."""
 
 
+def manifest_folder(path: str) -> str:
+    """The folder a manifest's relative audio paths (and its classes.txt) are read from.
+
+    The manifest's own folder; for a manifest reached through a link, the folder of the
+    file the link points to (where `curate clean` and `curate caption` write an output
+    given through a link, its paths relative to that file), unless the first rows'
+    files are found beside the link instead (a snapshot of the Hugging Face cache links
+    each file into a folder of blobs).
+    """
+    here = os.path.dirname(os.path.abspath(path))
+    real = os.path.dirname(os.path.realpath(path))
+    if here == real:
+        return real
+    reader = _csv_rows if os.path.splitext(path)[1].lower() == ".csv" else _jsonl_rows
+    try:
+        for n, (_, audio, *_) in enumerate(reader(path, [])):
+            if n == 20:
+                break
+            if not os.path.isabs(audio):
+                in_real = os.path.exists(os.path.join(real, audio))
+                if in_real != os.path.exists(os.path.join(here, audio)):
+                    return real if in_real else here
+    except (OSError, ValueError):  # reading it properly reports what is wrong
+        pass
+    return real
+
+
 class ManifestSource(ClipSource):
     """A manifest (JSONL or CSV, see the module docstring) as a source."""
 
@@ -72,9 +100,7 @@ class ManifestSource(ClipSource):
                 f"object per line) or .csv (columns audio, caption[, label])"
             )
         stem = os.path.splitext(os.path.basename(path))[0]
-        # Through a link: the folder of the file itself (where curate clean and caption
-        # write an output given through a link, its audio paths relative to it).
-        super().__init__(stem, os.path.dirname(os.path.realpath(path)))
+        super().__init__(stem, manifest_folder(path))
         classes = _read_classes(os.path.join(self._root, "classes.txt"))
         index = {name: i for i, name in enumerate(classes)}
         bad: list[str] = []
