@@ -73,3 +73,38 @@ def test_a_second_ctrl_c_inside_jaxs_gc_callback_ends_the_process(monkeypatch):
         assert sent == [signal.SIGINT]
     finally:
         stop.restore()
+
+
+@pytest.mark.parametrize("index, written", [(1, False), (1, True), (0, True)])
+def test_a_workdir_that_is_each_hosts_own_disk_is_refused(tmp_path, monkeypatch, index,
+                                                          written):
+    """A stand-in for one process of two: process 0 writes the token file; process 1 reads
+    it back, or (its own disk) does not find it."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    token = np.arange(4, dtype=np.uint32)
+    name = f".shared-check-{token.tobytes().hex()}"
+    if index == 1 and written:
+        (tmp_path / name).write_text(token.tobytes().hex())
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    # Process 0 sends its own token; process 1 receives the one it is given here.
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda x: x if index == 0 else token)
+    gathered = []
+
+    def allgather(flag):
+        gathered.append(int(flag))
+        return np.array([1, int(flag)] if index == 1 else [int(flag), 1])
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    if written:
+        host.check_shared(tmp_path, wait_s=0.1)
+    else:
+        with pytest.raises(ValueError, match=r"not one folder shared by the processes of this "
+                                             r"run: process\(es\) \[1\] do not see"):
+            host.check_shared(tmp_path, wait_s=0.1)
+    assert gathered == [int(written)]
+    assert [p.name for p in tmp_path.iterdir()] == ([name] if index == 1 and written else [])

@@ -113,6 +113,7 @@ def workdir_lock(workdir: epath.Path):
             + ("; if that machine went down, its lock ends when the shared file system "
                "notices (NFS: after its lease, about 90 s): rerun then" if elsewhere else ""))
     try:
+        check_shared(workdir)
         yield
     finally:
         if handle is not None:
@@ -120,6 +121,58 @@ def workdir_lock(workdir: epath.Path):
 
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
+
+
+
+
+def check_shared(workdir: epath.Path, wait_s: float = 10.0) -> None:
+    """Refuses a multi-process run whose workdir is not one folder for all processes.
+
+    The same path on every host can still be each host's own disk; every process would
+    then save its part of each checkpoint where no other process reads it, which shows
+    only when a restore fails. Process 0 writes a file with a token it shares; every
+    other process must read it back (within `wait_s`, for file systems that show new
+    files late). The file's name is new each time, so no host can have it cached from
+    an earlier check (network file systems cache what a name held). Object-store paths
+    (gs://...) are one folder by definition.
+
+    Raises:
+      ValueError (on every process): which processes did not see the file.
+    """
+    if jax.process_count() == 1 or "://" in str(workdir):
+        return
+    from jax.experimental import multihost_utils
+
+    def named(token: np.ndarray) -> str:
+        return os.path.join(str(workdir), f".shared-check-{token.tobytes().hex()}")
+
+    token = np.frombuffer(os.urandom(16), np.uint32)
+    if jax.process_index() == 0:
+        with open(named(token), "w", encoding="utf-8") as f:
+            f.write(token.tobytes().hex())
+    # The write comes before the broadcast, every read after it.
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token), np.uint32)
+    path = named(token)
+    seen, deadline = jax.process_index() == 0, time.monotonic() + wait_s
+    while not seen and time.monotonic() < deadline:
+        try:
+            with open(path, encoding="utf-8") as f:
+                seen = f.read() == token.tobytes().hex()
+        except OSError:
+            pass
+        if not seen:
+            time.sleep(0.5)
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+    if jax.process_index() == 0:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    blind = [p for p, flag in enumerate(flags.tolist()) if not flag]
+    if blind:
+        raise ValueError(
+            f"--workdir {workdir} is not one folder shared by the processes of this run: "
+            f"process(es) {blind} do not see the file process 0 wrote there. Every host "
+            "writes its part of each checkpoint into the workdir: use a gs:// path, or a "
+            "shared file system (NFS, gcsfuse) mounted at the same path on every host")
 
 
 def _lock(workdir: epath.Path) -> tuple[Any, str | None]:
