@@ -26,7 +26,9 @@ def test_run_caption_refuses_outputs_it_did_not_begin_and_links_to_the_input(fol
         with pytest.raises(CaptionError, match=r"theirs.jsonl has rows but no .*theirs.jsonl"
                                                r".settings.json, and they are not curate "
                                                r"caption's rows \(no 'synthetic_captions'\): "
-                                               r"curate caption did not begin it.*--overwrite"):
+                                               r"curate caption did not begin it; nothing "
+                                               r"was changed: choose another output, or pass "
+                                               r"--overwrite to replace that file"):
             caption.run_caption(model, str(folder), str(out), num_captions=1)
         assert out.read_text() == text and not (tmp_path / "theirs.jsonl.settings.json").exists()
     # Its own rows begun by a version that kept no settings: continued, with a warning.

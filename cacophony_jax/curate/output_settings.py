@@ -149,6 +149,8 @@ def check_settings(output_path: str, settings: dict[str, Any], overwrite: bool, 
                             "it): continuing it with this run's settings; if it was begun "
                             "with others, %s", target, path, fix)
             return
+        if not overwrite:  # someone else's file: the safe way out first
+            fix = "choose another output, or pass --overwrite to replace that file"
         raise SettingsError(f"{target} has rows but no {path}, and they are not {tool}'s "
                             f"rows (no {row_key!r}): {tool} did not begin it; nothing was "
                             f"changed: {fix}")
