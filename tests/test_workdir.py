@@ -107,4 +107,7 @@ def test_a_workdir_that_is_each_hosts_own_disk_is_refused(tmp_path, monkeypatch,
                                              r"run: process\(es\) \[1\] do not see"):
             host.check_shared(tmp_path, wait_s=0.1)
     assert gathered == [int(written)]
+    if written:  # a recipe's stage folder inside a checked workdir is not checked again
+        host.check_shared(tmp_path / "mae", wait_s=0.1)
+        assert gathered == [1]
     assert [p.name for p in tmp_path.iterdir()] == ([name] if index == 1 and written else [])

@@ -242,7 +242,9 @@ def _window(handle: sf.SoundFile, name: str, sample_rate: int, start: int,
 
 def _opened(path: str | os.PathLike) -> tuple[str | BinaryIO, str]:
     """Checks an audio path; returns (what libsndfile opens, the name for messages)."""
-    path = pathlib.Path(existing_form(os.fspath(path)))
+    path = pathlib.Path(path)
+    if not path.exists():  # perhaps its accents are spelt in the other Unicode form
+        path = pathlib.Path(existing_form(os.fspath(path)))
     if not path.exists():
         raise AudioError(f"audio file {path} does not exist; check the path")
     if path.is_dir():

@@ -29,9 +29,9 @@ def existing_form(path: str) -> str:
     one Unicode form, saved in the other, as macOS spells names)."""
     if os.path.exists(path):
         return path
-    for form in ("NFC", "NFD"):
-        if os.path.exists(unicodedata.normalize(form, path)):
-            return unicodedata.normalize(form, path)
+    for other in (unicodedata.normalize(form, path) for form in ("NFC", "NFD")):
+        if other != path and os.path.exists(other):
+            return other
     return path
 
 

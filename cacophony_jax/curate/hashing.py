@@ -94,9 +94,13 @@ def hash_record(record: dict[str, Any], cache: HashCache) -> dict[str, Any]:
         if audio.dtype != np.int16 or audio.ndim != 1 or not audio.size:
             return {"error": f"inline audio is {audio.dtype} {audio.shape}, not int16 samples"}
         return {"sha256": audio_hash(audio), "samples": int(audio.size)}
-    path = existing_form(record["audio_path"])  # as load_audio finds it
+    path = record["audio_path"]
     try:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # accents spelt in the other Unicode form, say
+            path = existing_form(path)  # as load_audio finds it
+            stat = os.stat(path)
     except OSError as e:
         return {"error": f"{path}: {e.strerror or e}"}
     key = (path, stat.st_size, stat.st_mtime_ns)

@@ -123,6 +123,7 @@ def workdir_lock(workdir: epath.Path):
             handle.close()
 
 
+_SHARED: set[str] = set()  # workdirs every process was found to see
 
 
 def check_shared(workdir: epath.Path, wait_s: float = 10.0) -> None:
@@ -139,8 +140,10 @@ def check_shared(workdir: epath.Path, wait_s: float = 10.0) -> None:
     Raises:
       ValueError (on every process): which processes did not see the file.
     """
-    if jax.process_count() == 1 or "://" in str(workdir):
-        return
+    folder = os.path.abspath(str(workdir))
+    if jax.process_count() == 1 or "://" in str(workdir) or any(
+            folder == done or folder.startswith(done + os.sep) for done in _SHARED):
+        return  # a recipe's stages work in folders of its checked workdir
     from jax.experimental import multihost_utils
 
     def named(token: np.ndarray) -> str:
@@ -167,7 +170,9 @@ def check_shared(workdir: epath.Path, wait_s: float = 10.0) -> None:
         with contextlib.suppress(OSError):
             os.remove(path)
     blind = [p for p, flag in enumerate(flags.tolist()) if not flag]
-    if blind:
+    if not blind:
+        _SHARED.add(folder)
+    else:
         raise ValueError(
             f"--workdir {workdir} is not one folder shared by the processes of this run: "
             f"process(es) {blind} do not see the file process 0 wrote there. Every host "
