@@ -238,11 +238,6 @@ def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path):
 def test_a_signal_between_two_stages_starts_no_later_stage(tmp_path, monkeypatch):
     import signal
 
-    from etils import epath
-
-    from cacophony_jax.train import host, loop
-    from configs import quickstart
-
     ran = []
 
     def one_stage(stage, workdir):  # stands in for training: the signal comes as it ends
@@ -250,11 +245,24 @@ def test_a_signal_between_two_stages_starts_no_later_stage(tmp_path, monkeypatch
         os.kill(os.getpid(), signal.SIGINT)
         return {}
 
+    _recipe_stops_after_stage_1(one_stage, ran, signal.SIGINT, tmp_path, monkeypatch)
+
+
+def _recipe_stops_after_stage_1(one_stage, ran, signum, tmp_path, monkeypatch):
+    """Runs the quickstart recipe with `one_stage` as every stage's training: it must stop
+    (StopRequestedError for `signum`) after stage 1, with the signal handler restored."""
+    import signal
+
+    from etils import epath
+
+    from cacophony_jax.train import host, loop
+    from configs import quickstart
+
     monkeypatch.setattr(loop, "run", one_stage)
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(host.StopRequestedError, match="after signal 2"):
+    before = signal.getsignal(signum)
+    with pytest.raises(host.StopRequestedError, match=f"after signal {int(signum)}"):
         stages._run_stages(quickstart.get_config(), epath.Path(tmp_path))
-    assert ran == ["mae"] and signal.getsignal(signal.SIGINT) is before
+    assert ran == ["mae"] and signal.getsignal(signum) is before
 
 
 @pytest.mark.parametrize("when", ["as the stage starts", "as its loop ends"])
@@ -265,10 +273,7 @@ def test_a_signal_during_a_stage_outside_its_loop_stops_the_recipe(when, tmp_pat
     lost in between."""
     import signal
 
-    from etils import epath
-
     from cacophony_jax.train import host
-    from configs import quickstart
 
     ran, seen = [], []
 
@@ -287,9 +292,5 @@ def test_a_signal_during_a_stage_outside_its_loop_stops_the_recipe(when, tmp_pat
             stopper.restore()
         return {}
 
-    monkeypatch.setattr(loop, "run", one_stage)
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(host.StopRequestedError, match="after signal 15"):
-        stages._run_stages(quickstart.get_config(), epath.Path(tmp_path))
-    assert ran == ["mae"] and signal.getsignal(signal.SIGTERM) is before
+    _recipe_stops_after_stage_1(one_stage, ran, signal.SIGTERM, tmp_path, monkeypatch)
     assert seen == [when == "as the stage starts"]
